@@ -1,0 +1,1 @@
+"""Watchtower challenger (Celery)."""

@@ -1,0 +1,1 @@
+"""Solidity contracts, build and bindings."""

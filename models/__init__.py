@@ -1,0 +1,1 @@
+"""Integer-only model: converter, op set and numpy reference, ONNX Runtime executor."""

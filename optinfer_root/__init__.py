@@ -1,0 +1,3 @@
+"""optinfer: verifiable LLM inference with optimistic fraud proofs."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Commitments (tensor and state roots, proofs) and the provider node."""

@@ -1,0 +1,1 @@
+"""Configuration, chain client, store, HTTP API and the command line."""
