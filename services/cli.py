@@ -1,39 +1,274 @@
 """The `optinfer` command line.
 
-Every command turns a `UserError` into one clear line on stderr and exit code 2; anything else is
-a bug and keeps its traceback.
+Every command turns a `UserError` into one clear line on stderr and a non-zero exit; anything
+else is a bug and keeps its traceback. Progress goes to stderr, results (and `--json`) to stdout.
 """
 
 from __future__ import annotations
 
+import json
 import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
 
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from optinfer.errors import UserError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.splitlines()[0])
-model_app = typer.Typer(no_args_is_help=True, help="Convert, inspect and train models.")
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="Verifiable LLM inference with optimistic fraud proofs.")
+model_app = typer.Typer(no_args_is_help=True, help="Convert, inspect, train and demo models.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (JSON output).")
 app.add_typer(model_app, name="model")
 app.add_typer(bench_app, name="bench")
 
+out = Console()
+err = Console(stderr=True)
+
+ModelDir = Annotated[Path | None, typer.Option("--model", help="Converted model directory "
+                                               "(default: the committed tiny-r1).")]
+Threads = Annotated[int, typer.Option("--threads", help="ONNX Runtime intra-op threads.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
+
+
+def default_model_dir() -> Path:
+    from optinfer.models.tiny_r1 import INTEGER_DIR
+
+    return INTEGER_DIR
+
+
+def load_model(model: Path | None, threads: int = 1):
+    from optinfer.models.runtime import IntegerModel
+
+    return IntegerModel(model or default_model_dir(), threads=threads)
+
+
+@contextmanager
+def progress_bar(description: str, enabled: bool = True):
+    """A rich progress bar on stderr; yields progress(fraction, message)."""
+    if not enabled:
+        yield None
+        return
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                  TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn(),
+                  TextColumn("{task.fields[message]}"), console=err, transient=False) as bar:
+        task = bar.add_task(description, total=1.0, message="")
+
+        def update(fraction: float, message: str = "") -> None:
+            bar.update(task, completed=min(max(fraction, 0.0), 1.0), message=message)
+
+        yield update
+
+
+def emit(data: dict, as_json: bool, human) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(data) + "\n")
+    else:
+        human(data)
+
+
+# ------------------------------------------------------------------- inference
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Option("--prompt", help="Prompt text.")],
+    model: ModelDir = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Most tokens to generate.")] = 64,
+    threads: Threads = 1,
+    as_json: AsJson = False,
+) -> None:
+    """Greedy decoding with the integer model (KV cache)."""
+    m = load_model(model, threads)
+    prompt_tokens = m.encode(prompt)
+    tokens = m.generate(prompt_tokens, max_tokens)
+    text = m.decode_text(tokens)
+    emit({"prompt_tokens": prompt_tokens, "tokens": tokens, "text": text}, as_json,
+         lambda d: out.print(d["text"], markup=False, highlight=False))
+
+
+@app.command()
+def verify(
+    prompt_tokens: Annotated[str, typer.Option("--prompt-tokens", help="e.g. 1,2,3")],
+    output_tokens: Annotated[str, typer.Option("--output-tokens", help="The claimed output.")],
+    model: ModelDir = None,
+    max_tokens: Annotated[int | None, typer.Option(
+        "--max-tokens", help="The request's max tokens: the output must end in EOS or reach it."
+    )] = None,
+    threads: Threads = 1,
+    as_json: AsJson = False,
+) -> None:
+    """Teacher-forced verification of a claimed output in one pass."""
+    from optinfer.models.runtime import parse_token_list
+
+    m = load_model(model, threads)
+    verdict = m.verify(parse_token_list(prompt_tokens, "--prompt-tokens"),
+                       parse_token_list(output_tokens, "--output-tokens"), max_tokens)
+    emit({"valid": verdict.valid, "first_mismatch": verdict.first_mismatch,
+          "reason": verdict.reason}, as_json,
+         lambda d: out.print("valid" if d["valid"] else f"INVALID: {d['reason']}"))
+    if not verdict.valid and not as_json:
+        raise typer.Exit(1)
+
+
+@app.command()
+def trace(
+    prompt_tokens: Annotated[str, typer.Option("--prompt-tokens", help="e.g. 1,2,3")],
+    output_tokens: Annotated[str, typer.Option("--output-tokens", help="The claimed output.")],
+    model: ModelDir = None,
+    threads: Threads = 1,
+    as_json: AsJson = False,
+) -> None:
+    """Run the verify graph and commit to every node's output (the dispute trace)."""
+    from optinfer.models.runtime import parse_token_list
+
+    m = load_model(model, threads)
+    nodes, root = m.state_root(parse_token_list(prompt_tokens, "--prompt-tokens"),
+                               parse_token_list(output_tokens, "--output-tokens"))
+    emit({"nodes": nodes, "state_root": "0x" + root.hex()}, as_json,
+         lambda d: out.print(f"{d['nodes']} nodes, state root {d['state_root']}"))
+
+
+# ----------------------------------------------------------------------- model
+
+
+@model_app.command("convert")
+def model_convert(
+    checkpoint_dir: Annotated[Path, typer.Argument(help="Hugging Face Qwen2ForCausalLM dir.")],
+    out_dir: Annotated[Path, typer.Option("-o", "--out", help="Output directory (new).")],
+    calibration: Annotated[Path | None, typer.Option(
+        "--calibration", help="One sample per line: text, or a JSON list of token ids.")] = None,
+    max_context: Annotated[int | None, typer.Option(
+        "--max-context", help="Longest sequence the graph accepts (default 4096).")] = None,
+    as_json: AsJson = False,
+) -> None:
+    """Convert a checkpoint into an integer-only ONNX model."""
+    from optinfer.models.converter import convert
+
+    with progress_bar("converting") as progress:
+        manifest = convert(checkpoint_dir, out_dir, calibration, max_context, progress)
+    summary = {k: manifest[k] for k in ("model_root", "nodes", "max_fan_in_bytes",
+                                        "float_tensors")}
+    emit(summary, as_json, lambda d: out.print(
+        f"wrote {out_dir}: {d['nodes']} nodes, model root {d['model_root']}"))
+
+
+@model_app.command("inspect")
+def model_inspect(
+    model_dir: Annotated[Path, typer.Argument(help="Converted model directory.")],
+    as_json: AsJson = False,
+) -> None:
+    """Model root, op counts, float tensors and fan-in of a converted model."""
+    m = load_model(model_dir)
+    keys = ("model_root", "ops", "float_tensors", "max_fan_in_bytes", "nodes", "max_context",
+            "opset_version")
+    emit({k: m.manifest[k] for k in keys}, as_json, lambda d: out.print_json(data=d))
+
+
+@model_app.command("train-tiny")
+def model_train_tiny(
+    out_dir: Annotated[Path, typer.Option("-o", "--out", help="Checkpoint directory to write.")],
+    minutes: Annotated[float, typer.Option("--minutes", help="Training time budget.")] = 8.0,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    as_json: AsJson = False,
+) -> None:
+    """Train tiny-r1 (a small Qwen2 model doing arithmetic with a <think> trace)."""
+    from optinfer.models.tiny_r1 import train_tiny
+
+    if minutes <= 0 or minutes > 10:
+        raise UserError("--minutes must be in (0, 10]")
+    with progress_bar("training tiny-r1") as progress:
+        metrics = train_tiny(out_dir, minutes=minutes, seed=seed, progress=progress)
+    emit(metrics, as_json, lambda d: out.print_json(data=d))
+
+
+@model_app.command("random-r1")
+def model_random_r1(
+    out_dir: Annotated[Path, typer.Option("-o", "--out", help="Directory to create.")],
+    layers: Annotated[int | None, typer.Option(
+        "--layers", help="Fewer layers than the real 28 (same width).")] = None,
+    max_context: Annotated[int, typer.Option("--max-context")] = 4096,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    as_json: AsJson = False,
+) -> None:
+    """Write a random checkpoint of DeepSeek-R1-Distill-Qwen-1.5B's shape and convert it.
+
+    Creates OUT/checkpoint (Hugging Face format) and OUT/integer (the converted model).
+    """
+    from optinfer.models.checkpoint import write_random_checkpoint
+    from optinfer.models.converter import convert
+
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise UserError(f"{out_dir} exists and is not empty")
+    started = time.perf_counter()
+    err.print("writing random checkpoint (R1-Distill-Qwen-1.5B shape)...")
+    write_random_checkpoint(out_dir / "checkpoint", preset="r1-distill-1.5b", num_layers=layers,
+                            seed=seed)
+    with progress_bar("converting") as progress:
+        manifest = convert(out_dir / "checkpoint", out_dir / "integer", None, max_context,
+                           progress)
+    emit({"checkpoint": str(out_dir / "checkpoint"), "model": str(out_dir / "integer"),
+          "model_root": manifest["model_root"], "nodes": manifest["nodes"],
+          "seconds": round(time.perf_counter() - started, 1)}, as_json,
+         lambda d: out.print_json(data=d))
+
+
+@model_app.command("demo")
+def model_demo(
+    model: ModelDir = None,
+    threads: Threads = 1,
+    as_json: AsJson = False,
+) -> None:
+    """tiny-r1 end to end: answer a question, verify it, reject a forged answer, commit."""
+    from optinfer.models.demo import run_model_demo
+
+    result = run_model_demo(load_model(model, threads), console=None if as_json else out)
+    if as_json:
+        sys.stdout.write(json.dumps(result) + "\n")
+    if not result["ok"]:
+        raise typer.Exit(1)
+
+
+# ------------------------------------------------------------------- benchmarks
+
+
+@bench_app.command("inference")
+def bench_inference(
+    layers: Annotated[int, typer.Option("--layers", help="Layers of the R1-1.5B-shape model.")
+                      ] = 28,
+    tokens: Annotated[int, typer.Option("--tokens", help="Tokens to generate.")] = 256,
+    prompt: Annotated[int, typer.Option("--prompt", help="Prompt length in tokens.")] = 32,
+    threads: Threads = 2,
+    workdir: Annotated[Path | None, typer.Option(
+        "--workdir", help="Reuse a `model random-r1` directory here (created if missing).")
+    ] = None,
+    as_json: AsJson = True,
+) -> None:
+    """Integer decode vs float32 ORT and torch at R1-Distill-1.5B shape (random weights)."""
+    from optinfer.models.bench import bench_inference as run
+
+    result = run(layers=layers, tokens=tokens, prompt_len=prompt, threads=threads,
+                 workdir=workdir, log=err.print)
+    emit(result, as_json, lambda d: out.print_json(data=d))
+
 
 def main() -> None:
+    import click
+
     try:
         app(standalone_mode=False)
-    except UserError as err:
-        typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
+    except UserError as error:
+        err.print(f"[red]error:[/red] {error}", markup=True, highlight=False)
         sys.exit(2)
-    except typer.Abort:
-        typer.secho("aborted", err=True)
+    except click.exceptions.Abort:
+        err.print("aborted")
         sys.exit(130)
-    except typer.Exit as exit_:
+    except click.exceptions.Exit as exit_:
         sys.exit(exit_.exit_code)
-    except Exception as err:  # click's own usage errors carry their exit code
-        import click
-
-        if isinstance(err, click.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
-        raise
+    except click.ClickException as error:
+        error.show()
+        sys.exit(error.exit_code)

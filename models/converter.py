@@ -1,0 +1,304 @@
+"""Checkpoint -> integer-only ONNX model: calibration, quantisation, graph, manifest.
+
+`convert(checkpoint_dir, out_dir)` reads a Hugging Face `Qwen2ForCausalLM` directory, runs the
+float reference over calibration sequences to find the range of every quantised tensor, turns
+weights and ranges into the integer constants of `IntegerQwen2`, lays out the verify and decode
+graphs, and writes them next to one shared constants file. The output directory appears whole or
+not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from optinfer.errors import UserError
+from optinfer.models import quant
+from optinfer.models.checkpoint import Qwen2Spec, WeightReader, read_spec
+from optinfer.models.float_reference import CalibrationStats, FloatReference
+from optinfer.models.qwen2_graph import (
+    EXP_FRAC_BITS,
+    EXP_LEN,
+    EXP_OUT_BITS,
+    GATE_CLIP,
+    MASK_PENALTY,
+    PROB_MAX,
+    QK_FIX_CLIP,
+    ROPE_FRAC_BITS,
+    SIGMOID_FRAC_BITS,
+    SIGMOID_OUT_BITS,
+    SIGMOID_RADIUS,
+    UP_CLIP,
+    IntegerQwen2,
+    Layer,
+    Linear,
+    Norm,
+    Requant,
+    build_graph,
+    residual_bits,
+)
+
+DEFAULT_MAX_CONTEXT = 4096
+MAX_CONTEXT_LIMIT = 8192  # int32 softmax sums over the keys stay within the 32 KiB fan-in
+MANIFEST_FORMAT = "optinfer-integer-model/1"
+VERIFY_GRAPH = "model.onnx"
+DECODE_GRAPH = "decode.onnx"
+CONSTANTS_FILE = "weights.bin"
+INLINE_CONSTANT_BYTES = 1024  # smaller constants stay inside each graph file
+
+Progress = Callable[[float, str], None]
+
+
+# ------------------------------------------------------------------ calibration
+
+
+def read_calibration(path: Path, tokenizer_path: Path, vocab_size: int) -> list[list[int]]:
+    """Calibration sequences from a file: one sample per line, text or a JSON list of token ids."""
+    if not path.is_file():
+        raise UserError(f"calibration file {path} does not exist")
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_path)) if tokenizer_path.is_file() else None
+    sequences = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("["):
+            try:
+                ids = [int(t) for t in json.loads(line)]
+            except (ValueError, TypeError) as err:
+                raise UserError(f"{path}:{n}: not a JSON list of token ids ({err})") from None
+        else:
+            if tokenizer is None:
+                raise UserError(f"{path}:{n}: text sample but the checkpoint has no tokenizer.json")
+            ids = tokenizer.encode(line).ids
+        if any(not 0 <= t < vocab_size for t in ids):
+            raise UserError(f"{path}:{n}: token id outside the vocabulary (0..{vocab_size - 1})")
+        if ids:
+            sequences.append(ids)
+    if not sequences:
+        raise UserError(f"calibration file {path} has no samples")
+    return sequences
+
+
+def default_calibration(spec: Qwen2Spec, count: int = 8, length: int = 64) -> list[list[int]]:
+    """Seeded random token sequences: a neutral default when no calibration file is given."""
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, spec.vocab_size, size=length).tolist() for _ in range(count)]
+
+
+def calibrate(reference: FloatReference, sequences: list[list[int]],
+              progress: Progress | None = None) -> CalibrationStats:
+    stats = CalibrationStats()
+    for n, seq in enumerate(sequences):
+        reference.forward(seq, record=stats)
+        if progress:
+            progress((n + 1) / len(sequences), "calibrating")
+    return stats
+
+
+# ----------------------------------------------------------------- quantisation
+
+
+def _signed_multiplier(values: np.ndarray, x_bound: int, out_bound: int) -> tuple[np.ndarray, int]:
+    big_m, shift = quant.choose_multiplier(np.abs(values), x_bound, out_bound)
+    return np.where(values < 0, -big_m, big_m).astype(np.int64), shift
+
+
+def _requant(m, x_bound: int, out_bound: int) -> Requant:
+    big_m, shift = quant.choose_multiplier(m, x_bound, out_bound)
+    return Requant(M=big_m if np.ndim(m) else big_m.reshape(()), shift=shift)
+
+
+class _Quantizer:
+    """Turns float weights and calibrated ranges into the constants of IntegerQwen2."""
+
+    def __init__(self, spec: Qwen2Spec, stats: CalibrationStats, max_context: int):
+        self.spec, self.stats, self.max_context = spec, stats, max_context
+        self.res_clip = 1 << residual_bits(spec.hidden_size)
+        # Headroom of 8x over the calibrated residual range before the residual saturates.
+        self.s_res = self._amax("residual") * 8 / self.res_clip
+
+    def _amax(self, name: str) -> float:
+        try:
+            value = float(self.stats.max_abs[name])
+        except KeyError:
+            raise ValueError(f"calibration has no statistics for {name}") from None
+        return max(value, 1e-6)
+
+    def norm(self, gamma: np.ndarray, out_scale: float) -> Norm:
+        gain = np.asarray(gamma, np.float64) / out_scale
+        big_g, shift = _signed_multiplier(gain, self.res_clip, 128)
+        eps_q = max(1, round(self.spec.rms_norm_eps / self.s_res**2))
+        return Norm(G=big_g, shift=shift, eps_q=eps_q)
+
+    def linear(self, w, b, in_scale: float, out_scale: float, out_bound: int) -> Linear:
+        ql = quant.quantize_linear(w, b)
+        acc_scale = in_scale * ql.scale  # real value of one accumulator unit, per channel
+        k = ql.weight.shape[0]
+        bias = None
+        x_bound = k * 128 * 64
+        if ql.bias is not None:
+            bias = np.rint(ql.bias / acc_scale).astype(np.int64)
+            x_bound += int(np.abs(bias).max())
+        return Linear(weight=ql.weight, bias=bias,
+                      out=_requant(acc_scale / out_scale, x_bound, out_bound))
+
+    def layer(self, i: int, weights: dict) -> Layer:
+        spec, a = self.spec, self._amax
+        p = f"L{i}."
+        s_attn_in = quant.activation_scale(a(p + "attn_in"))
+        s_qf = a(p + "q") * 2 / QK_FIX_CLIP
+        s_kf = a(p + "k") * 2 / QK_FIX_CLIP
+        s_q = quant.activation_scale(a(p + "q_rot"))  # uint8
+        s_k = a(p + "k_rot") / 63  # int8, 7 bits
+        s_v = a(p + "v") / 63
+        s_attn_out = quant.activation_scale(a(p + "attn_out"))
+        s_mlp_in = quant.activation_scale(a(p + "mlp_in"))
+        s_up = a(p + "up") * 2 / UP_CLIP
+        s_act = quant.activation_scale(a(p + "act"))
+        half_res = self.res_clip // 2
+        rope_bound = 2 * QK_FIX_CLIP << ROPE_FRAC_BITS
+        score_bound = 2 * spec.head_dim * 128 * 64 + MASK_PENALTY
+        return Layer(
+            attn_norm=self.norm(weights["input_norm"], s_attn_in),
+            q=self.linear(weights["q_w"], weights["q_b"], s_attn_in, s_qf, QK_FIX_CLIP),
+            k=self.linear(weights["k_w"], weights["k_b"], s_attn_in, s_kf, QK_FIX_CLIP),
+            v=self.linear(weights["v_w"], weights["v_b"], s_attn_in, s_v, 64),
+            q_rot=_requant(s_qf / 2**ROPE_FRAC_BITS / s_q, rope_bound, 128),
+            k_rot=_requant(s_kf / 2**ROPE_FRAC_BITS / s_k, rope_bound, 64),
+            scores=_requant(s_q * s_k / math.sqrt(spec.head_dim) * 2**EXP_FRAC_BITS,
+                            score_bound, EXP_LEN),
+            attn_out=_requant(s_v / PROB_MAX / s_attn_out, self.max_context * 255 * 64, 128),
+            o=self.linear(weights["o_w"], None, s_attn_out, self.s_res, half_res),
+            mlp_norm=self.norm(weights["post_norm"], s_mlp_in),
+            gate=self.linear(weights["gate_w"], None, s_mlp_in, 2.0**-SIGMOID_FRAC_BITS,
+                             GATE_CLIP),
+            up=self.linear(weights["up_w"], None, s_mlp_in, s_up, UP_CLIP),
+            act=_requant(2.0 ** -(SIGMOID_FRAC_BITS + SIGMOID_OUT_BITS) * s_up / s_act,
+                         GATE_CLIP * (1 << SIGMOID_OUT_BITS) * UP_CLIP, 128),
+            down=self.linear(weights["down_w"], None, s_act, self.s_res, half_res),
+        )
+
+    def embedding(self, table: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+        table = np.asarray(table, np.float64)
+        row_scale = np.maximum(np.abs(table).max(axis=1), 1e-12) / 127
+        q = np.clip(np.rint(table / row_scale[:, None]), -127, 127).astype(np.int8)
+        big_m, shift = quant.choose_multiplier(row_scale / self.s_res, 127, self.res_clip)
+        return q, big_m.reshape(-1, 1), shift
+
+    def head(self, final_gamma: np.ndarray, lm_head: np.ndarray) -> tuple[Norm, Linear]:
+        s_final = quant.activation_scale(self._amax("final_in"))
+        s_logit = self._amax("logits") / 2**28
+        return self.norm(final_gamma, s_final), self.linear(lm_head, None, s_final, s_logit,
+                                                             1 << 30)
+
+
+def quantize(spec: Qwen2Spec, reader: WeightReader, stats: CalibrationStats, max_context: int,
+             progress: Progress | None = None) -> IntegerQwen2:
+    """The integer constants of the model, one layer at a time (float weights are freed)."""
+    qz = _Quantizer(spec, stats, max_context)
+    embed, embed_m, embed_shift = qz.embedding(reader.embed_tokens())
+    layers = []
+    for i in range(spec.num_layers):
+        layers.append(qz.layer(i, reader.layer(i)))
+        if progress:
+            progress((i + 1) / spec.num_layers, f"quantising layer {i + 1}/{spec.num_layers}")
+    final_norm, lm_head = qz.head(reader.final_norm(), reader.lm_head())
+    cos, sin = quant.rope_tables(max_context, spec.head_dim, spec.rope_theta, ROPE_FRAC_BITS)
+    return IntegerQwen2(
+        hidden_size=spec.hidden_size, num_heads=spec.num_heads, num_kv_heads=spec.num_kv_heads,
+        head_dim=spec.head_dim, intermediate_size=spec.intermediate_size,
+        vocab_size=spec.vocab_size, max_context=max_context,
+        embed=embed, embed_M=embed_m, embed_shift=embed_shift, layers=layers,
+        final_norm=final_norm, lm_head=lm_head,
+        exp_table=quant.exp_table(EXP_FRAC_BITS, EXP_LEN, EXP_OUT_BITS),
+        sigmoid_table=quant.sigmoid_table(SIGMOID_FRAC_BITS, SIGMOID_RADIUS, SIGMOID_OUT_BITS),
+        rope_cos=cos, rope_sin=sin,
+    )
+
+
+# ----------------------------------------------------------------------- output
+
+
+def save_graphs(verify: onnx.ModelProto, decode: onnx.ModelProto, out_dir: Path) -> None:
+    """Write both graphs; large constants go once into CONSTANTS_FILE, shared by both."""
+    onnx.save_model(verify, str(out_dir / VERIFY_GRAPH), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location=CONSTANTS_FILE,
+                    size_threshold=INLINE_CONSTANT_BYTES, convert_attribute=False)
+    # After saving, `verify`'s large initializers point into the constants file; the decode graph
+    # reuses those references instead of writing the bytes a second time.
+    external = {t.name: t for t in verify.graph.initializer
+                if t.data_location == onnx.TensorProto.EXTERNAL}
+    for t in decode.graph.initializer:
+        if t.name in external:
+            t.CopyFrom(external[t.name])
+        elif len(t.raw_data) > INLINE_CONSTANT_BYTES:
+            raise ValueError(f"decode-only constant {t.name} is large; it would be duplicated")
+    onnx.save_model(decode, str(out_dir / DECODE_GRAPH))
+
+
+def convert(checkpoint_dir: Path, out_dir: Path, calibration: Path | None = None,
+            max_context: int | None = None, progress: Progress | None = None) -> dict:
+    """Convert a Qwen2ForCausalLM checkpoint directory; returns the manifest."""
+    from optinfer.models.manifest import build_manifest
+
+    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    spec = read_spec(checkpoint_dir)
+    if max_context is None:
+        max_context = min(spec.max_position_embeddings, DEFAULT_MAX_CONTEXT)
+    context_limit = min(MAX_CONTEXT_LIMIT, spec.max_position_embeddings)
+    if not 2 <= max_context <= context_limit:
+        raise UserError(f"max context {max_context} must be in 2..{context_limit} "
+                        "(bounded fan-in of the softmax, and the checkpoint's own limit)")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise UserError(f"output directory {out_dir} exists and is not empty; choose another")
+    reader = WeightReader(checkpoint_dir, spec)
+    tokenizer = checkpoint_dir / "tokenizer.json"
+    if calibration is not None:
+        sequences = read_calibration(Path(calibration), tokenizer, spec.vocab_size)
+        calibration_desc = {"source": Path(calibration).name, "sequences": len(sequences)}
+    else:
+        sequences = default_calibration(spec)
+        calibration_desc = {"source": "random tokens, seed 0", "sequences": len(sequences)}
+    sequences = [s[:max_context] for s in sequences]
+
+    stats = calibrate(FloatReference(reader, spec), sequences,
+                      progress and (lambda f, msg: progress(0.3 * f, msg)))
+    qmodel = quantize(spec, reader, stats, max_context,
+                      progress and (lambda f, msg: progress(0.3 + 0.4 * f, msg)))
+    if progress:
+        progress(0.75, "building graphs")
+    verify_builder = build_graph(qmodel, "verify")
+    verify, decode = verify_builder.model(), build_graph(qmodel, "decode").model()
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        if progress:
+            progress(0.8, "writing graphs")
+        save_graphs(verify, decode, staging)
+        if tokenizer.is_file():
+            shutil.copyfile(tokenizer, staging / "tokenizer.json")
+        if progress:
+            progress(0.9, "committing")
+        manifest = build_manifest(spec, qmodel, verify_builder, staging, calibration_desc,
+                                  stats)
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        if out_dir.exists():
+            out_dir.rmdir()  # empty, checked above
+        os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if progress:
+        progress(1.0, "done")
+    return manifest

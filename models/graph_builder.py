@@ -1,0 +1,320 @@
+"""A small builder for integer-only ONNX graphs that proves, as it goes, that nothing overflows.
+
+Every tensor the builder hands out carries its dtype and a static interval [lo, hi] that holds
+for every input the graph accepts (sequence lengths up to the model's max context). Each op
+propagates the intervals of its inputs; an interval that leaves its dtype is a build error. That
+is the static range analysis of DESIGN.md section 1: constants bound the weights, clips bound the
+activations, so the bounds are tight enough to be useful and cheap to compute.
+
+Every node has exactly one output, so node k of the graph is leaf k of the state tree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from optinfer.models.opset import DOUBLE_EXACT_LIMIT, ONNX_OPSET
+
+_ONNX_TYPE = {
+    np.dtype(np.bool_): TensorProto.BOOL,
+    np.dtype(np.uint8): TensorProto.UINT8,
+    np.dtype(np.int8): TensorProto.INT8,
+    np.dtype(np.int32): TensorProto.INT32,
+    np.dtype(np.int64): TensorProto.INT64,
+}
+_LIMITS = {
+    np.dtype(np.bool_): (0, 1),
+    np.dtype(np.uint8): (0, 255),
+    np.dtype(np.int8): (-128, 127),
+    np.dtype(np.int32): (-(2**31), 2**31 - 1),
+    np.dtype(np.int64): (-(2**63), 2**63 - 1),
+}
+INT64_MAX = 2**63 - 1
+
+
+class RangeError(ValueError):
+    """A tensor's static interval does not fit its dtype: the graph could overflow."""
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """A value in the graph under construction: its name, dtype and static interval."""
+
+    name: str
+    dtype: np.dtype
+    lo: int
+    hi: int
+
+    @property
+    def magnitude(self) -> int:
+        return max(abs(self.lo), abs(self.hi))
+
+
+def _trunc_div(a: int, b: int) -> int:
+    q = abs(a) // abs(b)
+    return q if (a >= 0) == (b > 0) else -q
+
+
+@dataclass
+class GraphBuilder:
+    """Collects nodes, constants and per-tensor intervals; `model()` returns the ONNX graph."""
+
+    name: str
+    nodes: list[onnx.NodeProto] = field(default_factory=list)
+    constants: dict[str, np.ndarray] = field(default_factory=dict)
+    inputs: list[onnx.ValueInfoProto] = field(default_factory=list)
+    outputs: list[onnx.ValueInfoProto] = field(default_factory=list)
+    bounds: dict[str, tuple[int, int]] = field(default_factory=dict)
+    assumptions: dict[str, str] = field(default_factory=dict)
+    _names: set[str] = field(default_factory=set)
+
+    # ----------------------------------------------------------------- values
+
+    def _fresh(self, hint: str) -> str:
+        name, n = hint, 1
+        while name in self._names:
+            n += 1
+            name = f"{hint}.{n}"
+        self._names.add(name)
+        return name
+
+    def _tensor(self, name: str, dtype, lo: int, hi: int) -> Tensor:
+        dtype = np.dtype(dtype)
+        lo, hi = int(lo), int(hi)
+        dmin, dmax = _LIMITS[dtype]
+        if lo < dmin or hi > dmax:
+            raise RangeError(f"{name}: interval [{lo}, {hi}] does not fit {dtype}")
+        self.bounds[name] = (lo, hi)
+        return Tensor(name, dtype, lo, hi)
+
+    def input(self, name: str, dtype, shape: list, lo: int, hi: int) -> Tensor:
+        self._names.add(name)
+        self.inputs.append(helper.make_tensor_value_info(name, _ONNX_TYPE[np.dtype(dtype)], shape))
+        return self._tensor(name, dtype, lo, hi)
+
+    def output(self, t: Tensor, shape: list | None = None) -> None:
+        self.outputs.append(helper.make_tensor_value_info(t.name, _ONNX_TYPE[t.dtype], shape))
+
+    def const(self, name: str, value) -> Tensor:
+        """A constant tensor (an initializer); identical re-registrations return the same tensor."""
+        arr = np.ascontiguousarray(value)
+        if arr.dtype not in _ONNX_TYPE:
+            raise TypeError(f"constant {name}: dtype {arr.dtype} is not in the integer op set")
+        if name in self.constants:
+            old = self.constants[name]
+            if old.dtype != arr.dtype or old.shape != arr.shape or not np.array_equal(old, arr):
+                raise ValueError(f"constant {name} registered twice with different values")
+        else:
+            self._names.add(name)
+            self.constants[name] = arr
+        lo = int(arr.min()) if arr.size else 0
+        hi = int(arr.max()) if arr.size else 0
+        return self._tensor(name, arr.dtype, lo, hi)
+
+    def scalar(self, value: int, dtype=np.int64) -> Tensor:
+        """A shared scalar constant, named after its value."""
+        dt = np.dtype(dtype)
+        return self.const(f"c.{dt.name}.{value}", np.array(value, dtype=dt))
+
+    def ints(self, values, name: str | None = None) -> Tensor:
+        """A small shared int64 vector constant (shapes, axes, indices)."""
+        arr = np.asarray(values, dtype=np.int64)
+        label = name or "c.i64[" + ",".join(str(v) for v in arr.ravel()) + "]"
+        return self.const(label, arr)
+
+    def assume(self, t: Tensor, lo: int, hi: int, why: str) -> Tensor:
+        """Narrow t's interval to [lo, hi] for a reason interval arithmetic cannot see.
+
+        Each use states the invariant that justifies it; `why` is kept in `self.assumptions`.
+        """
+        if lo < t.lo or hi > t.hi:
+            lo, hi = max(lo, t.lo), min(hi, t.hi)
+        self.assumptions[t.name] = why
+        return self._tensor(t.name, t.dtype, lo, hi)
+
+    def _node(self, op: str, inputs: list[Tensor], hint: str, dtype, lo, hi, **attrs) -> Tensor:
+        out = self._fresh(hint)
+        self.nodes.append(helper.make_node(op, [t.name for t in inputs], [out], name=out, **attrs))
+        return self._tensor(out, dtype, lo, hi)
+
+    # ------------------------------------------------------------ arithmetic
+
+    def matmul_integer(self, a: Tensor, b: Tensor, a_zero_point: int, k: int, hint: str) -> Tensor:
+        """(A - zp) @ B in int32; k is the (maximum) length of the contracted axis."""
+        if a.dtype != np.uint8 or b.dtype != np.int8:
+            raise TypeError(f"{hint}: MatMulInteger takes uint8 x int8, got {a.dtype} x {b.dtype}")
+        if b.lo < -64 or b.hi > 63:
+            raise RangeError(f"{hint}: B operand [{b.lo}, {b.hi}] exceeds 7 bits (pair saturation)")
+        zp = self.scalar(a_zero_point, np.uint8)
+        a_mag = max(abs(a.lo - a_zero_point), abs(a.hi - a_zero_point))
+        bound = k * a_mag * b.magnitude
+        return self._node("MatMulInteger", [a, b, zp], hint, np.int32, -bound, bound)
+
+    def cast(self, x: Tensor, dtype, hint: str | None = None) -> Tensor:
+        to = _ONNX_TYPE[np.dtype(dtype)]
+        return self._node("Cast", [x], hint or f"{x.name}.cast", dtype, x.lo, x.hi, to=to)
+
+    def add(self, x: Tensor, y: Tensor, hint: str) -> Tensor:
+        return self._node("Add", [x, y], hint, x.dtype, x.lo + y.lo, x.hi + y.hi)
+
+    def sub(self, x: Tensor, y: Tensor, hint: str) -> Tensor:
+        return self._node("Sub", [x, y], hint, x.dtype, x.lo - y.hi, x.hi - y.lo)
+
+    def mul(self, x: Tensor, y: Tensor, hint: str) -> Tensor:
+        corners = [x.lo * y.lo, x.lo * y.hi, x.hi * y.lo, x.hi * y.hi]
+        return self._node("Mul", [x, y], hint, x.dtype, min(corners), max(corners))
+
+    def square(self, x: Tensor, hint: str) -> Tensor:
+        """x * x, whose interval (unlike a general product's) is non-negative."""
+        lo = 0 if x.lo <= 0 <= x.hi else min(x.lo * x.lo, x.hi * x.hi)
+        return self._node("Mul", [x, x], hint, x.dtype, lo, x.magnitude**2)
+
+    def div(self, x: Tensor, y: Tensor, hint: str) -> Tensor:
+        """Truncating division by a strictly positive divisor."""
+        if y.lo < 1:
+            raise RangeError(f"{hint}: divisor interval [{y.lo}, {y.hi}] may reach zero")
+        corners = [_trunc_div(a, b) for a in (x.lo, x.hi) for b in (y.lo, y.hi)]
+        lo, hi = min(corners), max(corners)
+        if x.lo <= 0 <= x.hi:
+            lo, hi = min(lo, 0), max(hi, 0)
+        return self._node("Div", [x, y], hint, x.dtype, lo, hi)
+
+    def clip(self, x: Tensor, lo: int, hi: int, hint: str) -> Tensor:
+        lo_t, hi_t = self.scalar(lo, x.dtype), self.scalar(hi, x.dtype)
+        return self._node("Clip", [x, lo_t, hi_t], hint, x.dtype, max(x.lo, lo), min(x.hi, hi))
+
+    def minimum(self, x: Tensor, y: Tensor, hint: str) -> Tensor:
+        return self._node("Min", [x, y], hint, x.dtype, min(x.lo, y.lo), min(x.hi, y.hi))
+
+    def maximum(self, x: Tensor, y: Tensor, hint: str) -> Tensor:
+        return self._node("Max", [x, y], hint, x.dtype, max(x.lo, y.lo), max(x.hi, y.hi))
+
+    def greater(self, x: Tensor, y: Tensor, hint: str) -> Tensor:
+        return self._node("Greater", [x, y], hint, np.bool_, 0, 1)
+
+    # ------------------------------------------------------------- reductions
+
+    def reduce_sum(self, x: Tensor, n: int, hint: str) -> Tensor:
+        """Sum over the last axis (length at most n), keepdims.
+
+        ONNX Runtime accumulates ReduceSum in double, so every partial sum must stay within
+        2**53 to be exact (see opset.reduce_sum).
+        """
+        if n * x.magnitude > DOUBLE_EXACT_LIMIT:
+            raise RangeError(f"{hint}: {n} terms of magnitude {x.magnitude} exceed 2**53, "
+                             "where ONNX Runtime's ReduceSum stops being exact")
+        axes = self.ints([-1])
+        return self._node("ReduceSum", [x, axes], hint, x.dtype, n * min(x.lo, 0),
+                          n * max(x.hi, 0), keepdims=1)
+
+    def reduce_max(self, x: Tensor, hint: str) -> Tensor:
+        axes = self.ints([-1])
+        return self._node("ReduceMax", [x, axes], hint, x.dtype, x.lo, x.hi, keepdims=1)
+
+    def argmax(self, x: Tensor, n: int, hint: str) -> Tensor:
+        """Index of the first maximum over the last axis (length n), keepdims."""
+        return self._node("ArgMax", [x], hint, np.int64, 0, n - 1, axis=-1, keepdims=1,
+                          select_last_index=0)
+
+    # ---------------------------------------------------------- data movement
+
+    def gather(self, data: Tensor, indices: Tensor, hint: str, axis: int = 0) -> Tensor:
+        return self._node("Gather", [data, indices], hint, data.dtype, data.lo, data.hi, axis=axis)
+
+    def gather_elements(self, data: Tensor, indices: Tensor, axis: int, hint: str) -> Tensor:
+        return self._node("GatherElements", [data, indices], hint, data.dtype, data.lo, data.hi,
+                          axis=axis)
+
+    def reshape(self, x: Tensor, shape: list[int], hint: str) -> Tensor:
+        return self._node("Reshape", [x, self.ints(shape)], hint, x.dtype, x.lo, x.hi)
+
+    def transpose(self, x: Tensor, perm: list[int], hint: str) -> Tensor:
+        return self._node("Transpose", [x], hint, x.dtype, x.lo, x.hi, perm=perm)
+
+    def concat(self, xs: list[Tensor], axis: int, hint: str) -> Tensor:
+        lo, hi = min(t.lo for t in xs), max(t.hi for t in xs)
+        return self._node("Concat", xs, hint, xs[0].dtype, lo, hi, axis=axis)
+
+    def slice(self, x: Tensor, start: Tensor, end: int, axis: int, hint: str) -> Tensor:
+        """x[start:end] along one axis; start is a 1-element int64 tensor (may be dynamic)."""
+        return self._node("Slice", [x, start, self.ints([end]), self.ints([axis])], hint,
+                          x.dtype, x.lo, x.hi)
+
+    def shape(self, x: Tensor, max_dim: int, hint: str) -> Tensor:
+        return self._node("Shape", [x], hint, np.int64, 0, max_dim)
+
+    def range(self, start: Tensor, limit: Tensor, hint: str) -> Tensor:
+        one = self.scalar(1)
+        return self._node("Range", [start, limit, one], hint, np.int64, start.lo, limit.hi)
+
+    # ------------------------------------------------------------ fixed point
+
+    def rescale(self, x: Tensor, multiplier, shift: int, lo: int, hi: int, hint: str,
+                out_dtype=np.int64, zero_point: int = 0) -> Tensor:
+        """round(x * M / 2**S) clipped to [lo, hi], plus zero_point, as out_dtype.
+
+        Rounds half up. Division truncates toward zero in ONNX, so the value is clipped first and
+        shifted to be non-negative before the division, where truncation equals floor. With
+        zero_point == -lo (uint8 activations) the shift by -lo *is* the zero point, so no Sub.
+        M may be a scalar or a per-channel vector broadcasting over the last axis.
+        """
+        if shift < 1:
+            raise ValueError(f"{hint}: shift must be >= 1")
+        x64 = x if x.dtype == np.int64 else self.cast(x, np.int64, f"{hint}.i64")
+        m = np.asarray(multiplier, dtype=np.int64)
+        if m.ndim == 0 and int(m) == 1:
+            y = x64
+        else:
+            m_t = self.const(f"{hint}.M", m) if m.ndim else self.scalar(int(m))
+            y = self.mul(x64, m_t, f"{hint}.mul")
+        unit = 1 << shift
+        y = self.clip(y, lo * unit, hi * unit, f"{hint}.clip")
+        y = self.add(y, self.scalar(-lo * unit + unit // 2), f"{hint}.offset")
+        q = self.div(y, self.scalar(unit), f"{hint}.shift")  # in [0, hi - lo], = value - lo
+        if zero_point != -lo:
+            q = self.sub(q, self.scalar(-lo - zero_point), f"{hint}.value")
+        if np.dtype(out_dtype) != np.int64:
+            q = self.cast(q, out_dtype, hint)
+        return q
+
+    def isqrt(self, n: Tensor, hint: str, iterations: int = 6) -> Tensor:
+        """floor(sqrt(n)) for 1 <= n < 2**62 by Newton's method from above.
+
+        x0 = 2**ceil(bitlen(n)/2) >= sqrt(n) and x0 < 2*sqrt(n)+2; each step
+        x <- min(x, (x + n // x) // 2) never goes below isqrt(n) (AM-GM on integers) and the
+        relative error squares per step, so 6 steps reach isqrt(n) for every n below 2**62.
+        """
+        if n.lo < 1 or n.hi >= 2**62:
+            raise RangeError(f"{hint}: isqrt argument [{n.lo}, {n.hi}] outside [1, 2**62)")
+        pow2_minus_1 = self.const("c.pow2m1", (np.int64(1) << np.arange(62, dtype=np.int64)) - 1)
+        pow2 = self.const("c.pow2", np.int64(1) << np.arange(63, dtype=np.int64))
+        above = self.greater(n, pow2_minus_1, f"{hint}.above")  # n > 2**i - 1  <=>  n >= 2**i
+        bitlen = self.reduce_sum(self.cast(above, np.int64, f"{hint}.above.i64"), 62,
+                                 f"{hint}.bitlen")
+        half = self.div(self.add(bitlen, self.scalar(1), f"{hint}.bitlen1"), self.scalar(2),
+                        f"{hint}.halfbits")
+        x = self.gather(pow2, half, f"{hint}.x0")
+        x = self.assume(x, 1, x.hi, "2**k with k >= 1")
+        two = self.scalar(2)
+        for i in range(iterations):
+            q = self.div(n, x, f"{hint}.it{i}.q")
+            s = self.add(x, q, f"{hint}.it{i}.s")
+            x_next = self.div(s, two, f"{hint}.it{i}.h")
+            x = self.minimum(x, x_next, f"{hint}.it{i}")
+            x = self.assume(x, 1, x.hi, "Newton from above never goes below isqrt(n) >= 1")
+        return x
+
+    # ------------------------------------------------------------------ model
+
+    def model(self) -> onnx.ModelProto:
+        """The ONNX model with every constant as an initializer."""
+        inits = [numpy_helper.from_array(arr, name) for name, arr in self.constants.items()]
+        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)],
+                                  producer_name="optinfer")
+        model.ir_version = 10
+        return model

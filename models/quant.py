@@ -1,0 +1,128 @@
+"""Quantisation arithmetic of the converter: weight quantisation, fixed-point multipliers, tables.
+
+Everything here runs once, at conversion time, in float64; what it produces are integers that
+the graph uses. The graph itself never sees a float.
+
+Conventions (see docs/opset.md and docs/models.md):
+- Activations that feed `MatMulInteger` are uint8 with zero point 128: real = (q - 128) * scale.
+- Weights are int8 kept to 7 bits, [-64, 63], with one scale per output channel, so that a pair of
+  u8 x s8 products never exceeds int16 (x86 without VNNI saturates there): 2 * 255 * 64 = 32640.
+- A real multiplier m is applied as an integer multiplier M and a rounding right shift S:
+  x * m ~= round(x * M / 2**S).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+WEIGHT_MAX = 63  # int8 weights live in [-64, 63]
+WEIGHT_MIN = -64
+ACT_ZERO_POINT = 128  # uint8 activations: real = (q - 128) * scale
+ACT_MAX = 127  # largest |q - 128| used by the symmetric activation scale
+
+INT64_HEADROOM_BITS = 62  # products are kept below 2**62 so that adding a rounding term is safe
+
+
+@dataclass(frozen=True)
+class QuantizedLinear:
+    """A linear layer y = x W^T + b as MatMulInteger operands.
+
+    `weight` is (in_features, out_features) int8 in [-64, 63] (the B operand of MatMulInteger);
+    real W[o, i] ~= weight[i, o] * scale[o].
+    """
+
+    weight: np.ndarray  # (in, out) int8
+    scale: np.ndarray  # (out,) float64
+    bias: np.ndarray | None  # (out,) float64, real units
+
+
+def quantize_linear(w: np.ndarray, b: np.ndarray | None = None) -> QuantizedLinear:
+    """Per-output-channel symmetric 7-bit quantisation of a torch-layout (out, in) weight."""
+    w = np.asarray(w, dtype=np.float64)
+    amax = np.abs(w).max(axis=1)
+    scale = np.where(amax > 0, amax / WEIGHT_MAX, 1.0)
+    q = np.clip(np.rint(w / scale[:, None]), WEIGHT_MIN, WEIGHT_MAX).astype(np.int8)
+    bias = None if b is None else np.asarray(b, dtype=np.float64)
+    return QuantizedLinear(weight=np.ascontiguousarray(q.T), scale=scale, bias=bias)
+
+
+def activation_scale(amax: float) -> float:
+    """Scale of a uint8 (zero point 128) activation whose calibrated max |x| is `amax`."""
+    return max(float(amax), 1e-8) / ACT_MAX
+
+
+def bits(n: int | float) -> int:
+    """Number of bits needed for the magnitude n (0 for n < 1)."""
+    n = abs(float(n))
+    return 0 if n < 1 else math.floor(math.log2(n)) + 1
+
+
+def choose_multiplier(
+    m: np.ndarray | float, x_bound: int, out_bound: int, precision_bits: int = 24
+) -> tuple[np.ndarray, int]:
+    """Integer multiplier(s) M and one shift S with x * m ~= x * M / 2**S.
+
+    Constraints, so that the rounding-shift sequence in the graph cannot overflow int64:
+    |x| * max(M) < 2**62 and out_bound * 2**S < 2**62. Within them, M gets up to
+    `precision_bits` significant bits. Returns M as int64 (same shape as m) and S >= 1.
+    """
+    m = np.atleast_1d(np.asarray(m, dtype=np.float64))
+    if not np.all(m >= 0):
+        raise ValueError("multipliers must be non-negative")
+    m_max = float(m.max())
+    if m_max == 0:
+        return np.zeros(m.shape, np.int64), 1
+    # Largest M allowed by the product bound, and largest S allowed by the clip bound.
+    m_int_cap = 2 ** (INT64_HEADROOM_BITS - bits(x_bound))
+    s_cap = INT64_HEADROOM_BITS - bits(out_bound) - 1
+    # S such that max(M) = m_max * 2**S has `precision_bits` bits, within both caps.
+    s = precision_bits - 1 - math.floor(math.log2(m_max))
+    s = min(s, s_cap)
+    while s > 1 and m_max * 2.0**s >= m_int_cap:
+        s -= 1
+    s = max(s, 1)
+    big_m = np.rint(m * 2.0**s).astype(np.int64)
+    if int(big_m.max()) * max(int(x_bound), 1) >= 2**INT64_HEADROOM_BITS:
+        raise ValueError(f"multiplier {m_max:g} cannot be applied to |x| <= {x_bound} in int64")
+    if int(big_m.max()) == 0:
+        raise ValueError(f"multiplier {m_max:g} underflows with shift {s}")
+    return big_m, s
+
+
+def exp_table(frac_bits: int, length: int, out_bits: int) -> np.ndarray:
+    """E[i] = round(2**out_bits * exp(-i / 2**frac_bits)) for i < length - 1, and E[-1] = 0.
+
+    The last entry is the masked / underflowed value: indices are clipped to length - 1.
+    """
+    i = np.arange(length, dtype=np.float64)
+    table = np.rint(2.0**out_bits * np.exp(-i / 2.0**frac_bits))
+    table[-1] = 0
+    return table.astype(np.int32)
+
+
+def sigmoid_table(frac_bits: int, radius: int, out_bits: int) -> np.ndarray:
+    """S[j] = round(2**out_bits * sigmoid((j - radius) / 2**frac_bits)) for j in [0, 2*radius]."""
+    x = (np.arange(2 * radius + 1, dtype=np.float64) - radius) / 2.0**frac_bits
+    return np.rint(2.0**out_bits / (1.0 + np.exp(-x))).astype(np.int64)
+
+
+def rope_tables(
+    max_positions: int, head_dim: int, theta: float, frac_bits: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fixed-point RoPE tables, (max_positions, 1, head_dim) int64 each, scale 2**-frac_bits.
+
+    q_rot = q * COS[pos] + swap_halves(q) * SIN[pos], which is Hugging Face's
+    q * cos + rotate_half(q) * sin with rotate_half(q) = [-q2, q1]: the sign sits in SIN.
+    """
+    half = head_dim // 2
+    inv_freq = 1.0 / (theta ** (np.arange(0, half, dtype=np.float64) * 2.0 / head_dim))
+    angles = np.arange(max_positions, dtype=np.float64)[:, None] * inv_freq[None, :]
+    cos = np.concatenate([np.cos(angles), np.cos(angles)], axis=1)
+    sin = np.concatenate([-np.sin(angles), np.sin(angles)], axis=1)
+    one = 2.0**frac_bits
+    cos_q = np.rint(cos * one).astype(np.int64)[:, None, :]
+    sin_q = np.rint(sin * one).astype(np.int64)[:, None, :]
+    return cos_q, sin_q

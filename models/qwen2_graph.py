@@ -1,0 +1,346 @@
+"""The integer-only Qwen2 graph: what each layer computes, in ONNX integer ops.
+
+`IntegerQwen2` holds every integer constant of a converted model (the converter fills it from a
+float checkpoint and calibration); `build_graph` lays the graph out in one of two modes:
+
+- "verify": the committed graph. Input `sequence` int64 (T+1,) = [P, x_0 .. x_{T-1}] with
+  x = prompt ++ output[:-1] and P the prompt length; output `next_tokens` int64 (T-P+1,), the
+  greedy token predicted after each of positions P-1 .. T-1, i.e. the claimed output.
+- "decode": the same computation with a KV cache, for generation. Inputs `tokens` (T,),
+  `positions` (T,) and the past K/V of every layer; outputs the token after the last position
+  and the present K/V. Attention and every other op are row-local with static scales, so the
+  two modes give identical tokens (tests check it).
+
+Representations (real value = integer * scale):
+- residual stream: int32, one scale for the whole model, saturating at +-RES_CLIP;
+- inputs of MatMulInteger: uint8, zero point 128, one calibrated scale per tensor;
+- weights: int8 in [-64, 63], one scale per output channel;
+- K and V (the cache): int8 in [-64, 63]; attention probabilities: uint8, scale 1/255.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from optinfer.models.graph_builder import INT64_MAX, GraphBuilder, Tensor
+
+EXP_FRAC_BITS = 8  # exp table index resolution: 1/256 nat
+EXP_OUT_BITS = 16  # exp table values: 2**16 = exp(0)
+EXP_LEN = 16 * (1 << EXP_FRAC_BITS) + 1  # exp(-16) rounds to 0 at 2**16; last entry 0 = masked
+SIGMOID_FRAC_BITS = 8  # gate fixed point: 1/256
+SIGMOID_RADIUS = 8 * (1 << SIGMOID_FRAC_BITS)  # sigmoid table covers [-8, 8]
+SIGMOID_OUT_BITS = 15
+GATE_CLIP = 1 << 18  # |gate| <= 1024 in real units
+UP_CLIP = 1 << 16  # up projection fixed point, calibrated scale
+QK_FIX_CLIP = 1 << 16  # q and k before RoPE, calibrated scale
+ROPE_FRAC_BITS = 14
+MASK_PENALTY = 1 << 24  # subtracted from masked scores before the row max
+PROB_MAX = 255  # attention probabilities: uint8, scale 1/255
+ARGMAX_CHUNK_BYTES = 16 * 1024  # bounded fan-in for the vocabulary argmax
+
+
+def residual_bits(hidden_size: int) -> int:
+    """Bits of the saturating residual: RMSNorm's sum of squares must stay within 2**53.
+
+    (ONNX Runtime's ReduceSum accumulates in double: exact only up to 2**53.)
+    """
+    return (53 - int(np.ceil(np.log2(hidden_size)))) // 2
+
+
+@dataclass(frozen=True)
+class Requant:
+    """x -> round(x * M / 2**shift), M scalar or per output channel (int64)."""
+
+    M: np.ndarray
+    shift: int
+
+
+@dataclass(frozen=True)
+class Norm:
+    """RMSNorm to uint8: q = clip(round(r * G / isqrt(mean(r^2) + eps_q) / 2**shift) + 128)."""
+
+    G: np.ndarray  # (H,) int64, gamma / output scale * 2**shift
+    shift: int
+    eps_q: int  # eps in residual units squared, >= 1
+
+
+@dataclass(frozen=True)
+class Linear:
+    """MatMulInteger operand B (in, out) int8, optional bias in accumulator units, requant."""
+
+    weight: np.ndarray  # (in, out) int8
+    bias: np.ndarray | None  # (out,) int64
+    out: Requant
+
+
+@dataclass(frozen=True)
+class Layer:
+    attn_norm: Norm
+    q: Linear  # -> q fixed point (int64, |q| <= QK_FIX_CLIP)
+    k: Linear
+    v: Linear  # -> int8 [-64, 63]
+    q_rot: Requant  # RoPE output (scale * 2**14) -> uint8
+    k_rot: Requant  # RoPE output -> int8 [-64, 63]
+    scores: Requant  # score difference -> exp table index (1/256 nat)
+    attn_out: Requant  # P.V accumulator -> uint8
+    o: Linear  # -> residual units
+    mlp_norm: Norm
+    gate: Linear  # -> gate fixed point, 2**-8
+    up: Linear  # -> up fixed point
+    act: Requant  # silu(gate) * up -> uint8
+    down: Linear  # -> residual units
+
+
+@dataclass(frozen=True)
+class IntegerQwen2:
+    """All integer constants of a converted Qwen2 model."""
+
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    max_context: int
+    embed: np.ndarray  # (V, H) int8
+    embed_M: np.ndarray  # (V, 1) int64: row scale -> residual units
+    embed_shift: int
+    layers: list[Layer]
+    final_norm: Norm
+    lm_head: Linear  # -> int32 logits on one common scale
+    exp_table: np.ndarray  # (EXP_LEN,) int32
+    sigmoid_table: np.ndarray  # (2*SIGMOID_RADIUS+1,) int64
+    rope_cos: np.ndarray  # (max_context, 1, head_dim) int64
+    rope_sin: np.ndarray
+
+    @property
+    def res_clip(self) -> int:
+        return 1 << residual_bits(self.hidden_size)
+
+
+def argmax_chunk(vocab_size: int) -> int:
+    """Largest divisor of the vocabulary whose int32 chunk fits ARGMAX_CHUNK_BYTES."""
+    limit = ARGMAX_CHUNK_BYTES // 4
+    if vocab_size <= limit:
+        return vocab_size
+    best = max(d for d in range(1, limit + 1) if vocab_size % d == 0)
+    if best < 64:
+        raise ValueError(f"vocabulary size {vocab_size} has no divisor usable as an argmax chunk")
+    return best
+
+
+class _Qwen2Builder:
+    """Lays out the graph of one IntegerQwen2 on a GraphBuilder."""
+
+    def __init__(self, m: IntegerQwen2, mode: str):
+        self.m, self.mode = m, mode
+        self.g = GraphBuilder(f"optinfer-qwen2-{mode}")
+        self.res_clip = m.res_clip
+
+    # ---------------------------------------------------------------- pieces
+
+    def rmsnorm(self, r: Tensor, p: Norm, name: str) -> Tensor:
+        g, h = self.g, self.m.hidden_size
+        r64 = g.cast(r, np.int64, f"{name}.r")  # (T, H)
+        sq = g.square(r64, f"{name}.sq")  # (T, H)
+        ss = g.reduce_sum(sq, h, f"{name}.ss")  # (T, 1)
+        ms = g.add(g.div(ss, g.scalar(h), f"{name}.mean"), g.scalar(p.eps_q), f"{name}.ms")
+        rms = g.isqrt(ms, f"{name}.rms")  # (T, 1) residual units
+        num = g.mul(r64, g.const(f"{name}.G", p.G), f"{name}.num")  # (T, H)
+        y = g.div(num, rms, f"{name}.y")  # (T, H) output units * 2**shift
+        unit = 1 << p.shift
+        y = g.clip(y, -128 * unit, 127 * unit, f"{name}.clip")
+        y = g.add(y, g.scalar(128 * unit + unit // 2), f"{name}.offset")
+        return g.cast(g.div(y, g.scalar(unit), f"{name}.shift"), np.uint8, name)  # (T, H) u8
+
+    def linear(self, x: Tensor, p: Linear, name: str) -> Tensor:
+        """MatMulInteger plus bias, in int64 accumulator units (not yet rescaled)."""
+        g = self.g
+        acc = g.matmul_integer(x, g.const(f"{name}.W", p.weight), 128, p.weight.shape[0],
+                               f"{name}.acc")
+        acc = g.cast(acc, np.int64, f"{name}.acc64")
+        if p.bias is not None:
+            acc = g.add(acc, g.const(f"{name}.b", p.bias), f"{name}.biased")
+        return acc
+
+    def to_residual(self, acc: Tensor, p: Linear, name: str) -> Tensor:
+        half = self.res_clip // 2
+        return self.g.rescale(acc, p.out.M, p.out.shift, -half, half, name, np.int32)
+
+    def add_residual(self, r: Tensor, delta: Tensor, name: str) -> Tensor:
+        s = self.g.add(r, delta, f"{name}.sum")
+        return self.g.clip(s, -self.res_clip, self.res_clip, name)
+
+    def rope(self, x: Tensor, heads: int, cos: Tensor, sin: Tensor, name: str) -> Tensor:
+        g, hd = self.g, self.m.head_dim
+        x3 = g.reshape(x, [0, heads, hd], f"{name}.heads")  # (T, heads, hd) int64
+        swap = g.ints(np.concatenate([np.arange(hd // 2, hd), np.arange(hd // 2)]), "c.rope.swap")
+        xs = g.gather(x3, swap, f"{name}.swap", axis=2)  # (T, heads, hd)
+        a = g.mul(x3, cos, f"{name}.cos")
+        b = g.mul(xs, sin, f"{name}.sin")
+        return g.add(a, b, f"{name}.rot")  # (T, heads, hd), scale * 2**-14
+
+    # ----------------------------------------------------------------- layers
+
+    def attention(self, i: int, x: Tensor, ctx: dict) -> tuple[Tensor, Tensor, Tensor]:
+        g, m, p = self.g, self.m, self.m.layers[i]
+        n, kv, hd = m.num_heads, m.num_kv_heads, m.head_dim
+        grp = n // kv
+        name = f"L{i}.attn"
+        fix = QK_FIX_CLIP
+        q = g.rescale(self.linear(x, p.q, f"{name}.q"), p.q.out.M, p.q.out.shift, -fix, fix,
+                      f"{name}.q.fix")  # (T, n*hd) int64
+        k = g.rescale(self.linear(x, p.k, f"{name}.k"), p.k.out.M, p.k.out.shift, -fix, fix,
+                      f"{name}.k.fix")  # (T, kv*hd) int64
+        v = g.rescale(self.linear(x, p.v, f"{name}.v"), p.v.out.M, p.v.out.shift, -64, 63,
+                      f"{name}.v.q", np.int8)  # (T, kv*hd) int8
+        q = self.rope(q, n, ctx["cos"], ctx["sin"], f"{name}.q")
+        k = self.rope(k, kv, ctx["cos"], ctx["sin"], f"{name}.k")
+        q = g.rescale(q, p.q_rot.M, p.q_rot.shift, -128, 127, f"{name}.q.u8", np.uint8,
+                      zero_point=128)  # (T, n, hd) u8
+        k = g.rescale(k, p.k_rot.M, p.k_rot.shift, -64, 63, f"{name}.k.q", np.int8)  # (T,kv,hd)
+        q = g.reshape(q, [0, kv, grp, hd], f"{name}.q.groups")  # (T, kv, grp, hd)
+        q = g.transpose(q, [1, 2, 0, 3], f"{name}.q.bhtd")  # (kv, grp, T, hd)
+        k = g.transpose(k, [1, 2, 0], f"{name}.k.bdt")  # (kv, hd, T)
+        k = g.reshape(k, [kv, 1, hd, -1], f"{name}.k.cache")  # (kv, 1, hd, T) int8
+        v = g.reshape(v, [0, kv, hd], f"{name}.v.heads")  # (T, kv, hd)
+        v = g.transpose(v, [1, 0, 2], f"{name}.v.btd")  # (kv, T, hd)
+        v = g.reshape(v, [kv, 1, -1, hd], f"{name}.v.cache")  # (kv, 1, T, hd) int8
+        if self.mode == "decode":
+            k = g.concat([ctx["past_k"][i], k], 3, f"{name}.k.present")  # (kv, 1, hd, S)
+            v = g.concat([ctx["past_v"][i], v], 2, f"{name}.v.present")  # (kv, 1, S, hd)
+        s_max = m.max_context
+        scores = g.matmul_integer(q, k, 128, hd, f"{name}.scores")  # (kv, grp, T, S) int32
+        masked = g.sub(scores, ctx["mask_penalty"], f"{name}.masked")
+        row_max = g.reduce_max(masked, f"{name}.rowmax")  # (kv, grp, T, 1)
+        diff = g.sub(row_max, masked, f"{name}.diff")  # >= 0 on unmasked keys
+        diff = g.assume(diff, 0, diff.hi, "a row's max is >= every entry of the row")
+        idx = g.rescale(diff, p.scores.M, p.scores.shift, 0, EXP_LEN - 1, f"{name}.expidx")
+        idx = g.maximum(idx, ctx["mask_index"], f"{name}.expidx.masked")  # masked -> exp 0
+        e = g.gather(ctx["exp"], idx, f"{name}.exp")  # (kv, grp, T, S) int32
+        total = g.reduce_sum(e, s_max, f"{name}.expsum")  # (kv, grp, T, 1), >= 2**16
+        total = g.assume(total, 1 << EXP_OUT_BITS, total.hi,
+                         "the row max is unmasked (a query sees itself) and has exp index 0")
+        num = g.add(g.mul(e, g.scalar(PROB_MAX, np.int32), f"{name}.pnum"),
+                    g.div(total, g.scalar(2, np.int32), f"{name}.phalf"), f"{name}.pround")
+        prob = g.assume(g.div(num, total, f"{name}.pdiv"), 0, PROB_MAX,
+                        "each exp term is at most the row sum, so e*255/sum + 1/2 < 256")
+        prob = g.cast(prob, np.uint8, f"{name}.prob")
+        att = g.matmul_integer(prob, v, 0, s_max, f"{name}.pv")  # (kv, grp, T, hd) int32
+        att = g.rescale(att, p.attn_out.M, p.attn_out.shift, -128, 127, f"{name}.out.u8",
+                        np.uint8, zero_point=128)
+        att = g.transpose(att, [2, 0, 1, 3], f"{name}.out.tbgd")  # (T, kv, grp, hd)
+        att = g.reshape(att, [-1, n * hd], f"{name}.out")  # (T, n*hd) u8
+        delta = self.to_residual(self.linear(att, p.o, f"{name}.o"), p.o, f"{name}.o.res")
+        return delta, k, v
+
+    def mlp(self, i: int, x: Tensor) -> Tensor:
+        g, p = self.g, self.m.layers[i]
+        name = f"L{i}.mlp"
+        gate = g.rescale(self.linear(x, p.gate, f"{name}.gate"), p.gate.out.M, p.gate.out.shift,
+                         -GATE_CLIP, GATE_CLIP, f"{name}.gate.fix")  # (T, I) 2**-8
+        up = g.rescale(self.linear(x, p.up, f"{name}.up"), p.up.out.M, p.up.out.shift,
+                       -UP_CLIP, UP_CLIP, f"{name}.up.fix")  # (T, I)
+        idx = g.clip(gate, -SIGMOID_RADIUS, SIGMOID_RADIUS, f"{name}.sig.clip")
+        idx = g.add(idx, g.scalar(SIGMOID_RADIUS), f"{name}.sig.idx")
+        sig = g.gather(g.const("c.sigmoid", self.m.sigmoid_table), idx, f"{name}.sig")
+        silu = g.mul(gate, sig, f"{name}.silu")  # (T, I) 2**-23
+        act = g.mul(silu, up, f"{name}.act")  # (T, I)
+        act = g.rescale(act, p.act.M, p.act.shift, -128, 127, f"{name}.act.u8", np.uint8,
+                        zero_point=128)
+        return self.to_residual(self.linear(act, p.down, f"{name}.down"), p.down,
+                                f"{name}.down.res")
+
+    # ------------------------------------------------------------------ graph
+
+    def build(self) -> GraphBuilder:
+        g, m = self.g, self.m
+        ctx: dict = {}
+        vmax, cmax = m.vocab_size - 1, m.max_context
+        if self.mode == "verify":
+            seq = g.input("sequence", np.int64, ["T+1"], 0, max(vmax, cmax))
+            start = g.sub(g.slice(seq, g.ints([0]), 1, 0, "prompt_len"), g.ints([1]), "start")
+            tokens = g.slice(seq, g.ints([1]), INT64_MAX, 0, "tokens")  # (T,)
+            length = g.reshape(g.shape(tokens, cmax, "length.1d"), [], "length")
+            positions = g.range(g.scalar(0), length, "positions")  # (T,)
+            key_positions = positions
+        else:
+            tokens = g.input("tokens", np.int64, ["T"], 0, vmax)
+            positions = g.input("positions", np.int64, ["T"], 0, cmax - 1)
+            kv, hd = m.num_kv_heads, m.head_dim
+            ctx["past_k"] = [g.input(f"past_k.{i}", np.int8, [kv, 1, hd, "P"], -64, 63)
+                             for i in range(len(m.layers))]
+            ctx["past_v"] = [g.input(f"past_v.{i}", np.int8, [kv, 1, "P", hd], -64, 63)
+                             for i in range(len(m.layers))]
+            new_1d = g.shape(tokens, cmax, "length.1d")
+            start = g.sub(new_1d, g.ints([1]), "last")
+            # Keys are the cache (positions 0..P-1) followed by the new tokens.
+            total = g.add(g.reshape(new_1d, [], "new"),
+                          g.reshape(g.gather(g.shape(ctx["past_k"][0], cmax, "past.shape"),
+                                             g.ints(3, "c.i64.3"), "past.len"), [], "past"),
+                          "keys")
+            key_positions = g.range(g.scalar(0), total, "key_positions")
+        # Causal mask, shared by all layers: key j is hidden from query i when j > pos(i).
+        hidden = g.greater(g.reshape(key_positions, [1, -1], "kpos"),
+                           g.reshape(positions, [-1, 1], "qpos"), "mask")  # (T, S) bool
+        ctx["mask_penalty"] = g.mul(g.cast(hidden, np.int32, "mask.i32"),
+                                    g.scalar(MASK_PENALTY, np.int32), "mask.penalty")
+        ctx["mask_index"] = g.mul(g.cast(hidden, np.int64, "mask.i64"), g.scalar(EXP_LEN - 1),
+                                  "mask.index")
+        ctx["exp"] = g.const("c.exp", m.exp_table)
+        ctx["cos"] = g.gather(g.const("c.rope.cos", m.rope_cos), positions, "rope.cos")
+        ctx["sin"] = g.gather(g.const("c.rope.sin", m.rope_sin), positions, "rope.sin")
+
+        # Embedding: int8 rows with a per-row multiplier into residual units.
+        rows = g.gather(g.const("embed.W", m.embed), tokens, "embed.rows")  # (T, H) int8
+        row_m = g.gather(g.const("embed.M", m.embed_M), tokens, "embed.M.rows")  # (T, 1)
+        r = g.cast(rows, np.int64, "embed.i64")
+        r = g.rescale(g.mul(r, row_m, "embed.scaled"), 1, m.embed_shift, -self.res_clip,
+                      self.res_clip, "embed", np.int32)  # (T, H) residual units
+
+        presents = []
+        for i in range(len(m.layers)):
+            x = self.rmsnorm(r, m.layers[i].attn_norm, f"L{i}.attn_norm")
+            delta, k, v = self.attention(i, x, ctx)
+            presents.append((k, v))
+            r = self.add_residual(r, delta, f"L{i}.attn.residual")
+            x = self.rmsnorm(r, m.layers[i].mlp_norm, f"L{i}.mlp_norm")
+            r = self.add_residual(r, self.mlp(i, x), f"L{i}.mlp.residual")
+
+        r = g.slice(r, start, INT64_MAX, 0, "final.rows")  # only the predicted positions
+        x = self.rmsnorm(r, m.final_norm, "final_norm")
+        logits = g.rescale(self.linear(x, m.lm_head, "lm_head"), m.lm_head.out.M,
+                           m.lm_head.out.shift, -(1 << 30), 1 << 30, "logits", np.int32)
+        tokens_out = self.argmax_tree(logits)
+        g.output(tokens_out, ["L"])
+        if self.mode == "decode":
+            for k, v in presents:
+                g.output(k)
+                g.output(v)
+        return g
+
+    def argmax_tree(self, logits: Tensor) -> Tensor:
+        """First index of the max over the vocabulary, as a two-level tree of bounded chunks."""
+        g, vocab = self.g, self.m.vocab_size
+        c = argmax_chunk(vocab)
+        if c == vocab:
+            return g.reshape(g.argmax(logits, vocab, "argmax"), [-1], "next_tokens")
+        n = vocab // c
+        chunks = g.reshape(logits, [-1, n, c], "argmax.chunks")  # (L, n, c)
+        local = g.argmax(chunks, c, "argmax.local")  # (L, n, 1) first max within each chunk
+        best = g.reduce_max(chunks, "argmax.chunkmax")  # (L, n, 1)
+        best = g.reshape(best, [-1, n], "argmax.chunkmax.2d")  # (L, n)
+        chunk = g.argmax(best, n, "argmax.chunk")  # (L, 1) first chunk holding the max
+        local = g.reshape(local, [-1, n], "argmax.local.2d")
+        within = g.gather_elements(local, chunk, 1, "argmax.within")  # (L, 1)
+        base = g.mul(chunk, g.scalar(c), "argmax.base")
+        return g.reshape(g.add(base, within, "argmax.index"), [-1], "next_tokens")
+
+
+def build_graph(m: IntegerQwen2, mode: str = "verify") -> GraphBuilder:
+    """Lay out the integer Qwen2 graph; mode is "verify" (committed) or "decode" (KV cache)."""
+    if mode not in ("verify", "decode"):
+        raise ValueError(f"unknown graph mode {mode!r}")
+    return _Qwen2Builder(m, mode).build()

@@ -1,0 +1,229 @@
+"""Running a converted integer model on ONNX Runtime: generate, verify, trace.
+
+Sessions are configured for determinism: the graph is executed as written (no graph
+optimisation, no node fusion), nodes run sequentially, and the onnxruntime version must be the
+one the model was converted for. The integer ops themselves are exact, so the result does not
+depend on the thread count or the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from optinfer.errors import UserError
+
+PINNED_ONNXRUNTIME = "1.32.0"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Outcome of teacher-forced verification of a claimed output."""
+
+    valid: bool
+    first_mismatch: int | None  # index into the output of the first wrong token
+    reason: str
+
+
+def session_options(threads: int = 1) -> ort.SessionOptions:
+    """ORT options that make a run reproducible: the frozen graph, run sequentially."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.use_deterministic_compute = True
+    so.log_severity_level = 3
+    return so
+
+
+def parse_token_list(text: str, what: str) -> list[int]:
+    """'1,2,3' -> [1, 2, 3], with a clear error for anything else."""
+    try:
+        tokens = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
+    except ValueError:
+        raise UserError(f"{what} must be comma-separated integers, got {text!r}") from None
+    if not tokens:
+        raise UserError(f"{what} is empty")
+    return tokens
+
+
+class IntegerModel:
+    """A converted model directory: manifest, tokenizer and ONNX Runtime sessions."""
+
+    def __init__(self, model_dir: Path | str, threads: int = 1):
+        self.dir = Path(model_dir)
+        manifest_path = self.dir / "manifest.json"
+        if not self.dir.is_dir():
+            raise UserError(f"model directory {self.dir} does not exist")
+        if not manifest_path.is_file():
+            raise UserError(f"{self.dir} is not a converted model (no manifest.json); "
+                            "create one with `optinfer model convert`")
+        self.manifest = json.loads(manifest_path.read_text())
+        if ort.__version__ != self.manifest["onnxruntime"]:
+            raise UserError(f"this model is pinned to onnxruntime {self.manifest['onnxruntime']}, "
+                            f"but {ort.__version__} is installed")
+        if threads < 1:
+            raise UserError(f"threads must be >= 1, got {threads}")
+        self.threads = threads
+        config = self.manifest["config"]
+        self.vocab_size: int = config["vocab_size"]
+        self.eos_ids: tuple[int, ...] = tuple(config["eos_token_ids"])
+        self.max_context: int = self.manifest["max_context"]
+        self.num_layers: int = config["num_layers"]
+        self.num_kv_heads: int = config["num_kv_heads"]
+        self.head_dim: int = config["head_dim"]
+        self._sessions: dict[str, ort.InferenceSession] = {}
+
+    # ------------------------------------------------------------- sessions
+
+    def session(self, kind: str) -> ort.InferenceSession:
+        """The "verify", "decode" or "trace" session, created once."""
+        if kind not in self._sessions:
+            so = session_options(self.threads)
+            if kind == "trace":
+                model = self.trace_graph()
+                so.add_session_config_entry(
+                    "session.model_external_initializers_file_folder_path", str(self.dir))
+                source = model.SerializeToString()
+            else:
+                source = str(self.dir / self.manifest["graphs"][kind])
+            self._sessions[kind] = ort.InferenceSession(source, so,
+                                                        providers=["CPUExecutionProvider"])
+        return self._sessions[kind]
+
+    def verify_graph(self, load_constants: bool = False) -> onnx.ModelProto:
+        path = self.dir / self.manifest["graphs"]["verify"]
+        return onnx.load(str(path), load_external_data=load_constants)
+
+    def trace_graph(self) -> onnx.ModelProto:
+        """The verify graph with every node's output exposed, in node order."""
+        model = self.verify_graph()
+        exposed = {o.name for o in model.graph.output}
+        for node in model.graph.node:
+            for name in node.output:
+                if name not in exposed:
+                    model.graph.output.append(onnx.ValueInfoProto(name=name))
+        return model
+
+    @cached_property
+    def tokenizer(self):
+        from tokenizers import Tokenizer
+
+        path = self.dir / "tokenizer.json"
+        if not path.is_file():
+            raise UserError(f"{self.dir} has no tokenizer.json; pass token ids instead of text")
+        return Tokenizer.from_file(str(path))
+
+    # ---------------------------------------------------------------- checks
+
+    def check_tokens(self, tokens: list[int], what: str) -> None:
+        bad = [t for t in tokens if not 0 <= t < self.vocab_size]
+        if bad:
+            raise UserError(f"{what}: token id {bad[0]} is outside the vocabulary "
+                            f"(0..{self.vocab_size - 1})")
+
+    def check_length(self, length: int, what: str) -> None:
+        if length > self.max_context:
+            raise UserError(f"{what}: {length} tokens exceed the model's context of "
+                            f"{self.max_context}")
+
+    # ------------------------------------------------------------ inference
+
+    def encode(self, text: str) -> list[int]:
+        ids = self.tokenizer.encode(text).ids
+        if not ids:
+            raise UserError("the prompt encodes to no tokens")
+        return ids
+
+    def decode_text(self, tokens: list[int]) -> str:
+        body = tokens[:-1] if tokens and tokens[-1] in self.eos_ids else tokens
+        return self.tokenizer.decode(body, skip_special_tokens=False)
+
+    def generate(self, prompt: list[int], max_tokens: int, on_token=None) -> list[int]:
+        """Greedy decoding with the KV cache; stops after EOS or max_tokens tokens."""
+        self.check_tokens(prompt, "prompt")
+        if max_tokens < 1:
+            raise UserError(f"max tokens must be >= 1, got {max_tokens}")
+        self.check_length(len(prompt) + max_tokens - 1, "prompt plus max tokens")
+        sess = self.session("decode")
+        kv, hd = self.num_kv_heads, self.head_dim
+        past = {}
+        for i in range(self.num_layers):
+            past[f"past_k.{i}"] = np.zeros((kv, 1, hd, 0), np.int8)
+            past[f"past_v.{i}"] = np.zeros((kv, 1, 0, hd), np.int8)
+        out_names = [o.name for o in sess.get_outputs()]
+        feed_tokens, position, output = list(prompt), 0, []
+        while True:
+            n = len(feed_tokens)
+            feeds = {"tokens": np.asarray(feed_tokens, np.int64),
+                     "positions": np.arange(position, position + n, dtype=np.int64), **past}
+            results = sess.run(out_names, feeds)
+            token = int(results[0][-1])
+            for j in range(self.num_layers):
+                past[f"past_k.{j}"] = results[1 + 2 * j]
+                past[f"past_v.{j}"] = results[2 + 2 * j]
+            output.append(token)
+            if on_token:
+                on_token(token)
+            if token in self.eos_ids or len(output) >= max_tokens:
+                return output
+            position += n
+            feed_tokens = [token]
+
+    def sequence(self, prompt: list[int], output: list[int]) -> np.ndarray:
+        """The verify graph's input: [len(prompt)] ++ prompt ++ output[:-1]."""
+        self.check_tokens(prompt, "prompt tokens")
+        self.check_tokens(output, "output tokens")
+        if not prompt or not output:
+            raise UserError("prompt and output must each hold at least one token")
+        self.check_length(len(prompt) + len(output) - 1, "prompt plus output")
+        return np.asarray([len(prompt), *prompt, *output[:-1]], dtype=np.int64)
+
+    def predict(self, prompt: list[int], output: list[int]) -> np.ndarray:
+        """Teacher-forced predictions for every output position, in one pass."""
+        sess = self.session("verify")
+        return sess.run(["next_tokens"], {"sequence": self.sequence(prompt, output)})[0]
+
+    def verify(self, prompt: list[int], output: list[int],
+               max_tokens: int | None = None) -> Verdict:
+        """Is `output` exactly what greedy decoding of `prompt` produces?"""
+        predicted = self.predict(prompt, output)
+        wrong = np.flatnonzero(predicted != np.asarray(output, np.int64))
+        if wrong.size:
+            i = int(wrong[0])
+            return Verdict(False, i, f"token {i} is {output[i]}, the model gives {predicted[i]}")
+        # Greedy decoding stops at the first EOS: an EOS before the end makes the claim invalid.
+        early_eos = [i for i, t in enumerate(output[:-1]) if t in self.eos_ids]
+        if early_eos:
+            return Verdict(False, early_eos[0] + 1, "output continues after EOS")
+        if max_tokens is not None:
+            if len(output) > max_tokens:
+                return Verdict(False, max_tokens, f"output longer than max tokens {max_tokens}")
+            if output[-1] not in self.eos_ids and len(output) < max_tokens:
+                return Verdict(False, None, "output stops before EOS and before max tokens")
+        return Verdict(True, None, "ok")
+
+    def state_root(self, prompt: list[int], output: list[int]) -> tuple[int, bytes]:
+        """Node count N and state root S_N of the verification trace (docs/protocol.md)."""
+        from optinfer.prover.commitments import StateTree, tensor_root
+
+        sequence, outputs = self.trace(prompt, output)
+        tree = StateTree()
+        tree.append(tensor_root(sequence))
+        for tensor in outputs:
+            tree.append(tensor_root(tensor))
+        return len(outputs), tree.root()
+
+    def trace(self, prompt: list[int], output: list[int]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The verify graph's input and every node output, in node order (nodes 1..N)."""
+        sequence = self.sequence(prompt, output)
+        sess = self.session("trace")
+        names = [node.output[0] for node in self.verify_graph().graph.node]
+        return sequence, sess.run(names, {"sequence": sequence})
