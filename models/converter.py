@@ -89,7 +89,7 @@ def read_calibration(path: Path, tokenizer_path: Path, vocab_size: int) -> list[
     return sequences
 
 
-def default_calibration(spec: Qwen2Spec, count: int = 8, length: int = 64) -> list[list[int]]:
+def default_calibration(spec: Qwen2Spec, count: int = 4, length: int = 32) -> list[list[int]]:
     """Seeded random token sequences: a neutral default when no calibration file is given."""
     rng = np.random.default_rng(0)
     return [rng.integers(0, spec.vocab_size, size=length).tolist() for _ in range(count)]
@@ -189,17 +189,27 @@ class _Quantizer:
         )
 
     def embedding(self, table: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-        table = np.asarray(table, np.float64)
-        row_scale = np.maximum(np.abs(table).max(axis=1), 1e-12) / 127
-        q = np.clip(np.rint(table / row_scale[:, None]), -127, 127).astype(np.int8)
+        # Embedding rows are gathered, never multiplied: a full 8-bit range is safe here.
+        q, row_scale = quant.quantize_rows(table, 127, -127)
+        row_scale = np.maximum(row_scale, 1e-12)
         big_m, shift = quant.choose_multiplier(row_scale / self.s_res, 127, self.res_clip)
         return q, big_m.reshape(-1, 1), shift
 
     def head(self, final_gamma: np.ndarray, lm_head: np.ndarray) -> tuple[Norm, Linear]:
+        """Final norm, and an lm_head whose logits are acc * M exactly, in int32 (no shift).
+
+        M_c is proportional to channel c's weight scale, so acc * M_c orders the vocabulary like
+        the real logits. M gets as many bits as keep |acc * M| in int32, where |acc| is bounded
+        by 128 times the largest absolute column sum of the int8 weights (the graph builder
+        proves the same bound).
+        """
         s_final = quant.activation_scale(self._amax("final_in"))
-        s_logit = self._amax("logits") / 2**28
-        return self.norm(final_gamma, s_final), self.linear(lm_head, None, s_final, s_logit,
-                                                             1 << 30)
+        ql = quant.quantize_linear(lm_head)
+        acc_bound = 128 * int(np.abs(ql.weight.astype(np.int64)).sum(axis=0).max())
+        m_bits = 31 - quant.bits(acc_bound)
+        big_m = np.maximum(np.rint(ql.scale / ql.scale.max() * 2.0**m_bits), 1).astype(np.int32)
+        return self.norm(final_gamma, s_final), Linear(weight=ql.weight, bias=None,
+                                                       out=Requant(M=big_m, shift=0))
 
 
 def quantize(spec: Qwen2Spec, reader: WeightReader, stats: CalibrationStats, max_context: int,
@@ -229,21 +239,34 @@ def quantize(spec: Qwen2Spec, reader: WeightReader, stats: CalibrationStats, max
 # ----------------------------------------------------------------------- output
 
 
-def save_graphs(verify: onnx.ModelProto, decode: onnx.ModelProto, out_dir: Path) -> None:
-    """Write both graphs; large constants go once into CONSTANTS_FILE, shared by both."""
+def save_graphs(verify_builder, decode_builder, out_dir: Path) -> onnx.ModelProto:
+    """Write both graphs; large constants go once into CONSTANTS_FILE, shared by both.
+
+    Returns the saved verify graph, whose large constants now refer to the constants file.
+    """
+    verify = verify_builder.model()
     onnx.save_model(verify, str(out_dir / VERIFY_GRAPH), save_as_external_data=True,
                     all_tensors_to_one_file=True, location=CONSTANTS_FILE,
                     size_threshold=INLINE_CONSTANT_BYTES, convert_attribute=False)
-    # After saving, `verify`'s large initializers point into the constants file; the decode graph
-    # reuses those references instead of writing the bytes a second time.
+    # The decode graph reuses the verify graph's references into the constants file instead of
+    # writing the bytes a second time.
     external = {t.name: t for t in verify.graph.initializer
                 if t.data_location == onnx.TensorProto.EXTERNAL}
+    decode = decode_builder.model(reuse=external)
     for t in decode.graph.initializer:
-        if t.name in external:
-            t.CopyFrom(external[t.name])
-        elif len(t.raw_data) > INLINE_CONSTANT_BYTES:
+        if t.name not in external and len(t.raw_data) > INLINE_CONSTANT_BYTES:
             raise ValueError(f"decode-only constant {t.name} is large; it would be duplicated")
     onnx.save_model(decode, str(out_dir / DECODE_GRAPH))
+    return verify
+
+
+def _make_readable(directory: Path) -> None:
+    """mkdtemp makes a private directory; the model is meant to be shared like any file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for path in directory.iterdir():
+        path.chmod(0o666 & ~umask)
 
 
 def convert(checkpoint_dir: Path, out_dir: Path, calibration: Path | None = None,
@@ -277,22 +300,22 @@ def convert(checkpoint_dir: Path, out_dir: Path, calibration: Path | None = None
                       progress and (lambda f, msg: progress(0.3 + 0.4 * f, msg)))
     if progress:
         progress(0.75, "building graphs")
-    verify_builder = build_graph(qmodel, "verify")
-    verify, decode = verify_builder.model(), build_graph(qmodel, "decode").model()
+    verify_builder, decode_builder = build_graph(qmodel, "verify"), build_graph(qmodel, "decode")
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         if progress:
             progress(0.8, "writing graphs")
-        save_graphs(verify, decode, staging)
+        verify = save_graphs(verify_builder, decode_builder, staging)
         if tokenizer.is_file():
             shutil.copyfile(tokenizer, staging / "tokenizer.json")
         if progress:
             progress(0.9, "committing")
-        manifest = build_manifest(spec, qmodel, verify_builder, staging, calibration_desc,
-                                  stats)
+        manifest = build_manifest(spec, max_context, verify, verify_builder, staging,
+                                  calibration_desc, stats)
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        _make_readable(staging)
         if out_dir.exists():
             out_dir.rmdir()  # empty, checked above
         os.replace(staging, out_dir)

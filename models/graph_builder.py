@@ -152,6 +152,10 @@ class GraphBuilder:
         zp = self.scalar(a_zero_point, np.uint8)
         a_mag = max(abs(a.lo - a_zero_point), abs(a.hi - a_zero_point))
         bound = k * a_mag * b.magnitude
+        weights = self.constants.get(b.name)
+        if weights is not None and weights.ndim == 2:
+            # A constant B bounds each output column by its own absolute sum.
+            bound = a_mag * int(np.abs(weights.astype(np.int64)).sum(axis=0).max())
         return self._node("MatMulInteger", [a, b, zp], hint, np.int32, -bound, bound)
 
     def cast(self, x: Tensor, dtype, hint: str | None = None) -> Tensor:
@@ -310,9 +314,15 @@ class GraphBuilder:
 
     # ------------------------------------------------------------------ model
 
-    def model(self) -> onnx.ModelProto:
-        """The ONNX model with every constant as an initializer."""
-        inits = [numpy_helper.from_array(arr, name) for name, arr in self.constants.items()]
+    def model(self, reuse: dict[str, onnx.TensorProto] | None = None) -> onnx.ModelProto:
+        """The ONNX model with every constant as an initializer.
+
+        `reuse` maps constant names to already-built initializers (e.g. references into an
+        external data file) to use instead of serialising the numpy value again.
+        """
+        reuse = reuse or {}
+        inits = [reuse[name] if name in reuse else numpy_helper.from_array(arr, name)
+                 for name, arr in self.constants.items()]
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, inits)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)],
                                   producer_name="optinfer")

@@ -142,8 +142,13 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def build_manifest(spec, qmodel, builder, out_dir: Path, calibration: dict, stats) -> dict:
-    """Everything a runtime or a verifier needs to know about the converted model."""
+def build_manifest(spec, max_context: int, verify: onnx.ModelProto, builder, out_dir: Path,
+                   calibration: dict, stats) -> dict:
+    """Everything a runtime or a verifier needs to know about the converted model.
+
+    `verify` is the saved verify graph (its large constants already external, so shape
+    inference does not serialise the weights); `builder.constants` holds their values.
+    """
     from optinfer.models.converter import (
         CONSTANTS_FILE,
         DECODE_GRAPH,
@@ -151,9 +156,8 @@ def build_manifest(spec, qmodel, builder, out_dir: Path, calibration: dict, stat
         VERIFY_GRAPH,
     )
 
-    verify = builder.model()
     commitment = model_commitment(verify, builder.constants)
-    statistics = graph_statistics(verify, qmodel.max_context + 1, builder.constants)
+    statistics = graph_statistics(verify, max_context + 1, builder.constants)
     if statistics["op_set_violations"]:
         raise ValueError("graph outside the op set: " + "; ".join(
             statistics["op_set_violations"][:5]))
@@ -166,7 +170,7 @@ def build_manifest(spec, qmodel, builder, out_dir: Path, calibration: dict, stat
         "opset_version": opset.OPSET_VERSION,
         "onnx_opset": opset.ONNX_OPSET,
         "onnxruntime": ORT_VERSION,
-        "max_context": qmodel.max_context,
+        "max_context": max_context,
         "config": asdict(spec),
         "graphs": {"verify": VERIFY_GRAPH, "decode": DECODE_GRAPH},
         "constants_file": CONSTANTS_FILE,

@@ -39,12 +39,29 @@ class QuantizedLinear:
     bias: np.ndarray | None  # (out,) float64, real units
 
 
+ROWS_PER_CHUNK = 4096  # bounds the float temporaries of big matrices (embedding, lm_head)
+
+
+def quantize_rows(w: np.ndarray, qmax: int, qmin: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-row quantisation: (q int8, scale float64) with w[r] ~= q[r] * scale[r].
+
+    Works through the rows in chunks, so a 151936 x 1536 matrix needs no full-size float64 copy.
+    """
+    w = np.asarray(w)
+    q = np.empty(w.shape, np.int8)
+    scale = np.empty(w.shape[0], np.float64)
+    for start in range(0, w.shape[0], ROWS_PER_CHUNK):
+        rows = np.asarray(w[start:start + ROWS_PER_CHUNK], dtype=np.float64)
+        amax = np.abs(rows).max(axis=1)
+        s = np.where(amax > 0, amax / qmax, 1.0)
+        scale[start:start + len(rows)] = s
+        q[start:start + len(rows)] = np.clip(np.rint(rows / s[:, None]), qmin, qmax)
+    return q, scale
+
+
 def quantize_linear(w: np.ndarray, b: np.ndarray | None = None) -> QuantizedLinear:
     """Per-output-channel symmetric 7-bit quantisation of a torch-layout (out, in) weight."""
-    w = np.asarray(w, dtype=np.float64)
-    amax = np.abs(w).max(axis=1)
-    scale = np.where(amax > 0, amax / WEIGHT_MAX, 1.0)
-    q = np.clip(np.rint(w / scale[:, None]), WEIGHT_MIN, WEIGHT_MAX).astype(np.int8)
+    q, scale = quantize_rows(w, WEIGHT_MAX, WEIGHT_MIN)
     bias = None if b is None else np.asarray(b, dtype=np.float64)
     return QuantizedLinear(weight=np.ascontiguousarray(q.T), scale=scale, bias=bias)
 

@@ -109,7 +109,7 @@ class IntegerQwen2:
     embed_shift: int
     layers: list[Layer]
     final_norm: Norm
-    lm_head: Linear  # -> int32 logits on one common scale
+    lm_head: Linear  # logits = acc * M exactly (out.shift unused, 0): int32, one common scale
     exp_table: np.ndarray  # (EXP_LEN,) int32
     sigmoid_table: np.ndarray  # (2*SIGMOID_RADIUS+1,) int64
     rope_cos: np.ndarray  # (max_context, 1, head_dim) int64
@@ -311,8 +311,11 @@ class _Qwen2Builder:
 
         r = g.slice(r, start, INT64_MAX, 0, "final.rows")  # only the predicted positions
         x = self.rmsnorm(r, m.final_norm, "final_norm")
-        logits = g.rescale(self.linear(x, m.lm_head, "lm_head"), m.lm_head.out.M,
-                           m.lm_head.out.shift, -(1 << 30), 1 << 30, "logits", np.int32)
+        # Logits only need the right order: acc * M_c (M_c proportional to the channel's weight
+        # scale) is exact in int32 and needs no rounding shift over the whole vocabulary.
+        acc = g.matmul_integer(x, g.const("lm_head.W", m.lm_head.weight), 128,
+                               m.lm_head.weight.shape[0], "lm_head.acc")  # (L, V) int32
+        logits = g.mul(acc, g.const("lm_head.M", m.lm_head.out.M), "logits")  # (L, V) int32
         tokens_out = self.argmax_tree(logits)
         g.output(tokens_out, ["L"])
         if self.mode == "decode":

@@ -146,8 +146,13 @@ class IntegerModel:
         body = tokens[:-1] if tokens and tokens[-1] in self.eos_ids else tokens
         return self.tokenizer.decode(body, skip_special_tokens=False)
 
-    def generate(self, prompt: list[int], max_tokens: int, on_token=None) -> list[int]:
-        """Greedy decoding with the KV cache; stops after EOS or max_tokens tokens."""
+    def generate(self, prompt: list[int], max_tokens: int, on_token=None,
+                 stop_at_eos: bool = True) -> list[int]:
+        """Greedy decoding with the KV cache; stops after EOS or max_tokens tokens.
+
+        on_token(token) is called as each token is produced. stop_at_eos=False (benchmarks)
+        always produces max_tokens tokens.
+        """
         self.check_tokens(prompt, "prompt")
         if max_tokens < 1:
             raise UserError(f"max tokens must be >= 1, got {max_tokens}")
@@ -172,7 +177,7 @@ class IntegerModel:
             output.append(token)
             if on_token:
                 on_token(token)
-            if token in self.eos_ids or len(output) >= max_tokens:
+            if (stop_at_eos and token in self.eos_ids) or len(output) >= max_tokens:
                 return output
             position += n
             feed_tokens = [token]

@@ -105,9 +105,9 @@ def verify(
     """Teacher-forced verification of a claimed output in one pass."""
     from optinfer.models.runtime import parse_token_list
 
-    m = load_model(model, threads)
-    verdict = m.verify(parse_token_list(prompt_tokens, "--prompt-tokens"),
-                       parse_token_list(output_tokens, "--output-tokens"), max_tokens)
+    prompt = parse_token_list(prompt_tokens, "--prompt-tokens")
+    output = parse_token_list(output_tokens, "--output-tokens")
+    verdict = load_model(model, threads).verify(prompt, output, max_tokens)
     emit({"valid": verdict.valid, "first_mismatch": verdict.first_mismatch,
           "reason": verdict.reason}, as_json,
          lambda d: out.print("valid" if d["valid"] else f"INVALID: {d['reason']}"))
@@ -126,9 +126,9 @@ def trace(
     """Run the verify graph and commit to every node's output (the dispute trace)."""
     from optinfer.models.runtime import parse_token_list
 
-    m = load_model(model, threads)
-    nodes, root = m.state_root(parse_token_list(prompt_tokens, "--prompt-tokens"),
-                               parse_token_list(output_tokens, "--output-tokens"))
+    prompt = parse_token_list(prompt_tokens, "--prompt-tokens")
+    output = parse_token_list(output_tokens, "--output-tokens")
+    nodes, root = load_model(model, threads).state_root(prompt, output)
     emit({"nodes": nodes, "state_root": "0x" + root.hex()}, as_json,
          lambda d: out.print(f"{d['nodes']} nodes, state root {d['state_root']}"))
 

@@ -153,3 +153,29 @@ def test_failed_conversion_leaves_no_output(random_checkpoint, tmp_path):
         convert(broken, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["broken"]
+
+
+def test_model_root_recomputes_from_the_files_on_disk(random_model, model):
+    from onnx import numpy_helper
+
+    from optinfer.models.manifest import model_commitment
+
+    graph = onnx.load(str(random_model / "model.onnx"))  # constants loaded from weights.bin
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.graph.initializer}
+    commitment = model_commitment(graph, constants)
+    assert "0x" + commitment["model_root"].hex() == model.manifest["model_root"]
+    assert "0x" + commitment["nodes_root"].hex() == model.manifest["nodes_root"]
+
+
+def test_node_description_layout():
+    from onnx import helper
+
+    from optinfer.models.manifest import node_description
+
+    node = helper.make_node("ReduceSum", ["x", "axes"], ["y"], keepdims=1)
+    raw = node_description(node, {"x": 7}, {"axes": 3})
+    code = opset.OP_ORDER.index("ReduceSum") + 1
+    assert raw == (code.to_bytes(2, "big") + bytes([2])
+                   + bytes([0]) + (7).to_bytes(4, "big")
+                   + bytes([1]) + (3).to_bytes(4, "big")
+                   + bytes([1]) + bytes([2, 1]) + (1).to_bytes(8, "big", signed=True))

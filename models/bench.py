@@ -1,0 +1,231 @@
+"""`optinfer bench inference`: the integer model against float32 at R1-Distill-1.5B shape.
+
+Each runtime is measured in its own subprocess (`python -m optinfer.models.bench KIND ...`),
+so that its peak RSS is its own and one runtime's memory never slows another. Figures are
+ratios measured in one run on one machine with the same thread count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+
+BENCH_CONTEXT = 1024
+FLOAT_TOKENS = 24  # float baselines decode fewer tokens: their per-token rate is what counts
+
+
+def _peak_rss_bytes() -> int:
+    """Peak resident set of this process image (VmHWM; ru_maxrss survives exec on Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _prompt(length: int, vocab: int) -> list[int]:
+    return np.random.default_rng(0).integers(0, vocab, size=length).tolist()
+
+
+# ----------------------------------------------------------------- workers
+
+
+def integer_worker(model_dir: Path, threads: int, prompt_len: int, tokens: int) -> dict:
+    from optinfer.models.runtime import IntegerModel
+
+    m = IntegerModel(model_dir, threads=threads)
+    prompt = _prompt(prompt_len, m.vocab_size)
+    m.generate(prompt, 2, stop_at_eos=False)  # load the decode session, warm the caches
+    stamps: list[float] = []
+    start = time.perf_counter()
+    output = m.generate(prompt, tokens, stop_at_eos=False,
+                        on_token=lambda _: stamps.append(time.perf_counter()))
+    generate_s = stamps[-1] - start
+    m.predict(prompt, output[:2])  # load the verify session
+    start = time.perf_counter()
+    predicted = m.predict(prompt, output)
+    verify_s = time.perf_counter() - start
+    if predicted.tolist() != output:
+        raise RuntimeError("teacher-forced pass disagrees with KV-cache decoding")
+    return {"decode_tokens_per_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
+            "generate_s": generate_s, "verify_s": verify_s, "tokens": len(output),
+            "peak_rss_bytes": _peak_rss_bytes()}
+
+
+def ort_float_worker(float_path: Path, threads: int, prompt_len: int, tokens: int) -> dict:
+    import onnxruntime as ort
+
+    from optinfer.models.checkpoint import read_spec
+
+    spec = read_spec(float_path.parent.parent / "checkpoint")
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    sess = ort.InferenceSession(str(float_path), so, providers=["CPUExecutionProvider"])
+    kv, hd = spec.num_kv_heads, spec.head_dim
+    past = {}
+    for i in range(spec.num_layers):
+        past[f"past_k.{i}"] = np.zeros((kv, 1, 0, hd), np.float32)
+        past[f"past_v.{i}"] = np.zeros((kv, 1, 0, hd), np.float32)
+    feed, position, stamps = _prompt(prompt_len, spec.vocab_size), 0, []
+    for _ in range(tokens):
+        out = sess.run(None, {"tokens": np.asarray(feed, np.int64),
+                              "positions": np.arange(position, position + len(feed)), **past})
+        stamps.append(time.perf_counter())
+        for i in range(spec.num_layers):
+            past[f"past_k.{i}"], past[f"past_v.{i}"] = out[1 + 2 * i], out[2 + 2 * i]
+        position += len(feed)
+        feed = [int(out[0][-1])]
+    return {"decode_tokens_per_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
+            "peak_rss_bytes": _peak_rss_bytes()}
+
+
+def torch_worker(checkpoint: Path, threads: int, prompt_len: int, tokens: int) -> dict:
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    torch.set_num_threads(threads)
+    model = Qwen2ForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32)
+    model.eval()
+    ids = torch.tensor([_prompt(prompt_len, model.config.vocab_size)])
+
+    def timed(n: int) -> float:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                           pad_token_id=0)
+        return time.perf_counter() - start
+
+    timed(2)  # warm-up
+    prefill = timed(1)
+    total = timed(tokens)
+    return {"decode_tokens_per_s": (tokens - 1) / (total - prefill),
+            "peak_rss_bytes": _peak_rss_bytes()}
+
+
+# ------------------------------------------------------------------ driver
+
+
+def copy_bandwidth(size_bytes: int = 1 << 29, repeats: int = 5) -> float:
+    """Bytes copied per second by a large memcpy (best of `repeats`).
+
+    This counts each byte once (as `mbw` does); STREAM's "Copy" counts read plus write, twice
+    this figure. A decode step only reads its weights, so bytes copied per second is the
+    matching unit.
+    """
+    src = np.ones(size_bytes, np.uint8)
+    dst = np.ones_like(src)  # touch every page before timing
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - start)
+    return size_bytes / best
+
+
+def weight_bytes_per_token(config: dict) -> int:
+    """int8 weight bytes one decode step reads: every linear, the lm_head, one embedding row."""
+    h, i = config["hidden_size"], config["intermediate_size"]
+    q, kv = config["num_heads"] * config["head_dim"], config["num_kv_heads"] * config["head_dim"]
+    per_layer = h * q + 2 * h * kv + q * h + 3 * h * i
+    return config["num_layers"] * per_layer + config["vocab_size"] * h + h
+
+
+def _run_worker(kind: str, *args) -> dict:
+    cmd = [sys.executable, "-m", "optinfer.models.bench", kind, *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{kind} benchmark failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def prepare(workdir: Path, layers: int, log) -> tuple[Path, Path, Path]:
+    """Random R1-Distill-1.5B-shape checkpoint, its integer model and float32 twin (cached)."""
+    from optinfer.models.checkpoint import write_random_checkpoint
+    from optinfer.models.converter import convert
+    from optinfer.models.float_onnx import FLOAT_GRAPH, write_float_model
+
+    checkpoint, integer, floats = workdir / "checkpoint", workdir / "integer", workdir / "float"
+    if not (checkpoint / "config.json").is_file():
+        log(f"writing a random R1-Distill-1.5B-shape checkpoint ({layers} layers) to {workdir}")
+        write_random_checkpoint(checkpoint, preset="r1-distill-1.5b", num_layers=layers)
+    if not (integer / "manifest.json").is_file():
+        log("converting to the integer model")
+        convert(checkpoint, integer, max_context=BENCH_CONTEXT)
+    if not (floats / FLOAT_GRAPH).is_file():
+        log("writing the float32 ONNX twin")
+        write_float_model(checkpoint, floats, BENCH_CONTEXT)
+    return checkpoint, integer, floats / FLOAT_GRAPH
+
+
+def bench_inference(layers: int = 28, tokens: int = 256, prompt_len: int = 32, threads: int = 2,
+                    workdir: Path | None = None, log=print) -> dict:
+    from optinfer.errors import UserError
+
+    if prompt_len + tokens > BENCH_CONTEXT:
+        raise UserError(f"prompt + tokens must be at most {BENCH_CONTEXT}")
+    if not 1 <= layers <= 28:
+        raise UserError("--layers must be in 1..28")
+    workdir = workdir or Path.home() / ".cache" / "optinfer" / f"r1-distill-1.5b-{layers}l"
+    checkpoint, integer, float_path = prepare(Path(workdir), layers, log)
+    config = json.loads((integer / "manifest.json").read_text())["config"]
+
+    log(f"integer model: {tokens} tokens after a {prompt_len}-token prompt, {threads} threads")
+    ours = _run_worker("integer", integer, threads, prompt_len, tokens)
+    float_tokens = min(tokens, FLOAT_TOKENS)
+    log(f"float32 ONNX Runtime: {float_tokens} tokens")
+    ort_fp32 = _run_worker("ort-float", float_path, threads, prompt_len, float_tokens)
+    log(f"float32 torch (transformers): {float_tokens} tokens")
+    torch_fp32 = _run_worker("torch", checkpoint, threads, prompt_len, float_tokens)
+    bandwidth = copy_bandwidth()
+    per_token = weight_bytes_per_token(config)
+    bound = bandwidth / per_token
+    return {
+        "model": f"R1-Distill-Qwen-1.5B shape, random weights, {layers} layers",
+        "threads": threads, "prompt_tokens": prompt_len, "generated_tokens": ours["tokens"],
+        "decode_tokens_per_s": ours["decode_tokens_per_s"],
+        "ort_fp32_decode_tokens_per_s": ort_fp32["decode_tokens_per_s"],
+        "torch_fp32_decode_tokens_per_s": torch_fp32["decode_tokens_per_s"],
+        "decode_speedup_vs_ort_fp32": ours["decode_tokens_per_s"]
+        / ort_fp32["decode_tokens_per_s"],
+        "decode_speedup_vs_torch_fp32": ours["decode_tokens_per_s"]
+        / torch_fp32["decode_tokens_per_s"],
+        "generate_s": ours["generate_s"], "verify_s": ours["verify_s"],
+        "verify_over_generate": ours["verify_s"] / ours["generate_s"],
+        "weight_bytes_per_token": per_token, "copy_bandwidth_bytes_per_s": bandwidth,
+        "bandwidth_bound_tokens_per_s": bound,
+        "bandwidth_fraction": ours["decode_tokens_per_s"] / bound,
+        "peak_rss_bytes": ours["peak_rss_bytes"],
+        "ort_fp32_peak_rss_bytes": ort_fp32["peak_rss_bytes"],
+        "torch_fp32_peak_rss_bytes": torch_fp32["peak_rss_bytes"],
+        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(),
+                    "python": platform.python_version()},
+        "date": date.today().isoformat(),
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+if __name__ == "__main__":
+    kind, target, threads_arg, prompt_arg, tokens_arg = sys.argv[1:6]
+    worker = {"integer": integer_worker, "ort-float": ort_float_worker,
+              "torch": torch_worker}[kind]
+    result = worker(Path(target), int(threads_arg), int(prompt_arg), int(tokens_arg))
+    print(json.dumps(result))

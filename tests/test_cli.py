@@ -1,0 +1,88 @@
+"""The `optinfer` command line, run as a user runs it: a subprocess, JSON on stdout."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+OPTINFER = str(Path(sys.executable).parent / "optinfer")
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([OPTINFER, *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+
+
+def cli_json(*args: str) -> dict:
+    proc = cli(*args, "--json")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+@pytest.fixture(scope="module")
+def claim(random_model) -> tuple[str, list[int]]:
+    """A prompt and the output the model really produces for it."""
+    from optinfer.models.runtime import IntegerModel
+
+    prompt = [4, 8, 15, 16, 23, 42]
+    return ",".join(map(str, prompt)), IntegerModel(random_model).generate(prompt, 8)
+
+
+def test_verify_accepts_the_real_output_and_rejects_a_forgery(random_model, claim):
+    prompt, output = claim
+    ok = cli_json("verify", "--model", random_model, "--prompt-tokens", prompt,
+                  "--output-tokens", ",".join(map(str, output)))
+    assert ok["valid"] is True and ok["first_mismatch"] is None
+    forged = list(output)
+    forged[-1] = (forged[-1] + 1) % 96
+    bad = cli_json("verify", "--model", random_model, "--prompt-tokens", prompt,
+                   "--output-tokens", ",".join(map(str, forged)))
+    assert bad == {"valid": False, "first_mismatch": len(output) - 1, "reason": bad["reason"]}
+
+
+def test_trace_root_is_the_same_with_one_and_two_threads(random_model, claim):
+    prompt, output = claim
+    args = ("trace", "--model", random_model, "--prompt-tokens", prompt, "--output-tokens",
+            ",".join(map(str, output)))
+    one, two = cli_json(*args, "--threads", "1"), cli_json(*args, "--threads", "2")
+    manifest = json.loads((random_model / "manifest.json").read_text())
+    assert one == two
+    assert one["nodes"] == manifest["nodes"]
+    assert one["state_root"].startswith("0x") and len(one["state_root"]) == 66
+
+
+def test_inspect_reports_the_manifest_figures(random_model):
+    info = cli_json("model", "inspect", random_model)
+    manifest = json.loads((random_model / "manifest.json").read_text())
+    assert info["model_root"] == manifest["model_root"]
+    assert info["float_tensors"] == 0
+    assert info["nodes"] == sum(info["ops"].values())
+    assert 0 < info["max_fan_in_bytes"] <= 32 * 1024
+
+
+@pytest.mark.parametrize("args, message", [
+    (("verify", "--prompt-tokens", "1,2", "--output-tokens", "3", "--model", "/nonexistent"),
+     "does not exist"),
+    (("verify", "--prompt-tokens", "1,x", "--output-tokens", "3"), "comma-separated"),
+    (("model", "convert", "/nonexistent", "-o", "/tmp/never-written"), "not found"),
+])
+def test_user_mistakes_give_one_line_and_a_nonzero_exit(args, message):
+    proc = cli(*args)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_bad_tokens_and_long_prompts_are_refused(random_model):
+    out_of_vocab = cli("verify", "--model", random_model, "--prompt-tokens", "1,96",
+                       "--output-tokens", "3")
+    assert out_of_vocab.returncode == 2 and "outside the vocabulary" in out_of_vocab.stderr
+    long_prompt = ",".join(["1"] * 200)
+    too_long = cli("verify", "--model", random_model, "--prompt-tokens", long_prompt,
+                   "--output-tokens", "3")
+    assert too_long.returncode == 2 and "context" in too_long.stderr
+    assert "Traceback" not in out_of_vocab.stderr + too_long.stderr
