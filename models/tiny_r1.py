@@ -41,6 +41,11 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from optinfer.errors import UserError
 
+TINY_R1_DIR = Path(__file__).resolve().parent / "tiny-r1"
+FLOAT_DIR = TINY_R1_DIR / "float"  # the committed float checkpoint
+INTEGER_DIR = TINY_R1_DIR / "integer"  # its committed integer conversion
+CALIBRATION_FILE = TINY_R1_DIR / "calibration.txt"  # what the conversion was calibrated on
+
 # --------------------------------------------------------------------------------------------
 # Synthetic problems
 # --------------------------------------------------------------------------------------------
@@ -492,3 +497,30 @@ def float_generate_fn(checkpoint_dir: Path) -> GenerateFn:
         return ids[len(prompt_ids) :]
 
     return generate
+
+
+# --------------------------------------------------------------------------------------------
+# Conversion to the integer model
+# --------------------------------------------------------------------------------------------
+
+CALIBRATION_SAMPLES = 64
+
+
+def write_calibration_file(path: Path, samples: int = CALIBRATION_SAMPLES, seed: int = 0) -> None:
+    """Training-distribution problems (prompt, trace, answer, EOS), one per line, as text."""
+    rng = random.Random(f"calibration/{seed}")
+    lines = []
+    for _ in range(samples):
+        problem = make_problem(rng)
+        lines.append(problem.prompt + problem.completion + EOS_TOKEN)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def convert_tiny(float_dir: Path = FLOAT_DIR, out_dir: Path = INTEGER_DIR,
+                 calibration: Path = CALIBRATION_FILE, progress=None) -> dict:
+    """Convert a tiny-r1 checkpoint with its calibration file (written if missing)."""
+    from optinfer.models.converter import convert
+
+    if not calibration.is_file():
+        write_calibration_file(calibration)
+    return convert(float_dir, out_dir, calibration, progress=progress)

@@ -186,6 +186,24 @@ def model_train_tiny(
     emit(metrics, as_json, lambda d: out.print_json(data=d))
 
 
+@model_app.command("fidelity")
+def model_fidelity(
+    problems: Annotated[int, typer.Option("--problems", help="Held-out problems.")] = 200,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    float_dir: Annotated[Path | None, typer.Option("--float", help="Float checkpoint.")] = None,
+    model: ModelDir = None,
+    as_json: AsJson = False,
+) -> None:
+    """tiny-r1: accuracy of the float and integer models, and their token agreement."""
+    from optinfer.models.fidelity import measure_fidelity
+    from optinfer.models.tiny_r1 import FLOAT_DIR
+
+    with progress_bar("fidelity", enabled=True) as progress:
+        result = measure_fidelity(float_dir or FLOAT_DIR, model or default_model_dir(),
+                                  problems, seed, progress)
+    emit(result, as_json, lambda d: out.print_json(data=d))
+
+
 @model_app.command("random-r1")
 def model_random_r1(
     out_dir: Annotated[Path, typer.Option("-o", "--out", help="Directory to create.")],
