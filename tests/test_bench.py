@@ -1,0 +1,39 @@
+"""The inference benchmark's machinery, on a small random checkpoint (no timing asserted)."""
+
+from __future__ import annotations
+
+import shutil
+
+import onnx
+from onnx import numpy_helper
+
+from optinfer.models import bench
+
+
+def test_workers_measure_every_runtime_and_the_json_has_the_issue_keys(
+        random_checkpoint, random_model, tmp_path):
+    workdir = tmp_path / "bench"
+    shutil.copytree(random_checkpoint, workdir / "checkpoint")
+    float_path = bench.float_twin(workdir, log=lambda *_: None)
+    result = bench.measure(workdir / "checkpoint", random_model, float_path, tokens=6,
+                           prompt_len=5, threads=1, log=lambda *_: None)
+    for key in ("decode_speedup_vs_ort_fp32", "decode_speedup_vs_torch_fp32",
+                "verify_over_generate", "bandwidth_fraction", "peak_rss_bytes"):
+        assert result[key] > 0, key
+    assert result["generated_tokens"] == 6
+    # Each runtime was measured in its own process: the float ones hold more weight bytes.
+    assert result["peak_rss_bytes"] != result["torch_fp32_peak_rss_bytes"]
+
+
+def test_weight_bytes_per_token_counts_every_matrix_once(random_model):
+    import json
+
+    manifest = json.loads((random_model / "manifest.json").read_text())
+    graph = onnx.load(str(random_model / "model.onnx"))
+    consts = {t.name: numpy_helper.to_array(t) for t in graph.graph.initializer}
+    matmul_weights = {n.input[1] for n in graph.graph.node
+                      if n.op_type == "MatMulInteger" and n.input[1] in consts}
+    read = sum(consts[name].nbytes for name in matmul_weights)
+    # plus one embedding row per token
+    assert bench.weight_bytes_per_token(manifest["config"]) == read + manifest["config"][
+        "hidden_size"]
