@@ -68,7 +68,7 @@ def run_model_demo(model: IntegerModel, console: Console | None = None,
         "generate_s": round(generate_s, 3), "verify_s": round(verify_s, 3),
     }
     if console:
-        table = Table(title="tiny-r1 integer model")
+        table = Table("check", "result", title="tiny-r1 integer model")
         for key in ("correct", "valid", "forged_rejected", "generate_s", "verify_s", "nodes"):
             table.add_row(key, str(result[key]))
         console.print(table)

@@ -86,3 +86,24 @@ def test_bad_tokens_and_long_prompts_are_refused(random_model):
                    "--output-tokens", "3")
     assert too_long.returncode == 2 and "context" in too_long.stderr
     assert "Traceback" not in out_of_vocab.stderr + too_long.stderr
+
+
+def test_random_r1_writes_the_exact_r1_shape_and_converts_it(tmp_path):
+    """One layer at full width: the R1-Distill vocabulary, heads and widths go through the
+    converter and the runtime (the 28-layer run is the benchmark's)."""
+    out = tmp_path / "r1"
+    result = cli_json("model", "random-r1", "-o", out, "--layers", "1", "--max-context", "64")
+    config = json.loads((out / "checkpoint" / "config.json").read_text())
+    assert (config["hidden_size"], config["intermediate_size"], config["vocab_size"]) == (
+        1536, 8960, 151936)
+    assert (config["num_attention_heads"], config["num_key_value_heads"]) == (12, 2)
+    assert config["num_hidden_layers"] == 1 and config["rope_theta"] == 10000
+    info = cli_json("model", "inspect", out / "integer")
+    assert info["model_root"] == result["model_root"]
+    assert info["float_tensors"] == 0 and info["max_fan_in_bytes"] == 2 * 8960 + 1
+    assert info["ops"]["ArgMax"] == 2  # the vocabulary argmax is a two-level tree
+    from optinfer.models.runtime import IntegerModel
+
+    model = IntegerModel(out / "integer", threads=2)
+    tokens = model.generate([151643, 40, 1000, 99999], 3, stop_at_eos=False)
+    assert model.verify([151643, 40, 1000, 99999], tokens).valid
