@@ -74,24 +74,23 @@ def build_float_graph(spec: Qwen2Spec, reader: WeightReader, max_context: int) -
         swapped = g.op("Gather", [x3, swap], axis=2)
         return g.op("Add", [g.op("Mul", [x3, cos_t]), g.op("Mul", [swapped, sin_t])])
 
-    # Causal mask from the positions: keys are 0..P+T-1.
-    past_len = None
+    for i in range(spec.num_layers):
+        inputs += [helper.make_tensor_value_info(f"past_{kind}.{i}", TensorProto.FLOAT,
+                                                 [kv, 1, "P", hd]) for kind in "kv"]
+    # Causal mask, shared by all layers: keys are positions 0..P+T-1.
+    new = g.op("Shape", ["tokens"])
+    old = g.op("Gather", [g.op("Shape", ["past_k.0"]), shape("dim2", [2])])
+    keys = g.op("Range", [g.const("zero", np.asarray(0, np.int64)),
+                          g.op("Reshape", [g.op("Add", [new, old]), shape("scalar", [])]),
+                          g.const("one", np.asarray(1, np.int64))])
+    hidden = g.op("Greater", [g.op("Reshape", [keys, shape("row", [1, -1])]),
+                              g.op("Reshape", ["positions", shape("col", [-1, 1])])])
+    mask = g.op("Mul", [g.op("Cast", [hidden], to=TensorProto.FLOAT),
+                        g.const("neg", np.asarray(-1e9, f32))])
+
     x = g.op("Gather", [g.const("embed", np.asarray(reader.embed_tokens(), f32)), "tokens"])
     for i in range(spec.num_layers):
         w = reader.layer(i)
-        inputs += [helper.make_tensor_value_info(f"past_{kind}.{i}", TensorProto.FLOAT,
-                                                 [kv, 1, "P", hd]) for kind in "kv"]
-        if past_len is None:
-            new = g.op("Shape", ["tokens"])
-            old = g.op("Gather", [g.op("Shape", [f"past_k.{i}"]), shape("dim2", [2])])
-            keys = g.op("Range", [g.const("zero", np.asarray(0, np.int64)),
-                                  g.op("Reshape", [g.op("Add", [new, old]), shape("scalar", [])]),
-                                  g.const("one", np.asarray(1, np.int64))])
-            hidden = g.op("Greater", [g.op("Reshape", [keys, shape("row", [1, -1])]),
-                                      g.op("Reshape", ["positions", shape("col", [-1, 1])])])
-            mask = g.op("Mul", [g.op("Cast", [hidden], to=TensorProto.FLOAT),
-                                g.const("neg", np.asarray(-1e9, f32))])
-            past_len = old
         a = rmsnorm(x, w["input_norm"], f"L{i}.n1")
         q = rope(linear(a, w["q_w"], w["q_b"], f"L{i}.q"), n)
         k = rope(linear(a, w["k_w"], w["k_b"], f"L{i}.k"), kv)

@@ -65,14 +65,18 @@ class IntegerModel:
         if not manifest_path.is_file():
             raise UserError(f"{self.dir} is not a converted model (no manifest.json); "
                             "create one with `optinfer model convert`")
-        self.manifest = json.loads(manifest_path.read_text())
+        try:
+            self.manifest = json.loads(manifest_path.read_text())
+            config = self.manifest["config"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise UserError(f"{manifest_path} is not a valid optinfer manifest ({err}); "
+                            "convert the model again") from None
         if ort.__version__ != self.manifest["onnxruntime"]:
             raise UserError(f"this model is pinned to onnxruntime {self.manifest['onnxruntime']}, "
                             f"but {ort.__version__} is installed")
         if threads < 1:
             raise UserError(f"threads must be >= 1, got {threads}")
         self.threads = threads
-        config = self.manifest["config"]
         self.vocab_size: int = config["vocab_size"]
         self.eos_ids: tuple[int, ...] = tuple(config["eos_token_ids"])
         self.max_context: int = self.manifest["max_context"]
@@ -137,7 +141,10 @@ class IntegerModel:
     # ------------------------------------------------------------ inference
 
     def encode(self, text: str) -> list[int]:
-        ids = self.tokenizer.encode(text).ids
+        try:
+            ids = self.tokenizer.encode(text).ids
+        except Exception as err:  # tokenizers raises a bare Exception for unknown characters
+            raise UserError(f"the model's tokenizer cannot encode the prompt: {err}") from None
         if not ids:
             raise UserError("the prompt encodes to no tokens")
         return ids

@@ -69,11 +69,20 @@ def test_inspect_reports_the_manifest_figures(random_model):
      "does not exist"),
     (("verify", "--prompt-tokens", "1,x", "--output-tokens", "3"), "comma-separated"),
     (("model", "convert", "/nonexistent", "-o", "/tmp/never-written"), "not found"),
+    (("generate", "--prompt", "hello 2+2="), "cannot encode the prompt"),
+    (("generate", "--prompt", "1+1=", "--max-tokens", "0"), "max tokens must be >= 1"),
 ])
 def test_user_mistakes_give_one_line_and_a_nonzero_exit(args, message):
     proc = cli(*args)
     assert proc.returncode == 2
     assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_corrupt_manifest_is_a_user_error(tmp_path):
+    (tmp_path / "manifest.json").write_text("{not json")
+    proc = cli("model", "inspect", tmp_path)
+    assert proc.returncode == 2 and "not a valid optinfer manifest" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
