@@ -15,7 +15,8 @@ Representations (real value = integer * scale):
 - residual stream: int32, one scale for the whole model, saturating at +-RES_CLIP;
 - inputs of MatMulInteger: uint8, zero point 128, one calibrated scale per tensor;
 - weights: int8 in [-64, 63], one scale per output channel;
-- K and V (the cache): int8 in [-64, 63]; attention probabilities: uint8, scale 1/255.
+- K and V (the cache): int8 in [-64, 63]; attention probabilities: uint8, scale 1/255;
+- logits: int32, acc * M_c, exact: they only need to be ordered like the real logits.
 """
 
 from __future__ import annotations
