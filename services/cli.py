@@ -85,7 +85,15 @@ def generate(
     """Greedy decoding with the integer model (KV cache)."""
     m = load_model(model, threads)
     prompt_tokens = m.encode(prompt)
-    tokens = m.generate(prompt_tokens, max_tokens)
+    with progress_bar("generating") as progress:
+        produced = []
+
+        def on_token(token: int) -> None:
+            produced.append(token)
+            progress(len(produced) / max_tokens, f"{len(produced)} tokens")
+
+        tokens = m.generate(prompt_tokens, max_tokens, on_token=on_token)
+        progress(1.0, f"{len(tokens)} tokens")
     text = m.decode_text(tokens)
     emit({"prompt_tokens": prompt_tokens, "tokens": tokens, "text": text}, as_json,
          lambda d: out.print(d["text"], markup=False, highlight=False))
