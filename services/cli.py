@@ -182,15 +182,24 @@ def model_train_tiny(
     out_dir: Annotated[Path, typer.Option("-o", "--out", help="Checkpoint directory to write.")],
     minutes: Annotated[float, typer.Option("--minutes", help="Training time budget.")] = 8.0,
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    eval_problems: Annotated[int, typer.Option(
+        "--eval-problems", help="Held-out problems scored after training.")] = 200,
     as_json: AsJson = False,
 ) -> None:
-    """Train tiny-r1 (a small Qwen2 model doing arithmetic with a <think> trace)."""
+    """Train tiny-r1 (a small Qwen2 model doing arithmetic with a <think> trace).
+
+    Convert the result with `optinfer model convert DIR -o OUT --calibration
+    models/tiny-r1/calibration.txt`.
+    """
     from optinfer.models.tiny_r1 import train_tiny
 
     if minutes <= 0 or minutes > 10:
         raise UserError("--minutes must be in (0, 10]")
+    if eval_problems < 1:
+        raise UserError("--eval-problems must be >= 1")
     with progress_bar("training tiny-r1") as progress:
-        metrics = train_tiny(out_dir, minutes=minutes, seed=seed, progress=progress)
+        metrics = train_tiny(out_dir, minutes=minutes, seed=seed, progress=progress,
+                             eval_problems=eval_problems)
     emit(metrics, as_json, lambda d: out.print_json(data=d))
 
 

@@ -116,3 +116,16 @@ def test_random_r1_writes_the_exact_r1_shape_and_converts_it(tmp_path):
     model = IntegerModel(out / "integer", threads=2)
     tokens = model.generate([151643, 40, 1000, 99999], 3, stop_at_eos=False)
     assert model.verify([151643, 40, 1000, 99999], tokens).valid
+
+
+def test_train_tiny_writes_a_checkpoint_that_converts(tmp_path):
+    """A few seconds of training through the CLI: the checkpoint is real and converts."""
+    metrics = cli_json("model", "train-tiny", "-o", tmp_path / "float", "--minutes", "0.03",
+                       "--eval-problems", "5")
+    assert metrics["steps"] >= 1 and metrics["eval"]["problems"] == 5
+    assert (tmp_path / "float" / "model.safetensors").is_file()
+    from optinfer.models.tiny_r1 import CALIBRATION_FILE
+
+    summary = cli_json("model", "convert", tmp_path / "float", "-o", tmp_path / "int",
+                       "--calibration", CALIBRATION_FILE)
+    assert summary["float_tensors"] == 0 and summary["nodes"] > 0
