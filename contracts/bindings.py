@@ -1,0 +1,122 @@
+"""Generic web3.py plumbing for the project's contracts: deploy, dry-run, send, decode reverts.
+
+Contract-specific bindings (``registry.py``, ...) come in pairs per write: ``<write>_call`` runs
+it as an ``eth_call`` (no state change, returns the function's result or raises the revert)
+and ``<write>_send`` signs it with a local key, sends it and waits for the receipt. Reverts
+surface as :class:`ContractRevert` carrying the custom error's name and arguments, decoded with
+the contract's ABI.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from eth_abi import decode as abi_decode
+from eth_account.signers.local import LocalAccount
+from eth_typing import ChecksumAddress
+from hexbytes import HexBytes
+from web3 import Web3
+from web3.contract import Contract
+from web3.contract.contract import ContractFunction
+from web3.exceptions import ContractLogicError
+from web3.types import TxParams, TxReceipt
+
+from optinfer.contracts.artifacts import Artifact, load_artifact
+
+T = TypeVar("T")
+
+
+class ContractRevert(Exception):
+    """A contract call or transaction reverted.
+
+    `name` is the custom error's name (``"ModelAlreadyRegistered"``), ``"Error"`` for a string
+    revert, ``"Panic"`` for a Solidity panic, or ``None`` when the revert data matches nothing
+    in the ABI. `args` are the decoded error arguments; `data` the raw revert data.
+    """
+
+    def __init__(self, name: str | None, args: tuple[Any, ...], data: bytes, message: str = ""):
+        self.name = name
+        self.args_decoded = args
+        self.data = data
+        super().__init__(message or f"reverted with {name or 'unknown error'}{args!r}")
+
+
+def decode_revert(artifact: Artifact, data: bytes) -> ContractRevert:
+    """Decode revert data against `artifact`'s custom errors (and Error(string)/Panic(uint256))."""
+    selector, payload = data[:4], data[4:]
+    builtin = {
+        bytes.fromhex("08c379a0"): ("Error", ["string"]),
+        bytes.fromhex("4e487b71"): ("Panic", ["uint256"]),
+    }
+    if selector in builtin:
+        name, types = builtin[selector]
+        return ContractRevert(name, tuple(abi_decode(types, payload)), data)
+    entry = artifact.error_selectors().get(selector)
+    if entry is None:
+        return ContractRevert(None, (), data)
+    types = [param["type"] for param in entry["inputs"]]
+    return ContractRevert(entry["name"], tuple(abi_decode(types, payload)), data)
+
+
+def _revert_data(err: ContractLogicError) -> bytes:
+    """The raw revert bytes web3 attached to `err` (a hex string, or a dict from some nodes)."""
+    data = err.data
+    if isinstance(data, dict):
+        data = data.get("data", "")
+    return bytes(HexBytes(data)) if data else b""
+
+
+def reverts_decoded(artifact: Artifact, action: Callable[[], T]) -> T:
+    """Run `action`; turn a web3 revert into a :class:`ContractRevert` decoded with `artifact`."""
+    try:
+        return action()
+    except ContractLogicError as err:
+        raise decode_revert(artifact, _revert_data(err)) from err
+
+
+def contract_at(w3: Web3, name: str, address: str) -> Contract:
+    """A web3 contract object for the committed artifact `name` at `address`."""
+    return w3.eth.contract(address=Web3.to_checksum_address(address), abi=load_artifact(name).abi)
+
+
+def send_transaction(w3: Web3, tx: TxParams, signer: LocalAccount) -> TxReceipt:
+    """Fill nonce and chain id, sign with `signer`'s key, send, and wait for the receipt.
+
+    Raises ContractRevert (undecoded) when the transaction is mined but failed.
+    """
+    tx = dict(tx)
+    tx.setdefault("nonce", w3.eth.get_transaction_count(signer.address, "pending"))
+    tx.setdefault("chainId", w3.eth.chain_id)
+    signed = signer.sign_transaction(tx)
+    receipt = w3.eth.wait_for_transaction_receipt(
+        w3.eth.send_raw_transaction(signed.raw_transaction), timeout=120
+    )
+    if receipt["status"] != 1:
+        tx_hash = receipt["transactionHash"].hex()
+        raise ContractRevert(None, (), b"", f"transaction {tx_hash} failed")
+    return receipt
+
+
+def send_function(
+    w3: Web3, artifact: Artifact, function: ContractFunction, signer: LocalAccount
+) -> TxReceipt:
+    """Send a contract function call as a signed transaction and wait for it.
+
+    Gas is estimated first, so a call that would revert raises the decoded ContractRevert
+    before anything is sent.
+    """
+    tx = reverts_decoded(artifact, lambda: function.build_transaction({"from": signer.address}))
+    return send_transaction(w3, tx, signer)
+
+
+def deploy(w3: Web3, name: str, signer: LocalAccount, *constructor_args: Any) -> ChecksumAddress:
+    """Deploy the committed artifact `name` from `signer`; return the new contract's address."""
+    artifact = load_artifact(name)
+    factory = w3.eth.contract(abi=artifact.abi, bytecode=artifact.bytecode)
+    tx = reverts_decoded(
+        artifact,
+        lambda: factory.constructor(*constructor_args).build_transaction({"from": signer.address}),
+    )
+    receipt = send_transaction(w3, tx, signer)
+    return Web3.to_checksum_address(receipt["contractAddress"])

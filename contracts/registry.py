@@ -1,0 +1,143 @@
+"""Python binding of ``ModelRegistry.sol`` (web3.py, committed artifact).
+
+The model id is the model root itself: registering ``spec`` makes ``spec.model_root`` the id
+that claims name and ``get_model`` takes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from eth_account.signers.local import LocalAccount
+from eth_typing import ChecksumAddress
+from web3 import Web3
+from web3.logs import DISCARD
+from web3.types import TxReceipt
+
+from optinfer.contracts.artifacts import load_artifact
+from optinfer.contracts.bindings import contract_at, deploy, reverts_decoded, send_function
+from optinfer.errors import UserError
+
+CONTRACT_NAME = "ModelRegistry"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What ``register`` takes. `model_root` and `manifest_hash` are 32 bytes each."""
+
+    model_root: bytes
+    opset_version: int
+    manifest_hash: bytes
+    manifest_uri: str
+    max_context: int
+    node_count: int
+
+    @classmethod
+    def from_manifest(cls, manifest_path: Path, manifest_uri: str | None = None) -> ModelSpec:
+        """The spec of an integer model from its ``manifest.json``.
+
+        model root, op-set version, max context and node count are the manifest's
+        ``model_root``, ``opset_version``, ``max_context`` and ``nodes``; the manifest hash is
+        SHA-256 of the file's bytes; the URI defaults to the file's ``file://`` URI.
+        """
+        manifest_path = Path(manifest_path)
+        raw = manifest_path.read_bytes()
+        try:
+            manifest = json.loads(raw)
+            root = bytes.fromhex(manifest["model_root"].removeprefix("0x"))
+            spec = cls(
+                model_root=root,
+                opset_version=int(manifest["opset_version"]),
+                manifest_hash=hashlib.sha256(raw).digest(),
+                manifest_uri=manifest_uri or manifest_path.resolve().as_uri(),
+                max_context=int(manifest["max_context"]),
+                node_count=int(manifest["nodes"]),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise UserError(f"{manifest_path} is not an integer-model manifest: {err}") from err
+        if len(root) != 32:
+            raise UserError(f"{manifest_path}: model_root must be 32 bytes, got {len(root)}")
+        return spec
+
+    def as_args(self) -> tuple:
+        """The arguments of ``ModelRegistry.register`` in order."""
+        return (
+            self.model_root,
+            self.opset_version,
+            self.manifest_hash,
+            self.manifest_uri,
+            self.max_context,
+            self.node_count,
+        )
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    """A model as the registry stores it (``ModelRegistry.Model`` plus its id)."""
+
+    model_id: bytes
+    spec: ModelSpec
+    registrant: ChecksumAddress
+    registered_at: int  # block timestamp, seconds
+
+
+class ModelRegistry:
+    """A deployed ModelRegistry at `address`."""
+
+    def __init__(self, w3: Web3, address: str):
+        self.w3 = w3
+        self.artifact = load_artifact(CONTRACT_NAME)
+        self.contract = contract_at(w3, CONTRACT_NAME, address)
+        self.address: ChecksumAddress = self.contract.address
+
+    @classmethod
+    def deploy(cls, w3: Web3, signer: LocalAccount) -> ModelRegistry:
+        """Deploy a fresh registry from `signer` and bind to it."""
+        return cls(w3, deploy(w3, CONTRACT_NAME, signer))
+
+    # -- register ------------------------------------------------------------------------
+
+    def register_call(self, spec: ModelSpec, sender: str) -> bytes:
+        """Dry-run ``register(spec)`` as `sender`: the id it would assign, or ContractRevert."""
+        function = self.contract.functions.register(*spec.as_args())
+        return bytes(reverts_decoded(self.artifact, lambda: function.call({"from": sender})))
+
+    def register_send(self, spec: ModelSpec, signer: LocalAccount) -> TxReceipt:
+        """Register `spec` in a transaction signed by `signer`; the receipt, or ContractRevert."""
+        function = self.contract.functions.register(*spec.as_args())
+        return send_function(self.w3, self.artifact, function, signer)
+
+    # -- views ---------------------------------------------------------------------------
+
+    def get_model(self, model_id: bytes) -> RegisteredModel:
+        """The registered model with id `model_id`; ContractRevert ModelNotRegistered if none."""
+        function = self.contract.functions.getModel(model_id)
+        (manifest_hash, uri, opset, max_context, nodes, registrant, registered_at) = (
+            reverts_decoded(self.artifact, function.call)
+        )
+        spec = ModelSpec(
+            model_root=bytes(model_id),
+            opset_version=opset,
+            manifest_hash=bytes(manifest_hash),
+            manifest_uri=uri,
+            max_context=max_context,
+            node_count=nodes,
+        )
+        return RegisteredModel(
+            model_id=bytes(model_id),
+            spec=spec,
+            registrant=Web3.to_checksum_address(registrant),
+            registered_at=registered_at,
+        )
+
+    def is_registered(self, model_id: bytes) -> bool:
+        """Whether a model with id `model_id` is registered."""
+        return bool(self.contract.functions.isRegistered(model_id).call())
+
+    def registered_events(self, receipt: TxReceipt) -> list[dict]:
+        """The decoded ``ModelRegistered`` events' arguments in `receipt`, in log order."""
+        events = self.contract.events.ModelRegistered().process_receipt(receipt, errors=DISCARD)
+        return [dict(event["args"]) for event in events]

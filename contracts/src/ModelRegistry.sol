@@ -1,0 +1,118 @@
+// SPDX-License-Identifier: MIT
+pragma solidity 0.8.37;
+
+import {ModelAlreadyRegistered, ModelNotRegistered, ZeroMaxContext, ZeroModelRoot, ZeroNodeCount} from "./Errors.sol";
+
+/// @title ModelRegistry
+/// @notice The models that inference claims may name. A model is identified by its model root:
+///         the SHA-256 Merkle root over its graph's node descriptions and its constants
+///         (docs/protocol.md), so the id *is* the commitment a one-step proof opens weights and
+///         tables against. Registrations are immutable: nobody, the registrant included, can
+///         change or remove a registered model, so a claim's model cannot move under a dispute.
+/// @dev    Anyone may register. Registering costs the registrant gas and grants nothing: the
+///         registry only records which root belongs to which manifest and graph shape.
+contract ModelRegistry {
+    ////////////////////////////////////////////////////////////////
+    //                         Structs                            //
+    ////////////////////////////////////////////////////////////////
+
+    /// @notice One registered model.
+    /// @param manifestHash SHA-256 of the model's manifest.json bytes, as published.
+    /// @param manifestUri  Where the manifest (and the files it lists) can be fetched.
+    /// @param opsetVersion Version of the verifiable op set the graph is written in; the
+    ///                     one-step verifier recomputes ops with that version's semantics.
+    /// @param maxContext   Longest sequence (prompt + output tokens) the graph accepts.
+    /// @param nodeCount    Number of nodes in the graph: the range of the layer bisection.
+    /// @param registrant   Who registered it.
+    /// @param registeredAt Block timestamp of the registration; never zero for a registered model.
+    struct Model {
+        bytes32 manifestHash;
+        string manifestUri;
+        uint32 opsetVersion;
+        uint32 maxContext;
+        uint32 nodeCount;
+        address registrant;
+        uint64 registeredAt;
+    }
+
+    ////////////////////////////////////////////////////////////////
+    //                          Events                            //
+    ////////////////////////////////////////////////////////////////
+
+    /// @notice Emitted once per model, when it is registered.
+    event ModelRegistered(
+        bytes32 indexed modelRoot,
+        address indexed registrant,
+        uint32 opsetVersion,
+        bytes32 manifestHash,
+        string manifestUri,
+        uint32 maxContext,
+        uint32 nodeCount
+    );
+
+    ////////////////////////////////////////////////////////////////
+    //                          State                             //
+    ////////////////////////////////////////////////////////////////
+
+    /// @notice Registered models by model root. Unset entries have `registeredAt == 0`.
+    mapping(bytes32 => Model) internal _models;
+
+    ////////////////////////////////////////////////////////////////
+    //                        External                            //
+    ////////////////////////////////////////////////////////////////
+
+    /// @notice Register a model under its model root.
+    /// @param modelRoot    The model's root (nonzero); it becomes the model id.
+    /// @param opsetVersion Op-set version of the graph.
+    /// @param manifestHash SHA-256 of the manifest file.
+    /// @param manifestUri  Where to fetch the manifest.
+    /// @param maxContext   Longest sequence the graph accepts (nonzero).
+    /// @param nodeCount    Number of graph nodes (nonzero).
+    /// @return modelId     The id claims use to name the model: `modelRoot` itself.
+    function register(
+        bytes32 modelRoot,
+        uint32 opsetVersion,
+        bytes32 manifestHash,
+        string calldata manifestUri,
+        uint32 maxContext,
+        uint32 nodeCount
+    ) external returns (bytes32 modelId) {
+        // The zero root commits to nothing, and zero marks "no model" in other contracts.
+        if (modelRoot == bytes32(0)) revert ZeroModelRoot();
+        // A graph without nodes has no step to dispute.
+        if (nodeCount == 0) revert ZeroNodeCount();
+        // A model that accepts no token cannot answer a request.
+        if (maxContext == 0) revert ZeroMaxContext();
+        // Registrations are immutable: a root is bound to its first manifest for good.
+        if (_models[modelRoot].registeredAt != 0) revert ModelAlreadyRegistered(modelRoot);
+
+        _models[modelRoot] = Model({
+            manifestHash: manifestHash,
+            manifestUri: manifestUri,
+            opsetVersion: opsetVersion,
+            maxContext: maxContext,
+            nodeCount: nodeCount,
+            registrant: msg.sender,
+            registeredAt: uint64(block.timestamp)
+        });
+        emit ModelRegistered(
+            modelRoot, msg.sender, opsetVersion, manifestHash, manifestUri, maxContext, nodeCount
+        );
+        return modelRoot;
+    }
+
+    ////////////////////////////////////////////////////////////////
+    //                          Views                             //
+    ////////////////////////////////////////////////////////////////
+
+    /// @notice The registered model with id (= root) `modelId`; reverts when there is none.
+    function getModel(bytes32 modelId) external view returns (Model memory model) {
+        model = _models[modelId];
+        if (model.registeredAt == 0) revert ModelNotRegistered(modelId);
+    }
+
+    /// @notice Whether a model with id (= root) `modelId` is registered.
+    function isRegistered(bytes32 modelId) external view returns (bool) {
+        return _models[modelId].registeredAt != 0;
+    }
+}

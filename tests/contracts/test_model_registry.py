@@ -1,0 +1,154 @@
+"""ModelRegistry on a real anvil: registration, immutability, validation, events, tiny-r1."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from eth_utils import keccak
+
+from optinfer.contracts.bindings import ContractRevert
+from optinfer.contracts.registry import ModelSpec
+from optinfer.errors import UserError
+
+TINY_R1_MANIFEST = (
+    Path(__file__).resolve().parents[2] / "models" / "tiny-r1" / "integer" / "manifest.json"
+)
+
+SPEC = ModelSpec(
+    model_root=bytes(range(1, 33)),
+    opset_version=1,
+    manifest_hash=hashlib.sha256(b"manifest").digest(),
+    manifest_uri="https://example.org/models/m/manifest.json",
+    max_context=4096,
+    node_count=123_456,
+)
+
+
+def expect_revert(action, error_signature: str) -> ContractRevert:
+    """Run `action`, require a revert whose selector is `error_signature`'s; return it."""
+    with pytest.raises(ContractRevert) as caught:
+        action()
+    err = caught.value
+    assert err.data[:4] == keccak(text=error_signature)[:4], err.data.hex()
+    assert err.name == error_signature.split("(")[0]
+    return err
+
+
+def test_register_newModel_succeeds_andReadsBackEveryField(registry, chain):
+    sender = chain.accounts[1]
+    receipt = registry.register_send(SPEC, sender)
+    block = registry.w3.eth.get_block(receipt["blockNumber"])
+
+    model = registry.get_model(SPEC.model_root)
+    assert model.model_id == SPEC.model_root
+    assert model.spec == SPEC
+    assert model.registrant == sender.address
+    assert model.registered_at == block["timestamp"] > 0
+    assert registry.is_registered(SPEC.model_root)
+
+
+def test_register_call_returnsModelRootAsId_withoutRegistering(registry, chain):
+    assert registry.register_call(SPEC, chain.accounts[0].address) == SPEC.model_root
+    # A dry run changes nothing.
+    assert not registry.is_registered(SPEC.model_root)
+
+
+def test_register_duplicateRoot_reverts(registry, chain):
+    registry.register_send(SPEC, chain.accounts[0])
+    other = replace(SPEC, manifest_uri="ipfs://other", node_count=7)
+
+    err = expect_revert(
+        lambda: registry.register_send(other, chain.accounts[1]), "ModelAlreadyRegistered(bytes32)"
+    )
+    assert err.args_decoded == (SPEC.model_root,)
+    expect_revert(
+        lambda: registry.register_call(other, chain.accounts[1].address),
+        "ModelAlreadyRegistered(bytes32)",
+    )
+    # The first registration stands untouched.
+    model = registry.get_model(SPEC.model_root)
+    assert model.spec == SPEC
+    assert model.registrant == chain.accounts[0].address
+
+
+def test_register_zeroRoot_reverts(registry, chain):
+    zero = replace(SPEC, model_root=bytes(32))
+    expect_revert(lambda: registry.register_send(zero, chain.accounts[0]), "ZeroModelRoot()")
+    assert not registry.is_registered(bytes(32))
+
+
+def test_register_zeroNodeCount_reverts(registry, chain):
+    spec = replace(SPEC, node_count=0)
+    expect_revert(lambda: registry.register_send(spec, chain.accounts[0]), "ZeroNodeCount()")
+    assert not registry.is_registered(SPEC.model_root)
+
+
+def test_register_zeroMaxContext_reverts(registry, chain):
+    spec = replace(SPEC, max_context=0)
+    expect_revert(lambda: registry.register_send(spec, chain.accounts[0]), "ZeroMaxContext()")
+    assert not registry.is_registered(SPEC.model_root)
+
+
+def test_getModel_unknownId_reverts(registry):
+    err = expect_revert(
+        lambda: registry.get_model(b"\xaa" * 32), "ModelNotRegistered(bytes32)"
+    )
+    assert err.args_decoded == (b"\xaa" * 32,)
+
+
+def test_register_emitsModelRegistered_withTheRightArgs(registry, chain):
+    sender = chain.accounts[2]
+    receipt = registry.register_send(SPEC, sender)
+
+    # The raw log: the event signature and the two indexed fields are topics.
+    (log,) = receipt["logs"]
+    assert log["address"] == registry.address
+    signature = "ModelRegistered(bytes32,address,uint32,bytes32,string,uint32,uint32)"
+    assert log["topics"][0] == keccak(text=signature)
+    assert log["topics"][1] == SPEC.model_root
+    assert log["topics"][2] == bytes(12) + bytes.fromhex(sender.address[2:])
+
+    assert registry.registered_events(receipt) == [
+        {
+            "modelRoot": SPEC.model_root,
+            "registrant": sender.address,
+            "opsetVersion": SPEC.opset_version,
+            "manifestHash": SPEC.manifest_hash,
+            "manifestUri": SPEC.manifest_uri,
+            "maxContext": SPEC.max_context,
+            "nodeCount": SPEC.node_count,
+        }
+    ]
+
+
+def test_register_tinyR1Manifest_succeeds(registry, chain):
+    manifest = json.loads(TINY_R1_MANIFEST.read_text())
+    spec = ModelSpec.from_manifest(TINY_R1_MANIFEST, manifest_uri="optinfer:models/tiny-r1")
+    assert spec.model_root.hex() == manifest["model_root"].removeprefix("0x")
+    assert spec.manifest_hash == hashlib.sha256(TINY_R1_MANIFEST.read_bytes()).digest()
+
+    registry.register_send(spec, chain.accounts[0])
+
+    model = registry.get_model(spec.model_root)
+    assert model.spec.opset_version == manifest["opset_version"]
+    assert model.spec.node_count == manifest["nodes"]
+    assert model.spec.max_context == manifest["max_context"]
+    assert model.spec.manifest_hash == spec.manifest_hash
+    assert model.spec.manifest_uri == "optinfer:models/tiny-r1"
+
+
+def test_fromManifest_notAManifest_raisesUserError(tmp_path):
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps({"model_root": "0x12"}))
+    with pytest.raises(UserError, match="not an integer-model manifest"):
+        ModelSpec.from_manifest(path)
+
+
+def test_deploy_runtimeCode_equalsCommittedArtifact(registry):
+    # ModelRegistry has no immutables, so the chain holds exactly the artifact's runtime code.
+    code = registry.w3.eth.get_code(registry.address)
+    assert "0x" + bytes(code).hex() == registry.artifact.deployed_bytecode
