@@ -78,7 +78,7 @@ def ensure_solcjs_shim() -> Path | None:
     source = SHIM_SOURCE.read_bytes()
     if not shim.is_file() or shim.read_bytes() != source:
         shim.parent.mkdir(parents=True, exist_ok=True)
-        tmp = shim.with_suffix(".tmp")
+        tmp = shim.with_name(f"solc.{os.getpid()}.tmp")  # per process: test workers race here
         tmp.write_bytes(source)
         tmp.chmod(0o755)
         tmp.replace(shim)  # atomic: a concurrent test worker never sees half a file

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 
 import pytest
-from web3 import Web3
 
-from optinfer.contracts.localchain import LocalChain, start_anvil
-from optinfer.contracts.registry import ModelRegistry
+# web3 7 imports websockets' legacy module, which warns on import; nothing here uses websockets.
+warnings.filterwarnings("ignore", "websockets.legacy is deprecated", DeprecationWarning)
+from web3 import Web3  # noqa: E402  (after the filter above)
+
+from optinfer.contracts.localchain import LocalChain, start_anvil  # noqa: E402
+from optinfer.contracts.registry import ModelRegistry  # noqa: E402
 
 
 @pytest.fixture(scope="session")
