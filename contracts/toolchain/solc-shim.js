@@ -7,7 +7,8 @@
 //   solc --standard-json [opts]     -> Standard JSON in on stdin, Standard JSON out on stdout.
 // It calls the compiler through `require("solc").compile` rather than wrapping the `solcjs` CLI,
 // so stdout carries nothing but the JSON (the CLI prints ">>>" lines before it).
-// `make install` copies this file into the tools folder next to node_modules/solc.
+// optinfer.contracts.compiler copies this file to <tools>/bin/solc, under the node_modules/solc
+// that `make install` puts there, so require("solc") resolves to it.
 "use strict";
 
 const fs = require("fs");
