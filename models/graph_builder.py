@@ -11,6 +11,7 @@ Every node has exactly one output, so node k of the graph is leaf k of the state
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,6 +35,7 @@ _LIMITS = {
     np.dtype(np.int64): (-(2**63), 2**63 - 1),
 }
 INT64_MAX = 2**63 - 1
+COLUMN_SOURCES_KEY = "optinfer.column_sources"  # model metadata: MatMulInteger -> B columns
 
 
 class RangeError(ValueError):
@@ -70,6 +72,7 @@ class GraphBuilder:
     outputs: list[onnx.ValueInfoProto] = field(default_factory=list)
     bounds: dict[str, tuple[int, int]] = field(default_factory=dict)
     assumptions: dict[str, str] = field(default_factory=dict)
+    column_sources: dict[str, str] = field(default_factory=dict)  # MatMulInteger -> B columns
     _names: set[str] = field(default_factory=set)
 
     # ----------------------------------------------------------------- values
@@ -143,8 +146,15 @@ class GraphBuilder:
 
     # ------------------------------------------------------------ arithmetic
 
-    def matmul_integer(self, a: Tensor, b: Tensor, a_zero_point: int, k: int, hint: str) -> Tensor:
-        """(A - zp) @ B in int32; k is the (maximum) length of the contracted axis."""
+    def matmul_integer(self, a: Tensor, b: Tensor, a_zero_point: int, k: int, hint: str,
+                       columns: Tensor | None = None) -> Tensor:
+        """(A - zp) @ B in int32; k is the (maximum) length of the contracted axis.
+
+        `columns` names an earlier tensor equal to B with its last two axes swapped, whose
+        rows are B's columns: a one-step proof opens a row there instead of a strided column
+        of B (docs/protocol.md, "Column sources"). A constant B is its own column source (it
+        is committed transposed).
+        """
         if a.dtype != np.uint8 or b.dtype != np.int8:
             raise TypeError(f"{hint}: MatMulInteger takes uint8 x int8, got {a.dtype} x {b.dtype}")
         if b.lo < -64 or b.hi > 63:
@@ -156,7 +166,17 @@ class GraphBuilder:
         if weights is not None and weights.ndim == 2:
             # A constant B bounds each output column by its own absolute sum.
             bound = a_mag * int(np.abs(weights.astype(np.int64)).sum(axis=0).max())
-        return self._node("MatMulInteger", [a, b, zp], hint, np.int32, -bound, bound)
+        out = self._node("MatMulInteger", [a, b, zp], hint, np.int32, -bound, bound)
+        if weights is not None:
+            self.column_sources[out.name] = b.name
+        elif columns is not None:
+            self.column_sources[out.name] = columns.name
+        return out
+
+    def swap_last_axes(self, x: Tensor, rank: int, hint: str) -> Tensor:
+        """x with its last two axes swapped: the column source of a dynamic B operand."""
+        perm = list(range(rank - 2)) + [rank - 1, rank - 2]
+        return self.transpose(x, perm, hint)
 
     def cast(self, x: Tensor, dtype, hint: str | None = None) -> Tensor:
         to = _ONNX_TYPE[np.dtype(dtype)]
@@ -326,5 +346,7 @@ class GraphBuilder:
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, inits)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", ONNX_OPSET)],
                                   producer_name="optinfer")
+        helper.set_model_props(model, {COLUMN_SOURCES_KEY: json.dumps(self.column_sources,
+                                                                      sort_keys=True)})
         model.ir_version = 10
         return model

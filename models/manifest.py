@@ -8,6 +8,7 @@ which tensors" and "the weights it reads" against one registered hash.
 from __future__ import annotations
 
 import hashlib
+import json
 import struct
 from collections import Counter
 from dataclasses import asdict
@@ -17,6 +18,7 @@ import numpy as np
 import onnx
 
 from optinfer.models import opset
+from optinfer.models.graph_builder import COLUMN_SOURCES_KEY
 from optinfer.prover import commitments
 
 # Attribute codes of the node description encoding; attributes not listed are not allowed.
@@ -41,22 +43,27 @@ def _attribute_values(attr: onnx.AttributeProto) -> list[int]:
     raise ValueError(f"attribute {attr.name} is not an integer attribute")
 
 
+def _reference(name: str, leaf_of: dict[str, int], constant_of: dict[str, int]) -> bytes:
+    """uint8 kind | uint32 index of a tensor the node reads."""
+    if name == "":
+        return struct.pack(">BI", INPUT_ABSENT, 0)
+    if name in constant_of:
+        return struct.pack(">BI", INPUT_CONSTANT, constant_of[name])
+    return struct.pack(">BI", INPUT_LEAF, leaf_of[name])
+
+
 def node_description(node: onnx.NodeProto, leaf_of: dict[str, int],
-                     constant_of: dict[str, int]) -> bytes:
+                     constant_of: dict[str, int], column_source: str | None = None) -> bytes:
     """Canonical bytes of one node: op, inputs (state leaf or constant index), attributes.
 
     uint16 op code | uint8 n_inputs | n_inputs x (uint8 kind, uint32 index) |
-    uint8 n_attrs | per attribute, by code: uint8 code, uint8 n_values, n_values x int64.
+    uint8 n_attrs | per attribute, by code: uint8 code, uint8 n_values, n_values x int64 |
+    MatMulInteger only: uint8 kind, uint32 index of its column source.
     All integers big-endian.
     """
     out = bytearray(struct.pack(">HB", op_code(node.op_type), len(node.input)))
     for name in node.input:
-        if name == "":
-            out += struct.pack(">BI", INPUT_ABSENT, 0)
-        elif name in constant_of:
-            out += struct.pack(">BI", INPUT_CONSTANT, constant_of[name])
-        else:
-            out += struct.pack(">BI", INPUT_LEAF, leaf_of[name])
+        out += _reference(name, leaf_of, constant_of)
     attrs = []
     for attr in node.attribute:
         if attr.name not in ATTRIBUTE_CODES:
@@ -66,7 +73,22 @@ def node_description(node: onnx.NodeProto, leaf_of: dict[str, int],
     for code, values in sorted(attrs):
         out += struct.pack(">BB", code, len(values))
         out += b"".join(struct.pack(">q", v) for v in values)
+    if node.op_type == "MatMulInteger":
+        if column_source is None:
+            raise ValueError(f"MatMulInteger {node.name} has no column source")
+        out += _reference(column_source, leaf_of, constant_of)
     return bytes(out)
+
+
+def column_sources(model: onnx.ModelProto) -> dict[str, str]:
+    """MatMulInteger output -> the tensor whose rows are its B operand's columns."""
+    props = {p.key: p.value for p in model.metadata_props}
+    return json.loads(props.get(COLUMN_SOURCES_KEY, "{}"))
+
+
+def committed_constant(array: np.ndarray, transposed: bool) -> np.ndarray:
+    """A constant as the model root commits it: B operands of MatMulInteger transposed."""
+    return np.ascontiguousarray(np.swapaxes(array, -1, -2)) if transposed else array
 
 
 def model_commitment(model: onnx.ModelProto, constants: dict[str, np.ndarray]) -> dict:
@@ -79,12 +101,17 @@ def model_commitment(model: onnx.ModelProto, constants: dict[str, np.ndarray]) -
         leaf_of[node.output[0]] = k
     names = [t.name for t in graph.initializer]
     constant_of = {name: i for i, name in enumerate(names)}
+    sources = column_sources(model)
     node_leaves = [commitments.ZERO] + [
-        hashlib.sha256(node_description(n, leaf_of, constant_of)).digest() for n in graph.node
+        hashlib.sha256(node_description(n, leaf_of, constant_of,
+                                        sources.get(n.output[0]))).digest()
+        for n in graph.node
     ]
     nodes_root = commitments.merkle_root(node_leaves, commitments.STATE_DEPTH)
+    matmul_weights = {n.input[1] for n in graph.node if n.op_type == "MatMulInteger"}
     constants_root = commitments.merkle_root(
-        [commitments.tensor_root(constants[name]) for name in names])
+        [commitments.tensor_root(committed_constant(constants[name], name in matmul_weights))
+         for name in names])
     model_root = hashlib.sha256(
         nodes_root + constants_root
         + struct.pack(">II", opset.OPSET_VERSION, len(graph.node))).digest()

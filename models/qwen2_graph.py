@@ -213,7 +213,12 @@ class _Qwen2Builder:
             k = g.concat([ctx["past_k"][i], k], 3, f"{name}.k.present")  # (kv, 1, hd, S)
             v = g.concat([ctx["past_v"][i], v], 2, f"{name}.v.present")  # (kv, 1, S, hd)
         s_max = m.max_context
-        scores = g.matmul_integer(q, k, 128, hd, f"{name}.scores")  # (kv, grp, T, S) int32
+        k_cols = v_cols = None
+        if self.mode == "verify":  # proof-only: B operands' columns as contiguous rows
+            k_cols = g.swap_last_axes(k, 4, f"{name}.k.columns")  # (kv, 1, S, hd)
+            v_cols = g.swap_last_axes(v, 4, f"{name}.v.columns")  # (kv, 1, hd, S)
+        scores = g.matmul_integer(q, k, 128, hd, f"{name}.scores",
+                                  columns=k_cols)  # (kv, grp, T, S) int32
         masked = g.sub(scores, ctx["mask_penalty"], f"{name}.masked")
         row_max = g.reduce_max(masked, f"{name}.rowmax")  # (kv, grp, T, 1)
         diff = g.sub(row_max, masked, f"{name}.diff")  # >= 0 on unmasked keys
@@ -229,7 +234,7 @@ class _Qwen2Builder:
         prob = g.assume(g.div(num, total, f"{name}.pdiv"), 0, PROB_MAX,
                         "each exp term is at most the row sum, so e*255/sum + 1/2 < 256")
         prob = g.cast(prob, np.uint8, f"{name}.prob")
-        att = g.matmul_integer(prob, v, 0, s_max, f"{name}.pv")  # (kv, grp, T, hd) int32
+        att = g.matmul_integer(prob, v, 0, s_max, f"{name}.pv", columns=v_cols)  # (kv,grp,T,hd)
         att = g.rescale(att, p.attn_out.M, p.attn_out.shift, -128, 127, f"{name}.out.u8",
                         np.uint8, zero_point=128)
         att = g.transpose(att, [2, 0, 1, 3], f"{name}.out.tbgd")  # (T, kv, grp, hd)

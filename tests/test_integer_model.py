@@ -179,3 +179,24 @@ def test_node_description_layout():
                    + bytes([0]) + (7).to_bytes(4, "big")
                    + bytes([1]) + (3).to_bytes(4, "big")
                    + bytes([1]) + bytes([2, 1]) + (1).to_bytes(8, "big", signed=True))
+
+
+def test_every_matrix_product_names_rows_that_are_its_b_columns(model, generated):
+    """One-step proofs open a row of the column source instead of a strided column of B."""
+    from optinfer.models.manifest import column_sources
+
+    graph = model.verify_graph()
+    sources = column_sources(graph)
+    sequence, outputs = model.trace(PROMPT, generated)
+    value = {n.output[0]: t for n, t in zip(graph.graph.node, outputs, strict=True)}
+    constants = {t.name for t in graph.graph.initializer}
+    matmuls = [n for n in graph.graph.node if n.op_type == "MatMulInteger"]
+    assert {n.output[0] for n in matmuls} == set(sources)
+    order = {n.output[0]: k for k, n in enumerate(graph.graph.node)}
+    for node in matmuls:
+        b, source = node.input[1], sources[node.output[0]]
+        if b in constants:
+            assert source == b  # committed transposed
+            continue
+        assert order[source] < order[node.output[0]], "the source is in the agreed state"
+        assert np.array_equal(value[source], np.swapaxes(value[b], -1, -2))
