@@ -24,7 +24,9 @@ app = typer.Typer(no_args_is_help=True, add_completion=False,
 model_app = typer.Typer(no_args_is_help=True, help="Convert, inspect, train and demo models.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (JSON output).")
 app.add_typer(model_app, name="model")
+contracts_app = typer.Typer(no_args_is_help=True, help="Solidity contracts.")
 app.add_typer(bench_app, name="bench")
+app.add_typer(contracts_app, name="contracts")
 
 out = Console()
 err = Console(stderr=True)
@@ -266,6 +268,19 @@ def model_demo(
         sys.stdout.write(json.dumps(result) + "\n")
     if not result["ok"]:
         raise typer.Exit(1)
+
+
+# -------------------------------------------------------------------- contracts
+
+
+@contracts_app.command("build")
+def contracts_build(as_json: AsJson = False) -> None:
+    """Compile contracts/src into the committed artifacts (contracts/artifacts)."""
+    from optinfer.contracts.build import build
+
+    written = build()
+    emit({"artifacts": sorted(str(p) for p in written.values())}, as_json,
+         lambda d: out.print(f"wrote {len(d['artifacts'])} artifacts"))
 
 
 # ------------------------------------------------------------------- benchmarks
