@@ -1,0 +1,1010 @@
+"""The one-step: recompute ONE output element of node k from openings, as the contract does.
+
+This module is the executable spec the Solidity OneStepVerifier mirrors (docs/protocol.md,
+"One step"). At the end of a dispute the challenger opens, for element `out_index` of node k:
+
+* node k's description (op, attributes, which tensors it reads), against the model's
+  `nodes_root`;
+* the header and root of every tensor the node reads: an earlier state leaf `j < k` against the
+  agreed state `S_{k-1}`, or a constant `c` against the model's `constants_root` (a
+  MatMulInteger B constant in its committed, transposed form);
+* the element ranges of those tensors that the element depends on (`element_dependencies`),
+  each with a range proof against the tensor's root;
+* the provider's claimed value, as an element opening of node k's own tensor `T_k`.
+
+The verifier recomputes the element from the opened values alone (`recompute_element`, with
+the exact integer semantics of `optinfer.models.opset`), and also recomputes node k's output
+dtype and shape from the opened headers and parameters: a provider whose `T_k` has the wrong
+shape loses just as one with a wrong value.
+
+Three layers, from pure to stateful:
+
+1. `parse_node_description`, `element_dependencies`, `recompute_element`,
+   `expected_output` (dtype and shape): functions of a node and opened values, no I/O.
+2. `Witness` / `check_witness`: a complete one-step submission and the contract's checks.
+3. `CommittedModel`, `TraceCommitment`, `OneStepProver` / `one_step_witness`: building the
+   witness from a converted model and a trace (the challenger's side), each commitment
+   computed once.
+
+Openings never depend on anything but the node, the element index, the opened tensors' shapes
+and values opened before them: parameters (Reshape's shape, reduction axes, Slice's
+starts/ends/axes/steps, Range's scalars, Clip's bounds, the zero point) are opened in full;
+Gather and GatherElements first open their index element, then the data element it selects;
+Slice opens its parameters, then the data element. `element_dependencies` therefore takes the
+values known so far and returns every opening it can determine; calling it again with the
+values of those openings gives the rest (at most two rounds).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from optinfer.models import opset
+from optinfer.models.manifest import (
+    ATTRIBUTE_CODES,
+    INPUT_ABSENT,
+    INPUT_CONSTANT,
+    INPUT_LEAF,
+    column_sources,
+    committed_constant,
+    node_description,
+)
+from optinfer.prover import commitments
+from optinfer.prover.commitments import ProofError, RangeProof
+
+#: Layout of an opening: the tensor's own C order, or (MatMulInteger's B only) the rows of its
+#: column source, i.e. B with its last two axes swapped.
+NATURAL = "natural"
+COLUMNS = "columns"
+
+_CODE_TO_ATTRIBUTE = {code: name for name, code in ATTRIBUTE_CODES.items()}
+_INT64 = commitments.DTYPE_CODES["int64"]
+_INT32 = commitments.DTYPE_CODES["int32"]
+_BOOL = commitments.DTYPE_CODES["bool"]
+#: Ops whose inputs at these positions are parameters, opened in full (they are tiny).
+_PARAMETER_POSITIONS: dict[str, tuple[int, ...]] = {
+    "Clip": (1, 2),
+    "ReduceSum": (1,),
+    "ReduceMax": (1,),
+    "Reshape": (1,),
+    "Slice": (1, 2, 3, 4),
+    "Range": (0, 1, 2),
+    "MatMulInteger": (2,),
+}
+_ELEMENTWISE = ("Add", "Sub", "Mul", "Div", "Min", "Max", "Greater")
+_ELEMENTWISE_FUNCTIONS = {op: opset.OPS[op].function for op in _ELEMENTWISE}
+
+
+class WrongClaim(ProofError):
+    """Every proof verifies, and the provider's claimed element (or its tensor's dtype or
+    shape) is not what the node computes: the provider loses the one-step."""
+
+    def __init__(self, message: str, recomputed: int | None = None, claimed: int | None = None):
+        super().__init__(message)
+        self.recomputed = recomputed
+        self.claimed = claimed
+
+
+# ------------------------------------------------------------------------------------------------
+# Node descriptions
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """A tensor a node reads: state leaf `index` (kind INPUT_LEAF: 0 is the graph input, j the
+    output of node j) or constant `index` (kind INPUT_CONSTANT, graph initializer order)."""
+
+    kind: int
+    index: int
+
+    def __str__(self) -> str:
+        return f"{'leaf' if self.kind == INPUT_LEAF else 'constant'} {self.index}"
+
+
+@dataclass(frozen=True)
+class StepNode:
+    """A parsed node description (docs/protocol.md, "Nodes"): what the one-step knows of k.
+
+    `inputs[p]` is None for an absent optional input. `attributes` maps attribute names to
+    their int64 values (a tuple; one value for scalar attributes). `column_source` is set for
+    MatMulInteger only.
+    """
+
+    op_type: str
+    inputs: tuple[TensorRef | None, ...]
+    attributes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    column_source: TensorRef | None = None
+
+    def attribute(self, name: str, default: int | None = None) -> int | None:
+        """A scalar attribute's value, or `default` when the description omits it."""
+        values = self.attributes.get(name)
+        return default if values is None else values[0]
+
+    def present(self, position: int) -> bool:
+        return position < len(self.inputs) and self.inputs[position] is not None
+
+
+def parse_node_description(description: bytes) -> StepNode:
+    """Decode `optinfer.models.manifest.node_description` bytes; ProofError when malformed
+    (unknown op or input kind, attribute codes out of order, missing or trailing bytes)."""
+    reader = _Reader(description)
+    code = reader.unpack(">H")
+    if not 1 <= code <= len(opset.OP_ORDER):
+        raise ProofError(f"op code {code} is not in the op set")
+    op_type = opset.OP_ORDER[code - 1]
+    inputs = tuple(reader.reference() for _ in range(reader.unpack(">B")))
+    attributes: dict[str, tuple[int, ...]] = {}
+    previous = 0
+    for _ in range(reader.unpack(">B")):
+        attribute_code = reader.unpack(">B")
+        if attribute_code not in _CODE_TO_ATTRIBUTE or attribute_code <= previous:
+            raise ProofError(f"attribute code {attribute_code} is unknown or out of order")
+        previous = attribute_code
+        count = reader.unpack(">B")
+        attributes[_CODE_TO_ATTRIBUTE[attribute_code]] = tuple(
+            reader.unpack(">q") for _ in range(count))
+    column_source = reader.reference() if op_type == "MatMulInteger" else None
+    if op_type == "MatMulInteger" and column_source is None:
+        raise ProofError("a MatMulInteger description names no column source")
+    reader.finish()
+    return StepNode(op_type, inputs, attributes, column_source)
+
+
+class _Reader:
+    def __init__(self, data: bytes) -> None:
+        self.data, self.offset = bytes(data), 0
+
+    def unpack(self, fmt: str) -> int:
+        size = struct.calcsize(fmt)
+        if self.offset + size > len(self.data):
+            raise ProofError("node description is truncated")
+        (value,) = struct.unpack_from(fmt, self.data, self.offset)
+        self.offset += size
+        return value
+
+    def reference(self) -> TensorRef | None:
+        kind, index = self.unpack(">B"), self.unpack(">I")
+        if kind == INPUT_ABSENT:
+            return None
+        if kind not in (INPUT_LEAF, INPUT_CONSTANT):
+            raise ProofError(f"input kind {kind} is unknown")
+        return TensorRef(kind, index)
+
+    def finish(self) -> None:
+        if self.offset != len(self.data):
+            raise ProofError("node description has trailing bytes")
+
+
+# ------------------------------------------------------------------------------------------------
+# Which elements one output element needs
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Opening:
+    """A contiguous range of `count` elements, starting at flat (C-order) element
+    `start_element`, of the tensor at input `input_position` of the node. `layout` COLUMNS
+    (MatMulInteger's B only) means the range is in the column source `tensor_ref`, whose row j
+    is column j of B; NATURAL means the input tensor itself."""
+
+    input_position: int
+    tensor_ref: TensorRef
+    start_element: int
+    count: int
+    layout: str = NATURAL
+
+
+def element_dependencies(
+    node: StepNode,
+    out_index: int,
+    in_shapes: Sequence[tuple[int, ...] | None],
+    out_shape: tuple[int, ...],
+    known: Mapping[int, np.ndarray] | None = None,
+) -> list[Opening]:
+    """The input element ranges that element `out_index` (flat, C order) of the node's output
+    needs, in the order the verifier opens them.
+
+    `in_shapes[p]` is input p's shape (None when absent); MatMulInteger's B is given in ONNX
+    layout (K, N) even though it is opened from its column source. `out_shape` is the node's
+    output shape. `known[p]` holds the values, flattened, of input p's first opening when
+    already opened: parameters (opened in full) and Gather/GatherElements' index element.
+    Openings that depend on a value not in `known` are left out; call again with the values of
+    the returned openings to get them (Slice's data element needs its parameters, Gather's
+    data element its index). The list always starts with the parameter openings.
+    """
+    known = known or {}
+    out_multi = _unravel(out_index, out_shape)
+    openings = [
+        Opening(p, node.inputs[p], 0, math.prod(in_shapes[p]))
+        for p in _PARAMETER_POSITIONS.get(node.op_type, ())
+        if node.present(p) and math.prod(in_shapes[p]) > 0
+    ]
+    op = node.op_type
+
+    def single(position: int, flat: int) -> Opening:
+        return Opening(position, node.inputs[position], flat, 1)
+
+    if op in _ELEMENTWISE:
+        return [single(p, _broadcast_flat(out_multi, out_shape, in_shapes[p])) for p in (0, 1)]
+    if op == "Clip":
+        return [single(0, out_index), *openings]
+    if op in ("Cast", "Reshape"):
+        return [single(0, out_index), *openings]  # Reshape keeps the flat order
+    if op == "Transpose":
+        perm = node.attributes.get("perm", tuple(reversed(range(len(out_shape)))))
+        source = [0] * len(out_shape)
+        for out_axis, in_axis in enumerate(perm):
+            source[in_axis] = out_multi[out_axis]
+        return [single(0, _ravel(source, in_shapes[0]))]
+    if op == "Concat":
+        axis = _axis(node.attribute("axis"), len(out_shape))
+        offset = out_multi[axis]
+        for position, shape in enumerate(in_shapes):
+            if offset < shape[axis]:
+                source = list(out_multi)
+                source[axis] = offset
+                return [single(position, _ravel(source, shape))]
+            offset -= shape[axis]
+        raise ProofError("Concat: the element lies past every input")
+    if op == "Slice":
+        if not all(p in known for p in range(1, 5) if node.present(p) and p < len(in_shapes)
+                   and math.prod(in_shapes[p]) > 0):
+            return openings
+        windows = _slice_windows(node, in_shapes, known)
+        source = [start + i * step for i, (start, step, _) in zip(out_multi, windows, strict=True)]
+        return [*openings, single(0, _ravel(source, in_shapes[0]))]
+    if op in ("ReduceSum", "ReduceMax"):
+        if 1 in [o.input_position for o in openings] and 1 not in known:
+            return openings
+        axes = known.get(1)
+        reduced = _reduced_axes(axes, len(in_shapes[0]))
+        keepdims = bool(node.attribute("keepdims", 1))
+        flats = _group(out_multi, in_shapes[0], reduced, keepdims)
+        return [*openings, *_runs(0, node.inputs[0], flats)]
+    if op == "ArgMax":
+        axis = _axis(node.attribute("axis", 0), len(in_shapes[0]))
+        keepdims = bool(node.attribute("keepdims", 1))
+        return _runs(0, node.inputs[0], _group(out_multi, in_shapes[0], (axis,), keepdims))
+    if op == "Gather":
+        axis = _axis(node.attribute("axis", 0), len(in_shapes[0]))
+        index_rank = len(in_shapes[1])
+        index_flat = _ravel(out_multi[axis : axis + index_rank], in_shapes[1])
+        first = [single(1, index_flat)]
+        if 1 not in known:
+            return first
+        position = _index_value(int(known[1][0]), in_shapes[0][axis])
+        source = [*out_multi[:axis], position, *out_multi[axis + index_rank :]]
+        return [*first, single(0, _ravel(source, in_shapes[0]))]
+    if op == "GatherElements":
+        axis = _axis(node.attribute("axis", 0), len(in_shapes[0]))
+        first = [single(1, out_index)]  # the output has the indices' shape
+        if 1 not in known:
+            return first
+        source = list(out_multi)
+        source[axis] = _index_value(int(known[1][0]), in_shapes[0][axis])
+        return [*first, single(0, _ravel(source, in_shapes[0]))]
+    if op == "Shape":
+        return []  # a function of the input's shape, which its header commits
+    if op == "Range":
+        return openings
+    if op == "MatMulInteger":
+        return [*_matmul_dependencies(node, out_multi, in_shapes), *openings]
+    raise ProofError(f"op {op} has no one-step")
+
+
+def _matmul_dependencies(node: StepNode, out_multi: Sequence[int],
+                         in_shapes: Sequence[tuple[int, ...]]) -> list[Opening]:
+    """Row i of A and row j of the column source (= column j of B), with numpy matmul's batch
+    broadcasting: a size-1 batch axis of A or B reads index 0."""
+    a_shape, b_shape = in_shapes[0], in_shapes[1]
+    if len(b_shape) < 2:
+        raise ProofError("MatMulInteger: a 1-D B has no column source")
+    k = a_shape[-1]
+    batch_out = out_multi[: len(out_multi) - (2 if len(a_shape) > 1 else 1)]
+    row = out_multi[-2] if len(a_shape) > 1 else None
+    column = out_multi[-1]
+    batch_shape = _broadcast_batch(a_shape[:-2], b_shape[:-2])
+    a_batch = _broadcast_index(batch_out, batch_shape, a_shape[:-2])
+    b_batch = _broadcast_index(batch_out, batch_shape, b_shape[:-2])
+    a_start = _ravel([*a_batch, row, 0], a_shape) if row is not None else 0
+    columns_shape = (*b_shape[:-2], b_shape[-1], b_shape[-2])
+    b_start = _ravel([*b_batch, column, 0], columns_shape)
+    return [Opening(0, node.inputs[0], a_start, k),
+            Opening(1, node.column_source, b_start, k, COLUMNS)]
+
+
+def _broadcast_batch(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(np.broadcast_shapes(a, b))
+
+
+def _broadcast_index(out_multi: Sequence[int], out_shape: Sequence[int],
+                     in_shape: Sequence[int]) -> list[int]:
+    """numpy broadcasting backwards: the input index of an output index (right-aligned axes,
+    a size-1 input axis always reads index 0)."""
+    skip = len(out_shape) - len(in_shape)
+    return [0 if dim == 1 else out_multi[skip + d] for d, dim in enumerate(in_shape)]
+
+
+def _broadcast_flat(out_multi, out_shape, in_shape) -> int:
+    return _ravel(_broadcast_index(out_multi, out_shape, in_shape), in_shape)
+
+
+def _unravel(flat: int, shape: Sequence[int]) -> list[int]:
+    count = math.prod(shape)
+    if not 0 <= flat < count:
+        raise ProofError(f"element {flat} outside a tensor of {count} elements")
+    multi = []
+    for dim in reversed(shape):
+        flat, index = divmod(flat, dim)
+        multi.append(index)
+    return multi[::-1]
+
+
+def _ravel(multi: Sequence[int], shape: Sequence[int]) -> int:
+    flat = 0
+    for index, dim in zip(multi, shape, strict=True):
+        flat = flat * dim + index
+    return flat
+
+
+def _axis(axis: int | None, rank: int) -> int:
+    if axis is None or not -rank <= axis < rank:
+        raise ProofError(f"axis {axis} out of range for rank {rank}")
+    return axis + rank if axis < 0 else axis
+
+
+def _index_value(index: int, dim: int) -> int:
+    """ONNX's index rule, with the op set's precondition: i in [-dim, dim) means i (+ dim)."""
+    if not -dim <= index < dim:
+        raise opset.OpSemanticsError(f"index {index} is outside [-{dim}, {dim})")
+    return index + dim if index < 0 else index
+
+
+def _reduced_axes(axes: np.ndarray | None, rank: int) -> tuple[int, ...]:
+    """Normalized reduced axes; absent or empty axes reduce everything (noop_with_empty_axes
+    cannot be encoded in a description, so it is 0)."""
+    if axes is None or axes.size == 0:
+        return tuple(range(rank))
+    normalized = sorted(_axis(int(a), rank) for a in axes)
+    if len(set(normalized)) != len(normalized):
+        raise opset.OpSemanticsError("axes has duplicates")
+    return tuple(normalized)
+
+
+def _group(out_multi: Sequence[int], in_shape: Sequence[int], reduced: Sequence[int],
+           keepdims: bool) -> list[int]:
+    """Flat input indices, increasing, of the group an output element of a reduction (or
+    ArgMax) reads: the output index on the kept axes, every index on the reduced ones."""
+    kept = iter(out_multi)
+    base = []
+    for axis in range(len(in_shape)):
+        if axis in reduced:
+            base.append(None)
+            if keepdims:
+                next(kept)
+        else:
+            base.append(next(kept))
+    flats = []
+    for combo in np.ndindex(*(in_shape[a] for a in reduced)):
+        multi = list(base)
+        for axis, index in zip(reduced, combo, strict=True):
+            multi[axis] = index
+        flats.append(_ravel(multi, in_shape))
+    return flats
+
+
+def _runs(position: int, ref: TensorRef, flats: Sequence[int]) -> list[Opening]:
+    """Increasing flat indices as maximal contiguous openings (one for a last-axis row)."""
+    runs: list[Opening] = []
+    for flat in flats:
+        if runs and runs[-1].start_element + runs[-1].count == flat:
+            last = runs[-1]
+            runs[-1] = Opening(position, ref, last.start_element, last.count + 1)
+        else:
+            runs.append(Opening(position, ref, flat, 1))
+    return runs
+
+
+def _slice_windows(node: StepNode, in_shapes, known) -> list[tuple[int, int, int]]:
+    """(start, step, count) per data axis after ONNX's clamping (opset.slice_'s rule)."""
+    rank = len(in_shapes[0])
+    starts = [int(v) for v in known[1]]
+    ends = [int(v) for v in known[2]]
+    axes = [int(v) for v in known[3]] if node.present(3) else list(range(len(starts)))
+    steps = [int(v) for v in known[4]] if node.present(4) else [1] * len(starts)
+    if not len(starts) == len(ends) == len(axes) == len(steps):
+        raise opset.OpSemanticsError("Slice: parameters differ in length")
+    windows = [(0, 1, dim) for dim in in_shapes[0]]
+    seen = set()
+    for start, end, axis, step in zip(starts, ends, axes, steps, strict=True):
+        axis = _axis(axis, rank)
+        if axis in seen or step == 0:
+            raise opset.OpSemanticsError("Slice: duplicate axis or zero step")
+        if step < 0 and end in (2**31 - 1, 2**63 - 1):
+            raise opset.OpSemanticsError("Slice: ambiguous end with a negative step")
+        seen.add(axis)
+        dim = in_shapes[0][axis]
+        start = start + dim if start < 0 else start
+        end = end + dim if end < 0 else end
+        if step > 0:
+            start, end = min(max(start, 0), dim), min(max(end, 0), dim)
+        else:
+            start, end = min(max(start, 0), dim - 1), min(max(end, -1), dim - 1)
+        windows[axis] = (start, step, len(range(start, end, step)) if dim else 0)
+    return windows
+
+
+# ------------------------------------------------------------------------------------------------
+# The element's value, and the output's dtype and shape
+# ------------------------------------------------------------------------------------------------
+
+
+def recompute_element(
+    node: StepNode,
+    opened: Mapping[Opening, np.ndarray],
+    out_index: int,
+    in_shapes: Sequence[tuple[int, ...] | None],
+    out_shape: tuple[int, ...],
+) -> int:
+    """Element `out_index` of the node's output from the opened values alone.
+
+    `opened` maps every opening of `element_dependencies` (all rounds) to its values (1-D, the
+    input's dtype; a column source row in B's dtype). The arithmetic is `optinfer.models.opset`
+    applied to the opened elements as tiny arrays, so it has exactly the op set's semantics
+    and preconditions (OpSemanticsError where ONNX Runtime would not give a defined result).
+    Returns a Python int (bool as 0/1).
+    """
+    by_position: dict[int, list[np.ndarray]] = {}
+    for opening, values in opened.items():
+        by_position.setdefault(opening.input_position, []).append(np.asarray(values).ravel())
+    values = {p: np.concatenate(parts) for p, parts in by_position.items()}
+    op = node.op_type
+
+    def element(position: int) -> np.ndarray:
+        return values[position][:1].reshape(())
+
+    if op in _ELEMENTWISE:
+        return _as_int(_ELEMENTWISE_FUNCTIONS[op](element(0), element(1)))
+    if op == "Clip":
+        low = values[1] if node.present(1) and 1 in values else None
+        high = values[2] if node.present(2) and 2 in values else None
+        return _as_int(opset.clip(element(0), low, high))
+    if op == "Cast":
+        return _as_int(opset.cast(element(0), int(node.attribute("to"))))
+    if op in ("Reshape", "Transpose", "Concat", "Slice", "Gather", "GatherElements"):
+        # The data element is the last opening (after any index or parameters); Concat opens
+        # one element of whichever input holds it.
+        data_position = next(iter(values)) if op == "Concat" else 0
+        return _as_int(values[data_position][-1:].reshape(()))
+    if op == "ReduceSum":
+        return _as_int(opset.reduce_sum(values[0], np.array([0], np.int64)))
+    if op == "ReduceMax":
+        return _as_int(opset.reduce_max(values[0], np.array([0], np.int64)))
+    if op == "ArgMax":
+        return _as_int(opset.arg_max(values[0], axis=0))
+    if op == "Shape":
+        return int(in_shapes[0][out_index])
+    if op == "Range":
+        start, limit, delta = (_as_int(values[p][:1].reshape(())) for p in (0, 1, 2))
+        return start + out_index * delta
+    if op == "MatMulInteger":
+        a = values[0].reshape(1, -1)
+        column = values[1].reshape(-1, 1)
+        zero_point = values.get(2)
+        return _as_int(opset.matmul_integer(a, column, zero_point))
+    raise ProofError(f"op {op} has no one-step")
+
+
+def _as_int(value: np.ndarray) -> int:
+    return int(np.asarray(value).reshape(()))
+
+
+def expected_output(
+    node: StepNode,
+    in_shapes: Sequence[tuple[int, ...] | None],
+    in_dtypes: Sequence[int | None],
+    parameters: Mapping[int, np.ndarray],
+) -> tuple[int, tuple[int, ...]]:
+    """The dtype code and shape node k's output must have, from its inputs' (authenticated)
+    dtypes and shapes and its opened parameters (`parameters[p]`: input p's values, flat).
+    Raises OpSemanticsError where the op set refuses the shapes."""
+    op = node.op_type
+    shape0 = in_shapes[0] if in_shapes else ()
+    dtype0 = in_dtypes[0] if in_dtypes else None
+    if op in _ELEMENTWISE:
+        shape = tuple(np.broadcast_shapes(in_shapes[0], in_shapes[1]))
+        return (_BOOL if op == "Greater" else dtype0), shape
+    if op == "Clip":
+        return dtype0, shape0
+    if op == "Cast":
+        return int(node.attribute("to")), shape0
+    if op in ("ReduceSum", "ReduceMax", "ArgMax"):
+        if op == "ArgMax":
+            reduced = (_axis(node.attribute("axis", 0), len(shape0)),)
+        else:
+            reduced = _reduced_axes(parameters.get(1), len(shape0))
+        keepdims = bool(node.attribute("keepdims", 1))
+        shape = tuple(1 if a in reduced else d for a, d in enumerate(shape0)
+                      if keepdims or a not in reduced)
+        return (_INT64 if op == "ArgMax" else dtype0), shape
+    if op == "Gather":
+        axis = _axis(node.attribute("axis", 0), len(shape0))
+        return dtype0, (*shape0[:axis], *in_shapes[1], *shape0[axis + 1 :])
+    if op == "GatherElements":
+        return dtype0, tuple(in_shapes[1])
+    if op == "Reshape":
+        target = [int(v) for v in parameters.get(1, np.zeros(0, np.int64))]
+        return dtype0, _reshape_target(shape0, target)
+    if op == "Transpose":
+        perm = node.attributes.get("perm", tuple(reversed(range(len(shape0)))))
+        if sorted(perm) != list(range(len(shape0))):
+            raise opset.OpSemanticsError(f"Transpose: {perm} is not a permutation")
+        return dtype0, tuple(shape0[p] for p in perm)
+    if op == "Concat":
+        axis = _axis(node.attribute("axis"), len(shape0))
+        shape = list(shape0)
+        shape[axis] = sum(s[axis] for s in in_shapes)
+        return dtype0, tuple(shape)
+    if op == "Slice":
+        return dtype0, tuple(count for _, _, count in _slice_windows(node, in_shapes, parameters))
+    if op == "Shape":
+        return _INT64, (len(shape0),)
+    if op == "Range":
+        start, limit, delta = (int(parameters[p][0]) for p in (0, 1, 2))
+        if delta == 0:
+            raise opset.OpSemanticsError("Range: delta is 0")
+        return _INT64, (max(-((start - limit) // delta), 0),)
+    if op == "MatMulInteger":
+        a, b = in_shapes[0], in_shapes[1]
+        batch = _broadcast_batch(a[:-2], b[:-2])
+        rows = (a[-2],) if len(a) > 1 else ()
+        return _INT32, (*batch, *rows, b[-1])
+    raise ProofError(f"op {op} has no one-step")
+
+
+def _reshape_target(shape: Sequence[int], target: list[int]) -> tuple[int, ...]:
+    """opset.reshape's rule: 0 copies the input dim, one -1 is inferred, count kept."""
+    count = math.prod(shape)
+    for i, d in enumerate(target):
+        if d == 0:
+            if i >= len(shape):
+                raise opset.OpSemanticsError("Reshape: 0 past the input's rank")
+            target[i] = shape[i]
+        elif d < -1:
+            raise opset.OpSemanticsError(f"Reshape: {d} is invalid")
+    if target.count(-1) > 1:
+        raise opset.OpSemanticsError("Reshape: more than one -1")
+    if -1 in target:
+        known = math.prod(d for d in target if d != -1)
+        if known == 0 or count % known:
+            raise opset.OpSemanticsError("Reshape: -1 cannot be inferred")
+        target[target.index(-1)] = count // known
+    if math.prod(target) != count:
+        raise opset.OpSemanticsError(f"Reshape: {tuple(shape)} cannot become {target}")
+    return tuple(target)
+
+
+def element_from_inputs(node: StepNode, inputs: Sequence[np.ndarray | None],
+                        out_index: int) -> int:
+    """Open and recompute element `out_index` straight from the input arrays (ONNX layout;
+    MatMulInteger's B is read through its transpose, as the column source). The helper the
+    Solidity golden tests use to produce openings from plain arrays."""
+    in_shapes = [None if x is None else tuple(np.shape(x)) for x in inputs]
+    in_dtypes = [None if x is None else commitments.dtype_code(np.asarray(x).dtype)
+                 for x in inputs]
+    parameters = {p: np.asarray(inputs[p]).ravel()
+                  for p in _PARAMETER_POSITIONS.get(node.op_type, ()) if node.present(p)}
+    _, out_shape = expected_output(node, in_shapes, in_dtypes, parameters)
+
+    def read(opening: Opening) -> np.ndarray:
+        array = np.asarray(inputs[opening.input_position])
+        if opening.layout == COLUMNS:
+            array = np.swapaxes(array, -1, -2)
+        flat = np.ascontiguousarray(array).ravel()
+        return flat[opening.start_element : opening.start_element + opening.count]
+
+    opened = _open_all(node, out_index, in_shapes, out_shape, read)
+    return recompute_element(node, opened, out_index, in_shapes, out_shape)
+
+
+def _open_all(node, out_index, in_shapes, out_shape, read) -> dict[Opening, np.ndarray]:
+    """Run element_dependencies to a fixed point, reading each new opening with `read`."""
+    opened: dict[Opening, np.ndarray] = {}
+    while True:
+        known = _first_values(opened)
+        new = [o for o in element_dependencies(node, out_index, in_shapes, out_shape, known)
+               if o not in opened]
+        if not new:
+            return opened
+        for opening in new:
+            opened[opening] = read(opening)
+
+
+def _first_values(opened: Mapping[Opening, np.ndarray]) -> dict[int, np.ndarray]:
+    known: dict[int, np.ndarray] = {}
+    for opening, values in opened.items():
+        known.setdefault(opening.input_position, np.asarray(values).ravel())
+    return known
+
+
+# ------------------------------------------------------------------------------------------------
+# The witness and its check
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OpenedTensor:
+    """The header and root of one tensor node k reads, and the path that proves the root: in
+    the state tree at `S_{k-1}` (a leaf, `len(path) == STATE_DEPTH`) or in the constants tree.
+    `data_root` binds the header to the root even when no element of the tensor is opened
+    (Shape reads only the header). For MatMulInteger's B, position 1 with layout COLUMNS: the
+    column source."""
+
+    position: int
+    layout: str
+    ref: TensorRef
+    dtype: int
+    shape: tuple[int, ...]
+    data_root: bytes
+    root: bytes
+    path: tuple[bytes, ...]
+
+    @property
+    def header(self) -> bytes:
+        return commitments.tensor_header(self.dtype, self.shape)
+
+
+@dataclass(frozen=True)
+class OpenedRange:
+    """One Opening with its range proof against its tensor's root."""
+
+    opening: Opening
+    proof: RangeProof
+
+
+@dataclass(frozen=True)
+class Witness:
+    """Everything a challenger submits for element `out_index` of node `k`.
+
+    `description_path` proves `sha256(description)` at index k of `nodes_root`. `tensors`:
+    one OpenedTensor per input the node reads (MatMulInteger's B replaced by its column
+    source). `ranges`: the openings of `element_dependencies`, in its order, with proofs.
+    `output_*`: the provider's element, opened from `T_k` (`output_proof` covers its bytes),
+    and `claimed` its decoded value.
+    """
+
+    k: int
+    out_index: int
+    description: bytes
+    description_path: tuple[bytes, ...]
+    tensors: tuple[OpenedTensor, ...]
+    ranges: tuple[OpenedRange, ...]
+    output_dtype: int
+    output_shape: tuple[int, ...]
+    output_proof: RangeProof
+    claimed: int
+
+    @property
+    def node(self) -> StepNode:
+        return parse_node_description(self.description)
+
+    def byte_size(self) -> int:
+        """Bytes of calldata the witness amounts to: the description and every hash, header,
+        chunk and index it carries (32 bytes per hash, 8 per integer field)."""
+        size = len(self.description) + 32 * len(self.description_path) + 8 * 2
+        for tensor in self.tensors:
+            size += len(tensor.header) + 32 * (2 + len(tensor.path)) + 8
+        for opened in self.ranges:
+            size += len(opened.proof.chunks) + 32 * len(opened.proof.siblings) + 8 * 3
+        size += len(commitments.tensor_header(self.output_dtype, self.output_shape))
+        size += len(self.output_proof.chunks) + 32 * len(self.output_proof.siblings) + 8
+        return size
+
+
+def check_witness(
+    witness: Witness,
+    *,
+    nodes_root: bytes,
+    constants_root: bytes,
+    agreed_state: bytes,
+    output_root: bytes,
+) -> int:
+    """The contract's one-step check. Returns the recomputed element when it equals the claim.
+
+    `agreed_state` is `S_{k-1}`, `output_root` the provider's `T_k` (revealed at the leaf
+    update). Checks, in order: the description against `nodes_root` at index k; every opened
+    tensor's header against its root and the root against `S_{k-1}` (leaf j < k) or
+    `constants_root`; that the openings are exactly `element_dependencies`' (recomputed from
+    the description, the headers and the values opened so far); every range proof; the claimed
+    element against `T_k`. Any of these failing raises ProofError (the submission is malformed:
+    the contract reverts). Then: the output dtype and shape and the element recomputed; either
+    differing from the provider's raises WrongClaim (the provider loses).
+    """
+    k = witness.k
+    if k < 1:
+        raise ProofError("node indices start at 1")
+    _check_path(witness.description_path, commitments.STATE_DEPTH, "description")
+    description_leaf = hashlib.sha256(witness.description).digest()
+    if commitments.root_from_path(description_leaf, k, witness.description_path) != nodes_root:
+        raise ProofError(f"the description is not node {k}'s")
+    node = parse_node_description(witness.description)
+
+    tensors = {(t.position, t.layout): t for t in witness.tensors}
+    if sorted(tensors) != sorted(_expected_tensor_slots(node)) or len(tensors) != len(
+            witness.tensors):
+        raise ProofError("the opened tensors are not the ones the node reads")
+    for (position, layout), tensor in tensors.items():
+        expected_ref = node.column_source if layout == COLUMNS else node.inputs[position]
+        if tensor.ref != expected_ref:
+            raise ProofError(f"input {position} is {expected_ref}, not {tensor.ref}")
+        _check_tensor(tensor, k, agreed_state, constants_root)
+
+    in_shapes, in_dtypes = _input_signature(node, tensors)
+    by_opening = {}
+    ranges = iter(witness.ranges)
+    out_shape = tuple(witness.output_shape)
+    if math.prod(out_shape) <= witness.out_index or witness.out_index < 0:
+        raise ProofError(f"element {witness.out_index} is outside the output")
+    while True:
+        expected = [o for o in element_dependencies(node, witness.out_index, in_shapes, out_shape,
+                                                    _first_values(by_opening))
+                    if o not in by_opening]
+        if not expected:
+            break
+        for opening in expected:
+            opened = next(ranges, None)
+            if opened is None or opened.opening != opening:
+                raise ProofError(f"expected the opening {opening}")
+            tensor = tensors[(opening.input_position, opening.layout)]
+            itemsize = commitments.numpy_dtype(tensor.dtype).itemsize
+            start = opening.start_element * itemsize
+            data = commitments.verify_tensor_range(
+                tensor.root, tensor.dtype, tensor.shape, start, start + opening.count * itemsize,
+                opened.proof)
+            by_opening[opening] = commitments.decode_elements(tensor.dtype, data)
+    if next(ranges, None) is not None:
+        raise ProofError("the witness opens more than the element needs")
+
+    out_start, out_end = commitments.element_byte_range(witness.output_dtype, out_shape,
+                                                        witness.out_index)
+    claimed_bytes = commitments.verify_tensor_range(
+        output_root, witness.output_dtype, out_shape, out_start, out_end, witness.output_proof)
+    claimed = int(commitments.decode_elements(witness.output_dtype, claimed_bytes)[0])
+    if claimed != witness.claimed:
+        raise ProofError(f"the claimed value {witness.claimed} is not T_k's element {claimed}")
+
+    parameters = {o.input_position: v for o, v in by_opening.items()
+                  if o.input_position in _PARAMETER_POSITIONS.get(node.op_type, ())}
+    for p in _PARAMETER_POSITIONS.get(node.op_type, ()):
+        if node.present(p) and p not in parameters:
+            parameters[p] = np.zeros(0, np.int64)  # an empty parameter has nothing to open
+    expected_dtype, expected_shape = expected_output(node, in_shapes, in_dtypes, parameters)
+    if (expected_dtype, expected_shape) != (witness.output_dtype, out_shape):
+        raise WrongClaim(f"node {k} outputs {expected_dtype} {expected_shape}, the provider "
+                         f"committed {witness.output_dtype} {out_shape}")
+    value = recompute_element(node, by_opening, witness.out_index, in_shapes, out_shape)
+    if value != claimed:
+        raise WrongClaim(f"element {witness.out_index} of node {k} is {value}, the provider "
+                         f"claims {claimed}", recomputed=value, claimed=claimed)
+    return value
+
+
+def _expected_tensor_slots(node: StepNode) -> list[tuple[int, str]]:
+    """(input position, layout) of each tensor the witness must open for the node."""
+    slots = []
+    for position, ref in enumerate(node.inputs):
+        if ref is None:
+            continue
+        layout = COLUMNS if node.op_type == "MatMulInteger" and position == 1 else NATURAL
+        slots.append((position, layout))
+    return slots
+
+
+def _input_signature(node: StepNode, tensors: Mapping[tuple[int, str], OpenedTensor]):
+    """Per input position: its shape in ONNX layout (B un-swapped from its column source) and
+    dtype code; None for absent inputs."""
+    shapes: list[tuple[int, ...] | None] = [None] * len(node.inputs)
+    dtypes: list[int | None] = [None] * len(node.inputs)
+    for (position, layout), tensor in tensors.items():
+        shape = tuple(tensor.shape)
+        if layout == COLUMNS:
+            if len(shape) < 2:
+                raise ProofError("a column source has rank >= 2")
+            shape = (*shape[:-2], shape[-1], shape[-2])
+        shapes[position], dtypes[position] = shape, tensor.dtype
+    return shapes, dtypes
+
+
+def _check_tensor(tensor: OpenedTensor, k: int, agreed_state: bytes,
+                  constants_root: bytes) -> None:
+    if commitments.tensor_root_from_data_root(tensor.dtype, tensor.shape,
+                                              tensor.data_root) != tensor.root:
+        raise ProofError(f"{tensor.ref}: header and data root do not give its root")
+    if tensor.ref.kind == INPUT_LEAF:
+        if not tensor.ref.index < k:
+            raise ProofError(f"node {k} cannot read leaf {tensor.ref.index}")
+        _check_path(tensor.path, commitments.STATE_DEPTH, "state leaf")
+        if tensor.root == commitments.ZERO or commitments.root_from_path(
+                tensor.root, tensor.ref.index, tensor.path) != agreed_state:
+            raise ProofError(f"{tensor.ref} is not in the agreed state S_{k - 1}")
+    else:
+        # The constants tree's depth is not fixed by the protocol, but a root proven at the
+        # wrong height would have to be a 64-byte preimage (an internal node) or sit below a
+        # tensor root, whose preimage is a 34 + 8n byte header and data root: never 64 bytes.
+        if commitments.root_from_path(tensor.root, tensor.ref.index, tensor.path) \
+                != constants_root:
+            raise ProofError(f"{tensor.ref} is not in the model's constants")
+
+
+def _check_path(path: Sequence[bytes], depth: int, what: str) -> None:
+    if len(path) != depth:
+        raise ProofError(f"{what} path has {len(path)} siblings, expected {depth}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Building witnesses: model and trace commitments, computed once
+# ------------------------------------------------------------------------------------------------
+
+
+class CommittedModel:
+    """A converted model's commitments, built once: node descriptions and the nodes tree,
+    committed constants (MatMulInteger B transposed) and the constants tree. Checked against
+    the manifest's roots."""
+
+    def __init__(self, model) -> None:
+        from optinfer.models.reference import load_initializer
+
+        proto = model.verify_graph()
+        graph = proto.graph
+        leaf_of = {graph.input[0].name: 0}
+        leaf_of.update({node.output[0]: k for k, node in enumerate(graph.node, 1)})
+        self.constant_names = [t.name for t in graph.initializer]
+        constant_of = {name: i for i, name in enumerate(self.constant_names)}
+        sources = column_sources(proto)
+        self.descriptions = [node_description(node, leaf_of, constant_of,
+                                              sources.get(node.output[0]))
+                             for node in graph.node]
+        self.node_count = len(self.descriptions)
+        self._node_levels = commitments.tree_levels(
+            [commitments.ZERO] + [hashlib.sha256(d).digest() for d in self.descriptions],
+            commitments.STATE_DEPTH)
+        transposed = {n.input[1] for n in graph.node if n.op_type == "MatMulInteger"}
+        self.constants = [committed_constant(load_initializer(t, model.dir), t.name in transposed)
+                          for t in graph.initializer]
+        self._constant_trees: dict[int, commitments.TensorTree] = {}
+        self._constant_levels = commitments.tree_levels(
+            [self.constant_tree(c).root for c in range(len(self.constants))])
+        for name, root in (("nodes_root", self.nodes_root),
+                           ("constants_root", self.constants_root)):
+            if "0x" + root.hex() != model.manifest[name]:
+                raise ValueError(f"the model's {name} does not match its manifest")
+
+    @property
+    def nodes_root(self) -> bytes:
+        return self._node_levels[-1][0]
+
+    @property
+    def constants_root(self) -> bytes:
+        return self._constant_levels[-1][0]
+
+    def description_path(self, k: int) -> tuple[bytes, ...]:
+        return tuple(level[(k >> h) ^ 1] for h, level in enumerate(self._node_levels[:-1]))
+
+    def constant_path(self, c: int) -> tuple[bytes, ...]:
+        return tuple(level[(c >> h) ^ 1] for h, level in enumerate(self._constant_levels[:-1]))
+
+    def constant_tree(self, c: int) -> commitments.TensorTree:
+        if c not in self._constant_trees:
+            self._constant_trees[c] = commitments.TensorTree(self.constants[c])
+        return self._constant_trees[c]
+
+
+class TraceCommitment:
+    """A trace's tensor roots `T_0 .. T_N` and its StateTree, computed once; data trees of the
+    tensors are built on first use (a witness opens a few of them)."""
+
+    def __init__(self, sequence: np.ndarray, outputs: Sequence[np.ndarray]) -> None:
+        self.tensors = [np.asarray(sequence), *(np.asarray(x) for x in outputs)]
+        self._trees: dict[int, commitments.TensorTree] = {}
+        self.roots = [commitments.tensor_root(x) for x in self.tensors]
+        self.state = commitments.StateTree()
+        self.state.extend(self.roots)
+
+    def tree(self, leaf: int) -> commitments.TensorTree:
+        if leaf not in self._trees:
+            self._trees[leaf] = commitments.TensorTree(self.tensors[leaf])
+        return self._trees[leaf]
+
+    def with_output(self, k: int, tensor: np.ndarray) -> TraceCommitment:
+        """A copy whose node k output is `tensor` (a provider lying at node k)."""
+        outputs = list(self.tensors[1:])
+        outputs[k - 1] = tensor
+        return TraceCommitment(self.tensors[0], outputs)
+
+
+class OneStepProver:
+    """Builds one-step witnesses for any element of any node of one verification trace."""
+
+    def __init__(self, committed: CommittedModel, trace: TraceCommitment) -> None:
+        self.committed, self.trace = committed, trace
+
+    def witness(self, k: int, out_index: int, provider: TraceCommitment | None = None) -> Witness:
+        """The witness for element `out_index` of node k; the claimed element is opened from
+        `provider`'s trace (default: the honest one) while inputs come from the honest
+        `S_{k-1}` (the agreed state at the one-step)."""
+        if not 1 <= k <= self.committed.node_count:
+            raise ValueError(f"node {k} outside 1..{self.committed.node_count}")
+        provider = provider or self.trace
+        description = self.committed.descriptions[k - 1]
+        node = parse_node_description(description)
+        tensors = {}
+        for position, layout in _expected_tensor_slots(node):
+            ref = node.column_source if layout == COLUMNS else node.inputs[position]
+            tensors[(position, layout)] = self._opened_tensor(position, layout, ref, k)
+        in_shapes, _ = _input_signature(node, tensors)
+        output = provider.tree(k)
+        out_shape = tuple(output.array.shape)
+        ranges: list[OpenedRange] = []
+        opened: dict[Opening, np.ndarray] = {}
+        while True:
+            new = [o for o in element_dependencies(node, out_index, in_shapes, out_shape,
+                                                   _first_values(opened)) if o not in opened]
+            if not new:
+                break
+            for opening in new:
+                tree = self._tree(tensors[(opening.input_position, opening.layout)].ref)
+                itemsize = tree.array.dtype.itemsize
+                start = opening.start_element * itemsize
+                proof = tree.range_proof(start, start + opening.count * itemsize)
+                ranges.append(OpenedRange(opening, proof))
+                opened[opening] = tree.array.ravel()[
+                    opening.start_element : opening.start_element + opening.count]
+        out_start, out_end = commitments.element_byte_range(output.array.dtype, out_shape,
+                                                            out_index)
+        return Witness(
+            k=k, out_index=out_index, description=description,
+            description_path=self.committed.description_path(k),
+            tensors=tuple(tensors.values()), ranges=tuple(ranges),
+            output_dtype=commitments.dtype_code(output.array.dtype), output_shape=out_shape,
+            output_proof=output.range_proof(out_start, out_end),
+            claimed=int(output.array.ravel()[out_index]))
+
+    def check(self, witness: Witness, provider: TraceCommitment | None = None) -> int:
+        """check_witness against this model's roots and the trace's `S_{k-1}` and `T_k`."""
+        provider = provider or self.trace
+        return check_witness(
+            witness, nodes_root=self.committed.nodes_root,
+            constants_root=self.committed.constants_root,
+            agreed_state=self.trace.state.root(witness.k - 1),
+            output_root=provider.roots[witness.k])
+
+    def _tree(self, ref: TensorRef) -> commitments.TensorTree:
+        if ref.kind == INPUT_LEAF:
+            return self.trace.tree(ref.index)
+        return self.committed.constant_tree(ref.index)
+
+    def _opened_tensor(self, position: int, layout: str, ref: TensorRef, k: int) -> OpenedTensor:
+        tree = self._tree(ref)
+        if ref.kind == INPUT_LEAF:
+            path = tuple(self.trace.state.path(ref.index, k - 1))
+        else:
+            path = self.committed.constant_path(ref.index)
+        return OpenedTensor(position, layout, ref, commitments.dtype_code(tree.array.dtype),
+                            tuple(tree.array.shape), tree.data_root, tree.root, path)
+
+
+def one_step_witness(model, prompt: Sequence[int], output: Sequence[int], k: int,
+                     out_index: int) -> Witness:
+    """The witness for element `out_index` of node k of the verification trace of
+    (`prompt`, `output`) on `model` (an IntegerModel). Builds every commitment; to build many
+    witnesses use `OneStepProver(CommittedModel(model), TraceCommitment(*model.trace(...)))`."""
+    sequence, outputs = model.trace(list(prompt), list(output))
+    return OneStepProver(CommittedModel(model), TraceCommitment(sequence, outputs)).witness(
+        k, out_index)
