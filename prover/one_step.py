@@ -77,6 +77,14 @@ _PARAMETER_POSITIONS: dict[str, tuple[int, ...]] = {
     "Range": (0, 1, 2),
     "MatMulInteger": (2,),
 }
+#: Inputs that must be int64 (indices, shapes, axes, Slice and Range parameters), single
+#: elements (scalars) and 1-D vectors, by op.
+_INDEX_POSITIONS = {"ReduceSum": (1,), "ReduceMax": (1,), "Gather": (1,),
+                    "GatherElements": (1,), "Reshape": (1,), "Slice": (1, 2, 3, 4),
+                    "Range": (0, 1, 2)}
+_SCALAR_POSITIONS = {"Clip": (1, 2), "Range": (0, 1, 2), "MatMulInteger": (2,)}
+_VECTOR_POSITIONS = {"ReduceSum": (1,), "ReduceMax": (1,), "Reshape": (1,),
+                     "Slice": (1, 2, 3, 4)}
 _ELEMENTWISE = ("Add", "Sub", "Mul", "Div", "Min", "Max", "Greater")
 _ELEMENTWISE_FUNCTIONS = {op: opset.OPS[op].function for op in _ELEMENTWISE}
 
@@ -201,6 +209,33 @@ class Opening:
     layout: str = NATURAL
 
 
+def parameter_openings(node: StepNode,
+                       in_shapes: Sequence[tuple[int, ...] | None]) -> list[Opening]:
+    """The node's parameters, each opened in full: Clip's bounds, the reduction axes, Reshape's
+    shape, Slice's starts/ends/axes/steps, Range's three scalars, MatMulInteger's zero point.
+    An empty parameter tensor has nothing to open: its header already says it is empty."""
+    return [Opening(p, node.inputs[p], 0, math.prod(in_shapes[p]))
+            for p in _PARAMETER_POSITIONS.get(node.op_type, ())
+            if node.present(p) and math.prod(in_shapes[p]) > 0]
+
+
+def parameter_values(node: StepNode, in_shapes: Sequence[tuple[int, ...] | None],
+                     known: Mapping[int, np.ndarray]) -> dict[int, np.ndarray] | None:
+    """Every present parameter's values (flat; empty for an empty tensor), or None while one
+    is not yet in `known`."""
+    values = {}
+    for p in _PARAMETER_POSITIONS.get(node.op_type, ()):
+        if not node.present(p):
+            continue
+        if math.prod(in_shapes[p]) == 0:
+            values[p] = np.zeros(0, np.int64)
+        elif p in known:
+            values[p] = np.asarray(known[p]).ravel()
+        else:
+            return None
+    return values
+
+
 def element_dependencies(
     node: StepNode,
     out_index: int,
@@ -209,23 +244,28 @@ def element_dependencies(
     known: Mapping[int, np.ndarray] | None = None,
 ) -> list[Opening]:
     """The input element ranges that element `out_index` (flat, C order) of the node's output
-    needs, in the order the verifier opens them.
+    needs, in the order the verifier opens them: first the parameters (`parameter_openings`),
+    then the data.
 
     `in_shapes[p]` is input p's shape (None when absent); MatMulInteger's B is given in ONNX
     layout (K, N) even though it is opened from its column source. `out_shape` is the node's
     output shape. `known[p]` holds the values, flattened, of input p's first opening when
     already opened: parameters (opened in full) and Gather/GatherElements' index element.
     Openings that depend on a value not in `known` are left out; call again with the values of
-    the returned openings to get them (Slice's data element needs its parameters, Gather's
-    data element its index). The list always starts with the parameter openings.
+    the returned openings to get them: data openings wait for the parameters (Slice's start
+    may be a state leaf), Gather's data element waits for its index element.
     """
     known = known or {}
+    openings = parameter_openings(node, in_shapes)
+    parameters = parameter_values(node, in_shapes, known)
+    if parameters is None:
+        return openings
+    return [*openings, *_data_openings(node, out_index, in_shapes, out_shape, parameters, known)]
+
+
+def _data_openings(node: StepNode, out_index: int, in_shapes, out_shape, parameters,
+                   known) -> list[Opening]:
     out_multi = _unravel(out_index, out_shape)
-    openings = [
-        Opening(p, node.inputs[p], 0, math.prod(in_shapes[p]))
-        for p in _PARAMETER_POSITIONS.get(node.op_type, ())
-        if node.present(p) and math.prod(in_shapes[p]) > 0
-    ]
     op = node.op_type
 
     def single(position: int, flat: int) -> Opening:
@@ -233,10 +273,8 @@ def element_dependencies(
 
     if op in _ELEMENTWISE:
         return [single(p, _broadcast_flat(out_multi, out_shape, in_shapes[p])) for p in (0, 1)]
-    if op == "Clip":
-        return [single(0, out_index), *openings]
-    if op in ("Cast", "Reshape"):
-        return [single(0, out_index), *openings]  # Reshape keeps the flat order
+    if op in ("Clip", "Cast", "Reshape"):
+        return [single(0, out_index)]  # same shape, or (Reshape) the same flat order
     if op == "Transpose":
         perm = node.attributes.get("perm", tuple(reversed(range(len(out_shape)))))
         source = [0] * len(out_shape)
@@ -254,20 +292,13 @@ def element_dependencies(
             offset -= shape[axis]
         raise ProofError("Concat: the element lies past every input")
     if op == "Slice":
-        if not all(p in known for p in range(1, 5) if node.present(p) and p < len(in_shapes)
-                   and math.prod(in_shapes[p]) > 0):
-            return openings
-        windows = _slice_windows(node, in_shapes, known)
+        windows = _slice_windows(node, in_shapes, parameters)
         source = [start + i * step for i, (start, step, _) in zip(out_multi, windows, strict=True)]
-        return [*openings, single(0, _ravel(source, in_shapes[0]))]
+        return [single(0, _ravel(source, in_shapes[0]))]
     if op in ("ReduceSum", "ReduceMax"):
-        if 1 in [o.input_position for o in openings] and 1 not in known:
-            return openings
-        axes = known.get(1)
-        reduced = _reduced_axes(axes, len(in_shapes[0]))
+        reduced = _reduced_axes(parameters.get(1), len(in_shapes[0]))
         keepdims = bool(node.attribute("keepdims", 1))
-        flats = _group(out_multi, in_shapes[0], reduced, keepdims)
-        return [*openings, *_runs(0, node.inputs[0], flats)]
+        return _runs(0, node.inputs[0], _group(out_multi, in_shapes[0], reduced, keepdims))
     if op == "ArgMax":
         axis = _axis(node.attribute("axis", 0), len(in_shapes[0]))
         keepdims = bool(node.attribute("keepdims", 1))
@@ -275,8 +306,7 @@ def element_dependencies(
     if op == "Gather":
         axis = _axis(node.attribute("axis", 0), len(in_shapes[0]))
         index_rank = len(in_shapes[1])
-        index_flat = _ravel(out_multi[axis : axis + index_rank], in_shapes[1])
-        first = [single(1, index_flat)]
+        first = [single(1, _ravel(out_multi[axis : axis + index_rank], in_shapes[1]))]
         if 1 not in known:
             return first
         position = _index_value(int(known[1][0]), in_shapes[0][axis])
@@ -290,12 +320,10 @@ def element_dependencies(
         source = list(out_multi)
         source[axis] = _index_value(int(known[1][0]), in_shapes[0][axis])
         return [*first, single(0, _ravel(source, in_shapes[0]))]
-    if op == "Shape":
-        return []  # a function of the input's shape, which its header commits
-    if op == "Range":
-        return openings
+    if op in ("Shape", "Range"):
+        return []  # Shape: the input's header; Range: its parameters alone
     if op == "MatMulInteger":
-        return [*_matmul_dependencies(node, out_multi, in_shapes), *openings]
+        return _matmul_dependencies(node, out_multi, in_shapes)
     raise ProofError(f"op {op} has no one-step")
 
 
@@ -513,20 +541,43 @@ def expected_output(
     parameters: Mapping[int, np.ndarray],
 ) -> tuple[int, tuple[int, ...]]:
     """The dtype code and shape node k's output must have, from its inputs' (authenticated)
-    dtypes and shapes and its opened parameters (`parameters[p]`: input p's values, flat).
-    Raises OpSemanticsError where the op set refuses the shapes."""
+    dtypes and shapes and its parameters (`parameter_values`).
+
+    Also checks what the element recomputation alone cannot see: index and parameter tensors
+    are int64 with the ranks the op set requires, MatMulInteger's inner dimensions agree,
+    shapes broadcast. Raises OpSemanticsError where the op set refuses the inputs.
+    """
+    try:
+        return _expected_output(node, list(in_shapes), list(in_dtypes), parameters)
+    except ValueError as error:  # np.broadcast_shapes, dtype_code
+        if isinstance(error, opset.OpSemanticsError):
+            raise
+        raise opset.OpSemanticsError(f"{node.op_type}: {error}") from None
+
+
+def _expected_output(node, in_shapes, in_dtypes, parameters) -> tuple[int, tuple[int, ...]]:
     op = node.op_type
-    shape0 = in_shapes[0] if in_shapes else ()
-    dtype0 = in_dtypes[0] if in_dtypes else None
+    shape0, dtype0 = in_shapes[0], in_dtypes[0]
+    for p in _INDEX_POSITIONS.get(op, ()):
+        if node.present(p) and in_dtypes[p] != _INT64:
+            raise opset.OpSemanticsError(f"{op}: input {p} must be int64")
+    for p in _SCALAR_POSITIONS.get(op, ()):
+        if node.present(p) and (len(in_shapes[p]) > 1 or math.prod(in_shapes[p]) != 1):
+            raise opset.OpSemanticsError(f"{op}: input {p} must be a single element")
+    for p in _VECTOR_POSITIONS.get(op, ()):
+        if node.present(p) and len(in_shapes[p]) != 1:
+            raise opset.OpSemanticsError(f"{op}: input {p} must be 1-D")
     if op in _ELEMENTWISE:
         shape = tuple(np.broadcast_shapes(in_shapes[0], in_shapes[1]))
         return (_BOOL if op == "Greater" else dtype0), shape
     if op == "Clip":
         return dtype0, shape0
     if op == "Cast":
-        return int(node.attribute("to")), shape0
+        return commitments.dtype_code(int(node.attribute("to"))), shape0
     if op in ("ReduceSum", "ReduceMax", "ArgMax"):
         if op == "ArgMax":
+            if node.attribute("select_last_index", 0) != 0:
+                raise opset.OpSemanticsError("ArgMax: select_last_index must be 0")
             reduced = (_axis(node.attribute("axis", 0), len(shape0)),)
         else:
             reduced = _reduced_axes(parameters.get(1), len(shape0))
@@ -538,10 +589,14 @@ def expected_output(
         axis = _axis(node.attribute("axis", 0), len(shape0))
         return dtype0, (*shape0[:axis], *in_shapes[1], *shape0[axis + 1 :])
     if op == "GatherElements":
-        return dtype0, tuple(in_shapes[1])
+        axis = _axis(node.attribute("axis", 0), len(shape0))
+        indices = in_shapes[1]
+        if len(indices) != len(shape0) or any(
+                indices[d] > shape0[d] for d in range(len(shape0)) if d != axis):
+            raise opset.OpSemanticsError("GatherElements: indices do not fit the data")
+        return dtype0, tuple(indices)
     if op == "Reshape":
-        target = [int(v) for v in parameters.get(1, np.zeros(0, np.int64))]
-        return dtype0, _reshape_target(shape0, target)
+        return dtype0, _reshape_target(shape0, [int(v) for v in parameters[1]])
     if op == "Transpose":
         perm = node.attributes.get("perm", tuple(reversed(range(len(shape0)))))
         if sorted(perm) != list(range(len(shape0))):
@@ -549,9 +604,12 @@ def expected_output(
         return dtype0, tuple(shape0[p] for p in perm)
     if op == "Concat":
         axis = _axis(node.attribute("axis"), len(shape0))
-        shape = list(shape0)
-        shape[axis] = sum(s[axis] for s in in_shapes)
-        return dtype0, tuple(shape)
+        ranks_differ = any(len(s) != len(shape0) for s in in_shapes)
+        if ranks_differ or len({(*s[:axis], *s[axis + 1 :]) for s in in_shapes}) != 1 \
+                or len(set(in_dtypes)) != 1:
+            raise opset.OpSemanticsError("Concat: inputs differ off the axis or in dtype")
+        return dtype0, tuple(sum(s[axis] for s in in_shapes) if a == axis else d
+                             for a, d in enumerate(shape0))
     if op == "Slice":
         return dtype0, tuple(count for _, _, count in _slice_windows(node, in_shapes, parameters))
     if op == "Shape":
@@ -562,10 +620,11 @@ def expected_output(
             raise opset.OpSemanticsError("Range: delta is 0")
         return _INT64, (max(-((start - limit) // delta), 0),)
     if op == "MatMulInteger":
-        a, b = in_shapes[0], in_shapes[1]
-        batch = _broadcast_batch(a[:-2], b[:-2])
+        a, b = shape0, in_shapes[1]
+        if a[-1] != b[-2]:
+            raise opset.OpSemanticsError(f"MatMulInteger: inner dimensions {a[-1]} != {b[-2]}")
         rows = (a[-2],) if len(a) > 1 else ()
-        return _INT32, (*batch, *rows, b[-1])
+        return _INT32, (*_broadcast_batch(a[:-2], b[:-2]), *rows, b[-1])
     raise ProofError(f"op {op} has no one-step")
 
 
@@ -676,8 +735,8 @@ class Witness:
     `description_path` proves `sha256(description)` at index k of `nodes_root`. `tensors`:
     one OpenedTensor per input the node reads (MatMulInteger's B replaced by its column
     source). `ranges`: the openings of `element_dependencies`, in its order, with proofs.
-    `output_*`: the provider's element, opened from `T_k` (`output_proof` covers its bytes),
-    and `claimed` its decoded value.
+    `output_*`: the header and data root of the provider's `T_k`, and its element
+    `out_index` (`output_proof` opens its bytes); `claimed` is that element's value.
     """
 
     k: int
@@ -688,6 +747,7 @@ class Witness:
     ranges: tuple[OpenedRange, ...]
     output_dtype: int
     output_shape: tuple[int, ...]
+    output_data_root: bytes
     output_proof: RangeProof
     claimed: int
 
@@ -703,7 +763,7 @@ class Witness:
             size += len(tensor.header) + 32 * (2 + len(tensor.path)) + 8
         for opened in self.ranges:
             size += len(opened.proof.chunks) + 32 * len(opened.proof.siblings) + 8 * 3
-        size += len(commitments.tensor_header(self.output_dtype, self.output_shape))
+        size += len(commitments.tensor_header(self.output_dtype, self.output_shape)) + 32
         size += len(self.output_proof.chunks) + 32 * len(self.output_proof.siblings) + 8
         return size
 
@@ -719,13 +779,22 @@ def check_witness(
     """The contract's one-step check. Returns the recomputed element when it equals the claim.
 
     `agreed_state` is `S_{k-1}`, `output_root` the provider's `T_k` (revealed at the leaf
-    update). Checks, in order: the description against `nodes_root` at index k; every opened
-    tensor's header against its root and the root against `S_{k-1}` (leaf j < k) or
-    `constants_root`; that the openings are exactly `element_dependencies`' (recomputed from
-    the description, the headers and the values opened so far); every range proof; the claimed
-    element against `T_k`. Any of these failing raises ProofError (the submission is malformed:
-    the contract reverts). Then: the output dtype and shape and the element recomputed; either
-    differing from the provider's raises WrongClaim (the provider loses).
+    update). In order:
+
+    1. the description against `nodes_root` at index k;
+    2. every opened tensor: header and data root give its root, the root is leaf j < k of
+       `S_{k-1}` or constant c of `constants_root`;
+    3. the parameter openings, with their range proofs;
+    4. `T_k`'s header and data root against `output_root`; the dtype and shape the node must
+       output (`expected_output`) against that header;
+    5. the claimed element's range proof against `output_root`;
+    6. the data openings, exactly `element_dependencies`' in its order, with range proofs;
+    7. the element recomputed (`recompute_element`) against the claim.
+
+    A failure in 1-3, 5 or 6 raises ProofError: the submission is malformed (the contract
+    reverts). A difference in 4 or 7 raises WrongClaim: the provider loses. So does an input
+    on which the op set refuses to compute (OpSemanticsError): the inputs are the agreed,
+    honest state, so no claimed value for node k can be right there.
     """
     k = witness.k
     if k < 1:
@@ -745,33 +814,24 @@ def check_witness(
         if tensor.ref != expected_ref:
             raise ProofError(f"input {position} is {expected_ref}, not {tensor.ref}")
         _check_tensor(tensor, k, agreed_state, constants_root)
-
     in_shapes, in_dtypes = _input_signature(node, tensors)
-    by_opening = {}
-    ranges = iter(witness.ranges)
-    out_shape = tuple(witness.output_shape)
-    if math.prod(out_shape) <= witness.out_index or witness.out_index < 0:
-        raise ProofError(f"element {witness.out_index} is outside the output")
-    while True:
-        expected = [o for o in element_dependencies(node, witness.out_index, in_shapes, out_shape,
-                                                    _first_values(by_opening))
-                    if o not in by_opening]
-        if not expected:
-            break
-        for opening in expected:
-            opened = next(ranges, None)
-            if opened is None or opened.opening != opening:
-                raise ProofError(f"expected the opening {opening}")
-            tensor = tensors[(opening.input_position, opening.layout)]
-            itemsize = commitments.numpy_dtype(tensor.dtype).itemsize
-            start = opening.start_element * itemsize
-            data = commitments.verify_tensor_range(
-                tensor.root, tensor.dtype, tensor.shape, start, start + opening.count * itemsize,
-                opened.proof)
-            by_opening[opening] = commitments.decode_elements(tensor.dtype, data)
-    if next(ranges, None) is not None:
-        raise ProofError("the witness opens more than the element needs")
 
+    ranges = iter(witness.ranges)
+    opened: dict[Opening, np.ndarray] = {}
+    _open_verified(parameter_openings(node, in_shapes), ranges, tensors, opened)
+
+    out_shape = tuple(witness.output_shape)
+    if commitments.tensor_root_from_data_root(witness.output_dtype, out_shape,
+                                              witness.output_data_root) != output_root:
+        raise ProofError("the output header and data root do not give T_k")
+    parameters = parameter_values(node, in_shapes, _first_values(opened))
+    expected = _refusal_loses(k, lambda: expected_output(node, in_shapes, in_dtypes, parameters))
+    if expected != (witness.output_dtype, out_shape):
+        raise WrongClaim(f"node {k} outputs dtype {expected[0]} shape {expected[1]}, the "
+                         f"provider committed dtype {witness.output_dtype} shape {out_shape}")
+
+    if not 0 <= witness.out_index < math.prod(out_shape):
+        raise ProofError(f"element {witness.out_index} is outside T_k")
     out_start, out_end = commitments.element_byte_range(witness.output_dtype, out_shape,
                                                         witness.out_index)
     claimed_bytes = commitments.verify_tensor_range(
@@ -780,20 +840,46 @@ def check_witness(
     if claimed != witness.claimed:
         raise ProofError(f"the claimed value {witness.claimed} is not T_k's element {claimed}")
 
-    parameters = {o.input_position: v for o, v in by_opening.items()
-                  if o.input_position in _PARAMETER_POSITIONS.get(node.op_type, ())}
-    for p in _PARAMETER_POSITIONS.get(node.op_type, ()):
-        if node.present(p) and p not in parameters:
-            parameters[p] = np.zeros(0, np.int64)  # an empty parameter has nothing to open
-    expected_dtype, expected_shape = expected_output(node, in_shapes, in_dtypes, parameters)
-    if (expected_dtype, expected_shape) != (witness.output_dtype, out_shape):
-        raise WrongClaim(f"node {k} outputs {expected_dtype} {expected_shape}, the provider "
-                         f"committed {witness.output_dtype} {out_shape}")
-    value = recompute_element(node, by_opening, witness.out_index, in_shapes, out_shape)
+    def open_data() -> None:
+        while expected := [o for o in element_dependencies(
+                node, witness.out_index, in_shapes, out_shape, _first_values(opened))
+                if o not in opened]:
+            _open_verified(expected, ranges, tensors, opened)
+
+    _refusal_loses(k, open_data)
+    if next(ranges, None) is not None:
+        raise ProofError("the witness opens more than the element needs")
+    value = _refusal_loses(k, lambda: recompute_element(node, opened, witness.out_index,
+                                                        in_shapes, out_shape))
     if value != claimed:
         raise WrongClaim(f"element {witness.out_index} of node {k} is {value}, the provider "
                          f"claims {claimed}", recomputed=value, claimed=claimed)
     return value
+
+
+def _open_verified(expected: Sequence[Opening], ranges, tensors, opened: dict) -> None:
+    """Take the next witness ranges, which must be `expected` in order, verify their range
+    proofs against their tensors' roots and record the decoded values in `opened`."""
+    for opening in expected:
+        given = next(ranges, None)
+        if given is None or given.opening != opening:
+            raise ProofError(f"expected the opening {opening}")
+        tensor = tensors[(opening.input_position, opening.layout)]
+        itemsize = commitments.numpy_dtype(tensor.dtype).itemsize
+        start = opening.start_element * itemsize
+        data = commitments.verify_tensor_range(
+            tensor.root, tensor.dtype, tensor.shape, start, start + opening.count * itemsize,
+            given.proof)
+        opened[opening] = commitments.decode_elements(tensor.dtype, data)
+
+
+def _refusal_loses(k: int, compute):
+    """Run `compute`; an op-set refusal on the agreed inputs means node k has no right value."""
+    try:
+        return compute()
+    except opset.OpSemanticsError as error:
+        raise WrongClaim(f"node {k} has no defined result on the agreed inputs: {error}") \
+            from None
 
 
 def _expected_tensor_slots(node: StepNode) -> list[tuple[int, str]]:
@@ -973,6 +1059,7 @@ class OneStepProver:
             description_path=self.committed.description_path(k),
             tensors=tuple(tensors.values()), ranges=tuple(ranges),
             output_dtype=commitments.dtype_code(output.array.dtype), output_shape=out_shape,
+            output_data_root=output.data_root,
             output_proof=output.range_proof(out_start, out_end),
             claimed=int(output.array.ravel()[out_index]))
 

@@ -87,14 +87,14 @@ def test_matrix_products_open_a_row_of_a_and_a_row_of_the_column_source(tiny):
         k = _node_k(names, name)
         witness = prover.witness(k, outputs[k - 1].size - 1)
         node = witness.node
-        a, columns = (r.opening for r in witness.ranges[:2])
+        zero_point, a, columns = (r.opening for r in witness.ranges)
+        assert zero_point.count == 1 and zero_point.input_position == 2
         assert a.tensor_ref == node.inputs[0] and columns.layout == COLUMNS
         assert columns.tensor_ref == node.column_source
         # A constant B is its own (transposed) column source; K and V use proof-only leaves.
         assert (node.column_source == node.inputs[1]) == (name.endswith(".acc"))
         k_dim = prover._tree(node.inputs[0]).array.shape[-1]
         assert a.count == columns.count == k_dim  # K bytes each
-        assert witness.ranges[2].opening.count == 1  # the zero point
 
 
 def test_broadcast_operands_of_shape_t_by_1_read_their_row(tiny):
@@ -191,7 +191,7 @@ def test_a_tampered_opened_byte_is_rejected(scores_witness):
     prover, witness, _ = scores_witness
     for position in range(len(witness.ranges)):
         opened = witness.ranges[position]
-        # uint8 A row, int8 column source row, uint8 zero point: one byte per element.
+        # uint8 zero point, uint8 A row, int8 column source row: one byte per element.
         offset = opened.opening.start_element % 1024
         ranges = list(witness.ranges)
         ranges[position] = dataclasses.replace(opened, proof=_flip_byte(opened.proof, offset))
@@ -226,6 +226,18 @@ def test_a_wrong_opening_is_rejected(scores_witness):
         prover.check(dataclasses.replace(witness, ranges=ranges))
     with pytest.raises(ProofError, match="more than"):
         prover.check(dataclasses.replace(witness, ranges=(*witness.ranges, first)))
+
+
+def test_missing_extra_or_out_of_range_parts_are_rejected(scores_witness):
+    prover, witness, _ = scores_witness
+    with pytest.raises(ProofError, match="opened tensors"):
+        prover.check(dataclasses.replace(witness, tensors=witness.tensors[1:]))
+    with pytest.raises(ProofError, match="opened tensors"):
+        prover.check(dataclasses.replace(witness, tensors=(*witness.tensors, witness.tensors[0])))
+    with pytest.raises(ProofError, match="outside"):
+        prover.check(dataclasses.replace(witness, out_index=10**9))
+    with pytest.raises(ProofError, match="expected the opening"):
+        prover.check(dataclasses.replace(witness, ranges=witness.ranges[:-1]))
 
 
 def test_a_claimed_value_that_is_not_the_committed_element_is_rejected(scores_witness):
@@ -372,5 +384,24 @@ def test_matmul_integer_batch_broadcasting(shapes):
     _check_every_element("MatMulInteger", [a, b, np.array(128, np.uint8)])
     node = _step_node("MatMulInteger", 3)
     out_shape = (*np.broadcast_shapes(a.shape[:-2], b.shape[:-2]), *a.shape[-2:-1], b.shape[-1])
-    openings = element_dependencies(node, 0, [a.shape, b.shape, ()], out_shape)
-    assert openings[1] == Opening(1, TensorRef(0, 3), 0, a.shape[-1], COLUMNS)
+    assert element_dependencies(node, 0, [a.shape, b.shape, ()], out_shape) == [
+        Opening(2, TensorRef(0, 2), 0, 1)]  # the zero point first
+    last = int(np.prod(out_shape)) - 1
+    openings = element_dependencies(node, last, [a.shape, b.shape, ()], out_shape,
+                                    {2: np.array([128], np.uint8)})
+    k_dim = a.shape[-1]
+    # The last row of A (its last batch, or batch 0 where A's batch axis has size 1) ...
+    assert openings[1] == Opening(0, TensorRef(0, 0), a.size - k_dim, k_dim)
+    # ... and the last row of the column source, i.e. the last column of B.
+    assert openings[2] == Opening(1, TensorRef(0, 3), b.size - k_dim, k_dim, COLUMNS)
+
+
+def test_matmul_integer_reads_batch_zero_of_a_broadcast_operand():
+    node = _step_node("MatMulInteger", 3)
+    # A (2, 3, 4, 6) x B (2, 1, 6, 5): element at batch (1, 2), row 3, column 4.
+    out_index = np.ravel_multi_index((1, 2, 3, 4), (2, 3, 4, 5))
+    openings = element_dependencies(node, int(out_index), [(2, 3, 4, 6), (2, 1, 6, 5), ()],
+                                    (2, 3, 4, 5), {2: np.array([128], np.uint8)})
+    a_row = np.ravel_multi_index((1, 2, 3, 0), (2, 3, 4, 6))
+    column = np.ravel_multi_index((1, 0, 4, 0), (2, 1, 5, 6))  # B's batch axis 1 has size 1
+    assert [(o.start_element, o.count) for o in openings[1:]] == [(a_row, 6), (column, 6)]
