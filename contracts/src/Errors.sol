@@ -24,3 +24,158 @@ error ZeroNodeCount();
 
 /// @notice Thrown when a model is registered with a maximum context of zero tokens.
 error ZeroMaxContext();
+
+////////////////////////////////////////////////////////////////
+//                    InferenceCoordinator                    //
+////////////////////////////////////////////////////////////////
+
+/// @notice Thrown when the coordinator is deployed with a challenge window of zero seconds.
+error ZeroChallengeWindow();
+
+/// @notice Thrown when the coordinator is deployed with a zero stake per claim (nothing to slash).
+error ZeroStakePerClaim();
+
+/// @notice Thrown when the challenger and consumer shares of a slash add up to more than 100%.
+/// @param totalBps The sum of the two shares, in basis points.
+error SlashSharesExceedWhole(uint256 totalBps);
+
+/// @notice Thrown when a deployer-only function is called by anyone else.
+/// @param caller Who called.
+error NotDeployer(address caller);
+
+/// @notice Thrown when the dispute game is set to the zero address.
+error ZeroDisputeGame();
+
+/// @notice Thrown when the dispute game is set a second time: it is set once, for good.
+/// @param disputeGame The game already set.
+error DisputeGameAlreadySet(address disputeGame);
+
+/// @notice Thrown when a dispute hook is called by anyone but the dispute game.
+/// @param caller Who called.
+error NotDisputeGame(address caller);
+
+/// @notice Thrown when an address registers as a provider a second time.
+/// @param provider The registered provider.
+error ProviderAlreadyRegistered(address provider);
+
+/// @notice Thrown when an address that never registered adds stake or commits an output.
+/// @param provider The unregistered address.
+error ProviderNotRegistered(address provider);
+
+/// @notice Thrown when a provider registers, or commits, with less stake than the minimum.
+/// @param stake   The provider's stake.
+/// @param minimum The minimum stake.
+error StakeBelowMinimum(uint256 stake, uint256 minimum);
+
+/// @notice Thrown when stake is added with no ETH attached.
+error ZeroStakeAmount();
+
+/// @notice Thrown when a provider commits or unstakes more than its stake not locked by claims.
+/// @param free      Stake not locked by an open claim.
+/// @param requested Stake the action needs.
+error InsufficientFreeStake(uint256 free, uint256 requested);
+
+/// @notice Thrown when a request is posted with no prompt tokens.
+error EmptyPrompt();
+
+/// @notice Thrown when a request is posted with a maximum of zero output tokens.
+error ZeroMaxTokens();
+
+/// @notice Thrown when prompt plus output could exceed the model's context.
+/// @param sequenceLength len(prompt) + maxTokens - 1, the longest verify sequence.
+/// @param maxContext     The model's maximum context.
+error ContextExceeded(uint256 sequenceLength, uint256 maxContext);
+
+/// @notice Thrown when a request's max tokens exceed what one claim can store (24 KiB of code).
+/// @param maxTokens The requested maximum.
+/// @param maximum   The largest output a claim can hold.
+error MaxTokensTooLarge(uint256 maxTokens, uint256 maximum);
+
+/// @notice Thrown when a request's commit deadline is not after the current block's timestamp.
+/// @param commitDeadline The deadline given.
+error CommitDeadlineNotInFuture(uint256 commitDeadline);
+
+/// @notice Thrown when a request asks for more callback gas than the coordinator allows.
+/// @param gasLimit The requested callback gas limit.
+/// @param maximum  The coordinator's maximum.
+error CallbackGasLimitTooHigh(uint256 gasLimit, uint256 maximum);
+
+/// @notice Thrown when a request id was never assigned.
+/// @param requestId The unknown id.
+error RequestNotFound(uint256 requestId);
+
+/// @notice Thrown when a commit or refund targets a request that is no longer open.
+/// @param requestId The request.
+error RequestNotOpen(uint256 requestId);
+
+/// @notice Thrown when an output is committed after the request's commit deadline.
+/// @param commitDeadline The request's deadline.
+error CommitDeadlinePassed(uint256 commitDeadline);
+
+/// @notice Thrown when an unanswered request is refunded before its commit deadline has passed.
+/// @param commitDeadline The request's deadline.
+error CommitDeadlineNotPassed(uint256 commitDeadline);
+
+/// @notice Thrown when someone other than a request's named provider commits its output.
+/// @param namedProvider The provider the consumer named.
+error NotNamedProvider(address namedProvider);
+
+/// @notice Thrown when an output of zero tokens is committed.
+error EmptyOutput();
+
+/// @notice Thrown when an output longer than the request's max tokens is committed.
+/// @param length    The output's length.
+/// @param maxTokens The request's maximum.
+error OutputTooLong(uint256 length, uint256 maxTokens);
+
+/// @notice Thrown when the coordinator cannot store a committed output (contract creation failed).
+error OutputStoreFailed();
+
+/// @notice Thrown when a claim is finalized, disputed or resolved but is not in the committed state.
+/// @param requestId The request.
+error ClaimNotCommitted(uint256 requestId);
+
+/// @notice Thrown when a claim is finalized before its challenge window has closed.
+/// @param challengeDeadline The first timestamp at which it can be finalized.
+error ChallengeWindowOpen(uint256 challengeDeadline);
+
+/// @notice Thrown when a dispute is opened after the claim's challenge window has closed.
+/// @param challengeDeadline When the window closed.
+error ChallengeWindowClosed(uint256 challengeDeadline);
+
+/// @notice Thrown when a claim with unresolved disputes is finalized.
+/// @param openDisputes How many disputes are still open.
+error DisputesOpen(uint256 openDisputes);
+
+/// @notice Thrown when a dispute is resolved on a claim that has no open dispute.
+/// @param requestId The request.
+error NoOpenDispute(uint256 requestId);
+
+/// @notice Thrown when finalize is sent with too little gas to give the callback its full limit.
+/// @param available Gas left before the callback.
+/// @param required  Gas needed so that the callback receives its whole limit.
+error InsufficientGasForCallback(uint256 available, uint256 required);
+
+/// @notice Thrown when withdraw is called by an account with no credited balance.
+error NothingToWithdraw();
+
+/// @notice Thrown when sending a withdrawal's ETH fails (the recipient reverted).
+error WithdrawFailed();
+
+/// @notice Thrown when a value-moving function is re-entered while it is running.
+error Reentrancy();
+
+////////////////////////////////////////////////////////////////
+//                QuestionAsker (example consumer)            //
+////////////////////////////////////////////////////////////////
+
+/// @notice Thrown when anyone but the asker's owner asks a question or collects refunds.
+/// @param caller Who called.
+error NotOwner(address caller);
+
+/// @notice Thrown when anyone but the coordinator delivers an answer to a consumer.
+/// @param caller Who called.
+error NotCoordinator(address caller);
+
+/// @notice Thrown when sending collected refunds on to the asker's owner fails.
+error RefundTransferFailed();

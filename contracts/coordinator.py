@@ -1,0 +1,371 @@
+"""Python binding of ``InferenceCoordinator.sol`` and the example ``QuestionAsker.sol``.
+
+Every write comes as a pair (see ``bindings.py``): ``<write>_call`` dry-runs it with
+``eth_call`` as a given sender (no state change; returns the function's result or raises the
+decoded ContractRevert) and ``<write>_send`` signs, sends and waits for the receipt. Events are
+decoded from receipts with :meth:`InferenceCoordinator.events`.
+
+Token lists are plain ``list[int]`` (uint32 ids). A request keeps :func:`token_hash` of its
+prompt on chain; a claim keeps its packed output (:func:`pack_tokens`) as the code of a data
+contract, read back by ``get_output``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+from eth_account.signers.local import LocalAccount
+from eth_typing import ChecksumAddress
+from eth_utils import keccak
+from web3 import Web3
+from web3.contract.contract import ContractFunction
+from web3.logs import DISCARD
+from web3.types import TxReceipt
+
+from optinfer.contracts.artifacts import Artifact, load_artifact
+from optinfer.contracts.bindings import (
+    contract_at,
+    deploy,
+    reverts_decoded,
+    send_function,
+    send_transaction,
+)
+
+CONTRACT_NAME = "InferenceCoordinator"
+CONSUMER_CONTRACT_NAME = "QuestionAsker"
+ZERO_ADDRESS = "0x0000000000000000000000000000000000000000"
+
+
+def pack_tokens(tokens: list[int]) -> bytes:
+    """The packed encoding of a token list: each id as 4 big-endian bytes (``TokenPacking``)."""
+    return b"".join(int(token).to_bytes(4, "big") for token in tokens)
+
+
+def token_hash(tokens: list[int]) -> bytes:
+    """``keccak256(pack_tokens(tokens))``: what a request's ``promptHash`` holds."""
+    return keccak(pack_tokens(tokens))
+
+
+class Status(IntEnum):
+    """``InferenceCoordinator.Status``."""
+
+    NONE = 0
+    OPEN = 1
+    COMMITTED = 2
+    FINALIZED = 3
+    REFUNDED = 4
+    REJECTED = 5
+
+
+@dataclass(frozen=True)
+class CoordinatorParams:
+    """The coordinator's constructor parameters (wei, seconds, basis points, gas)."""
+
+    minimum_stake: int
+    stake_per_claim: int
+    challenge_window: int
+    challenger_share_bps: int
+    consumer_share_bps: int
+    max_callback_gas_limit: int
+
+    def as_args(self, registry_address: str) -> tuple:
+        """The constructor's arguments in order."""
+        return (
+            Web3.to_checksum_address(registry_address),
+            self.minimum_stake,
+            self.stake_per_claim,
+            self.challenge_window,
+            self.challenger_share_bps,
+            self.consumer_share_bps,
+            self.max_callback_gas_limit,
+        )
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    """What ``postRequest`` takes besides the fee. Zero addresses mean "none" / "anyone"."""
+
+    model_id: bytes
+    prompt: list[int]
+    max_tokens: int
+    commit_deadline: int  # unix seconds, after the posting block's timestamp
+    callback: str = ZERO_ADDRESS
+    callback_gas_limit: int = 0
+    named_provider: str = ZERO_ADDRESS
+
+    def as_args(self) -> tuple:
+        """The arguments of ``postRequest`` in order."""
+        return (
+            self.model_id,
+            list(self.prompt),
+            self.max_tokens,
+            Web3.to_checksum_address(self.callback),
+            self.callback_gas_limit,
+            Web3.to_checksum_address(self.named_provider),
+            self.commit_deadline,
+        )
+
+
+@dataclass(frozen=True)
+class Request:
+    """A stored request (``InferenceCoordinator.Request``). `provider` is the named provider
+    (or zero) before commitment and the committing provider after; `output` the address of the
+    data contract holding the packed output (zero before commitment)."""
+
+    consumer: ChecksumAddress
+    commit_deadline: int
+    status: Status
+    callback_succeeded: bool
+    open_disputes: int
+    model_id: bytes
+    prompt_hash: bytes
+    callback: ChecksumAddress
+    callback_gas_limit: int
+    max_tokens: int
+    prompt_length: int
+    provider: ChecksumAddress
+    committed_at: int
+    output: ChecksumAddress
+    fee: int
+
+
+@dataclass(frozen=True)
+class Result:
+    """``getResult``: only a FINALIZED result is a verified answer."""
+
+    status: Status
+    provider: ChecksumAddress
+    committed_at: int
+    callback_succeeded: bool
+    output: list[int]
+
+
+class InferenceCoordinator:
+    """A deployed InferenceCoordinator at `address`."""
+
+    def __init__(self, w3: Web3, address: str):
+        self.w3 = w3
+        self.artifact = load_artifact(CONTRACT_NAME)
+        self.contract = contract_at(w3, CONTRACT_NAME, address)
+        self.address: ChecksumAddress = self.contract.address
+
+    @classmethod
+    def deploy(
+        cls, w3: Web3, signer: LocalAccount, registry_address: str, params: CoordinatorParams
+    ) -> InferenceCoordinator:
+        """Deploy a coordinator on the registry at `registry_address` from `signer`."""
+        return cls(w3, deploy(w3, CONTRACT_NAME, signer, *params.as_args(registry_address)))
+
+    # -- generic call / send -----------------------------------------------------------
+
+    def _call(self, function: ContractFunction, sender: str, value: int = 0) -> Any:
+        tx = {"from": Web3.to_checksum_address(sender), "value": value}
+        return reverts_decoded(self.artifact, lambda: function.call(tx))
+
+    def _send(self, function: ContractFunction, signer: LocalAccount, value: int = 0) -> TxReceipt:
+        return _send_paying(self.w3, self.artifact, function, signer, value)
+
+    # -- set-up --------------------------------------------------------------------------
+
+    def set_dispute_game_call(self, game: str, sender: str) -> None:
+        """Dry-run ``setDisputeGame(game)`` as `sender` (the deployer, once)."""
+        self._call(self.contract.functions.setDisputeGame(game), sender)
+
+    def set_dispute_game_send(self, game: str, signer: LocalAccount) -> TxReceipt:
+        """Set the dispute game (deployer only, once)."""
+        return self._send(self.contract.functions.setDisputeGame(game), signer)
+
+    # -- providers -----------------------------------------------------------------------
+
+    def register_provider_call(self, stake: int, sender: str) -> None:
+        """Dry-run ``registerProvider()`` with `stake` wei as `sender`."""
+        self._call(self.contract.functions.registerProvider(), sender, stake)
+
+    def register_provider_send(self, stake: int, signer: LocalAccount) -> TxReceipt:
+        """Register `signer` as a provider staking `stake` wei (>= minimum stake)."""
+        return self._send(self.contract.functions.registerProvider(), signer, stake)
+
+    def add_stake_call(self, amount: int, sender: str) -> None:
+        """Dry-run ``addStake()`` with `amount` wei as `sender`."""
+        self._call(self.contract.functions.addStake(), sender, amount)
+
+    def add_stake_send(self, amount: int, signer: LocalAccount) -> TxReceipt:
+        """Add `amount` wei to registered provider `signer`'s stake."""
+        return self._send(self.contract.functions.addStake(), signer, amount)
+
+    def remove_stake_call(self, amount: int, sender: str) -> None:
+        """Dry-run ``removeStake(amount)`` as `sender`."""
+        self._call(self.contract.functions.removeStake(amount), sender)
+
+    def remove_stake_send(self, amount: int, signer: LocalAccount) -> TxReceipt:
+        """Move `amount` wei of `signer`'s free stake to its withdrawable balance."""
+        return self._send(self.contract.functions.removeStake(amount), signer)
+
+    # -- requests ------------------------------------------------------------------------
+
+    def post_request_call(self, spec: RequestSpec, fee: int, sender: str) -> int:
+        """Dry-run ``postRequest`` as `sender` paying `fee`: the id it would get."""
+        return self._call(self.contract.functions.postRequest(*spec.as_args()), sender, fee)
+
+    def post_request_send(self, spec: RequestSpec, fee: int, signer: LocalAccount) -> TxReceipt:
+        """Post `spec` paying `fee` wei; the new id is in ``events(receipt, "RequestPosted")``."""
+        return self._send(self.contract.functions.postRequest(*spec.as_args()), signer, fee)
+
+    def commit_output_call(self, request_id: int, output: list[int], sender: str) -> None:
+        """Dry-run ``commitOutput(request_id, output)`` as `sender`."""
+        self._call(self.contract.functions.commitOutput(request_id, list(output)), sender)
+
+    def commit_output_send(
+        self, request_id: int, output: list[int], signer: LocalAccount
+    ) -> TxReceipt:
+        """Commit `output` for `request_id` as provider `signer` (locks stake per claim)."""
+        return self._send(self.contract.functions.commitOutput(request_id, list(output)), signer)
+
+    def finalize_call(self, request_id: int, sender: str) -> None:
+        """Dry-run ``finalize(request_id)`` as `sender`."""
+        self._call(self.contract.functions.finalize(request_id), sender)
+
+    def finalize_send(self, request_id: int, signer: LocalAccount) -> TxReceipt:
+        """Finalize the claim on `request_id` (anyone, after the challenge window).
+
+        The gas estimate covers the callback: ``eth_estimateGas`` finds the least gas for which
+        the transaction succeeds, and finalize reverts unless the callback gets its full limit.
+        """
+        return self._send(self.contract.functions.finalize(request_id), signer)
+
+    def refund_call(self, request_id: int, sender: str) -> None:
+        """Dry-run ``refund(request_id)`` as `sender`."""
+        self._call(self.contract.functions.refund(request_id), sender)
+
+    def refund_send(self, request_id: int, signer: LocalAccount) -> TxReceipt:
+        """Credit the fee of unanswered `request_id` back to its consumer (after the deadline)."""
+        return self._send(self.contract.functions.refund(request_id), signer)
+
+    def withdraw_call(self, sender: str) -> None:
+        """Dry-run ``withdraw()`` as `sender`."""
+        self._call(self.contract.functions.withdraw(), sender)
+
+    def withdraw_send(self, signer: LocalAccount) -> TxReceipt:
+        """Send `signer` its whole credited balance."""
+        return self._send(self.contract.functions.withdraw(), signer)
+
+    # -- views ---------------------------------------------------------------------------
+
+    def get_request(self, request_id: int) -> Request:
+        """The stored request; ContractRevert RequestNotFound for an unknown id."""
+        fields = reverts_decoded(
+            self.artifact, self.contract.functions.getRequest(request_id).call
+        )
+        values = list(fields)
+        values[2] = Status(values[2])
+        for index in (5, 6):  # modelId, promptHash
+            values[index] = bytes(values[index])
+        for index in (0, 7, 11, 13):  # consumer, callback, provider, output
+            values[index] = Web3.to_checksum_address(values[index])
+        return Request(*values)
+
+    def get_result(self, request_id: int) -> Result:
+        """Status, provider, commit time, callback outcome and output of `request_id`."""
+        status, provider, committed_at, succeeded, output = reverts_decoded(
+            self.artifact, self.contract.functions.getResult(request_id).call
+        )
+        return Result(
+            Status(status), Web3.to_checksum_address(provider), committed_at, succeeded,
+            list(output),
+        )
+
+    def get_output(self, request_id: int) -> list[int]:
+        """The committed output tokens; ContractRevert ClaimNotCommitted before commitment."""
+        return list(
+            reverts_decoded(self.artifact, self.contract.functions.getOutput(request_id).call)
+        )
+
+    def challenge_deadline(self, request_id: int) -> int:
+        """First timestamp at which the claim on `request_id` can be finalized."""
+        return reverts_decoded(
+            self.artifact, self.contract.functions.challengeDeadline(request_id).call
+        )
+
+    def balance_of(self, account: str) -> int:
+        """Wei credited to `account`, withdrawable with ``withdraw``."""
+        return self.contract.functions.balanceOf(Web3.to_checksum_address(account)).call()
+
+    def provider_stake(self, provider: str) -> tuple[int, int]:
+        """``(stake, locked)`` of `provider` in wei."""
+        stake, locked = self.contract.functions.providers(
+            Web3.to_checksum_address(provider)
+        ).call()
+        return stake, locked
+
+    def parameter(self, name: str) -> Any:
+        """A public parameter or counter by its Solidity name (``"stakePerClaim"``, ...)."""
+        return getattr(self.contract.functions, name)().call()
+
+    # -- events --------------------------------------------------------------------------
+
+    def events(self, receipt: TxReceipt, name: str) -> list[dict]:
+        """The decoded arguments of every `name` event (``"RequestPosted"``, ...) this
+        coordinator emitted in `receipt`, in log order."""
+        decoded = getattr(self.contract.events, name)().process_receipt(receipt, errors=DISCARD)
+        return [dict(event["args"]) for event in decoded if event["address"] == self.address]
+
+
+class QuestionAsker:
+    """A deployed example consumer ``QuestionAsker`` at `address`."""
+
+    def __init__(self, w3: Web3, address: str):
+        self.w3 = w3
+        self.artifact = load_artifact(CONSUMER_CONTRACT_NAME)
+        self.contract = contract_at(w3, CONSUMER_CONTRACT_NAME, address)
+        self.address: ChecksumAddress = self.contract.address
+
+    @classmethod
+    def deploy(cls, w3: Web3, signer: LocalAccount, coordinator_address: str) -> QuestionAsker:
+        """Deploy an asker owned by `signer` that uses the coordinator at `coordinator_address`."""
+        return cls(w3, deploy(w3, CONSUMER_CONTRACT_NAME, signer, coordinator_address))
+
+    def _ask_function(self, spec: RequestSpec) -> ContractFunction:
+        return self.contract.functions.ask(
+            spec.model_id,
+            list(spec.prompt),
+            spec.max_tokens,
+            spec.callback_gas_limit,
+            Web3.to_checksum_address(spec.named_provider),
+            spec.commit_deadline,
+        )
+
+    def ask_call(self, spec: RequestSpec, fee: int, sender: str) -> int:
+        """Dry-run ``ask`` as `sender` paying `fee`: the request id it would get. The callback
+        is always this contract (`spec.callback` is ignored)."""
+        tx = {"from": Web3.to_checksum_address(sender), "value": fee}
+        return reverts_decoded(self.artifact, lambda: self._ask_function(spec).call(tx))
+
+    def ask_send(self, spec: RequestSpec, fee: int, signer: LocalAccount) -> TxReceipt:
+        """Ask `spec.prompt` (owner only) paying `fee`; the callback is this contract."""
+        return _send_paying(self.w3, self.artifact, self._ask_function(spec), signer, fee)
+
+    def collect_refunds_send(self, signer: LocalAccount) -> TxReceipt:
+        """Withdraw the asker's refunds from the coordinator to its owner (owner only)."""
+        return send_function(
+            self.w3, self.artifact, self.contract.functions.collectRefunds(), signer
+        )
+
+    def answer(self, request_id: int) -> list[int]:
+        """The stored answer tokens of `request_id` (empty until delivered)."""
+        return list(self.contract.functions.answer(request_id).call())
+
+    def answered(self, request_id: int) -> bool:
+        """Whether the answer of `request_id` has been delivered."""
+        return bool(self.contract.functions.answered(request_id).call())
+
+
+def _send_paying(
+    w3: Web3, artifact: Artifact, function: ContractFunction, signer: LocalAccount, value: int
+) -> TxReceipt:
+    """Like ``bindings.send_function``, with `value` wei attached (gas estimated first, so a
+    call that would revert raises the decoded ContractRevert before anything is sent)."""
+    params = {"from": signer.address, "value": value}
+    tx = reverts_decoded(artifact, lambda: function.build_transaction(params))
+    return send_transaction(w3, tx, signer)

@@ -1,0 +1,715 @@
+// SPDX-License-Identifier: MIT
+pragma solidity 0.8.37;
+
+import {
+    CallbackGasLimitTooHigh,
+    ChallengeWindowClosed,
+    ChallengeWindowOpen,
+    ClaimNotCommitted,
+    CommitDeadlineNotInFuture,
+    CommitDeadlineNotPassed,
+    CommitDeadlinePassed,
+    ContextExceeded,
+    DisputeGameAlreadySet,
+    DisputesOpen,
+    EmptyOutput,
+    EmptyPrompt,
+    InsufficientFreeStake,
+    InsufficientGasForCallback,
+    MaxTokensTooLarge,
+    ModelNotRegistered,
+    NoOpenDispute,
+    NotDeployer,
+    NotDisputeGame,
+    NotNamedProvider,
+    NothingToWithdraw,
+    OutputStoreFailed,
+    OutputTooLong,
+    ProviderAlreadyRegistered,
+    ProviderNotRegistered,
+    Reentrancy,
+    RequestNotFound,
+    RequestNotOpen,
+    SlashSharesExceedWhole,
+    StakeBelowMinimum,
+    WithdrawFailed,
+    ZeroChallengeWindow,
+    ZeroDisputeGame,
+    ZeroMaxTokens,
+    ZeroStakeAmount,
+    ZeroStakePerClaim
+} from "./Errors.sol";
+import {ModelRegistry} from "./ModelRegistry.sol";
+import {IInferenceConsumer} from "./interfaces/IInferenceConsumer.sol";
+
+/// @title TokenPacking
+/// @notice The packed encoding of a token list: each token id as 4 big-endian bytes, concatenated
+///         (`len(tokens) * 4` bytes, no length prefix). A request stores `keccak256` of its packed
+///         prompt; a claim stores its packed output as the code of a data contract.
+library TokenPacking {
+    /// @notice Code of a data contract = STOP byte || packed tokens (the STOP makes it inert).
+    uint256 internal constant DATA_OFFSET = 1;
+
+    /// @notice Largest output a data contract can hold: EIP-170 caps code at 24576 bytes.
+    uint256 internal constant MAX_TOKENS = (24_576 - DATA_OFFSET) / 4;
+
+    /// @notice The packed bytes of `tokens`.
+    function pack(uint32[] calldata tokens) internal pure returns (bytes memory packed) {
+        uint256 count = tokens.length;
+        packed = new bytes(count * 4);
+        uint256 dst;
+        assembly ("memory-safe") {
+            dst := add(packed, 32)
+        }
+        for (uint256 i; i < count; ++i) {
+            uint32 token = tokens[i]; // the ABI decoder rejects ids wider than 32 bits
+            // A 32-byte store whose top 4 bytes are the token; the next store overwrites the rest
+            // and the last one spills past the array into free memory, which nothing assumes clean.
+            assembly ("memory-safe") {
+                mstore(add(dst, shl(2, i)), shl(224, token))
+            }
+        }
+    }
+
+    /// @notice keccak256 of the packed bytes of `tokens` (what `Request.promptHash` holds).
+    function hash(uint32[] calldata tokens) internal pure returns (bytes32) {
+        return keccak256(pack(tokens));
+    }
+
+    /// @notice Deploy a data contract whose code is STOP || `packed`; return its address.
+    /// @dev    Creation code: PUSH4 size, DUP1, PUSH1 14, PUSH1 0, CODECOPY, PUSH1 0, RETURN
+    ///         (14 bytes), then the runtime code it returns. Code cannot change once deployed
+    ///         (no SELFDESTRUCT in it), so the address commits to the tokens.
+    function store(bytes memory packed) internal returns (address data) {
+        bytes memory creation = abi.encodePacked(
+            hex"63", uint32(packed.length + DATA_OFFSET), hex"80600e6000396000f3", hex"00", packed
+        );
+        assembly ("memory-safe") {
+            data := create(0, add(creation, 32), mload(creation))
+        }
+        if (data == address(0)) revert OutputStoreFailed();
+    }
+
+    /// @notice The token list stored in data contract `data` by `store`.
+    function load(address data) internal view returns (uint32[] memory tokens) {
+        uint256 size = data.code.length - DATA_OFFSET;
+        uint256 count = size / 4;
+        tokens = new uint32[](count);
+        assembly ("memory-safe") {
+            // Copy the packed bytes to scratch memory past the free pointer, then widen each
+            // 4-byte group into a 32-byte array element.
+            let buffer := mload(0x40)
+            extcodecopy(data, buffer, DATA_OFFSET, size)
+            let out := add(tokens, 32)
+            for { let i := 0 } lt(i, count) { i := add(i, 1) } {
+                mstore(add(out, shl(5, i)), shr(224, mload(add(buffer, shl(2, i)))))
+            }
+        }
+    }
+}
+
+/// @title InferenceCoordinator
+/// @notice The market for verifiable inference. Providers stake ETH; consumers post requests
+///         (model, prompt tokens, max tokens, fee, optional callback, optional named provider,
+///         commit deadline); a provider commits the output tokens, locking `stakePerClaim` of
+///         its stake; during the challenge window the dispute game may open disputes against the
+///         claim; after the window, with every dispute won by the provider, anyone finalizes:
+///         the provider is credited the fee, its stake is unlocked and the consumer's callback
+///         runs, isolated. A lost dispute slashes the provider and refunds the consumer. Requests
+///         nobody answers before the commit deadline are refundable.
+/// @dev    Prompt and output tokens travel in calldata and events, so a watchtower needs only an
+///         RPC endpoint. On-chain, a request keeps `keccak256` of its packed prompt
+///         (`TokenPacking`) and a claim keeps its packed output as the code of a data contract:
+///         the dispute game reads the output with `getOutput` and checks a prompt it is given
+///         against `promptHash`, and from both computes the tensor roots `T_0` of the verify
+///         sequence and `T_N` of int64 `O` (docs/protocol.md, "The verified computation").
+///         Payments are pull-based: every amount owed is credited to `balanceOf` and sent only
+///         by `withdraw`. The functions that send ETH or call out (`finalize`, `withdraw`) are
+///         guarded against re-entrancy and follow checks-effects-interactions.
+contract InferenceCoordinator {
+    ////////////////////////////////////////////////////////////////
+    //                         Structs                            //
+    ////////////////////////////////////////////////////////////////
+
+    /// @notice Where a request is in its life. Finalized, Refunded and Rejected are terminal.
+    /// @custom:value None      No such request (the zero value of unset storage).
+    /// @custom:value Open      Posted, no output committed yet.
+    /// @custom:value Committed An output is committed; challenge window running or disputes open.
+    /// @custom:value Finalized The output is final; the provider was paid.
+    /// @custom:value Refunded  Nobody committed before the deadline; the fee went back.
+    /// @custom:value Rejected  The provider lost a dispute: slashed, fee refunded to the consumer.
+    enum Status {
+        None,
+        Open,
+        Committed,
+        Finalized,
+        Refunded,
+        Rejected
+    }
+
+    /// @notice One request and, once committed, its claim. Packed into six slots.
+    /// @param consumer          Who posted it (and receives refunds).
+    /// @param commitDeadline    Last timestamp at which an output may be committed.
+    /// @param status            See `Status`.
+    /// @param callbackSucceeded Whether the finalization callback returned without reverting.
+    /// @param openDisputes      Disputes opened by the game and not yet resolved.
+    /// @param modelId           The ModelRegistry id (= model root) of the model to run.
+    /// @param promptHash        `TokenPacking.hash(prompt)`.
+    /// @param callback          Contract to call on finalization; zero for none.
+    /// @param callbackGasLimit  Gas the callback receives.
+    /// @param maxTokens         Most output tokens the claim may hold.
+    /// @param promptLength      Number of prompt tokens.
+    /// @param provider          Before commitment: the named provider (zero = anyone may
+    ///                          answer). After: the provider that committed.
+    /// @param committedAt       Timestamp of the commitment; zero before.
+    /// @param output            Data contract holding the packed output; zero before commitment.
+    /// @param fee               Wei paid by the consumer with the request.
+    struct Request {
+        address consumer;
+        uint64 commitDeadline;
+        Status status;
+        bool callbackSucceeded;
+        uint16 openDisputes;
+        bytes32 modelId;
+        bytes32 promptHash;
+        address callback;
+        uint32 callbackGasLimit;
+        uint32 maxTokens;
+        uint32 promptLength;
+        address provider;
+        uint64 committedAt;
+        address output;
+        uint96 fee;
+    }
+
+    /// @notice A provider's stake. Amounts in wei; uint128 holds far more ETH than exists.
+    /// @param stake  Total stake, locked or not.
+    /// @param locked Part of `stake` locked by claims not yet finalized or slashed.
+    struct Provider {
+        uint128 stake;
+        uint128 locked;
+    }
+
+    /// @notice What `getResult` returns.
+    struct Result {
+        Status status;
+        address provider;
+        uint64 committedAt;
+        bool callbackSucceeded;
+        uint32[] output;
+    }
+
+    ////////////////////////////////////////////////////////////////
+    //                          Events                            //
+    ////////////////////////////////////////////////////////////////
+
+    /// @notice The deployer set the dispute game (once).
+    event DisputeGameSet(address indexed disputeGame);
+
+    /// @notice `provider` registered with `stake` wei.
+    event ProviderRegistered(address indexed provider, uint256 stake);
+
+    /// @notice `provider` added `amount` wei; its stake is now `totalStake`.
+    event StakeAdded(address indexed provider, uint256 amount, uint256 totalStake);
+
+    /// @notice `provider` moved `amount` wei of free stake to its withdrawable balance.
+    event StakeRemoved(address indexed provider, uint256 amount, uint256 totalStake);
+
+    /// @notice A request was posted; every field a provider or watchtower needs.
+    event RequestPosted(
+        uint256 indexed requestId,
+        address indexed consumer,
+        bytes32 indexed modelId,
+        uint32[] prompt,
+        uint32 maxTokens,
+        uint256 fee,
+        address callback,
+        uint32 callbackGasLimit,
+        address namedProvider,
+        uint64 commitDeadline
+    );
+
+    /// @notice `provider` committed `output` for `requestId`; finalizable from `challengeDeadline`.
+    event OutputCommitted(
+        uint256 indexed requestId, address indexed provider, uint32[] output, uint64 challengeDeadline
+    );
+
+    /// @notice The dispute game opened a dispute; `openDisputes` are now unresolved.
+    event DisputeOpened(uint256 indexed requestId, uint256 openDisputes);
+
+    /// @notice The dispute game resolved a dispute against `challenger`.
+    event DisputeResolved(
+        uint256 indexed requestId, bool providerWon, address indexed challenger, uint256 openDisputes
+    );
+
+    /// @notice `provider` lost a dispute on `requestId` and `stakePerClaim` was split.
+    event Slashed(
+        uint256 indexed requestId,
+        address indexed provider,
+        address indexed challenger,
+        uint256 challengerAmount,
+        uint256 consumerAmount,
+        uint256 burnedAmount
+    );
+
+    /// @notice The claim on `requestId` is final: `provider` was credited `fee`.
+    /// @param callbackSucceeded False when there was no callback or it failed.
+    event Finalized(
+        uint256 indexed requestId, address indexed provider, uint256 fee, bool callbackSucceeded
+    );
+
+    /// @notice `consumer` was credited `amount` for `requestId` (no answer in time, or rejected).
+    event Refunded(uint256 indexed requestId, address indexed consumer, uint256 amount);
+
+    /// @notice `account` withdrew `amount` wei of its balance.
+    event Withdrawn(address indexed account, uint256 amount);
+
+    ////////////////////////////////////////////////////////////////
+    //                        Parameters                          //
+    ////////////////////////////////////////////////////////////////
+
+    /// @notice Denominator of the slash shares.
+    uint256 public constant BPS = 10_000;
+
+    /// @notice Gas `finalize` keeps on top of a callback's limit for the call itself and what
+    ///         follows it (cold account access, recording the outcome, the event).
+    uint256 public constant CALLBACK_GAS_OVERHEAD = 30_000;
+
+    /// @notice The registry whose models requests may name.
+    ModelRegistry public immutable registry;
+    /// @notice Who may set the dispute game.
+    address public immutable deployer;
+    /// @notice Stake a provider needs to register and to commit.
+    uint256 public immutable minimumStake;
+    /// @notice Stake each commitment locks, and what a lost dispute slashes.
+    uint256 public immutable stakePerClaim;
+    /// @notice Seconds after a commitment during which disputes may be opened.
+    uint256 public immutable challengeWindow;
+    /// @notice Share of a slash credited to the winning challenger, in basis points.
+    uint256 public immutable challengerShareBps;
+    /// @notice Share of a slash credited to the consumer (on top of its fee), in basis points.
+    ///         The rest of the slash is burnt: it stays in this contract, owed to nobody.
+    uint256 public immutable consumerShareBps;
+    /// @notice Largest callback gas limit a request may ask for (finalize must fit in a block).
+    uint256 public immutable maxCallbackGasLimit;
+
+    ////////////////////////////////////////////////////////////////
+    //                          State                             //
+    ////////////////////////////////////////////////////////////////
+
+    /// @notice The contract allowed to open and resolve disputes; zero until set.
+    address public disputeGame;
+    /// @notice Number of requests posted; ids run from 1 to `requestCount`.
+    uint256 public requestCount;
+    /// @notice Total wei burnt by slashes (held here, owed to nobody).
+    uint256 public totalBurned;
+
+    /// @notice Requests by id.
+    mapping(uint256 => Request) internal _requests;
+    /// @notice Stake by provider.
+    mapping(address => Provider) public providers;
+    /// @notice Whether an address has registered as a provider.
+    mapping(address => bool) public isProvider;
+    /// @notice Wei credited to each account, sent by `withdraw`.
+    mapping(address => uint256) public balanceOf;
+
+    /// @notice Re-entrancy lock of `finalize` and `withdraw` (transient: cleared every transaction).
+    bool transient _locked;
+
+    ////////////////////////////////////////////////////////////////
+    //                        Modifiers                           //
+    ////////////////////////////////////////////////////////////////
+
+    /// @notice No function with this modifier runs while another one is running.
+    modifier nonReentrant() {
+        if (_locked) revert Reentrancy();
+        _locked = true;
+        _;
+        _locked = false;
+    }
+
+    /// @notice Only the dispute game calls the dispute hooks.
+    modifier onlyDisputeGame() {
+        // While no game is set, `disputeGame` is zero and no caller matches it.
+        if (msg.sender != disputeGame) revert NotDisputeGame(msg.sender);
+        _;
+    }
+
+    ////////////////////////////////////////////////////////////////
+    //                       Constructor                          //
+    ////////////////////////////////////////////////////////////////
+
+    /// @param registry_            The ModelRegistry.
+    /// @param minimumStake_        Stake needed to register and to commit (wei).
+    /// @param stakePerClaim_       Stake each commitment locks and a lost dispute slashes (wei).
+    /// @param challengeWindow_     Seconds during which a commitment can be disputed.
+    /// @param challengerShareBps_  Slash share of the winning challenger (basis points).
+    /// @param consumerShareBps_    Slash share of the consumer (basis points); the rest is burnt.
+    /// @param maxCallbackGasLimit_ Largest callback gas limit a request may set.
+    constructor(
+        ModelRegistry registry_,
+        uint256 minimumStake_,
+        uint256 stakePerClaim_,
+        uint256 challengeWindow_,
+        uint256 challengerShareBps_,
+        uint256 consumerShareBps_,
+        uint256 maxCallbackGasLimit_
+    ) {
+        // A claim that locks nothing could be lied about for free.
+        if (stakePerClaim_ == 0) revert ZeroStakePerClaim();
+        // Without a window nobody can ever dispute.
+        if (challengeWindow_ == 0) revert ZeroChallengeWindow();
+        // The shares split one slash: together at most all of it.
+        if (challengerShareBps_ + consumerShareBps_ > BPS) {
+            revert SlashSharesExceedWhole(challengerShareBps_ + consumerShareBps_);
+        }
+        registry = registry_;
+        deployer = msg.sender;
+        minimumStake = minimumStake_;
+        stakePerClaim = stakePerClaim_;
+        challengeWindow = challengeWindow_;
+        challengerShareBps = challengerShareBps_;
+        consumerShareBps = consumerShareBps_;
+        maxCallbackGasLimit = maxCallbackGasLimit_;
+    }
+
+    /// @notice Set the dispute game, once. Until it is set no dispute can be opened, so deploy
+    ///         the game and set it before accepting requests.
+    function setDisputeGame(address game) external {
+        // Only the deployer wires the game; nobody can swap it afterwards.
+        if (msg.sender != deployer) revert NotDeployer(msg.sender);
+        if (game == address(0)) revert ZeroDisputeGame();
+        if (disputeGame != address(0)) revert DisputeGameAlreadySet(disputeGame);
+        disputeGame = game;
+        emit DisputeGameSet(game);
+    }
+
+    ////////////////////////////////////////////////////////////////
+    //                        Providers                           //
+    ////////////////////////////////////////////////////////////////
+
+    /// @notice Register `msg.sender` as a provider with `msg.value` (>= `minimumStake`) as stake.
+    function registerProvider() external payable {
+        if (isProvider[msg.sender]) revert ProviderAlreadyRegistered(msg.sender);
+        if (msg.value < minimumStake) revert StakeBelowMinimum(msg.value, minimumStake);
+        isProvider[msg.sender] = true;
+        providers[msg.sender].stake = uint128(msg.value);
+        emit ProviderRegistered(msg.sender, msg.value);
+    }
+
+    /// @notice Add `msg.value` to the registered provider `msg.sender`'s stake.
+    function addStake() external payable {
+        if (!isProvider[msg.sender]) revert ProviderNotRegistered(msg.sender);
+        if (msg.value == 0) revert ZeroStakeAmount();
+        Provider storage provider = providers[msg.sender];
+        provider.stake += uint128(msg.value);
+        emit StakeAdded(msg.sender, msg.value, provider.stake);
+    }
+
+    /// @notice Move `amount` of `msg.sender`'s stake that no open claim locks to its withdrawable
+    ///         balance (send it with `withdraw`). A provider left under `minimumStake` cannot
+    ///         commit until it adds stake again.
+    function removeStake(uint256 amount) external {
+        Provider storage provider = providers[msg.sender];
+        uint256 free = provider.stake - provider.locked;
+        // Stake backing an unfinished claim is what a lost dispute slashes: it stays.
+        if (amount > free) revert InsufficientFreeStake(free, amount);
+        if (amount == 0) revert ZeroStakeAmount();
+        provider.stake -= uint128(amount);
+        balanceOf[msg.sender] += amount;
+        emit StakeRemoved(msg.sender, amount, provider.stake);
+    }
+
+    ////////////////////////////////////////////////////////////////
+    //                        Requests                            //
+    ////////////////////////////////////////////////////////////////
+
+    /// @notice Post a request paying `msg.value` as the fee.
+    /// @param modelId          A registered model's id.
+    /// @param prompt           Prompt token ids (at least one).
+    /// @param maxTokens        Most output tokens; len(prompt) + maxTokens - 1 must fit the
+    ///                         model's max context (the verify sequence, docs/protocol.md).
+    /// @param callback         Contract to call with the output on finalization; zero for none.
+    /// @param callbackGasLimit Gas the callback gets (at most `maxCallbackGasLimit`).
+    /// @param namedProvider    The only provider allowed to answer; zero for anyone.
+    /// @param commitDeadline   Last timestamp for a commitment (after this block's).
+    /// @return requestId       The new request's id.
+    function postRequest(
+        bytes32 modelId,
+        uint32[] calldata prompt,
+        uint32 maxTokens,
+        address callback,
+        uint32 callbackGasLimit,
+        address namedProvider,
+        uint64 commitDeadline
+    ) external payable returns (uint256 requestId) {
+        if (prompt.length == 0) revert EmptyPrompt();
+        if (maxTokens == 0) revert ZeroMaxTokens();
+        // A claim stores its output as contract code, which EIP-170 bounds.
+        if (maxTokens > TokenPacking.MAX_TOKENS) {
+            revert MaxTokensTooLarge(maxTokens, TokenPacking.MAX_TOKENS);
+        }
+        // Only registered models can be disputed: the game opens nodes against the model root.
+        if (!registry.isRegistered(modelId)) revert ModelNotRegistered(modelId);
+        // The verify graph reads [len(P)] ++ P ++ O[:-1]; its T = len(P) + len(O) - 1 tokens
+        // must fit the context for the longest allowed output.
+        uint256 maxContext = registry.getModel(modelId).maxContext;
+        uint256 sequenceLength = prompt.length + maxTokens - 1;
+        if (sequenceLength > maxContext) revert ContextExceeded(sequenceLength, maxContext);
+        if (commitDeadline <= block.timestamp) revert CommitDeadlineNotInFuture(commitDeadline);
+        if (callbackGasLimit > maxCallbackGasLimit) {
+            revert CallbackGasLimitTooHigh(callbackGasLimit, maxCallbackGasLimit);
+        }
+
+        requestId = ++requestCount;
+        Request storage request = _requests[requestId];
+        request.consumer = msg.sender;
+        request.commitDeadline = commitDeadline;
+        request.status = Status.Open;
+        request.modelId = modelId;
+        request.promptHash = TokenPacking.hash(prompt);
+        request.callback = callback;
+        request.callbackGasLimit = callbackGasLimit;
+        request.maxTokens = maxTokens;
+        request.promptLength = uint32(prompt.length); // < maxContext, a uint32
+        if (namedProvider != address(0)) request.provider = namedProvider;
+        // uint96 holds 79 billion ETH: every fee that can exist.
+        request.fee = uint96(msg.value);
+
+        emit RequestPosted(
+            requestId,
+            msg.sender,
+            modelId,
+            prompt,
+            maxTokens,
+            msg.value,
+            callback,
+            callbackGasLimit,
+            namedProvider,
+            commitDeadline
+        );
+    }
+
+    /// @notice Commit `output` as the answer to open request `requestId`, locking
+    ///         `stakePerClaim` of `msg.sender`'s stake until the claim is finalized or slashed.
+    /// @param output The output token ids: 1 to maxTokens of them. Whether they are the model's
+    ///               greedy answer (and end with EOS or at maxTokens) is for a dispute to decide.
+    function commitOutput(uint256 requestId, uint32[] calldata output) external {
+        Request storage request = _existing(requestId);
+        if (request.status != Status.Open) revert RequestNotOpen(requestId);
+        if (block.timestamp > request.commitDeadline) {
+            revert CommitDeadlinePassed(request.commitDeadline);
+        }
+        // A named request is answered by its provider only.
+        address named = request.provider;
+        if (named != address(0) && named != msg.sender) revert NotNamedProvider(named);
+        if (output.length == 0) revert EmptyOutput();
+        if (output.length > request.maxTokens) {
+            revert OutputTooLong(output.length, request.maxTokens);
+        }
+        if (!isProvider[msg.sender]) revert ProviderNotRegistered(msg.sender);
+        Provider storage provider = providers[msg.sender];
+        if (provider.stake < minimumStake) revert StakeBelowMinimum(provider.stake, minimumStake);
+        // Every claim is backed by its own slice of stake, so one provider's claims never
+        // compete for the same wei when slashed.
+        uint256 free = provider.stake - provider.locked;
+        if (free < stakePerClaim) revert InsufficientFreeStake(free, stakePerClaim);
+
+        provider.locked += uint128(stakePerClaim);
+        request.status = Status.Committed;
+        request.provider = msg.sender;
+        request.committedAt = uint64(block.timestamp);
+        request.output = TokenPacking.store(TokenPacking.pack(output));
+
+        emit OutputCommitted(
+            requestId, msg.sender, output, uint64(block.timestamp + challengeWindow)
+        );
+    }
+
+    /// @notice Make the claim on `requestId` final: once its challenge window has closed and no
+    ///         dispute is open or lost. Credits the fee to the provider, unlocks its stake and
+    ///         calls the callback (if any) with exactly its gas limit. Anyone may call.
+    /// @dev    The callback is a low-level call that copies no return data: a revert, an
+    ///         out-of-gas or a huge return value is recorded as `callbackSucceeded == false`
+    ///         and finality stands. The caller must send enough gas for the callback to get its
+    ///         whole limit (EIP-150 keeps 1/64 back), else this reverts, so that nobody can
+    ///         starve a callback on purpose.
+    function finalize(uint256 requestId) external nonReentrant {
+        Request storage request = _existing(requestId);
+        if (request.status != Status.Committed) revert ClaimNotCommitted(requestId);
+        uint256 deadline = uint256(request.committedAt) + challengeWindow;
+        if (block.timestamp < deadline) revert ChallengeWindowOpen(deadline);
+        // A dispute not yet resolved may still be lost; a lost one made the claim Rejected.
+        if (request.openDisputes != 0) revert DisputesOpen(request.openDisputes);
+
+        // Effects first: the claim is final and paid before any outside code runs.
+        address providerAddress = request.provider;
+        uint256 fee = request.fee;
+        request.status = Status.Finalized;
+        providers[providerAddress].locked -= uint128(stakePerClaim);
+        balanceOf[providerAddress] += fee;
+
+        bool succeeded;
+        address callback = request.callback;
+        if (callback != address(0)) {
+            succeeded = _deliver(callback, request.callbackGasLimit, requestId, request.output);
+            request.callbackSucceeded = succeeded;
+        }
+        emit Finalized(requestId, providerAddress, fee, succeeded);
+    }
+
+    /// @notice Refund an open request nobody answered by its commit deadline: its fee is
+    ///         credited to the consumer (send it with `withdraw`). Anyone may call.
+    function refund(uint256 requestId) external {
+        Request storage request = _existing(requestId);
+        if (request.status != Status.Open) revert RequestNotOpen(requestId);
+        // Until the deadline a provider may still answer.
+        if (block.timestamp <= request.commitDeadline) {
+            revert CommitDeadlineNotPassed(request.commitDeadline);
+        }
+        request.status = Status.Refunded;
+        balanceOf[request.consumer] += request.fee;
+        emit Refunded(requestId, request.consumer, request.fee);
+    }
+
+    /// @notice Send `msg.sender` its whole credited balance (fees, refunds, slash shares,
+    ///         removed stake).
+    function withdraw() external nonReentrant {
+        uint256 amount = balanceOf[msg.sender];
+        if (amount == 0) revert NothingToWithdraw();
+        balanceOf[msg.sender] = 0;
+        emit Withdrawn(msg.sender, amount);
+        (bool sent,) = msg.sender.call{value: amount}("");
+        // A failed send reverts everything, the zeroed balance included.
+        if (!sent) revert WithdrawFailed();
+    }
+
+    ////////////////////////////////////////////////////////////////
+    //                     Dispute hooks                          //
+    ////////////////////////////////////////////////////////////////
+
+    /// @notice The dispute game opened a dispute against the claim on `requestId`; the claim
+    ///         cannot finalize until the game resolves it. Only while the window is open.
+    function openDispute(uint256 requestId) external onlyDisputeGame {
+        Request storage request = _existing(requestId);
+        if (request.status != Status.Committed) revert ClaimNotCommitted(requestId);
+        uint256 deadline = uint256(request.committedAt) + challengeWindow;
+        if (block.timestamp >= deadline) revert ChallengeWindowClosed(deadline);
+        uint16 open = request.openDisputes + 1;
+        request.openDisputes = open;
+        emit DisputeOpened(requestId, open);
+    }
+
+    /// @notice The dispute game resolved one of the open disputes on `requestId`.
+    /// @param providerWon Whether the provider won. If not and the claim is still committed, the
+    ///                    provider's `stakePerClaim` is slashed: `challengerShareBps` to
+    ///                    `challenger`, `consumerShareBps` plus the fee to the consumer, the
+    ///                    rest burnt; the claim becomes Rejected. A claim already rejected by
+    ///                    an earlier lost dispute is slashed only once.
+    /// @param challenger  The dispute's challenger (credited its share when the provider lost).
+    /// @return challengerAmount Wei credited to `challenger` (zero unless this slashed).
+    function resolveDispute(uint256 requestId, bool providerWon, address challenger)
+        external
+        onlyDisputeGame
+        returns (uint256 challengerAmount)
+    {
+        Request storage request = _existing(requestId);
+        if (request.openDisputes == 0) revert NoOpenDispute(requestId);
+        uint16 open = request.openDisputes - 1;
+        request.openDisputes = open;
+        emit DisputeResolved(requestId, providerWon, challenger, open);
+        if (providerWon || request.status != Status.Committed) return 0;
+
+        // The provider lied: reject the claim, slash its locked slice, refund the consumer.
+        address providerAddress = request.provider;
+        Provider storage provider = providers[providerAddress];
+        provider.locked -= uint128(stakePerClaim);
+        provider.stake -= uint128(stakePerClaim);
+        request.status = Status.Rejected;
+
+        challengerAmount = stakePerClaim * challengerShareBps / BPS;
+        uint256 consumerAmount = stakePerClaim * consumerShareBps / BPS;
+        uint256 burned = stakePerClaim - challengerAmount - consumerAmount;
+        balanceOf[challenger] += challengerAmount;
+        balanceOf[request.consumer] += request.fee + consumerAmount;
+        totalBurned += burned;
+        emit Slashed(
+            requestId, providerAddress, challenger, challengerAmount, consumerAmount, burned
+        );
+        emit Refunded(requestId, request.consumer, request.fee + consumerAmount);
+    }
+
+    ////////////////////////////////////////////////////////////////
+    //                          Views                             //
+    ////////////////////////////////////////////////////////////////
+
+    /// @notice Request `requestId` (its claim fields are zero before commitment).
+    function getRequest(uint256 requestId) external view returns (Request memory) {
+        return _existing(requestId);
+    }
+
+    /// @notice The committed output of `requestId`; reverts ClaimNotCommitted before commitment.
+    ///         Stays readable whatever happened after (finalized, rejected).
+    function getOutput(uint256 requestId) external view returns (uint32[] memory) {
+        Request storage request = _existing(requestId);
+        if (request.output == address(0)) revert ClaimNotCommitted(requestId);
+        return TokenPacking.load(request.output);
+    }
+
+    /// @notice Status, provider, commit time, callback outcome and output (empty before
+    ///         commitment) of `requestId`. Only a Finalized result is a verified answer.
+    function getResult(uint256 requestId) external view returns (Result memory result) {
+        Request storage request = _existing(requestId);
+        result.status = request.status;
+        result.committedAt = request.committedAt;
+        result.callbackSucceeded = request.callbackSucceeded;
+        if (request.output != address(0)) {
+            result.provider = request.provider;
+            result.output = TokenPacking.load(request.output);
+        }
+    }
+
+    /// @notice First timestamp at which the claim on `requestId` can be finalized.
+    function challengeDeadline(uint256 requestId) external view returns (uint256) {
+        Request storage request = _existing(requestId);
+        if (request.committedAt == 0) revert ClaimNotCommitted(requestId);
+        return uint256(request.committedAt) + challengeWindow;
+    }
+
+    /// @notice `keccak256` of the packed tokens (`TokenPacking`): compare with `promptHash`.
+    function hashTokens(uint32[] calldata tokens) external pure returns (bytes32) {
+        return TokenPacking.hash(tokens);
+    }
+
+    /// @notice Stake of `provider` that no open claim locks.
+    function freeStake(address provider) external view returns (uint256) {
+        return providers[provider].stake - providers[provider].locked;
+    }
+
+    ////////////////////////////////////////////////////////////////
+    //                         Helpers                            //
+    ////////////////////////////////////////////////////////////////
+
+    /// @notice The stored request `requestId`; reverts RequestNotFound for an unassigned id.
+    function _existing(uint256 requestId) internal view returns (Request storage request) {
+        request = _requests[requestId];
+        if (request.status == Status.None) revert RequestNotFound(requestId);
+    }
+
+    /// @notice Call `callback.onInferenceResult(requestId, output)` with `gasLimit` gas;
+    ///         whether it returned without reverting. Never reverts because of the callee.
+    function _deliver(address callback, uint256 gasLimit, uint256 requestId, address output)
+        internal
+        returns (bool succeeded)
+    {
+        bytes memory data =
+            abi.encodeCall(IInferenceConsumer.onInferenceResult, (requestId, TokenPacking.load(output)));
+        // The callee gets min(gasLimit, 63/64 of what is left): demand enough that it is gasLimit.
+        uint256 required = gasLimit + gasLimit / 63 + CALLBACK_GAS_OVERHEAD;
+        if (gasleft() < required) revert InsufficientGasForCallback(gasleft(), required);
+        assembly ("memory-safe") {
+            // No return data is copied (out size 0): a return bomb costs the caller nothing.
+            succeeded := call(gasLimit, callback, 0, add(data, 32), mload(data), 0, 0)
+        }
+    }
+}

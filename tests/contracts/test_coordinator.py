@@ -1,0 +1,639 @@
+"""InferenceCoordinator on a real anvil: providers and stake, requests, commitments, finality,
+callbacks (honest and hostile), refunds, the dispute hooks, and the QuestionAsker example.
+
+Accounts: 0 deploys, 1 and 3 are providers, 2 is the consumer (owner of the QuestionAsker),
+4 is a challenger, 5 a third party that finalizes and refunds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from eth_utils import keccak
+from web3 import Web3
+
+from optinfer.contracts.bindings import (
+    ContractRevert,
+    contract_at,
+    deploy,
+    reverts_decoded,
+    send_function,
+)
+from optinfer.contracts.coordinator import (
+    CoordinatorParams,
+    InferenceCoordinator,
+    QuestionAsker,
+    RequestSpec,
+    Status,
+    token_hash,
+)
+from optinfer.contracts.registry import ModelRegistry, ModelSpec
+
+TINY_R1 = Path(__file__).resolve().parents[2] / "models" / "tiny-r1" / "integer"
+ETHER = 10**18
+PARAMS = CoordinatorParams(
+    minimum_stake=1 * ETHER,
+    stake_per_claim=ETHER // 2,
+    challenge_window=3600,
+    challenger_share_bps=5000,
+    consumer_share_bps=3000,  # the remaining 20% is burnt
+    max_callback_gas_limit=500_000,
+)
+FEE = ETHER // 100
+CALLBACK_GAS = 200_000
+PROMPT = [1, 6, 7, 15, 8, 9, 16]  # "12+34=" in tiny-r1's tokenizer (checked below)
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def tiny_r1_spec() -> ModelSpec:
+    return ModelSpec.from_manifest(TINY_R1 / "manifest.json", manifest_uri="optinfer:tiny-r1")
+
+
+@pytest.fixture
+def deployed(chain, isolated, registry_address, tiny_r1_spec) -> dict[str, str]:
+    """tiny-r1 registered, a coordinator and the mock game wired into it, all inside this
+    test's snapshot (nothing leaks into other test files' session state)."""
+    deployer = chain.accounts[0]
+    ModelRegistry(isolated, registry_address).register_send(tiny_r1_spec, deployer)
+    coordinator = InferenceCoordinator.deploy(isolated, deployer, registry_address, PARAMS)
+    game = deploy(isolated, "MockDisputeGame", deployer, coordinator.address)
+    coordinator.set_dispute_game_send(game, deployer)
+    return {"coordinator": coordinator.address, "game": game}
+
+
+@pytest.fixture
+def coordinator(deployed, isolated) -> InferenceCoordinator:
+    return InferenceCoordinator(isolated, deployed["coordinator"])
+
+
+@pytest.fixture
+def game(deployed, isolated):
+    return contract_at(isolated, "MockDisputeGame", deployed["game"])
+
+
+@pytest.fixture
+def provider(chain, coordinator):
+    """Account 1, registered with the minimum stake."""
+    coordinator.register_provider_send(PARAMS.minimum_stake, chain.accounts[1])
+    return chain.accounts[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_r1_answer() -> list[int]:
+    """tiny-r1's greedy answer to "12+34=" (generated once with the integer runtime)."""
+    from optinfer.models.runtime import IntegerModel
+
+    model = IntegerModel(TINY_R1)
+    assert model.encode("12+34=") == PROMPT
+    answer = model.generate(PROMPT, 32)
+    assert model.decode_text(answer).endswith("46")
+    return answer
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def now(w3: Web3) -> int:
+    return w3.eth.get_block("latest")["timestamp"]
+
+
+def advance(w3: Web3, seconds: int) -> None:
+    """Move the chain's clock forward and mine a block at the new time."""
+    w3.provider.make_request("evm_increaseTime", [seconds])
+    w3.provider.make_request("evm_mine", [])
+
+
+def spec_for(w3: Web3, model: bytes, **changes) -> RequestSpec:
+    """A 32-token request for `model`, deadline in 10 minutes, with `changes` applied."""
+    spec = RequestSpec(
+        model_id=model, prompt=PROMPT, max_tokens=32, commit_deadline=now(w3) + 600
+    )
+    return replace(spec, **changes)
+
+
+def post(coordinator, chain, spec: RequestSpec, fee: int = FEE) -> int:
+    receipt = coordinator.post_request_send(spec, fee, chain.accounts[2])
+    (event,) = coordinator.events(receipt, "RequestPosted")
+    return event["requestId"]
+
+
+def expect_revert(action, error_signature: str) -> ContractRevert:
+    """Run `action`, require a revert with custom error `error_signature`; return it."""
+    with pytest.raises(ContractRevert) as caught:
+        action()
+    err = caught.value
+    assert err.data[:4] == keccak(text=error_signature)[:4], (err.name, err.data.hex())
+    return err
+
+
+def assert_solvent(coordinator, accounts) -> None:
+    """The coordinator holds exactly what it owes (stakes + credited balances) plus burnt wei."""
+    owed = sum(coordinator.provider_stake(a.address)[0] for a in accounts)
+    owed += sum(coordinator.balance_of(a.address) for a in accounts)
+    owed += coordinator.parameter("totalBurned")
+    assert coordinator.w3.eth.get_balance(coordinator.address) == owed
+
+
+def committed_request(coordinator, chain, provider, tiny_r1_spec, output=(5, 6, 2), **changes):
+    """A request posted by account 2 and answered with `output` by `provider`."""
+    request_id = post(coordinator, chain, spec_for(coordinator.w3, tiny_r1_spec.model_root,
+                                                   **changes))
+    coordinator.commit_output_send(request_id, list(output), provider)
+    return request_id
+
+
+# ----------------------------------------------------------------------------- honest flow
+
+
+def test_finalize_honestTinyR1FlowThroughQuestionAsker_succeeds(
+    chain, coordinator, provider, tiny_r1_spec, tiny_r1_answer
+):
+    w3 = coordinator.w3
+    consumer, finalizer = chain.accounts[2], chain.accounts[5]
+    asker = QuestionAsker.deploy(w3, consumer, coordinator.address)
+    spec = spec_for(w3, tiny_r1_spec.model_root, callback_gas_limit=CALLBACK_GAS)
+
+    receipt = asker.ask_send(spec, FEE, consumer)
+    (posted,) = coordinator.events(receipt, "RequestPosted")
+    request_id = posted["requestId"]
+    assert posted == {
+        "requestId": request_id,
+        "consumer": asker.address,
+        "modelId": tiny_r1_spec.model_root,
+        "prompt": PROMPT,
+        "maxTokens": 32,
+        "fee": FEE,
+        "callback": asker.address,
+        "callbackGasLimit": CALLBACK_GAS,
+        "namedProvider": "0x0000000000000000000000000000000000000000",
+        "commitDeadline": spec.commit_deadline,
+    }
+    request = coordinator.get_request(request_id)
+    assert request.status is Status.OPEN
+    assert request.prompt_hash == token_hash(PROMPT)
+    assert request.prompt_hash == coordinator.contract.functions.hashTokens(PROMPT).call()
+
+    receipt = coordinator.commit_output_send(request_id, tiny_r1_answer, provider)
+    (committed,) = coordinator.events(receipt, "OutputCommitted")
+    committed_at = w3.eth.get_block(receipt["blockNumber"])["timestamp"]
+    assert committed["output"] == tiny_r1_answer
+    assert committed["challengeDeadline"] == committed_at + PARAMS.challenge_window
+    assert coordinator.get_output(request_id) == tiny_r1_answer
+    assert coordinator.provider_stake(provider.address) == (ETHER, PARAMS.stake_per_claim)
+
+    # Within the window nobody can finalize.
+    expect_revert(lambda: coordinator.finalize_send(request_id, finalizer),
+                  "ChallengeWindowOpen(uint256)")
+    advance(w3, PARAMS.challenge_window)
+
+    receipt = coordinator.finalize_send(request_id, finalizer)
+    assert coordinator.events(receipt, "Finalized") == [
+        {"requestId": request_id, "provider": provider.address, "fee": FEE,
+         "callbackSucceeded": True}
+    ]
+    assert asker.answered(request_id)
+    assert asker.answer(request_id) == tiny_r1_answer
+    result = coordinator.get_result(request_id)
+    assert (result.status, result.provider, result.output) == (
+        Status.FINALIZED, provider.address, tiny_r1_answer
+    )
+    assert result.callback_succeeded and result.committed_at == committed_at
+    assert coordinator.provider_stake(provider.address) == (ETHER, 0)
+    expect_revert(lambda: coordinator.finalize_send(request_id, finalizer),
+                  "ClaimNotCommitted(uint256)")
+
+    # The fee is the provider's to withdraw, once.
+    assert coordinator.balance_of(provider.address) == FEE
+    before = w3.eth.get_balance(provider.address)
+    receipt = coordinator.withdraw_send(provider)
+    gas_cost = receipt["gasUsed"] * receipt["effectiveGasPrice"]
+    assert w3.eth.get_balance(provider.address) == before + FEE - gas_cost
+    assert coordinator.events(receipt, "Withdrawn") == [
+        {"account": provider.address, "amount": FEE}
+    ]
+    expect_revert(lambda: coordinator.withdraw_send(provider), "NothingToWithdraw()")
+    assert_solvent(coordinator, chain.accounts)
+
+
+def test_gas_postCommit32TokensFinalize_withinBudget(chain, coordinator, provider, tiny_r1_spec):
+    """Gas of the steps of a claim (printed with -s). Commit's fixed part is what a 1-token
+    output costs; each further token adds calldata, log data and 4 bytes of stored code."""
+    w3 = coordinator.w3
+    consumer = chain.accounts[2]
+    asker = QuestionAsker.deploy(w3, consumer, coordinator.address)
+    spec = spec_for(w3, tiny_r1_spec.model_root, callback=asker.address,
+                    callback_gas_limit=CALLBACK_GAS)
+    post_receipt = coordinator.post_request_send(spec, FEE, consumer)
+    (posted,) = coordinator.events(post_receipt, "RequestPosted")
+    output = [(7 * i + 3) % 30 for i in range(32)]
+    commit_receipt = coordinator.commit_output_send(posted["requestId"], output, provider)
+    one_token_id = post(coordinator, chain, spec)
+    commit_one_receipt = coordinator.commit_output_send(one_token_id, [2], provider)
+    advance(w3, PARAMS.challenge_window)
+    finalize_receipt = coordinator.finalize_send(posted["requestId"], chain.accounts[5])
+    gas = {
+        "post (7 prompt tokens, callback)": post_receipt["gasUsed"],
+        "commit (1 output token)": commit_one_receipt["gasUsed"],
+        "commit (32 output tokens)": commit_receipt["gasUsed"],
+        "finalize (callback stores 32 tokens)": finalize_receipt["gasUsed"],
+    }
+    print(gas)
+    assert asker.answer(posted["requestId"]) == output
+    assert post_receipt["gasUsed"] < 200_000
+    assert commit_one_receipt["gasUsed"] < 130_000
+    # About 1.6k gas per further token: 32 calldata bytes (mostly zero), 32 bytes of log data,
+    # 4 bytes of stored code (800), and the decode/pack/encode loops.
+    assert commit_receipt["gasUsed"] - commit_one_receipt["gasUsed"] < 31 * 1_800
+    assert finalize_receipt["gasUsed"] < 250_000
+
+
+# ----------------------------------------------------------------------------- requests
+
+
+@pytest.mark.parametrize(
+    ("changes", "error"),
+    [
+        ({"prompt": []}, "EmptyPrompt()"),
+        ({"max_tokens": 0}, "ZeroMaxTokens()"),
+        ({"max_tokens": 128 - len(PROMPT) + 2}, "ContextExceeded(uint256,uint256)"),
+        ({"max_tokens": 7000}, "MaxTokensTooLarge(uint256,uint256)"),
+        ({"model_id": b"\x01" * 32}, "ModelNotRegistered(bytes32)"),
+        ({"commit_deadline": 1}, "CommitDeadlineNotInFuture(uint256)"),
+        ({"callback_gas_limit": 500_001}, "CallbackGasLimitTooHigh(uint256,uint256)"),
+    ],
+)
+def test_postRequest_invalidRequest_reverts(chain, coordinator, tiny_r1_spec, changes, error):
+    spec = spec_for(coordinator.w3, tiny_r1_spec.model_root, **changes)
+    expect_revert(lambda: coordinator.post_request_send(spec, FEE, chain.accounts[2]), error)
+    assert coordinator.parameter("requestCount") == 0
+
+
+def test_postRequest_longestOutputThatFitsTheContext_succeeds(chain, coordinator, tiny_r1_spec):
+    # len(P) + maxTokens - 1 == max_context exactly.
+    spec = spec_for(coordinator.w3, tiny_r1_spec.model_root, max_tokens=128 - len(PROMPT) + 1)
+    assert coordinator.post_request_call(spec, FEE, chain.accounts[2].address) == 1
+    assert post(coordinator, chain, spec) == 1
+    assert coordinator.get_request(1).max_tokens == 128 - len(PROMPT) + 1
+
+
+def test_getRequest_unknownId_reverts(coordinator):
+    err = expect_revert(lambda: coordinator.get_request(7), "RequestNotFound(uint256)")
+    assert err.args_decoded == (7,)
+
+
+def test_commitOutput_namedProvider_rejectsOtherProviders(
+    chain, coordinator, provider, tiny_r1_spec
+):
+    other = chain.accounts[3]
+    coordinator.register_provider_send(PARAMS.minimum_stake, other)
+    spec = spec_for(coordinator.w3, tiny_r1_spec.model_root, named_provider=provider.address)
+    request_id = post(coordinator, chain, spec)
+
+    err = expect_revert(lambda: coordinator.commit_output_send(request_id, [5, 2], other),
+                        "NotNamedProvider(address)")
+    assert err.args_decoded == (provider.address.lower(),)
+    coordinator.commit_output_send(request_id, [5, 2], provider)
+    assert coordinator.get_request(request_id).provider == provider.address
+
+
+@pytest.mark.parametrize(
+    ("output", "error"),
+    [([], "EmptyOutput()"), ([5] * 33, "OutputTooLong(uint256,uint256)")],
+)
+def test_commitOutput_badLength_reverts(chain, coordinator, provider, tiny_r1_spec, output, error):
+    request_id = post(coordinator, chain, spec_for(coordinator.w3, tiny_r1_spec.model_root))
+    expect_revert(lambda: coordinator.commit_output_send(request_id, output, provider), error)
+    assert coordinator.get_request(request_id).status is Status.OPEN
+
+
+def test_commitOutput_unregisteredProvider_reverts(chain, coordinator, tiny_r1_spec):
+    request_id = post(coordinator, chain, spec_for(coordinator.w3, tiny_r1_spec.model_root))
+    expect_revert(lambda: coordinator.commit_output_send(request_id, [2], chain.accounts[3]),
+                  "ProviderNotRegistered(address)")
+
+
+def test_commitOutput_stakeAllLocked_reverts(chain, coordinator, provider, tiny_r1_spec):
+    # 1 ether of stake backs exactly two claims of 0.5 ether.
+    committed_request(coordinator, chain, provider, tiny_r1_spec)
+    committed_request(coordinator, chain, provider, tiny_r1_spec)
+    request_id = post(coordinator, chain, spec_for(coordinator.w3, tiny_r1_spec.model_root))
+    err = expect_revert(lambda: coordinator.commit_output_send(request_id, [2], provider),
+                        "InsufficientFreeStake(uint256,uint256)")
+    assert err.args_decoded == (0, PARAMS.stake_per_claim)
+    # More stake lets it answer.
+    coordinator.add_stake_send(PARAMS.stake_per_claim, provider)
+    coordinator.commit_output_send(request_id, [2], provider)
+
+
+def test_commitOutput_twice_reverts(chain, coordinator, provider, tiny_r1_spec):
+    request_id = committed_request(coordinator, chain, provider, tiny_r1_spec)
+    expect_revert(lambda: coordinator.commit_output_send(request_id, [9], provider),
+                  "RequestNotOpen(uint256)")
+    assert coordinator.get_output(request_id) == [5, 6, 2]
+
+
+def test_getOutput_extremeTokenIds_roundTrip(chain, coordinator, provider, tiny_r1_spec):
+    output = [0, 1, 2**32 - 1, 2**31, 255, 256, 65_536, 2**32 - 2]
+    request_id = committed_request(coordinator, chain, provider, tiny_r1_spec, output=output)
+    assert coordinator.get_output(request_id) == output
+    # The data contract's code is STOP || the packed tokens.
+    data = coordinator.get_request(request_id).output
+    assert bytes(coordinator.w3.eth.get_code(data)) == b"\x00" + b"".join(
+        t.to_bytes(4, "big") for t in output
+    )
+
+
+# ----------------------------------------------------------------------------- refunds
+
+
+def test_refund_afterCommitDeadline_succeeds(chain, coordinator, provider, tiny_r1_spec):
+    w3 = coordinator.w3
+    consumer, anyone = chain.accounts[2], chain.accounts[5]
+    asker = QuestionAsker.deploy(w3, consumer, coordinator.address)
+    spec = spec_for(w3, tiny_r1_spec.model_root, callback_gas_limit=CALLBACK_GAS)
+    receipt = asker.ask_send(spec, FEE, consumer)
+    (posted,) = coordinator.events(receipt, "RequestPosted")
+    request_id = posted["requestId"]
+
+    expect_revert(lambda: coordinator.refund_send(request_id, anyone),
+                  "CommitDeadlineNotPassed(uint256)")
+    advance(w3, 601)
+    expect_revert(lambda: coordinator.commit_output_send(request_id, [2], provider),
+                  "CommitDeadlinePassed(uint256)")
+
+    receipt = coordinator.refund_send(request_id, anyone)
+    assert coordinator.events(receipt, "Refunded") == [
+        {"requestId": request_id, "consumer": asker.address, "amount": FEE}
+    ]
+    assert coordinator.get_request(request_id).status is Status.REFUNDED
+    expect_revert(lambda: coordinator.refund_send(request_id, anyone), "RequestNotOpen(uint256)")
+
+    # The asker collects the refund for its owner.
+    before = w3.eth.get_balance(consumer.address)
+    receipt = asker.collect_refunds_send(consumer)
+    gas_cost = receipt["gasUsed"] * receipt["effectiveGasPrice"]
+    assert w3.eth.get_balance(consumer.address) == before + FEE - gas_cost
+    assert coordinator.balance_of(asker.address) == 0
+    assert_solvent(coordinator, chain.accounts)
+
+
+# ----------------------------------------------------------------------------- hostile callbacks
+
+
+@pytest.mark.parametrize(
+    "consumer_contract", ["RevertingConsumer", "GasBurningConsumer", "ReturnBombConsumer"]
+)
+def test_finalize_hostileCallback_stillFinalizes(
+    chain, coordinator, provider, tiny_r1_spec, consumer_contract
+):
+    w3 = coordinator.w3
+    callback = deploy(w3, consumer_contract, chain.accounts[2])
+    request_id = committed_request(coordinator, chain, provider, tiny_r1_spec,
+                                   callback=callback, callback_gas_limit=300_000)
+    advance(w3, PARAMS.challenge_window)
+
+    receipt = coordinator.finalize_send(request_id, chain.accounts[5])
+    (finalized,) = coordinator.events(receipt, "Finalized")
+    # The return bomb returns normally (its data is never copied); the others fail.
+    assert finalized["callbackSucceeded"] is (consumer_contract == "ReturnBombConsumer")
+    result = coordinator.get_result(request_id)
+    assert result.status is Status.FINALIZED and result.output == [5, 6, 2]
+    assert receipt["gasUsed"] < 300_000 + 150_000
+    assert coordinator.balance_of(provider.address) == FEE
+    coordinator.withdraw_send(provider)
+    assert_solvent(coordinator, chain.accounts)
+
+
+def test_finalize_reenteringCallback_cannotReenterOrDrain(
+    chain, coordinator, provider, tiny_r1_spec
+):
+    w3 = coordinator.w3
+    callback = contract_at(
+        w3, "ReenteringConsumer", deploy(w3, "ReenteringConsumer", chain.accounts[2],
+                                         coordinator.address)
+    )
+    request_id = committed_request(coordinator, chain, provider, tiny_r1_spec,
+                                   callback=callback.address, callback_gas_limit=300_000)
+    advance(w3, PARAMS.challenge_window)
+
+    receipt = coordinator.finalize_send(request_id, chain.accounts[5])
+    (finalized,) = coordinator.events(receipt, "Finalized")
+    assert finalized["callbackSucceeded"] is True
+    assert callback.functions.called().call()
+    # Both re-entrant calls hit the guard; nothing was paid twice.
+    reentrancy = keccak(text="Reentrancy()")[:4]
+    assert bytes(callback.functions.finalizeRevert().call()) == reentrancy
+    assert bytes(callback.functions.withdrawRevert().call()) == reentrancy
+    assert len(coordinator.events(receipt, "Finalized")) == 1
+    assert coordinator.balance_of(provider.address) == FEE
+    assert w3.eth.get_balance(callback.address) == 0
+    assert_solvent(coordinator, chain.accounts)
+
+
+def test_finalize_tooLittleGasForTheCallback_reverts(chain, coordinator, provider, tiny_r1_spec):
+    w3 = coordinator.w3
+    callback = deploy(w3, "GasBurningConsumer", chain.accounts[2])
+    request_id = committed_request(coordinator, chain, provider, tiny_r1_spec,
+                                   callback=callback, callback_gas_limit=400_000)
+    advance(w3, PARAMS.challenge_window)
+    # A finalizer cannot starve the callback (and have its failure recorded) by sending less
+    # gas than the limit needs: the whole finalize reverts instead.
+    finalize = coordinator.contract.functions.finalize(request_id)
+    params = {"from": chain.accounts[5].address, "gas": 300_000}
+    err = expect_revert(
+        lambda: reverts_decoded(coordinator.artifact, lambda: finalize.call(params)),
+        "InsufficientGasForCallback(uint256,uint256)",
+    )
+    assert err.args_decoded[1] == 400_000 + 400_000 // 63 + 30_000
+    assert coordinator.get_request(request_id).status is Status.COMMITTED
+    # With enough gas it goes through (and the burner's failure is recorded).
+    receipt = coordinator.finalize_send(request_id, chain.accounts[5])
+    assert coordinator.events(receipt, "Finalized")[0]["callbackSucceeded"] is False
+
+
+def test_questionAsker_onlyCoordinatorDelivers_onlyOwnerAsks(chain, coordinator, tiny_r1_spec):
+    w3 = coordinator.w3
+    asker = QuestionAsker.deploy(w3, chain.accounts[2], coordinator.address)
+    forged = asker.contract.functions.onInferenceResult(1, [4, 6])
+    with pytest.raises(ContractRevert) as caught:
+        send_function(w3, asker.artifact, forged, chain.accounts[3])
+    assert caught.value.name == "NotCoordinator"
+    assert not asker.answered(1)
+    spec = spec_for(w3, tiny_r1_spec.model_root)
+    with pytest.raises(ContractRevert) as caught:
+        asker.ask_send(spec, FEE, chain.accounts[3])
+    assert caught.value.name == "NotOwner"
+
+
+# ----------------------------------------------------------------------------- stake
+
+
+def test_removeStake_lockedStake_reverts(chain, coordinator, provider, tiny_r1_spec):
+    request_id = committed_request(coordinator, chain, provider, tiny_r1_spec)
+    err = expect_revert(lambda: coordinator.remove_stake_send(ETHER, provider),
+                        "InsufficientFreeStake(uint256,uint256)")
+    assert err.args_decoded == (ETHER - PARAMS.stake_per_claim, ETHER)
+    # The free half can go.
+    coordinator.remove_stake_send(ETHER - PARAMS.stake_per_claim, provider)
+    assert coordinator.provider_stake(provider.address) == (
+        PARAMS.stake_per_claim, PARAMS.stake_per_claim
+    )
+    advance(coordinator.w3, PARAMS.challenge_window)
+    coordinator.finalize_send(request_id, chain.accounts[5])
+    coordinator.remove_stake_send(PARAMS.stake_per_claim, provider)
+    assert coordinator.balance_of(provider.address) == ETHER + FEE
+    coordinator.withdraw_send(provider)
+    assert_solvent(coordinator, chain.accounts)
+
+
+def test_registerProvider_belowMinimumOrTwice_reverts(chain, coordinator):
+    expect_revert(
+        lambda: coordinator.register_provider_send(ETHER - 1, chain.accounts[3]),
+        "StakeBelowMinimum(uint256,uint256)",
+    )
+    coordinator.register_provider_send(ETHER, chain.accounts[3])
+    expect_revert(
+        lambda: coordinator.register_provider_send(ETHER, chain.accounts[3]),
+        "ProviderAlreadyRegistered(address)",
+    )
+    expect_revert(lambda: coordinator.add_stake_send(ETHER, chain.accounts[4]),
+                  "ProviderNotRegistered(address)")
+
+
+# ----------------------------------------------------------------------------- dispute hooks
+
+
+def test_setDisputeGame_secondTimeOrNotDeployer_reverts(chain, coordinator, game):
+    assert coordinator.parameter("disputeGame") == game.address
+    expect_revert(lambda: coordinator.set_dispute_game_send(chain.accounts[4].address,
+                                                            chain.accounts[0]),
+                  "DisputeGameAlreadySet(address)")
+    expect_revert(lambda: coordinator.set_dispute_game_send(chain.accounts[4].address,
+                                                            chain.accounts[4]),
+                  "NotDeployer(address)")
+
+
+def test_disputeHooks_calledByOtherThanGame_revert(chain, coordinator, provider, tiny_r1_spec):
+    request_id = committed_request(coordinator, chain, provider, tiny_r1_spec)
+    outsider = chain.accounts[4]
+    for function in (
+        coordinator.contract.functions.openDispute(request_id),
+        coordinator.contract.functions.resolveDispute(request_id, False, outsider.address),
+    ):
+        err = expect_revert(
+            lambda f=function: send_function(coordinator.w3, coordinator.artifact, f, outsider),
+            "NotDisputeGame(address)",
+        )
+        assert err.args_decoded == (outsider.address.lower(),)
+    assert coordinator.get_request(request_id).open_disputes == 0
+
+
+def _game_send(coordinator, game, function_name: str, *args, signer=None):
+    """Call the mock game (which forwards to the coordinator), decoding the coordinator's errors."""
+    function = getattr(game.functions, function_name)(*args)
+    return send_function(coordinator.w3, coordinator.artifact, function, signer)
+
+
+def test_finalize_openDispute_blocksUntilProviderWins(chain, coordinator, game, provider,
+                                                      tiny_r1_spec):
+    w3 = coordinator.w3
+    anyone, challenger = chain.accounts[5], chain.accounts[4]
+    request_id = committed_request(coordinator, chain, provider, tiny_r1_spec)
+    _game_send(coordinator, game, "openDispute", request_id, signer=anyone)
+    _game_send(coordinator, game, "openDispute", request_id, signer=anyone)  # a second game
+    assert coordinator.get_request(request_id).open_disputes == 2
+    advance(w3, PARAMS.challenge_window)
+
+    # The window has passed but disputes are open; no new one can start.
+    err = expect_revert(lambda: coordinator.finalize_send(request_id, anyone),
+                        "DisputesOpen(uint256)")
+    assert err.args_decoded == (2,)
+    expect_revert(lambda: _game_send(coordinator, game, "openDispute", request_id, signer=anyone),
+                  "ChallengeWindowClosed(uint256)")
+
+    _game_send(coordinator, game, "resolveDispute", request_id, True, challenger.address,
+               signer=anyone)
+    expect_revert(lambda: coordinator.finalize_send(request_id, anyone), "DisputesOpen(uint256)")
+    receipt = _game_send(coordinator, game, "resolveDispute", request_id, True,
+                         challenger.address, signer=anyone)
+    assert coordinator.events(receipt, "DisputeResolved")[0]["openDisputes"] == 0
+    assert game.functions.lastChallengerAmount().call() == 0
+    expect_revert(lambda: _game_send(coordinator, game, "resolveDispute", request_id, True,
+                                     challenger.address, signer=anyone),
+                  "NoOpenDispute(uint256)")
+
+    coordinator.finalize_send(request_id, anyone)
+    assert coordinator.balance_of(provider.address) == FEE
+    assert coordinator.balance_of(challenger.address) == 0
+
+
+def test_resolveDispute_providerLost_slashesWithTheSplitAndRefunds(
+    chain, coordinator, game, provider, tiny_r1_spec
+):
+    anyone, challenger, consumer = chain.accounts[5], chain.accounts[4], chain.accounts[2]
+    request_id = committed_request(coordinator, chain, provider, tiny_r1_spec)
+    _game_send(coordinator, game, "openDispute", request_id, signer=anyone)
+    _game_send(coordinator, game, "openDispute", request_id, signer=anyone)
+
+    receipt = _game_send(coordinator, game, "resolveDispute", request_id, False,
+                         challenger.address, signer=anyone)
+    slash = PARAMS.stake_per_claim
+    challenger_amount = slash * 5000 // 10_000
+    consumer_amount = slash * 3000 // 10_000
+    burned = slash - challenger_amount - consumer_amount
+    assert coordinator.events(receipt, "Slashed") == [{
+        "requestId": request_id, "provider": provider.address, "challenger": challenger.address,
+        "challengerAmount": challenger_amount, "consumerAmount": consumer_amount,
+        "burnedAmount": burned,
+    }]
+    assert game.functions.lastChallengerAmount().call() == challenger_amount
+    assert coordinator.balance_of(challenger.address) == challenger_amount
+    assert coordinator.balance_of(consumer.address) == FEE + consumer_amount
+    assert coordinator.parameter("totalBurned") == burned
+    assert coordinator.provider_stake(provider.address) == (ETHER - slash, 0)
+    assert coordinator.get_request(request_id).status is Status.REJECTED
+
+    # A second lost game on the rejected claim slashes nothing more; the claim never finalizes.
+    _game_send(coordinator, game, "resolveDispute", request_id, False, anyone.address,
+               signer=anyone)
+    assert game.functions.lastChallengerAmount().call() == 0
+    assert coordinator.balance_of(anyone.address) == 0
+    advance(coordinator.w3, PARAMS.challenge_window)
+    expect_revert(lambda: coordinator.finalize_send(request_id, anyone),
+                  "ClaimNotCommitted(uint256)")
+    # The rejected output stays readable.
+    assert coordinator.get_result(request_id).output == [5, 6, 2]
+    coordinator.withdraw_send(challenger)
+    coordinator.withdraw_send(consumer)
+    assert_solvent(coordinator, chain.accounts)
+
+
+def test_openDispute_onOpenRequest_reverts(chain, coordinator, game, tiny_r1_spec):
+    request_id = post(coordinator, chain, spec_for(coordinator.w3, tiny_r1_spec.model_root))
+    expect_revert(lambda: _game_send(coordinator, game, "openDispute", request_id,
+                                     signer=chain.accounts[5]),
+                  "ClaimNotCommitted(uint256)")
+
+
+# ----------------------------------------------------------------------------- constructor
+
+
+@pytest.mark.parametrize(
+    ("changes", "error"),
+    [
+        ({"stake_per_claim": 0}, "ZeroStakePerClaim()"),
+        ({"challenge_window": 0}, "ZeroChallengeWindow()"),
+        ({"challenger_share_bps": 7001}, "SlashSharesExceedWhole(uint256)"),
+    ],
+)
+def test_constructor_badParameters_reverts(chain, isolated, registry_address, changes, error):
+    params = replace(PARAMS, **changes)
+    expect_revert(
+        lambda: InferenceCoordinator.deploy(isolated, chain.accounts[0], registry_address, params),
+        error,
+    )
