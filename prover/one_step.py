@@ -32,7 +32,8 @@ starts/ends/axes/steps, Range's scalars, Clip's bounds, the zero point) are open
 Gather and GatherElements first open their index element, then the data element it selects;
 Slice opens its parameters, then the data element. `element_dependencies` therefore takes the
 values known so far and returns every opening it can determine; calling it again with the
-values of those openings gives the rest (at most two rounds).
+values of those openings gives the rest (two rounds at most: parameters or Gather's index
+first, the data second).
 """
 
 from __future__ import annotations
@@ -507,8 +508,8 @@ def recompute_element(
     if op == "Cast":
         return _as_int(opset.cast(element(0), int(node.attribute("to"))))
     if op in ("Reshape", "Transpose", "Concat", "Slice", "Gather", "GatherElements"):
-        # The data element is the last opening (after any index or parameters); Concat opens
-        # one element of whichever input holds it.
+        # Data movement: the value is the one opened data element (Concat's from whichever
+        # input holds it; the index and parameters were only needed to locate it).
         data_position = next(iter(values)) if op == "Concat" else 0
         return _as_int(values[data_position][-1:].reshape(()))
     if op == "ReduceSum":
@@ -573,7 +574,9 @@ def _expected_output(node, in_shapes, in_dtypes, parameters) -> tuple[int, tuple
     if op == "Clip":
         return dtype0, shape0
     if op == "Cast":
-        return commitments.dtype_code(int(node.attribute("to"))), shape0
+        if node.attribute("to") is None:
+            raise opset.OpSemanticsError("Cast: no target type")
+        return commitments.dtype_code(node.attribute("to")), shape0
     if op in ("ReduceSum", "ReduceMax", "ArgMax"):
         if op == "ArgMax":
             if node.attribute("select_last_index", 0) != 0:
