@@ -179,3 +179,98 @@ error NotCoordinator(address caller);
 
 /// @notice Thrown when sending collected refunds on to the asker's owner fails.
 error RefundTransferFailed();
+
+////////////////////////////////////////////////////////////////
+//          Commitments (lib/Commitments.sol, Sha256Merkle)   //
+////////////////////////////////////////////////////////////////
+
+/// @notice Thrown when a tensor's dtype code is not one of uint8 (2), int8 (3), int32 (6),
+///         int64 (7), bool (9).
+/// @param dtype The rejected ONNX TensorProto code.
+error UnsupportedDtype(uint8 dtype);
+
+/// @notice Thrown when a tensor's rank does not fit the header's uint8 rank field.
+/// @param rank The rejected rank.
+error TensorRankTooLarge(uint256 rank);
+
+/// @notice Thrown when a tensor's data would reach 2**64 bytes (the contracts' size bound).
+error TensorTooLarge();
+
+/// @notice Thrown when a tensor's data bytes do not have the length its dtype and shape fix.
+/// @param length   Bytes given.
+/// @param expected Bytes the dtype and shape require.
+error TensorDataLengthMismatch(uint256 length, uint256 expected);
+
+/// @notice Thrown when a Merkle path is opened at an index outside a tree of its depth.
+/// @param index The leaf index.
+/// @param depth The path's length.
+error LeafIndexOutsideTree(uint256 index, uint256 depth);
+
+/// @notice Thrown when a state-tree path does not have STATE_DEPTH siblings.
+/// @param length The path's length.
+error StatePathLengthMismatch(uint256 length);
+
+/// @notice Thrown when a state leaf is set to ZERO: a tensor root is never ZERO.
+error ZeroTensorRoot();
+
+/// @notice Thrown when leaf `index` is not an empty (ZERO) slot of the previous state under
+///         the given path.
+error StateSlotNotEmpty(uint256 index);
+
+/// @notice Thrown when the next state is not the previous one with leaf `index` set.
+error StateUpdateMismatch(uint256 index);
+
+/// @notice Thrown when a range proof opens an empty range or one past the tensor's data.
+/// @param start      First byte of the range.
+/// @param end        One past its last byte.
+/// @param byteLength The tensor's data length.
+error InvalidByteRange(uint256 start, uint256 end, uint256 byteLength);
+
+/// @notice Thrown when a range proof's chunks are not exactly the covering leaf chunks.
+/// @param length   Chunk bytes given.
+/// @param expected 1024 times the number of covering leaves.
+error RangeChunksLengthMismatch(uint256 length, uint256 expected);
+
+/// @notice Thrown when a range proof does not carry exactly the boundary siblings it needs.
+/// @param count    Siblings given.
+/// @param expected Siblings the range and the tree depth require.
+error RangeSiblingCountMismatch(uint256 count, uint256 expected);
+
+/// @notice Thrown when a range proof does not rebuild the tensor root it is checked against.
+error RangeProofRootMismatch();
+
+/// @notice Thrown when a descent step starts from a node that is not above the leaves of the
+///         tensor's data tree.
+error DescentNodeOutsideTree(uint256 height, uint256 index, uint256 depth);
+
+/// @notice Thrown when a descent step reveals a number of children that is not 2**m with
+///         1 <= m <= the node's height.
+error DescentFanOutInvalid(uint256 count, uint256 height);
+
+/// @notice Thrown when a descent step's children do not rehash to the agreed node.
+error DescentChildrenMismatch();
+
+/// @notice Thrown when a child lying wholly in the data tree's padding is not Z_h.
+/// @param position The child's position in the step (0 = leftmost).
+error DescentPaddingNotZero(uint256 position);
+
+/// @notice Thrown when a leaf chunk is revealed at a leaf index past the tensor's last chunk.
+error LeafChunkOutsideTensor(uint256 leafIndex, uint256 leafCount);
+
+/// @notice Thrown when a revealed leaf chunk is not exactly 1024 bytes.
+error LeafChunkLengthMismatch(uint256 length);
+
+/// @notice Thrown when a revealed leaf chunk does not hash to the disputed leaf.
+error LeafChunkHashMismatch();
+
+/// @notice Thrown when a revealed leaf chunk has a nonzero byte past the tensor's end.
+error LeafChunkPaddingNotZero();
+
+/// @notice Thrown when an element is read past the end of the bytes that hold it.
+error ElementOutsideData(uint256 index, uint256 dataLength);
+
+/// @notice Thrown when an element index is not below the tensor's element count.
+error ElementIndexOutsideTensor(uint256 index, uint256 elementCount);
+
+/// @notice Thrown when a bool element's byte is neither 0x00 nor 0x01.
+error InvalidBoolElement(uint8 value);
