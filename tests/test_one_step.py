@@ -14,13 +14,15 @@ import random
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 from optinfer.models import opset
 from optinfer.models.manifest import node_description
 from optinfer.models.runtime import IntegerModel
 from optinfer.models.tiny_r1 import INTEGER_DIR, held_out_problems
-from optinfer.prover.commitments import ProofError, RangeProof
+from optinfer.prover.commitments import ProofError, RangeProof, dtype_code
 from optinfer.prover.one_step import (
     COLUMNS,
     CommittedModel,
@@ -31,7 +33,9 @@ from optinfer.prover.one_step import (
     WrongClaim,
     element_dependencies,
     element_from_inputs,
+    expected_output,
     one_step_witness,
+    parameter_values,
     parse_node_description,
 )
 
@@ -295,6 +299,10 @@ def _step_node(op: str, n_inputs: int, **attributes):
 def _check_every_element(op: str, inputs: list[np.ndarray], **attributes) -> np.ndarray:
     node = _step_node(op, len(inputs), **attributes)
     expected = opset.OPS[op].function(*inputs, **attributes)
+    shapes = [x.shape for x in inputs]
+    parameters = parameter_values(node, shapes, {p: x.ravel() for p, x in enumerate(inputs)})
+    signature = expected_output(node, shapes, [dtype_code(x.dtype) for x in inputs], parameters)
+    assert signature == (dtype_code(expected.dtype), expected.shape)
     got = [element_from_inputs(node, inputs, i) for i in range(expected.size)]
     np.testing.assert_array_equal(np.array(got).reshape(expected.shape),
                                   expected.astype(np.int64))
@@ -405,3 +413,31 @@ def test_matmul_integer_reads_batch_zero_of_a_broadcast_operand():
     a_row = np.ravel_multi_index((1, 2, 3, 0), (2, 3, 4, 6))
     column = np.ravel_multi_index((1, 0, 4, 0), (2, 1, 5, 6))  # B's batch axis 1 has size 1
     assert [(o.start_element, o.count) for o in openings[1:]] == [(a_row, 6), (column, 6)]
+
+
+@given(data=st.data())
+@settings(max_examples=60, deadline=None)
+def test_slice_clamping_matches_the_reference_on_random_parameters(data):
+    shape = tuple(data.draw(st.lists(st.integers(0, 4), min_size=1, max_size=3)))
+    x = np.arange(int(np.prod(shape)), dtype=np.int32).reshape(shape)
+    axes = data.draw(st.permutations(range(len(shape))))[: data.draw(
+        st.integers(1, len(shape)))]
+    bound = st.integers(-7, 7) | st.sampled_from([-(2**63), 2**63 - 1])
+    starts = [data.draw(bound) for _ in axes]
+    steps = [data.draw(st.sampled_from([-3, -2, -1, 1, 2, 3])) for _ in axes]
+    ends = [data.draw(st.integers(-7, 7) | st.sampled_from([-(2**63)])) if step < 0
+            else data.draw(bound) for step in steps]
+    i64 = lambda v: np.array(v, np.int64)  # noqa: E731
+    _check_every_element("Slice", [x, i64(starts), i64(ends), i64(axes), i64(steps)])
+
+
+@given(data=st.data())
+@settings(max_examples=60, deadline=None)
+def test_broadcasting_matches_the_reference_on_random_shapes(data):
+    out = data.draw(st.lists(st.integers(1, 3), min_size=0, max_size=3))
+    shapes = []
+    for _ in range(2):
+        rank = data.draw(st.integers(0, len(out)))
+        shapes.append(tuple(d if data.draw(st.booleans()) else 1 for d in out[len(out) - rank:]))
+    op = data.draw(st.sampled_from(["Add", "Sub", "Mul", "Min", "Greater"]))
+    _check_every_element(op, [_ints(shapes[0], dtype=np.int32), _ints(shapes[1], dtype=np.int32)])
