@@ -39,6 +39,7 @@ from optinfer.prover.game import (
     challenger_witness,
     chunk_proof,
     decide,
+    descent_rounds,
     max_rounds,
     one_step_verifier,
     open_game,
@@ -329,3 +330,13 @@ def test_the_chunk_proof_rebuilt_from_the_descent_equals_the_tensor_range_proof(
     tree = commitments.TensorTree(lie)
     start = state.node_index * commitments.LEAF_BYTES
     assert chunk_proof(state) == tree.range_proof(start, start + len(state.chunk))
+
+
+def test_round_counts_quoted_in_the_protocol_doc():
+    # docs/protocol.md "Round counts": R1-1.5B has 5,874 nodes, logits up to (T, 151936) int32.
+    logits = {1024: (5, 21), 4096: (6, 22), 32768: (7, 23)}
+    for tokens, (descent, total) in logits.items():
+        assert descent_rounds(tokens * 151936 * 4) == descent
+        assert max_rounds(5874, tokens * 151936 * 4) == total
+    assert descent_rounds(1024 * 151936 * 4, fan_out_bits=1) == 20
+    assert max_rounds(898, 96 * 1024) == 15
