@@ -112,6 +112,13 @@ def check_invariants(state: GameState, honest: ModelTrace, honest_role: Role,
     # An honest challenger only agrees with true states: S_lo is always the honest one.
     if honest_role is Role.CHALLENGER:
         assert state.lo_root == honest.state_root(state.lo)
+    # An honest challenger keeps the descent on a node where the provider's tree differs from
+    # the honest one (same header), so the chunk it ends on holds a wrong element.
+    if honest_role is Role.CHALLENGER and state.phase in (Phase.DESCENT, Phase.CHUNK_REVEAL):
+        own = honest.tensor_tree(state.k)
+        if tuple(own.array.shape) == state.shape and \
+                commitments.dtype_code(own.array.dtype) == state.dtype:
+            assert own.subtree_roots(state.node_height)[state.node_index] != state.node_hash
     # An honest provider only posts true states: S_hi (and a pending S_mid) are honest.
     if honest_role is Role.PROVIDER and state.phase is not Phase.AWAIT_ROOT:
         assert state.hi_root == honest.state_root(state.hi)
