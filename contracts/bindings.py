@@ -120,3 +120,15 @@ def deploy(w3: Web3, name: str, signer: LocalAccount, *constructor_args: Any) ->
     )
     receipt = send_transaction(w3, tx, signer)
     return Web3.to_checksum_address(receipt["contractAddress"])
+
+
+class BoundContract:
+    """A deployed contract bound by name: subclasses set NAME to their artifact's name."""
+
+    NAME: str
+
+    def __init__(self, w3: Web3, address: str):
+        self.w3 = w3
+        self.artifact = load_artifact(self.NAME)
+        self.contract = contract_at(w3, self.NAME, address)
+        self.address: ChecksumAddress = self.contract.address

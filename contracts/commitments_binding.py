@@ -13,11 +13,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from eth_account.signers.local import LocalAccount
-from eth_typing import ChecksumAddress
 from web3 import Web3
 
-from optinfer.contracts.artifacts import load_artifact
-from optinfer.contracts.bindings import contract_at, deploy, reverts_decoded
+from optinfer.contracts.bindings import BoundContract, deploy, reverts_decoded
 from optinfer.prover.commitments import DTypeLike, RangeProof, dtype_code
 
 CONTRACT_NAME = "CommitmentsHarness"
@@ -31,14 +29,10 @@ def _shape(shape: Sequence[int]) -> list[int]:
     return [int(d) for d in shape]
 
 
-class CommitmentsHarness:
+class CommitmentsHarness(BoundContract):
     """A deployed CommitmentsHarness at `address`."""
 
-    def __init__(self, w3: Web3, address: str):
-        self.w3 = w3
-        self.artifact = load_artifact(CONTRACT_NAME)
-        self.contract = contract_at(w3, CONTRACT_NAME, address)
-        self.address: ChecksumAddress = self.contract.address
+    NAME = CONTRACT_NAME
 
     @classmethod
     def deploy(cls, w3: Web3, signer: LocalAccount) -> CommitmentsHarness:

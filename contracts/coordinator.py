@@ -24,9 +24,9 @@ from web3.contract.contract import ContractFunction
 from web3.logs import DISCARD
 from web3.types import TxReceipt
 
-from optinfer.contracts.artifacts import Artifact, load_artifact
+from optinfer.contracts.artifacts import Artifact
 from optinfer.contracts.bindings import (
-    contract_at,
+    BoundContract,
     deploy,
     reverts_decoded,
     send_function,
@@ -142,14 +142,10 @@ class Result:
     output: list[int]
 
 
-class InferenceCoordinator:
+class InferenceCoordinator(BoundContract):
     """A deployed InferenceCoordinator at `address`."""
 
-    def __init__(self, w3: Web3, address: str):
-        self.w3 = w3
-        self.artifact = load_artifact(CONTRACT_NAME)
-        self.contract = contract_at(w3, CONTRACT_NAME, address)
-        self.address: ChecksumAddress = self.contract.address
+    NAME = CONTRACT_NAME
 
     @classmethod
     def deploy(
@@ -312,14 +308,10 @@ class InferenceCoordinator:
         return [dict(event["args"]) for event in decoded if event["address"] == self.address]
 
 
-class QuestionAsker:
+class QuestionAsker(BoundContract):
     """A deployed example consumer ``QuestionAsker`` at `address`."""
 
-    def __init__(self, w3: Web3, address: str):
-        self.w3 = w3
-        self.artifact = load_artifact(CONSUMER_CONTRACT_NAME)
-        self.contract = contract_at(w3, CONSUMER_CONTRACT_NAME, address)
-        self.address: ChecksumAddress = self.contract.address
+    NAME = CONSUMER_CONTRACT_NAME
 
     @classmethod
     def deploy(cls, w3: Web3, signer: LocalAccount, coordinator_address: str) -> QuestionAsker:

@@ -17,8 +17,7 @@ from web3 import Web3
 from web3.logs import DISCARD
 from web3.types import TxReceipt
 
-from optinfer.contracts.artifacts import load_artifact
-from optinfer.contracts.bindings import contract_at, deploy, reverts_decoded, send_function
+from optinfer.contracts.bindings import BoundContract, deploy, reverts_decoded, send_function
 from optinfer.errors import UserError
 
 CONTRACT_NAME = "ModelRegistry"
@@ -84,14 +83,10 @@ class RegisteredModel:
     registered_at: int  # block timestamp, seconds
 
 
-class ModelRegistry:
+class ModelRegistry(BoundContract):
     """A deployed ModelRegistry at `address`."""
 
-    def __init__(self, w3: Web3, address: str):
-        self.w3 = w3
-        self.artifact = load_artifact(CONTRACT_NAME)
-        self.contract = contract_at(w3, CONTRACT_NAME, address)
-        self.address: ChecksumAddress = self.contract.address
+    NAME = CONTRACT_NAME
 
     @classmethod
     def deploy(cls, w3: Web3, signer: LocalAccount) -> ModelRegistry:
