@@ -441,6 +441,15 @@ def concat(*inputs: np.ndarray, axis: int) -> np.ndarray:
 _ORT_END_SENTINELS = frozenset({2**31 - 1, 2**63 - 1})
 
 
+def slice_bounds(start: int, end: int, step: int, dim: int) -> tuple[int, int]:
+    """Slice's start and end on one axis of length dim, after ONNX's clamping (see slice_)."""
+    start = start + dim if start < 0 else start
+    end = end + dim if end < 0 else end
+    if step > 0:
+        return min(max(start, 0), dim), min(max(end, 0), dim)
+    return min(max(start, 0), dim - 1), min(max(end, -1), dim - 1)
+
+
 def slice_(
     data: np.ndarray,
     starts: np.ndarray,
@@ -481,12 +490,7 @@ def slice_(
             f"Slice: end {end} with a negative step is ambiguous, use INT64_MIN",
         )
         dim = data.shape[axis]
-        start = start + dim if start < 0 else start
-        end = end + dim if end < 0 else end
-        if step > 0:
-            start, end = min(max(start, 0), dim), min(max(end, 0), dim)
-        else:
-            start, end = min(max(start, 0), dim - 1), min(max(end, -1), dim - 1)
+        start, end = slice_bounds(start, end, step, dim)
         # Python reads a stop of -1 as "the last element"; here it means "past index 0".
         window[axis] = slice(start, end if end >= 0 else None, step) if dim else slice(0, 0)
     return np.array(data[tuple(window)], order="C")

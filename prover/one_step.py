@@ -460,12 +460,7 @@ def _slice_windows(node: StepNode, in_shapes, known) -> list[tuple[int, int, int
             raise opset.OpSemanticsError("Slice: ambiguous end with a negative step")
         seen.add(axis)
         dim = in_shapes[0][axis]
-        start = start + dim if start < 0 else start
-        end = end + dim if end < 0 else end
-        if step > 0:
-            start, end = min(max(start, 0), dim), min(max(end, 0), dim)
-        else:
-            start, end = min(max(start, 0), dim - 1), min(max(end, -1), dim - 1)
+        start, end = opset.slice_bounds(start, end, step, dim)
         windows[axis] = (start, step, len(range(start, end, step)) if dim else 0)
     return windows
 
