@@ -333,7 +333,7 @@ def apply(state: GameState, action: Action, actor: Role, now: float,
         raise IllegalMove(f"the {mover.value}'s clock ran out")
     try:
         return _transition(state, action, now, verifier)
-    except ProofError as error:
+    except ValueError as error:  # ProofError, or a header the commitments refuse
         raise IllegalMove(f"{type(action).__name__}: {error}") from None
 
 
@@ -352,7 +352,8 @@ def _transition(state: GameState, action: Action, now: float,
     if phase is Phase.BISECTION and state.mid_root is None and isinstance(action, PostMid):
         if action.mid != state.mid:
             raise IllegalMove(f"the midpoint is {state.mid}, not {action.mid}")
-        commitments._check_hash(action.state_root, "S_mid")
+        if not isinstance(action.state_root, bytes) or len(action.state_root) != 32:
+            raise ProofError("S_mid must be 32 bytes")
         return _move(state, now, mid_root=action.state_root, rounds=state.rounds + 1)
 
     if phase is Phase.BISECTION and state.mid_root is not None \

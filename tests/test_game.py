@@ -303,6 +303,9 @@ def test_moves_out_of_turn_wrong_midpoints_and_early_timeouts_revert(tiny):
         apply(state, PostMid(state.mid + 1, bytes(32)), Role.PROVIDER, 2.0)
     with pytest.raises(IllegalMove, match="not a move"):
         apply(state, Agree(state.mid), Role.PROVIDER, 2.0)
+    with pytest.raises(IllegalMove, match="32 bytes"):
+        apply(state, PostMid(state.mid, b"short"), Role.PROVIDER, 2.0)
+    assert state.mid_root is None  # nothing reverted changed the state
 
 
 def test_the_clock_charges_only_the_party_to_move_and_expires():
