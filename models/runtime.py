@@ -225,14 +225,10 @@ class IntegerModel:
 
     def state_root(self, prompt: list[int], output: list[int]) -> tuple[int, bytes]:
         """Node count N and state root S_N of the verification trace (docs/protocol.md)."""
-        from optinfer.prover.commitments import StateTree, tensor_root
+        from optinfer.prover.commitments import state_root, tensor_root
 
         sequence, outputs = self.trace(prompt, output)
-        tree = StateTree()
-        tree.append(tensor_root(sequence))
-        for tensor in outputs:
-            tree.append(tensor_root(tensor))
-        return len(outputs), tree.root()
+        return len(outputs), state_root([tensor_root(t) for t in (sequence, *outputs)])
 
     def trace(self, prompt: list[int], output: list[int]) -> tuple[np.ndarray, list[np.ndarray]]:
         """The verify graph's input and every node output, in node order (nodes 1..N)."""
