@@ -48,6 +48,9 @@ def compiler_settings() -> dict[str, Any]:
     return {
         "optimizer": {"enabled": True, "runs": OPTIMIZER_RUNS},
         "evmVersion": EVM_VERSION,
+        # No metadata hash in the bytecode: a comment or an unrelated edit to a shared import
+        # (Errors.sol) then leaves a contract's committed artifact unchanged.
+        "metadata": {"bytecodeHash": "none"},
     }
 
 
