@@ -41,6 +41,16 @@ def artifact_names(artifacts_dir: Path = ARTIFACTS_DIR) -> list[str]:
 
 
 @cache
+def project_error_selectors() -> dict[bytes, dict[str, Any]]:
+    """Every custom error of every committed artifact by selector: an error raised by a
+    contract that another one called bubbles up with the callee's selector."""
+    selectors: dict[bytes, dict[str, Any]] = {}
+    for name in artifact_names():
+        selectors.update(load_artifact(name).error_selectors())
+    return selectors
+
+
+@cache
 def load_artifact(name: str, artifacts_dir: Path = ARTIFACTS_DIR) -> Artifact:
     """The artifact of contract `name`; UserError when it was never built."""
     path = artifacts_dir / f"{name}.json"

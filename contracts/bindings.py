@@ -22,9 +22,12 @@ from web3.contract.contract import ContractFunction
 from web3.exceptions import ContractLogicError
 from web3.types import TxParams, TxReceipt
 
-from optinfer.contracts.artifacts import Artifact, load_artifact
+from optinfer.contracts.artifacts import Artifact, load_artifact, project_error_selectors
 
 T = TypeVar("T")
+
+GAS_MARGIN = 20_000
+"""Gas added (on top of 25%) to every estimate before sending."""
 
 
 class ContractRevert(Exception):
@@ -52,7 +55,7 @@ def decode_revert(artifact: Artifact, data: bytes) -> ContractRevert:
     if selector in builtin:
         name, types = builtin[selector]
         return ContractRevert(name, tuple(abi_decode(types, payload)), data)
-    entry = artifact.error_selectors().get(selector)
+    entry = artifact.error_selectors().get(selector) or project_error_selectors().get(selector)
     if entry is None:
         return ContractRevert(None, (), data)
     types = [param["type"] for param in entry["inputs"]]
@@ -99,14 +102,19 @@ def send_transaction(w3: Web3, tx: TxParams, signer: LocalAccount) -> TxReceipt:
 
 
 def send_function(
-    w3: Web3, artifact: Artifact, function: ContractFunction, signer: LocalAccount
+    w3: Web3, artifact: Artifact, function: ContractFunction, signer: LocalAccount,
+    value: int = 0,
 ) -> TxReceipt:
-    """Send a contract function call as a signed transaction and wait for it.
+    """Send a contract function call (with `value` wei) as a signed transaction and wait.
 
     Gas is estimated first, so a call that would revert raises the decoded ContractRevert
     before anything is sent.
     """
-    tx = reverts_decoded(artifact, lambda: function.build_transaction({"from": signer.address}))
+    params = {"from": signer.address, "value": value}
+    tx = reverts_decoded(artifact, lambda: function.build_transaction(params))
+    # An estimate is the gas used after refunds, and the block the transaction lands in may
+    # differ from the one it was estimated on: leave a margin (unused gas is not charged).
+    tx["gas"] = tx["gas"] * 5 // 4 + GAS_MARGIN
     return send_transaction(w3, tx, signer)
 
 

@@ -24,13 +24,11 @@ from web3.contract.contract import ContractFunction
 from web3.logs import DISCARD
 from web3.types import TxReceipt
 
-from optinfer.contracts.artifacts import Artifact
 from optinfer.contracts.bindings import (
     BoundContract,
     deploy,
     reverts_decoded,
     send_function,
-    send_transaction,
 )
 
 CONTRACT_NAME = "InferenceCoordinator"
@@ -161,7 +159,7 @@ class InferenceCoordinator(BoundContract):
         return reverts_decoded(self.artifact, lambda: function.call(tx))
 
     def _send(self, function: ContractFunction, signer: LocalAccount, value: int = 0) -> TxReceipt:
-        return _send_paying(self.w3, self.artifact, function, signer, value)
+        return send_function(self.w3, self.artifact, function, signer, value)
 
     # -- set-up --------------------------------------------------------------------------
 
@@ -336,7 +334,7 @@ class QuestionAsker(BoundContract):
 
     def ask_send(self, spec: RequestSpec, fee: int, signer: LocalAccount) -> TxReceipt:
         """Ask `spec.prompt` (owner only) paying `fee`; the callback is this contract."""
-        return _send_paying(self.w3, self.artifact, self._ask_function(spec), signer, fee)
+        return send_function(self.w3, self.artifact, self._ask_function(spec), signer, fee)
 
     def collect_refunds_send(self, signer: LocalAccount) -> TxReceipt:
         """Withdraw the asker's refunds from the coordinator to its owner (owner only)."""
@@ -352,12 +350,3 @@ class QuestionAsker(BoundContract):
         """Whether the answer of `request_id` has been delivered."""
         return bool(self.contract.functions.answered(request_id).call())
 
-
-def _send_paying(
-    w3: Web3, artifact: Artifact, function: ContractFunction, signer: LocalAccount, value: int
-) -> TxReceipt:
-    """Like ``bindings.send_function``, with `value` wei attached (gas estimated first, so a
-    call that would revert raises the decoded ContractRevert before anything is sent)."""
-    params = {"from": signer.address, "value": value}
-    tx = reverts_decoded(artifact, lambda: function.build_transaction(params))
-    return send_transaction(w3, tx, signer)

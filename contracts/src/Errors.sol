@@ -274,3 +274,84 @@ error ElementIndexOutsideTensor(uint256 index, uint256 elementCount);
 
 /// @notice Thrown when a bool element's byte is neither 0x00 nor 0x01.
 error InvalidBoolElement(uint8 value);
+
+////////////////////////////////////////////////////////////////
+//                        DisputeGame                         //
+////////////////////////////////////////////////////////////////
+
+/// @notice Thrown when the game is deployed with a fan-out outside 2..256 children per step.
+/// @param fanOutBits The rejected log2 of the fan-out.
+error FanOutBitsOutOfRange(uint256 fanOutBits);
+
+/// @notice Thrown when the game is deployed with a zero clock budget (nobody could move).
+error ZeroClock();
+
+/// @notice Thrown when a challenge does not carry exactly the challenger bond.
+/// @param sent     Wei sent with the challenge.
+/// @param required The bond.
+error WrongBond(uint256 sent, uint256 required);
+
+/// @notice Thrown when the prompt given with a challenge is not the request's.
+error PromptMismatch();
+
+/// @notice Thrown when the model roots given with a challenge do not hash to the model id.
+/// @param modelId The request's model id (its model root).
+error ModelRootMismatch(bytes32 modelId);
+
+/// @notice Thrown when a move names a game that was never opened.
+/// @param gameId The unknown id.
+error GameNotFound(uint256 gameId);
+
+/// @notice Thrown when a move is made in a game that is already resolved.
+/// @param gameId The game.
+error GameResolved(uint256 gameId);
+
+/// @notice Thrown when someone other than the party to move makes a move.
+/// @param caller Who called.
+/// @param mover  The party whose move it is.
+error NotYourMove(address caller, address mover);
+
+/// @notice Thrown when the party to move moves after its clock ran out: only Timeout remains.
+error ClockExpired();
+
+/// @notice Thrown when Timeout is claimed while the party to move still has time.
+/// @param remaining Seconds the party to move has left.
+error ClockNotExpired(uint256 remaining);
+
+/// @notice Thrown when a move is not one the game's phase expects now.
+/// @param phase The phase the game is in.
+error WrongPhase(uint8 phase);
+
+/// @notice Thrown when S_N's path does not put the claimed output's root at leaf N.
+error FinalLeafMismatch();
+
+/// @notice Thrown when a move names another midpoint than the bisection rule's.
+/// @param given    The midpoint named.
+/// @param expected (lo + hi) / 2.
+error WrongMidpoint(uint256 given, uint256 expected);
+
+/// @notice Thrown when the leaf reveal names another node than the disputed one.
+/// @param given    The node named.
+/// @param expected The disputed node k.
+error WrongNode(uint256 given, uint256 expected);
+
+/// @notice Thrown when T_k's header and data root do not hash to the revealed T_k.
+error TensorHeaderMismatch();
+
+/// @notice Thrown when a descent step reveals another number of children than the rule's.
+/// @param count    Children revealed.
+/// @param expected 2 ** min(fanOutBits, height).
+error WrongChildCount(uint256 count, uint256 expected);
+
+/// @notice Thrown when the children sent with a pick are not the ones the provider revealed.
+error ChildrenMismatch();
+
+/// @notice Thrown when the picked child is out of range or lies entirely in the padding.
+/// @param position The child's position in the revealed list.
+error ChildNotDisputable(uint256 position);
+
+/// @notice Thrown when the named element does not lie in the revealed chunk.
+/// @param index The element named.
+/// @param first The chunk's first element.
+/// @param end   One past its last element.
+error ElementNotInChunk(uint256 index, uint256 first, uint256 end);

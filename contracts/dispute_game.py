@@ -1,0 +1,264 @@
+"""Python binding of ``DisputeGame.sol``: open games, send moves, read a game back as the
+reference's ``prover.game.GameState``.
+
+The contract is the on-chain twin of ``prover.game.apply``. This binding closes the loop for the
+players: :meth:`DisputeGame.state` rebuilds the exact ``GameState`` the pure spec uses (from
+``getGame`` and the game's events: the revealed children and chunk live only in events and
+calldata), so a player's decision is ``prover.game.decide(state, trace, role, now)`` on it, and
+:meth:`DisputeGame.submit` sends the resulting ``Action``. A move the contract rejects raises
+the decoded ``ContractRevert`` and changes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+from eth_account.signers.local import LocalAccount
+from web3 import Web3
+from web3.contract.contract import ContractFunction
+from web3.logs import DISCARD
+from web3.types import TxReceipt
+
+from optinfer.contracts.bindings import BoundContract, deploy, reverts_decoded, send_function
+from optinfer.prover import game as spec
+
+CONTRACT_NAME = "DisputeGame"
+
+
+class OnChainPhase(IntEnum):
+    """``DisputeGame.Phase``."""
+
+    NONE = 0
+    AWAIT_ROOT = 1
+    BISECTION = 2
+    LEAF_REVEAL = 3
+    DESCENT = 4
+    CHUNK_REVEAL = 5
+    ONE_STEP = 6
+    RESOLVED = 7
+
+
+class OnChainRole(IntEnum):
+    """``DisputeGame.Role``."""
+
+    NONE = 0
+    PROVIDER = 1
+    CHALLENGER = 2
+
+
+_PHASES = {
+    OnChainPhase.AWAIT_ROOT: spec.Phase.AWAIT_ROOT,
+    OnChainPhase.BISECTION: spec.Phase.BISECTION,
+    OnChainPhase.LEAF_REVEAL: spec.Phase.LEAF_REVEAL,
+    OnChainPhase.DESCENT: spec.Phase.DESCENT,
+    OnChainPhase.CHUNK_REVEAL: spec.Phase.CHUNK_REVEAL,
+    OnChainPhase.ONE_STEP: spec.Phase.ONE_STEP,
+    OnChainPhase.RESOLVED: spec.Phase.RESOLVED,
+}
+_ROLES = {OnChainRole.PROVIDER: spec.Role.PROVIDER, OnChainRole.CHALLENGER: spec.Role.CHALLENGER}
+
+
+@dataclass(frozen=True)
+class GameParams:
+    """The game's constructor parameters besides the coordinator and verifier."""
+
+    clock_seconds: int = int(spec.DEFAULT_CLOCK_SECONDS)
+    fan_out_bits: int = spec.DEFAULT_FAN_OUT_BITS
+    challenger_bond: int = 10**17
+
+
+@dataclass(frozen=True)
+class OnChainGame:
+    """What ``getGame`` returns besides the spec's state: who plays and for which request."""
+
+    game_id: int
+    request_id: int
+    provider: str
+    challenger: str
+    nodes_root: bytes
+    constants_root: bytes
+    state: spec.GameState
+
+
+class DisputeGame(BoundContract):
+    """A deployed DisputeGame at `address`."""
+
+    NAME = CONTRACT_NAME
+
+    @classmethod
+    def deploy(cls, w3: Web3, signer: LocalAccount, coordinator_address: str,
+               verifier_address: str, params: GameParams = GameParams()) -> DisputeGame:
+        """Deploy a game over the coordinator and one-step verifier at those addresses. The
+        coordinator's deployer must then ``setDisputeGame`` to it."""
+        return cls(w3, deploy(w3, CONTRACT_NAME, signer,
+                              Web3.to_checksum_address(coordinator_address),
+                              Web3.to_checksum_address(verifier_address),
+                              params.clock_seconds, params.fan_out_bits,
+                              params.challenger_bond))
+
+    # -- opening ------------------------------------------------------------------------
+
+    def challenge_send(self, request_id: int, prompt: list[int], nodes_root: bytes,
+                       constants_root: bytes, signer: LocalAccount) -> int:
+        """Open a game against the claim on `request_id` with the bond; returns its id."""
+        function = self.contract.functions.challenge(request_id, list(prompt), nodes_root,
+                                                     constants_root)
+        receipt = send_function(self.w3, self.artifact, function, signer,
+                                value=self.parameter("challengerBond"))
+        return self.events(receipt, "GameOpened")[0]["gameId"]
+
+    # -- moves --------------------------------------------------------------------------
+
+    def move_function(self, game_id: int, action: spec.Action,
+                      state: spec.GameState | None = None) -> ContractFunction:
+        """The contract call that makes `action` in game `game_id`. PickChild re-sends the
+        revealed children, which the caller's `state` (or a fresh read) supplies."""
+        functions = self.contract.functions
+        match action:
+            case spec.PostRoot(state_root=root, path=path):
+                return functions.postRoot(game_id, root, list(path))
+            case spec.PostMid(mid=mid, state_root=root):
+                return functions.postMid(game_id, mid, root)
+            case spec.Agree(mid=mid):
+                return functions.agree(game_id, mid)
+            case spec.Disagree(mid=mid):
+                return functions.disagree(game_id, mid)
+            case spec.RevealLeaf():
+                return functions.revealLeaf(game_id, action.k, action.tensor_root, action.dtype,
+                                            list(action.shape), action.data_root,
+                                            list(action.path))
+            case spec.RevealChildren(children=children):
+                return functions.revealChildren(game_id, list(children))
+            case spec.PickChild(position=position):
+                children = (state or self.state(game_id).state).children
+                return functions.pickChild(game_id, position, list(children or ()))
+            case spec.RevealChunk(chunk=chunk):
+                return functions.revealChunk(game_id, bytes(chunk))
+            case spec.NameElement(index=index):
+                return functions.nameElement(game_id, index)
+            case spec.OneStep(witness=witness):
+                from optinfer.contracts.one_step_binding import encode_witness
+
+                return functions.oneStep(game_id, encode_witness(witness))
+            case spec.Timeout():
+                return functions.timeout(game_id)
+        raise TypeError(f"not a move of the dispute game: {action!r}")
+
+    def submit(self, game_id: int, action: spec.Action, signer: LocalAccount,
+               state: spec.GameState | None = None) -> TxReceipt:
+        """Send `action` in game `game_id` as `signer` (gas estimated first: a move the
+        contract rejects raises the decoded ContractRevert and nothing is sent)."""
+        return send_function(self.w3, self.artifact, self.move_function(game_id, action, state),
+                             signer)
+
+    def play_turn(self, game_id: int, trace: spec.Trace, role: spec.Role,
+                  signer: LocalAccount, from_block: int = 0) -> list[spec.Action]:
+        """One player's turn: read the game, ask ``prover.game.decide`` at the chain's time
+        (the latest block's timestamp) and send each move. Returns the moves sent (none when
+        it is the opponent's turn and its clock still runs)."""
+        game = self.state(game_id, from_block).state
+        now = self.w3.eth.get_block("latest")["timestamp"]
+        actions = spec.decide(game, trace, role, now)
+        for action in actions:
+            self.submit(game_id, action, signer, game)
+        return actions
+
+    def withdraw_send(self, signer: LocalAccount) -> TxReceipt:
+        """Send `signer` the bonds credited to it."""
+        return send_function(self.w3, self.artifact, self.contract.functions.withdraw(), signer)
+
+    # -- reading ------------------------------------------------------------------------
+
+    def state(self, game_id: int, from_block: int = 0) -> OnChainGame:
+        """Game `game_id` as the spec's ``GameState`` (the Python ``apply`` would hold after
+        the same moves), with its players. `from_block`: no earlier than the game's opening
+        (where to start reading its events)."""
+        raw = reverts_decoded(self.artifact, self.contract.functions.getGame(game_id).call)
+        game = dict(zip(_GAME_FIELDS, raw, strict=True))
+        events = {name: self._game_logs(name, game_id, from_block)
+                  for name in ("GameOpened", "RootPosted", "ChildrenRevealed", "ChildPicked",
+                               "ChunkRevealed", "GameEnded")}
+        opened = events["GameOpened"][0]
+        phase = _PHASES[OnChainPhase(game["phase"])]
+        pending = game["pending"]
+        revealed = [tuple(bytes(c) for c in e["children"]) for e in events["ChildrenRevealed"]]
+        picked = len(events["ChildPicked"])
+        to_move = self.contract.functions.toMove(game_id).call()
+        running = _ROLES.get(OnChainRole(to_move))
+        if running is None:  # resolved: the clock no longer matters, keep the spec's type
+            running = spec.Role.PROVIDER
+        shape = tuple(game["shape"]) if game["tensorRoot"] != bytes(32) else None
+        chunk = None
+        if events["ChunkRevealed"]:
+            chunk = _chunk_data(bytes(events["ChunkRevealed"][0]["chunk"]), game, shape)
+        ended = events["GameEnded"]
+        state = spec.GameState(
+            setup=spec.GameSetup(
+                node_count=game["nodeCount"], initial_state=bytes(opened["initialState"]),
+                final_leaf=bytes(opened["finalLeaf"]),
+                fan_out_bits=self.parameter("fanOutBits"),
+                clock_seconds=self.parameter("clockSeconds")),
+            phase=phase,
+            clock=spec.Clock(game["providerClock"], game["challengerClock"], running,
+                             game["lastMoveAt"]),
+            lo=game["lo"], hi=game["hi"],
+            lo_root=bytes(game["loRoot"]),
+            hi_root=bytes(game["hiRoot"]) if events["RootPosted"] else b"",
+            claimed_root=bytes(events["RootPosted"][0]["stateRoot"]) if events["RootPosted"]
+            else b"",
+            mid_root=bytes(game["midRoot"]) if phase is spec.Phase.BISECTION and pending
+            else None,
+            tensor_root=bytes(game["tensorRoot"]) if shape is not None else None,
+            dtype=game["dtype"] if shape is not None else None,
+            shape=shape,
+            data_root=bytes(game["dataRoot"]) if shape is not None else None,
+            node_height=game["nodeHeight"], node_index=game["nodeIndex"],
+            node_hash=bytes(game["nodeHash"]) if shape is not None else None,
+            children=revealed[-1] if phase is spec.Phase.DESCENT and pending else None,
+            descent=tuple(revealed[:picked]),
+            chunk=chunk,
+            element=game["element"] if phase is spec.Phase.ONE_STEP and pending else None,
+            winner=_ROLES.get(OnChainRole(game["winner"])),
+            reason=("timeout" if ended[0]["timedOut"] else "one-step") if ended else "",
+            rounds=game["rounds"],
+        )
+        return OnChainGame(game_id, game["requestId"], Web3.to_checksum_address(game["provider"]),
+                           Web3.to_checksum_address(game["challenger"]),
+                           bytes(game["nodesRoot"]), bytes(game["constantsRoot"]), state)
+
+    def _game_logs(self, name: str, game_id: int, from_block: int) -> list[dict]:
+        event = getattr(self.contract.events, name)
+        logs = event.get_logs(argument_filters={"gameId": game_id}, from_block=from_block)
+        return [dict(log["args"]) for log in logs]
+
+    def balance_of(self, account: str) -> int:
+        """Wei of bonds credited to `account`."""
+        return self.contract.functions.balanceOf(Web3.to_checksum_address(account)).call()
+
+    def parameter(self, name: str) -> Any:
+        """A public parameter or counter by its Solidity name."""
+        return getattr(self.contract.functions, name)().call()
+
+    def events(self, receipt: TxReceipt, name: str) -> list[dict]:
+        """The decoded arguments of every `name` event this game emitted in `receipt`."""
+        decoded = getattr(self.contract.events, name)().process_receipt(receipt, errors=DISCARD)
+        return [dict(event["args"]) for event in decoded if event["address"] == self.address]
+
+
+_GAME_FIELDS = (
+    "requestId", "provider", "phase", "winner", "pending", "dtype", "nodeHeight", "rounds",
+    "challenger", "nodeCount", "lo", "hi", "providerClock", "challengerClock", "lastMoveAt",
+    "nodeIndex", "element", "loRoot", "hiRoot", "midRoot", "tensorRoot", "dataRoot",
+    "nodeHash", "childrenHash", "nodesRoot", "constantsRoot", "shape",
+)
+
+
+def _chunk_data(chunk: bytes, game: dict, shape: tuple[int, ...] | None) -> bytes:
+    """The revealed chunk without the padding past the tensor's end (what the spec keeps)."""
+    from optinfer.prover import commitments
+
+    byte_length = commitments.tensor_byte_length(game["dtype"], shape)
+    start = game["nodeIndex"] * commitments.LEAF_BYTES
+    return chunk[:min(commitments.LEAF_BYTES, byte_length - start)]
