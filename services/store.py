@@ -1,0 +1,590 @@
+"""The node's database: SQLAlchemy Core tables, Alembic migrations and small typed functions.
+
+One database serves one deployment (one coordinator): request and game ids are the chain's.
+SQLite (a file, the embedded default) and Postgres (``postgresql+psycopg://``) run the same
+code; the two differ only where noted (how a game row is claimed, how SQLite transactions
+start).
+
+Every function takes the open ``Connection`` of the caller's transaction, so a handler can
+write its rows and move the chain cursor past the events it handled in one commit::
+
+    with store.transaction() as conn:
+        upsert_request(conn, request)
+        set_cursor(conn, "coordinator", block)
+
+Statuses are guarded updates (``UPDATE ... WHERE status = :expected``) that report whether a
+row changed, so two workers never both act on one transition.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine.url import make_url
+
+from optinfer.errors import UserError
+from optinfer.prover.game import Phase, Role
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+class Uint256(sa.types.TypeDecorator):
+    """A uint256 (wei amounts) as decimal text: SQLite's integers stop at 2**63 and its
+    NUMERIC silently turns larger values into floats."""
+
+    impl = sa.String(78)
+    cache_ok = True
+
+    def process_bind_param(self, value: int | None, dialect) -> str | None:
+        if value is None:
+            return None
+        if not 0 <= int(value) < 2**256:
+            raise ValueError(f"{value} is not a uint256")
+        return str(int(value))
+
+    def process_result_value(self, value: str | None, dialect) -> int | None:
+        return None if value is None else int(value)
+
+
+def _id_column(name: str, **kwargs: Any) -> sa.Column:
+    # SQLite only auto-increments a column declared exactly INTEGER PRIMARY KEY.
+    return sa.Column(name, sa.BigInteger().with_variant(sa.Integer(), "sqlite"), **kwargs)
+
+
+metadata = sa.MetaData()
+
+requests = sa.Table(
+    "requests",
+    metadata,
+    sa.Column("request_id", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("consumer", sa.String(42), nullable=False),
+    sa.Column("model_id", sa.String(66), nullable=False),
+    sa.Column("prompt", sa.JSON, nullable=False),
+    sa.Column("max_tokens", sa.Integer, nullable=False),
+    sa.Column("fee", Uint256, nullable=False),
+    sa.Column("callback", sa.String(42), nullable=False),
+    sa.Column("callback_gas_limit", sa.Integer, nullable=False),
+    sa.Column("named_provider", sa.String(42), nullable=False),
+    sa.Column("commit_deadline", sa.BigInteger, nullable=False),
+    sa.Column("block_number", sa.BigInteger, nullable=False),
+    sa.Column("tx_hash", sa.String(66), nullable=False),
+    # The node's view: open -> committed -> finalized | refunded | rejected; or skipped
+    # (this node will not serve it, `note` says why).
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("note", sa.Text, nullable=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.func.now(),
+              nullable=False),
+)
+sa.Index("ix_requests_status", requests.c.status)
+
+claims = sa.Table(
+    "claims",
+    metadata,
+    sa.Column("request_id", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("provider", sa.String(42), nullable=False),
+    sa.Column("output", sa.JSON, nullable=False),
+    sa.Column("challenge_deadline", sa.BigInteger, nullable=False),
+    sa.Column("block_number", sa.BigInteger, nullable=False),
+    sa.Column("tx_hash", sa.String(66), nullable=False),
+    # committed -> disputed -> finalized | slashed; the watchtower adds its verdict.
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("verdict", sa.String(16), nullable=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.func.now(),
+              nullable=False),
+)
+sa.Index("ix_claims_status", claims.c.status)
+
+games = sa.Table(
+    "games",
+    metadata,
+    sa.Column("game_id", sa.BigInteger, primary_key=True, autoincrement=False),
+    # The role this node plays: one database may hold a provider's and a watchtower's view
+    # of the same game (the embedded demo runs both).
+    sa.Column("player", sa.String(16), primary_key=True),
+    sa.Column("request_id", sa.BigInteger, nullable=False),
+    sa.Column("phase", sa.String(16), nullable=False),
+    sa.Column("k", sa.Integer, nullable=True),
+    sa.Column("rounds", sa.Integer, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),  # open | won | lost
+    # The local decision state (prover.game.GameState, serialized by its user) as JSON.
+    sa.Column("state", sa.JSON, nullable=False),
+    # A worker's lease on the row: only the holder acts on the game until it expires, so a
+    # crashed worker's games are picked up again.
+    sa.Column("lease_owner", sa.String(64), nullable=True),
+    sa.Column("lease_expires", sa.Float, nullable=True),  # unix seconds
+    sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.func.now(),
+              nullable=False),
+)
+sa.Index("ix_games_request", games.c.request_id)
+sa.Index("ix_games_status", games.c.status)
+
+moves = sa.Table(
+    "moves",
+    metadata,
+    _id_column("id", primary_key=True, autoincrement=True),
+    sa.Column("game_id", sa.BigInteger, nullable=False),
+    sa.Column("player", sa.String(16), nullable=False),
+    sa.Column("seq", sa.Integer, nullable=False),  # the move's position in the game, from 0
+    sa.Column("actor", sa.String(16), nullable=False),  # provider | challenger
+    sa.Column("kind", sa.String(32), nullable=False),  # prover.game action name: "PostMid"
+    sa.Column("payload", sa.JSON, nullable=False),
+    sa.Column("tx_hash", sa.String(66), nullable=True),
+    sa.Column("block_number", sa.BigInteger, nullable=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.func.now(),
+              nullable=False),
+    sa.UniqueConstraint("game_id", "player", "seq", name="uq_moves_game_player_seq"),
+)
+
+chain_cursors = sa.Table(
+    "chain_cursors",
+    metadata,
+    sa.Column("name", sa.String(128), primary_key=True),
+    sa.Column("block_number", sa.BigInteger, nullable=False),  # last block fully processed
+    sa.Column("updated_at", sa.DateTime(timezone=True), server_default=sa.func.now(),
+              onupdate=sa.func.now(), nullable=False),
+)
+
+
+# ------------------------------------------------------------------------------- the store
+
+
+class Store:
+    """The database at `url`: an engine, its migrations and its transactions."""
+
+    def __init__(self, url: str, *, echo: bool = False):
+        try:
+            parsed = make_url(url)
+        except sa.exc.ArgumentError as err:
+            raise UserError(f"bad database URL {url!r}: {err}") from None
+        self.url = parsed
+        if parsed.get_backend_name() == "sqlite":
+            self.engine = _sqlite_engine(parsed, echo)
+        elif parsed.get_backend_name() == "postgresql":
+            self.engine = sa.create_engine(parsed, echo=echo, pool_pre_ping=True)
+        else:
+            raise UserError(f"unsupported database {parsed.get_backend_name()!r}: "
+                            "use sqlite:///PATH or postgresql+psycopg://...")
+
+    @property
+    def is_postgres(self) -> bool:
+        return self.engine.dialect.name == "postgresql"
+
+    def migrate(self, revision: str = "head") -> None:
+        """Bring the schema to `revision` (``alembic upgrade``) through this store's engine."""
+        from alembic import command
+
+        with self.engine.begin() as conn:
+            command.upgrade(self._alembic_config(conn), revision)
+
+    def current_revision(self) -> str | None:
+        """The schema's Alembic revision (None before the first migration)."""
+        from alembic.runtime.migration import MigrationContext
+
+        with self.engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+
+    def _alembic_config(self, conn: Connection):
+        from alembic.config import Config
+
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS_DIR))
+        # env.py runs on this connection: SQLite pragmas and Postgres search_path included.
+        config.attributes["connection"] = conn
+        return config
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """A connection inside one transaction: committed on exit, rolled back on error."""
+        with self.engine.begin() as conn:
+            yield conn
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def _sqlite_engine(url: sa.URL, echo: bool) -> Engine:
+    if url.database and url.database != ":memory:":
+        Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = sa.create_engine(url, echo=echo)
+
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection, _record) -> None:
+        # Take transaction control from the sqlite3 module, so `begin` below decides.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        # WAL lets the API read while the node writes; the busy timeout makes writers wait
+        # for each other instead of failing at once.
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        # IMMEDIATE takes the write lock up front: a deferred transaction that reads and then
+        # writes can fail with SQLITE_BUSY when another writer got in between, busy timeout
+        # or not. Transactions are short, so serialising them costs little.
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def _insert(conn: Connection, table: sa.Table):
+    """The dialect's INSERT, which has ``on_conflict_do_*``."""
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert(table)
+
+
+# ---------------------------------------------------------------------------- chain cursors
+
+
+def get_cursor(conn: Connection, name: str) -> int | None:
+    """The last block fully processed by cursor `name`, or None if it never ran."""
+    return conn.execute(
+        sa.select(chain_cursors.c.block_number).where(chain_cursors.c.name == name)
+    ).scalar_one_or_none()
+
+
+def lock_cursor(conn: Connection, name: str, initial: int) -> int:
+    """Cursor `name`'s block, created at `initial` if new, locked until the transaction ends
+    (Postgres ``FOR UPDATE``; SQLite transactions here hold the write lock anyway)."""
+    conn.execute(_insert(conn, chain_cursors).values(name=name, block_number=initial)
+                 .on_conflict_do_nothing(index_elements=[chain_cursors.c.name]))
+    query = sa.select(chain_cursors.c.block_number).where(chain_cursors.c.name == name)
+    if conn.dialect.name == "postgresql":
+        query = query.with_for_update()
+    return conn.execute(query).scalar_one()
+
+
+def set_cursor(conn: Connection, name: str, block_number: int) -> None:
+    """Move cursor `name` to `block_number`. Moving it back is a bug (events would be handled
+    twice) and raises ValueError."""
+    current = get_cursor(conn, name)
+    if current is not None and block_number < current:
+        raise ValueError(f"cursor {name!r} would move back from {current} to {block_number}")
+    statement = _insert(conn, chain_cursors).values(name=name, block_number=block_number)
+    conn.execute(statement.on_conflict_do_update(
+        index_elements=[chain_cursors.c.name],
+        set_={"block_number": block_number, "updated_at": sa.func.now()},
+    ))
+
+
+# ---------------------------------------------------------------------------------- requests
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """A posted request as the ``RequestPosted`` event tells it (hex strings for bytes)."""
+
+    request_id: int
+    consumer: str
+    model_id: str
+    prompt: list[int]
+    max_tokens: int
+    fee: int
+    callback: str
+    callback_gas_limit: int
+    named_provider: str
+    commit_deadline: int
+    block_number: int
+    tx_hash: str
+    status: str = "open"
+    note: str | None = None
+
+
+def upsert_request(conn: Connection, record: RequestRecord) -> bool:
+    """Store `record`; True when it is new. Seeing a request again refreshes what the chain
+    says about it and keeps the node's own status and note."""
+    values = _fields(record)
+    chain_fields = {k: v for k, v in values.items() if k not in ("request_id", "status", "note")}
+    existed = get_request(conn, record.request_id) is not None
+    statement = _insert(conn, requests).values(**values)
+    conn.execute(statement.on_conflict_do_update(
+        index_elements=[requests.c.request_id], set_=chain_fields
+    ))
+    return not existed
+
+
+def get_request(conn: Connection, request_id: int) -> RequestRecord | None:
+    row = conn.execute(
+        sa.select(requests).where(requests.c.request_id == request_id)
+    ).mappings().one_or_none()
+    return None if row is None else _record(RequestRecord, row)
+
+
+def requests_with_status(conn: Connection, status: str, limit: int = 100) -> list[RequestRecord]:
+    """Requests in `status`, oldest first."""
+    rows = conn.execute(
+        sa.select(requests).where(requests.c.status == status)
+        .order_by(requests.c.request_id).limit(limit)
+    ).mappings()
+    return [_record(RequestRecord, row) for row in rows]
+
+
+def set_request_status(
+    conn: Connection, request_id: int, status: str, *, expected: str | Sequence[str] | None = None,
+    note: str | None = None,
+) -> bool:
+    """Move request `request_id` to `status` if it is in `expected` (any status when None);
+    True when a row changed."""
+    return _guarded_update(conn, requests, requests.c.request_id == request_id,
+                           requests.c.status, expected, status=status, note=note)
+
+
+# ------------------------------------------------------------------------------------ claims
+
+
+@dataclass(frozen=True)
+class ClaimRecord:
+    """A committed output (``OutputCommitted``)."""
+
+    request_id: int
+    provider: str
+    output: list[int]
+    challenge_deadline: int
+    block_number: int
+    tx_hash: str
+    status: str = "committed"
+    verdict: str | None = None
+
+
+def record_claim(conn: Connection, record: ClaimRecord) -> bool:
+    """Store `record` unless the request already has a claim (the coordinator allows one);
+    True when it is new."""
+    statement = _insert(conn, claims).values(**_fields(record))
+    return _inserted(conn, statement.on_conflict_do_nothing(
+        index_elements=[claims.c.request_id]
+    ).returning(claims.c.request_id))
+
+
+def get_claim(conn: Connection, request_id: int) -> ClaimRecord | None:
+    row = conn.execute(
+        sa.select(claims).where(claims.c.request_id == request_id)
+    ).mappings().one_or_none()
+    return None if row is None else _record(ClaimRecord, row)
+
+
+def set_claim_status(
+    conn: Connection, request_id: int, status: str, *, expected: str | Sequence[str] | None = None,
+    verdict: str | None = None,
+) -> bool:
+    """Move the claim on `request_id` to `status` if it is in `expected`; True on change."""
+    changes: dict[str, Any] = {"status": status}
+    if verdict is not None:
+        changes["verdict"] = verdict
+    return _guarded_update(conn, claims, claims.c.request_id == request_id, claims.c.status,
+                           expected, **changes)
+
+
+# ------------------------------------------------------------------------------------- games
+
+
+@dataclass(frozen=True)
+class GameRecord:
+    """This node's view of one dispute game (see prover.game): `player` is the role it plays,
+    `state` its serialized decision state."""
+
+    game_id: int
+    player: Role
+    request_id: int
+    phase: Phase
+    k: int | None
+    rounds: int
+    status: str  # open | won | lost
+    state: dict[str, Any]
+    lease_owner: str | None = None
+    lease_expires: float | None = None
+
+
+def create_game(conn: Connection, record: GameRecord) -> bool:
+    """Store a game this node takes part in; True when it is new (a second call is a no-op)."""
+    values = _fields(record)
+    values.update(player=record.player.value, phase=record.phase.value)
+    statement = _insert(conn, games).values(**values)
+    return _inserted(conn, statement.on_conflict_do_nothing(
+        index_elements=[games.c.game_id, games.c.player]
+    ).returning(games.c.game_id))
+
+
+def get_game(conn: Connection, game_id: int, player: Role) -> GameRecord | None:
+    row = conn.execute(
+        sa.select(games).where(games.c.game_id == game_id, games.c.player == player.value)
+    ).mappings().one_or_none()
+    return None if row is None else _game(row)
+
+
+def claim_game(
+    conn: Connection, game_id: int, player: Role, worker: str, *, lease_seconds: float,
+    now: float | None = None,
+) -> GameRecord | None:
+    """Lease open game (`game_id`, `player`) to `worker` for `lease_seconds`; the game, or None
+    when another worker holds it (or it is not open).
+
+    Postgres: ``SELECT ... FOR UPDATE SKIP LOCKED`` skips a row another transaction is
+    claiming right now, then the lease keeps it after that transaction commits. SQLite: a
+    compare-and-set ``UPDATE ... WHERE`` the lease is free, which its write lock makes atomic.
+    Either way two workers never both get the game. `worker` may renew its own lease.
+    """
+    now = time.time() if now is None else now
+    key = (games.c.game_id == game_id) & (games.c.player == player.value)
+    free = (
+        (games.c.status == "open")
+        & (games.c.lease_owner.is_(None) | (games.c.lease_expires <= now)
+           | (games.c.lease_owner == worker))
+    )
+    if conn.dialect.name == "postgresql":
+        locked = conn.execute(
+            sa.select(games.c.game_id).where(key & free).with_for_update(skip_locked=True)
+        ).one_or_none()
+        if locked is None:
+            return None
+    changed = conn.execute(
+        sa.update(games).where(key & free)
+        .values(lease_owner=worker, lease_expires=now + lease_seconds)
+    ).rowcount
+    return get_game(conn, game_id, player) if changed == 1 else None
+
+
+def claim_next_game(
+    conn: Connection, player: Role, worker: str, *, lease_seconds: float,
+    now: float | None = None,
+) -> GameRecord | None:
+    """Lease the oldest open game of `player` that nobody holds; None when there is none."""
+    now = time.time() if now is None else now
+    free = (
+        (games.c.player == player.value) & (games.c.status == "open")
+        & (games.c.lease_owner.is_(None) | (games.c.lease_expires <= now))
+    )
+    query = sa.select(games.c.game_id).where(free).order_by(games.c.game_id)
+    if conn.dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True).limit(1)
+    for (game_id,) in conn.execute(query).all():
+        claimed = claim_game(conn, game_id, player, worker, lease_seconds=lease_seconds, now=now)
+        if claimed is not None:
+            return claimed
+    return None
+
+
+def release_game(conn: Connection, game_id: int, player: Role, worker: str) -> bool:
+    """Give up `worker`'s lease on the game; True when it held it."""
+    return conn.execute(
+        sa.update(games)
+        .where(games.c.game_id == game_id, games.c.player == player.value,
+               games.c.lease_owner == worker)
+        .values(lease_owner=None, lease_expires=None)
+    ).rowcount == 1
+
+
+def update_game(
+    conn: Connection, game_id: int, player: Role, worker: str, *, phase: Phase, k: int | None,
+    rounds: int, status: str, state: dict[str, Any],
+) -> bool:
+    """Save the game's progress; only the lease holder `worker` may (True when it did)."""
+    return conn.execute(
+        sa.update(games)
+        .where(games.c.game_id == game_id, games.c.player == player.value,
+               games.c.lease_owner == worker)
+        .values(phase=phase.value, k=k, rounds=rounds, status=status, state=state)
+    ).rowcount == 1
+
+
+def _game(row) -> GameRecord:
+    values = dict(row)
+    values.pop("created_at")
+    values["player"] = Role(values["player"])
+    values["phase"] = Phase(values["phase"])
+    return GameRecord(**values)
+
+
+# ------------------------------------------------------------------------------------- moves
+
+
+@dataclass(frozen=True)
+class MoveRecord:
+    """One move of a game, the node's own or its opponent's. (`game_id`, `player`, `seq`)
+    is unique: a move is recorded once, however often it is seen or retried."""
+
+    game_id: int
+    player: Role
+    seq: int
+    actor: Role
+    kind: str
+    payload: dict[str, Any]
+    tx_hash: str | None = None
+    block_number: int | None = None
+
+
+def record_move(conn: Connection, record: MoveRecord) -> bool:
+    """Store `record`; True when it is new, False when that move was already recorded."""
+    values = _fields(record)
+    values.update(player=record.player.value, actor=record.actor.value)
+    statement = _insert(conn, moves).values(**values)
+    return _inserted(conn, statement.on_conflict_do_nothing(
+        index_elements=[moves.c.game_id, moves.c.player, moves.c.seq]
+    ).returning(moves.c.id))
+
+
+def set_move_transaction(
+    conn: Connection, game_id: int, player: Role, seq: int, tx_hash: str,
+    block_number: int | None = None,
+) -> bool:
+    """Attach the transaction that carries a move (and its block once mined)."""
+    return conn.execute(
+        sa.update(moves)
+        .where(moves.c.game_id == game_id, moves.c.player == player.value, moves.c.seq == seq)
+        .values(tx_hash=tx_hash, block_number=block_number)
+    ).rowcount == 1
+
+
+def game_moves(conn: Connection, game_id: int, player: Role) -> list[MoveRecord]:
+    """The recorded moves of the game, in order."""
+    rows = conn.execute(
+        sa.select(moves).where(moves.c.game_id == game_id, moves.c.player == player.value)
+        .order_by(moves.c.seq)
+    ).mappings()
+    result = []
+    for row in rows:
+        values = {field: row[field] for field in MoveRecord.__dataclass_fields__}
+        values["player"] = Role(values["player"])
+        values["actor"] = Role(values["actor"])
+        result.append(MoveRecord(**values))
+    return result
+
+
+# ----------------------------------------------------------------------------------- helpers
+
+
+def _fields(record) -> dict[str, Any]:
+    return {field: getattr(record, field) for field in record.__dataclass_fields__}
+
+
+def _record(cls, row):
+    return cls(**{field: row[field] for field in cls.__dataclass_fields__})
+
+
+def _inserted(conn: Connection, statement) -> bool:
+    # RETURNING, not rowcount: psycopg reports -1 for an INSERT ... ON CONFLICT DO NOTHING.
+    return conn.execute(statement).first() is not None
+
+
+def _guarded_update(
+    conn: Connection, table: sa.Table, key, status_column, expected: str | Sequence[str] | None,
+    **changes: Any,
+) -> bool:
+    condition = key
+    if expected is not None:
+        allowed = [expected] if isinstance(expected, str) else list(expected)
+        condition = condition & status_column.in_(allowed)
+    changes = {name: value for name, value in changes.items() if value is not None}
+    return conn.execute(sa.update(table).where(condition).values(**changes)).rowcount == 1

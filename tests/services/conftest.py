@@ -1,0 +1,78 @@
+"""Fixtures for the service tests: a migrated store on SQLite (a temporary file) and on the
+machine's real Postgres (a schema of its own per test, dropped afterwards)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from optinfer.services.store import Store
+
+# Trust authentication on 127.0.0.1; OPTINFER_TEST_POSTGRES points elsewhere if needed.
+POSTGRES_URL = os.environ.get(
+    "OPTINFER_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_settings(monkeypatch, tmp_path: Path) -> None:
+    """Settings come from each test alone: no OPTINFER_* from the shell, state under tmp."""
+    for name in list(os.environ):
+        if name.startswith("OPTINFER_") and name not in ("OPTINFER_ANVIL",
+                                                          "OPTINFER_TEST_POSTGRES"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("OPTINFER_STATE_DIR", str(tmp_path / "state"))
+
+
+@pytest.fixture(scope="session")
+def postgres_admin() -> Iterator[sa.Engine]:
+    """An autocommit engine on the test database (creates and drops the test schemas)."""
+    engine = sa.create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+    except sa.exc.OperationalError as err:
+        pytest.fail(f"Postgres at {POSTGRES_URL} is not reachable (.ci/run starts it): {err}")
+    yield engine
+    engine.dispose()
+
+
+def postgres_schema_url(admin: sa.Engine) -> tuple[str, str]:
+    """A fresh schema on the test database and a URL whose connections use it."""
+    schema = f"optinfer_test_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    return schema, f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
+
+
+def drop_schema(admin: sa.Engine, schema: str) -> None:
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request, tmp_path: Path) -> Iterator[str]:
+    """An empty database of each kind."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'store.db'}"
+        return
+    admin = request.getfixturevalue("postgres_admin")
+    schema, url = postgres_schema_url(admin)
+    try:
+        yield url
+    finally:
+        drop_schema(admin, schema)
+
+
+@pytest.fixture
+def store(database_url: str) -> Iterator[Store]:
+    """A migrated store on `database_url`."""
+    store = Store(database_url)
+    store.migrate()
+    yield store
+    store.dispose()
