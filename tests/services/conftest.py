@@ -76,3 +76,48 @@ def store(database_url: str) -> Iterator[Store]:
     store.migrate()
     yield store
     store.dispose()
+
+
+# ----------------------------------------------------------------------------- chain
+
+
+@pytest.fixture(scope="session")
+def chain():
+    """A real anvil for this worker's session, killed at the end."""
+    from optinfer.contracts.localchain import start_anvil
+
+    with start_anvil() as running:
+        yield running
+
+
+@pytest.fixture
+def w3(chain):
+    """The session chain, with every state change of the test reverted afterwards."""
+    from optinfer.services.chain import connect
+
+    client = connect(chain.url)
+    snapshot = client.provider.make_request("evm_snapshot", [])["result"]
+    yield client
+    assert client.provider.make_request("evm_revert", [snapshot])["result"] is True
+
+
+@pytest.fixture
+def deployment(chain, w3):
+    """Registry and coordinator deployed (inside this test's snapshot), tiny-r1 registered."""
+    from optinfer.contracts.registry import ModelRegistry
+    from optinfer.services.deployments import STEPS, deploy_all
+
+    deployer = chain.accounts[0]
+    deployed = deploy_all(w3, deployer, steps=STEPS[:2])
+    registry = ModelRegistry(w3, deployed.address("ModelRegistry"))
+    registry.register_send(tiny_r1_spec(), deployer)
+    return deployed
+
+
+TINY_R1 = Path(__file__).resolve().parents[2] / "models" / "tiny-r1" / "integer"
+
+
+def tiny_r1_spec():
+    from optinfer.contracts.registry import ModelSpec
+
+    return ModelSpec.from_manifest(TINY_R1 / "manifest.json", manifest_uri="optinfer:tiny-r1")

@@ -1,0 +1,423 @@
+"""The chain client of the services: a retrying JSON-RPC connection, event polling with a
+cursor kept in the database, and a transaction sender that manages its own nonces.
+
+* :func:`connect` builds a Web3 whose every JSON-RPC request is retried with exponential
+  back-off when the node drops the connection, times out or answers 429/5xx, and fails with
+  :class:`RpcUnavailable` after the configured attempts. An answer, even an error, is never
+  retried: a revert is final.
+* :class:`EventCursor` hands each confirmed event to a handler exactly once: events up to
+  ``head - confirmations`` are fetched in block ranges, and the handler's writes and the
+  cursor's move past the range commit in one transaction. A crash before the commit replays
+  the range; nothing after it does.
+* :class:`TxSender` signs with a local key: it numbers its transactions itself (so several can
+  be sent without waiting), resynchronises from the chain on "nonce too low", pads the gas
+  estimate, and recognises its own transaction when a retried send reaches a node that already
+  has it, so a dropped connection never sends a transaction twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import requests
+from eth_account.signers.local import LocalAccount
+from eth_typing import ChecksumAddress
+from eth_utils import event_abi_to_log_topic
+from hexbytes import HexBytes
+from sqlalchemy.engine import Connection
+from web3 import Web3
+from web3.contract import Contract
+from web3.contract.contract import ContractFunction
+from web3.exceptions import ContractLogicError, TransactionNotFound, Web3RPCError
+from web3.providers.rpc import HTTPProvider
+from web3.types import RPCEndpoint, RPCResponse, TxParams, TxReceipt
+
+from optinfer.contracts.artifacts import Artifact, load_artifact
+from optinfer.contracts.bindings import ContractRevert, reverts_decoded
+from optinfer.errors import UserError
+from optinfer.services.store import ClaimRecord, RequestRecord, Store, lock_cursor, set_cursor
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# HTTP answers that mean "the node is overloaded or restarting", not "your request is wrong".
+RETRYABLE_HTTP_STATUS = frozenset({429, 502, 503, 504})
+
+
+# ------------------------------------------------------------------------------ retries
+
+
+class RpcUnavailable(UserError):
+    """The node did not answer after every attempt (refused, dropped, timed out, 5xx)."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """`attempts` tries in all; the n-th retry waits ``initial_delay * 2**(n-1)`` seconds, at
+    most `max_delay`."""
+
+    attempts: int = 5
+    initial_delay: float = 0.5
+    max_delay: float = 30.0
+
+    @classmethod
+    def from_settings(cls, settings) -> RetryPolicy:
+        return cls(attempts=settings.rpc_attempts, initial_delay=settings.rpc_backoff)
+
+    def delays(self) -> Iterator[float]:
+        """The waits between attempts (one fewer than the attempts)."""
+        for retry in range(self.attempts - 1):
+            yield min(self.initial_delay * 2**retry, self.max_delay)
+
+    def run(self, action: Callable[[], T], what: str) -> T:
+        """`action()`, retried on transient failures; RpcUnavailable once they are spent."""
+        delays = self.delays()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return action()
+            except Exception as err:
+                if not is_transient(err):
+                    raise
+                delay = next(delays, None)
+                if delay is None:
+                    raise RpcUnavailable(
+                        f"{what}: no answer after {attempt} attempt(s): "
+                        f"{type(err).__name__}: {_first_line(err)}"
+                    ) from err
+                log.warning("%s failed (%s), retry %d in %.2fs", what, type(err).__name__,
+                            attempt, delay)
+                time.sleep(delay)
+
+
+def is_transient(err: BaseException) -> bool:
+    """Whether `err` means the request may not have reached the node or it could not answer:
+    a refused or dropped connection, a timeout, or an HTTP 429/502/503/504."""
+    if isinstance(err, requests.HTTPError):
+        return err.response is not None and err.response.status_code in RETRYABLE_HTTP_STATUS
+    return isinstance(err, requests.ConnectionError | requests.Timeout | ConnectionError)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else "(no message)"
+
+
+class RetryingHTTPProvider(HTTPProvider):
+    """web3's HTTP provider with :class:`RetryPolicy` around every request (web3's own retry,
+    which skips some methods and has its own timings, is off)."""
+
+    def __init__(self, url: str, policy: RetryPolicy, timeout: float):
+        super().__init__(url, request_kwargs={"timeout": timeout},
+                         exception_retry_configuration=None)
+        self.policy = policy
+
+    def make_request(self, method: RPCEndpoint, params: Any) -> RPCResponse:
+        send = super().make_request
+        return self.policy.run(lambda: send(method, params), f"{method} on {self.endpoint_uri}")
+
+
+def connect(url: str, policy: RetryPolicy | None = None, timeout: float = 30.0) -> Web3:
+    """A Web3 client on `url` with retries; nothing is sent until the first call."""
+    return Web3(RetryingHTTPProvider(url, policy or RetryPolicy(), timeout))
+
+
+def connect_settings(settings) -> Web3:
+    """:func:`connect` with the RPC URL, retry policy and timeout of `settings`."""
+    return connect(settings.rpc_url, RetryPolicy.from_settings(settings), settings.request_timeout)
+
+
+# ------------------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True)
+class ChainEvent:
+    """One decoded event log."""
+
+    name: str
+    address: ChecksumAddress
+    args: dict[str, Any]
+    block_number: int
+    log_index: int
+    tx_hash: str  # 0x-prefixed
+
+
+Handler = Callable[[Connection, ChainEvent], None]
+
+
+class EventCursor:
+    """Delivers the events of `contracts` (all their events, or those named in `events`) to a
+    handler, each exactly once, in chain order, once `confirmations` blocks cover them.
+
+    The cursor `name` (the last block fully handled) lives in `store`; a new EventCursor on the
+    same store and name resumes after it. Blocks before `start_block` (the deployment block,
+    say) are never read. One range of at most `max_block_range` blocks is one transaction:
+    the handler's writes and the cursor's move commit together or not at all.
+
+    Confirmations are the only defence against reorganisations: an event is delivered once
+    it is `confirmations` deep and never taken back.
+    """
+
+    def __init__(
+        self, w3: Web3, store: Store, name: str, contracts: Sequence[Contract], *,
+        events: Sequence[str] | None = None, start_block: int = 0, confirmations: int = 0,
+        max_block_range: int = 2000,
+    ):
+        if confirmations < 0 or max_block_range < 1 or start_block < 0:
+            raise ValueError("confirmations >= 0, max_block_range >= 1, start_block >= 0")
+        self.w3 = w3
+        self.store = store
+        self.name = name
+        self.start_block = start_block
+        self.confirmations = confirmations
+        self.max_block_range = max_block_range
+        self._decoders: dict[tuple[str, bytes], Any] = {}
+        for contract in contracts:
+            for entry in contract.abi:
+                if entry["type"] != "event" or (events is not None and entry["name"] not in events):
+                    continue
+                topic = bytes(event_abi_to_log_topic(entry))
+                self._decoders[(contract.address, topic)] = getattr(contract.events, entry["name"])
+        if not self._decoders:
+            raise ValueError(f"cursor {name!r}: the contracts have none of the events {events}")
+        self._addresses = sorted({address for address, _ in self._decoders})
+        self._topics = sorted({"0x" + topic.hex() for _, topic in self._decoders})
+
+    def safe_head(self) -> int:
+        """The newest block buried under `confirmations` blocks (-1 when there is none yet)."""
+        return self.w3.eth.block_number - self.confirmations
+
+    def fetch(self, from_block: int, to_block: int) -> list[ChainEvent]:
+        """The watched events in blocks [from_block, to_block], in chain order."""
+        logs = self.w3.eth.get_logs({
+            "fromBlock": from_block, "toBlock": to_block, "address": self._addresses,
+            "topics": [self._topics],
+        })
+        events = []
+        for entry in logs:
+            address = Web3.to_checksum_address(entry["address"])
+            decoder = self._decoders.get((address, bytes(entry["topics"][0])))
+            if decoder is None:
+                continue
+            decoded = decoder().process_log(entry)
+            events.append(ChainEvent(
+                name=decoded["event"], address=address, args=dict(decoded["args"]),
+                block_number=entry["blockNumber"], log_index=entry["logIndex"],
+                tx_hash="0x" + bytes(entry["transactionHash"]).hex(),
+            ))
+        events.sort(key=lambda event: (event.block_number, event.log_index))
+        return events
+
+    def poll(self, handle: Handler) -> int:
+        """Hand every confirmed, not yet handled event to `handle(conn, event)`; return how
+        many were handled. An exception from `handle` rolls back its range and propagates
+        (the range is delivered again on the next poll)."""
+        handled = 0
+        head = self.safe_head()
+        while True:
+            with self.store.transaction() as conn:
+                last = lock_cursor(conn, self.name, self.start_block - 1)
+            first = last + 1
+            if first > head:
+                return handled
+            last_in_range = min(head, first + self.max_block_range - 1)
+            # Fetched outside the transaction: no database lock is held while the node answers.
+            events = self.fetch(first, last_in_range)
+            with self.store.transaction() as conn:
+                # The lock makes another process polling the same cursor wait for this
+                # transaction; if one moved it meanwhile, start over from where it stopped.
+                if lock_cursor(conn, self.name, self.start_block - 1) != last:
+                    continue
+                for event in events:
+                    handle(conn, event)
+                set_cursor(conn, self.name, last_in_range)
+            handled += len(events)
+
+    def run(self, handle: Handler, stop: threading.Event, poll_interval: float) -> None:
+        """Poll every `poll_interval` seconds until `stop` is set. An unreachable node is
+        logged and waited out; a handler's exception ends the loop."""
+        while not stop.is_set():
+            try:
+                self.poll(handle)
+            except RpcUnavailable as err:
+                log.error("cursor %s: %s", self.name, err)
+            stop.wait(poll_interval)
+
+
+def request_record(event: ChainEvent) -> RequestRecord:
+    """The store's record of a ``RequestPosted`` event."""
+    args = event.args
+    return RequestRecord(
+        request_id=args["requestId"],
+        consumer=args["consumer"],
+        model_id="0x" + bytes(args["modelId"]).hex(),
+        prompt=list(args["prompt"]),
+        max_tokens=args["maxTokens"],
+        fee=args["fee"],
+        callback=args["callback"],
+        callback_gas_limit=args["callbackGasLimit"],
+        named_provider=args["namedProvider"],
+        commit_deadline=args["commitDeadline"],
+        block_number=event.block_number,
+        tx_hash=event.tx_hash,
+    )
+
+
+def claim_record(event: ChainEvent) -> ClaimRecord:
+    """The store's record of an ``OutputCommitted`` event."""
+    args = event.args
+    return ClaimRecord(
+        request_id=args["requestId"],
+        provider=args["provider"],
+        output=list(args["output"]),
+        challenge_deadline=args["challengeDeadline"],
+        block_number=event.block_number,
+        tx_hash=event.tx_hash,
+    )
+
+
+# ------------------------------------------------------------------------- transactions
+
+
+class TxFailed(Exception):
+    """A transaction was mined but failed (status 0)."""
+
+
+class TxSender:
+    """Signs and sends `account`'s transactions, numbering them locally.
+
+    Thread-safe: concurrent sends get consecutive nonces. The gas limit is the node's estimate
+    times `gas_margin`; an estimate that reverts raises the decoded :class:`ContractRevert`
+    (with the contract's `artifact`) before anything is signed, and is never retried.
+    """
+
+    def __init__(self, w3: Web3, account: LocalAccount, *, gas_margin: float = 1.2,
+                 receipt_timeout: float = 120.0, receipt_poll: float = 0.1):
+        if gas_margin < 1:
+            raise ValueError("gas_margin must be >= 1")
+        self.w3 = w3
+        self.account = account
+        self.address: ChecksumAddress = account.address
+        self.gas_margin = gas_margin
+        self.receipt_timeout = receipt_timeout
+        self.receipt_poll = receipt_poll
+        self._lock = threading.Lock()
+        self._next_nonce: int | None = None
+        self._chain_id: int | None = None
+
+    @property
+    def next_nonce(self) -> int | None:
+        """The nonce the next transaction will use (None until the first send or resync)."""
+        return self._next_nonce
+
+    def resync(self) -> int:
+        """Take the next nonce from the chain (pending transactions included)."""
+        self._next_nonce = self.w3.eth.get_transaction_count(self.address, "pending")
+        return self._next_nonce
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def submit(self, tx: TxParams, artifact: Artifact | None = None) -> HexBytes:
+        """Estimate, sign and send `tx` (to, data, value; the rest is filled); its hash."""
+        tx = dict(tx)
+        tx["from"] = self.address
+        tx.setdefault("value", 0)
+        tx.setdefault("data", b"")
+        if "gas" not in tx:
+            tx["gas"] = math.ceil(self._estimate(tx, artifact) * self.gas_margin)
+        if "gasPrice" not in tx and "maxFeePerGas" not in tx:
+            tx.update(self._fees())
+        if self._chain_id is None:
+            self._chain_id = self.w3.eth.chain_id
+        tx["chainId"] = self._chain_id
+        tx.pop("from")
+        with self._lock:
+            nonce = self._next_nonce if self._next_nonce is not None else self.resync()
+            for attempt in range(3):
+                signed = self.account.sign_transaction({**tx, "nonce": nonce})
+                if self._broadcast(signed.raw_transaction, signed.hash):
+                    self._next_nonce = nonce + 1
+                    return HexBytes(signed.hash)
+                # Our count was stale (another sender used this key, or the node restarted).
+                nonce = self.resync()
+                log.warning("%s: nonce was stale, resynchronised to %d (try %d)",
+                            self.address, nonce, attempt + 1)
+        raise RuntimeError(f"{self.address}: nonce still rejected after resynchronising")
+
+    def _broadcast(self, raw: bytes, tx_hash: bytes) -> bool:
+        """Send `raw`; True when the node has it (now or from an earlier attempt whose answer
+        was lost), False when its nonce is taken by another transaction."""
+        try:
+            self.w3.eth.send_raw_transaction(raw)
+            return True
+        except Web3RPCError as err:
+            message = str(err).lower()
+            if "already known" in message or "already imported" in message:
+                return True
+            if "nonce too low" in message or "replacement transaction underpriced" in message:
+                # Ours, mined or pending after a retried send whose answer was lost? Then this
+                # is success; anything else means another transaction holds the nonce.
+                return self._known(tx_hash)
+            raise
+
+    def _known(self, tx_hash: bytes) -> bool:
+        try:
+            self.w3.eth.get_transaction(HexBytes(tx_hash))
+            return True
+        except TransactionNotFound:
+            return False
+
+    def wait(self, tx_hash: bytes, artifact: Artifact | None = None) -> TxReceipt:
+        """The receipt of `tx_hash` once mined; TxFailed when it failed."""
+        receipt = self.w3.eth.wait_for_transaction_receipt(
+            HexBytes(tx_hash), timeout=self.receipt_timeout, poll_latency=self.receipt_poll
+        )
+        if receipt["status"] != 1:
+            raise TxFailed(f"transaction 0x{bytes(tx_hash).hex()} failed in block "
+                           f"{receipt['blockNumber']}")
+        return receipt
+
+    def send(self, tx: TxParams, artifact: Artifact | None = None) -> TxReceipt:
+        """:meth:`submit` then :meth:`wait`."""
+        return self.wait(self.submit(tx, artifact), artifact)
+
+    def transact(self, function: ContractFunction, *, value: int = 0,
+                 artifact: Artifact | None = None) -> TxReceipt:
+        """Send a contract function call (reverts decoded with `artifact`) and wait for it."""
+        tx = {"to": function.address, "data": function._encode_transaction_data(),
+              "value": value}
+        return self.send(tx, artifact)
+
+    def deploy(self, name: str, *constructor_args: Any) -> ChecksumAddress:
+        """Deploy the committed artifact `name`; the new contract's address."""
+        artifact = load_artifact(name)
+        factory = self.w3.eth.contract(abi=artifact.abi, bytecode=artifact.bytecode)
+        data = factory.constructor(*constructor_args).data_in_transaction
+        receipt = self.send({"data": data}, artifact)
+        return Web3.to_checksum_address(receipt["contractAddress"])
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _estimate(self, tx: dict, artifact: Artifact | None) -> int:
+        if artifact is not None:
+            return reverts_decoded(artifact, lambda: self.w3.eth.estimate_gas(tx))
+        try:
+            return self.w3.eth.estimate_gas(tx)
+        except ContractLogicError as err:
+            raise ContractRevert(None, (), b"", f"gas estimate reverted: {err}") from err
+
+    def _fees(self) -> dict[str, int]:
+        """EIP-1559 fees (room for the base fee to double), or a gas price on older chains."""
+        base_fee = self.w3.eth.get_block("latest").get("baseFeePerGas")
+        if base_fee is None:
+            return {"gasPrice": self.w3.eth.gas_price}
+        tip = self.w3.eth.max_priority_fee
+        return {"maxFeePerGas": 2 * base_fee + tip, "maxPriorityFeePerGas": tip}

@@ -1,0 +1,263 @@
+"""The chain client on a real anvil: events delivered exactly once across restarts and
+crashes with confirmations, nonces and gas of the transaction sender, and retries against
+nodes that refuse, drop or never answer."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+from web3 import Web3
+
+from optinfer.contracts.bindings import ContractRevert, send_transaction
+from optinfer.contracts.coordinator import InferenceCoordinator, RequestSpec
+from optinfer.services import store as st
+from optinfer.services.chain import (
+    EventCursor,
+    RetryPolicy,
+    RpcUnavailable,
+    TxSender,
+    connect,
+    request_record,
+)
+from optinfer.services.store import Store
+from tests.services.conftest import tiny_r1_spec
+from tests.services.rpc_proxy import RpcProxy
+
+FEE = 10**16
+
+
+def mine(w3: Web3, blocks: int) -> None:
+    w3.provider.make_request("anvil_mine", [hex(blocks)])
+
+
+def post_requests(w3: Web3, coordinator: InferenceCoordinator, consumer, count: int) -> list[int]:
+    """`count` requests, one block each; their ids."""
+    ids = []
+    for index in range(count):
+        spec = RequestSpec(model_id=tiny_r1_spec().model_root, prompt=[1, 6, 7 + index],
+                           max_tokens=8, commit_deadline=w3.eth.get_block("latest")["timestamp"]
+                           + 3600)
+        receipt = coordinator.post_request_send(spec, FEE, consumer)
+        ids.append(coordinator.events(receipt, "RequestPosted")[0]["requestId"])
+    return ids
+
+
+class Recorder:
+    """A handler that stores each request and remembers what it was handed."""
+
+    def __init__(self, fail_on: int | None = None):
+        self.delivered: list[int] = []
+        self.fail_on = fail_on
+
+    def __call__(self, conn, event) -> None:
+        assert event.name == "RequestPosted"
+        record = request_record(event)
+        if record.request_id == self.fail_on:
+            raise RuntimeError("handler crashed")
+        st.upsert_request(conn, record)
+        self.delivered.append(record.request_id)
+
+
+def cursor_on(w3, store, deployment, **kwargs) -> EventCursor:
+    coordinator = InferenceCoordinator(w3, deployment.address("InferenceCoordinator"))
+    return EventCursor(w3, store, "coordinator", [coordinator.contract],
+                       events=["RequestPosted"], start_block=deployment.block_number, **kwargs)
+
+
+def stored_ids(store: Store) -> list[int]:
+    with store.transaction() as conn:
+        return sorted(r.request_id for r in st.requests_with_status(conn, "open", limit=1000))
+
+
+# ------------------------------------------------------------------------------- events
+
+
+def test_events_exactly_once_with_confirmations_across_a_restart(chain, w3, deployment,
+                                                                 database_url):
+    coordinator = InferenceCoordinator(w3, deployment.address("InferenceCoordinator"))
+    consumer = chain.accounts[2]
+    first_batch = post_requests(w3, coordinator, consumer, 3)
+
+    store = Store(database_url)
+    store.migrate()
+    recorder = Recorder()
+    cursor = cursor_on(w3, store, deployment, confirmations=2)
+    # The last two requests are not yet 2 blocks deep.
+    assert cursor.poll(recorder) == 1
+    assert recorder.delivered == first_batch[:1]
+    mine(w3, 2)
+    assert cursor.poll(recorder) == 2
+    assert cursor.poll(recorder) == 0
+    second_batch = post_requests(w3, coordinator, consumer, 2)
+    mine(w3, 1)  # the first of the new requests is confirmed, the second is not
+    assert cursor.poll(recorder) == 1
+    store.dispose()
+
+    # A restart: a new store object and a new cursor on the same database.
+    restarted_store = Store(database_url)
+    restarted = cursor_on(w3, restarted_store, deployment, confirmations=2)
+    mine(w3, 5)
+    assert restarted.poll(recorder) == 1
+    assert recorder.delivered == first_batch + second_batch
+    assert stored_ids(restarted_store) == sorted(first_batch + second_batch)
+    with restarted_store.transaction() as conn:
+        assert st.get_cursor(conn, "coordinator") == w3.eth.block_number - 2
+    restarted_store.dispose()
+
+
+def test_a_crashing_handler_commits_nothing_and_its_range_is_delivered_again(
+        chain, w3, deployment, store):
+    coordinator = InferenceCoordinator(w3, deployment.address("InferenceCoordinator"))
+    ids = post_requests(w3, coordinator, chain.accounts[2], 3)
+    cursor = cursor_on(w3, store, deployment, max_block_range=1000)
+    crashing = Recorder(fail_on=ids[1])
+    with pytest.raises(RuntimeError, match="handler crashed"):
+        cursor.poll(crashing)
+    # ids[0] was handled inside the rolled-back transaction: not stored, cursor unmoved.
+    assert stored_ids(store) == []
+    with store.transaction() as conn:
+        assert st.get_cursor(conn, "coordinator") == deployment.block_number - 1
+    healthy = Recorder()
+    assert cursor.poll(healthy) == 3
+    assert healthy.delivered == ids
+    assert stored_ids(store) == sorted(ids)
+
+
+def test_small_block_ranges_skip_nothing(chain, w3, deployment, store):
+    coordinator = InferenceCoordinator(w3, deployment.address("InferenceCoordinator"))
+    mine(w3, 3)
+    ids = post_requests(w3, coordinator, chain.accounts[2], 4)
+    mine(w3, 2)
+    recorder = Recorder()
+    assert cursor_on(w3, store, deployment, max_block_range=2).poll(recorder) == 4
+    assert recorder.delivered == ids
+
+
+def test_two_cursors_on_one_database_share_the_work(chain, w3, deployment, database_url):
+    """Two processes polling the same cursor (two engines): each event is handled once."""
+    coordinator = InferenceCoordinator(w3, deployment.address("InferenceCoordinator"))
+    ids = post_requests(w3, coordinator, chain.accounts[2], 6)
+    stores = [Store(database_url) for _ in range(2)]
+    stores[0].migrate()
+    recorder = Recorder()
+    lock = threading.Lock()
+
+    def handle(conn, event):
+        with lock:
+            recorder(conn, event)
+
+    threads = [threading.Thread(target=cursor_on(w3, s, deployment, max_block_range=1).poll,
+                                args=(handle,)) for s in stores]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(recorder.delivered) == sorted(ids)
+    assert stored_ids(stores[0]) == sorted(ids)
+    for s in stores:
+        s.dispose()
+
+
+# ------------------------------------------------------------------------- transactions
+
+
+def test_two_quick_transactions_get_consecutive_nonces_and_padded_gas(chain, w3):
+    sender = TxSender(w3, chain.accounts[3])
+    start = w3.eth.get_transaction_count(sender.address)
+    to = chain.accounts[4].address
+    hashes = [sender.submit({"to": to, "value": 1}), sender.submit({"to": to, "value": 2})]
+    receipts = [sender.wait(h) for h in hashes]
+    assert [w3.eth.get_transaction(h)["nonce"] for h in hashes] == [start, start + 1]
+    assert all(r["status"] == 1 for r in receipts)
+    assert w3.eth.get_transaction(hashes[0])["gas"] == 25_200  # 21000 * 1.2
+    assert sender.next_nonce == start + 2
+
+
+def test_stale_nonce_is_resynchronised_from_the_chain(chain, w3):
+    account = chain.accounts[3]
+    sender = TxSender(w3, account)
+    sender.send({"to": chain.accounts[4].address, "value": 1})
+    # The same key sends behind the sender's back: its local count is now stale.
+    send_transaction(w3, {"to": chain.accounts[4].address, "value": 1, "gas": 21_000,
+                          "maxFeePerGas": 10**10, "maxPriorityFeePerGas": 1}, account)
+    stale = sender.next_nonce
+    receipt = sender.send({"to": chain.accounts[4].address, "value": 3})
+    assert receipt["status"] == 1
+    assert w3.eth.get_transaction(receipt["transactionHash"])["nonce"] == stale + 1
+    assert sender.next_nonce == w3.eth.get_transaction_count(account.address)
+
+
+def test_a_revert_is_decoded_and_sends_nothing(chain, w3, deployment):
+    coordinator = InferenceCoordinator(w3, deployment.address("InferenceCoordinator"))
+    sender = TxSender(w3, chain.accounts[1])
+    before = w3.eth.get_transaction_count(sender.address)
+    with pytest.raises(ContractRevert) as raised:
+        sender.transact(coordinator.contract.functions.commitOutput(999, [1, 2]),
+                        artifact=coordinator.artifact)
+    assert raised.value.name is not None  # a named custom error of the coordinator
+    assert w3.eth.get_transaction_count(sender.address) == before
+
+
+def test_lost_answer_to_a_send_does_not_send_twice(chain, w3):
+    """The node gets the transaction but its answer is lost; the retried send finds the
+    transaction already there and the sender counts it once. (`w3` only for its snapshot.)"""
+    with RpcProxy(chain.url) as proxy:
+        w3 = connect(proxy.url, RetryPolicy(attempts=3, initial_delay=0.01))
+        sender = TxSender(w3, chain.accounts[5])
+        start = w3.eth.get_transaction_count(sender.address)
+        proxy.fail("eth_sendRawTransaction", "lose")
+        receipt = sender.send({"to": chain.accounts[6].address, "value": 7})
+        assert receipt["status"] == 1
+        assert proxy.forwarded["eth_sendRawTransaction"] == 2  # the original and the retry
+        assert w3.eth.get_transaction_count(sender.address) == start + 1
+        assert sender.next_nonce == start + 1
+
+
+# ----------------------------------------------------------------------------- retries
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_refused_connection_fails_after_the_configured_attempts():
+    url = f"http://127.0.0.1:{free_port()}"
+    w3 = connect(url, RetryPolicy(attempts=3, initial_delay=0.01), timeout=1)
+    started = time.monotonic()
+    with pytest.raises(RpcUnavailable) as raised:
+        w3.eth.block_number  # noqa: B018 (the property does the request)
+    assert time.monotonic() - started < 5
+    message = str(raised.value)
+    assert "eth_blockNumber" in message and url in message
+    assert "after 3 attempt(s)" in message and "ConnectionError" in message
+
+
+def test_node_that_never_answers_times_out_and_fails():
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # accepts connections, never reads or answers
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        w3 = connect(url, RetryPolicy(attempts=2, initial_delay=0.01), timeout=0.3)
+        with pytest.raises(RpcUnavailable, match=r"after 2 attempt\(s\).*Timeout"):
+            w3.eth.chain_id  # noqa: B018
+
+
+def test_dropped_connections_are_retried_until_the_node_answers(chain):
+    with RpcProxy(chain.url) as proxy:
+        proxy.fail("eth_chainId", "refuse", times=2)
+        w3 = connect(proxy.url, RetryPolicy(attempts=3, initial_delay=0.01))
+        assert w3.eth.chain_id == chain.chain_id
+        assert proxy.seen["eth_chainId"] == 3
+        proxy.fail("eth_chainId", "refuse", times=3)
+        with pytest.raises(RpcUnavailable):
+            w3.eth.chain_id  # noqa: B018
+
+
+def test_retry_delays_double_up_to_the_cap():
+    policy = RetryPolicy(attempts=6, initial_delay=0.5, max_delay=3)
+    assert list(policy.delays()) == [0.5, 1.0, 2.0, 3, 3]
