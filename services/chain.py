@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -91,7 +92,7 @@ class RetryPolicy:
                 if delay is None:
                     raise RpcUnavailable(
                         f"{what}: no answer after {attempt} attempt(s): "
-                        f"{type(err).__name__}: {_first_line(err)}"
+                        f"{type(err).__name__}: {_reason(err)}"
                     ) from err
                 log.warning("%s failed (%s), retry %d in %.2fs", what, type(err).__name__,
                             attempt, delay)
@@ -106,9 +107,17 @@ def is_transient(err: BaseException) -> bool:
     return isinstance(err, requests.ConnectionError | requests.Timeout | ConnectionError)
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else "(no message)"
+def _reason(err: BaseException) -> str:
+    """What went wrong, short: requests' messages nest urllib3's whole retry story."""
+    text = str(err)
+    errno = re.search(r"\[Errno -?\d+\] [^'\")]+", text)
+    if errno:
+        return errno.group(0).strip()
+    for marker in ("Read timed out", "timed out", "without response", "Connection aborted"):
+        if marker in text:
+            return marker
+    first = text.strip().splitlines()[0] if text.strip() else "(no message)"
+    return first[:120]
 
 
 class RetryingHTTPProvider(HTTPProvider):

@@ -306,13 +306,17 @@ def bench_inference(
     emit(result, as_json, lambda d: out.print_json(data=d))
 
 
+# Commands defined in modules of their own attach themselves to the apps above on import.
+from optinfer.services import cli_chain  # noqa: E402, F401
+
+
 def main() -> None:
     import click
 
     try:
         app(standalone_mode=False)
     except UserError as error:
-        err.print(f"[red]error:[/red] {error}", markup=True, highlight=False)
+        err.print(f"[red]error:[/red] {error}", markup=True, highlight=False, soft_wrap=True)
         sys.exit(2)
     except click.exceptions.Abort:
         err.print("aborted")

@@ -9,7 +9,8 @@ The file (``Settings.deployments_file``) is JSON::
     {"chain_id": 31337, "block_number": 1,
      "contracts": {"ModelRegistry": "0x...", "InferenceCoordinator": "0x...", ...}}
 
-`block_number` is the block before the first deployment: event cursors start after it.
+`block_number` is the chain's head before the first deployment: no event of these contracts
+is older, so event cursors start there.
 """
 
 from __future__ import annotations

@@ -1,0 +1,130 @@
+"""``optinfer chain up`` and ``optinfer contracts deploy``: a local chain and the contracts on it.
+
+Registered on the apps of ``services/cli.py`` when that module imports this one.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated
+
+import psutil
+import typer
+
+from optinfer.errors import UserError
+from optinfer.services.cli import AsJson, app, contracts_app, emit, err, out
+from optinfer.services.settings import DEV_ACCOUNT_INDEX, load_settings
+
+ConfigFile = Annotated[Path | None, typer.Option(
+    "--config", help="TOML settings file (default: $OPTINFER_CONFIG); see docs/operators.md.")]
+RpcUrl = Annotated[str | None, typer.Option(
+    "--rpc-url", help="JSON-RPC endpoint (default: the rpc_url setting).")]
+
+chain_app = typer.Typer(no_args_is_help=True, help="A local development chain (anvil).")
+app.add_typer(chain_app, name="chain")
+
+STATE_FILE = "anvil-state.json"
+
+
+@chain_app.command("up")
+def chain_up(
+    port: Annotated[int, typer.Option("--port", help="Port on 127.0.0.1 (0: any free port).")
+                    ] = 8545,
+    state_dir: Annotated[Path | None, typer.Option(
+        "--state-dir", help="Where the chain's state is kept across restarts "
+        "(default: <state_dir setting>/chain).")] = None,
+    ephemeral: Annotated[bool, typer.Option(
+        "--ephemeral", help="Start from an empty chain and keep nothing.")] = False,
+    config: ConfigFile = None,
+    as_json: AsJson = False,
+) -> None:
+    """Run anvil in the foreground until Ctrl-C; print its URL and funded dev accounts."""
+    from optinfer.contracts.localchain import start_anvil
+
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port must be in 0..65535, got {port}")
+    state_file = None
+    if not ephemeral:
+        directory = state_dir or load_settings(config=config).state_dir / "chain"
+        directory.mkdir(parents=True, exist_ok=True)
+        state_file = directory / STATE_FILE
+
+    stop = threading.Event()
+    # SIGTERM too: the default action would kill this process and leave anvil (in a session
+    # of its own) running.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+
+    extra = ("--state", str(state_file)) if state_file else ()
+    with start_anvil(port, extra_args=extra) as chain:
+        roles = {index: role for role, index in DEV_ACCOUNT_INDEX.items()}
+        accounts = [{"address": account.address, "private_key": "0x" + bytes(account.key).hex(),
+                     "role": roles.get(index)}
+                    for index, account in enumerate(chain.accounts)]
+        summary = {"rpc_url": chain.url, "chain_id": chain.chain_id,
+                   "state_file": str(state_file) if state_file else None, "accounts": accounts}
+        emit(summary, as_json, _print_chain)
+        sys.stdout.flush()  # a supervisor reading the URL must not wait for exit
+        anvil = psutil.Process(chain.pid)
+        while not stop.wait(0.5):
+            if not anvil.is_running() or anvil.status() == psutil.STATUS_ZOMBIE:
+                raise UserError("anvil exited unexpectedly")
+        say("stopping anvil" + (f", saving its state to {state_file}" if state_file else ""))
+
+
+def say(line: str) -> None:
+    """Progress on stderr, unwrapped (addresses and keys must stay on one line)."""
+    err.print(line, highlight=False, soft_wrap=True)
+
+
+def _print_chain(summary: dict) -> None:
+    out.print(f"anvil on {summary['rpc_url']} (chain id {summary['chain_id']})",
+              highlight=False, soft_wrap=True)
+    if summary["state_file"]:
+        out.print(f"state kept in {summary['state_file']}", highlight=False, soft_wrap=True)
+    out.print("funded development accounts (never use these keys on a public chain):",
+              highlight=False, soft_wrap=True)
+    for index, account in enumerate(summary["accounts"]):
+        role = f"  ({account['role']})" if account["role"] else ""
+        out.print(f"  {index}  {account['address']}  {account['private_key']}{role}",
+                  highlight=False, soft_wrap=True)
+    out.print("Ctrl-C to stop.", highlight=False, soft_wrap=True)
+
+
+@contracts_app.command("deploy")
+def contracts_deploy(
+    rpc_url: RpcUrl = None,
+    out_file: Annotated[Path | None, typer.Option(
+        "--out", help="Addresses file to write (default: the deployments setting).")] = None,
+    challenge_window: Annotated[int | None, typer.Option(
+        "--challenge-window", help="Seconds a claim can be disputed (default 3600).")] = None,
+    config: ConfigFile = None,
+    as_json: AsJson = False,
+) -> None:
+    """Deploy the contracts; write their addresses and chain id for the other commands.
+
+    The registry and the coordinator, then the one-step verifier and the dispute game (wired
+    into the coordinator) once their artifacts are built.
+    """
+    from optinfer.services.chain import connect_settings
+    from optinfer.services.deployments import DEMO_COORDINATOR_PARAMS, DeployParams, deploy_all
+
+    settings = load_settings(config=config, rpc_url=rpc_url)
+    if challenge_window is not None and challenge_window <= 0:
+        raise UserError("--challenge-window must be > 0 seconds")
+    w3 = connect_settings(settings)
+    deployer = settings.signer("deployer", w3.eth.chain_id)
+    params = DeployParams(coordinator=replace(
+        DEMO_COORDINATOR_PARAMS,
+        challenge_window=challenge_window or DEMO_COORDINATOR_PARAMS.challenge_window))
+    say(f"deploying from {deployer.address} on {settings.rpc_url}")
+    deployments = deploy_all(w3, deployer, params, log=say)
+    path = out_file or settings.deployments_file
+    deployments.write(path)
+    emit({"file": str(path), **deployments.to_json()}, as_json,
+         lambda d: out.print(f"wrote {d['file']}: {', '.join(d['contracts'])}",
+                             highlight=False, soft_wrap=True))

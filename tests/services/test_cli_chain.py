@@ -1,0 +1,137 @@
+"""`optinfer chain up` and `optinfer contracts deploy`, run as a user runs them: subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from web3 import Web3
+
+from optinfer.contracts.coordinator import InferenceCoordinator
+from optinfer.services.deployments import Deployments
+
+OPTINFER = str(Path(sys.executable).parent / "optinfer")
+
+
+def optinfer(*args, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([OPTINFER, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+class ChainUp:
+    """`optinfer chain up --json` in the background: its summary line, and its processes."""
+
+    def __init__(self, *args: str):
+        self.process = subprocess.Popen([OPTINFER, "chain", "up", "--port", "0", "--json",
+                                         *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True)
+        line = self.process.stdout.readline()
+        assert line, self.process.stderr.read()
+        self.summary = json.loads(line)
+        self.children = psutil.Process(self.process.pid).children(recursive=True)
+
+    def interrupt(self) -> int:
+        self.process.send_signal(signal.SIGINT)
+        return self.process.wait(timeout=30)
+
+
+def test_chain_up_answers_and_stops_cleanly_on_sigint(tmp_path):
+    up = ChainUp("--ephemeral")
+    try:
+        w3 = Web3(Web3.HTTPProvider(up.summary["rpc_url"]))
+        assert w3.eth.chain_id == up.summary["chain_id"] == 31337
+        assert w3.eth.get_balance(up.summary["accounts"][0]["address"]) > 0
+        assert [a["role"] for a in up.summary["accounts"][:3]] == [
+            "deployer", "provider", "challenger"]
+        assert any("anvil" in child.name() for child in up.children)
+    finally:
+        code = up.interrupt()
+    assert code == 0, up.process.stderr.read()
+    psutil.wait_procs(up.children, timeout=10)
+    assert not [child for child in up.children if child.is_running()
+                and child.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_chain_up_keeps_state_across_restarts_and_sigterm_stops_it(tmp_path):
+    state = tmp_path / "chain"
+    up = ChainUp("--state-dir", str(state))
+    try:
+        deployed = optinfer("contracts", "deploy", "--rpc-url", up.summary["rpc_url"],
+                            "--out", tmp_path / "deployments.json", "--json")
+        assert deployed.returncode == 0, deployed.stderr
+        registry = json.loads(deployed.stdout)["contracts"]["ModelRegistry"]
+    finally:
+        up.process.send_signal(signal.SIGTERM)
+        assert up.process.wait(timeout=30) == 0
+    assert (state / "anvil-state.json").is_file()
+    again = ChainUp("--state-dir", str(state))
+    try:
+        w3 = Web3(Web3.HTTPProvider(again.summary["rpc_url"]))
+        assert len(w3.eth.get_code(registry)) > 0
+    finally:
+        assert again.interrupt() == 0
+
+
+def test_contracts_deploy_writes_addresses_with_code(chain, w3, tmp_path):
+    out = tmp_path / "deployments.json"
+    proc = optinfer("contracts", "deploy", "--rpc-url", chain.url, "--out", out,
+                    "--challenge-window", "120", "--json")
+    assert proc.returncode == 0, proc.stderr
+    deployments = Deployments.read(out)
+    assert json.loads(proc.stdout)["file"] == str(out)
+    assert deployments.chain_id == chain.chain_id
+    assert {"ModelRegistry", "InferenceCoordinator"} <= set(deployments.contracts)
+    for address in deployments.contracts.values():
+        assert len(w3.eth.get_code(address)) > 0
+    coordinator = InferenceCoordinator(w3, deployments.address("InferenceCoordinator"))
+    assert coordinator.parameter("challengeWindow") == 120
+    assert coordinator.parameter("registry") == deployments.address("ModelRegistry")
+    if "DisputeGame" in deployments.contracts:  # wired once the game is built
+        assert coordinator.parameter("disputeGame") == deployments.address("DisputeGame")
+
+
+def test_deploy_reads_settings_from_environment_and_config(chain, w3, tmp_path):
+    config = tmp_path / "node.toml"
+    config.write_text(f'rpc_url = "{chain.url}"\nstate_dir = "{tmp_path / "state"}"\n')
+    proc = optinfer("contracts", "deploy", "--config", config)
+    assert proc.returncode == 0, proc.stderr
+    assert "ModelRegistry" in Deployments.read(tmp_path / "state" / "deployments.json").contracts
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_deploy_to_a_dead_node_is_one_line_exit_2(tmp_path):
+    started = time.monotonic()
+    proc = optinfer("contracts", "deploy", "--rpc-url", f"http://127.0.0.1:{free_port()}",
+                    env={"OPTINFER_RPC_ATTEMPTS": "2", "OPTINFER_RPC_BACKOFF": "0.01",
+                         "OPTINFER_STATE_DIR": str(tmp_path)})
+    assert proc.returncode == 2
+    # Retries are logged as they happen; the failure itself is one line.
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr
+    assert "eth_chainId" in errors[0] and "no answer after 2 attempt(s)" in errors[0]
+    assert "Connection refused" in errors[0]
+    assert time.monotonic() - started < 60
+
+
+@pytest.mark.parametrize(("env", "variable"), [
+    ({"OPTINFER_RPC_URL": "localhost:8545"}, "OPTINFER_RPC_URL"),
+    ({"OPTINFER_DEPLOYER_KEY": "0xnothex"}, "OPTINFER_DEPLOYER_KEY"),
+])
+def test_bad_settings_stop_the_command_with_one_line(env, variable, tmp_path):
+    proc = optinfer("contracts", "deploy", env={**env, "OPTINFER_STATE_DIR": str(tmp_path)})
+    assert proc.returncode == 2
+    assert variable in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
