@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,28 @@ def test_dev_chain_falls_back_to_anvil_accounts():
 def test_every_setting_has_an_environment_variable():
     assert env_name("rpc_url") == "OPTINFER_RPC_URL"
     assert all(field.description for field in Settings.model_fields.values())
+
+
+REPO = Path(__file__).resolve().parents[2]
+PACKAGE_FOLDERS = ("optinfer_root", "models", "prover", "challenger", "contracts", "services")
+
+
+def test_operators_doc_lists_exactly_the_settings_the_code_reads():
+    doc = (REPO / "docs" / "operators.md").read_text(encoding="utf-8")
+    section = doc.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `(OPTINFER_[A-Z0-9_]+)` \| (\S+) \|", section, re.MULTILINE)
+    documented = {variable for variable, _ in rows}
+    # Variables some module reads itself, outside Settings (the anvil and solc binaries).
+    read_directly = set()
+    for folder in PACKAGE_FOLDERS:
+        for path in (REPO / folder).rglob("*.py"):
+            read_directly |= set(re.findall(r'"(OPTINFER_[A-Z0-9_]+)"',
+                                            path.read_text(encoding="utf-8")))
+    assert documented == {env_name(name) for name in Settings.model_fields} | read_directly
+    # The config-file column names each setting's key (none for the file itself).
+    for variable, key in rows:
+        field = variable.removeprefix("OPTINFER_").lower()
+        if field in Settings.model_fields and field != "config":
+            assert key == f"`{field}`", variable
+        else:
+            assert key == "—", variable
