@@ -135,3 +135,24 @@ def test_bad_settings_stop_the_command_with_one_line(env, variable, tmp_path):
     assert proc.returncode == 2
     assert variable in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_deployments_file_round_trip_and_errors(chain, w3, tmp_path):
+    from optinfer.errors import UserError
+
+    path = tmp_path / "d" / "deployments.json"
+    written = Deployments(chain_id=chain.chain_id, block_number=3,
+                          contracts={"ModelRegistry": chain.accounts[0].address})
+    written.write(path)
+    read = Deployments.read(path)
+    assert read == written
+    read.check_chain(w3)
+    with pytest.raises(UserError, match="has no DisputeGame.*contracts deploy"):
+        read.address("DisputeGame")
+    with pytest.raises(UserError, match="for chain 1 but the RPC node is on chain 31337"):
+        Deployments(chain_id=1, block_number=0).check_chain(w3)
+    with pytest.raises(UserError, match="no deployments file.*contracts deploy"):
+        Deployments.read(tmp_path / "absent.json")
+    (tmp_path / "bad.json").write_text('{"chain_id": 1}')
+    with pytest.raises(UserError, match="not a deployments file"):
+        Deployments.read(tmp_path / "bad.json")
