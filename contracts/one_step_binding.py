@@ -119,9 +119,20 @@ class OneStepVerifier(BoundContract):
         return int(reverts_decoded(self.artifact, function.estimate_gas))
 
 
-def one_step_gas(verifier: OneStepVerifier, prover: OneStepProver, k: int, out_index: int,
-                 provider=None) -> int:
-    """Gas of the one-step for element `out_index` of node k of `prover`'s trace (against
-    `provider`'s T_k, default the honest trace): the figure `optinfer bench dispute` reports."""
-    witness = prover.witness(k, out_index, provider=provider)
-    return verifier.estimate_gas(prover_context(prover, witness, provider), witness)
+def one_step_gas(w3: Web3, verifier: OneStepVerifier | str, committed, trace, k: int,
+                 out_index: int | None = None) -> int:
+    """Gas of the one-step for element `out_index` (default: the last) of node k, the figure
+    `optinfer bench dispute` reports per op type.
+
+    `committed` is the model's CommittedModel (its nodes and constants roots), `trace` an
+    honest `prover.game.Trace` (ModelTrace): the witness is built from it and checked against
+    its own `S_{k-1}` and `T_k`, so the verifier returns False. `verifier` is a bound
+    OneStepVerifier or its address on `w3`.
+    """
+    if not isinstance(verifier, OneStepVerifier):
+        verifier = OneStepVerifier(w3, verifier)
+    out_index = trace.tensor(k).size - 1 if out_index is None else out_index
+    witness = trace.one_step_witness(k, out_index)
+    ctx = context(committed.nodes_root, committed.constants_root, trace.state_root(k - 1),
+                  trace.tensor_tree(k).root, k, out_index)
+    return verifier.estimate_gas(ctx, witness)
