@@ -178,11 +178,14 @@ class DisputeGame(BoundContract):
         raw = reverts_decoded(self.artifact, self.contract.functions.getGame(game_id).call)
         game = dict(zip(_GAME_FIELDS, raw, strict=True))
         events = {name: self._game_logs(name, game_id, from_block)
-                  for name in ("GameOpened", "RootPosted", "ChildrenRevealed", "ChildPicked",
-                               "ChunkRevealed", "GameEnded")}
+                  for name in ("GameOpened", "RootPosted", "MidPosted", "MidAnswered",
+                               "ChildrenRevealed", "ChildPicked", "ChunkRevealed",
+                               "ElementNamed", "GameEnded")}
         opened = events["GameOpened"][0]
         phase = _PHASES[OnChainPhase(game["phase"])]
-        pending = game["pending"]
+        # Pending S_mid / children / element are read from the events, not the phase: a game
+        # resolved while one was pending keeps it, as the spec's state does.
+        mid_pending = len(events["MidPosted"]) > len(events["MidAnswered"])
         revealed = [tuple(bytes(c) for c in e["children"]) for e in events["ChildrenRevealed"]]
         picked = len(events["ChildPicked"])
         to_move = self.contract.functions.toMove(game_id).call()
@@ -208,18 +211,17 @@ class DisputeGame(BoundContract):
             hi_root=bytes(game["hiRoot"]) if events["RootPosted"] else b"",
             claimed_root=bytes(events["RootPosted"][0]["stateRoot"]) if events["RootPosted"]
             else b"",
-            mid_root=bytes(game["midRoot"]) if phase is spec.Phase.BISECTION and pending
-            else None,
+            mid_root=bytes(game["midRoot"]) if mid_pending else None,
             tensor_root=bytes(game["tensorRoot"]) if shape is not None else None,
             dtype=game["dtype"] if shape is not None else None,
             shape=shape,
             data_root=bytes(game["dataRoot"]) if shape is not None else None,
             node_height=game["nodeHeight"], node_index=game["nodeIndex"],
             node_hash=bytes(game["nodeHash"]) if shape is not None else None,
-            children=revealed[-1] if phase is spec.Phase.DESCENT and pending else None,
+            children=revealed[-1] if len(revealed) > picked else None,
             descent=tuple(revealed[:picked]),
             chunk=chunk,
-            element=game["element"] if phase is spec.Phase.ONE_STEP and pending else None,
+            element=game["element"] if events["ElementNamed"] else None,
             winner=_ROLES.get(OnChainRole(game["winner"])),
             reason=("timeout" if ended[0]["timedOut"] else "one-step") if ended else "",
             rounds=game["rounds"],

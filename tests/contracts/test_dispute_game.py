@@ -10,6 +10,7 @@ chain; lies are the honest trace with one tensor changed (`ModelTrace.with_outpu
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -273,3 +274,178 @@ def test_a_challenger_that_stops_answering_loses_its_bond_and_the_claim_finalize
     assert stack.w3.eth.get_balance(stack.provider.address) == before + GAME.challenger_bond - cost
     stack.coordinator.finalize_send(request_id, stack.accounts[6])
     assert stack.coordinator.get_request(request_id).status is Status.FINALIZED
+
+
+# ----------------------------------------------------------------------------- whole games
+
+Policy = Callable[[spec.GameState, float], list]
+
+
+def _honest(trace: ModelTrace, role: Role) -> Policy:
+    return lambda state, now: spec.decide(state, trace, role, now)
+
+
+def _play(stack: Stack, game_id: int, policies: dict[Role, Policy],
+          signers: dict) -> spec.GameState:
+    """Play game `game_id` to the end on chain. The party to move tries its policy's moves in
+    order until the contract accepts one; a party left without a legal move stalls, the chain's
+    clock jumps past its budget, and its opponent's policy claims the timeout."""
+    for _ in range(200):
+        state = stack.game.state(game_id).state
+        if state.phase is Phase.RESOLVED:
+            return state
+        mover = state.to_move
+        for action in policies[mover](state, _now(stack.w3)):
+            try:
+                stack.game.submit(game_id, action, signers[mover], state)
+                break
+            except ContractRevert:
+                continue
+        else:
+            _advance(stack.w3, GAME.clock_seconds + 1)
+            state = stack.game.state(game_id).state
+            (timeout,) = policies[mover.opponent](state, _now(stack.w3))
+            stack.game.submit(game_id, timeout, signers[mover.opponent], state)
+    raise AssertionError("the game did not end in 200 moves")
+
+
+def _changed(tensor: np.ndarray, element: int, delta: int = 1) -> np.ndarray:
+    lie = tensor.copy()
+    flat = lie.reshape(-1)
+    if lie.dtype == bool:
+        flat[element] = not flat[element]
+    else:
+        info = np.iinfo(lie.dtype)
+        span = int(info.max) - int(info.min) + 1
+        flat[element] = (int(flat[element]) - int(info.min) + delta) % span + int(info.min)
+    return lie
+
+
+def _assert_provider_lost(stack: Stack, request_id: int, state: spec.GameState,
+                          challenger) -> None:
+    assert state.winner is Role.CHALLENGER
+    assert stack.coordinator.get_request(request_id).status is Status.REJECTED
+    share = PARAMS.stake_per_claim * PARAMS.challenger_share_bps // 10_000
+    assert stack.coordinator.balance_of(challenger.address) == share
+    assert stack.game.balance_of(challenger.address) == GAME.challenger_bond
+    consumer_share = PARAMS.stake_per_claim * PARAMS.consumer_share_bps // 10_000
+    assert stack.coordinator.balance_of(stack.consumer.address) == FEE + consumer_share
+
+
+def _liar_game(stack: Stack, liar: ModelTrace, claimed: list[int]):
+    request_id = stack.claim(claimed)
+    challenger = stack.accounts[4]
+    game_id = stack.challenge(request_id, challenger)
+    state = _play(stack, game_id,
+                  {Role.PROVIDER: _honest(liar, Role.PROVIDER),
+                   Role.CHALLENGER: _honest(stack.honest, Role.CHALLENGER)},
+                  {Role.PROVIDER: stack.provider, Role.CHALLENGER: challenger})
+    _assert_provider_lost(stack, request_id, state, challenger)
+    assert state.reason == "one-step"
+    return state
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_a_provider_lying_at_a_random_node_loses_through_the_one_step(stack, seed):
+    """(a) A wrong answer whose trace first departs from the honest one at a random node:
+    the bisection lands on that node and the on-chain one-step convicts it."""
+    rng = np.random.default_rng(seed)
+    honest, n = stack.honest, stack.honest.node_count
+    k = int(rng.integers(1, n))
+    while honest.tensor(k).size == 0:
+        k += 1
+    element = int(rng.integers(0, honest.tensor(k).size))
+    liar, claimed = _lie_at_last_token(honest, stack.output)
+    liar = liar.with_output(k, _changed(honest.tensor(k), element))
+    state = _liar_game(stack, liar, claimed)
+    assert (state.k, state.element) == (k, element)
+
+
+def test_a_provider_lying_only_in_the_final_tokens_loses(stack):
+    """(b) The trace is honest but the committed tokens are not: the dispute lands on node N."""
+    liar, claimed = _lie_at_last_token(stack.honest, stack.output)
+    state = _liar_game(stack, liar, claimed)
+    assert state.k == stack.honest.node_count
+
+
+def test_a_provider_lying_in_one_element_of_the_largest_tensor_loses(stack):
+    """(c) One element of the largest tensor of the trace: two descent steps find it."""
+    honest = stack.honest
+    k = max(range(1, honest.node_count + 1), key=lambda j: honest.tensor(j).nbytes)
+    element = honest.tensor(k).size - 3
+    liar, claimed = _lie_at_last_token(honest, stack.output)
+    liar = liar.with_output(k, _changed(honest.tensor(k), element, 7))
+    state = _liar_game(stack, liar, claimed)
+    assert (state.k, state.element) == (k, element)
+    assert len(state.descent) == spec.descent_rounds(honest.tensor(k).nbytes)
+
+
+@pytest.mark.parametrize("misbehaviour", ["wrong_child", "forged_witness", "wrong_trace"])
+def test_a_dishonest_challenger_loses_its_bond_and_the_honest_claim_finalizes(stack,
+                                                                             misbehaviour):
+    """A challenger disputing an honest claim: picking a child whose hashes agree, forging the
+    one-step witness (reverts, so it runs out of time) or playing a corrupted trace: it loses
+    its bond to the provider, and the claim finalizes after the window."""
+    honest = stack.honest
+    request_id = stack.claim(stack.output)
+    challenger = stack.accounts[5]
+    game_id = stack.challenge(request_id, challenger)
+    k = honest.node_count // 3
+    corrupted = honest.with_output(k, _changed(honest.tensor(k), 0))
+
+    def challenger_policy(state, now):
+        if misbehaviour == "wrong_trace":
+            return spec.decide(state, corrupted, Role.CHALLENGER, now)
+        if state.phase is Phase.BISECTION:
+            return [spec.Disagree(state.mid)]  # disputes every honest midpoint
+        if misbehaviour == "wrong_child" and state.phase is Phase.DESCENT:
+            return [spec.PickChild(0)]
+        if state.phase is Phase.ONE_STEP and state.element is None:
+            first, _ = spec.chunk_elements(state)
+            return [spec.NameElement(first)]
+        if state.phase is Phase.ONE_STEP:
+            witness = spec.challenger_witness(state, honest)
+            if misbehaviour == "forged_witness":  # the top sibling of the description's path
+                path = (*witness.description_path[:-1], bytes(32))
+                return [spec.OneStep(dataclasses.replace(witness, description_path=path))]
+            return [spec.OneStep(witness)]
+        return spec.decide(state, honest, Role.CHALLENGER, now)
+
+    state = _play(stack, game_id,
+                  {Role.PROVIDER: _honest(honest, Role.PROVIDER), Role.CHALLENGER:
+                   challenger_policy},
+                  {Role.PROVIDER: stack.provider, Role.CHALLENGER: challenger})
+    assert state.winner is Role.PROVIDER
+    assert state.reason == ("timeout" if misbehaviour == "forged_witness" else "one-step")
+    assert stack.game.balance_of(stack.provider.address) == GAME.challenger_bond
+    assert stack.game.balance_of(challenger.address) == 0
+    _advance(stack.w3, PARAMS.challenge_window)
+    stack.coordinator.finalize_send(request_id, stack.accounts[6])
+    assert stack.coordinator.get_request(request_id).status is Status.FINALIZED
+
+
+def test_a_colluding_challenger_that_concedes_cannot_save_a_false_claim(stack):
+    """Two games on one false claim: the provider's accomplice opens one and lets it time out;
+    the honest challenger's game still convicts the provider, and the claim never finalizes."""
+    liar, claimed = _lie_at_last_token(stack.honest, stack.output)
+    request_id = stack.claim(claimed)
+    accomplice, watchtower = stack.accounts[5], stack.accounts[4]
+    colluding = stack.challenge(request_id, accomplice)
+    honest_game = stack.challenge(request_id, watchtower)
+    signers = {Role.PROVIDER: stack.provider}
+    # The accomplice never moves after the root: the provider wins that game on time.
+    stack.game.play_turn(colluding, liar, Role.PROVIDER, stack.provider)
+    state = _play(stack, colluding, {Role.PROVIDER: _honest(liar, Role.PROVIDER),
+                                     Role.CHALLENGER: lambda state, now: []},
+                  {**signers, Role.CHALLENGER: accomplice})
+    assert state.winner is Role.PROVIDER
+    with pytest.raises(ContractRevert) as raised:
+        stack.coordinator.finalize_send(request_id, stack.accounts[6])
+    assert raised.value.name == "DisputesOpen"
+    state = _play(stack, honest_game, {Role.PROVIDER: _honest(liar, Role.PROVIDER),
+                                       Role.CHALLENGER: _honest(stack.honest, Role.CHALLENGER)},
+                  {**signers, Role.CHALLENGER: watchtower})
+    _assert_provider_lost(stack, request_id, state, watchtower)
+    with pytest.raises(ContractRevert) as raised:
+        stack.coordinator.finalize_send(request_id, stack.accounts[6])
+    assert raised.value.name == "ClaimNotCommitted"
