@@ -21,6 +21,8 @@ import random
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
 from optinfer.contracts.bindings import ContractRevert
@@ -311,6 +313,49 @@ def test_providerWrong_matmulIntegerConstantWeightsWithoutZeroPoint_matchesRefer
     a = RNG.integers(0, 256, size=(3, 70)).astype(np.uint8)  # K = 70: two words and a tail
     b = np.where(RNG.random((70, 4)) < 0.5, -64, 63).astype(np.int8)  # the range's ends
     assert_agrees(verifier, OneNodeModel("MatMulInteger", [a, b], constants=(1,)))
+
+
+def assert_agrees_on(verifier, model: OneNodeModel, indices) -> None:
+    for index in indices:
+        witness = model.prover.witness(model.k, index)
+        assert chain_verdict(verifier, model.prover, witness) is False, index
+        provider = model.lying(with_flipped(model.output, index))
+        witness = model.prover.witness(model.k, index, provider=provider)
+        assert chain_verdict(verifier, model.prover, witness, provider) is True, index
+
+
+CHAIN_EXAMPLES = settings(max_examples=12, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+
+
+@given(data=st.data())
+@CHAIN_EXAMPLES
+def test_providerWrong_randomSliceParameters_matchReference(verifier, data):
+    shape = tuple(data.draw(st.lists(st.integers(1, 4), min_size=1, max_size=3)))
+    x = np.arange(int(np.prod(shape)), dtype=np.int32).reshape(shape)
+    axes = data.draw(st.permutations(range(len(shape))))[: data.draw(
+        st.integers(1, len(shape)))]
+    bound = st.integers(-7, 7) | st.sampled_from([-(2**63), 2**63 - 1])
+    starts = [data.draw(bound) for _ in axes]
+    steps = [data.draw(st.sampled_from([-3, -2, -1, 1, 2, 3])) for _ in axes]
+    ends = [data.draw(st.integers(-7, 7) | st.sampled_from([-(2**63)])) if step < 0
+            else data.draw(bound) for step in steps]
+    model = OneNodeModel("Slice", [x, i64(*starts), i64(*ends), i64(*axes), i64(*steps)])
+    if model.output.size:
+        assert_agrees_on(verifier, model, {0, model.output.size - 1})
+
+
+@given(data=st.data())
+@CHAIN_EXAMPLES
+def test_providerWrong_randomBroadcastShapes_matchReference(verifier, data):
+    out = data.draw(st.lists(st.integers(1, 3), min_size=0, max_size=3))
+    shapes = []
+    for _ in range(2):
+        rank = data.draw(st.integers(0, len(out)))
+        shapes.append(tuple(d if data.draw(st.booleans()) else 1 for d in out[len(out) - rank:]))
+    op = data.draw(st.sampled_from(["Add", "Sub", "Mul", "Min", "Max", "Greater"]))
+    model = OneNodeModel(op, [ints(shapes[0], dtype=np.int32), ints(shapes[1], dtype=np.int32)])
+    assert_agrees_on(verifier, model, {0, model.output.size - 1})
 
 
 # ------------------------------------------------------------------------------------------------
