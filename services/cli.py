@@ -306,6 +306,29 @@ def bench_inference(
     emit(result, as_json, lambda d: out.print_json(data=d))
 
 
+@bench_app.command("dispute")
+def bench_dispute(
+    layers: Annotated[int, typer.Option("--layers", help="Layers of the R1-1.5B-shape model "
+                                        "(gas per op does not depend on depth).")] = 2,
+    prompt: Annotated[int, typer.Option("--prompt", help="Prompt length in tokens.")] = 4,
+    tokens: Annotated[int, typer.Option("--tokens", help="Tokens to generate.")] = 3,
+    workdir: Annotated[Path | None, typer.Option(
+        "--workdir", help="Where the random model is written once and reused.")] = None,
+    model: Annotated[Path | None, typer.Option(
+        "--model", help="Run on this converted model instead of the random R1 shape.")
+    ] = None,
+    as_json: AsJson = True,
+) -> None:
+    """A full dispute on anvil at R1-Distill-1.5B shape: rounds, gas per move and per op."""
+    from optinfer.contracts.bench import bench_dispute as run
+
+    if model is not None and not (model / "manifest.json").is_file():
+        raise UserError(f"{model} is not a converted model (no manifest.json)")
+    result = run(layers=layers, prompt_len=prompt, tokens=tokens, workdir=workdir,
+                 model_dir=model, log=err.print)
+    emit(result, as_json, lambda d: out.print_json(data=d))
+
+
 # Commands defined in modules of their own attach themselves to the apps above on import.
 from optinfer.services import cli_chain  # noqa: E402, F401
 

@@ -1,0 +1,218 @@
+"""`optinfer bench dispute`: a whole dispute on anvil at DeepSeek-R1-Distill-Qwen-1.5B shape.
+
+A random-weight checkpoint of the real width (a few layers: gas per op does not depend on the
+depth) is converted once and cached. A provider commits a wrong answer whose trace lies in one
+element of the widest MatMulInteger (K = 8960, the costliest one-step); an honest challenger
+disputes it and both play `prover.game.decide` against the real contracts until the one-step
+convicts the provider. Reported: rounds by phase, gas of every move, the one-step's gas for the
+worst node of every op type (honest witnesses, `eth_estimateGas`), commit gas, totals per side,
+wall time, each party's compute time and the process's peak memory. Rounds for the full
+28-layer model follow from its node count (`game.max_rounds`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import resource
+import time
+from collections import Counter, defaultdict
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+
+from optinfer.errors import UserError
+
+BENCH_CONTEXT = 64
+FULL_LAYERS = 28
+ETHER = 10**18
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def prepare_model(workdir: Path, layers: int, log) -> Path:
+    """The converted random R1-shape model under `workdir` (written once)."""
+    from optinfer.models.checkpoint import write_random_checkpoint
+    from optinfer.models.converter import convert
+
+    checkpoint, integer = workdir / "checkpoint", workdir / "integer"
+    if not (checkpoint / "config.json").is_file():
+        log(f"writing a random R1-Distill-1.5B-shape checkpoint ({layers} layers) to {workdir}")
+        write_random_checkpoint(checkpoint, preset="r1-distill-1.5b", num_layers=layers)
+    if not (integer / "manifest.json").is_file():
+        log("converting to the integer model")
+        convert(checkpoint, integer, max_context=BENCH_CONTEXT)
+    return integer
+
+
+def _full_model_nodes(model, layers: int) -> int:
+    """Node count of the same graph with 28 layers: the non-layer nodes plus 28 times one
+    layer's (every layer has the same nodes, named ``L{i}.``)."""
+    names = [node.name or node.output[0] for node in model.verify_graph().graph.node]
+    per_layer = sum(1 for name in names if name.startswith("L0."))
+    return len(names) + (FULL_LAYERS - layers) * per_layer
+
+
+def _worst_nodes(model, trace) -> dict[str, int]:
+    """Per op type, the node whose one-step opens the most input bytes (the largest fan-in):
+    the costliest one-step of that op."""
+    from optinfer.models import opset
+
+    graph = model.verify_graph().graph
+    worst: dict[str, tuple[int, int]] = {}
+    for k, node in enumerate(graph.node, 1):
+        witness = trace.one_step_witness(k, trace.tensor(k).size - 1) \
+            if trace.tensor(k).size else None
+        if witness is None:
+            continue
+        size = witness.byte_size()
+        if node.op_type in opset.OPS and size > worst.get(node.op_type, (0, 0))[1]:
+            worst[node.op_type] = (k, size)
+    return {op: k for op, (k, _) in sorted(worst.items())}
+
+
+def bench_dispute(layers: int = 2, prompt_len: int = 4, tokens: int = 3,
+                  workdir: Path | None = None, model_dir: Path | None = None,
+                  log=print) -> dict:
+    """Run the dispute benchmark; the JSON document (see the module docstring). `model_dir`
+    runs it on an already converted model instead (tiny-r1 in the tests)."""
+    if not 1 <= layers <= FULL_LAYERS:
+        raise UserError(f"--layers must be in 1..{FULL_LAYERS}")
+    if prompt_len < 1 or tokens < 1 or prompt_len + tokens > BENCH_CONTEXT:
+        raise UserError(f"prompt and tokens must be positive, together at most {BENCH_CONTEXT}")
+    from optinfer.contracts.coordinator import CoordinatorParams, InferenceCoordinator, RequestSpec
+    from optinfer.contracts.dispute_game import DisputeGame, GameParams
+    from optinfer.contracts.localchain import start_anvil
+    from optinfer.contracts.one_step_binding import OneStepVerifier, one_step_gas
+    from optinfer.contracts.registry import ModelRegistry, ModelSpec
+    from optinfer.models.runtime import IntegerModel
+    from optinfer.prover import game as spec
+    from optinfer.prover.game import ModelTrace, Role
+
+    started = time.perf_counter()
+    workdir = Path(workdir or Path.home() / ".cache" / "optinfer"
+                   / f"r1-distill-1.5b-{layers}l-ctx{BENCH_CONTEXT}")
+    integer = Path(model_dir) if model_dir else prepare_model(workdir, layers, log)
+    model = IntegerModel(integer, threads=1)
+    layers = model.manifest["config"]["num_layers"]
+    rng = np.random.default_rng(0)
+    prompt = [int(t) for t in rng.integers(0, model.manifest["config"]["vocab_size"],
+                                           prompt_len)]
+    log(f"generating {tokens} tokens after a {prompt_len}-token prompt")
+    output = model.generate(prompt, tokens)
+
+    compute = defaultdict(float)
+    t0 = time.perf_counter()
+    honest = ModelTrace.from_model(model, prompt, output)
+    compute["challenger"] += time.perf_counter() - t0
+    # The liar's trace: one element of the widest MatMulInteger wrong, and the last token.
+    graph = model.verify_graph().graph
+    lie_at = max((k for k, n in enumerate(graph.node, 1) if n.op_type == "MatMulInteger"),
+                 key=lambda k: honest.one_step_witness(k, 0).byte_size())
+    t0 = time.perf_counter()
+    claimed = list(output)
+    claimed[-1] = (claimed[-1] + 1) % model.manifest["config"]["vocab_size"]
+    lie = honest.tensor(lie_at).copy()
+    lie.reshape(-1)[0] += 1
+    liar = honest.with_output(lie_at, lie).with_output(
+        honest.node_count, np.asarray(claimed, np.int64))
+    compute["provider"] += time.perf_counter() - t0 + compute["challenger"]
+
+    log("starting anvil and deploying the contracts")
+    with start_anvil() as chain:
+        w3 = chain.web3()
+        deployer, provider, consumer, challenger = chain.accounts[:4]
+        model_spec = ModelSpec.from_manifest(integer / "manifest.json", manifest_uri="bench")
+        registry = ModelRegistry.deploy(w3, deployer)
+        registry.register_send(model_spec, deployer)
+        params = CoordinatorParams(minimum_stake=ETHER, stake_per_claim=ETHER // 2,
+                                   challenge_window=3600, challenger_share_bps=5000,
+                                   consumer_share_bps=3000, max_callback_gas_limit=500_000)
+        coordinator = InferenceCoordinator.deploy(w3, deployer, registry.address, params)
+        verifier = OneStepVerifier.deploy(w3, deployer)
+        game = DisputeGame.deploy(w3, deployer, coordinator.address, verifier.address,
+                                  GameParams(challenger_bond=ETHER // 10))
+        coordinator.set_dispute_game_send(game.address, deployer)
+        coordinator.register_provider_send(ETHER, provider)
+        request = RequestSpec(model_id=model_spec.model_root, prompt=prompt,
+                              max_tokens=tokens,
+                              commit_deadline=w3.eth.get_block("latest")["timestamp"] + 600)
+        receipt = coordinator.post_request_send(request, ETHER // 100, consumer)
+        request_id = coordinator.events(receipt, "RequestPosted")[0]["requestId"]
+        commit_gas = coordinator.commit_output_send(request_id, claimed, provider)["gasUsed"]
+
+        log("playing the dispute")
+        committed = honest.committed
+        game_id = game.challenge_send(request_id, prompt, committed.nodes_root,
+                                      committed.constants_root, challenger)
+        opened = game.contract.events.GameOpened.get_logs(
+            argument_filters={"gameId": game_id}, from_block=0)[0]
+        challenge_gas = w3.eth.get_transaction_receipt(opened["transactionHash"])["gasUsed"]
+        players = {Role.PROVIDER: (liar, provider), Role.CHALLENGER: (honest, challenger)}
+        moves: list[dict] = []
+        while True:
+            state = game.state(game_id).state
+            if state.phase is spec.Phase.RESOLVED:
+                break
+            role = state.to_move
+            trace, signer = players[role]
+            t0 = time.perf_counter()
+            (action,) = spec.decide(state, trace, role, w3.eth.get_block("latest")["timestamp"])
+            compute[role.value] += time.perf_counter() - t0
+            receipt = game.submit(game_id, action, signer, state)
+            moves.append({"role": role.value, "move": type(action).__name__,
+                          "phase": state.phase.value, "gas": receipt["gasUsed"]})
+        receipt_gas = {"challenge": challenge_gas, "commit": commit_gas}
+
+        log("measuring the one-step of every op type")
+        one_step = {op: one_step_gas(w3, verifier, committed, honest, k)
+                    for op, k in _worst_nodes(model, honest).items()}
+
+    rounds = Counter(m["phase"] for m in moves if m["role"] == "provider")
+    per_side = {side: sum(m["gas"] for m in moves if m["role"] == side)
+                for side in ("provider", "challenger")}
+    per_side["challenger"] += receipt_gas["challenge"]
+    bisection_moves = [m["gas"] for m in moves if m["phase"] in ("bisection", "await_root")]
+    full_nodes = _full_model_nodes(model, layers)
+    largest = max(honest.tensor(k).nbytes for k in range(honest.node_count + 1))
+    return {
+        "model": str(model_dir) if model_dir
+        else f"R1-Distill-Qwen-1.5B shape, random weights, {layers} layers",
+        "nodes": honest.node_count,
+        "prompt_tokens": prompt_len, "generated_tokens": len(output),
+        "lie": {"node": lie_at, "op": graph.node[lie_at - 1].op_type,
+                "name": graph.node[lie_at - 1].name},
+        "winner": state.winner.value,
+        "rounds": {**dict(rounds), "total": state.rounds},
+        "moves": moves,
+        "one_step_gas": one_step,
+        "max_one_step_gas": max(one_step.values()),
+        "max_move_gas": max(m["gas"] for m in moves if m["move"] != "OneStep"),
+        "max_bisection_move_gas": max(bisection_moves),
+        "commit_gas": receipt_gas["commit"],
+        "challenge_gas": receipt_gas["challenge"],
+        "total_gas": {**per_side, "dispute": per_side["provider"] + per_side["challenger"]},
+        "full_model": {"layers": FULL_LAYERS, "nodes": full_nodes,
+                       "bisection_rounds": math.ceil(math.log2(full_nodes)),
+                       "max_rounds": spec.max_rounds(full_nodes, largest)},
+        "compute_s": {side: round(seconds, 3) for side, seconds in compute.items()},
+        "wall_s": round(time.perf_counter() - started, 1),
+        "peak_rss_bytes": _peak_rss_bytes(),
+        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(),
+                    "python": platform.python_version()},
+        "date": date.today().isoformat(),
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"

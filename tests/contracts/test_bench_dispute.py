@@ -1,0 +1,49 @@
+"""`optinfer bench dispute` end to end on tiny-r1 (the R1-shape run is the same code on a
+bigger model; its numbers live in docs/performance.md). No timing is asserted."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from optinfer.models.tiny_r1 import INTEGER_DIR
+
+OPTINFER = str(Path(sys.executable).parent / "optinfer")
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([OPTINFER, *map(str, args)], capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_bench_dispute_plays_a_whole_game_and_reports_the_issue_keys():
+    result = cli("bench", "dispute", "--model", INTEGER_DIR, "--prompt", "5", "--tokens", "4",
+                 "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["winner"] == "challenger"
+    assert report["lie"]["op"] == "MatMulInteger"
+    rounds = report["rounds"]
+    assert rounds["await_root"] == 1 and rounds["leaf_reveal"] == 1
+    assert rounds["bisection"] == (report["nodes"] - 1).bit_length()
+    assert rounds["total"] == sum(v for k, v in rounds.items() if k != "total")
+    assert {"MatMulInteger", "ReduceSum", "ArgMax", "Gather", "Div"} <= set(
+        report["one_step_gas"])
+    assert report["max_one_step_gas"] == max(report["one_step_gas"].values())
+    moves = report["moves"]
+    assert moves[-1]["move"] == "OneStep"
+    assert report["max_move_gas"] == max(m["gas"] for m in moves if m["move"] != "OneStep")
+    sides = report["total_gas"]
+    assert sides["provider"] == sum(m["gas"] for m in moves if m["role"] == "provider")
+    assert sides["challenger"] == report["challenge_gas"] + sum(
+        m["gas"] for m in moves if m["role"] == "challenger")
+    assert report["commit_gas"] > 21_000 and report["peak_rss_bytes"] > 0
+    assert report["full_model"]["layers"] == 28
+
+
+def test_bench_dispute_refuses_a_directory_that_is_not_a_model(tmp_path):
+    result = cli("bench", "dispute", "--model", tmp_path)
+    assert result.returncode == 2
+    assert "not a converted model" in result.stderr and "Traceback" not in result.stderr
