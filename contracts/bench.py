@@ -169,8 +169,9 @@ def bench_dispute(layers: int = 2, prompt_len: int = 4, tokens: int = 3,
         receipt_gas = {"challenge": challenge_gas, "commit": commit_gas}
 
         log("measuring the one-step of every op type")
+        worst = _worst_nodes(model, honest)
         one_step = {op: one_step_gas(w3, verifier, committed, honest, k)
-                    for op, k in _worst_nodes(model, honest).items()}
+                    for op, k in worst.items()}
 
     rounds = Counter(m["phase"] for m in moves if m["role"] == "provider")
     per_side = {side: sum(m["gas"] for m in moves if m["role"] == side)
@@ -190,6 +191,7 @@ def bench_dispute(layers: int = 2, prompt_len: int = 4, tokens: int = 3,
         "rounds": {**dict(rounds), "total": state.rounds},
         "moves": moves,
         "one_step_gas": one_step,
+        "one_step_nodes": {op: graph.node[k - 1].name for op, k in worst.items()},
         "max_one_step_gas": max(one_step.values()),
         "max_move_gas": max(m["gas"] for m in moves if m["move"] != "OneStep"),
         "max_bisection_move_gas": max(bisection_moves),
