@@ -116,9 +116,11 @@ def _stop(process: subprocess.Popen) -> None:
 
 @contextmanager
 def start_anvil(
-    port: int | None = None, *, block_time: int | None = None, extra_args: tuple[str, ...] = ()
+    port: int | None = None, *, block_time: int | None = None, extra_args: tuple[str, ...] = (),
+    host: str = "127.0.0.1",
 ) -> Iterator[LocalChain]:
-    """Run anvil on 127.0.0.1 and yield a :class:`LocalChain` once JSON-RPC answers.
+    """Run anvil on 127.0.0.1 (or `host`, e.g. 0.0.0.0 in a container) and yield a
+    :class:`LocalChain` once JSON-RPC answers (its URL is always the loopback one).
 
     `port` None lets the OS choose a free port (anvil binds port 0 and reports the port it got,
     so two concurrent chains never race for one). `block_time` None mines a block per
@@ -128,7 +130,7 @@ def start_anvil(
     binary = find_anvil()
     args = [
         str(binary),
-        "--host", "127.0.0.1",
+        "--host", host,
         "--port", str(port or 0),
         "--mnemonic", DEV_MNEMONIC,
         "--accounts", str(DEV_ACCOUNT_COUNT),

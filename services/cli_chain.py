@@ -32,8 +32,10 @@ STATE_FILE = "anvil-state.json"
 
 @chain_app.command("up")
 def chain_up(
-    port: Annotated[int, typer.Option("--port", help="Port on 127.0.0.1 (0: any free port).")
+    port: Annotated[int, typer.Option("--port", help="Port to listen on (0: any free port).")
                     ] = 8545,
+    host: Annotated[str, typer.Option(
+        "--host", help="Address to listen on (0.0.0.0 inside a container).")] = "127.0.0.1",
     state_dir: Annotated[Path | None, typer.Option(
         "--state-dir", help="Where the chain's state is kept across restarts "
         "(default: <state_dir setting>/chain).")] = None,
@@ -60,7 +62,7 @@ def chain_up(
         signal.signal(signum, lambda *_: stop.set())
 
     extra = ("--state", str(state_file)) if state_file else ()
-    with start_anvil(port, extra_args=extra) as chain:
+    with start_anvil(port, extra_args=extra, host=host) as chain:
         roles = {index: role for role, index in DEV_ACCOUNT_INDEX.items()}
         accounts = [{"address": account.address, "private_key": "0x" + bytes(account.key).hex(),
                      "role": roles.get(index)}
