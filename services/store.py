@@ -77,9 +77,11 @@ requests = sa.Table(
     sa.Column("block_number", sa.BigInteger, nullable=False),
     sa.Column("tx_hash", sa.String(66), nullable=False),
     # The node's view: open -> committed -> finalized | refunded | rejected; or skipped
-    # (this node will not serve it, `note` says why).
+    # (this node will not serve it, `note` says why). A provider passes through committing
+    # (its `output` written, the commit not yet seen on chain) on the way to committed.
     sa.Column("status", sa.String(16), nullable=False),
     sa.Column("note", sa.Text, nullable=True),
+    sa.Column("output", sa.JSON, nullable=True),  # the answer this node commits (revision 0002)
     sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.func.now(),
               nullable=False),
 )
@@ -301,13 +303,15 @@ class RequestRecord:
     tx_hash: str
     status: str = "open"
     note: str | None = None
+    output: list[int] | None = None
 
 
 def upsert_request(conn: Connection, record: RequestRecord) -> bool:
     """Store `record`; True when it is new. Seeing a request again refreshes what the chain
-    says about it and keeps the node's own status and note."""
+    says about it and keeps the node's own status, note and output."""
     values = _fields(record)
-    chain_fields = {k: v for k, v in values.items() if k not in ("request_id", "status", "note")}
+    chain_fields = {k: v for k, v in values.items()
+                    if k not in ("request_id", "status", "note", "output")}
     existed = get_request(conn, record.request_id) is not None
     statement = _insert(conn, requests).values(**values)
     conn.execute(statement.on_conflict_do_update(
@@ -334,12 +338,12 @@ def requests_with_status(conn: Connection, status: str, limit: int = 100) -> lis
 
 def set_request_status(
     conn: Connection, request_id: int, status: str, *, expected: str | Sequence[str] | None = None,
-    note: str | None = None,
+    note: str | None = None, output: list[int] | None = None,
 ) -> bool:
-    """Move request `request_id` to `status` if it is in `expected` (any status when None);
-    True when a row changed."""
+    """Move request `request_id` to `status` if it is in `expected` (any status when None),
+    setting `note` and `output` when given; True when a row changed."""
     return _guarded_update(conn, requests, requests.c.request_id == request_id,
-                           requests.c.status, expected, status=status, note=note)
+                           requests.c.status, expected, status=status, note=note, output=output)
 
 
 # ------------------------------------------------------------------------------------ claims
