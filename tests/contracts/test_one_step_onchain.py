@@ -358,6 +358,17 @@ def test_providerWrong_randomBroadcastShapes_matchReference(verifier, data):
     assert_agrees_on(verifier, model, {0, model.output.size - 1})
 
 
+@pytest.mark.parametrize("k", [1, 31, 32, 33, 95, 1000])
+def test_providerWrong_matmulIntegerPackedLanesAndTail_exactAtExtremes(verifier, k):
+    """The dot product runs whole 32-byte words as packed lanes and the rest byte by byte:
+    every split of K, with A and B at their extremes (0/255, -64/63) and any zero point."""
+    a = np.where(RNG.random((2, k)) < 0.5, 0, 255).astype(np.uint8)
+    b = np.where(RNG.random((k, 2)) < 0.5, -64, 63).astype(np.int8)
+    zero_point = np.array(RNG.integers(0, 256), np.uint8)
+    model = OneNodeModel("MatMulInteger", [a, b, zero_point])
+    assert_agrees_on(verifier, model, {0, 3})
+
+
 # ------------------------------------------------------------------------------------------------
 # The provider loses: refusals, wrong dtype or shape
 # ------------------------------------------------------------------------------------------------

@@ -185,9 +185,19 @@ library OneStepOps {
     /// @notice sum_t (A[t] - zp) * B[t] over K bytes of a uint8 row at calldata `aOffset` and
     ///         an int8 row at `bOffset`; refused when some B byte is outside [-64, 63] or K is
     ///         outside [1, 131586].
-    /// @dev    Per 32-byte word: the B range check is one mask over the whole word (a byte is
-    ///         in [-64, 63] iff its bits 7 and 6 agree), then 32 unrolled byte products with
-    ///         literal byte indices. About 25 gas per byte; the last K mod 32 bytes one by one.
+    /// @dev    Whole 32-byte words are multiplied as packed lanes (about 10 gas per byte instead
+    ///         of about 45 byte by byte), the last K mod 32 bytes one by one. With b' = b + 64 in
+    ///         [0, 127] (B in range: `(byte ^ 0x40) & 0x7f`), the sum is
+    ///             sum a*b' - 64 * sum a - zp * sum b' + 64 * zp * K.
+    ///         Word layout: eight 32-bit lanes; group g (0..3) masks byte g of every lane, so
+    ///         each lane holds one byte. B's word has its lanes reversed once, so in
+    ///         xa_g * rev(xb_g) the top lane (bits 224..255) is sum_L xa_g[L] * xb_g[L]: the
+    ///         other lanes' coefficients are below 8 * 255 * 127 < 2**32 and never carry into
+    ///         it. sum a and sum b' are kept per lane (below 4 * 255 * 4112 < 2**32 for any K)
+    ///         and summed across lanes once at the end, by the same top-lane product with
+    ///         a word of ones.
+    ///         The range check is one mask per word: a byte is in [-64, 63] iff its bits 7
+    ///         and 6 agree.
     function dot(uint256 aOffset, uint256 bOffset, uint256 k, int256 zeroPoint)
         internal
         pure
@@ -195,41 +205,69 @@ library OneStepOps {
     {
         if (k == 0 || k > MATMUL_MAX_K) return (false, 0);
         uint256 outOfRange = 0;
+        uint256 products = 0;
+        uint256 laneSumA = 0;
+        uint256 laneSumB = 0;
+        int256 tail = 0;
+        uint256 wholeBytes = (k >> 5) << 5;
         assembly {
-            let end := add(aOffset, shl(5, shr(5, k)))
+            let byteLanes := 0x000000ff000000ff000000ff000000ff000000ff000000ff000000ff000000ff
+            let end := add(aOffset, wholeBytes)
             let shift := sub(bOffset, aOffset)
             for { let at := aOffset } lt(at, end) { at := add(at, 0x20) } {
                 let wa := calldataload(at)
                 let wb := calldataload(add(at, shift))
                 outOfRange := or(outOfRange, xor(wb, shl(1, wb)))
-                total := add(total, add(add(mul(sub(byte(0, wa), zeroPoint), signextend(0, byte(0, wb))), mul(sub(byte(1, wa), zeroPoint), signextend(0, byte(1, wb)))),
-                    add(mul(sub(byte(2, wa), zeroPoint), signextend(0, byte(2, wb))), mul(sub(byte(3, wa), zeroPoint), signextend(0, byte(3, wb))))))
-                total := add(total, add(add(mul(sub(byte(4, wa), zeroPoint), signextend(0, byte(4, wb))), mul(sub(byte(5, wa), zeroPoint), signextend(0, byte(5, wb)))),
-                    add(mul(sub(byte(6, wa), zeroPoint), signextend(0, byte(6, wb))), mul(sub(byte(7, wa), zeroPoint), signextend(0, byte(7, wb))))))
-                total := add(total, add(add(mul(sub(byte(8, wa), zeroPoint), signextend(0, byte(8, wb))), mul(sub(byte(9, wa), zeroPoint), signextend(0, byte(9, wb)))),
-                    add(mul(sub(byte(10, wa), zeroPoint), signextend(0, byte(10, wb))), mul(sub(byte(11, wa), zeroPoint), signextend(0, byte(11, wb))))))
-                total := add(total, add(add(mul(sub(byte(12, wa), zeroPoint), signextend(0, byte(12, wb))), mul(sub(byte(13, wa), zeroPoint), signextend(0, byte(13, wb)))),
-                    add(mul(sub(byte(14, wa), zeroPoint), signextend(0, byte(14, wb))), mul(sub(byte(15, wa), zeroPoint), signextend(0, byte(15, wb))))))
-                total := add(total, add(add(mul(sub(byte(16, wa), zeroPoint), signextend(0, byte(16, wb))), mul(sub(byte(17, wa), zeroPoint), signextend(0, byte(17, wb)))),
-                    add(mul(sub(byte(18, wa), zeroPoint), signextend(0, byte(18, wb))), mul(sub(byte(19, wa), zeroPoint), signextend(0, byte(19, wb))))))
-                total := add(total, add(add(mul(sub(byte(20, wa), zeroPoint), signextend(0, byte(20, wb))), mul(sub(byte(21, wa), zeroPoint), signextend(0, byte(21, wb)))),
-                    add(mul(sub(byte(22, wa), zeroPoint), signextend(0, byte(22, wb))), mul(sub(byte(23, wa), zeroPoint), signextend(0, byte(23, wb))))))
-                total := add(total, add(add(mul(sub(byte(24, wa), zeroPoint), signextend(0, byte(24, wb))), mul(sub(byte(25, wa), zeroPoint), signextend(0, byte(25, wb)))),
-                    add(mul(sub(byte(26, wa), zeroPoint), signextend(0, byte(26, wb))), mul(sub(byte(27, wa), zeroPoint), signextend(0, byte(27, wb))))))
-                total := add(total, add(add(mul(sub(byte(28, wa), zeroPoint), signextend(0, byte(28, wb))), mul(sub(byte(29, wa), zeroPoint), signextend(0, byte(29, wb)))),
-                    add(mul(sub(byte(30, wa), zeroPoint), signextend(0, byte(30, wb))), mul(sub(byte(31, wa), zeroPoint), signextend(0, byte(31, wb))))))
+                // b' = b + 64 per byte, then the 32-bit lanes reversed: halves, quarters, lanes.
+                wb := and(xor(wb, 0x4040404040404040404040404040404040404040404040404040404040404040),
+                    0x7f7f7f7f7f7f7f7f7f7f7f7f7f7f7f7f7f7f7f7f7f7f7f7f7f7f7f7f7f7f7f7f)
+                wb := or(shl(128, wb), shr(128, wb))
+                let low64 := 0x0000000000000000ffffffffffffffff0000000000000000ffffffffffffffff
+                wb := or(shl(64, and(wb, low64)), and(shr(64, wb), low64))
+                let low32 := 0x00000000ffffffff00000000ffffffff00000000ffffffff00000000ffffffff
+                wb := or(shl(32, and(wb, low32)), and(shr(32, wb), low32))
+                // Groups g = 0, 8, 16, 24: byte g/8 of every lane, unrolled.
+                let xa := and(wa, byteLanes)
+                let xb := and(wb, byteLanes)
+                products := add(products, shr(224, mul(xa, xb)))
+                laneSumA := add(laneSumA, xa)
+                laneSumB := add(laneSumB, xb)
+                xa := and(shr(8, wa), byteLanes)
+                xb := and(shr(8, wb), byteLanes)
+                products := add(products, shr(224, mul(xa, xb)))
+                laneSumA := add(laneSumA, xa)
+                laneSumB := add(laneSumB, xb)
+                xa := and(shr(16, wa), byteLanes)
+                xb := and(shr(16, wb), byteLanes)
+                products := add(products, shr(224, mul(xa, xb)))
+                laneSumA := add(laneSumA, xa)
+                laneSumB := add(laneSumB, xb)
+                xa := and(shr(24, wa), byteLanes)
+                xb := and(shr(24, wb), byteLanes)
+                products := add(products, shr(224, mul(xa, xb)))
+                laneSumA := add(laneSumA, xa)
+                laneSumB := add(laneSumB, xb)
             }
-            // The tail, byte by byte.
             for { let at := end } lt(at, add(aOffset, k)) { at := add(at, 1) } {
                 let raw := byte(0, calldataload(add(at, shift)))
                 outOfRange := or(outOfRange, xor(raw, shl(1, raw)))
-                total := add(total, mul(sub(byte(0, calldataload(at)), zeroPoint), signextend(0, raw)))
+                tail := add(tail, mul(sub(byte(0, calldataload(at)), zeroPoint), signextend(0, raw)))
             }
         }
         // Bit 7 of any byte set: that byte's bits 7 and 6 differed.
         if (outOfRange & 0x8080808080808080808080808080808080808080808080808080808080808080 != 0) {
             return (false, 0);
         }
+        uint256 ones = 0x0000000100000001000000010000000100000001000000010000000100000001;
+        int256 sumA;
+        int256 sumB;
+        unchecked {
+            // Modulo 2**256 on purpose: only the top lane is kept.
+            sumA = int256((laneSumA * ones) >> 224);
+            sumB = int256((laneSumB * ones) >> 224);
+        }
+        total = int256(products) - 64 * sumA - zeroPoint * sumB + 64 * zeroPoint * int256(wholeBytes)
+            + tail;
         return (true, total);
     }
 }
