@@ -27,13 +27,15 @@ from optinfer.errors import UserError
 
 ENV_PREFIX = "OPTINFER_"
 DEFAULT_STATE_DIR = Path("~/.optinfer")
+MIN_API_KEY_LENGTH = 16
 SECP256K1_ORDER = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 
-Signer = Literal["deployer", "provider", "challenger"]
+Signer = Literal["deployer", "provider", "challenger", "consumer"]
 
 # Which of anvil's funded development accounts stands in for each role when no key is set
 # and the chain is anvil's development chain (see Settings.signer).
-DEV_ACCOUNT_INDEX: dict[str, int] = {"deployer": 0, "provider": 1, "challenger": 2}
+DEV_ACCOUNT_INDEX: dict[str, int] = {"deployer": 0, "provider": 1, "challenger": 2,
+                                     "consumer": 3}
 
 
 def env_name(field: str) -> str:
@@ -84,6 +86,16 @@ class Settings(BaseSettings):
     challenger_key: SecretStr | None = Field(
         None, description="Private key of the watchtower (0x + 64 hex digits)."
     )
+    consumer_key: SecretStr | None = Field(
+        None,
+        description="Private key that pays for the requests `optinfer request` and "
+        "POST /v1/requests post (0x + 64 hex digits).",
+    )
+    api_key: SecretStr | None = Field(
+        None,
+        description="Secret that clients send in the X-API-Key header to POST /v1/requests "
+        "(unset: the HTTP API does not post requests).",
+    )
     state_dir: Path = Field(
         DEFAULT_STATE_DIR,
         description="Directory of the node's own files: SQLite database, deployments, chain.",
@@ -127,7 +139,7 @@ class Settings(BaseSettings):
             raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
         return value
 
-    @field_validator("deployer_key", "provider_key", "challenger_key")
+    @field_validator("deployer_key", "provider_key", "challenger_key", "consumer_key")
     @classmethod
     def _private_key(cls, value: SecretStr | None) -> SecretStr | None:
         if value is None:
@@ -139,6 +151,14 @@ class Settings(BaseSettings):
         if not 0 < int(digits, 16) < SECP256K1_ORDER:
             raise ValueError("is not a valid secp256k1 private key")
         return SecretStr("0x" + digits.lower())
+
+    @field_validator("api_key")
+    @classmethod
+    def _api_key(cls, value: SecretStr | None) -> SecretStr | None:
+        # A short key can be guessed by anyone who can reach the API.
+        if value is not None and len(value.get_secret_value()) < MIN_API_KEY_LENGTH:
+            raise ValueError(f"must be at least {MIN_API_KEY_LENGTH} characters")
+        return value
 
     @field_validator("database_url")
     @classmethod

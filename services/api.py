@@ -1,0 +1,508 @@
+"""The node's HTTP API (FastAPI): its model for download, the requests and games in its
+database, posting requests for clients without a wallet, health and metrics.
+
+    app = create_app(load_settings())      # `optinfer api` serves it with uvicorn
+
+Reads come from the store the provider node and the watchtower fill (nothing here writes to
+it), so the API can run in a process of its own. The chain is reached on first use: a node
+whose chain or deployments file is missing still serves its model and its database, and the
+routes that need the chain answer 503.
+
+Errors are JSON ``{"detail": ...}``: 400 for input the model refuses (a prompt too long, a
+character the tokenizer lacks), 401/403 for a missing/wrong API key, 404 for an unknown id,
+422 for input that breaks the schema, 503 when the chain or the database does not answer.
+The OpenAPI schema is at ``/openapi.json``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import sqlalchemy as sa
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request, Security
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.security import APIKeyHeader
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, Field, model_validator
+from web3.exceptions import Web3RPCError
+
+from optinfer.contracts.bindings import ContractRevert
+from optinfer.contracts.coordinator import InferenceCoordinator
+from optinfer.errors import UserError
+from optinfer.models.runtime import IntegerModel
+from optinfer.services import consumer
+from optinfer.services.chain import RetryPolicy, TxSender, connect, connect_settings
+from optinfer.services.deployments import Deployments
+from optinfer.services.metrics import ChainView, NodeMetrics
+from optinfer.services.settings import Settings
+from optinfer.services.store import Store, claims, games, moves, requests
+
+log = logging.getLogger(__name__)
+
+API_VERSION = "1"
+MAX_ID = 2**63 - 1  # ids are BIGINT columns
+MAX_LIMIT = 1000
+HEALTH_TIMEOUT_S = 5.0
+# A wei amount as decimal digits: JSON numbers lose precision above 2**53 in most clients.
+WEI = r"^[0-9]{1,78}$"
+MODEL_ID = r"^0x[0-9a-fA-F]{64}$"
+STATUS = r"^[a-z_]{1,16}$"
+
+
+# ----------------------------------------------------------------------------- schemas
+
+
+class ErrorBody(BaseModel):
+    detail: str = Field(description="What was wrong, in one line.")
+
+
+class ModelSummary(BaseModel):
+    id: str = Field(description="The model root: the id requests and the registry use.")
+    format: str
+    opset_version: int
+    max_context: int = Field(description="Most tokens of prompt + output - 1.")
+    nodes: int = Field(description="Nodes of the verify graph (the trace's length).")
+    config: dict[str, Any] = Field(description="Architecture (hidden size, layers, vocab...).")
+    files: dict[str, str] = Field(description="File name -> SHA-256 (hex) of each model file, "
+                                  "downloadable at /v1/models/{id}/files/{name}.")
+
+
+class ModelList(BaseModel):
+    models: list[ModelSummary]
+
+
+class ClaimView(BaseModel):
+    provider: str
+    output: list[int]
+    output_text: str | None = Field(None, description="The output decoded by this node's "
+                                    "tokenizer (when the request is for its model).")
+    challenge_deadline: int
+    block_number: int
+    tx_hash: str
+    status: str
+    verdict: str | None
+
+
+class RequestView(BaseModel):
+    request_id: int
+    consumer: str
+    model_id: str
+    prompt: list[int]
+    prompt_text: str | None = None
+    max_tokens: int
+    fee: str = Field(description="Wei, as decimal digits.")
+    callback: str
+    callback_gas_limit: int
+    named_provider: str
+    commit_deadline: int
+    block_number: int
+    tx_hash: str
+    status: str = Field(description="The node's view: open, committed, finalized, refunded, "
+                        "rejected, or skipped (`note` says why).")
+    note: str | None
+    claim: ClaimView | None
+    games: list[int] = Field(description="Ids of the dispute games on this request.")
+
+
+class RequestPage(BaseModel):
+    requests: list[RequestView]
+    next_after: int | None = Field(description="Pass as `after` for the next page (null: "
+                                   "this was the last).")
+
+
+class MoveView(BaseModel):
+    seq: int
+    actor: str
+    kind: str
+    payload: dict[str, Any]
+    tx_hash: str | None
+    block_number: int | None
+
+
+class GameRoleView(BaseModel):
+    role: str = Field(description="The role this node plays in the game.")
+    phase: str
+    k: int | None = Field(description="The disputed node once bisection found it.")
+    rounds: int
+    status: str = Field(description="open, won or lost.")
+    moves: list[MoveView]
+
+
+class GameView(BaseModel):
+    game_id: int
+    request_id: int
+    roles: list[GameRoleView]
+
+
+class PostRequestBody(BaseModel):
+    """A request to post on chain from the node's consumer account."""
+
+    prompt: str | None = Field(None, min_length=1, max_length=100_000,
+                               description="Prompt text, tokenized by the model's tokenizer.")
+    prompt_tokens: list[Annotated[int, Field(ge=0, lt=2**32)]] | None = Field(
+        None, min_length=1, max_length=100_000, description="Or the prompt as token ids.")
+    max_tokens: int = Field(ge=1, le=consumer.MAX_TOKENS_ON_CHAIN)
+    fee: str = Field(str(consumer.DEFAULT_FEE), pattern=WEI,
+                     description="Wei paid to the provider, as decimal digits (< 2**96).")
+    commit_seconds: int = Field(consumer.DEFAULT_COMMIT_SECONDS, ge=1, le=30 * 86400,
+                                description="Seconds a provider has to commit an answer.")
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> PostRequestBody:
+        if (self.prompt is None) == (self.prompt_tokens is None):
+            raise ValueError("give exactly one of prompt and prompt_tokens")
+        return self
+
+
+class PostedRequestView(BaseModel):
+    request_id: int
+    tx_hash: str
+    block_number: int
+    consumer: str
+    model_id: str
+    prompt: list[int]
+    max_tokens: int
+    fee: str
+    commit_deadline: int
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+    database: str = Field(description="ok, or why it is unreachable.")
+    rpc: str = Field(description="ok, or why it is unreachable.")
+    chain_id: int | None = None
+    block_number: int | None = None
+
+
+# ------------------------------------------------------------------------------- node
+
+
+@dataclass(frozen=True)
+class Chain:
+    deployments: Deployments
+    coordinator: InferenceCoordinator
+
+
+class ApiNode:
+    """What the routes share: settings, the store, the model served, the chain (opened on
+    first use and kept) and the metrics."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.store = Store(settings.database)
+        # The API may start before the node that fills the store: the tables must exist.
+        self.store.migrate()
+        self.model = IntegerModel(settings.model_path)
+        self.model_id = self.model.manifest["model_root"].lower()
+        self.manifest_bytes = (self.model.dir / "manifest.json").read_bytes()
+        self.w3 = connect_settings(settings)
+        # Health checks and scrapes must answer quickly: one try, a short timeout.
+        self.quick_w3 = connect(settings.rpc_url, RetryPolicy(attempts=1),
+                                min(settings.request_timeout, HEALTH_TIMEOUT_S))
+        self._lock = threading.Lock()
+        self._chain: Chain | None = None
+        self._sender: TxSender | None = None
+        self.metrics = NodeMetrics(self.store, self._chain_view)
+
+    def chain(self) -> Chain:
+        """The deployment on the configured chain; UserError when it cannot be reached."""
+        with self._lock:
+            if self._chain is None:
+                deployments = Deployments.read(self.settings.deployments_file)
+                # One quick try: a scrape or a health check must not wait for retries.
+                deployments.check_chain(self.quick_w3)
+                self._chain = Chain(deployments, InferenceCoordinator(
+                    self.w3, deployments.address("InferenceCoordinator")))
+            return self._chain
+
+    def consumer_sender(self) -> TxSender:
+        """The account that pays for posted requests (one sender: it numbers the nonces)."""
+        chain = self.chain()
+        with self._lock:
+            if self._sender is None:
+                account = self.settings.signer("consumer", chain.deployments.chain_id)
+                self._sender = TxSender(self.w3, account)
+            return self._sender
+
+    def _chain_view(self) -> ChainView:
+        chain = self.chain()
+        provider = self.settings.signer("provider", chain.deployments.chain_id).address
+        coordinator = InferenceCoordinator(self.quick_w3, chain.coordinator.address)
+        return ChainView(self.quick_w3, coordinator, provider)
+
+    def decode(self, model_id: str, tokens: list[int]) -> str | None:
+        """`tokens` as text, when they are for this node's model and its tokenizer has them."""
+        if model_id.lower() != self.model_id:
+            return None
+        try:
+            self.model.check_tokens(tokens, "tokens")
+            return self.model.decode_text(tokens)
+        except Exception:  # noqa: BLE001 -- text is a convenience; the ids are the answer
+            return None
+
+
+def get_node(request: Request) -> ApiNode:
+    return request.app.state.node
+
+
+NodeDep = Annotated[ApiNode, Depends(get_node)]
+
+api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
+                              description="The node's api_key setting.")
+
+
+def require_api_key(node: NodeDep, given: Annotated[str | None, Security(api_key_header)]
+                    ) -> None:
+    expected = node.settings.api_key
+    if given is None:
+        raise HTTPException(401, "missing X-API-Key header",
+                            headers={"WWW-Authenticate": "APIKey"})
+    if expected is None:
+        raise HTTPException(403, "this node does not post requests (no api_key setting)")
+    # Constant time: the comparison must not tell how much of a guess was right.
+    if not hmac.compare_digest(given.encode(), expected.get_secret_value().encode()):
+        raise HTTPException(403, "wrong X-API-Key")
+
+
+def unavailable(err: Exception) -> HTTPException:
+    return HTTPException(503, f"the chain is unavailable: {err}")
+
+
+ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 503)}
+
+
+def errors(*codes: int) -> dict:
+    return {code: ERRORS[code] for code in codes}
+
+
+# ----------------------------------------------------------------------------- models
+
+models_router = APIRouter(prefix="/v1/models", tags=["models"])
+ModelIdPath = Annotated[str, Path(pattern=MODEL_ID, description="The model root, 0x + 64 hex.")]
+
+
+def served_manifest(node: ApiNode, model_id: str) -> dict:
+    if model_id.lower() != node.model_id:
+        raise HTTPException(404, f"this node does not serve model {model_id}")
+    return node.model.manifest
+
+
+@models_router.get("", response_model=ModelList)
+def list_models(node: NodeDep) -> ModelList:
+    """The model this node serves (its id is the model root the registry knows)."""
+    manifest = node.model.manifest
+    return ModelList(models=[ModelSummary(
+        id=node.model_id, format=manifest["format"], opset_version=manifest["opset_version"],
+        max_context=manifest["max_context"], nodes=manifest["nodes"],
+        config=manifest["config"], files=manifest["files"])])
+
+
+@models_router.get(
+    "/{model_id}", response_class=Response, responses={
+        200: {"content": {"application/json": {"schema": {"type": "object"}}},
+              "description": "manifest.json, byte for byte (the registry holds its SHA-256)."},
+        **errors(404)})
+def get_manifest(model_id: ModelIdPath, node: NodeDep) -> Response:
+    """The model's manifest file, exactly as registered."""
+    served_manifest(node, model_id)
+    return Response(node.manifest_bytes, media_type="application/json")
+
+
+@models_router.get(
+    "/{model_id}/files/{name}", response_class=FileResponse, responses={
+        200: {"content": {"application/octet-stream": {"schema": {"type": "string",
+                                                                  "format": "binary"}}},
+              "description": "The file, streamed."},
+        **errors(404)})
+def get_model_file(model_id: ModelIdPath, name: str, node: NodeDep) -> FileResponse:
+    """A file the manifest lists (model.onnx, weights.bin, tokenizer.json, ...)."""
+    manifest = served_manifest(node, model_id)
+    # Only names the manifest lists: never a path a client made up.
+    if name not in manifest["files"]:
+        raise HTTPException(404, f"model {model_id} has no file {name!r} (it has "
+                            f"{', '.join(sorted(manifest['files']))})")
+    return FileResponse(node.model.dir / name, media_type="application/octet-stream",
+                        filename=name)
+
+
+# --------------------------------------------------------------------------- requests
+
+requests_router = APIRouter(prefix="/v1/requests", tags=["requests"])
+
+
+def request_views(node: ApiNode, conn: sa.Connection, where, limit: int) -> list[RequestView]:
+    rows = conn.execute(
+        sa.select(requests, *[c.label(f"claim_{c.name}") for c in claims.c])
+        .outerjoin(claims, claims.c.request_id == requests.c.request_id)
+        .where(where).order_by(requests.c.request_id).limit(limit)
+    ).mappings().all()
+    ids = [row["request_id"] for row in rows]
+    game_ids: dict[int, list[int]] = {}
+    if ids:
+        for request_id, game_id in conn.execute(
+                sa.select(games.c.request_id, games.c.game_id).distinct()
+                .where(games.c.request_id.in_(ids)).order_by(games.c.game_id)):
+            game_ids.setdefault(request_id, []).append(game_id)
+    return [request_view(node, row, game_ids.get(row["request_id"], [])) for row in rows]
+
+
+def request_view(node: ApiNode, row, game_ids: list[int]) -> RequestView:
+    claim = None
+    if row["claim_request_id"] is not None:
+        claim = ClaimView(
+            provider=row["claim_provider"], output=row["claim_output"],
+            output_text=node.decode(row["model_id"], row["claim_output"]),
+            challenge_deadline=row["claim_challenge_deadline"],
+            block_number=row["claim_block_number"], tx_hash=row["claim_tx_hash"],
+            status=row["claim_status"], verdict=row["claim_verdict"])
+    return RequestView(
+        request_id=row["request_id"], consumer=row["consumer"], model_id=row["model_id"],
+        prompt=row["prompt"], prompt_text=node.decode(row["model_id"], row["prompt"]),
+        max_tokens=row["max_tokens"], fee=str(row["fee"]), callback=row["callback"],
+        callback_gas_limit=row["callback_gas_limit"], named_provider=row["named_provider"],
+        commit_deadline=row["commit_deadline"], block_number=row["block_number"],
+        tx_hash=row["tx_hash"], status=row["status"], note=row["note"], claim=claim,
+        games=game_ids)
+
+
+@requests_router.get("", response_model=RequestPage)
+def list_requests(
+    node: NodeDep,
+    status: Annotated[str | None, Query(pattern=STATUS, description="Only requests in this "
+                                        "status (open, committed, finalized, ...).")] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 100,
+    after: Annotated[int, Query(ge=-1, le=MAX_ID, description="Only ids above this one.")] = -1,
+) -> RequestPage:
+    """Requests the node has seen, by id."""
+    where = requests.c.request_id > after
+    if status is not None:
+        where = where & (requests.c.status == status)
+    with node.store.transaction() as conn:
+        page = request_views(node, conn, where, limit)
+    last = page[-1].request_id if len(page) == limit else None
+    return RequestPage(requests=page, next_after=last)
+
+
+@requests_router.get("/{request_id}", response_model=RequestView, responses=errors(404))
+def get_request(request_id: Annotated[int, Path(ge=0, le=MAX_ID)], node: NodeDep
+                ) -> RequestView:
+    """One request with its claim and the ids of its games."""
+    with node.store.transaction() as conn:
+        found = request_views(node, conn, requests.c.request_id == request_id, 1)
+    if not found:
+        raise HTTPException(404, f"request {request_id} is not known to this node")
+    return found[0]
+
+
+@requests_router.post(
+    "", status_code=201, response_model=PostedRequestView,
+    dependencies=[Depends(require_api_key)], responses=errors(400, 401, 403, 503))
+def post_request(body: PostRequestBody, node: NodeDep) -> PostedRequestView:
+    """Post a request on chain for the node's model, paid by the node's consumer account."""
+    try:
+        tokens = consumer.prompt_tokens(node.model, body.prompt, body.prompt_tokens)
+        consumer.check_request(node.model, tokens, body.max_tokens, int(body.fee))
+    except UserError as err:
+        raise HTTPException(400, str(err)) from None
+    try:
+        coordinator = node.chain().coordinator
+        sender = node.consumer_sender()
+        posted = consumer.post_request(
+            coordinator, sender, node.model, tokens, max_tokens=body.max_tokens,
+            fee=int(body.fee), commit_seconds=body.commit_seconds)
+    except ContractRevert as err:
+        raise HTTPException(400, f"the coordinator refused the request: {err.name or err}"
+                            f"{err.args_decoded if err.name else ''}") from None
+    except Web3RPCError as err:
+        # The node refused the transaction itself: the consumer account cannot pay, say.
+        raise HTTPException(503, f"the chain refused the transaction: {err}") from None
+    except UserError as err:
+        raise unavailable(err) from None
+    log.info("posted request %d for %s: %d prompt tokens, fee %d, tx %s", posted.request_id,
+             posted.consumer, len(tokens), posted.fee, posted.tx_hash)
+    return PostedRequestView(**{**posted.__dict__, "fee": str(posted.fee)})
+
+
+# ------------------------------------------------------------------------------ games
+
+games_router = APIRouter(prefix="/v1/games", tags=["games"])
+
+
+@games_router.get("/{game_id}", response_model=GameView, responses=errors(404))
+def get_game(game_id: Annotated[int, Path(ge=0, le=MAX_ID)], node: NodeDep) -> GameView:
+    """A dispute game as this node plays it (as provider, challenger or both), move by move."""
+    with node.store.transaction() as conn:
+        rows = conn.execute(
+            sa.select(games).where(games.c.game_id == game_id).order_by(games.c.player)
+        ).mappings().all()
+        recorded = conn.execute(
+            sa.select(moves).where(moves.c.game_id == game_id)
+            .order_by(moves.c.player, moves.c.seq)
+        ).mappings().all()
+    if not rows:
+        raise HTTPException(404, f"game {game_id} is not known to this node")
+    roles = [GameRoleView(
+        role=row["player"], phase=row["phase"], k=row["k"], rounds=row["rounds"],
+        status=row["status"],
+        moves=[MoveView(seq=m["seq"], actor=m["actor"], kind=m["kind"], payload=m["payload"],
+                        tx_hash=m["tx_hash"], block_number=m["block_number"])
+               for m in recorded if m["player"] == row["player"]])
+        for row in rows]
+    return GameView(game_id=game_id, request_id=rows[0]["request_id"], roles=roles)
+
+
+# ------------------------------------------------------------------------- operations
+
+ops_router = APIRouter(tags=["operations"])
+
+
+@ops_router.get("/healthz", response_model=Health, responses={503: {"model": Health}})
+def healthz(node: NodeDep) -> JSONResponse:
+    """200 when the database and the chain's RPC answer, 503 (same body) when one does not."""
+    health = Health(status="ok", database="ok", rpc="ok")
+    try:
+        with node.store.transaction() as conn:
+            conn.execute(sa.text("SELECT 1"))
+    except sa.exc.SQLAlchemyError as err:
+        health.database = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    try:
+        health.chain_id = node.quick_w3.eth.chain_id
+        health.block_number = node.quick_w3.eth.block_number
+    except Exception as err:  # noqa: BLE001 -- whatever the node answered, it is not healthy
+        health.rpc = f"{type(err).__name__}: {str(err)[:200]}" if str(err) else type(err).__name__
+    if health.database != "ok" or health.rpc != "ok":
+        health.status = "unavailable"
+    return JSONResponse(health.model_dump(), status_code=200 if health.status == "ok" else 503)
+
+
+@ops_router.get("/metrics", response_class=Response, responses={
+    200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}},
+          "description": "Prometheus text format (see docs/operators.md, HTTP API)."}})
+def metrics(node: NodeDep) -> Response:
+    """Prometheus metrics, read from the database and the chain now."""
+    node.metrics.refresh()
+    return Response(generate_latest(node.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+# -------------------------------------------------------------------------------- app
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The API of the node configured by `settings` (the store is migrated now)."""
+    app = FastAPI(
+        title="optinfer node API", version=API_VERSION,
+        description="Verifiable LLM inference: this node's model, requests and dispute games.")
+    app.state.node = ApiNode(settings)
+    for router in (models_router, requests_router, games_router, ops_router):
+        app.include_router(router)
+
+    @app.exception_handler(sa.exc.OperationalError)
+    def _database_down(request: Request, err: sa.exc.OperationalError) -> JSONResponse:
+        first = str(err).splitlines()[0][:200]
+        return JSONResponse({"detail": f"the database is unavailable: {first}"}, 503)
+
+    return app

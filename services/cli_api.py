@@ -1,0 +1,95 @@
+"""``optinfer api`` (the node's HTTP API under uvicorn) and ``optinfer request`` (a consumer
+posting a prompt on chain and, with ``--wait``, reading the verified answer).
+
+Registered on the app of ``services/cli.py`` when that module imports this one.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from optinfer.errors import UserError
+from optinfer.services.cli import AsJson, ModelDir, app, emit, out
+from optinfer.services.cli_chain import ConfigFile, RpcUrl, say
+from optinfer.services.settings import load_settings
+
+
+@app.command("api")
+def api(
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port (0: any free port).")] = 8000,
+    model: ModelDir = None,
+    rpc_url: RpcUrl = None,
+    config: ConfigFile = None,
+) -> None:
+    """Serve the node's HTTP API (model download, requests, games, health, metrics)."""
+    import uvicorn
+
+    from optinfer.services.api import create_app
+
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port must be in 0..65535, got {port}")
+    settings = load_settings(config=config, rpc_url=rpc_url, model_dir=model)
+    application = create_app(settings)
+    say(f"serving model {application.state.node.model_id} from {settings.model_path}")
+    uvicorn.run(application, host=host, port=port, log_level="info")
+
+
+@app.command("request")
+def request(
+    prompt: Annotated[str, typer.Option("--prompt", help="Prompt text.")],
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Most tokens to answer.")] = 64,
+    fee: Annotated[int | None, typer.Option(
+        "--fee", help="Wei paid to the provider (default 10**16).")] = None,
+    commit_seconds: Annotated[int | None, typer.Option(
+        "--commit-seconds", help="Seconds a provider has to commit (default 600).")] = None,
+    wait: Annotated[bool, typer.Option(
+        "--wait", help="Follow the request to finality and print the answer.")] = False,
+    timeout: Annotated[float | None, typer.Option(
+        "--timeout", help="With --wait: give up after this many seconds.")] = None,
+    model: ModelDir = None,
+    rpc_url: RpcUrl = None,
+    config: ConfigFile = None,
+    as_json: AsJson = False,
+) -> None:
+    """Post a prompt on chain from the consumer account; --wait prints the verified answer.
+
+    Exits 2 with the reason when the request ends without one (refunded, rejected, or not
+    committed before its deadline).
+    """
+    from optinfer.contracts.coordinator import InferenceCoordinator
+    from optinfer.models.runtime import IntegerModel
+    from optinfer.services import consumer
+    from optinfer.services.chain import TxSender, connect_settings
+    from optinfer.services.deployments import Deployments
+
+    settings = load_settings(config=config, rpc_url=rpc_url, model_dir=model)
+    integer_model = IntegerModel(settings.model_path)
+    tokens = consumer.prompt_tokens(integer_model, text=prompt)
+    fee = consumer.DEFAULT_FEE if fee is None else fee
+    consumer.check_request(integer_model, tokens, max_tokens, fee)
+    deployments = Deployments.read(settings.deployments_file)
+    w3 = connect_settings(settings)
+    deployments.check_chain(w3)
+    coordinator = InferenceCoordinator(w3, deployments.address("InferenceCoordinator"))
+    sender = TxSender(w3, settings.signer("consumer", deployments.chain_id))
+    posted = consumer.post_request(
+        coordinator, sender, integer_model, tokens, max_tokens=max_tokens, fee=fee,
+        commit_seconds=commit_seconds or consumer.DEFAULT_COMMIT_SECONDS)
+    say(f"posted request {posted.request_id}: {len(tokens)} prompt tokens, fee {fee} wei, "
+        f"tx {posted.tx_hash}")
+    summary = {"request_id": posted.request_id, "tx_hash": posted.tx_hash,
+               "prompt_tokens": tokens, "status": "open"}
+    if not wait:
+        emit(summary, as_json, lambda d: out.print(d["request_id"], highlight=False))
+        return
+    result = consumer.wait_for_result(
+        coordinator, posted.request_id, poll_interval=settings.poll_interval, timeout=timeout,
+        on_change=lambda _status, line: say(line))
+    text = integer_model.decode_text(result.output)
+    summary.update(status="finalized", provider=result.provider, output_tokens=result.output,
+                   text=text)
+    emit(summary, as_json, lambda d: out.print(d["text"], markup=False, highlight=False,
+                                              soft_wrap=True))

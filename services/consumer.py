@@ -1,0 +1,157 @@
+"""The consumer's side of a request: turn a prompt into token ids, post it on chain, follow it.
+
+``optinfer request`` and ``POST /v1/requests`` both go through here, so the API and the CLI
+refuse the same prompts with the same messages, before any gas is spent:
+
+    model = IntegerModel(settings.model_path)
+    tokens = prompt_tokens(model, text="12+34=")
+    posted = post_request(coordinator, sender, model, tokens, max_tokens=12, fee=10**16)
+    result = wait_for_result(coordinator, posted.request_id, poll_interval=1.0)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from optinfer.contracts.coordinator import InferenceCoordinator, RequestSpec, Result, Status
+from optinfer.errors import UserError
+from optinfer.models.runtime import IntegerModel
+from optinfer.services.chain import TxSender
+
+# `postRequest` keeps the fee in a uint96 (docs/protocol.md): larger values cannot be posted.
+MAX_FEE = 2**96 - 1
+DEFAULT_FEE = 10**16  # 0.01 ether
+DEFAULT_COMMIT_SECONDS = 600
+# A claim stores its output as contract code (a STOP byte, then 4 bytes a token), which
+# EIP-170 caps at 24576 bytes: TokenPacking.MAX_TOKENS.
+MAX_TOKENS_ON_CHAIN = (24_576 - 1) // 4
+
+
+@dataclass(frozen=True)
+class PostedRequest:
+    """A request as posted: its id and where it landed."""
+
+    request_id: int
+    tx_hash: str
+    block_number: int
+    consumer: str
+    model_id: str
+    prompt: list[int]
+    max_tokens: int
+    fee: int
+    commit_deadline: int
+
+
+class RequestNotServed(UserError):
+    """The request ended without a verified answer: refunded, rejected, or never committed."""
+
+
+def model_id(model: IntegerModel) -> bytes:
+    """The id claims name for `model`: its model root (the registry's key)."""
+    return bytes.fromhex(model.manifest["model_root"].removeprefix("0x"))
+
+
+def prompt_tokens(model: IntegerModel, text: str | None = None,
+                  tokens: list[int] | None = None) -> list[int]:
+    """The prompt as token ids: `text` through the model's tokenizer, or `tokens` as given
+    (checked against the vocabulary). Exactly one of the two."""
+    if (text is None) == (tokens is None):
+        raise UserError("give the prompt either as text or as token ids, not both or neither")
+    if text is not None:
+        return model.encode(text)
+    if not tokens:
+        raise UserError("the prompt holds no tokens")
+    model.check_tokens(tokens, "prompt")
+    return list(tokens)
+
+
+def check_request(model: IntegerModel, prompt: list[int], max_tokens: int, fee: int) -> None:
+    """UserError for what ``postRequest`` would revert on (and its fee type could not hold),
+    so a bad request costs no gas and gets a message in the model's own terms."""
+    if max_tokens < 1:
+        raise UserError(f"max tokens must be >= 1, got {max_tokens}")
+    if max_tokens > MAX_TOKENS_ON_CHAIN:
+        raise UserError(f"max tokens must be <= {MAX_TOKENS_ON_CHAIN} (a claim's output is "
+                        f"stored as contract code), got {max_tokens}")
+    if not 0 <= fee <= MAX_FEE:
+        raise UserError(f"the fee must be between 0 and 2**96 - 1 wei, got {fee}")
+    model.check_length(len(prompt) + max_tokens - 1, "prompt plus max tokens")
+
+
+def post_request(
+    coordinator: InferenceCoordinator, sender: TxSender, model: IntegerModel, prompt: list[int],
+    *, max_tokens: int, fee: int, commit_seconds: int = DEFAULT_COMMIT_SECONDS,
+) -> PostedRequest:
+    """Post `prompt` for `model` from `sender`'s account, paying `fee` wei; a provider must
+    commit within `commit_seconds` of the latest block. A revert raises ContractRevert."""
+    check_request(model, prompt, max_tokens, fee)
+    if commit_seconds < 1:
+        raise UserError(f"the commit deadline must be >= 1 second away, got {commit_seconds}")
+    # The chain's clock, not ours: the contract compares the deadline with block.timestamp.
+    now = coordinator.w3.eth.get_block("latest")["timestamp"]
+    spec = RequestSpec(model_id=model_id(model), prompt=prompt, max_tokens=max_tokens,
+                       commit_deadline=now + commit_seconds)
+    function = coordinator.contract.functions.postRequest(*spec.as_args())
+    receipt = sender.transact(function, value=fee, artifact=coordinator.artifact)
+    (event,) = coordinator.events(receipt, "RequestPosted")
+    return PostedRequest(
+        request_id=event["requestId"],
+        tx_hash="0x" + bytes(receipt["transactionHash"]).hex(),
+        block_number=receipt["blockNumber"],
+        consumer=sender.address,
+        model_id="0x" + spec.model_id.hex(),
+        prompt=list(prompt),
+        max_tokens=max_tokens,
+        fee=fee,
+        commit_deadline=spec.commit_deadline,
+    )
+
+
+def wait_for_result(
+    coordinator: InferenceCoordinator, request_id: int, *, poll_interval: float = 1.0,
+    timeout: float | None = None, on_change: Callable[[Status, str], None] = lambda *_: None,
+) -> Result:
+    """Poll `request_id` until it is final; its verified result.
+
+    RequestNotServed when it was refunded, rejected, or its commit deadline passed with no
+    claim (nobody will answer it); UserError when `timeout` seconds pass first. `on_change`
+    hears each new status with a one-line explanation.
+    """
+    started = time.monotonic()
+    seen: Status | None = None
+    while True:
+        request = coordinator.get_request(request_id)
+        if request.status != seen:
+            seen = request.status
+            on_change(seen, _explain(coordinator, request_id, request))
+        if request.status == Status.FINALIZED:
+            return coordinator.get_result(request_id)
+        if request.status == Status.REFUNDED:
+            raise RequestNotServed(f"request {request_id} was refunded: no provider committed "
+                                   "an answer before its deadline")
+        if request.status == Status.REJECTED:
+            raise RequestNotServed(f"request {request_id} was rejected: its provider lost a "
+                                   "dispute over the answer, and the fee was refunded")
+        if request.status == Status.OPEN:
+            now = coordinator.w3.eth.get_block("latest")["timestamp"]
+            if now > request.commit_deadline:
+                raise RequestNotServed(
+                    f"request {request_id}: no provider committed an answer before its "
+                    f"deadline ({request.commit_deadline}); the coordinator's refund({request_id})"
+                    " credits the fee back")
+        if timeout is not None and time.monotonic() - started > timeout:
+            raise UserError(f"request {request_id} is still {request.status.name.lower()} "
+                            f"after {timeout:g} s")
+        time.sleep(poll_interval)
+
+
+def _explain(coordinator: InferenceCoordinator, request_id: int, request) -> str:
+    if request.status == Status.OPEN:
+        return f"request {request_id} is open until {request.commit_deadline}"
+    if request.status == Status.COMMITTED:
+        deadline = coordinator.challenge_deadline(request_id)
+        return (f"request {request_id} answered by {request.provider}; final from {deadline} "
+                "unless disputed")
+    return f"request {request_id} is {request.status.name.lower()}"

@@ -1,0 +1,340 @@
+"""The HTTP API against a real store (SQLite and Postgres) and a real anvil with the registry
+and the coordinator deployed and tiny-r1 registered: every endpoint's answers and refusals.
+
+Accounts: 1 is the provider, 3 the node's consumer account (the default on anvil), 5 another
+consumer posting directly.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from optinfer.contracts.coordinator import Status, token_hash
+from optinfer.models.runtime import IntegerModel
+from optinfer.prover.game import Phase, Role
+from optinfer.services import consumer
+from optinfer.services.chain import TxSender
+from optinfer.services.deployments import DEMO_COORDINATOR_PARAMS
+from optinfer.services.store import GameRecord, MoveRecord, create_game, record_move
+
+from .conftest import API_KEY, ETHER, TINY_R1, sync_store
+
+MODEL = IntegerModel(TINY_R1)
+MODEL_ID = MODEL.manifest["model_root"]
+PROMPT = "12+34="
+PROMPT_TOKENS = MODEL.encode(PROMPT)
+ANSWER = MODEL.generate(PROMPT_TOKENS, 64)
+
+
+def error(response, status: int) -> str:
+    """The JSON error body's detail, after checking the status."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    return response.json()["detail"]
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def test_models_lists_the_served_model_by_its_root(client):
+    (summary,) = client.get("/v1/models").json()["models"]
+    assert summary["id"] == MODEL_ID
+    assert summary["max_context"] == MODEL.max_context
+    assert summary["nodes"] == MODEL.manifest["nodes"]
+    assert summary["config"]["vocab_size"] == MODEL.vocab_size
+    assert set(summary["files"]) == {"model.onnx", "decode.onnx", "weights.bin",
+                                     "tokenizer.json"}
+
+
+def test_manifest_is_served_byte_for_byte(client):
+    response = client.get(f"/v1/models/{MODEL_ID}")
+    assert response.status_code == 200
+    assert response.content == (TINY_R1 / "manifest.json").read_bytes()
+    # Any case of the hex digits names the same model.
+    assert client.get(f"/v1/models/{MODEL_ID.upper().replace('0X', '0x')}").status_code == 200
+
+
+def test_manifest_of_an_unknown_or_malformed_id_is_refused(client):
+    assert "does not serve" in error(client.get("/v1/models/0x" + "ab" * 32), 404)
+    assert client.get("/v1/models/0x1234").status_code == 422
+    assert client.get("/v1/models/" + "ab" * 32).status_code == 422
+
+
+@pytest.mark.parametrize("name", ["model.onnx", "weights.bin", "tokenizer.json"])
+def test_model_files_download(client, name):
+    response = client.get(f"/v1/models/{MODEL_ID}/files/{name}")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/octet-stream"
+    assert response.content == (TINY_R1 / name).read_bytes()
+
+
+def test_only_files_the_manifest_lists_are_served(client):
+    base = f"/v1/models/{MODEL_ID}/files"
+    assert "no file 'calibration.txt'" in error(client.get(f"{base}/calibration.txt"), 404)
+    # manifest.json has its own route; a path never reaches the file route.
+    assert client.get(f"{base}/manifest.json").status_code == 404
+    assert client.get(f"{base}/..%2F..%2Ftiny_r1.py").status_code == 404
+    assert client.get(f"/v1/models/0x{'00' * 32}/files/weights.bin").status_code == 404
+
+
+# --------------------------------------------------------------------------- requests
+
+
+def post_directly(w3, coordinator, account, max_tokens=64, fee=ETHER // 100) -> int:
+    """A consumer with its own wallet posts PROMPT; the request id."""
+    posted = consumer.post_request(coordinator, TxSender(w3, account), MODEL, PROMPT_TOKENS,
+                                   max_tokens=max_tokens, fee=fee)
+    return posted.request_id
+
+
+def serve(coordinator, provider, request_id: int) -> None:
+    """The provider commits tiny-r1's answer (registering first if it has not)."""
+    stake, _ = coordinator.provider_stake(provider.address)
+    if stake == 0:
+        coordinator.register_provider_send(2 * ETHER, provider)
+    coordinator.commit_output_send(request_id, ANSWER, provider)
+
+
+@pytest.fixture
+def two_requests(chain, w3, coordinator, deployment, client):
+    """Request 1 answered by the provider, request 2 open, both in the node's store."""
+    first = post_directly(w3, coordinator, chain.accounts[5])
+    second = post_directly(w3, coordinator, chain.accounts[5], max_tokens=8, fee=123)
+    serve(coordinator, chain.accounts[1], first)
+    sync_store(client.app.state.node.store, coordinator, deployment.block_number)
+    return first, second
+
+
+def test_request_by_id_with_its_claim(client, chain, two_requests):
+    first, second = two_requests
+    body = client.get(f"/v1/requests/{first}").json()
+    assert body["request_id"] == first
+    assert body["consumer"] == chain.accounts[5].address
+    assert body["model_id"] == MODEL_ID
+    assert body["prompt"] == PROMPT_TOKENS and body["prompt_text"] == "<bos>" + PROMPT
+    assert body["fee"] == str(ETHER // 100)
+    assert body["status"] == "committed"
+    claim = body["claim"]
+    assert claim["provider"] == chain.accounts[1].address
+    assert claim["output"] == ANSWER
+    assert claim["output_text"] == MODEL.decode_text(ANSWER)
+    assert body["games"] == []
+    open_request = client.get(f"/v1/requests/{second}").json()
+    assert open_request["status"] == "open" and open_request["claim"] is None
+    assert open_request["fee"] == "123" and open_request["max_tokens"] == 8
+
+
+def test_requests_list_filters_and_pages(client, two_requests):
+    first, second = two_requests
+    assert [r["request_id"] for r in client.get("/v1/requests").json()["requests"]] == [
+        first, second]
+    committed = client.get("/v1/requests", params={"status": "committed"}).json()
+    assert [r["request_id"] for r in committed["requests"]] == [first]
+    assert client.get("/v1/requests", params={"status": "refunded"}).json() == {
+        "requests": [], "next_after": None}
+    page = client.get("/v1/requests", params={"limit": 1}).json()
+    assert [r["request_id"] for r in page["requests"]] == [first]
+    assert page["next_after"] == first
+    rest = client.get("/v1/requests", params={"limit": 1, "after": page["next_after"]}).json()
+    assert [r["request_id"] for r in rest["requests"]] == [second]
+
+
+@pytest.mark.parametrize("query", [
+    {"limit": 0}, {"limit": 1001}, {"limit": "x"}, {"status": "Open!"}, {"after": -2},
+    {"after": 2**63},
+])
+def test_requests_list_refuses_bad_parameters(client, query):
+    assert client.get("/v1/requests", params=query).status_code == 422
+
+
+@pytest.mark.parametrize("request_id, status", [
+    ("99", 404), ("-1", 422), (str(2**63), 422), ("abc", 422)])
+def test_unknown_or_malformed_request_id(client, request_id, status):
+    response = client.get(f"/v1/requests/{request_id}")
+    assert response.status_code == status
+    assert "detail" in response.json()
+
+
+# ------------------------------------------------------------------------------ games
+
+
+def test_game_with_its_moves_as_each_role_plays_it(client, two_requests):
+    first, _ = two_requests
+    store = client.app.state.node.store
+    with store.transaction() as conn:
+        for role in (Role.PROVIDER, Role.CHALLENGER):
+            create_game(conn, GameRecord(game_id=7, player=role, request_id=first,
+                                         phase=Phase.BISECTION, k=None, rounds=2,
+                                         status="open", state={}))
+        record_move(conn, MoveRecord(7, Role.PROVIDER, 0, Role.PROVIDER, "PostRoot",
+                                     {"root": "0x" + "11" * 32}, "0x" + "aa" * 32, 40))
+        record_move(conn, MoveRecord(7, Role.PROVIDER, 1, Role.PROVIDER, "PostMid",
+                                     {"mid": 449, "root": "0x" + "22" * 32}))
+        record_move(conn, MoveRecord(7, Role.CHALLENGER, 0, Role.PROVIDER, "PostRoot",
+                                     {"root": "0x" + "11" * 32}, "0x" + "aa" * 32, 40))
+    game = client.get("/v1/games/7").json()
+    assert game["game_id"] == 7 and game["request_id"] == first
+    roles = {view["role"]: view for view in game["roles"]}
+    assert set(roles) == {"provider", "challenger"}
+    provider = roles["provider"]
+    assert (provider["phase"], provider["rounds"], provider["status"]) == ("bisection", 2, "open")
+    assert [(m["seq"], m["kind"]) for m in provider["moves"]] == [(0, "PostRoot"),
+                                                                    (1, "PostMid")]
+    assert provider["moves"][0]["tx_hash"] == "0x" + "aa" * 32
+    assert provider["moves"][1]["payload"] == {"mid": 449, "root": "0x" + "22" * 32}
+    assert len(roles["challenger"]["moves"]) == 1
+    assert client.get(f"/v1/requests/{first}").json()["games"] == [7]
+
+
+@pytest.mark.parametrize("game_id, status", [("8", 404), ("-3", 422), (str(2**64), 422)])
+def test_unknown_or_malformed_game_id(client, game_id, status):
+    assert client.get(f"/v1/games/{game_id}").status_code == status
+
+
+# ------------------------------------------------------------------ posting requests
+
+
+def test_posting_needs_the_api_key(client):
+    body = {"prompt": PROMPT, "max_tokens": 8}
+    assert "missing X-API-Key" in error(client.post("/v1/requests", json=body), 401)
+    wrong = client.post("/v1/requests", json=body, headers={"X-API-Key": API_KEY + "x"})
+    assert error(wrong, 403) == "wrong X-API-Key"
+    latin1 = client.post("/v1/requests", json=body,
+                         headers={"X-API-Key": "\u00e9".encode("latin-1") * 20})
+    assert error(latin1, 403) == "wrong X-API-Key"
+
+
+def test_a_node_without_an_api_key_posts_nothing(make_client):
+    client = make_client(api_key=None)
+    response = client.post("/v1/requests", json={"prompt": PROMPT, "max_tokens": 8},
+                           headers={"X-API-Key": API_KEY})
+    assert "does not post requests" in error(response, 403)
+
+
+def test_posted_request_is_on_chain(client, chain, coordinator):
+    response = client.post("/v1/requests", headers={"X-API-Key": API_KEY},
+                           json={"prompt": PROMPT, "max_tokens": 30, "fee": "777"})
+    assert response.status_code == 201, response.text
+    posted = response.json()
+    assert posted["prompt"] == PROMPT_TOKENS
+    assert posted["consumer"] == chain.accounts[3].address  # the consumer's dev account
+    on_chain = coordinator.get_request(posted["request_id"])
+    assert on_chain.status == Status.OPEN
+    assert on_chain.consumer == chain.accounts[3].address
+    assert on_chain.prompt_hash == token_hash(PROMPT_TOKENS)
+    assert on_chain.model_id.hex() == MODEL_ID[2:]
+    assert (on_chain.max_tokens, on_chain.fee) == (30, 777)
+    assert on_chain.commit_deadline == posted["commit_deadline"]
+    receipt = coordinator.w3.eth.get_transaction_receipt(posted["tx_hash"])
+    assert receipt["blockNumber"] == posted["block_number"]
+    # Token ids work too, and consecutive posts take consecutive nonces.
+    again = client.post("/v1/requests", headers={"X-API-Key": API_KEY},
+                        json={"prompt_tokens": [1, 6, 16], "max_tokens": 4})
+    assert again.status_code == 201, again.text
+    assert again.json()["request_id"] == posted["request_id"] + 1
+    assert coordinator.get_request(again.json()["request_id"]).fee == consumer.DEFAULT_FEE
+
+
+@pytest.mark.parametrize("body, status, detail", [
+    ({"prompt": PROMPT, "prompt_tokens": [1], "max_tokens": 4}, 422, None),
+    ({"max_tokens": 4}, 422, None),
+    ({"prompt": PROMPT, "max_tokens": 0}, 422, None),
+    ({"prompt": PROMPT, "max_tokens": 4, "fee": "-1"}, 422, None),
+    ({"prompt": PROMPT, "max_tokens": 4, "fee": 5}, 422, None),
+    ({"prompt": PROMPT, "max_tokens": 4, "fee": str(2**96)}, 400, "fee"),
+    ({"prompt": PROMPT, "max_tokens": 200}, 400, "exceed the model's context"),
+    ({"prompt": "hello", "max_tokens": 4}, 400, "cannot encode"),
+    ({"prompt_tokens": [1, 99], "max_tokens": 4}, 400, "outside the vocabulary"),
+    ({"prompt_tokens": [], "max_tokens": 4}, 422, None),
+])
+def test_bad_requests_are_refused_before_any_gas_is_spent(client, coordinator, body, status,
+                                                          detail):
+    before = coordinator.parameter("requestCount")
+    response = client.post("/v1/requests", json=body, headers={"X-API-Key": API_KEY})
+    assert response.status_code == status, response.text
+    if detail:
+        assert detail in response.json()["detail"]
+    assert coordinator.parameter("requestCount") == before
+
+
+def test_a_fee_the_consumer_account_cannot_pay_is_503_not_a_crash(client, w3, chain):
+    balance = w3.eth.get_balance(chain.accounts[3].address)
+    response = client.post("/v1/requests", headers={"X-API-Key": API_KEY},
+                           json={"prompt": PROMPT, "max_tokens": 4, "fee": str(balance + 1)})
+    assert "refused the transaction" in error(response, 503)
+
+
+def test_posting_without_a_deployment_is_503(make_client, tmp_path):
+    client = make_client(deployments=tmp_path / "missing.json")
+    response = client.post("/v1/requests", headers={"X-API-Key": API_KEY},
+                           json={"prompt": PROMPT, "max_tokens": 4})
+    assert "no deployments file" in error(response, 503)
+
+
+# ------------------------------------------------------------------ health, metrics
+
+
+def test_health_reports_database_and_rpc(client, make_client):
+    health = client.get("/healthz")
+    assert health.status_code == 200
+    assert health.json()["status"] == "ok"
+    assert health.json()["chain_id"] == 31337
+    down = make_client(rpc_url="http://127.0.0.1:9")
+    body = down.get("/healthz")
+    assert body.status_code == 503
+    assert body.json()["database"] == "ok"
+    assert "Connection refused" in body.json()["rpc"]
+
+
+def metric_samples(client) -> dict[tuple, float]:
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(response.text)
+            for sample in family.samples}
+
+
+def test_metrics_read_from_store_and_chain(client, chain, w3, two_requests):
+    first, _ = two_requests
+    with client.app.state.node.store.transaction() as conn:
+        create_game(conn, GameRecord(3, Role.PROVIDER, first, Phase.RESOLVED, 5, 9, "won", {}))
+        create_game(conn, GameRecord(4, Role.PROVIDER, first, Phase.DESCENT, 5, 3, "open", {}))
+    samples = metric_samples(client)
+    assert samples[("optinfer_requests", (("status", "committed"),))] == 1
+    assert samples[("optinfer_requests", (("status", "open"),))] == 1
+    assert samples[("optinfer_games", (("role", "provider"), ("status", "won")))] == 1
+    assert samples[("optinfer_games", (("role", "provider"), ("status", "open")))] == 1
+    assert samples[("optinfer_chain_up", ())] == 1
+    assert samples[("optinfer_requests_served_total", ())] == 1
+    assert samples[("optinfer_provider_stake_wei", (("kind", "total"),))] == 2 * ETHER
+    assert samples[("optinfer_provider_stake_wei", (("kind", "locked"),))] == (
+        DEMO_COORDINATOR_PARAMS.stake_per_claim)
+    # One claim, observed once however often the node is scraped.
+    request_block = w3.eth.get_block(client.get(f"/v1/requests/{first}").json()["block_number"])
+    claim_block = w3.eth.get_block(
+        client.get(f"/v1/requests/{first}").json()["claim"]["block_number"])
+    latency = claim_block["timestamp"] - request_block["timestamp"]
+    for _ in range(2):
+        samples = metric_samples(client)
+        assert samples[("optinfer_commit_latency_seconds_count", ())] == 1
+        assert samples[("optinfer_commit_latency_seconds_sum", ())] == latency
+
+
+def test_metrics_without_the_chain_still_report_the_store(make_client):
+    samples = metric_samples(make_client(rpc_url="http://127.0.0.1:9"))
+    assert samples[("optinfer_chain_up", ())] == 0
+    assert ("optinfer_provider_stake_wei", (("kind", "total"),)) not in samples
+    assert samples[("optinfer_commit_latency_seconds_count", ())] == 0
+
+
+def test_openapi_schema_is_served(client):
+    schema = client.get("/openapi.json").json()
+    assert {"/v1/models", "/v1/models/{model_id}", "/v1/models/{model_id}/files/{name}",
+            "/v1/requests", "/v1/requests/{request_id}", "/v1/games/{game_id}", "/healthz",
+            "/metrics"} <= set(schema["paths"])
+    assert schema["components"]["securitySchemes"]["APIKeyHeader"]["name"] == "X-API-Key"
+    assert json.dumps(schema)  # plain JSON
