@@ -116,6 +116,22 @@ class Settings(BaseSettings):
     broker_url: str | None = Field(
         None, description="Celery broker, e.g. redis://127.0.0.1:6379/0 (default: eager mode)."
     )
+    celery_queue: str = Field(
+        "optinfer", min_length=1, description="Celery queue the watchtower's tasks go through."
+    )
+    sampling_rate: float = Field(
+        1.0, gt=0, le=1,
+        description="Share of claims the watchtower verifies (1: every claim).",
+    )
+    game_lease: float = Field(
+        60.0, gt=0,
+        description="Seconds a watchtower worker holds a game or a challenge before another "
+        "worker may take it over (longer than one transaction takes to be mined).",
+    )
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535,
+        description="Port of the watchtower's Prometheus metrics on 0.0.0.0 (unset: none).",
+    )
 
     @classmethod
     def settings_customise_sources(

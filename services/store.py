@@ -99,6 +99,9 @@ claims = sa.Table(
     # committed -> disputed -> finalized | slashed; the watchtower adds its verdict.
     sa.Column("status", sa.String(16), nullable=False),
     sa.Column("verdict", sa.String(16), nullable=True),
+    # Why the watchtower judged so, and when it last queued the verification (revision 0003).
+    sa.Column("verdict_note", sa.Text, nullable=True),
+    sa.Column("verify_queued_at", sa.Float, nullable=True),  # unix seconds
     sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.func.now(),
               nullable=False),
 )
@@ -144,6 +147,24 @@ moves = sa.Table(
               nullable=False),
     sa.UniqueConstraint("game_id", "player", "seq", name="uq_moves_game_player_seq"),
 )
+
+challenges = sa.Table(
+    "challenges",
+    metadata,
+    # One per claim and challenger key: written before the challenge is sent, so a restart
+    # finds what was about to happen instead of sending a second bond (revision 0003).
+    sa.Column("request_id", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("challenger", sa.String(42), primary_key=True),
+    sa.Column("status", sa.String(16), nullable=False),  # sending | opened | failed
+    sa.Column("tx_hash", sa.String(66), nullable=True),
+    sa.Column("game_id", sa.BigInteger, nullable=True),
+    sa.Column("note", sa.Text, nullable=True),
+    sa.Column("lease_owner", sa.String(64), nullable=True),
+    sa.Column("lease_expires", sa.Float, nullable=True),  # unix seconds
+    sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.func.now(),
+              nullable=False),
+)
+sa.Index("ix_challenges_status", challenges.c.status)
 
 chain_cursors = sa.Table(
     "chain_cursors",
@@ -361,6 +382,7 @@ class ClaimRecord:
     tx_hash: str
     status: str = "committed"
     verdict: str | None = None
+    verdict_note: str | None = None
 
 
 def record_claim(conn: Connection, record: ClaimRecord) -> bool:
@@ -389,6 +411,137 @@ def set_claim_status(
         changes["verdict"] = verdict
     return _guarded_update(conn, claims, claims.c.request_id == request_id, claims.c.status,
                            expected, **changes)
+
+
+def set_claim_verdict(conn: Connection, request_id: int, verdict: str, note: str) -> bool:
+    """Record the watchtower's verdict on the claim and why, unless it has one already (the
+    first verdict stands: a re-delivered verification changes nothing); True when it did."""
+    return conn.execute(
+        sa.update(claims)
+        .where(claims.c.request_id == request_id, claims.c.verdict.is_(None))
+        .values(verdict=verdict, verdict_note=note)
+    ).rowcount == 1
+
+
+def claims_awaiting_verdict(conn: Connection, queued_before: float, limit: int = 1000
+                            ) -> list[int]:
+    """Claims without a verdict whose verification was never queued, or queued before
+    `queued_before` (its task was lost), oldest first."""
+    rows = conn.execute(
+        sa.select(claims.c.request_id)
+        .where(claims.c.verdict.is_(None),
+               claims.c.verify_queued_at.is_(None) | (claims.c.verify_queued_at < queued_before))
+        .order_by(claims.c.request_id).limit(limit)
+    )
+    return [request_id for (request_id,) in rows]
+
+
+def mark_verify_queued(conn: Connection, request_ids: Sequence[int], now: float) -> None:
+    """Note that the verification of these claims was queued at `now`."""
+    if request_ids:
+        conn.execute(sa.update(claims).where(claims.c.request_id.in_(list(request_ids)))
+                     .values(verify_queued_at=now))
+
+
+# -------------------------------------------------------------------------------- challenges
+
+
+@dataclass(frozen=True)
+class ChallengeRecord:
+    """A challenge `challenger` sends (or sent) against the claim on `request_id`: `sending`
+    until its game is known (`opened`, with `game_id`) or it cannot be sent (`failed`, `note`
+    says why). `tx_hash` is the challenge transaction once it was handed to the node."""
+
+    request_id: int
+    challenger: str
+    status: str
+    tx_hash: str | None = None
+    game_id: int | None = None
+    note: str | None = None
+    lease_owner: str | None = None
+    lease_expires: float | None = None
+
+
+def take_challenge(
+    conn: Connection, request_id: int, challenger: str, worker: str, *, lease_seconds: float,
+    now: float | None = None,
+) -> ChallengeRecord | None:
+    """The challenge row of (`request_id`, `challenger`), created in `sending` if new and
+    leased to `worker` while it is `sending`; None when another worker holds the lease.
+
+    An `opened` or `failed` row is returned as it is (there is nothing left to send). The
+    lease is a compare-and-set like :func:`claim_game`'s, so two workers never both send.
+    """
+    now = time.time() if now is None else now
+    conn.execute(_insert(conn, challenges).values(
+        request_id=request_id, challenger=challenger, status="sending",
+    ).on_conflict_do_nothing(index_elements=[challenges.c.request_id, challenges.c.challenger]))
+    key = (challenges.c.request_id == request_id) & (challenges.c.challenger == challenger)
+    free = (
+        (challenges.c.status == "sending")
+        & (challenges.c.lease_owner.is_(None) | (challenges.c.lease_expires <= now)
+           | (challenges.c.lease_owner == worker))
+    )
+    changed = conn.execute(
+        sa.update(challenges).where(key & free)
+        .values(lease_owner=worker, lease_expires=now + lease_seconds)
+    ).rowcount
+    record = get_challenge(conn, request_id, challenger)
+    if changed == 1 or (record is not None and record.status != "sending"):
+        return record
+    return None
+
+
+def get_challenge(conn: Connection, request_id: int, challenger: str) -> ChallengeRecord | None:
+    row = conn.execute(
+        sa.select(challenges).where(challenges.c.request_id == request_id,
+                                    challenges.c.challenger == challenger)
+    ).mappings().one_or_none()
+    return None if row is None else _record(ChallengeRecord, row)
+
+
+def set_challenge_tx(conn: Connection, request_id: int, challenger: str, worker: str,
+                     tx_hash: str) -> bool:
+    """Note the challenge transaction `worker` handed to the node (it holds the lease)."""
+    return conn.execute(
+        sa.update(challenges)
+        .where(challenges.c.request_id == request_id, challenges.c.challenger == challenger,
+               challenges.c.lease_owner == worker, challenges.c.status == "sending")
+        .values(tx_hash=tx_hash)
+    ).rowcount == 1
+
+
+def finish_challenge(
+    conn: Connection, request_id: int, challenger: str, status: str, *,
+    game_id: int | None = None, note: str | None = None,
+) -> bool:
+    """Move a `sending` challenge to `opened` (with its game) or `failed` (with why) and drop
+    its lease; True when it was still sending."""
+    if status not in ("opened", "failed"):
+        raise ValueError(f"a challenge ends opened or failed, not {status!r}")
+    return conn.execute(
+        sa.update(challenges)
+        .where(challenges.c.request_id == request_id, challenges.c.challenger == challenger,
+               challenges.c.status == "sending")
+        .values(status=status, game_id=game_id, note=note, lease_owner=None,
+                lease_expires=None)
+    ).rowcount == 1
+
+
+def claims_to_challenge(conn: Connection, challenger: str, now: float) -> list[int]:
+    """False claims (verdict ``invalid``) whose challenge by `challenger` is unfinished: no
+    row yet (the worker died after the verdict) or `sending` with no live lease (it died
+    while sending), oldest first."""
+    mine = (challenges.c.request_id == claims.c.request_id) & (
+        challenges.c.challenger == challenger)
+    live = (challenges.c.status != "sending") | (
+        challenges.c.lease_owner.is_not(None) & (challenges.c.lease_expires > now))
+    rows = conn.execute(
+        sa.select(claims.c.request_id)
+        .where(claims.c.verdict == "invalid", ~sa.exists().where(mine & live))
+        .order_by(claims.c.request_id)
+    )
+    return [request_id for (request_id,) in rows]
 
 
 # ------------------------------------------------------------------------------------- games
@@ -501,6 +654,24 @@ def update_game(
                games.c.lease_owner == worker)
         .values(phase=phase.value, k=k, rounds=rounds, status=status, state=state)
     ).rowcount == 1
+
+
+def games_with_status(conn: Connection, player: Role, status: str) -> list[GameRecord]:
+    """The games `player` plays that are in `status`, oldest first."""
+    rows = conn.execute(
+        sa.select(games).where(games.c.player == player.value, games.c.status == status)
+        .order_by(games.c.game_id)
+    ).mappings()
+    return [_game(row) for row in rows]
+
+
+def game_status_counts(conn: Connection, player: Role) -> dict[str, int]:
+    """How many of `player`'s games are in each status (``{"open": 2, "won": 5}``)."""
+    rows = conn.execute(
+        sa.select(games.c.status, sa.func.count()).where(games.c.player == player.value)
+        .group_by(games.c.status)
+    )
+    return {status: count for status, count in rows}
 
 
 def _game(row) -> GameRecord:

@@ -1,0 +1,145 @@
+"""The watchtower's decisions, as pure functions: which claims to verify, what a verification
+means for the claim, which moves may be sent and when to look at a game again.
+
+The game moves themselves are ``prover.game.decide``; everything here decides around it. No
+function reads the chain, the database or the clock: callers pass what they read.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import struct
+from dataclasses import dataclass
+
+from optinfer.prover import game as spec
+
+
+class Verdict(enum.Enum):
+    """What the watchtower concluded about a claim (stored in ``claims.verdict``)."""
+
+    VALID = "valid"  # the teacher-forced pass gives exactly the claimed tokens, ending right
+    INVALID = "invalid"  # some claimed token is not the model's: the dispute game can prove it
+    # The tokens are the model's but the output ends wrongly (stops early, runs past EOS).
+    # The dispute game checks the trace of the tokens only, so a challenge would be lost.
+    UNPROVABLE = "unprovable"
+    UNVERIFIABLE = "unverifiable"  # the model is not held here or its roots do not match
+    UNSAMPLED = "unsampled"  # left out by the sampling rate
+
+
+@dataclass(frozen=True)
+class HeldModel:
+    """The roots of the integer model this watchtower runs (from its manifest, checked
+    against its files at start-up)."""
+
+    model_root: bytes
+    nodes_root: bytes
+    constants_root: bytes
+    opset_version: int
+    node_count: int
+
+
+@dataclass(frozen=True)
+class RegisteredRoots:
+    """What the registry says about a model id."""
+
+    opset_version: int
+    node_count: int
+
+
+def registered_model_root(nodes_root: bytes, constants_root: bytes, opset_version: int,
+                          node_count: int) -> bytes:
+    """The model root the DisputeGame computes from the roots a challenge names:
+    ``sha256(nodesRoot || constantsRoot || uint32 opset || uint32 N)``."""
+    return hashlib.sha256(nodes_root + constants_root
+                          + struct.pack(">II", opset_version, node_count)).digest()
+
+
+def sampled(request_id: int, rate: float, salt: bytes) -> bool:
+    """Whether the claim on `request_id` is among the share `rate` of claims to verify.
+
+    Deterministic (every worker agrees, a re-delivered task decides the same) and keyed by a
+    `salt` the provider does not know, so it cannot tell which of its claims go unchecked.
+    """
+    if rate >= 1:
+        return True
+    digest = hashlib.sha256(salt + request_id.to_bytes(32, "big")).digest()
+    return int.from_bytes(digest[:8], "big") < rate * 2**64
+
+
+def model_problem(model_id: bytes, held: HeldModel | None,
+                  registered: RegisteredRoots | None) -> str | None:
+    """Why a claim on model `model_id` cannot be checked here, or None when it can: the
+    watchtower must hold that very model, the registry must know it, and the held model's
+    roots must give the registered model root (what the challenge transaction proves)."""
+    if held is None:
+        return "this watchtower holds no usable model"
+    if held.model_root != model_id:
+        return (f"model 0x{model_id.hex()} is not held here "
+                f"(this watchtower runs 0x{held.model_root.hex()})")
+    if registered is None:
+        return f"model 0x{model_id.hex()} is not registered"
+    root = registered_model_root(held.nodes_root, held.constants_root,
+                                 registered.opset_version, registered.node_count)
+    if root != model_id:
+        return (f"the held model's roots give 0x{root.hex()}, not the registered "
+                f"0x{model_id.hex()} (op set {registered.opset_version}, "
+                f"{registered.node_count} nodes)")
+    return None
+
+
+@dataclass(frozen=True)
+class Judgement:
+    verdict: Verdict
+    note: str
+    challenge: bool
+
+
+def judge(valid: bool, reason: str, tokens_disagree: bool) -> Judgement:
+    """The claim's verdict from the teacher-forced verification (`valid`, with its `reason`)
+    and whether some claimed token differs from the model's prediction; a challenge only where
+    the game can win it (a differing token)."""
+    if valid:
+        return Judgement(Verdict.VALID, reason, False)
+    if tokens_disagree:
+        return Judgement(Verdict.INVALID, reason, True)
+    return Judgement(Verdict.UNPROVABLE, reason + "; every token is the model's, so the dispute "
+                     "game cannot convict it", False)
+
+
+def window_open(challenge_deadline: int, now: float) -> bool:
+    """Whether a challenge sent at chain time `now` can still be accepted."""
+    return now < challenge_deadline
+
+
+# ------------------------------------------------------------------------------------ games
+
+
+def move_position(state: spec.GameState, action: spec.Action) -> int:
+    """The position of the challenger's `action` in the game, the same for every worker that
+    reads the same state: two per provider move (``state.rounds`` counts those), the second
+    for the one-step (which follows the element on the same round) or a timeout claim (which
+    follows the challenger's own answer to that round)."""
+    second = isinstance(action, spec.OneStep | spec.Timeout)
+    return 2 * state.rounds + (1 if second else 0)
+
+
+def outcome(state: spec.GameState) -> str | None:
+    """``won`` or ``lost`` (for the challenger) once the game is resolved, else None."""
+    if state.phase is not spec.Phase.RESOLVED:
+        return None
+    return "won" if state.winner is spec.Role.CHALLENGER else "lost"
+
+
+def next_check(state: spec.GameState, now: float, poll_interval: float) -> float:
+    """Seconds until the game is worth reading again: the poll interval, or sooner when the
+    provider's clock runs out before it (the timeout is claimed then)."""
+    if state.to_move is not spec.Role.PROVIDER:
+        return poll_interval
+    left = state.clock.remaining(spec.Role.PROVIDER, now)
+    return max(0.0, min(poll_interval, left + 1))
+
+
+def clocks(state: spec.GameState, now: float) -> dict[str, float]:
+    """Seconds left on each party's clock at `now` (for the metrics)."""
+    return {role.value: max(0.0, state.clock.remaining(role, now)) for role in spec.Role}

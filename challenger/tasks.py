@@ -1,0 +1,87 @@
+"""The watchtower's Celery tasks. Each takes ids, re-reads what it needs and is safe to run
+twice (see ``watchtower.py``); their names are stable (a test pins them), since queued
+messages name them.
+
+* ``scan`` (beat, every poll interval): new claims -> ``verify`` each; half-done work found
+  again (claims without a verdict, challenges left `sending`, stopped games) is sent again.
+* ``verify(request_id)``: judge the claim; a false one is challenged and ``play`` starts.
+* ``play(game_id, token)``: one turn, then ``play`` again after the countdown, until the game
+  is resolved. The token names the game's one live chain of play tasks.
+
+In eager mode nothing is queued: ``run_eager`` calls ``scan`` every poll interval, which
+verifies the new claims inline and plays one turn of every open game.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from optinfer.challenger.app import app, is_eager, settings
+from optinfer.challenger.watchtower import Watchtower
+
+log = logging.getLogger("optinfer.watchtower")
+
+SCAN = "optinfer.challenger.scan"
+VERIFY = "optinfer.challenger.verify"
+PLAY = "optinfer.challenger.play"
+
+_watchtower: Watchtower | None = None
+_lock = threading.Lock()
+
+
+def watchtower() -> Watchtower:
+    """This process's Watchtower, built on first use (after a prefork worker forked)."""
+    global _watchtower
+    with _lock:
+        if _watchtower is None:
+            _watchtower = Watchtower(settings())
+        return _watchtower
+
+
+def use_watchtower(instance: Watchtower | None) -> None:
+    """Make the tasks of this process use `instance` (a command or test that built one)."""
+    global _watchtower
+    with _lock:
+        _watchtower = instance
+
+
+@app.task(name=SCAN)
+def scan() -> int:
+    """Scan the chain and send the work due; the number of new claims."""
+    result = watchtower().scan(every_open_game=is_eager())
+    for request_id in result.verify:
+        verify.delay(request_id)
+    for game_id, token in result.play:
+        play.delay(game_id, token)
+    return result.new_claims
+
+
+@app.task(name=VERIFY)
+def verify(request_id: int) -> str | None:
+    """Judge the claim on `request_id`; challenge it when false. Its verdict."""
+    result = watchtower().verify(request_id)
+    if result.game is not None and not is_eager():
+        play.delay(*result.game)
+    return result.verdict.value if result.verdict else None
+
+
+@app.task(name=PLAY)
+def play(game_id: int, token: str | None = None) -> str | None:
+    """One turn of game `game_id`; again after the countdown while the chain is the game's."""
+    result = watchtower().play(game_id, token)
+    if result.again and token is not None and not is_eager():
+        play.apply_async((game_id, token), countdown=result.countdown)
+    return result.outcome
+
+
+def run_eager(stop: threading.Event) -> None:
+    """The single-process watchtower (eager mode): scan every poll interval until `stop`.
+    A failed scan (the node unreachable, say) is logged and tried again."""
+    interval = settings().poll_interval
+    while not stop.is_set():
+        try:
+            scan.delay()
+        except Exception:
+            log.exception("scan failed; trying again in %.1fs", interval)
+        stop.wait(interval)

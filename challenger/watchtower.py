@@ -1,0 +1,554 @@
+"""The watchtower's steps, driven one at a time: scan the chain for claims, verify a claim
+(and challenge it when it is false), play one turn of a game.
+
+:class:`Watchtower` holds the edges (chain client, contracts, database, model, transaction
+sender) and asks ``challenger.policy`` and ``prover.game.decide`` what to do. Celery tasks
+(``tasks.py``) and the eager loop of the demo call these steps; tests call them directly.
+
+Every step is safe to run twice, on any worker, after any crash:
+
+* a claim's verdict is written once (``verdict IS NULL`` guard);
+* a challenge is a row (`sending`, leased to one worker) before its transaction, and the
+  worker that takes over a stale row looks for the game on chain (``GameOpened`` for this
+  request and this challenger) and for the transaction it recorded before sending another;
+* a game is leased to one worker at a time; each move is recorded at its position (unique)
+  before it is sent, and a recorded move whose transaction the node knows is waited for,
+  never sent again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from eth_utils import keccak
+from hexbytes import HexBytes
+from web3 import Web3
+from web3.exceptions import TransactionNotFound
+
+from optinfer.challenger import metrics, policy
+from optinfer.challenger.policy import Verdict
+from optinfer.contracts.bindings import ContractRevert
+from optinfer.contracts.coordinator import InferenceCoordinator
+from optinfer.contracts.dispute_game import DisputeGame
+from optinfer.contracts.registry import ModelRegistry
+from optinfer.errors import UserError
+from optinfer.prover import game as spec
+from optinfer.prover.game import ModelTrace, Role
+from optinfer.services import store as st
+from optinfer.services.chain import (
+    EventCursor,
+    TxFailed,
+    TxSender,
+    claim_record,
+    connect_settings,
+    request_record,
+)
+from optinfer.services.deployments import Deployments
+from optinfer.services.store import GameRecord, MoveRecord, Store
+
+log = logging.getLogger("optinfer.watchtower")
+
+CURSOR_NAME = "watchtower"
+MOVES_PER_TURN = 4
+"""Most moves one play step sends before handing the game back (NameElement then OneStep is
+the longest run of consecutive challenger moves)."""
+VERIFY_REQUEUE_LEASES = 5
+"""A claim whose verification was queued this many game leases ago without a verdict is
+queued again: its task was lost with a worker."""
+
+
+class LocalModel:
+    """The integer model this watchtower runs, its commitments checked against its files."""
+
+    def __init__(self, model_dir: Path, threads: int = 1):
+        from optinfer.models.runtime import IntegerModel
+        from optinfer.prover.one_step import CommittedModel
+
+        self.model = IntegerModel(model_dir, threads=threads)
+        try:
+            self.committed = CommittedModel(self.model)
+        except ValueError as err:
+            raise UserError(f"model {model_dir}: {err}") from None
+        manifest = self.model.manifest
+        self.held = policy.HeldModel(
+            model_root=bytes.fromhex(manifest["model_root"].removeprefix("0x")),
+            nodes_root=self.committed.nodes_root,
+            constants_root=self.committed.constants_root,
+            opset_version=int(manifest["opset_version"]),
+            node_count=self.committed.node_count,
+        )
+        # Sessions are created once here: creating them lazily from two threads would race.
+        self.model.session("verify")
+        self.model.session("trace")
+
+    def trace(self, prompt: list[int], output: list[int]) -> ModelTrace:
+        """The honest trace of the claimed tokens (S_0 is built from the claim itself)."""
+        from optinfer.prover.one_step import TraceCommitment
+
+        sequence, outputs = self.model.trace(prompt, output)
+        return ModelTrace(self.committed, TraceCommitment(sequence, outputs))
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """What a scan found to do: claims to verify, games to play (with their new token)."""
+
+    new_claims: int
+    verify: list[int]
+    play: list[tuple[int, str | None]]
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    request_id: int
+    verdict: Verdict | None
+    game: tuple[int, str] | None = None  # (game id, token) of a game this step opened
+
+
+@dataclass(frozen=True)
+class PlayResult:
+    """`again`: look at the game again after `countdown` seconds (False once it is resolved,
+    or when this task's token is no longer the game's)."""
+
+    again: bool
+    countdown: float = 0.0
+    outcome: str | None = None
+
+
+class Watchtower:
+    """One watchtower process's view of the deployment in `settings`."""
+
+    def __init__(self, settings, *, w3: Web3 | None = None, store: Store | None = None,
+                 model: LocalModel | None = None, worker: str | None = None):
+        self.settings = settings
+        self.w3 = w3 or connect_settings(settings)
+        self.deployments = Deployments.read(settings.deployments_file)
+        self.deployments.check_chain(self.w3)
+        self.store = store or Store(settings.database)
+        self.store.migrate()
+        self.coordinator = InferenceCoordinator(
+            self.w3, self.deployments.address("InferenceCoordinator"))
+        self.registry = ModelRegistry(self.w3, self.deployments.address("ModelRegistry"))
+        self.game = DisputeGame(self.w3, self.deployments.address("DisputeGame"))
+        self.account = settings.signer("challenger", self.deployments.chain_id)
+        self.address = self.account.address
+        self.sender = TxSender(self.w3, self.account)
+        self.model = model or LocalModel(settings.model_path)
+        self._worker = worker or f"{socket.gethostname()[:40]}:{os.getpid()}"
+        self.lease = settings.game_lease
+        self.bond = self.game.parameter("challengerBond")
+        # Secret to the operator: a provider cannot tell which claims sampling leaves out.
+        self._sampling_salt = keccak(bytes(self.account.key) + b"optinfer sampling")
+        self.cursor = EventCursor(
+            self.w3, self.store, CURSOR_NAME, [self.coordinator.contract],
+            events=["RequestPosted", "OutputCommitted"],
+            start_block=self.deployments.block_number,
+            confirmations=settings.confirmations, max_block_range=settings.max_block_range,
+        )
+        self._registered: dict[bytes, policy.RegisteredRoots | None] = {}
+        self._traces: dict[int, ModelTrace] = {}
+        self._traces_lock = threading.Lock()
+
+    @property
+    def worker(self) -> str:
+        """Who holds a lease: this process and thread (threads of one worker process must not
+        share leases, or two of them could both act)."""
+        return f"{self._worker}:{threading.get_native_id()}"
+
+    # -- scan ------------------------------------------------------------------------------
+
+    def scan(self, *, every_open_game: bool = False) -> ScanResult:
+        """Record the new requests and claims up to the confirmed head, then list the work
+        due: claims without a verdict (new, or whose task was lost), false claims whose
+        challenge was left half-sent, and games whose chain of play tasks stopped (with a new
+        token). `every_open_game`: list every open game, token None (the eager loop)."""
+        new_claims: list[int] = []
+
+        def handle(conn, event) -> None:
+            if event.name == "RequestPosted":
+                st.upsert_request(conn, request_record(event))
+            elif st.record_claim(conn, claim_record(event)):
+                new_claims.append(event.args["requestId"])
+
+        self.cursor.poll(handle)
+        if new_claims:
+            metrics.CLAIMS_SEEN.inc(len(new_claims))
+            log.info("seen %d new claim(s): %s", len(new_claims), _ids(new_claims))
+        now = time.time()
+        with self.store.transaction() as conn:
+            verify = st.claims_awaiting_verdict(
+                conn, queued_before=now - VERIFY_REQUEUE_LEASES * self.lease)
+            st.mark_verify_queued(conn, verify, now)
+            verify += [r for r in st.claims_to_challenge(conn, self.address, now)
+                       if r not in verify]
+        play = self._games_to_resume(now, every_open_game)
+        with self.store.transaction() as conn:
+            metrics.set_disputes(st.game_status_counts(conn, Role.CHALLENGER), self.bond)
+        return ScanResult(len(new_claims), verify, play)
+
+    def _games_to_resume(self, now: float, every_open_game: bool) -> list[tuple[int, str | None]]:
+        with self.store.transaction() as conn:
+            games = st.games_with_status(conn, Role.CHALLENGER, "open")
+        if every_open_game:
+            return [(game.game_id, None) for game in games]
+        resumed = []
+        for game in games:
+            overdue = game.state.get("next_play", 0) + self.lease < now
+            if not overdue:
+                continue
+            # A new token ends any chain of play tasks still around: only the new one goes on.
+            token = uuid.uuid4().hex
+            with self.store.transaction() as conn:
+                held = st.claim_game(conn, game.game_id, Role.CHALLENGER, self.worker,
+                                     lease_seconds=self.lease, now=now)
+                if held is None:
+                    continue
+                st.update_game(conn, held.game_id, Role.CHALLENGER, self.worker,
+                               phase=held.phase, k=held.k, rounds=held.rounds,
+                               status=held.status,
+                               state={**held.state, "token": token, "next_play": now})
+                st.release_game(conn, held.game_id, Role.CHALLENGER, self.worker)
+            log.info("game %d: resuming play (its task stopped)", game.game_id)
+            resumed.append((game.game_id, token))
+        return resumed
+
+    # -- verify ----------------------------------------------------------------------------
+
+    def verify(self, request_id: int) -> VerifyResult:
+        """Judge the claim on `request_id` (once) and challenge it if it is false."""
+        with self.store.transaction() as conn:
+            claim = st.get_claim(conn, request_id)
+            request = st.get_request(conn, request_id)
+        if claim is None or request is None:
+            log.warning("claim %d: not in the database, nothing to verify", request_id)
+            return VerifyResult(request_id, None)
+        verdict = Verdict(claim.verdict) if claim.verdict else None
+        if verdict is None:
+            judgement = self._judge(request, claim)
+            with self.store.transaction() as conn:
+                first = st.set_claim_verdict(conn, request_id, judgement.verdict.value,
+                                             judgement.note)
+                verdict = Verdict(st.get_claim(conn, request_id).verdict)
+            if first:
+                metrics.CLAIMS_VERIFIED.labels(verdict=judgement.verdict.value).inc()
+                self._report(request_id, claim, judgement)
+        if verdict is not Verdict.INVALID:
+            return VerifyResult(request_id, verdict)
+        return VerifyResult(request_id, verdict, self._challenge(request, claim))
+
+    def _judge(self, request: st.RequestRecord, claim: st.ClaimRecord) -> policy.Judgement:
+        if not policy.sampled(request.request_id, self.settings.sampling_rate,
+                              self._sampling_salt):
+            return policy.Judgement(Verdict.UNSAMPLED,
+                                    f"left out at sampling rate {self.settings.sampling_rate}",
+                                    False)
+        model_id = bytes.fromhex(request.model_id.removeprefix("0x"))
+        problem = policy.model_problem(model_id, self.model.held, self._registered_roots(model_id))
+        if problem is not None:
+            return policy.Judgement(Verdict.UNVERIFIABLE, problem, False)
+        model = self.model.model
+        prompt, output = list(request.prompt), list(claim.output)
+        started = time.perf_counter()
+        try:
+            verdict = model.verify(prompt, output, request.max_tokens)
+        except UserError as err:  # tokens out of the vocabulary, longer than the context
+            return policy.Judgement(Verdict.UNPROVABLE, f"cannot be run: {err}", False)
+        finally:
+            metrics.VERIFICATION_SECONDS.observe(time.perf_counter() - started)
+        disagree = False
+        if not verdict.valid:
+            predicted = model.predict(prompt, output)
+            disagree = bool(np.any(predicted != np.asarray(output, np.int64)))
+        return policy.judge(verdict.valid, verdict.reason, disagree)
+
+    def _registered_roots(self, model_id: bytes) -> policy.RegisteredRoots | None:
+        # A registration never changes once made; an absent one is asked for again.
+        if self._registered.get(model_id) is None:
+            if not self.registry.is_registered(model_id):
+                return None
+            spec_ = self.registry.get_model(model_id).spec
+            self._registered[model_id] = policy.RegisteredRoots(spec_.opset_version,
+                                                                spec_.node_count)
+        return self._registered[model_id]
+
+    def _report(self, request_id: int, claim: st.ClaimRecord,
+                judgement: policy.Judgement) -> None:
+        if judgement.verdict is Verdict.VALID:
+            log.info("claim %d by %s: valid (%d tokens)", request_id, claim.provider,
+                     len(claim.output))
+        elif judgement.verdict is Verdict.INVALID:
+            log.warning("claim %d by %s: FALSE, %s", request_id, claim.provider, judgement.note)
+        elif judgement.verdict is Verdict.UNSAMPLED:
+            log.info("claim %d: %s", request_id, judgement.note)
+        else:
+            log.warning("claim %d by %s: not challenged, %s: %s", request_id, claim.provider,
+                        judgement.verdict.value, judgement.note)
+
+    # -- challenge -------------------------------------------------------------------------
+
+    def _challenge(self, request: st.RequestRecord, claim: st.ClaimRecord
+                   ) -> tuple[int, str] | None:
+        """Open a game against the false claim, exactly once; its (id, token), or None when
+        another worker is at it or it cannot be opened."""
+        request_id = request.request_id
+        with self.store.transaction() as conn:
+            row = st.take_challenge(conn, request_id, self.address, self.worker,
+                                    lease_seconds=self.lease)
+        if row is None or row.status == "failed":
+            return None
+        if row.status == "opened":
+            return None  # its game has its own chain of play tasks
+        opened = self._opened_on_chain(request_id, claim.block_number, row.tx_hash)
+        if opened is None:
+            if self._has_pending_transactions():
+                # Possibly our challenge, sent by a worker that died before noting it.
+                log.info("claim %d: transactions of %s still pending, challenge deferred",
+                         request_id, self.address)
+                return None
+            opened = self._send_challenge(request, claim)
+            if opened is None:
+                return None
+        game_id, block = opened
+        token = uuid.uuid4().hex
+        now = time.time()
+        with self.store.transaction() as conn:
+            if st.finish_challenge(conn, request_id, self.address, "opened", game_id=game_id):
+                st.create_game(conn, GameRecord(
+                    game_id=game_id, player=Role.CHALLENGER, request_id=request_id,
+                    phase=spec.Phase.AWAIT_ROOT, k=None, rounds=0, status="open",
+                    state={"token": token, "opened_block": block, "next_play": now}))
+            else:
+                return None
+        log.info("game %d opened against claim %d with a bond of %d wei", game_id, request_id,
+                 self.bond)
+        return game_id, token
+
+    def _send_challenge(self, request: st.RequestRecord, claim: st.ClaimRecord
+                        ) -> tuple[int, int] | None:
+        request_id = request.request_id
+        now = self._chain_time()
+        if not policy.window_open(claim.challenge_deadline, now):
+            self._fail_challenge(request_id, "the challenge window closed before the challenge")
+            return None
+        held = self.model.held
+        function = self.game.contract.functions.challenge(
+            request_id, list(request.prompt), held.nodes_root, held.constants_root)
+        tx = {"to": self.game.address, "data": function._encode_transaction_data(),
+              "value": self.bond}
+        try:
+            tx_hash = self.sender.submit(tx, self.game.artifact)
+        except ContractRevert as err:
+            self._fail_challenge(request_id, f"challenge reverted: {err.name}{err.args_decoded}")
+            return None
+        with self.store.transaction() as conn:
+            st.set_challenge_tx(conn, request_id, self.address, self.worker,
+                                "0x" + bytes(tx_hash).hex())
+        metrics.CHALLENGES_SENT.inc()
+        receipt = self.sender.wait(tx_hash)
+        event = self.game.events(receipt, "GameOpened")[0]
+        return event["gameId"], receipt["blockNumber"]
+
+    def _fail_challenge(self, request_id: int, note: str) -> None:
+        with self.store.transaction() as conn:
+            st.finish_challenge(conn, request_id, self.address, "failed", note=note)
+        log.error("claim %d: no challenge: %s", request_id, note)
+
+    def _opened_on_chain(self, request_id: int, from_block: int, tx_hash: str | None
+                         ) -> tuple[int, int] | None:
+        """(game id, block) of a game this watchtower already opened on the request: from
+        its recorded transaction (waited for when still pending) or the GameOpened events."""
+        if tx_hash is not None:
+            try:
+                receipt = self.sender.wait(HexBytes(tx_hash))
+                events = self.game.events(receipt, "GameOpened")
+                if events:
+                    return events[0]["gameId"], receipt["blockNumber"]
+            except (TransactionNotFound, TxFailed):
+                pass  # dropped or reverted: look at the events, then send again
+            except Exception as err:  # web3's TimeExhausted: unknown to the node
+                log.warning("challenge transaction %s: %s", tx_hash, err)
+        logs = self.game.contract.events.GameOpened.get_logs(
+            argument_filters={"requestId": request_id, "challenger": self.address},
+            from_block=from_block)
+        if logs:
+            return logs[0]["args"]["gameId"], logs[0]["blockNumber"]
+        return None
+
+    def _has_pending_transactions(self) -> bool:
+        eth = self.w3.eth
+        return eth.get_transaction_count(self.address, "pending") > eth.get_transaction_count(
+            self.address, "latest")
+
+    # -- play ------------------------------------------------------------------------------
+
+    def play(self, game_id: int, token: str | None = None) -> PlayResult:
+        """One turn of game `game_id`: read it from the chain, make the moves
+        ``prover.game.decide`` gives (recorded before they are sent), and say when to look
+        again. `token`: the play chain this call belongs to (None: a one-off call, e.g. the
+        eager loop's); a call whose token is no longer the game's stops its chain."""
+        with self.store.transaction() as conn:
+            record = st.claim_game(conn, game_id, Role.CHALLENGER, self.worker,
+                                   lease_seconds=self.lease)
+            if record is None:
+                current = st.get_game(conn, game_id, Role.CHALLENGER)
+        if record is None:
+            # Held by another worker, or over: keep this chain only if it is still the game's.
+            alive = (current is not None and current.status == "open"
+                     and (token is None or current.state.get("token") == token))
+            return PlayResult(again=alive and token is not None,
+                              countdown=self.settings.poll_interval)
+        if token is not None and record.state.get("token") != token:
+            with self.store.transaction() as conn:
+                st.release_game(conn, game_id, Role.CHALLENGER, self.worker)
+            return PlayResult(again=False)
+        try:
+            return self._play_turn(record)
+        finally:
+            with self.store.transaction() as conn:
+                st.release_game(conn, game_id, Role.CHALLENGER, self.worker)
+
+    def _play_turn(self, record: GameRecord) -> PlayResult:
+        game_id = record.game_id
+        opened_block = record.state.get("opened_block", self.deployments.block_number)
+        for _ in range(MOVES_PER_TURN):
+            state = self.game.state(game_id, opened_block).state
+            now = self._chain_time()
+            result = policy.outcome(state)
+            if result is not None:
+                self._save(record, state, result, now)
+                return PlayResult(again=False, outcome=result)
+            actions = spec.decide(state, self._trace(record), Role.CHALLENGER, now)
+            if not actions or not self._move(game_id, state, actions[0]):
+                break
+        countdown = policy.next_check(state, now, self.settings.poll_interval)
+        self._save(record, state, "open", now, next_play=time.time() + countdown)
+        return PlayResult(again=True, countdown=countdown)
+
+    def _move(self, game_id: int, state: spec.GameState, action: spec.Action) -> bool:
+        """Record `action` at its position and send it (or wait for the transaction a
+        previous holder of the game sent for it); True when it was mined."""
+        seq = policy.move_position(state, action)
+        kind = type(action).__name__
+        with self.store.transaction() as conn:
+            st.record_move(conn, MoveRecord(game_id, Role.CHALLENGER, seq, Role.CHALLENGER,
+                                            kind, _payload(action)))
+            recorded = next(m for m in st.game_moves(conn, game_id, Role.CHALLENGER)
+                            if m.seq == seq)
+        if recorded.tx_hash is not None and self._mined_or_pending(recorded.tx_hash):
+            log.info("game %d: %s at position %d was already sent (%s)", game_id, kind, seq,
+                     recorded.tx_hash)
+            return True
+        function = self.game.move_function(game_id, action, state)
+        tx = {"to": self.game.address, "data": function._encode_transaction_data()}
+        try:
+            tx_hash = self.sender.submit(tx, self.game.artifact)
+        except ContractRevert as err:
+            # The game moved on since it was read (the provider moved, or a clock ran out).
+            log.info("game %d: %s at position %d not accepted (%s); reading again", game_id,
+                     kind, seq, err.name)
+            return False
+        hex_hash = "0x" + bytes(tx_hash).hex()
+        with self.store.transaction() as conn:
+            st.set_move_transaction(conn, game_id, Role.CHALLENGER, seq, hex_hash)
+        try:
+            receipt = self.sender.wait(tx_hash)
+        except TxFailed as err:
+            log.warning("game %d: %s at position %d failed on chain: %s", game_id, kind, seq,
+                        err)
+            return False
+        with self.store.transaction() as conn:
+            st.set_move_transaction(conn, game_id, Role.CHALLENGER, seq, hex_hash,
+                                    receipt["blockNumber"])
+        metrics.MOVES_SENT.labels(kind=kind).inc()
+        log.info("game %d: sent %s at position %d (tx %s)", game_id, _describe(action), seq,
+                 hex_hash)
+        return True
+
+    def _mined_or_pending(self, tx_hash: str) -> bool:
+        """Whether the node knows `tx_hash` and it has not failed (waits for it if pending)."""
+        try:
+            self.w3.eth.get_transaction(HexBytes(tx_hash))
+        except TransactionNotFound:
+            return False
+        try:
+            self.sender.wait(HexBytes(tx_hash))
+        except TxFailed:
+            return False
+        return True
+
+    def _trace(self, record: GameRecord) -> ModelTrace:
+        """The game's trace, computed once per process (it is deterministic: a restarted
+        worker computes the same one)."""
+        with self._traces_lock:
+            trace = self._traces.get(record.game_id)
+            if trace is None:
+                with self.store.transaction() as conn:
+                    request = st.get_request(conn, record.request_id)
+                    claim = st.get_claim(conn, record.request_id)
+                trace = self.model.trace(list(request.prompt), list(claim.output))
+                self._traces[record.game_id] = trace
+            return trace
+
+    def _save(self, record: GameRecord, state: spec.GameState, status: str, now: float,
+              next_play: float | None = None) -> None:
+        saved = {**record.state}
+        if next_play is not None:
+            saved["next_play"] = next_play
+        with self.store.transaction() as conn:
+            st.update_game(conn, record.game_id, Role.CHALLENGER, self.worker, phase=state.phase,
+                           k=state.k if state.phase not in (spec.Phase.AWAIT_ROOT,
+                                                            spec.Phase.BISECTION) else None,
+                           rounds=state.rounds, status=status, state=saved)
+        if status == "open":
+            metrics.set_clocks(record.game_id, policy.clocks(state, now))
+            return
+        metrics.set_clocks(record.game_id, None)
+        with self._traces_lock:
+            self._traces.pop(record.game_id, None)
+        if status == "won":
+            log.info("game %d: WON (%s) on claim %d; bond back and slash share credited to %s",
+                     record.game_id, state.reason or "resolved", record.request_id, self.address)
+        else:
+            log.error("game %d: LOST (%s) on claim %d; the bond of %d wei is gone",
+                      record.game_id, state.reason or "resolved", record.request_id, self.bond)
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _chain_time(self) -> int:
+        return self.w3.eth.get_block("latest")["timestamp"]
+
+    def close(self) -> None:
+        self.store.dispose()
+
+
+def _payload(action: spec.Action) -> dict:
+    """A small JSON record of the move (the one-step witness is too large to keep)."""
+    if isinstance(action, spec.OneStep):
+        return {"k": action.witness.k, "element": action.witness.out_index}
+    payload = {}
+    for name, value in vars(action).items():
+        if isinstance(value, bytes):
+            payload[name] = "0x" + value.hex()
+        elif isinstance(value, tuple):
+            payload[name] = len(value)  # paths and children: their count is enough to read
+        else:
+            payload[name] = value
+    return payload
+
+
+def _describe(action: spec.Action) -> str:
+    payload = _payload(action)
+    inner = ", ".join(f"{k}={v}" for k, v in payload.items() if not str(v).startswith("0x"))
+    return f"{type(action).__name__}({inner})"
+
+
+def _ids(ids: list[int]) -> str:
+    return ", ".join(map(str, ids[:10])) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
