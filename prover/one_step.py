@@ -157,6 +157,8 @@ def parse_node_description(description: bytes) -> StepNode:
             raise ProofError(f"attribute code {attribute_code} is unknown or out of order")
         previous = attribute_code
         count = reader.unpack(">B")
+        if count == 0 and _CODE_TO_ATTRIBUTE[attribute_code] != "perm":
+            raise ProofError(f"attribute code {attribute_code} is a scalar without a value")
         attributes[_CODE_TO_ATTRIBUTE[attribute_code]] = tuple(
             reader.unpack(">q") for _ in range(count))
     column_source = reader.reference() if op_type == "MatMulInteger" else None

@@ -283,6 +283,12 @@ def test_malformed_descriptions_are_rejected(tiny):
         parse_node_description(description[:-1])
     with pytest.raises(ProofError, match="op code"):
         parse_node_description(b"\0\x63" + description[2:])
+    # ArgMax (op code of OP_ORDER) with no input and an `axis` attribute holding no value.
+    from optinfer.models.opset import OP_ORDER
+
+    argmax = (OP_ORDER.index("ArgMax") + 1).to_bytes(2, "big")
+    with pytest.raises(ProofError, match="without a value"):
+        parse_node_description(argmax + b"\0" + b"\x01" + b"\x01\x00")
 
 
 # ----------------------------------------------------------------------------- every op
