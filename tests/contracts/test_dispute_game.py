@@ -449,3 +449,23 @@ def test_a_colluding_challenger_that_concedes_cannot_save_a_false_claim(stack):
     with pytest.raises(ContractRevert) as raised:
         stack.coordinator.finalize_send(request_id, stack.accounts[6])
     assert raised.value.name == "ClaimNotCommitted"
+
+
+def test_an_honest_claim_through_the_example_consumer_finalizes_with_its_callback(stack):
+    """The whole honest path with the real game deployed: QuestionAsker asks, the provider
+    commits tiny-r1's answer, nobody disputes, the window passes, anyone finalizes: the
+    provider is paid and the answer is stored by the callback."""
+    from optinfer.contracts.coordinator import QuestionAsker
+
+    asker = QuestionAsker.deploy(stack.w3, stack.consumer, stack.coordinator.address)
+    request = RequestSpec(model_id=stack.model_id, prompt=PROMPT, max_tokens=32,
+                          commit_deadline=_now(stack.w3) + 600, callback_gas_limit=200_000)
+    receipt = asker.ask_send(request, FEE, stack.consumer)
+    request_id = stack.coordinator.events(receipt, "RequestPosted")[0]["requestId"]
+    stack.coordinator.commit_output_send(request_id, stack.output, stack.provider)
+    _advance(stack.w3, PARAMS.challenge_window)
+    stack.coordinator.finalize_send(request_id, stack.accounts[6])
+    assert asker.answered(request_id) and asker.answer(request_id) == stack.output
+    assert stack.coordinator.balance_of(stack.provider.address) == FEE
+    assert stack.coordinator.provider_stake(stack.provider.address) == (PARAMS.minimum_stake, 0)
+    assert stack.game.parameter("gameCount") == 0
