@@ -108,6 +108,11 @@ class Settings(BaseSettings):
     model_dir: Path | None = Field(
         None, description="Integer model directory (default: the committed tiny-r1)."
     )
+    provider_lie: Literal["off", "last-token"] = Field(
+        "off",
+        description="Demonstrations only: last-token makes the provider node commit its "
+        "answer with the last token changed and defend the lie, so that it loses its disputes.",
+    )
     database_url: str | None = Field(
         None,
         description="SQLAlchemy URL: sqlite:///PATH or postgresql+psycopg://... "
@@ -229,9 +234,11 @@ class Settings(BaseSettings):
         """The integer model directory (``model_dir``, else the committed tiny-r1)."""
         if self.model_dir is not None:
             return self.model_dir
-        from optinfer.models.tiny_r1 import INTEGER_DIR
+        # Found without importing optinfer.models.tiny_r1, whose training code pulls in torch
+        # (seconds of start-up for every service).
+        import optinfer.models
 
-        return INTEGER_DIR
+        return Path(optinfer.models.__path__[0]) / "tiny-r1" / "integer"
 
     def signer(self, role: Signer, chain_id: int):
         """The LocalAccount that signs for `role` on the chain `chain_id`.

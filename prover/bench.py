@@ -1,0 +1,107 @@
+"""``optinfer bench provider``: what committing costs the provider on the honest path.
+
+On a fresh local anvil with the contracts deployed, N requests are posted; the node records
+them, then serves them all (generation, the ``committing`` row, the commit transaction mined,
+the claim recorded). ``overhead`` is that wall time divided by the wall time of generating the
+same N answers alone (measured before and after, averaged). The node's commits run on a second
+thread while the next answer is generated, so the target (<= 1.05) holds when a commit takes
+less time than a generation.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import random
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from optinfer.contracts.coordinator import InferenceCoordinator, RequestSpec
+from optinfer.prover.provider import ProviderNode
+
+
+def bench_provider(requests: int = 20, max_tokens: int = 32, model_dir: Path | None = None,
+                   threads: int = 1, seed: int = 0,
+                   log: Callable[[str], None] = lambda _: None) -> dict:
+    from optinfer.contracts.localchain import start_anvil
+    from optinfer.models.runtime import IntegerModel
+    from optinfer.models.tiny_r1 import INTEGER_DIR
+    from optinfer.services.chain import connect
+    from optinfer.services.deployments import deploy_all
+    from optinfer.services.store import Store
+
+    model = IntegerModel(model_dir or INTEGER_DIR, threads=threads)
+    rng = random.Random(seed)
+    prompts = [model.encode(f"{rng.randint(1, 999)}+{rng.randint(1, 999)}=")
+               for _ in range(requests)]
+    with tempfile.TemporaryDirectory(prefix="optinfer-bench-") as tmp, start_anvil() as chain:
+        w3 = connect(chain.url)
+        deployer, provider, consumer = chain.accounts[0], chain.accounts[1], chain.accounts[3]
+        log(f"deploying on {chain.url}")
+        deployments = deploy_all(w3, deployer)
+        store = Store(f"sqlite:///{Path(tmp) / 'provider.db'}")
+        store.migrate()
+        node = ProviderNode(w3=w3, store=store, deployments=deployments, model=model,
+                            account=provider)
+        node.ensure_model_registered(register=True)
+        coordinator = node.coordinator
+        stake = (coordinator.parameter("minimumStake")
+                 + requests * coordinator.parameter("stakePerClaim"))
+        node.ensure_provider_registered(stake)
+        _post(coordinator, consumer, node.spec.model_root, prompts, max_tokens)
+        node.watch()
+
+        log(f"generating {requests} answers without committing")
+        model.generate(prompts[0], max_tokens)  # warm the session up
+        before = _generation_seconds(model, prompts, max_tokens)
+        log(f"serving {requests} requests with commits")
+        started = time.perf_counter()
+        served = node.serve_pending()
+        serve_s = time.perf_counter() - started
+        after = _generation_seconds(model, prompts, max_tokens)
+        store.dispose()
+    if len(served) != requests:
+        raise RuntimeError(f"served {len(served)} of {requests} requests")
+    generation_s = (before + after) / 2
+    latencies = [s.latency_s for s in served]
+    commits = [s.commit_s for s in served]
+    return {
+        "overhead": round(serve_s / generation_s, 4),
+        "requests": requests,
+        "max_tokens": max_tokens,
+        "tokens": sum(s.tokens for s in served),
+        "generation_s": round(generation_s, 4),
+        "generation_runs_s": [round(before, 4), round(after, 4)],
+        "serve_with_commit_s": round(serve_s, 4),
+        "commit_s": {"mean": round(statistics.mean(commits), 4),
+                     "max": round(max(commits), 4)},
+        "latency_s": {"p50": round(statistics.median(latencies), 4),
+                      "max": round(max(latencies), 4)},
+        "per_request": [{"request_id": s.request_id, "tokens": s.tokens,
+                         "generate_s": round(s.generate_s, 4), "commit_s": round(s.commit_s, 4),
+                         "latency_s": round(s.latency_s, 4)} for s in served],
+        "model": str(model.dir),
+        "threads": threads,
+        "machine": {"cpu": platform.processor() or platform.machine(),
+                    "cores": os.cpu_count(), "python": platform.python_version()},
+    }
+
+
+def _post(coordinator: InferenceCoordinator, consumer, model_root: bytes,
+          prompts: list[list[int]], max_tokens: int) -> None:
+    deadline = coordinator.w3.eth.get_block("latest")["timestamp"] + 3600
+    fee = 10**15
+    for prompt in prompts:
+        spec = RequestSpec(model_id=model_root, prompt=prompt, max_tokens=max_tokens,
+                           commit_deadline=deadline)
+        coordinator.post_request_send(spec, fee, consumer)
+
+
+def _generation_seconds(model, prompts: list[list[int]], max_tokens: int) -> float:
+    started = time.perf_counter()
+    for prompt in prompts:
+        model.generate(prompt, max_tokens)
+    return time.perf_counter() - started

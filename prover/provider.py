@@ -1,0 +1,742 @@
+"""The provider node: serve requests, commit the answers, defend every dispute until it ends.
+
+One node is one provider key, one model (loaded once) and one database. Each step can be
+driven on its own, in-process (``poll_once``: what the embedded demo and the tests call), or
+by :meth:`ProviderNode.run`, which serves on a thread of its own while the main loop watches
+the chain, plays the games and finalizes claims, so a long generation never makes a game wait.
+
+* Watching: one :class:`EventCursor` over ``RequestPosted`` records every request (status
+  ``open``), one over the DisputeGame's ``GameOpened`` records the games against this
+  provider.
+* Serving: :func:`serve_decision` (pure) says serve, or skip with a reason; a served request
+  is generated greedily with the KV cache, written to its row with status ``committing`` and
+  its output, then committed. Commits run on a second thread so that the next generation
+  overlaps the previous commit (the honest path's overhead is the last commit alone).
+* Crash safety: a ``committing`` row is finished after a restart by asking the chain first
+  (``getRequest``): committed by us -> recorded, still open -> committed again with the same
+  output. Moves are recorded before they are sent, and a recorded move is sent again only if
+  the chain state still asks for exactly that move and its transaction is not known.
+* Defending: every poll reads each open game from the chain and asks ``prover.game.decide``.
+  The trace (``ModelTrace.from_model``) is computed the first time a game needs a provider
+  move, once per disputed claim, never on the honest path; after a restart it is recomputed.
+* Finalizing: a claim past its challenge window with no open dispute is finalized by the
+  node itself (the fee is credited on finalization); `withdraw` collects fees and bonds.
+
+``lie="last-token"`` is for demonstrations only: the node commits its answer with the last
+token changed and defends with the matching dishonest trace, and so loses its disputes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from eth_account.signers.local import LocalAccount
+from hexbytes import HexBytes
+from web3 import Web3
+from web3.exceptions import TransactionNotFound
+from web3.logs import DISCARD
+
+from optinfer.contracts.bindings import ContractRevert
+from optinfer.contracts.coordinator import ZERO_ADDRESS, InferenceCoordinator, Status
+from optinfer.contracts.dispute_game import DisputeGame
+from optinfer.contracts.registry import ModelRegistry, ModelSpec
+from optinfer.errors import UserError
+from optinfer.prover import game as spec
+from optinfer.prover.game import ModelTrace, Phase, Role
+from optinfer.services import store as st
+from optinfer.services.chain import (
+    ChainEvent,
+    EventCursor,
+    RpcUnavailable,
+    TxFailed,
+    TxSender,
+    claim_record,
+    request_record,
+)
+from optinfer.services.deployments import Deployments
+from optinfer.services.store import RequestRecord, Store
+
+log = logging.getLogger("optinfer.provider")
+
+LIE_MODES = ("off", "last-token")
+
+CRASH_ENV = "OPTINFER_CRASH_AT"
+"""Tests only: ``before-commit``, ``after-commit`` or ``before-move-N`` makes the node kill
+itself with SIGKILL at that point (N counts this process's moves from 1), so a test can
+restart it from exactly there."""
+
+REQUESTS_CURSOR = "provider.requests"
+GAMES_CURSOR = "provider.games"
+
+# Stake problems free themselves (claims finalize and unlock stake): the commit waits.
+RETRY_LATER = {"InsufficientFreeStake", "StakeBelowMinimum", "ProviderNotRegistered"}
+
+
+# ------------------------------------------------------------------------ pure decisions
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What :func:`serve_decision` needs to know of the node's model."""
+
+    model_id: str  # 0x + 64 hex digits: the model root, the registry's id
+    max_context: int
+    vocab_size: int
+
+
+def serve_decision(request: RequestRecord, model: ServedModel, provider: str,
+                   now: int) -> str | None:
+    """None when this node should answer `request` at chain time `now`; else why not."""
+    if request.model_id.lower() != model.model_id.lower():
+        return f"model {request.model_id} is not the one this node serves ({model.model_id})"
+    named = request.named_provider
+    if named != ZERO_ADDRESS and named.lower() != provider.lower():
+        return f"named to another provider, {named}"
+    length = len(request.prompt) + request.max_tokens - 1
+    if length > model.max_context:
+        return (f"prompt ({len(request.prompt)} tokens) plus max tokens ({request.max_tokens}) "
+                f"exceed the model's context of {model.max_context}")
+    outside = [token for token in request.prompt if not 0 <= token < model.vocab_size]
+    if outside:
+        return f"prompt token {outside[0]} is outside the vocabulary (0..{model.vocab_size - 1})"
+    if now > request.commit_deadline:
+        return f"its commit deadline {request.commit_deadline} has passed (chain time {now})"
+    return None
+
+
+def claimed_output(output: list[int], lie: str, vocab_size: int) -> list[int]:
+    """What the node commits for its generated `output`: the output itself, or with
+    ``lie="last-token"`` the output with its last token changed (demonstrations only)."""
+    if lie == "off":
+        return list(output)
+    if lie == "last-token":
+        return [*output[:-1], (output[-1] + 1) % vocab_size]
+    raise ValueError(f"lie must be one of {LIE_MODES}, got {lie!r}")
+
+
+def action_payload(action: spec.Action) -> dict[str, Any]:
+    """A move as JSON for the moves table (bytes as 0x-hex, tuples as lists)."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, bytes):
+            return "0x" + value.hex()
+        if isinstance(value, tuple | list):
+            return [plain(item) for item in value]
+        return value
+
+    return {field.name: plain(getattr(action, field.name))
+            for field in dataclasses.fields(action)}
+
+
+def describe(action: spec.Action) -> str:
+    """One short name for a log line: ``PostMid(mid=449)``."""
+    match action:
+        case spec.PostMid(mid=mid) | spec.Agree(mid=mid) | spec.Disagree(mid=mid):
+            return f"{type(action).__name__}(mid={mid})"
+        case spec.RevealLeaf(k=k):
+            return f"RevealLeaf(k={k})"
+        case spec.RevealChildren(children=children):
+            return f"RevealChildren({len(children)})"
+    return type(action).__name__
+
+
+# ---------------------------------------------------------------------------- the node
+
+
+@dataclass(frozen=True)
+class Served:
+    """One request answered: its tokens and timings (seconds)."""
+
+    request_id: int
+    tokens: int
+    generate_s: float
+    commit_s: float
+    latency_s: float  # from the start of its generation to its commit mined
+    tx_hash: str
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """An answer about to be committed (its row says ``committing``)."""
+
+    request_id: int
+    output: list[int]
+    started: float  # time.perf_counter() when its generation started
+    generate_s: float = 0.0
+    resumed: bool = False  # found in `committing` at start: the chain may have it already
+
+
+class _LazyTrace:
+    """A `prover.game.Trace` computed on first use: `decide` touches the trace only when the
+    provider has to move, so a game that only waits for the challenger computes nothing."""
+
+    def __init__(self, compute: Callable[[], ModelTrace]):
+        self._compute = compute
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._compute(), name)
+
+
+def _crash_point(point: str) -> None:
+    if os.environ.get(CRASH_ENV) == point:
+        log.warning("%s=%s: killing this process now", CRASH_ENV, point)
+        logging.shutdown()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class ProviderNode:
+    """The provider node on chain `w3` with `deployments`, `model` and `store` (migrated),
+    signing with `account`. Build it with :meth:`start` to register the model and stake."""
+
+    def __init__(self, *, w3: Web3, store: Store, deployments: Deployments, model,
+                 account: LocalAccount, lie: str = "off", poll_interval: float = 1.0,
+                 confirmations: int = 0, max_block_range: int = 2000):
+        if lie not in LIE_MODES:
+            raise UserError(f"lie must be one of {', '.join(LIE_MODES)}, got {lie!r}")
+        self.w3, self.store, self.deployments, self.model = w3, store, deployments, model
+        self.account = account
+        self.address = account.address
+        self.sender = TxSender(w3, account)
+        self.lie = lie
+        self.poll_interval = poll_interval
+        self.coordinator = InferenceCoordinator(w3, deployments.address("InferenceCoordinator"))
+        self.registry = ModelRegistry(w3, deployments.address("ModelRegistry"))
+        self.game = DisputeGame(w3, deployments.address("DisputeGame"))
+        self.spec = ModelSpec.from_manifest(model.dir / "manifest.json")
+        self.served_model = ServedModel("0x" + self.spec.model_root.hex(), model.max_context,
+                                        model.vocab_size)
+        cursor_options = dict(start_block=deployments.block_number, confirmations=confirmations,
+                              max_block_range=max_block_range)
+        self.requests_cursor = EventCursor(w3, store, REQUESTS_CURSOR, [self.coordinator.contract],
+                                           events=["RequestPosted"], **cursor_options)
+        self.games_cursor = EventCursor(w3, store, GAMES_CURSOR, [self.game.contract],
+                                        events=["GameOpened"], **cursor_options)
+        # The lease holder's name is the key: a restarted node takes its games back at once.
+        self.worker = f"provider:{self.address}"
+        self.lease_seconds = max(60.0, 10 * poll_interval)
+        self._traces: dict[int, ModelTrace] = {}
+        self._moves_sent = 0
+        self._fee_cache: tuple[dict[str, int] | None, float] = (None, 0.0)
+        self.new_requests = threading.Event()
+
+    # -- start-up -------------------------------------------------------------------------
+
+    @classmethod
+    def start(cls, settings, *, register: bool = False, stake: int | None = None,
+              threads: int = 1, lie: str | None = None) -> ProviderNode:
+        """Connect, migrate, load the model once, check (or with `register`, register) the
+        model in the registry, and register and stake the provider if it is not yet."""
+        from optinfer.models.runtime import IntegerModel
+        from optinfer.services.chain import connect_settings
+
+        store = Store(settings.database)
+        store.migrate()
+        w3 = connect_settings(settings)
+        deployments = Deployments.read(settings.deployments_file)
+        deployments.check_chain(w3)
+        model = IntegerModel(settings.model_path, threads=threads)
+        model.session("decode")  # created here, once, not racing the first request
+        account = settings.signer("provider", deployments.chain_id)
+        node = cls(w3=w3, store=store, deployments=deployments, model=model, account=account,
+                   lie=lie or settings.provider_lie, poll_interval=settings.poll_interval,
+                   confirmations=settings.confirmations, max_block_range=settings.max_block_range)
+        node.ensure_model_registered(register)
+        node.ensure_provider_registered(stake)
+        log.info("provider %s serving model %s (%s, %d nodes) on chain %d, coordinator %s%s",
+                 node.address, node.served_model.model_id, model.dir, node.spec.node_count,
+                 deployments.chain_id, node.coordinator.address,
+                 "; LYING at the last token (demonstration mode)" if node.lie != "off" else "")
+        return node
+
+    def ensure_model_registered(self, register: bool) -> None:
+        """UserError unless the model's root is registered (or `register` registers it)."""
+        root = self.spec.model_root
+        if not self.registry.is_registered(root):
+            if not register:
+                raise UserError(
+                    f"model {self.served_model.model_id} ({self.model.dir}) is not registered "
+                    f"in the ModelRegistry at {self.registry.address}: pass --register to "
+                    "register it, or set OPTINFER_MODEL_DIR to a registered model")
+            receipt = self.sender.transact(
+                self.registry.contract.functions.register(*self.spec.as_args()),
+                artifact=self.registry.artifact)
+            log.info("registered model %s in tx %s", self.served_model.model_id,
+                     receipt["transactionHash"].to_0x_hex())
+            return
+        registered = self.registry.get_model(root).spec
+        if (registered.node_count, registered.max_context) != (self.spec.node_count,
+                                                               self.spec.max_context):
+            raise UserError(
+                f"model {self.served_model.model_id} is registered with {registered.node_count} "
+                f"nodes and context {registered.max_context}, but {self.model.dir} has "
+                f"{self.spec.node_count} and {self.spec.max_context}: disputes would fail")
+
+    def ensure_provider_registered(self, stake: int | None) -> None:
+        """Register and stake (`stake` wei, default the coordinator's minimum) unless this
+        key is a provider already."""
+        functions = self.coordinator.contract.functions
+        if functions.isProvider(self.address).call():
+            staked, locked = self.coordinator.provider_stake(self.address)
+            log.info("provider %s already registered: stake %d wei, %d locked", self.address,
+                     staked, locked)
+            return
+        minimum = self.coordinator.parameter("minimumStake")
+        amount = minimum if stake is None else stake
+        if amount < minimum:
+            raise UserError(f"--stake {amount} is below the coordinator's minimum stake "
+                            f"{minimum} wei")
+        receipt = self.sender.transact(functions.registerProvider(), value=amount,
+                                       artifact=self.coordinator.artifact)
+        log.info("registered provider %s with stake %d wei in tx %s", self.address, amount,
+                 receipt["transactionHash"].to_0x_hex())
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def poll_once(self) -> list[Served]:
+        """One step of everything, in order: watch, serve, defend, finalize."""
+        self.watch()
+        served = self.serve_pending()
+        self.defend()
+        self.finalize_due()
+        return served
+
+    def run(self, stop: threading.Event) -> None:
+        """Until `stop` is set: serve on a thread of its own; watch, defend and finalize every
+        poll interval here. Errors are logged and the step retried on the next poll: a node
+        that stops over one bad request would leave its games undefended."""
+        serving = threading.Thread(target=self._serve_loop, args=(stop,), name="serve")
+        serving.start()
+        try:
+            while not stop.is_set():
+                for step in (self.watch, self.defend, self.finalize_due):
+                    self._guarded(step)
+                stop.wait(self.poll_interval)
+        finally:
+            stop.set()
+            self.new_requests.set()
+            serving.join()
+
+    def _serve_loop(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            self.new_requests.clear()
+            self._guarded(self.serve_pending)
+            self.new_requests.wait(self.poll_interval)
+
+    @staticmethod
+    def _guarded(step: Callable[[], Any]) -> None:
+        try:
+            step()
+        except RpcUnavailable as err:
+            log.error("%s: %s", step.__name__, err)
+        except Exception:
+            log.exception("%s failed; retrying on the next poll", step.__name__)
+
+    # -- watching -------------------------------------------------------------------------
+
+    def watch(self) -> int:
+        """Record new requests and the games opened against this provider; how many events
+        were handled."""
+        handled = self.requests_cursor.poll(self._on_request)
+        handled += self.games_cursor.poll(self._on_game_opened)
+        return handled
+
+    def _on_request(self, conn, event: ChainEvent) -> None:
+        record = request_record(event)
+        if st.upsert_request(conn, record):
+            log.info("request %d: %d prompt tokens, max %d, model %s", record.request_id,
+                     len(record.prompt), record.max_tokens, record.model_id)
+            self.new_requests.set()
+
+    def _on_game_opened(self, conn, event: ChainEvent) -> None:
+        args = event.args
+        if args["provider"] != self.address:
+            return
+        game_id, request_id = args["gameId"], args["requestId"]
+        record = st.GameRecord(
+            game_id=game_id, player=Role.PROVIDER, request_id=request_id,
+            phase=Phase.AWAIT_ROOT, k=None, rounds=0, status="open",
+            state={"opened_block": event.block_number, "challenger": args["challenger"]})
+        if st.create_game(conn, record):
+            st.set_claim_status(conn, request_id, "disputed", expected="committed")
+            log.info("game %d: %s disputes request %d; defending", game_id, args["challenger"],
+                     request_id)
+
+    # -- serving --------------------------------------------------------------------------
+
+    def serve_pending(self) -> list[Served]:
+        """Finish every ``committing`` request, then answer every open one, until none is
+        left; generations run here, one at a time, commits on a second thread."""
+        with self.store.transaction() as conn:
+            unfinished = st.requests_with_status(conn, "committing", limit=1_000_000)
+        futures: list[Future] = []
+        with ThreadPoolExecutor(1, thread_name_prefix="commit") as committer:
+            for request in unfinished:
+                futures.append(committer.submit(self._commit, Prepared(
+                    request.request_id, list(request.output), time.perf_counter(),
+                    resumed=True)))
+            while (prepared := self._prepare_next()) is not False:
+                if prepared is not None:
+                    futures.append(committer.submit(self._commit, prepared))
+            results = [future.result() for future in futures]
+        return [served for served in results if served is not None]
+
+    def _prepare_next(self) -> Prepared | None | bool:
+        """Generate the oldest open request: its Prepared, None when it was skipped, False
+        when no request is open."""
+        with self.store.transaction() as conn:
+            pending = st.requests_with_status(conn, "open", limit=1)
+        if not pending:
+            return False
+        request = pending[0]
+        # The chain's clock, for the deadline: a commit mined after it reverts anyway.
+        reason = serve_decision(request, self.served_model, self.address, self._chain_time())
+        if reason is not None:
+            self._skip(request.request_id, reason, expected="open")
+            return None
+        started = time.perf_counter()
+        output = self.model.generate(request.prompt, request.max_tokens)
+        generate_s = time.perf_counter() - started
+        committed = claimed_output(output, self.lie, self.model.vocab_size)
+        with self.store.transaction() as conn:
+            # The row that makes the commit survive a crash: a restart commits this output.
+            st.set_request_status(conn, request.request_id, "committing", expected="open",
+                                  output=committed)
+        return Prepared(request.request_id, committed, started, generate_s)
+
+    def _commit(self, prepared: Prepared) -> Served | None:
+        """Commit `prepared` unless the chain already has an answer; idempotent."""
+        request_id = prepared.request_id
+        if prepared.resumed:
+            onchain = self.coordinator.get_request(request_id)
+            if onchain.status is not Status.OPEN:
+                self._settle(request_id, onchain)
+                return None
+        _crash_point("before-commit")
+        started = time.perf_counter()
+        function = self.coordinator.contract.functions.commitOutput(request_id, prepared.output)
+        try:
+            # A fresh answer goes straight to the gas estimate, which reverts (nothing sent)
+            # when the request is no longer open.
+            tx_hash = self.sender.submit({"to": function.address,
+                                          "data": function._encode_transaction_data(),
+                                          **self._fees()},
+                                         self.coordinator.artifact)
+            _crash_point("after-commit")
+            receipt = self.sender.wait(tx_hash)
+        except ContractRevert as err:
+            if err.name in RETRY_LATER:
+                log.warning("request %d: cannot commit yet (%s); will retry", request_id, err)
+                return None
+            if err.name == "RequestNotOpen":
+                self._settle(request_id, self.coordinator.get_request(request_id))
+            else:
+                self._skip(request_id, f"the commit reverts with {err.name or err}",
+                           expected="committing")
+            return None
+        except TxFailed:
+            # A copy sent before a restart got in first, or the state changed under us.
+            self._settle(request_id, self.coordinator.get_request(request_id))
+            return None
+        commit_s = time.perf_counter() - started
+        (event,) = self.coordinator.contract.events.OutputCommitted().process_receipt(
+            receipt, errors=DISCARD)
+        self._record_claim(_chain_event(event))
+        served = Served(request_id, len(prepared.output), prepared.generate_s, commit_s,
+                        time.perf_counter() - prepared.started, "0x" + bytes(tx_hash).hex())
+        log.info("served request %d: %d tokens in %.2f s, committed in tx %s (block %d)",
+                 request_id, served.tokens, prepared.generate_s, served.tx_hash,
+                 receipt["blockNumber"])
+        return served
+
+    def _settle(self, request_id: int, onchain) -> None:
+        """The request is no longer open on chain: record what happened to it."""
+        if onchain.status is not Status.OPEN and onchain.provider == self.address \
+                and onchain.status is not Status.REFUNDED:
+            logs = self.coordinator.contract.events.OutputCommitted().get_logs(
+                argument_filters={"requestId": request_id},
+                from_block=self.deployments.block_number)
+            if logs:
+                event = _chain_event(logs[0])
+                self._record_claim(event)
+                log.info("request %d: already committed by this node in tx %s; recorded",
+                         request_id, event.tx_hash)
+                return
+        who = "another provider" if onchain.provider not in (ZERO_ADDRESS, self.address) \
+            else "nobody"
+        self._skip(request_id, f"it is {onchain.status.name.lower()} on chain (answered by "
+                   f"{who})", expected=("open", "committing"))
+
+    def _record_claim(self, event: ChainEvent) -> None:
+        claim = claim_record(event)
+        with self.store.transaction() as conn:
+            st.record_claim(conn, claim)
+            st.set_request_status(conn, claim.request_id, "committed",
+                                  expected=("open", "committing"), output=claim.output)
+
+    def _skip(self, request_id: int, reason: str, expected) -> None:
+        with self.store.transaction() as conn:
+            st.set_request_status(conn, request_id, "skipped", expected=expected, note=reason)
+        log.info("skipped request %d: %s", request_id, reason)
+
+    def _chain_time(self) -> int:
+        return self.w3.eth.get_block("latest")["timestamp"]
+
+    def _fees(self) -> dict[str, int]:
+        """TxSender's fee rule (room for the base fee to double), asked of the node once per
+        poll interval rather than per commit: the base fee moves at most 12.5% a block, and
+        two round trips per commit are a visible share of a small model's generation."""
+        fees, asked_at = self._fee_cache
+        if fees is None or time.monotonic() - asked_at > self.poll_interval:
+            fees = self.sender._fees()
+            self._fee_cache = (fees, time.monotonic())
+        return fees
+
+    # -- defending ------------------------------------------------------------------------
+
+    def defend(self) -> None:
+        """One turn in every open game of this provider."""
+        with self.store.transaction() as conn:
+            games = st.games_with_status(conn, Role.PROVIDER, "open")
+        for record in games:
+            with self.store.transaction() as conn:
+                leased = st.claim_game(conn, record.game_id, Role.PROVIDER, self.worker,
+                                       lease_seconds=self.lease_seconds)
+            if leased is None:
+                continue
+            try:
+                self._play(leased)
+            except ContractRevert as err:
+                # Nothing was sent (the estimate reverted): the next poll reads the game again.
+                log.warning("game %d: move rejected (%s); reading the game again next poll",
+                            record.game_id, err)
+        open_requests = {record.request_id for record in games}
+        for request_id in list(self._traces):
+            if request_id not in open_requests:
+                del self._traces[request_id]
+
+    def _play(self, record: st.GameRecord) -> None:
+        game_id = record.game_id
+        onchain = self.game.state(game_id, record.state.get("opened_block", 0))
+        state = onchain.state
+        if state.phase is Phase.RESOLVED:
+            self._finish(record, state)
+            return
+        now = self._chain_time()
+        with self.store.transaction() as conn:
+            st.update_game(conn, game_id, Role.PROVIDER, self.worker, phase=state.phase,
+                           k=_disputed_node(state), rounds=state.rounds, status="open",
+                           state=_game_summary(record, state, now))
+        trace = _LazyTrace(lambda: self._trace(record.request_id))
+        for action in spec.decide(state, trace, Role.PROVIDER, now):
+            self._send_move(record, state, action)
+
+    def _trace(self, request_id: int) -> ModelTrace:
+        """The trace this node defends `request_id` with: computed once per dispute."""
+        if request_id not in self._traces:
+            started = time.perf_counter()
+            prompt = self._prompt(request_id)
+            output = self.coordinator.get_output(request_id)
+            trace = ModelTrace.from_model(self.model, prompt, output)
+            if self.lie != "off":
+                # What a lying provider commits to: its trace ends in the claimed tokens.
+                trace = trace.with_output(trace.node_count, np.asarray(output, np.int64))
+            self._traces[request_id] = trace
+            log.info("request %d: trace of %d nodes computed in %.1f s", request_id,
+                     trace.node_count, time.perf_counter() - started)
+        return self._traces[request_id]
+
+    def _prompt(self, request_id: int) -> list[int]:
+        with self.store.transaction() as conn:
+            request = st.get_request(conn, request_id)
+        if request is not None:
+            return list(request.prompt)
+        logs = self.coordinator.contract.events.RequestPosted().get_logs(
+            argument_filters={"requestId": request_id}, from_block=self.deployments.block_number)
+        if not logs:
+            raise RuntimeError(f"request {request_id} has no RequestPosted event")
+        return list(logs[0]["args"]["prompt"])
+
+    def _send_move(self, record: st.GameRecord, state: spec.GameState,
+                   action: spec.Action) -> None:
+        """Record `action`, then send it. A move recorded before a restart and asked for again
+        by the chain state is the same move: it keeps its row, and it is sent again only when
+        its transaction never made it."""
+        game_id = record.game_id
+        kind, payload = type(action).__name__, action_payload(action)
+        with self.store.transaction() as conn:
+            moves = st.game_moves(conn, game_id, Role.PROVIDER)
+            last = moves[-1] if moves else None
+            if last is not None and last.block_number is None and (last.kind, last.payload) \
+                    == (kind, payload):
+                seq = last.seq
+                if last.tx_hash is not None and self._landed(conn, record, seq, last.tx_hash):
+                    return
+            else:
+                seq = last.seq + 1 if last is not None else 0
+                st.record_move(conn, st.MoveRecord(game_id, Role.PROVIDER, seq, Role.PROVIDER,
+                                                   kind, payload))
+        self._moves_sent += 1
+        _crash_point(f"before-move-{self._moves_sent}")
+        function = self.game.move_function(game_id, action, state)
+        tx_hash = self.sender.submit({"to": function.address,
+                                      "data": function._encode_transaction_data()},
+                                     self.game.artifact)
+        hex_hash = "0x" + bytes(tx_hash).hex()
+        with self.store.transaction() as conn:
+            st.set_move_transaction(conn, game_id, Role.PROVIDER, seq, hex_hash)
+        receipt = self.sender.wait(tx_hash)
+        with self.store.transaction() as conn:
+            st.set_move_transaction(conn, game_id, Role.PROVIDER, seq, hex_hash,
+                                    receipt["blockNumber"])
+        log.info("game %d: %s in tx %s", game_id, describe(action), hex_hash)
+
+    def _landed(self, conn, record: st.GameRecord, seq: int, tx_hash: str) -> bool:
+        """Whether the recorded transaction of move `seq` is mined (recorded now) or pending;
+        False when it failed or the node never had it (then it is sent again)."""
+        try:
+            receipt = self.w3.eth.get_transaction_receipt(HexBytes(tx_hash))
+        except TransactionNotFound:
+            try:
+                self.w3.eth.get_transaction(HexBytes(tx_hash))
+            except TransactionNotFound:
+                return False
+            log.info("game %d: move %d is pending in tx %s; waiting", record.game_id, seq,
+                     tx_hash)
+            return True
+        if receipt["status"] != 1:
+            return False
+        st.set_move_transaction(conn, record.game_id, Role.PROVIDER, seq, tx_hash,
+                                receipt["blockNumber"])
+        return True
+
+    def _finish(self, record: st.GameRecord, state: spec.GameState) -> None:
+        won = state.winner is Role.PROVIDER
+        with self.store.transaction() as conn:
+            st.update_game(conn, record.game_id, Role.PROVIDER, self.worker, phase=state.phase,
+                           k=_disputed_node(state), rounds=state.rounds,
+                           status="won" if won else "lost",
+                           state=_game_summary(record, state, None))
+            st.release_game(conn, record.game_id, Role.PROVIDER, self.worker)
+            if not won:
+                st.set_claim_status(conn, record.request_id, "slashed")
+                st.set_request_status(conn, record.request_id, "rejected")
+        log.info("game %d on request %d: %s (%s) after %d rounds", record.game_id,
+                 record.request_id, "won" if won else "LOST", state.reason, state.rounds)
+
+    # -- finalizing -----------------------------------------------------------------------
+
+    def finalize_due(self) -> None:
+        """Finalize every claim of this node whose challenge window has closed and that no
+        dispute holds up; record rejected and refunded ones."""
+        with self.store.transaction() as conn:
+            committed = st.requests_with_status(conn, "committed", limit=1_000_000)
+            due = [(request, st.get_claim(conn, request.request_id)) for request in committed]
+        if not due:
+            return
+        now = self._chain_time()
+        for request, claim in due:
+            if claim is None or claim.provider != self.address or now < claim.challenge_deadline:
+                continue
+            onchain = self.coordinator.get_request(request.request_id)
+            if onchain.status is Status.COMMITTED and onchain.open_disputes == 0:
+                try:
+                    self.sender.transact(
+                        self.coordinator.contract.functions.finalize(request.request_id),
+                        artifact=self.coordinator.artifact)
+                except ContractRevert as err:
+                    log.warning("request %d: finalize reverts (%s); retrying later",
+                                request.request_id, err)
+                    continue
+                onchain = self.coordinator.get_request(request.request_id)
+            self._record_outcome(request.request_id, onchain)
+
+    def _record_outcome(self, request_id: int, onchain) -> None:
+        outcome = {Status.FINALIZED: ("finalized", "finalized"),
+                   Status.REJECTED: ("rejected", "slashed")}.get(onchain.status)
+        if outcome is None:
+            return
+        request_status, claim_status = outcome
+        with self.store.transaction() as conn:
+            changed = st.set_request_status(conn, request_id, request_status,
+                                            expected="committed")
+            st.set_claim_status(conn, request_id, claim_status)
+        if changed and onchain.status is Status.FINALIZED:
+            callback = ("no callback" if onchain.callback == ZERO_ADDRESS else
+                        "callback delivered" if onchain.callback_succeeded else
+                        "callback failed")
+            log.info("finalized request %d: fee %d wei credited, %s", request_id, onchain.fee,
+                     callback)
+        elif changed:
+            log.info("request %d: claim rejected on chain", request_id)
+
+
+# ----------------------------------------------------------------------------- withdraw
+
+
+def withdraw(w3: Web3, deployments: Deployments, account: LocalAccount) -> dict[str, int]:
+    """Send `account` its fees and stake credited by the coordinator and the bonds it won in
+    the dispute game; the wei withdrawn from each (0 when there was nothing)."""
+    sender = TxSender(w3, account)
+    withdrawn = {}
+    for name, binding in (("InferenceCoordinator", InferenceCoordinator),
+                          ("DisputeGame", DisputeGame)):
+        contract = binding(w3, deployments.address(name))
+        amount = contract.balance_of(account.address)
+        if amount:
+            receipt = sender.transact(contract.contract.functions.withdraw(),
+                                      artifact=contract.artifact)
+            log.info("withdrew %d wei from the %s in tx %s", amount, name,
+                     receipt["transactionHash"].to_0x_hex())
+        withdrawn[name] = amount
+    return withdrawn
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _chain_event(event) -> ChainEvent:
+    """A web3 decoded event (from a receipt or get_logs) as the cursor's ChainEvent."""
+    return ChainEvent(name=event["event"], address=Web3.to_checksum_address(event["address"]),
+                      args=dict(event["args"]), block_number=event["blockNumber"],
+                      log_index=event["logIndex"],
+                      tx_hash="0x" + bytes(event["transactionHash"]).hex())
+
+
+def _disputed_node(state: spec.GameState) -> int | None:
+    """k once the bisection has narrowed the dispute to one node, else None."""
+    return state.k if state.hi == state.lo + 1 else None
+
+
+def _game_summary(record: st.GameRecord, state: spec.GameState,
+                  now: float | None) -> dict[str, Any]:
+    """What the games row keeps of the chain's state (the chain stays the authority)."""
+    summary = {**record.state, "lo": state.lo, "hi": state.hi,
+               "to_move": state.to_move.value if state.to_move else None,
+               "winner": state.winner.value if state.winner else None, "reason": state.reason}
+    if now is not None:
+        summary["provider_seconds_left"] = state.clock.remaining(Role.PROVIDER, now)
+        summary["challenger_seconds_left"] = state.clock.remaining(Role.CHALLENGER, now)
+    return summary
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[threading.Event]:
+    """An event set by SIGINT or SIGTERM (a clean stop between two steps)."""
+    stop = threading.Event()
+    previous = {signum: signal.signal(signum, lambda *_: stop.set())
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

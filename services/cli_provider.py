@@ -1,0 +1,106 @@
+"""``optinfer provider run``, ``optinfer provider withdraw`` and ``optinfer bench provider``.
+
+Registered on the apps of ``services/cli.py`` when that module imports this one.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from optinfer.errors import UserError
+from optinfer.services.cli import AsJson, Threads, app, bench_app, emit, out
+from optinfer.services.settings import load_settings
+
+ConfigFile = Annotated[Path | None, typer.Option(
+    "--config", help="TOML settings file (default: $OPTINFER_CONFIG); see docs/operators.md.")]
+RpcUrl = Annotated[str | None, typer.Option(
+    "--rpc-url", help="JSON-RPC endpoint (default: the rpc_url setting).")]
+
+provider_app = typer.Typer(no_args_is_help=True,
+                           help="The provider node: serve requests, commit, defend disputes.")
+app.add_typer(provider_app, name="provider")
+
+
+def log_to_stderr() -> None:
+    """One line per event on stderr, with the time; the libraries' chatter stays out."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    for noisy in ("web3", "urllib3", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@provider_app.command("run")
+def provider_run(
+    register: Annotated[bool, typer.Option(
+        "--register", help="Register the model in the ModelRegistry if it is not yet "
+        "(paid by the provider key).")] = False,
+    stake: Annotated[int | None, typer.Option(
+        "--stake", help="Wei to stake when the provider registers (default: the "
+        "coordinator's minimum stake). Ignored once registered.")] = None,
+    lie: Annotated[str | None, typer.Option(
+        "--lie", help="Demonstrations only: last-token commits wrong answers, which lose "
+        "their disputes (default: the provider_lie setting, off).")] = None,
+    threads: Threads = 1,
+    rpc_url: RpcUrl = None,
+    config: ConfigFile = None,
+) -> None:
+    """Serve requests, commit answers and defend disputes until Ctrl-C (or SIGTERM)."""
+    from optinfer.prover.provider import ProviderNode, stop_on_signals
+
+    log_to_stderr()
+    settings = load_settings(config=config, rpc_url=rpc_url, provider_lie=lie)
+    if stake is not None and stake <= 0:
+        raise UserError("--stake must be a positive number of wei")
+    node = ProviderNode.start(settings, register=register, stake=stake, threads=threads)
+    with stop_on_signals() as stop:
+        node.run(stop)
+    logging.getLogger("optinfer.provider").info("stopped")
+
+
+@provider_app.command("withdraw")
+def provider_withdraw(
+    rpc_url: RpcUrl = None,
+    config: ConfigFile = None,
+    as_json: AsJson = False,
+) -> None:
+    """Withdraw the fees credited by the coordinator and the bonds won in disputes."""
+    from optinfer.prover.provider import withdraw
+    from optinfer.services.chain import connect_settings
+    from optinfer.services.deployments import Deployments
+
+    log_to_stderr()
+    settings = load_settings(config=config, rpc_url=rpc_url)
+    w3 = connect_settings(settings)
+    deployments = Deployments.read(settings.deployments_file)
+    deployments.check_chain(w3)
+    account = settings.signer("provider", deployments.chain_id)
+    withdrawn = withdraw(w3, deployments, account)
+    emit({"provider": account.address, "withdrawn_wei": withdrawn}, as_json,
+         lambda d: out.print(", ".join(f"{amount} wei from the {name}"
+                                       for name, amount in d["withdrawn_wei"].items()),
+                             highlight=False, soft_wrap=True))
+
+
+@bench_app.command("provider")
+def bench_provider(
+    requests: Annotated[int, typer.Option("--requests", help="Requests served.")] = 20,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Max tokens per request.")
+                          ] = 32,
+    model: Annotated[Path | None, typer.Option(
+        "--model", help="Converted model directory (default: the committed tiny-r1).")] = None,
+    threads: Threads = 1,
+    as_json: AsJson = True,
+) -> None:
+    """Honest-path overhead on a local anvil: serve-with-commit time / generation time."""
+    from optinfer.prover.bench import bench_provider as run
+
+    if requests < 1 or max_tokens < 1:
+        raise UserError("--requests and --max-tokens must be >= 1")
+    result = run(requests=requests, max_tokens=max_tokens, model_dir=model, threads=threads,
+                 log=lambda line: print(line, file=sys.stderr))
+    emit(result, as_json, lambda d: out.print_json(data=d))

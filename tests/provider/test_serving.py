@@ -1,0 +1,231 @@
+"""Serving: the serve/skip decision, requests served end to end by `optinfer provider run`
+(registration, commit, finalization, the consumer's callback), requests it cannot serve, and
+kill -9 around the commit."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+
+import pytest
+
+from optinfer.contracts.coordinator import ZERO_ADDRESS, QuestionAsker, RequestSpec, Status
+from optinfer.errors import UserError
+from optinfer.prover import game as spec
+from optinfer.prover.provider import (
+    ProviderNode,
+    ServedModel,
+    action_payload,
+    claimed_output,
+    serve_decision,
+)
+from optinfer.services import store as st
+from optinfer.services.settings import load_settings
+from optinfer.services.store import RequestRecord, Store
+
+from .conftest import FEE, MAX_TOKENS, PROMPT_TEXT, optinfer
+
+PROVIDER = "0x" + "11" * 20
+MODEL = ServedModel(model_id="0x" + "ab" * 32, max_context=128, vocab_size=18)
+
+
+def _request(**changes) -> RequestRecord:
+    values = dict(request_id=1, consumer="0x" + "22" * 20, model_id=MODEL.model_id,
+                  prompt=[1, 6, 7], max_tokens=32, fee=FEE, callback=ZERO_ADDRESS,
+                  callback_gas_limit=0, named_provider=ZERO_ADDRESS, commit_deadline=1000,
+                  block_number=1, tx_hash="0x" + "00" * 32)
+    values.update(changes)
+    return RequestRecord(**values)
+
+
+# ----------------------------------------------------------------------- pure decisions
+
+
+def test_serve_decision_serves_open_requests_and_its_named_ones():
+    assert serve_decision(_request(), MODEL, PROVIDER, now=999) is None
+    assert serve_decision(_request(named_provider=PROVIDER.upper().replace("0X", "0x")),
+                          MODEL, PROVIDER, now=1000) is None
+    # The longest request that fits: prompt + max_tokens - 1 == max_context.
+    assert serve_decision(_request(prompt=[1] * 29, max_tokens=100), MODEL, PROVIDER, 0) is None
+
+
+@pytest.mark.parametrize(("changes", "now", "reason"), [
+    ({"model_id": "0x" + "cd" * 32}, 0, r"model 0xcdcd.* is not the one this node serves"),
+    ({"named_provider": "0x" + "33" * 20}, 0, r"named to another provider, 0x3333"),
+    ({"prompt": [1] * 30, "max_tokens": 100}, 0,
+     r"prompt \(30 tokens\) plus max tokens \(100\) exceed the model's context of 128"),
+    ({"prompt": [1, 18]}, 0, r"prompt token 18 is outside the vocabulary \(0..17\)"),
+    ({}, 1001, r"its commit deadline 1000 has passed \(chain time 1001\)"),
+])
+def test_serve_decision_names_why_it_skips(changes, now, reason):
+    assert re.match(reason, serve_decision(_request(**changes), MODEL, PROVIDER, now))
+
+
+def test_the_lie_changes_only_the_last_token_and_only_when_asked():
+    assert claimed_output([5, 9, 2], "off", 18) == [5, 9, 2]
+    assert claimed_output([5, 9, 2], "last-token", 18) == [5, 9, 3]
+    assert claimed_output([5, 9, 17], "last-token", 18) == [5, 9, 0]
+    with pytest.raises(ValueError):
+        claimed_output([1], "first-token", 18)
+
+
+def test_a_move_is_recorded_as_plain_json():
+    move = spec.RevealLeaf(k=3, tensor_root=b"\x01" * 32, dtype=7, shape=(1, 2),
+                           data_root=b"\x02" * 32, path=(b"\x03" * 32,))
+    payload = action_payload(move)
+    assert json.loads(json.dumps(payload)) == payload
+    assert payload == {"k": 3, "tensor_root": "0x" + "01" * 32, "dtype": 7, "shape": [1, 2],
+                       "data_root": "0x" + "02" * 32, "path": ["0x" + "03" * 32]}
+
+
+# ----------------------------------------------------------------------- in-process node
+
+
+def _node(protocol, database_url: str, model) -> ProviderNode:
+    store = Store(database_url)
+    store.migrate()
+    return ProviderNode(w3=protocol.w3, store=store, deployments=protocol.deployments,
+                        model=model, account=protocol.provider, poll_interval=0.2)
+
+
+def test_requests_it_cannot_serve_are_skipped_with_the_reason_logged(registered, database_url,
+                                                                     model, tiny_spec, caplog):
+    """Another model, another provider's request, a token outside the vocabulary and a passed
+    deadline are left alone, each with its reason in the log and the database; the one
+    servable request is answered with the model's greedy output."""
+    protocol = registered
+    other = dataclasses.replace(tiny_spec, model_root=b"\x42" * 32)
+    protocol.registry.register_send(other, protocol.accounts[0])
+    node = _node(protocol, database_url, model)
+    node.ensure_model_registered(register=False)
+    node.ensure_provider_registered(None)
+    prompt = model.encode(PROMPT_TEXT)
+    ids = {
+        "other model": protocol.post(prompt, model_id=other.model_root),
+        "named": protocol.post(prompt, named_provider=protocol.accounts[5].address),
+        "vocabulary": protocol.post([1, model.vocab_size + 3]),
+        "deadline": protocol.post(prompt, deadline_in=5),
+        "served": protocol.post(prompt),
+    }
+    protocol.advance(10)
+    with caplog.at_level(logging.INFO, logger="optinfer.provider"):
+        served = node.poll_once()
+    assert [s.request_id for s in served] == [ids["served"]]
+    expected = {
+        "other model": f"model 0x{'42' * 32} is not the one this node serves",
+        "named": f"named to another provider, {protocol.accounts[5].address}",
+        "vocabulary": f"prompt token {model.vocab_size + 3} is outside the vocabulary",
+        "deadline": "its commit deadline",
+    }
+    with node.store.transaction() as conn:
+        for what, fragment in expected.items():
+            record = st.get_request(conn, ids[what])
+            assert record.status == "skipped" and fragment in record.note, what
+            assert f"skipped request {ids[what]}: {record.note}" in caplog.text
+        answered = st.get_request(conn, ids["served"])
+        claim = st.get_claim(conn, ids["served"])
+    assert answered.status == "committed"
+    assert answered.output == claim.output == model.generate(prompt, MAX_TOKENS)
+    assert protocol.coordinator.get_output(ids["served"]) == answered.output
+    for what in expected:
+        assert protocol.coordinator.get_request(ids[what]).status is Status.OPEN
+    # Polling again changes nothing: each request was handled once.
+    assert node.poll_once() == []
+    node.store.dispose()
+
+
+def test_start_up_refuses_an_unregistered_model_with_one_clear_message(protocol):
+    settings = load_settings(rpc_url=protocol.w3.provider.endpoint_uri,
+                             deployments=protocol.file)
+    with pytest.raises(UserError, match=r"is not registered in the ModelRegistry at 0x.*"
+                                        r"pass --register"):
+        ProviderNode.start(settings)
+
+
+# ------------------------------------------------------------------------- as it is run
+
+
+def test_a_request_is_served_committed_finalized_and_called_back(protocol, postgres_url,
+                                                                 run_provider, model):
+    """End to end on Postgres: `provider run` refuses the unregistered model, then with
+    --register registers it and stakes; a QuestionAsker request is answered, committed and,
+    after the challenge window, finalized by the node, with the answer delivered to the
+    consumer contract."""
+    refused = optinfer("provider", "run", env={
+        "OPTINFER_RPC_URL": protocol.w3.provider.endpoint_uri,
+        "OPTINFER_DEPLOYMENTS": str(protocol.file), "OPTINFER_DATABASE_URL": postgres_url})
+    assert refused.returncode == 2
+    assert refused.stderr.count("\n") == 1 and "pass --register" in refused.stderr
+
+    node = run_provider(protocol, postgres_url, "--register")
+    node.wait_for(r"serving model 0x[0-9a-f]{64}")
+    assert protocol.registry.is_registered(protocol.model_root)
+    minimum = protocol.coordinator.parameter("minimumStake")
+    assert protocol.coordinator.provider_stake(protocol.provider.address) == (minimum, 0)
+
+    asker = QuestionAsker.deploy(protocol.w3, protocol.consumer, protocol.coordinator.address)
+    prompt = model.encode(PROMPT_TEXT)
+    request = RequestSpec(model_id=protocol.model_root, prompt=prompt, max_tokens=MAX_TOKENS,
+                          commit_deadline=protocol.now() + 600, callback_gas_limit=300_000)
+    receipt = asker.ask_send(request, FEE, protocol.consumer)
+    request_id = protocol.coordinator.events(receipt, "RequestPosted")[0]["requestId"]
+    served = node.wait_for(rf"served request {request_id}: (\d+) tokens .* committed in tx "
+                           r"(0x[0-9a-f]{64})")
+    answer = model.generate(prompt, MAX_TOKENS)
+    assert int(served.group(1)) == len(answer)
+    assert protocol.coordinator.get_output(request_id) == answer
+    assert not asker.answered(request_id)
+
+    protocol.advance(protocol.coordinator.parameter("challengeWindow"))
+    node.wait_for(rf"finalized request {request_id}: fee {FEE} wei credited, callback delivered")
+    assert asker.answered(request_id) and asker.answer(request_id) == answer
+    assert protocol.coordinator.get_request(request_id).status is Status.FINALIZED
+    assert protocol.coordinator.balance_of(protocol.provider.address) == FEE
+    assert node.stop() == 0
+    store = Store(postgres_url)
+    with store.transaction() as conn:
+        assert st.get_request(conn, request_id).status == "finalized"
+        assert st.get_claim(conn, request_id).status == "finalized"
+    store.dispose()
+
+
+@pytest.mark.parametrize("crash_at", ["before-commit", "after-commit"])
+def test_kill_9_around_the_commit_then_restart_serves_the_request_exactly_once(
+        registered, sqlite_url, run_provider, model, crash_at):
+    """The node dies (SIGKILL) right before sending the commit, or right after sending it and
+    before recording it; restarted, it finds the `committing` row, asks the chain, and commits
+    exactly once in all."""
+    protocol = registered
+    first = run_provider(protocol, sqlite_url, env={"OPTINFER_CRASH_AT": crash_at})
+    first.wait_for("serving model")
+    provider = protocol.provider.address
+    nonce_at_start = protocol.w3.eth.get_transaction_count(provider)  # after registering
+    prompt = model.encode(PROMPT_TEXT)
+    request_id = protocol.post(prompt)
+    assert first.wait_exit() == -9
+    store = Store(sqlite_url)
+    with store.transaction() as conn:
+        row = st.get_request(conn, request_id)
+    answer = model.generate(prompt, MAX_TOKENS)
+    assert (row.status, row.output) == ("committing", answer)
+    committed_before_restart = protocol.coordinator.get_request(request_id).status
+    assert committed_before_restart is (Status.OPEN if crash_at == "before-commit"
+                                        else Status.COMMITTED)
+
+    second = run_provider(protocol, sqlite_url)
+    if crash_at == "before-commit":
+        second.wait_for(rf"served request {request_id}: ")
+    else:
+        second.wait_for(rf"request {request_id}: already committed by this node")
+    assert second.stop() == 0
+    assert protocol.w3.eth.get_transaction_count(provider) == nonce_at_start + 1
+    commits = protocol.coordinator.contract.events.OutputCommitted().get_logs(
+        argument_filters={"requestId": request_id}, from_block=0)
+    assert len(commits) == 1 and list(commits[0]["args"]["output"]) == answer
+    with store.transaction() as conn:
+        assert st.get_request(conn, request_id).status == "committed"
+        assert st.get_claim(conn, request_id).tx_hash == "0x" + bytes(
+            commits[0]["transactionHash"]).hex()
+    store.dispose()
