@@ -27,7 +27,7 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Req
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 from web3.exceptions import Web3RPCError
 
 from optinfer.contracts.bindings import ContractRevert
@@ -138,24 +138,28 @@ class GameView(BaseModel):
     roles: list[GameRoleView]
 
 
-class PostRequestBody(BaseModel):
-    """A request to post on chain from the node's consumer account."""
+class RequestOptions(BaseModel):
+    """What a posted request holds besides its prompt."""
 
-    prompt: str | None = Field(None, min_length=1, max_length=100_000,
-                               description="Prompt text, tokenized by the model's tokenizer.")
-    prompt_tokens: list[Annotated[int, Field(ge=0, lt=2**32)]] | None = Field(
-        None, min_length=1, max_length=100_000, description="Or the prompt as token ids.")
+    # Unknown keys are refused: with the two prompt forms below, a body holding both (or a
+    # misspelt key) must not be read as one of them.
+    model_config = ConfigDict(extra="forbid")
+
     max_tokens: int = Field(ge=1, le=consumer.MAX_TOKENS_ON_CHAIN)
     fee: str = Field(str(consumer.DEFAULT_FEE), pattern=WEI,
                      description="Wei paid to the provider, as decimal digits (< 2**96).")
     commit_seconds: int = Field(consumer.DEFAULT_COMMIT_SECONDS, ge=1, le=30 * 86400,
                                 description="Seconds a provider has to commit an answer.")
 
-    @model_validator(mode="after")
-    def _one_prompt(self) -> PostRequestBody:
-        if (self.prompt is None) == (self.prompt_tokens is None):
-            raise ValueError("give exactly one of prompt and prompt_tokens")
-        return self
+
+class TextPrompt(RequestOptions):
+    prompt: str = Field(min_length=1, max_length=100_000,
+                        description="Prompt text, tokenized by the model's tokenizer.")
+
+
+class TokenPrompt(RequestOptions):
+    prompt_tokens: list[Annotated[int, Field(ge=0, lt=2**32)]] = Field(
+        min_length=1, max_length=100_000, description="The prompt as token ids.")
 
 
 class PostedRequestView(BaseModel):
@@ -401,10 +405,14 @@ def get_request(request_id: Annotated[int, Path(ge=0, le=MAX_ID)], node: NodeDep
 @requests_router.post(
     "", status_code=201, response_model=PostedRequestView,
     dependencies=[Depends(require_api_key)], responses=errors(400, 401, 403, 503))
-def post_request(body: PostRequestBody, node: NodeDep) -> PostedRequestView:
-    """Post a request on chain for the node's model, paid by the node's consumer account."""
+def post_request(body: TextPrompt | TokenPrompt, node: NodeDep) -> PostedRequestView:
+    """Post a request on chain for the node's model, paid by the node's consumer account.
+    The prompt is either `prompt` (text) or `prompt_tokens` (ids), never both."""
     try:
-        tokens = consumer.prompt_tokens(node.model, body.prompt, body.prompt_tokens)
+        if isinstance(body, TextPrompt):
+            tokens = consumer.prompt_tokens(node.model, text=body.prompt)
+        else:
+            tokens = consumer.prompt_tokens(node.model, tokens=body.prompt_tokens)
         consumer.check_request(node.model, tokens, body.max_tokens, int(body.fee))
     except UserError as err:
         raise HTTPException(400, str(err)) from None
