@@ -330,7 +330,7 @@ def bench_dispute(
 
 
 # Commands defined in modules of their own attach themselves to the apps above on import.
-from optinfer.services import cli_api, cli_chain, cli_provider  # noqa: E402, F401
+from optinfer.services import cli_api, cli_chain, cli_challenger, cli_provider  # noqa: E402, F401
 
 
 def main() -> None:

@@ -1,0 +1,108 @@
+"""``optinfer challenger run`` (the watchtower) and ``optinfer bench watchtower``.
+
+Registered on the apps of ``services/cli.py`` when that module imports this one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from optinfer.errors import UserError
+from optinfer.services.cli import AsJson, app, bench_app, emit, out
+from optinfer.services.settings import load_settings
+
+ConfigFile = Annotated[Path | None, typer.Option(
+    "--config", help="TOML settings file (default: $OPTINFER_CONFIG); see docs/operators.md.")]
+RpcUrl = Annotated[str | None, typer.Option(
+    "--rpc-url", help="JSON-RPC endpoint (default: the rpc_url setting).")]
+
+challenger_app = typer.Typer(
+    no_args_is_help=True,
+    help="The watchtower: verify every claim, dispute the false ones, play their games.")
+app.add_typer(challenger_app, name="challenger")
+
+log = logging.getLogger("optinfer.watchtower")
+
+
+@challenger_app.command("run")
+def challenger_run(
+    concurrency: Annotated[int, typer.Option(
+        "--concurrency", help="Tasks this worker runs at once (threads; with a broker).")] = 2,
+    beat: Annotated[bool, typer.Option(
+        "--beat/--no-beat", help="Also send the periodic scan (with a broker; run it in at "
+        "least one worker of a deployment).")] = True,
+    metrics_port: Annotated[int | None, typer.Option(
+        "--metrics-port", help="Serve Prometheus metrics on this port (default: the "
+        "metrics_port setting; unset: none).")] = None,
+    rpc_url: RpcUrl = None,
+    config: ConfigFile = None,
+) -> None:
+    """Run the watchtower until Ctrl-C (or SIGTERM).
+
+    With a broker (broker_url): a Celery worker on the queue celery_queue, with beat unless
+    --no-beat. Without one: everything in this process, scanning every poll_interval.
+    """
+    from optinfer.challenger import metrics, tasks
+    from optinfer.challenger.app import configure
+    from optinfer.challenger.watchtower import Watchtower
+
+    if concurrency < 1:
+        raise UserError("--concurrency must be >= 1")
+    settings = load_settings(config=config, rpc_url=rpc_url, metrics_port=metrics_port)
+    celery = configure(settings)
+    if settings.broker_url is None:
+        _log_to_stderr()
+    watchtower = Watchtower(settings)  # a bad deployment or model stops here, in one line
+    tasks.use_watchtower(watchtower)
+    if settings.metrics_port is not None:
+        metrics.serve(settings.metrics_port)
+    mode = (f"broker {settings.broker_url}, queue {settings.celery_queue}"
+            if settings.broker_url else "eager mode (one process)")
+    print(f"watchtower {watchtower.address} on {settings.rpc_url}, model "
+          f"0x{watchtower.model.held.model_root.hex()}, {mode}", file=sys.stderr, flush=True)
+    if settings.broker_url is None:
+        stop = threading.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: stop.set())
+        tasks.run_eager(stop)
+        log.info("stopped")
+        return
+    argv = ["worker", "--pool", "threads", "--concurrency", str(concurrency),
+            "--loglevel", "INFO", "-n", f"watchtower-{os.getpid()}@%h",
+            "--without-gossip", "--without-mingle"]
+    if beat:
+        settings.state_dir.mkdir(parents=True, exist_ok=True)
+        argv += ["--beat", "--schedule", str(settings.state_dir / "celerybeat-schedule")]
+    celery.worker_main(argv)
+
+
+def _log_to_stderr() -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    for noisy in ("web3", "urllib3", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@bench_app.command("watchtower")
+def bench_watchtower(
+    claims: Annotated[int, typer.Option("--claims", help="Honest claims in the burst.")] = 200,
+    prompts: Annotated[int, typer.Option(
+        "--prompts", help="Distinct prompts the requests cycle through (1..8).")] = 8,
+    as_json: AsJson = True,
+) -> None:
+    """Verification throughput of one watchtower process on tiny-r1 (local anvil)."""
+    from optinfer.challenger.bench import PROMPTS
+    from optinfer.challenger.bench import bench_watchtower as run
+
+    if claims < 1 or not 1 <= prompts <= len(PROMPTS):
+        raise UserError(f"--claims must be >= 1 and --prompts in 1..{len(PROMPTS)}")
+    result = run(claims=claims, prompts=prompts, log=lambda line: print(line, file=sys.stderr))
+    emit(result, as_json, lambda d: out.print_json(data=d))

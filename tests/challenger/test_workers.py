@@ -1,0 +1,176 @@
+"""Watchtower workers as real processes (`celery -A optinfer.challenger.app worker`, and
+`optinfer challenger run`) on the real Redis broker and the real Postgres, against anvil:
+racing workers, a worker killed with kill -9 mid-game, a burst of honest claims."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import sqlalchemy as sa
+from celery import Celery
+
+from optinfer.challenger import tasks
+from optinfer.challenger.bench import commit_claims, honest_answers
+from optinfer.prover.game import Role
+from optinfer.services import store as st
+from tests.challenger.conftest import (
+    BOND,
+    DEMO_COORDINATOR_PARAMS,
+    VENV_BIN,
+    Stack,
+    defend,
+    deploy_stack,
+    lie,
+    tiny,
+    wait_for,
+    worker_env,
+)
+
+SLASH_SHARE = (DEMO_COORDINATOR_PARAMS.stake_per_claim
+               * DEMO_COORDINATOR_PARAMS.challenger_share_bps // 10_000)
+
+pytestmark = pytest.mark.xdist_group("watchtower_workers")
+
+
+class Database:
+    """Reads of the watchtower's Postgres schema, from the test."""
+
+    def __init__(self, url: str):
+        self.engine = sa.create_engine(url)
+
+    def verdicts(self) -> dict[int, str | None]:
+        try:
+            with self.engine.connect() as conn:
+                return dict(conn.execute(
+                    sa.select(st.claims.c.request_id, st.claims.c.verdict)).all())
+        except sa.exc.ProgrammingError:  # the worker has not created the tables yet
+            return {}
+
+    def moves(self, game_id: int) -> list[st.MoveRecord]:
+        with self.engine.connect() as conn:
+            return st.game_moves(conn, game_id, Role.CHALLENGER)
+
+    def challenges(self) -> int:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(sa.func.count()).select_from(st.challenges)).scalar()
+
+
+@pytest.fixture
+def database(postgres_url):
+    db = Database(postgres_url)
+    yield db
+    db.engine.dispose()
+
+
+def client(broker) -> Celery:
+    """A Celery client that sends to the workers' queue (not the app of this process)."""
+    return Celery("test-client", broker=broker[0],
+                  task_default_queue=broker[1], broker_connection_retry_on_startup=True)
+
+
+def game_of(stack: Stack, request_id: int, timeout: float = 60) -> int:
+    (game_id,) = wait_for(lambda: stack.games_of(request_id), timeout, "the challenge")
+    return game_id
+
+
+def assert_no_repeated_transaction(stack: Stack, nonce_before: int, moves) -> None:
+    """Every transaction the watchtower sent was the challenge or one recorded move, each
+    mined successfully: nothing was sent twice."""
+    w3 = stack.w3
+    assert w3.eth.get_transaction_count(stack.watchtower.address) == nonce_before + 1 + len(moves)
+    assert len({move.seq for move in moves}) == len(moves)
+    for move in moves:
+        assert w3.eth.get_transaction_receipt(move.tx_hash)["status"] == 1, move
+
+
+def test_two_workers_racing_open_one_dispute_and_never_send_a_move_twice(
+        stack, postgres_url, broker, workers, database, tmp_path):
+    """Two workers, each with its own beat (so every scan happens twice), and the test keeps
+    sending extra verify and play tasks for the same claim and game: one game is opened, and
+    no move goes out twice."""
+    env = worker_env(stack, postgres_url, broker, tmp_path / "state")
+    for name in ("a", "b"):
+        workers.celery(env, name)
+    nonce_before = stack.w3.eth.get_transaction_count(stack.watchtower.address)
+    reward_before = stack.watchtower_reward()
+    liar = lie("node", seed=5)
+    request_id = stack.claim(liar.prompt, liar.claimed)
+    sender = client(broker)
+    for _ in range(4):
+        sender.send_task(tasks.VERIFY, args=[request_id])
+    game_id = game_of(stack, request_id)
+    extra_plays = 0
+
+    def race() -> bool:
+        nonlocal extra_plays
+        if extra_plays < 60:
+            sender.send_task(tasks.PLAY, args=[game_id])
+            extra_plays += 1
+        return False
+
+    try:
+        state = defend(stack, game_id, liar.trace, done=race)
+        state = defend(stack, game_id, liar.trace)
+    except AssertionError:
+        print(workers.logs(), file=sys.stderr)
+        raise
+    assert state.winner is Role.CHALLENGER and state.k == liar.k
+    assert stack.games_of(request_id) == [game_id]
+    moves = wait_for(lambda: [m for m in database.moves(game_id)]
+                     if all(m.block_number for m in database.moves(game_id)) else None,
+                     10, "the last move's block")
+    assert_no_repeated_transaction(stack, nonce_before, moves)
+    assert stack.watchtower_reward() == reward_before + BOND + SLASH_SHARE
+
+
+def test_a_worker_killed_mid_game_is_replaced_and_the_game_is_won_in_time(
+        chain, w3, postgres_url, broker, workers, database, tmp_path):
+    """`optinfer challenger run` plays a false claim's game; kill -9 takes it down (worker,
+    beat and all) after a few moves; a fresh `celery ... worker` finds the game in the
+    database and on chain and wins it with time to spare on a 10-minute clock."""
+    stack = deploy_stack(chain, w3, tmp_path, clock_seconds=600)
+    env = worker_env(stack, postgres_url, broker, tmp_path / "state")
+    nonce_before = w3.eth.get_transaction_count(stack.watchtower.address)
+    first = workers.start([str(VENV_BIN / "optinfer"), "challenger", "run", "--concurrency",
+                           "2"], env, "first")
+    liar = lie("node", seed=11)
+    request_id = stack.claim(liar.prompt, liar.claimed)
+    game_id = game_of(stack, request_id)
+    try:
+        defend(stack, game_id, liar.trace, done=lambda: len(database.moves(game_id)) >= 3)
+        workers.kill(first)
+        killed_after = len(database.moves(game_id))
+        workers.celery(env, "second")
+        state = defend(stack, game_id, liar.trace)
+    except AssertionError:
+        print(workers.logs(), file=sys.stderr)
+        raise
+    assert killed_after >= 3
+    assert state.winner is Role.CHALLENGER and state.reason == "one-step"
+    assert state.clock.challenger_seconds > 0
+    moves = wait_for(lambda: [m for m in database.moves(game_id)]
+                     if all(m.block_number for m in database.moves(game_id)) else None,
+                     10, "the last move's block")
+    assert len(moves) > killed_after
+    assert_no_repeated_transaction(stack, nonce_before, moves)
+
+
+def test_a_burst_of_200_honest_claims_is_all_verified_and_nothing_disputed(
+        stack, postgres_url, broker, workers, database, tmp_path):
+    env = worker_env(stack, postgres_url, broker, tmp_path / "state")
+    workers.celery(env, "burst", concurrency=2)
+    answers = honest_answers(tiny(), ["12+34=", "5+7=", "23+19=", "40+2="])
+    ids = commit_claims(stack.w3, stack.coordinator, stack.model_id, stack.consumer,
+                        stack.provider, answers, 200)
+    try:
+        verdicts = wait_for(
+            lambda: (v := database.verdicts()) and len(v) == 200 and all(v.values()) and v,
+            120, "200 verdicts", every=0.5)
+    except AssertionError:
+        print(workers.logs(), file=sys.stderr)
+        raise
+    assert sorted(verdicts) == ids
+    assert set(verdicts.values()) == {"valid"}
+    assert database.challenges() == 0
+    assert all(stack.games_of(request_id) == [] for request_id in ids[:5] + ids[-5:])
