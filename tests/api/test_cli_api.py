@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -29,6 +30,10 @@ from .conftest import API_KEY, ETHER, TINY_R1
 OPTINFER = str(Path(sys.executable).parent / "optinfer")
 MODEL = IntegerModel(TINY_R1)
 PROMPT = "12+34="
+OPERATORS_DOC = Path(__file__).resolve().parents[2] / "docs" / "operators.md"
+# The commands docs/operators.md shows, run here as shown.
+DOCUMENTED_REQUEST = ["request", "--prompt", PROMPT, "--max-tokens", "40", "--wait"]
+DOCUMENTED_API = ["api"]
 
 
 @pytest.fixture
@@ -112,7 +117,7 @@ def test_request_wait_prints_the_answer_text(env, chain, w3, coordinator):
     provider = chain.accounts[1]
     coordinator.register_provider_send(2 * ETHER, provider)
     before = coordinator.parameter("requestCount")
-    process = start(["request", "--prompt", PROMPT, "--max-tokens", "40", "--wait"], env)
+    process = start(DOCUMENTED_REQUEST, env)
     request = posted_request(coordinator, before, process)
     answer = MODEL.generate(list(request["prompt"]), 40)
     coordinator.commit_output_send(request["requestId"], answer, provider)
@@ -175,7 +180,7 @@ def test_request_refuses_bad_input_in_one_line(env, coordinator, args, message):
 def test_api_command_serves_the_model_to_fetch_model(env, w3, deployment, tmp_path):
     env = {**env, "OPTINFER_API_KEY": API_KEY,
            "OPTINFER_DATABASE_URL": f"sqlite:///{tmp_path / 'api.db'}"}
-    process = start(["api", "--port", "0"], env)
+    process = start([*DOCUMENTED_API, "--port", "0"], env)  # a free port, not 8000
     try:
         started = read_until(process, "Uvicorn running on")
         url = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", started).group(1)
@@ -188,3 +193,14 @@ def test_api_command_serves_the_model_to_fetch_model(env, w3, deployment, tmp_pa
         process.send_signal(signal.SIGINT)
         process.communicate(timeout=30)
     assert process.returncode == 0
+
+
+def test_the_documented_commands_are_the_tested_ones():
+    doc = OPERATORS_DOC.read_text(encoding="utf-8")
+    section = doc.split("\n## HTTP API\n", 1)[1]
+    blocks = re.findall(r"```sh\n(.*?)```", section, re.DOTALL)
+    commands = [shlex.split(line) for block in blocks for line in block.strip().splitlines()]
+    assert commands == [
+        ["OPTINFER_API_KEY=a-long-random-secret", ".venv/bin/optinfer", *DOCUMENTED_API],
+        [".venv/bin/optinfer", *DOCUMENTED_REQUEST],
+    ]
