@@ -7,6 +7,7 @@ else is a bug and keeps its traceback. Progress goes to stderr, results (and `--
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 from contextlib import contextmanager
@@ -329,6 +330,30 @@ def bench_dispute(
     emit(result, as_json, lambda d: out.print_json(data=d))
 
 
+@app.command("demo")
+def demo(
+    question: Annotated[str, typer.Option(
+        "--question", help="An addition for tiny-r1, such as 12+34=.")] = "12+34=",
+    as_json: AsJson = False,
+) -> None:
+    """The whole system on a local chain: an honest answer finalized, a lying provider caught."""
+    import re
+
+    from optinfer.services.demo import run_demo
+
+    if not re.fullmatch(r"\d{1,3}\+\d{1,3}=", question):
+        raise UserError(f"--question must be an addition like 12+34=, got {question!r}")
+    # Ctrl-C (and SIGTERM) must unwind through the demo's context managers, which stop anvil
+    # and remove the temporary state, even where the parent process left SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    result = run_demo(console=None if as_json else out, question=question)
+    if as_json:
+        sys.stdout.write(json.dumps(result) + "\n")
+    if not result["ok"]:
+        raise typer.Exit(1)
+
+
 # Commands defined in modules of their own attach themselves to the apps above on import.
 from optinfer.services import cli_api, cli_chain, cli_challenger, cli_provider  # noqa: E402, F401
 
@@ -337,7 +362,9 @@ def main() -> None:
     import click
 
     try:
-        app(standalone_mode=False)
+        # Without standalone mode, typer *returns* the code of a `typer.Exit` raised by a
+        # command (and 130 for Ctrl-C) instead of exiting: it must become the exit status.
+        code = app(standalone_mode=False)
     except UserError as error:
         err.print(f"[red]error:[/red] {error}", markup=True, highlight=False, soft_wrap=True)
         sys.exit(2)
@@ -349,3 +376,7 @@ def main() -> None:
     except click.ClickException as error:
         error.show()
         sys.exit(error.exit_code)
+    if isinstance(code, int) and code != 0:
+        if code == 130:
+            err.print("aborted")
+        sys.exit(code)

@@ -42,6 +42,10 @@ def test_verify_accepts_the_real_output_and_rejects_a_forgery(random_model, clai
     bad = cli_json("verify", "--model", random_model, "--prompt-tokens", prompt,
                    "--output-tokens", ",".join(map(str, forged)))
     assert bad == {"valid": False, "first_mismatch": len(output) - 1, "reason": bad["reason"]}
+    # Without --json an invalid claim is the exit status too (typer's Exit code reaches it).
+    plain = cli("verify", "--model", random_model, "--prompt-tokens", prompt,
+                "--output-tokens", ",".join(map(str, forged)))
+    assert plain.returncode == 1 and "INVALID" in plain.stdout
 
 
 def test_trace_root_is_the_same_with_one_and_two_threads(random_model, claim):
