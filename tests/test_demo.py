@@ -1,0 +1,75 @@
+"""`optinfer demo`, the README's main job, run as a user runs it: a subprocess on a fresh
+anvil it starts itself, everything else in-process (SQLite, Celery eager mode)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+OPTINFER = str(Path(sys.executable).parent / "optinfer")
+
+pytestmark = pytest.mark.xdist_group("demo")
+
+
+def test_the_demo_finalizes_an_honest_answer_and_slashes_a_lying_provider():
+    proc = subprocess.run([OPTINFER, "demo", "--json"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert result["ok"] and all(result["checks"].values())
+    honest, fraud = result["honest"], result["fraud"]
+    assert honest["answer"] == 46 and honest["finalized"] and honest["callback_delivered"]
+    assert honest["verdict"] == "valid" and not honest["disputed"]
+    assert fraud["provider_slashed"] and fraud["winner"] == "challenger"
+    assert fraud["rounds"] >= 10 and fraud["one_step_gas"] > 21_000
+    assert fraud["gas"]["challenge"] > 0 and fraud["gas"]["oneStep"] == fraud["one_step_gas"]
+    before, after = result["balances"]["before"], result["balances"]["after"]
+    assert after["lying provider"]["stake"] < before["lying provider"]["stake"]
+    assert after["watchtower"]["credited"] > 0
+    assert after["honest provider"]["credited"] > before["honest provider"]["credited"]
+
+
+def test_the_demo_shows_the_bisection_and_the_closing_tables():
+    proc = subprocess.run([OPTINFER, "demo"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "COLUMNS": "120"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    for expected in ("▶ honest flow", "▶ fraud flow", "bisection over nodes [0, 898]",
+                     "round: challenger", "node 898 = next_tokens", "one-step submitted",
+                     "balances", "gas", "wall time"):
+        assert expected in out, expected
+
+
+def test_a_bad_question_is_one_line_and_exit_2():
+    proc = subprocess.run([OPTINFER, "demo", "--question", "hello"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "must be an addition" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_ctrl_c_leaves_no_process_behind():
+    proc = subprocess.Popen([OPTINFER, "demo"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    parent = psutil.Process(proc.pid)
+    deadline = time.monotonic() + 120
+    children: list[psutil.Process] = []
+    while time.monotonic() < deadline and not any(
+            "anvil" in child.name() for child in children):
+        time.sleep(0.2)
+        children = parent.children(recursive=True)
+    assert any("anvil" in child.name() for child in children), "anvil never started"
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)
+    assert proc.returncode != 0
+    time.sleep(0.5)
+    alive = [child for child in children if child.is_running()
+             and child.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, alive
