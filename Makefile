@@ -30,7 +30,7 @@ $(TOOLS_STAMP): $(TOOLCHAIN)/package.json $(TOOLCHAIN)/package-lock.json
 	touch $(TOOLS_STAMP)
 
 demo: $(STAMP) $(TOOLS_STAMP)
-	$(VENV)/bin/optinfer model demo
+	$(VENV)/bin/optinfer demo
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
