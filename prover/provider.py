@@ -526,8 +526,9 @@ class ProviderNode:
 
     def _play(self, record: st.GameRecord) -> None:
         game_id = record.game_id
-        onchain = self.game.state(game_id, record.state.get("opened_block", 0))
-        state = onchain.state
+        state = self._read_game(record)
+        if state is None:
+            return
         if state.phase is Phase.RESOLVED:
             self._finish(record, state)
             return
@@ -539,6 +540,18 @@ class ProviderNode:
         trace = _LazyTrace(lambda: self._trace(record.request_id))
         for action in spec.decide(state, trace, Role.PROVIDER, now):
             self._send_move(record, state, action)
+
+    def _read_game(self, record: st.GameRecord, attempts: int = 3) -> spec.GameState | None:
+        """The game as of one block. The binding reads the game and its events in several
+        calls; a block mined between them (the challenger's move landing) can give a state
+        that never existed, so a read that straddles two blocks is done again. None when
+        every attempt did (the next poll tries again)."""
+        for _ in range(attempts):
+            block = self.w3.eth.block_number
+            state = self.game.state(record.game_id, record.state.get("opened_block", 0)).state
+            if self.w3.eth.block_number == block:
+                return state
+        return None
 
     def _trace(self, request_id: int) -> ModelTrace:
         """The trace this node defends `request_id` with: computed once per dispute."""
@@ -576,21 +589,31 @@ class ProviderNode:
         with self.store.transaction() as conn:
             moves = st.game_moves(conn, game_id, Role.PROVIDER)
             last = moves[-1] if moves else None
-            if last is not None and last.block_number is None and (last.kind, last.payload) \
-                    == (kind, payload):
+            seq = last.seq + 1 if last is not None else 0
+            if last is not None and last.block_number is None \
+                    and (last.kind, last.payload) == (kind, payload):
+                # This very move was recorded before a restart: send it only if its
+                # transaction never made it.
                 seq = last.seq
                 if last.tx_hash is not None and self._landed(conn, record, seq, last.tx_hash):
                     return
             else:
-                seq = last.seq + 1 if last is not None else 0
+                if last is not None and last.block_number is None \
+                        and st.forget_unsent_move(conn, game_id, Role.PROVIDER, last.seq):
+                    seq = last.seq  # the chain asks for another move than the one never sent
                 st.record_move(conn, st.MoveRecord(game_id, Role.PROVIDER, seq, Role.PROVIDER,
                                                    kind, payload))
         self._moves_sent += 1
         _crash_point(f"before-move-{self._moves_sent}")
         function = self.game.move_function(game_id, action, state)
-        tx_hash = self.sender.submit({"to": function.address,
-                                      "data": function._encode_transaction_data()},
-                                     self.game.artifact)
+        try:
+            tx_hash = self.sender.submit({"to": function.address,
+                                          "data": function._encode_transaction_data()},
+                                         self.game.artifact)
+        except ContractRevert:
+            with self.store.transaction() as conn:
+                st.forget_unsent_move(conn, game_id, Role.PROVIDER, seq)
+            raise
         hex_hash = "0x" + bytes(tx_hash).hex()
         with self.store.transaction() as conn:
             st.set_move_transaction(conn, game_id, Role.PROVIDER, seq, hex_hash)

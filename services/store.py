@@ -722,6 +722,17 @@ def set_move_transaction(
     ).rowcount == 1
 
 
+def forget_unsent_move(conn: Connection, game_id: int, player: Role, seq: int) -> bool:
+    """Delete move `seq` if no transaction carries it (the contract refused it before it was
+    sent, or the chain now asks for another move): the table keeps the moves made. True when
+    it did."""
+    return conn.execute(
+        sa.delete(moves)
+        .where(moves.c.game_id == game_id, moves.c.player == player.value, moves.c.seq == seq,
+               moves.c.tx_hash.is_(None))
+    ).rowcount == 1
+
+
 def game_moves(conn: Connection, game_id: int, player: Role) -> list[MoveRecord]:
     """The recorded moves of the game, in order."""
     rows = conn.execute(

@@ -180,6 +180,19 @@ def test_move_is_never_recorded_twice(store: Store):
     assert recorded[0].tx_hash == "0x" + "aa" * 32 and recorded[0].block_number == 30
 
 
+def test_only_a_move_without_a_transaction_can_be_forgotten(store: Store):
+    with store.transaction() as conn:
+        st.record_move(conn, MoveRecord(7, Role.PROVIDER, 0, Role.PROVIDER, "PostRoot", {}))
+        st.set_move_transaction(conn, 7, Role.PROVIDER, 0, "0x" + "aa" * 32)
+        st.record_move(conn, MoveRecord(7, Role.PROVIDER, 1, Role.PROVIDER, "PostMid", {}))
+        assert st.forget_unsent_move(conn, 7, Role.PROVIDER, 0) is False
+        assert st.forget_unsent_move(conn, 7, Role.PROVIDER, 1) is True
+        # Its slot is free again, for the move the chain asks for instead.
+        assert st.record_move(conn, MoveRecord(7, Role.PROVIDER, 1, Role.PROVIDER, "Timeout",
+                                               {})) is True
+        assert [m.kind for m in st.game_moves(conn, 7, Role.PROVIDER)] == ["PostRoot", "Timeout"]
+
+
 def test_move_uniqueness_is_the_database_constraint(store: Store):
     # Even a plain INSERT that skips record_move's ON CONFLICT is refused.
     values = dict(game_id=7, player="provider", seq=0, actor="provider", kind="PostRoot",

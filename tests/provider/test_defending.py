@@ -1,0 +1,154 @@
+"""Defending: `optinfer provider run` plays its disputes on its own against a challenger
+driven in the test process (prover.game.decide on the chain's state): it beats a dishonest
+challenger even when killed -9 mid-game and restarted, and with the demonstration knob
+`--lie last-token` it plays its lie to the end and loses."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from optinfer.contracts.coordinator import Status
+from optinfer.prover import game as spec
+from optinfer.prover.game import ModelTrace, Phase, Role
+from optinfer.services import store as st
+from optinfer.services.store import Store
+
+from .conftest import MAX_TOKENS, PROMPT_TEXT, Protocol, ProviderProcess, changed, optinfer
+
+GAME_TIMEOUT_S = 150
+
+
+def _open_game(protocol: Protocol, request_id: int, prompt: list[int], trace: ModelTrace,
+               challenger) -> int:
+    committed = trace.committed
+    return protocol.game.challenge_send(request_id, prompt, committed.nodes_root,
+                                        committed.constants_root, challenger)
+
+
+def _play_challenger(protocol: Protocol, game_id: int, trace: ModelTrace, challenger,
+                     provider: ProviderProcess, restart=None) -> spec.GameState:
+    """Answer every challenger turn with `decide` on `trace` until the game ends. When the
+    provider process dies, `restart()` starts it again (once)."""
+    deadline = time.monotonic() + GAME_TIMEOUT_S
+    while time.monotonic() < deadline:
+        block = protocol.w3.eth.block_number
+        state = protocol.game.state(game_id).state
+        if protocol.w3.eth.block_number != block:
+            continue  # the provider moved while the game was read: read it again
+        if state.phase is Phase.RESOLVED:
+            return state
+        if state.to_move is Role.CHALLENGER:
+            for action in spec.decide(state, trace, Role.CHALLENGER, protocol.now()):
+                protocol.game.submit(game_id, action, challenger, state)
+            continue
+        if provider.process.poll() is not None:
+            assert restart is not None, f"the provider exited:\n{provider.log()}"
+            provider, restart = restart(), None
+        time.sleep(0.1)
+    pytest.fail(f"the game did not end in {GAME_TIMEOUT_S} s:\n{provider.log()}")
+
+
+def test_a_dishonest_challenger_loses_to_the_node_even_across_a_kill_9_mid_game(
+        registered, sqlite_url, run_provider, model):
+    """The node answers honestly; a challenger plays a corrupted trace against it. The node
+    dies (SIGKILL) after recording its fourth move and before sending it; restarted, it reads
+    the game back, sends that move once, wins on the one-step, and the bond is its to
+    withdraw (`optinfer provider withdraw`)."""
+    protocol = registered
+    node = run_provider(protocol, sqlite_url, env={"OPTINFER_CRASH_AT": "before-move-4"})
+    node.wait_for("serving model")
+    prompt = model.encode(PROMPT_TEXT)
+    request_id = protocol.post(prompt)
+    node.wait_for(rf"served request {request_id}: ")
+    output = protocol.coordinator.get_output(request_id)
+    honest = ModelTrace.from_model(model, prompt, output)
+    k = honest.node_count // 3
+    corrupted = honest.with_output(k, changed(honest.tensor(k)))
+    challenger = protocol.accounts[4]
+    provider = protocol.provider.address
+    nonce_before_game = protocol.w3.eth.get_transaction_count(provider)
+    bond = protocol.game.parameter("challengerBond")
+    game_id = _open_game(protocol, request_id, prompt, honest, challenger)
+
+    restarted = []
+
+    def restart() -> ProviderProcess:
+        assert node.wait_exit() == -9
+        restarted.append(run_provider(protocol, sqlite_url))
+        return restarted[0]
+
+    state = _play_challenger(protocol, game_id, corrupted, challenger, node, restart)
+    assert restarted, "the node was never killed mid-game"
+    assert (state.winner, state.reason, state.k) == (Role.PROVIDER, "one-step", k)
+    assert protocol.game.balance_of(provider) == bond
+    assert protocol.game.balance_of(challenger.address) == 0
+    again = restarted[0]
+    again.wait_for(rf"game {game_id} on request {request_id}: won \(one-step\)")
+    assert again.stop() == 0
+
+    store = Store(sqlite_url)
+    with store.transaction() as conn:
+        moves = st.game_moves(conn, game_id, Role.PROVIDER)
+        game = st.get_game(conn, game_id, Role.PROVIDER)
+    store.dispose()
+    assert (game.status, game.k) == ("won", k)
+    assert [move.seq for move in moves] == list(range(len(moves)))
+    assert all(move.block_number is not None for move in moves), moves
+    assert moves[0].kind == "PostRoot" and moves[-1].kind == "RevealChunk"
+    # Every recorded move went out in exactly one transaction: none sent twice.
+    assert protocol.w3.eth.get_transaction_count(provider) == nonce_before_game + len(moves)
+
+    balance = protocol.w3.eth.get_balance(provider)
+    withdrawn = optinfer("provider", "withdraw", "--json", env={
+        "OPTINFER_RPC_URL": protocol.w3.provider.endpoint_uri,
+        "OPTINFER_DEPLOYMENTS": str(protocol.file)})
+    assert withdrawn.returncode == 0, withdrawn.stderr
+    assert json.loads(withdrawn.stdout)["withdrawn_wei"] == {"InferenceCoordinator": 0,
+                                                             "DisputeGame": bond}
+    assert protocol.game.balance_of(provider) == 0
+    assert protocol.w3.eth.get_balance(provider) > balance + bond * 99 // 100  # minus gas
+
+
+def test_the_lie_knob_commits_a_wrong_last_token_plays_to_the_end_and_loses(
+        registered, postgres_url, run_provider, model):
+    """`--lie last-token`: the committed answer differs from the model's in its last token;
+    an honest challenger disputes it, the node defends its matching dishonest trace move by
+    move down to the chunk, and the one-step convicts it: claim rejected, stake slashed."""
+    protocol = registered
+    node = run_provider(protocol, postgres_url, "--lie", "last-token")
+    node.wait_for("serving model .*LYING at the last token")
+    prompt = model.encode(PROMPT_TEXT)
+    request_id = protocol.post(prompt)
+    node.wait_for(rf"served request {request_id}: ")
+    claimed = protocol.coordinator.get_output(request_id)
+    answer = model.generate(prompt, MAX_TOKENS)
+    assert claimed[:-1] == answer[:-1] and claimed[-1] != answer[-1]
+
+    honest = ModelTrace.from_model(model, prompt, claimed)  # what a watchtower recomputes
+    challenger = protocol.accounts[4]
+    game_id = _open_game(protocol, request_id, prompt, honest, challenger)
+    state = _play_challenger(protocol, game_id, honest, challenger, node)
+    assert (state.winner, state.reason, state.k) == (Role.CHALLENGER, "one-step",
+                                                     honest.node_count)
+    node.wait_for(rf"game {game_id} on request {request_id}: LOST \(one-step\)")
+    assert protocol.coordinator.get_request(request_id).status is Status.REJECTED
+    minimum = protocol.coordinator.parameter("minimumStake")
+    slashed = protocol.coordinator.parameter("stakePerClaim")
+    assert protocol.coordinator.provider_stake(protocol.provider.address) == (
+        minimum - slashed, 0)
+    assert node.stop() == 0
+
+    store = Store(postgres_url)
+    with store.transaction() as conn:
+        game = st.get_game(conn, game_id, Role.PROVIDER)
+        moves = st.game_moves(conn, game_id, Role.PROVIDER)
+        request = st.get_request(conn, request_id)
+        claim = st.get_claim(conn, request_id)
+    store.dispose()
+    assert game.status == "lost"
+    # Node N holds the few output tokens: one leaf, no descent, then the chunk.
+    assert [move.kind for move in moves][-2:] == ["RevealLeaf", "RevealChunk"]
+    assert (request.status, claim.status) == ("rejected", "slashed")
