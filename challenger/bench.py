@@ -77,7 +77,6 @@ def bench_watchtower(claims: int = 200, prompts: int = len(PROMPTS),
     from optinfer.contracts.localchain import start_anvil
     from optinfer.contracts.registry import ModelRegistry, ModelSpec
     from optinfer.models.runtime import IntegerModel
-    from optinfer.models.tiny_r1 import INTEGER_DIR
     from optinfer.prover.game import Role
     from optinfer.services import store as st
     from optinfer.services.chain import connect
@@ -86,6 +85,7 @@ def bench_watchtower(claims: int = 200, prompts: int = len(PROMPTS),
 
     if claims < 1 or not 1 <= prompts <= len(PROMPTS):
         raise ValueError(f"claims >= 1 and prompts in 1..{len(PROMPTS)}")
+    model_dir = load_settings().model_path  # the committed tiny-r1 unless configured
     with tempfile.TemporaryDirectory(prefix="optinfer-bench-") as tmp, start_anvil() as chain:
         w3 = connect(chain.url)
         deployer, provider, consumer = chain.accounts[0], chain.accounts[1], chain.accounts[3]
@@ -93,8 +93,7 @@ def bench_watchtower(claims: int = 200, prompts: int = len(PROMPTS),
         deployments = deploy_all(w3, deployer, params)
         deployments_file = Path(tmp) / "deployments.json"
         deployments.write(deployments_file)
-        model_spec = ModelSpec.from_manifest(INTEGER_DIR / "manifest.json",
-                                             manifest_uri="optinfer:tiny-r1")
+        model_spec = ModelSpec.from_manifest(model_dir / "manifest.json")
         ModelRegistry(w3, deployments.address("ModelRegistry")).register_send(model_spec,
                                                                               deployer)
         coordinator = InferenceCoordinator(w3, deployments.address("InferenceCoordinator"))
@@ -102,7 +101,7 @@ def bench_watchtower(claims: int = 200, prompts: int = len(PROMPTS),
             DEMO_COORDINATOR_PARAMS.stake_per_claim)
         coordinator.register_provider_send(stake, provider)
 
-        model = IntegerModel(INTEGER_DIR)
+        model = IntegerModel(model_dir)
         answers = honest_answers(model, PROMPTS[:prompts])
         log(f"committing {claims} honest claims over {prompts} prompt(s)...")
         started = time.perf_counter()
@@ -112,7 +111,7 @@ def bench_watchtower(claims: int = 200, prompts: int = len(PROMPTS),
 
         settings = load_settings(rpc_url=chain.url, deployments=deployments_file,
                                  database_url=f"sqlite:///{Path(tmp) / 'watchtower.db'}",
-                                 state_dir=Path(tmp))
+                                 state_dir=Path(tmp), model_dir=model_dir)
         watchtower = Watchtower(settings)
         log("scanning and verifying...")
         started = time.perf_counter()
@@ -131,7 +130,7 @@ def bench_watchtower(claims: int = 200, prompts: int = len(PROMPTS),
 
     valid = sum(verdict == "valid" for verdict in verdicts)
     return {
-        "model": "tiny-r1",
+        "model": model_dir.parent.name if model_dir.name == "integer" else model_dir.name,
         "claims": claims,
         "prompts": prompts,
         "claims_seen": scanned.new_claims,

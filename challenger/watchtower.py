@@ -418,6 +418,7 @@ class Watchtower:
     def _play_turn(self, record: GameRecord) -> PlayResult:
         game_id = record.game_id
         opened_block = record.state.get("opened_block", self.deployments.block_number)
+        self._reconcile(game_id)
         for _ in range(MOVES_PER_TURN):
             state = self.game.state(game_id, opened_block).state
             now = self._chain_time()
@@ -445,6 +446,7 @@ class Watchtower:
         if recorded.tx_hash is not None and self._mined_or_pending(recorded.tx_hash):
             log.info("game %d: %s at position %d was already sent (%s)", game_id, kind, seq,
                      recorded.tx_hash)
+            self._reconcile(game_id)
             return True
         function = self.game.move_function(game_id, action, state)
         tx = {"to": self.game.address, "data": function._encode_transaction_data()}
@@ -471,6 +473,21 @@ class Watchtower:
         log.info("game %d: sent %s at position %d (tx %s)", game_id, _describe(action), seq,
                  hex_hash)
         return True
+
+    def _reconcile(self, game_id: int) -> None:
+        """Fill in the blocks of moves whose transaction was sent by a worker that died
+        before it saw the receipt."""
+        with self.store.transaction() as conn:
+            unconfirmed = [m for m in st.game_moves(conn, game_id, Role.CHALLENGER)
+                           if m.tx_hash is not None and m.block_number is None]
+        for move in unconfirmed:
+            try:
+                receipt = self.w3.eth.get_transaction_receipt(HexBytes(move.tx_hash))
+            except TransactionNotFound:
+                continue
+            with self.store.transaction() as conn:
+                st.set_move_transaction(conn, game_id, Role.CHALLENGER, move.seq, move.tx_hash,
+                                        receipt["blockNumber"])
 
     def _mined_or_pending(self, tx_hash: str) -> bool:
         """Whether the node knows `tx_hash` and it has not failed (waits for it if pending)."""

@@ -28,7 +28,6 @@ from optinfer.contracts.coordinator import InferenceCoordinator, RequestSpec
 from optinfer.contracts.dispute_game import DisputeGame
 from optinfer.contracts.registry import ModelRegistry, ModelSpec
 from optinfer.models.runtime import IntegerModel
-from optinfer.models.tiny_r1 import INTEGER_DIR
 from optinfer.prover import game as spec
 from optinfer.prover.game import ModelTrace, Phase, Role
 from optinfer.services.deployments import DEMO_COORDINATOR_PARAMS, DeployParams, deploy_all
@@ -40,6 +39,7 @@ BOND = ETHER // 10
 PROVIDER_STAKE = 150 * ETHER  # 0.5 ETH locked per claim: room for the 200-claim burst
 REDIS_URL = os.environ.get("OPTINFER_TEST_REDIS", "redis://127.0.0.1:6379")
 REPO = Path(__file__).resolve().parents[2]
+INTEGER_DIR = REPO / "models" / "tiny-r1" / "integer"  # (tiny_r1 itself imports torch)
 VENV_BIN = Path(sys.executable).parent
 
 # Prompts tiny-r1 answers ("a+b="), each answer ending in EOS well inside MAX_TOKENS.

@@ -60,6 +60,13 @@ def play_out(stack: Stack, game_id: int, trace, *, silent: bool = False, max_tic
     raise AssertionError("the game did not end")
 
 
+def metric(name: str, **labels: str) -> float:
+    """A watchtower metric of this process (0 when it has no sample)."""
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(f"optinfer_watchtower_{name}", labels) or 0.0
+
+
 def claim_row(watchtower: Watchtower, request_id: int) -> st.ClaimRecord:
     with watchtower.store.transaction() as conn:
         return st.get_claim(conn, request_id)
@@ -88,11 +95,20 @@ def test_a_lying_provider_is_caught_disputed_and_loses(stack, watchtower, kind):
     timeout), and it is credited its bond back and its share of the slash."""
     liar = lie("node" if kind == "node" else "final", seed=3)
     before = stack.watchtower_reward()
+    seen, invalid = metric("claims_seen_total"), metric("claims_verified_total",
+                                                        verdict="invalid")
     request_id = stack.claim(liar.prompt, liar.claimed)
     tasks.scan.delay()
     claim = claim_row(watchtower, request_id)
     assert claim.verdict == Verdict.INVALID.value and "token" in claim.verdict_note
     (game_id,) = stack.games_of(request_id)
+    assert (metric("claims_seen_total"), metric("claims_verified_total", verdict="invalid")) \
+        == (seen + 1, invalid + 1)
+    tasks.scan.delay()  # plays the first turn: the clocks are read
+    assert metric("disputes", status="open") == 1
+    assert metric("bond_at_risk_wei") == BOND
+    assert 0 < metric("clock_seconds", game=str(game_id), party="challenger") \
+        <= stack.clock_seconds
     state = play_out(stack, game_id, liar.trace, silent=kind == "silent")
     assert state.winner is Role.CHALLENGER
     assert state.reason == ("timeout" if kind == "silent" else "one-step")
@@ -105,12 +121,16 @@ def test_a_lying_provider_is_caught_disputed_and_loses(stack, watchtower, kind):
     assert game.status == "won"
     assert all(move.tx_hash is not None for move in moves)
     assert len({move.seq for move in moves}) == len(moves)
+    tasks.scan.delay()
+    assert (metric("disputes", status="open"), metric("disputes", status="won"),
+            metric("bond_at_risk_wei")) == (0, 1, 0)
+    assert metric("clock_seconds", game=str(game_id), party="challenger") == 0  # dropped
 
 
 def test_a_claim_on_a_model_the_watchtower_does_not_hold_is_reported_not_challenged(
         stack, watchtower, caplog):
     from optinfer.contracts.registry import ModelRegistry, ModelSpec
-    from optinfer.models.tiny_r1 import INTEGER_DIR
+    from tests.challenger.conftest import INTEGER_DIR
 
     other = ModelSpec.from_manifest(INTEGER_DIR / "manifest.json", manifest_uri="other")
     other = type(other)(**{**other.__dict__, "model_root": bytes(31) + b"\x07"})

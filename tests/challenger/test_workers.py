@@ -4,7 +4,9 @@ racing workers, a worker killed with kill -9 mid-game, a burst of honest claims.
 
 from __future__ import annotations
 
+import socket
 import sys
+import urllib.request
 
 import pytest
 import sqlalchemy as sa
@@ -63,6 +65,12 @@ def database(postgres_url):
     db.engine.dispose()
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def client(broker) -> Celery:
     """A Celery client that sends to the workers' queue (not the app of this process)."""
     return Celery("test-client", broker=broker[0],
@@ -74,13 +82,22 @@ def game_of(stack: Stack, request_id: int, timeout: float = 60) -> int:
     return game_id
 
 
-def assert_no_repeated_transaction(stack: Stack, nonce_before: int, moves) -> None:
-    """Every transaction the watchtower sent was the challenge or one recorded move, each
-    mined successfully: nothing was sent twice."""
+def assert_no_repeated_transaction(stack: Stack, game_id: int, nonce_before: int,
+                                   moves) -> None:
+    """Every transaction the watchtower sent was the challenge or a move the game accepted:
+    nothing was sent twice (the moves on chain are counted from the game's events). The
+    moves recorded with a transaction name mined, successful ones, at distinct positions."""
     w3 = stack.w3
-    assert w3.eth.get_transaction_count(stack.watchtower.address) == nonce_before + 1 + len(moves)
+    events = stack.game.contract.events
+    answered = [len(getattr(events, name).get_logs(argument_filters={"gameId": game_id},
+                                                   from_block=0))
+                for name in ("MidAnswered", "ChildPicked", "ElementNamed")]
+    on_chain = sum(answered) + 1  # the one-step or the timeout claim, which ended the game
+    assert w3.eth.get_transaction_count(stack.watchtower.address) == nonce_before + 1 + on_chain
     assert len({move.seq for move in moves}) == len(moves)
-    for move in moves:
+    sent = [move for move in moves if move.tx_hash is not None]
+    assert len(sent) >= on_chain - 1  # at most the one killed between send and note
+    for move in sent:
         assert w3.eth.get_transaction_receipt(move.tx_hash)["status"] == 1, move
 
 
@@ -117,10 +134,10 @@ def test_two_workers_racing_open_one_dispute_and_never_send_a_move_twice(
         raise
     assert state.winner is Role.CHALLENGER and state.k == liar.k
     assert stack.games_of(request_id) == [game_id]
-    moves = wait_for(lambda: [m for m in database.moves(game_id)]
-                     if all(m.block_number for m in database.moves(game_id)) else None,
-                     10, "the last move's block")
-    assert_no_repeated_transaction(stack, nonce_before, moves)
+    # No worker died: every move is noted with its block (the last one just after it mined).
+    moves = wait_for(lambda: (m := database.moves(game_id)) and all(
+        move.block_number for move in m) and m, 10, "every move's block")
+    assert_no_repeated_transaction(stack, game_id, nonce_before, moves)
     assert stack.watchtower_reward() == reward_before + BOND + SLASH_SHARE
 
 
@@ -132,13 +149,15 @@ def test_a_worker_killed_mid_game_is_replaced_and_the_game_is_won_in_time(
     stack = deploy_stack(chain, w3, tmp_path, clock_seconds=600)
     env = worker_env(stack, postgres_url, broker, tmp_path / "state")
     nonce_before = w3.eth.get_transaction_count(stack.watchtower.address)
+    port = free_port()
     first = workers.start([str(VENV_BIN / "optinfer"), "challenger", "run", "--concurrency",
-                           "2"], env, "first")
+                           "2", "--metrics-port", str(port)], env, "first")
     liar = lie("node", seed=11)
     request_id = stack.claim(liar.prompt, liar.claimed)
     game_id = game_of(stack, request_id)
     try:
         defend(stack, game_id, liar.trace, done=lambda: len(database.moves(game_id)) >= 3)
+        scraped = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
         workers.kill(first)
         killed_after = len(database.moves(game_id))
         workers.celery(env, "second")
@@ -147,13 +166,17 @@ def test_a_worker_killed_mid_game_is_replaced_and_the_game_is_won_in_time(
         print(workers.logs(), file=sys.stderr)
         raise
     assert killed_after >= 3
+    metrics = scraped.decode()
+    assert 'optinfer_watchtower_disputes{status="open"} 1.0' in metrics
+    assert f'optinfer_watchtower_bond_at_risk_wei {float(BOND)}' in metrics
+    assert 'optinfer_watchtower_claims_verified_total{verdict="invalid"} 1.0' in metrics
+    assert f'optinfer_watchtower_clock_seconds{{game="{game_id}",party="provider"}}' in metrics
+    assert "optinfer_watchtower_verification_seconds_count 1.0" in metrics
     assert state.winner is Role.CHALLENGER and state.reason == "one-step"
     assert state.clock.challenger_seconds > 0
-    moves = wait_for(lambda: [m for m in database.moves(game_id)]
-                     if all(m.block_number for m in database.moves(game_id)) else None,
-                     10, "the last move's block")
+    moves = database.moves(game_id)
     assert len(moves) > killed_after
-    assert_no_repeated_transaction(stack, nonce_before, moves)
+    assert_no_repeated_transaction(stack, game_id, nonce_before, moves)
 
 
 def test_a_burst_of_200_honest_claims_is_all_verified_and_nothing_disputed(

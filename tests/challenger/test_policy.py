@@ -1,0 +1,114 @@
+"""The watchtower's pure decisions: sampling, the model check, the verdict, move positions,
+when to look at a game again."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as hs
+
+from optinfer.challenger import policy
+from optinfer.challenger.policy import HeldModel, RegisteredRoots, Verdict
+from optinfer.prover import game as spec
+from optinfer.prover.game import Clock, GameSetup, GameState, Phase, Role
+
+NODES, CONSTANTS = b"\x01" * 32, b"\x02" * 32
+
+
+def held(opset: int = 1, nodes: int = 898) -> HeldModel:
+    root = policy.registered_model_root(NODES, CONSTANTS, opset, nodes)
+    return HeldModel(root, NODES, CONSTANTS, opset, nodes)
+
+
+def test_the_registered_root_is_what_the_manifest_commits():
+    import json
+
+    from tests.challenger.conftest import INTEGER_DIR
+
+    manifest = json.loads((INTEGER_DIR / "manifest.json").read_text())
+    root = policy.registered_model_root(bytes.fromhex(manifest["nodes_root"][2:]),
+                                        bytes.fromhex(manifest["constants_root"][2:]),
+                                        manifest["opset_version"], manifest["nodes"])
+    assert "0x" + root.hex() == manifest["model_root"]
+
+
+def test_a_claim_is_checked_only_on_the_held_registered_model_with_matching_roots():
+    model = held()
+    registered = RegisteredRoots(1, 898)
+    assert policy.model_problem(model.model_root, model, registered) is None
+    assert "holds no usable model" in policy.model_problem(model.model_root, None, registered)
+    assert "is not held here" in policy.model_problem(b"\x09" * 32, model, registered)
+    assert "is not registered" in policy.model_problem(model.model_root, model, None)
+    # Registered with another node count: the challenge's root check would fail on chain.
+    assert "roots give" in policy.model_problem(model.model_root, model, RegisteredRoots(1, 897))
+
+
+def test_only_a_differing_token_is_challenged():
+    assert policy.judge(True, "ok", False) == policy.Judgement(Verdict.VALID, "ok", False)
+    invalid = policy.judge(False, "token 3 is 5, the model gives 7", True)
+    assert invalid.verdict is Verdict.INVALID and invalid.challenge
+    truncated = policy.judge(False, "output stops before EOS and before max tokens", False)
+    assert truncated.verdict is Verdict.UNPROVABLE and not truncated.challenge
+
+
+@given(hs.floats(0.01, 1.0), hs.binary(min_size=1, max_size=32))
+def test_sampling_is_deterministic_and_keeps_about_the_rate(rate, salt):
+    picks = [policy.sampled(request_id, rate, salt) for request_id in range(2000)]
+    assert picks == [policy.sampled(request_id, rate, salt) for request_id in range(2000)]
+    assert abs(sum(picks) / len(picks) - rate) < 0.06
+    assert all(policy.sampled(request_id, 1.0, salt) for request_id in range(50))
+
+
+def test_the_salt_changes_which_claims_are_left_out():
+    first = [policy.sampled(i, 0.5, b"operator a") for i in range(200)]
+    second = [policy.sampled(i, 0.5, b"operator b") for i in range(200)]
+    assert first != second
+
+
+def a_state(phase: Phase, rounds: int, **changes) -> GameState:
+    setup = GameSetup(node_count=898, initial_state=bytes(32), final_leaf=bytes(32))
+    return GameState(setup=setup, phase=phase, clock=Clock(100.0, 100.0, Role.PROVIDER, 0.0),
+                     rounds=rounds, **changes)
+
+
+def test_move_positions_are_unique_through_a_game():
+    """The challenger's moves in one game (bisection answers, a descent pick, the element and
+    its one-step, a timeout claim) never share a position."""
+    witness = type("W", (), {"k": 5, "out_index": 3})()
+    positions = [
+        policy.move_position(a_state(Phase.AWAIT_ROOT, 0), spec.Timeout()),
+        policy.move_position(a_state(Phase.BISECTION, 2, mid_root=b"x"), spec.Agree(449)),
+        policy.move_position(a_state(Phase.BISECTION, 3, mid_root=b"x"), spec.Disagree(673)),
+        policy.move_position(a_state(Phase.BISECTION, 3), spec.Timeout()),
+        policy.move_position(a_state(Phase.DESCENT, 6, children=(b"",)), spec.PickChild(1)),
+        policy.move_position(a_state(Phase.ONE_STEP, 8), spec.NameElement(4)),
+        policy.move_position(a_state(Phase.ONE_STEP, 8, element=4), spec.OneStep(witness)),
+    ]
+    assert len(set(positions)) == len(positions)
+
+
+@pytest.mark.parametrize("to_move, left, expected", [
+    (Role.CHALLENGER, 50.0, 2.0),  # our move: at the poll interval
+    (Role.PROVIDER, 50.0, 2.0),  # the provider has time: at the poll interval
+    (Role.PROVIDER, 0.5, 1.5),  # it runs out sooner: just after
+    (Role.PROVIDER, -5.0, 0.0),  # already out: now (claim the timeout)
+])
+def test_the_next_look_comes_no_later_than_the_providers_clock(to_move, left, expected):
+    state = a_state(Phase.BISECTION, 1, mid_root=b"x" if to_move is Role.CHALLENGER else None)
+    state = dataclasses.replace(state, clock=Clock(left + 10, 100.0, to_move, 10.0))
+    assert state.to_move is to_move
+    assert policy.next_check(state, 20.0, 2.0) == expected
+
+
+def test_outcome_is_for_the_challenger():
+    resolved = a_state(Phase.RESOLVED, 9, winner=Role.CHALLENGER)
+    assert policy.outcome(resolved) == "won"
+    assert policy.outcome(dataclasses.replace(resolved, winner=Role.PROVIDER)) == "lost"
+    assert policy.outcome(a_state(Phase.BISECTION, 3)) is None
+
+
+def test_the_challenge_window():
+    assert policy.window_open(1000, 999)
+    assert not policy.window_open(1000, 1000)
