@@ -15,7 +15,10 @@ verification never holds others hostage.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from celery import Celery
+from celery.beat import PersistentScheduler
 
 from optinfer.services.settings import Settings, load_settings
 
@@ -46,8 +49,18 @@ def configure(settings: Settings) -> Celery:
                      "options": {"expires": max(settings.poll_interval * 5, 5.0)}},
         },
         beat_schedule_filename=str(settings.state_dir / "celerybeat-schedule"),
+        beat_scheduler="optinfer.challenger.app:Schedule",
     )
     return app
+
+
+class Schedule(PersistentScheduler):
+    """Celery's file-backed beat schedule, in a directory created when beat starts (it lives
+    under state_dir, which a fresh container does not have yet)."""
+
+    def setup_schedule(self) -> None:
+        Path(self.schedule_filename).parent.mkdir(parents=True, exist_ok=True)
+        super().setup_schedule()
 
 
 def settings() -> Settings:

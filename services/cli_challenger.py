@@ -79,9 +79,32 @@ def challenger_run(
             "--loglevel", "INFO", "-n", f"watchtower-{os.getpid()}@%h",
             "--without-gossip", "--without-mingle"]
     if beat:
-        settings.state_dir.mkdir(parents=True, exist_ok=True)
         argv += ["--beat", "--schedule", str(settings.state_dir / "celerybeat-schedule")]
     celery.worker_main(argv)
+
+
+@challenger_app.command("withdraw")
+def challenger_withdraw(
+    rpc_url: RpcUrl = None,
+    config: ConfigFile = None,
+    as_json: AsJson = False,
+) -> None:
+    """Withdraw the slash shares the coordinator credited and the bonds the game returned."""
+    from optinfer.prover.provider import withdraw
+    from optinfer.services.chain import connect_settings
+    from optinfer.services.deployments import Deployments
+
+    _log_to_stderr()
+    settings = load_settings(config=config, rpc_url=rpc_url)
+    w3 = connect_settings(settings)
+    deployments = Deployments.read(settings.deployments_file)
+    deployments.check_chain(w3)
+    account = settings.signer("challenger", deployments.chain_id)
+    withdrawn = withdraw(w3, deployments, account)
+    emit({"challenger": account.address, "withdrawn_wei": withdrawn}, as_json,
+         lambda d: out.print(", ".join(f"{amount} wei from the {name}"
+                                       for name, amount in d["withdrawn_wei"].items()),
+                             highlight=False, soft_wrap=True))
 
 
 def _log_to_stderr() -> None:

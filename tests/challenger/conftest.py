@@ -314,6 +314,11 @@ class Workers:
             args += ["--beat", "--schedule", str(self.directory / f"{name}-beat")]
         return self.start(args, env, name)
 
+    def beat(self, env: dict[str, str], name: str) -> subprocess.Popen:
+        """`celery -A optinfer.challenger.app beat` on its own, as docker-compose runs it."""
+        return self.start([str(VENV_BIN / "celery"), "-A", "optinfer.challenger.app", "beat",
+                           "--loglevel", "INFO"], env, name)
+
     def kill(self, process: subprocess.Popen) -> None:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()

@@ -4,7 +4,6 @@ a real anvil and tiny-r1, with the provider driven from the test."""
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import pytest
@@ -161,19 +160,53 @@ def test_a_truncated_answer_is_reported_as_unprovable_not_challenged(stack, watc
     assert stack.games_of(request_id) == []
 
 
-def test_the_eager_loop_runs_until_stopped(stack, watchtower):
-    request_id = stack.claim(*map(list, honest_answer("5+7=")))
-    stop = threading.Event()
-    loop = threading.Thread(target=tasks.run_eager, args=(stop,))
-    loop.start()
+def test_challenger_run_without_a_broker_catches_a_silent_liar_and_withdraw_pays_out(
+        stack, tmp_path):
+    """`optinfer challenger run` with no broker is the whole watchtower in one process: it
+    verifies an honest claim, challenges a false one whose provider then never answers, and
+    claims the timeout; SIGTERM stops it cleanly, and `optinfer challenger withdraw` sends
+    the bond back and the slash share to the watchtower's account."""
+    import json
+    import os
+    import signal
+    import subprocess
+
+    from tests.challenger.conftest import REPO, VENV_BIN, wait_for
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPTINFER_")}
+    env.update(OPTINFER_RPC_URL=stack.w3.provider.endpoint_uri,
+               OPTINFER_DEPLOYMENTS=str(stack.deployments_file),
+               OPTINFER_DATABASE_URL=f"sqlite:///{tmp_path / 'run.db'}",
+               OPTINFER_STATE_DIR=str(tmp_path / "state"), OPTINFER_POLL_INTERVAL="0.2")
+    log = (tmp_path / "run.log").open("wb")
+    process = subprocess.Popen([str(VENV_BIN / "optinfer"), "challenger", "run"], env=env,
+                               cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     try:
-        for _ in range(100):
-            if claim_row(watchtower, request_id) is not None and \
-                    claim_row(watchtower, request_id).verdict:
-                break
-            stop.wait(0.05)
+        honest = stack.claim(*map(list, honest_answer("40+2=")))
+        liar = lie("final", "8+8=")
+        false = stack.claim(liar.prompt, liar.claimed)
+        (game_id,) = wait_for(lambda: stack.games_of(false), 60, "the challenge")
+        advance(stack.w3, stack.clock_seconds + 1)
+        wait_for(lambda: stack.game.state(game_id).state.phase is Phase.RESOLVED, 30,
+                 "the timeout claim")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
     finally:
-        stop.set()
-        loop.join(timeout=10)
-    assert not loop.is_alive()
-    assert claim_row(watchtower, request_id).verdict == Verdict.VALID.value
+        if process.poll() is None:
+            process.kill()
+    output = (tmp_path / "run.log").read_text()
+    assert f"claim {honest} by {stack.provider.address}: valid" in output
+    assert f"claim {false} by {stack.provider.address}: FALSE" in output
+    assert f"game {game_id}: WON" in output
+    assert stack.games_of(honest) == []
+    state = stack.game.state(game_id).state
+    assert (state.winner, state.reason) == (Role.CHALLENGER, "timeout")
+
+    before = stack.w3.eth.get_balance(stack.watchtower.address)
+    done = subprocess.run([str(VENV_BIN / "optinfer"), "challenger", "withdraw", "--json"],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    withdrawn = json.loads(done.stdout)["withdrawn_wei"]
+    assert withdrawn == {"InferenceCoordinator": SLASH_SHARE, "DisputeGame": BOND}
+    assert stack.w3.eth.get_balance(stack.watchtower.address) > before + BOND  # less gas
+    assert stack.watchtower_reward() == 0
