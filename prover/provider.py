@@ -227,6 +227,7 @@ class ProviderNode:
         self._traces: dict[int, ModelTrace] = {}
         self._moves_sent = 0
         self._fee_cache: tuple[dict[str, int] | None, float] = (None, 0.0)
+        self._time_cache: tuple[int | None, float] = (None, 0.0)
         self.new_requests = threading.Event()
 
     # -- start-up -------------------------------------------------------------------------
@@ -489,7 +490,13 @@ class ProviderNode:
         log.info("skipped request %d: %s", request_id, reason)
 
     def _chain_time(self) -> int:
-        return self.w3.eth.get_block("latest")["timestamp"]
+        """The latest block's timestamp, asked of the node at most once per poll interval
+        (a deadline judged a little early costs nothing: the commit's estimate reverts)."""
+        timestamp, asked_at = self._time_cache
+        if timestamp is None or time.monotonic() - asked_at > self.poll_interval:
+            timestamp = self.w3.eth.get_block("latest")["timestamp"]
+            self._time_cache = (timestamp, time.monotonic())
+        return timestamp
 
     def _fees(self) -> dict[str, int]:
         """TxSender's fee rule (room for the base fee to double), asked of the node once per

@@ -88,7 +88,7 @@ def provider_withdraw(
 
 @bench_app.command("provider")
 def bench_provider(
-    requests: Annotated[int, typer.Option("--requests", help="Requests served.")] = 20,
+    requests: Annotated[int, typer.Option("--requests", help="Requests served.")] = 40,
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="Max tokens per request.")
                           ] = 32,
     model: Annotated[Path | None, typer.Option(

@@ -6,6 +6,7 @@ challenger even when killed -9 mid-game and restarted, and with the demonstratio
 from __future__ import annotations
 
 import json
+import logging
 import time
 
 import pytest
@@ -152,3 +153,45 @@ def test_the_lie_knob_commits_a_wrong_last_token_plays_to_the_end_and_loses(
     # Node N holds the few output tokens: one leaf, no descent, then the chunk.
     assert [move.kind for move in moves][-2:] == ["RevealLeaf", "RevealChunk"]
     assert (request.status, claim.status) == ("rejected", "slashed")
+
+
+def test_the_node_claims_the_timeout_of_a_silent_challenger_then_finalizes(registered,
+                                                                          sqlite_url, model,
+                                                                          caplog):
+    """In-process, one poll at a time: a challenger opens a game and never moves after the
+    first midpoint; once its clock has run out the node claims the timeout, wins the bond, and
+    finalizes its claim. The trace is computed once, for the one move that needed it."""
+    from .test_serving import _node
+
+    protocol = registered
+    node = _node(protocol, sqlite_url, model)
+    node.ensure_provider_registered(None)
+    prompt = model.encode(PROMPT_TEXT)
+    request_id = protocol.post(prompt)
+    with caplog.at_level(logging.INFO, logger="optinfer.provider"):
+        assert [s.request_id for s in node.poll_once()] == [request_id]
+        manifest = model.manifest
+        game_id = protocol.game.challenge_send(
+            request_id, prompt, bytes.fromhex(manifest["nodes_root"][2:]),
+            bytes.fromhex(manifest["constants_root"][2:]), protocol.accounts[4])
+        node.poll_once()  # records the game and posts S_N
+        node.poll_once()  # the first S_mid
+        node.poll_once()  # the challenger's move: nothing to do
+        assert protocol.game.state(game_id).state.to_move is Role.CHALLENGER
+        protocol.advance(protocol.game.parameter("clockSeconds") + 1)
+        node.poll_once()  # Timeout
+        node.poll_once()  # the game is over: recorded; the claim is finalized
+    state = protocol.game.state(game_id).state
+    assert (state.winner, state.reason) == (Role.PROVIDER, "timeout")
+    assert protocol.game.balance_of(protocol.provider.address) == protocol.game.parameter(
+        "challengerBond")
+    assert protocol.coordinator.get_request(request_id).status is Status.FINALIZED
+    assert caplog.text.count("trace of 898 nodes computed") == 1
+    assert f"game {game_id}: Timeout in tx" in caplog.text
+    assert f"game {game_id} on request {request_id}: won (timeout)" in caplog.text
+    with node.store.transaction() as conn:
+        assert [m.kind for m in st.game_moves(conn, game_id, Role.PROVIDER)] == [
+            "PostRoot", "PostMid", "Timeout"]
+        assert st.get_game(conn, game_id, Role.PROVIDER).status == "won"
+        assert st.get_request(conn, request_id).status == "finalized"
+    node.store.dispose()
