@@ -35,7 +35,7 @@ from optinfer.contracts.coordinator import InferenceCoordinator
 from optinfer.errors import UserError
 from optinfer.models.runtime import IntegerModel
 from optinfer.services import consumer
-from optinfer.services.chain import RetryPolicy, TxSender, connect, connect_settings
+from optinfer.services.chain import RetryPolicy, TxFailed, TxSender, connect, connect_settings
 from optinfer.services.deployments import Deployments
 from optinfer.services.metrics import ChainView, NodeMetrics
 from optinfer.services.settings import Settings
@@ -148,7 +148,8 @@ class RequestOptions(BaseModel):
     max_tokens: int = Field(ge=1, le=consumer.MAX_TOKENS_ON_CHAIN)
     fee: str = Field(str(consumer.DEFAULT_FEE), pattern=WEI,
                      description="Wei paid to the provider, as decimal digits (< 2**96).")
-    commit_seconds: int = Field(consumer.DEFAULT_COMMIT_SECONDS, ge=1, le=30 * 86400,
+    commit_seconds: int = Field(consumer.DEFAULT_COMMIT_SECONDS,
+                                ge=consumer.MIN_COMMIT_SECONDS, le=30 * 86400,
                                 description="Seconds a provider has to commit an answer.")
 
 
@@ -413,7 +414,8 @@ def post_request(body: TextPrompt | TokenPrompt, node: NodeDep) -> PostedRequest
             tokens = consumer.prompt_tokens(node.model, text=body.prompt)
         else:
             tokens = consumer.prompt_tokens(node.model, tokens=body.prompt_tokens)
-        consumer.check_request(node.model, tokens, body.max_tokens, int(body.fee))
+        consumer.check_request(node.model, tokens, body.max_tokens, int(body.fee),
+                               body.commit_seconds)
     except UserError as err:
         raise HTTPException(400, str(err)) from None
     try:
@@ -428,6 +430,9 @@ def post_request(body: TextPrompt | TokenPrompt, node: NodeDep) -> PostedRequest
     except Web3RPCError as err:
         # The node refused the transaction itself: the consumer account cannot pay, say.
         raise HTTPException(503, f"the chain refused the transaction: {err}") from None
+    except TxFailed as err:
+        # Mined but reverted although its estimate passed: the chain moved in between.
+        raise HTTPException(503, str(err)) from None
     except UserError as err:
         raise unavailable(err) from None
     log.info("posted request %d for %s: %d prompt tokens, fee %d, tx %s", posted.request_id,

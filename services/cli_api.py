@@ -44,7 +44,8 @@ def request(
     fee: Annotated[int | None, typer.Option(
         "--fee", help="Wei paid to the provider (default 10**16).")] = None,
     commit_seconds: Annotated[int | None, typer.Option(
-        "--commit-seconds", help="Seconds a provider has to commit (default 600).")] = None,
+        "--commit-seconds", help="Seconds a provider has to commit (default 600, at least 60)."
+    )] = None,
     wait: Annotated[bool, typer.Option(
         "--wait", help="Follow the request to finality and print the answer.")] = False,
     timeout: Annotated[float | None, typer.Option(
@@ -69,7 +70,9 @@ def request(
     integer_model = IntegerModel(settings.model_path)
     tokens = consumer.prompt_tokens(integer_model, text=prompt)
     fee = consumer.DEFAULT_FEE if fee is None else fee
-    consumer.check_request(integer_model, tokens, max_tokens, fee)
+    if commit_seconds is None:
+        commit_seconds = consumer.DEFAULT_COMMIT_SECONDS
+    consumer.check_request(integer_model, tokens, max_tokens, fee, commit_seconds)
     deployments = Deployments.read(settings.deployments_file)
     w3 = connect_settings(settings)
     deployments.check_chain(w3)
@@ -77,7 +80,7 @@ def request(
     sender = TxSender(w3, settings.signer("consumer", deployments.chain_id))
     posted = consumer.post_request(
         coordinator, sender, integer_model, tokens, max_tokens=max_tokens, fee=fee,
-        commit_seconds=commit_seconds or consumer.DEFAULT_COMMIT_SECONDS)
+        commit_seconds=commit_seconds)
     say(f"posted request {posted.request_id}: {len(tokens)} prompt tokens, fee {fee} wei, "
         f"tx {posted.tx_hash}")
     summary = {"request_id": posted.request_id, "tx_hash": posted.tx_hash,

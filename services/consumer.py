@@ -15,6 +15,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from web3 import Web3
+from web3.exceptions import BlockNotFound, Web3RPCError
+
 from optinfer.contracts.coordinator import InferenceCoordinator, RequestSpec, Result, Status
 from optinfer.errors import UserError
 from optinfer.models.runtime import IntegerModel
@@ -24,6 +27,9 @@ from optinfer.services.chain import TxSender
 MAX_FEE = 2**96 - 1
 DEFAULT_FEE = 10**16  # 0.01 ether
 DEFAULT_COMMIT_SECONDS = 600
+# A provider needs a few blocks to see a request, answer it and commit; and the deadline is
+# counted from an estimate of the time of the block the request lands in.
+MIN_COMMIT_SECONDS = 60
 # A claim stores its output as contract code (a STOP byte, then 4 bytes a token), which
 # EIP-170 caps at 24576 bytes: TokenPacking.MAX_TOKENS.
 MAX_TOKENS_ON_CHAIN = (24_576 - 1) // 4
@@ -48,6 +54,19 @@ class RequestNotServed(UserError):
     """The request ended without a verified answer: refunded, rejected, or never committed."""
 
 
+def next_block_time(w3: Web3) -> int:
+    """About the timestamp of the next block, which the contract compares deadlines with.
+
+    The pending block's where the node builds one (anvil's is exact, time jumps and reverts
+    included; neither the wall clock nor the latest block is: blocks may be sparse and a
+    development chain's clock is its own), else the latest block's.
+    """
+    try:
+        return w3.eth.get_block("pending")["timestamp"]
+    except (Web3RPCError, BlockNotFound, ValueError):
+        return w3.eth.get_block("latest")["timestamp"]
+
+
 def model_id(model: IntegerModel) -> bytes:
     """The id claims name for `model`: its model root (the registry's key)."""
     return bytes.fromhex(model.manifest["model_root"].removeprefix("0x"))
@@ -67,9 +86,13 @@ def prompt_tokens(model: IntegerModel, text: str | None = None,
     return list(tokens)
 
 
-def check_request(model: IntegerModel, prompt: list[int], max_tokens: int, fee: int) -> None:
+def check_request(model: IntegerModel, prompt: list[int], max_tokens: int, fee: int,
+                  commit_seconds: int = DEFAULT_COMMIT_SECONDS) -> None:
     """UserError for what ``postRequest`` would revert on (and its fee type could not hold),
     so a bad request costs no gas and gets a message in the model's own terms."""
+    if commit_seconds < MIN_COMMIT_SECONDS:
+        raise UserError(f"the commit deadline must be at least {MIN_COMMIT_SECONDS} s away, "
+                        f"got {commit_seconds}")
     if max_tokens < 1:
         raise UserError(f"max tokens must be >= 1, got {max_tokens}")
     if max_tokens > MAX_TOKENS_ON_CHAIN:
@@ -86,11 +109,8 @@ def post_request(
 ) -> PostedRequest:
     """Post `prompt` for `model` from `sender`'s account, paying `fee` wei; a provider must
     commit within `commit_seconds` of the latest block. A revert raises ContractRevert."""
-    check_request(model, prompt, max_tokens, fee)
-    if commit_seconds < 1:
-        raise UserError(f"the commit deadline must be >= 1 second away, got {commit_seconds}")
-    # The chain's clock, not ours: the contract compares the deadline with block.timestamp.
-    now = coordinator.w3.eth.get_block("latest")["timestamp"]
+    check_request(model, prompt, max_tokens, fee, commit_seconds)
+    now = next_block_time(coordinator.w3)
     spec = RequestSpec(model_id=model_id(model), prompt=prompt, max_tokens=max_tokens,
                        commit_deadline=now + commit_seconds)
     function = coordinator.contract.functions.postRequest(*spec.as_args())
@@ -134,13 +154,12 @@ def wait_for_result(
         if request.status == Status.REJECTED:
             raise RequestNotServed(f"request {request_id} was rejected: its provider lost a "
                                    "dispute over the answer, and the fee was refunded")
-        if request.status == Status.OPEN:
-            now = coordinator.w3.eth.get_block("latest")["timestamp"]
-            if now > request.commit_deadline:
-                raise RequestNotServed(
-                    f"request {request_id}: no provider committed an answer before its "
-                    f"deadline ({request.commit_deadline}); the coordinator's refund({request_id})"
-                    " credits the fee back")
+        if (request.status == Status.OPEN
+                and next_block_time(coordinator.w3) > request.commit_deadline):
+            raise RequestNotServed(
+                f"request {request_id}: no provider committed an answer before its "
+                f"deadline ({request.commit_deadline}); the coordinator's refund({request_id})"
+                " credits the fee back")
         if timeout is not None and time.monotonic() - started > timeout:
             raise UserError(f"request {request_id} is still {request.status.name.lower()} "
                             f"after {timeout:g} s")

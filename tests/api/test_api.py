@@ -249,6 +249,8 @@ def test_posted_request_is_on_chain(client, chain, coordinator):
     ({"prompt": "hello", "max_tokens": 4}, 400, "cannot encode"),
     ({"prompt_tokens": [1, 99], "max_tokens": 4}, 400, "outside the vocabulary"),
     ({"prompt_tokens": [], "max_tokens": 4}, 422, None),
+    ({"prompt": PROMPT, "max_tokens": 4, "commit_seconds": 59}, 422, None),
+    ({"prompt": PROMPT, "max_tokens": 4, "promt": "typo"}, 422, None),
 ])
 def test_bad_requests_are_refused_before_any_gas_is_spent(client, coordinator, body, status,
                                                           detail):

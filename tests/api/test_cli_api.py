@@ -131,9 +131,9 @@ def test_request_wait_prints_the_answer_text(env, chain, w3, coordinator):
 def test_request_nobody_answers_exits_2_with_the_reason(env, w3, coordinator):
     before = coordinator.parameter("requestCount")
     process = start(["request", "--prompt", PROMPT, "--max-tokens", "8",
-                     "--commit-seconds", "30", "--wait"], env)
+                     "--commit-seconds", "60", "--wait"], env)
     request = posted_request(coordinator, before, process)
-    advance(w3, 31)
+    advance(w3, 61)
     stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == 2
     assert stdout == ""
@@ -145,8 +145,8 @@ def test_request_nobody_answers_exits_2_with_the_reason(env, w3, coordinator):
 def test_a_refunded_request_is_reported_as_not_served(chain, w3, coordinator):
     posted = consumer.post_request(coordinator, TxSender(w3, chain.accounts[5]), MODEL,
                                    MODEL.encode(PROMPT), max_tokens=8, fee=100,
-                                   commit_seconds=10)
-    advance(w3, 11)
+                                   commit_seconds=60)
+    advance(w3, 61)
     coordinator.refund_send(posted.request_id, chain.accounts[5])
     with pytest.raises(consumer.RequestNotServed, match="was refunded"):
         consumer.wait_for_result(coordinator, posted.request_id, poll_interval=0.05)
@@ -166,6 +166,7 @@ def test_request_without_wait_prints_the_id(env, coordinator):
     (["--prompt", "hello"], "cannot encode the prompt"),
     (["--prompt", PROMPT, "--max-tokens", "500"], "exceed the model's context of 128"),
     (["--prompt", PROMPT, "--fee", str(2**96)], "fee must be between 0 and 2**96 - 1"),
+    (["--prompt", PROMPT, "--commit-seconds", "0"], "must be at least 60 s away, got 0"),
 ])
 def test_request_refuses_bad_input_in_one_line(env, coordinator, args, message):
     before = coordinator.parameter("requestCount")
@@ -197,8 +198,10 @@ def test_api_command_serves_the_model_to_fetch_model(env, w3, deployment, tmp_pa
 
 def test_the_documented_commands_are_the_tested_ones():
     doc = OPERATORS_DOC.read_text(encoding="utf-8")
-    section = doc.split("\n## HTTP API\n", 1)[1]
-    blocks = re.findall(r"```sh\n(.*?)```", section, re.DOTALL)
+    sections = [doc.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+                for title in ("HTTP API", "Requests from the command line")]
+    blocks = [block for section in sections
+              for block in re.findall(r"```sh\n(.*?)```", section, re.DOTALL)]
     commands = [shlex.split(line) for block in blocks for line in block.strip().splitlines()]
     assert commands == [
         ["OPTINFER_API_KEY=a-long-random-secret", ".venv/bin/optinfer", *DOCUMENTED_API],
