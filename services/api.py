@@ -200,7 +200,11 @@ class ApiNode:
         self.settings = settings
         self.store = Store(settings.database)
         # The API may start before the node that fills the store: the tables must exist.
-        self.store.migrate()
+        try:
+            self.store.migrate()
+        except sa.exc.OperationalError as err:
+            raise UserError(f"the database {self.store.url.render_as_string()} is "
+                            f"unreachable: {str(err.orig).strip().splitlines()[0]}") from None
         self.model = IntegerModel(settings.model_path)
         self.model_id = self.model.manifest["model_root"].lower()
         self.manifest_bytes = (self.model.dir / "manifest.json").read_bytes()
@@ -421,6 +425,10 @@ def post_request(body: TextPrompt | TokenPrompt, node: NodeDep) -> PostedRequest
     try:
         coordinator = node.chain().coordinator
         sender = node.consumer_sender()
+        balance = node.w3.eth.get_balance(sender.address)
+        if int(body.fee) > balance:
+            raise HTTPException(400, f"the node's consumer account holds {balance} wei: it "
+                                f"cannot pay a fee of {body.fee}")
         posted = consumer.post_request(
             coordinator, sender, node.model, tokens, max_tokens=body.max_tokens,
             fee=int(body.fee), commit_seconds=body.commit_seconds)

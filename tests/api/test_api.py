@@ -262,10 +262,14 @@ def test_bad_requests_are_refused_before_any_gas_is_spent(client, coordinator, b
     assert coordinator.parameter("requestCount") == before
 
 
-def test_a_fee_the_consumer_account_cannot_pay_is_503_not_a_crash(client, w3, chain):
+def test_a_fee_the_consumer_account_cannot_pay(client, w3, chain):
     balance = w3.eth.get_balance(chain.accounts[3].address)
     response = client.post("/v1/requests", headers={"X-API-Key": API_KEY},
                            json={"prompt": PROMPT, "max_tokens": 4, "fee": str(balance + 1)})
+    assert f"holds {balance} wei: it cannot pay" in error(response, 400)
+    # Its whole balance leaves nothing for gas: the chain refuses, the API does not crash.
+    response = client.post("/v1/requests", headers={"X-API-Key": API_KEY},
+                           json={"prompt": PROMPT, "max_tokens": 4, "fee": str(balance)})
     assert "refused the transaction" in error(response, 503)
 
 

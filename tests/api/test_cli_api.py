@@ -207,3 +207,12 @@ def test_the_documented_commands_are_the_tested_ones():
         ["OPTINFER_API_KEY=a-long-random-secret", ".venv/bin/optinfer", *DOCUMENTED_API],
         [".venv/bin/optinfer", *DOCUMENTED_REQUEST],
     ]
+
+
+def test_api_command_with_an_unreachable_database_says_so_in_one_line(env):
+    env = {**env, "OPTINFER_DATABASE_URL": "postgresql+psycopg://nobody@127.0.0.1:1/none"}
+    done = subprocess.run([OPTINFER, "api", "--port", "0"], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2
+    assert "unreachable" in done.stderr and "127.0.0.1:1" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
