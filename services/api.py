@@ -215,6 +215,7 @@ class ApiNode:
         self._lock = threading.Lock()
         self._chain: Chain | None = None
         self._sender: TxSender | None = None
+        self._view: ChainView | None = None
         self.metrics = NodeMetrics(self.store, self._chain_view)
 
     def chain(self) -> Chain:
@@ -239,9 +240,15 @@ class ApiNode:
 
     def _chain_view(self) -> ChainView:
         chain = self.chain()
-        provider = self.settings.signer("provider", chain.deployments.chain_id).address
-        coordinator = InferenceCoordinator(self.quick_w3, chain.coordinator.address)
-        return ChainView(self.quick_w3, coordinator, provider)
+        with self._lock:
+            if self._view is None:
+                try:
+                    provider = self.settings.signer("provider", chain.deployments.chain_id).address
+                except UserError:  # no provider key off the development chain
+                    provider = None
+                coordinator = InferenceCoordinator(self.quick_w3, chain.coordinator.address)
+                self._view = ChainView(self.quick_w3, coordinator, provider)
+            return self._view
 
     def decode(self, model_id: str, tokens: list[int]) -> str | None:
         """`tokens` as text, when they are for this node's model and its tokenizer has them."""

@@ -51,18 +51,19 @@ BLOCK_TIME_CACHE = 100_000
 
 @dataclass(frozen=True)
 class ChainView:
-    """What the metrics read from the chain: the coordinator and this node's provider."""
+    """What the metrics read from the chain: the coordinator and this node's provider account
+    (None without a provider key: the provider's metrics are left out)."""
 
     w3: Web3
     coordinator: InferenceCoordinator
-    provider: str
+    provider: str | None
 
 
 class NodeMetrics(Collector):
     """The node's metrics in a registry of their own (one per app: tests build many).
 
-    `chain()` gives the chain view, or raises (no deployment, node down, no provider key) --
-    then the chain's metrics are left out and ``chain_up`` is 0.
+    `chain()` gives the chain view, or raises (no deployment, node down) -- then the chain's
+    metrics are left out and ``chain_up`` is 0.
     """
 
     def __init__(self, store: Store, chain: Callable[[], ChainView]):
@@ -101,7 +102,7 @@ class NodeMetrics(Collector):
         up = GaugeMetricFamily("optinfer_chain_up", "1 when the chain answered this scrape.")
         try:
             view = self.chain()
-            stake, locked = view.coordinator.provider_stake(view.provider)
+            stake = view.coordinator.provider_stake(view.provider) if view.provider else None
         except Exception as err:  # noqa: BLE001 -- a scrape reports the chain down, never fails
             log.warning("metrics: chain unavailable: %s", err)
             up.add_metric([], 0)
@@ -109,10 +110,12 @@ class NodeMetrics(Collector):
             return
         up.add_metric([], 1)
         yield up
+        if view.provider is None:
+            return
         family = GaugeMetricFamily("optinfer_provider_stake_wei", "The provider account's "
                                    "stake on chain.", labels=["kind"])
-        family.add_metric(["total"], stake)
-        family.add_metric(["locked"], locked)
+        family.add_metric(["total"], stake[0])
+        family.add_metric(["locked"], stake[1])
         yield family
         with self.store.transaction() as conn:
             served = conn.execute(
@@ -128,6 +131,8 @@ class NodeMetrics(Collector):
             try:
                 view = self.chain()
             except Exception:  # noqa: BLE001 -- collect() reports the chain down
+                return
+            if view.provider is None:
                 return
             block, request_id = self._latency_after
             with self.store.transaction() as conn:

@@ -337,6 +337,21 @@ def test_metrics_without_the_chain_still_report_the_store(make_client):
     assert samples[("optinfer_commit_latency_seconds_count", ())] == 0
 
 
+def test_metrics_of_a_node_without_a_provider_account(client, coordinator):
+    """Off the development chain a node may have no provider key: no provider metrics."""
+    from prometheus_client import generate_latest
+
+    from optinfer.services.metrics import ChainView, NodeMetrics
+
+    metrics = NodeMetrics(client.app.state.node.store,
+                          lambda: ChainView(coordinator.w3, coordinator, None))
+    metrics.refresh()
+    text = generate_latest(metrics.registry).decode()
+    assert "optinfer_chain_up 1.0" in text
+    assert "optinfer_provider_stake_wei" not in text
+    assert "optinfer_requests_served_total" not in text
+
+
 def test_openapi_schema_is_served(client):
     schema = client.get("/openapi.json").json()
     assert {"/v1/models", "/v1/models/{model_id}", "/v1/models/{model_id}/files/{name}",
