@@ -101,8 +101,9 @@ class RequestView(BaseModel):
     commit_deadline: int
     block_number: int
     tx_hash: str
-    status: str = Field(description="The node's view: open, committed, finalized, refunded, "
-                        "rejected, or skipped (`note` says why).")
+    status: str = Field(description="The node's view: open, committing (answer written, "
+                        "commit sent), committed, finalized, refunded, rejected, or skipped "
+                        "(`note` says why).")
     note: str | None
     claim: ClaimView | None
     games: list[int] = Field(description="Ids of the dispute games on this request.")
