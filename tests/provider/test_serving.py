@@ -198,9 +198,13 @@ def test_kill_9_around_the_commit_then_restart_serves_the_request_exactly_once(
     before recording it; restarted, it finds the `committing` row, asks the chain, and commits
     exactly once in all."""
     protocol = registered
-    first = run_provider(protocol, sqlite_url, env={"OPTINFER_CRASH_AT": crash_at})
+    stake = 3 * 10**18
+    first = run_provider(protocol, sqlite_url, "--stake", str(stake),
+                         env={"OPTINFER_CRASH_AT": crash_at})
+    first.wait_for(rf"registered provider 0x[0-9a-fA-F]{{40}} with stake {stake} wei")
     first.wait_for("serving model")
     provider = protocol.provider.address
+    assert protocol.coordinator.provider_stake(provider) == (stake, 0)
     nonce_at_start = protocol.w3.eth.get_transaction_count(provider)  # after registering
     prompt = model.encode(PROMPT_TEXT)
     request_id = protocol.post(prompt)
