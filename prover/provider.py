@@ -522,8 +522,9 @@ class ProviderNode:
                 continue
             try:
                 self._play(leased)
-            except ContractRevert as err:
-                # Nothing was sent (the estimate reverted): the next poll reads the game again.
+            except (ContractRevert, TxFailed) as err:
+                # The game moved under us (the estimate reverted, or the move was mined after
+                # the opponent's): the next poll reads it again.
                 log.warning("game %d: move rejected (%s); reading the game again next poll",
                             record.game_id, err)
         open_requests = {record.request_id for record in games}
