@@ -142,6 +142,10 @@ def wait_for_result(
     started = time.monotonic()
     seen: Status | None = None
     while True:
+        # The time before the status: a request still open after a time past its deadline
+        # can never be committed (read the other way round, a commit landing between the two
+        # reads would look like a missed deadline).
+        now = next_block_time(coordinator.w3)
         request = coordinator.get_request(request_id)
         if request.status != seen:
             seen = request.status
@@ -154,8 +158,7 @@ def wait_for_result(
         if request.status == Status.REJECTED:
             raise RequestNotServed(f"request {request_id} was rejected: its provider lost a "
                                    "dispute over the answer, and the fee was refunded")
-        if (request.status == Status.OPEN
-                and next_block_time(coordinator.w3) > request.commit_deadline):
+        if request.status == Status.OPEN and now > request.commit_deadline:
             raise RequestNotServed(
                 f"request {request_id}: no provider committed an answer before its "
                 f"deadline ({request.commit_deadline}); the coordinator's refund({request_id})"
