@@ -300,15 +300,20 @@ class Watchtower:
         another worker is at it or it cannot be opened."""
         request_id = request.request_id
         with self.store.transaction() as conn:
+            fresh = st.get_challenge(conn, request_id, self.address) is None
             row = st.take_challenge(conn, request_id, self.address, self.worker,
                                     lease_seconds=self.lease)
         if row is None or row.status == "failed":
             return None
         if row.status == "opened":
             return None  # its game has its own chain of play tasks
+        # Cheap, and also right when the database is not the only record (restored, say).
         opened = self._opened_on_chain(request_id, claim.block_number, row.tx_hash)
         if opened is None:
-            if self._has_pending_transactions():
+            # Pending transactions of ours matter only when another worker held this row: it
+            # may have sent the challenge and died before noting it. A fresh row never waits
+            # for the game moves a busy watchtower always has in flight.
+            if not fresh and self._has_pending_transactions():
                 # Possibly our challenge, sent by a worker that died before noting it.
                 log.info("claim %d: transactions of %s still pending, challenge deferred",
                          request_id, self.address)
@@ -394,6 +399,11 @@ class Watchtower:
         ``prover.game.decide`` gives (recorded before they are sent), and say when to look
         again. `token`: the play chain this call belongs to (None: a one-off call, e.g. the
         eager loop's); a call whose token is no longer the game's stops its chain."""
+        with self.store.transaction() as conn:
+            current = st.get_game(conn, game_id, Role.CHALLENGER)
+        if current is not None and current.status == "open":
+            # Before the lease: a large model's trace may take longer than the lease lasts.
+            self._trace(current)
         with self.store.transaction() as conn:
             record = st.claim_game(conn, game_id, Role.CHALLENGER, self.worker,
                                    lease_seconds=self.lease)

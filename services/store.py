@@ -34,6 +34,7 @@ from optinfer.prover.game import Phase, Role
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+MIGRATION_LOCK_KEY = 0x6F7074696E666572  # "optinfer": the Postgres advisory lock of migrate
 
 
 class Uint256(sa.types.TypeDecorator):
@@ -205,6 +206,11 @@ class Store:
         from alembic import command
 
         with self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                # Workers starting together on a fresh database would both create the tables
+                # (and one fail): the lock lasts until this transaction commits.
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"),
+                             {"key": MIGRATION_LOCK_KEY})
             command.upgrade(self._alembic_config(conn), revision)
 
     def current_revision(self) -> str | None:

@@ -210,3 +210,42 @@ def test_challenger_run_without_a_broker_catches_a_silent_liar_and_withdraw_pays
     assert withdrawn == {"InferenceCoordinator": SLASH_SHARE, "DisputeGame": BOND}
     assert stack.w3.eth.get_balance(stack.watchtower.address) > before + BOND  # less gas
     assert stack.watchtower_reward() == 0
+
+
+@pytest.mark.parametrize("crash", ["before_sending", "after_sending"])
+def test_a_challenge_cut_short_by_a_crash_is_finished_once(stack, watchtower, crash):
+    """A worker died with the challenge row `sending` (before its transaction, or after it
+    was mined but before the game was noted): once the lease has expired, the next scan
+    finishes it, and the claim is challenged exactly once."""
+    import sqlalchemy as sa
+
+    liar = lie("final", "23+19=")
+    request_id = stack.claim(liar.prompt, liar.claimed)
+    address = watchtower.address
+    if crash == "after_sending":
+        tasks.scan.delay()
+        (game_id,) = stack.games_of(request_id)
+        with watchtower.store.transaction() as conn:  # what the dead worker never wrote
+            conn.execute(sa.delete(st.games).where(st.games.c.game_id == game_id))
+            conn.execute(sa.update(st.challenges).values(status="sending", game_id=None,
+                                                         tx_hash=None))
+    else:
+        watchtower.scan()  # records the claim; the verdict and the row as the crash left them
+        with watchtower.store.transaction() as conn:
+            st.set_claim_verdict(conn, request_id, "invalid", "token 21 differs")
+            conn.execute(sa.insert(st.challenges).values(request_id=request_id,
+                                                         challenger=address, status="sending"))
+        assert stack.games_of(request_id) == []
+    with watchtower.store.transaction() as conn:
+        conn.execute(sa.update(st.challenges).values(lease_owner="dead-worker:1:1",
+                                                     lease_expires=0.0))
+    tasks.scan.delay()
+    games = stack.games_of(request_id)
+    assert len(games) == 1
+    with watchtower.store.transaction() as conn:
+        row = st.get_challenge(conn, request_id, address)
+        game = st.get_game(conn, games[0], Role.CHALLENGER)
+    assert (row.status, row.game_id) == ("opened", games[0])
+    assert game is not None and game.status == "open"
+    tasks.scan.delay()  # and the game goes on: the provider owes S_N, nothing else to do
+    assert stack.games_of(request_id) == games

@@ -68,6 +68,33 @@ def test_migrate_twice_is_a_no_op(store: Store):
         assert st.get_cursor(conn, "c") == 7
 
 
+def test_workers_migrating_a_fresh_postgres_database_at_once_all_succeed(postgres_admin):
+    from tests.services.conftest import drop_schema, postgres_schema_url
+
+    schema, url = postgres_schema_url(postgres_admin)
+    stores = [Store(url) for _ in range(3)]
+    failures: list[BaseException] = []
+
+    def migrate(store: Store) -> None:
+        try:
+            store.migrate()
+        except BaseException as err:  # noqa: BLE001 (reported below)
+            failures.append(err)
+
+    try:
+        threads = [threading.Thread(target=migrate, args=(store,)) for store in stores]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert failures == []
+        assert len({store.current_revision() for store in stores}) == 1
+    finally:
+        for store in stores:
+            store.dispose()
+        drop_schema(postgres_admin, schema)
+
+
 def test_migrations_ship_with_the_package():
     # env.py, the script template and the versions are package data (pyproject.toml).
     assert (st.MIGRATIONS_DIR / "env.py").is_file()
