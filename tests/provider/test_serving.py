@@ -233,3 +233,46 @@ def test_kill_9_around_the_commit_then_restart_serves_the_request_exactly_once(
         assert st.get_claim(conn, request_id).tx_hash == "0x" + bytes(
             commits[0]["transactionHash"]).hex()
     store.dispose()
+
+
+def test_rpc_faults_lose_nothing_and_send_nothing_twice(registered, sqlite_url, model, chain):
+    """Between the node and anvil, a proxy refuses and drops requests: a commit whose answer is
+    lost is recognised, not sent again; a node unreachable for a whole commit leaves the
+    request `committing`, and the next poll finishes it. Every request is committed once."""
+    from optinfer.services.chain import RetryPolicy, RpcUnavailable, connect
+    from tests.services.rpc_proxy import RpcProxy
+
+    protocol = registered
+    prompt = model.encode(PROMPT_TEXT)
+    ids = [protocol.post(prompt), protocol.post(prompt, max_tokens=12)]
+    provider = protocol.provider.address
+    with RpcProxy(chain.url) as proxy:
+        store = Store(sqlite_url)
+        store.migrate()
+        node = ProviderNode(w3=connect(proxy.url, RetryPolicy(attempts=3, initial_delay=0.01)),
+                            store=store, deployments=protocol.deployments, model=model,
+                            account=protocol.provider, poll_interval=0.2)
+        node.ensure_provider_registered(None)
+        nonce = protocol.w3.eth.get_transaction_count(provider)
+        proxy.fail("eth_getLogs", "lose")  # the cursor's first read: retried
+        proxy.fail("eth_sendRawTransaction", "refuse", times=3)  # the first commit: given up
+        with pytest.raises(RpcUnavailable):
+            node.poll_once()
+        with store.transaction() as conn:
+            # The second answer, generated meanwhile, went out with the nonce left unused.
+            assert [st.get_request(conn, i).status for i in ids] == ["committing", "committed"]
+        proxy.fail("eth_sendRawTransaction", "lose", times=2)  # sent, but no answer: twice
+        proxy.fail("eth_getTransactionReceipt", "lose")
+        served = node.poll_once()
+        assert [s.request_id for s in served] == ids[:1]
+        # The first commit reached anvil more than once, always as the same signed
+        # transaction: the nonces below count the transactions that exist.
+        assert proxy.forwarded["eth_sendRawTransaction"] >= 4
+    assert protocol.w3.eth.get_transaction_count(provider) == nonce + 2
+    for request_id in ids:
+        commits = protocol.coordinator.contract.events.OutputCommitted().get_logs(
+            argument_filters={"requestId": request_id}, from_block=0)
+        assert len(commits) == 1
+    with store.transaction() as conn:
+        assert [st.get_request(conn, i).status for i in ids] == ["committed", "committed"]
+    store.dispose()
