@@ -171,13 +171,18 @@ class DisputeGame(BoundContract):
 
     # -- reading ------------------------------------------------------------------------
 
-    def state(self, game_id: int, from_block: int = 0) -> OnChainGame:
+    def state(self, game_id: int, from_block: int = 0,
+              block: int | None = None) -> OnChainGame:
         """Game `game_id` as the spec's ``GameState`` (the Python ``apply`` would hold after
-        the same moves), with its players. `from_block`: no earlier than the game's opening
-        (where to start reading its events)."""
-        raw = reverts_decoded(self.artifact, self.contract.functions.getGame(game_id).call)
+        the same moves), with its players, as of `block` (default: the latest).
+        `from_block`: no earlier than the game's opening (where to start reading its events)."""
+        # Every read is pinned to one block: a move landing between two reads would otherwise
+        # give a state that never existed (storage from after it, events from before).
+        block = self.w3.eth.block_number if block is None else block
+        raw = reverts_decoded(self.artifact, lambda: self.contract.functions.getGame(
+            game_id).call(block_identifier=block))
         game = dict(zip(_GAME_FIELDS, raw, strict=True))
-        events = {name: self._game_logs(name, game_id, from_block)
+        events = {name: self._game_logs(name, game_id, from_block, block)
                   for name in ("GameOpened", "RootPosted", "MidPosted", "MidAnswered",
                                "ChildrenRevealed", "ChildPicked", "ChunkRevealed",
                                "ElementNamed", "GameEnded")}
@@ -188,7 +193,7 @@ class DisputeGame(BoundContract):
         mid_pending = len(events["MidPosted"]) > len(events["MidAnswered"])
         revealed = [tuple(bytes(c) for c in e["children"]) for e in events["ChildrenRevealed"]]
         picked = len(events["ChildPicked"])
-        to_move = self.contract.functions.toMove(game_id).call()
+        to_move = self.contract.functions.toMove(game_id).call(block_identifier=block)
         running = _ROLES.get(OnChainRole(to_move))
         if running is None:  # resolved: the clock no longer matters, keep the spec's type
             running = spec.Role.PROVIDER
@@ -230,9 +235,10 @@ class DisputeGame(BoundContract):
                            Web3.to_checksum_address(game["challenger"]),
                            bytes(game["nodesRoot"]), bytes(game["constantsRoot"]), state)
 
-    def _game_logs(self, name: str, game_id: int, from_block: int) -> list[dict]:
+    def _game_logs(self, name: str, game_id: int, from_block: int, to_block: int) -> list[dict]:
         event = getattr(self.contract.events, name)
-        logs = event.get_logs(argument_filters={"gameId": game_id}, from_block=from_block)
+        logs = event.get_logs(argument_filters={"gameId": game_id}, from_block=from_block,
+                              to_block=to_block)
         return [dict(log["args"]) for log in logs]
 
     def balance_of(self, account: str) -> int:
