@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 import os
 import platform
-import resource
 import time
 from collections import Counter, defaultdict
 from datetime import date
@@ -24,14 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from optinfer.errors import UserError
+from optinfer.models.bench import cpu_name, peak_rss_bytes_of_process
 
 BENCH_CONTEXT = 64
 FULL_LAYERS = 28
 ETHER = 10**18
-
-
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def prepare_model(workdir: Path, layers: int, log) -> Path:
@@ -203,18 +199,9 @@ def bench_dispute(layers: int = 2, prompt_len: int = 4, tokens: int = 3,
                        "max_rounds": spec.max_rounds(full_nodes, largest)},
         "compute_s": {side: round(seconds, 3) for side, seconds in compute.items()},
         "wall_s": round(time.perf_counter() - started, 1),
-        "peak_rss_bytes": _peak_rss_bytes(),
-        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(),
+        "peak_rss_bytes": peak_rss_bytes_of_process(),
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(),
                     "python": platform.python_version()},
         "date": date.today().isoformat(),
     }
 
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"

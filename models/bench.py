@@ -23,7 +23,7 @@ BENCH_CONTEXT = 1024
 FLOAT_TOKENS = 24  # float baselines decode fewer tokens: their per-token rate is what counts
 
 
-def _peak_rss_bytes() -> int:
+def peak_rss_bytes_of_process() -> int:
     """Peak resident set of this process image (VmHWM; ru_maxrss survives exec on Linux)."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -57,7 +57,7 @@ def integer_worker(model_dir: Path, threads: int, prompt_len: int, tokens: int) 
         raise RuntimeError("teacher-forced pass disagrees with KV-cache decoding")
     return {"decode_tokens_per_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
             "generate_s": generate_s, "verify_s": verify_s, "tokens": len(output),
-            "peak_rss_bytes": _peak_rss_bytes()}
+            "peak_rss_bytes": peak_rss_bytes_of_process()}
 
 
 def ort_float_worker(float_path: Path, threads: int, prompt_len: int, tokens: int) -> dict:
@@ -86,7 +86,7 @@ def ort_float_worker(float_path: Path, threads: int, prompt_len: int, tokens: in
         position += len(feed)
         feed = [int(out[0][-1])]
     return {"decode_tokens_per_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
-            "peak_rss_bytes": _peak_rss_bytes()}
+            "peak_rss_bytes": peak_rss_bytes_of_process()}
 
 
 def torch_worker(checkpoint: Path, threads: int, prompt_len: int, tokens: int) -> dict:
@@ -109,7 +109,7 @@ def torch_worker(checkpoint: Path, threads: int, prompt_len: int, tokens: int) -
     prefill = timed(1)
     total = timed(tokens)
     return {"decode_tokens_per_s": (tokens - 1) / (total - prefill),
-            "peak_rss_bytes": _peak_rss_bytes()}
+            "peak_rss_bytes": peak_rss_bytes_of_process()}
 
 
 # ------------------------------------------------------------------ driver
@@ -206,7 +206,7 @@ def measure(checkpoint: Path, integer: Path, float_path: Path, tokens: int, prom
         "peak_rss_bytes": ours["peak_rss_bytes"],
         "ort_fp32_peak_rss_bytes": ort_fp32["peak_rss_bytes"],
         "torch_fp32_peak_rss_bytes": torch_fp32["peak_rss_bytes"],
-        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(),
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(),
                     "python": platform.python_version()},
         "date": date.today().isoformat(),
     }
@@ -226,7 +226,7 @@ def bench_inference(layers: int = 28, tokens: int = 256, prompt_len: int = 32, t
     return {"model": f"R1-Distill-Qwen-1.5B shape, random weights, {layers} layers", **result}
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

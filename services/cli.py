@@ -7,6 +7,7 @@ else is a bug and keeps its traceback. Progress goes to stderr, results (and `--
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import sys
 import time
@@ -36,6 +37,10 @@ ModelDir = Annotated[Path | None, typer.Option("--model", help="Converted model 
                                                "(default: the committed tiny-r1).")]
 Threads = Annotated[int, typer.Option("--threads", help="ONNX Runtime intra-op threads.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
+ConfigFile = Annotated[Path | None, typer.Option(
+    "--config", help="TOML settings file (default: $OPTINFER_CONFIG); see docs/operators.md.")]
+RpcUrl = Annotated[str | None, typer.Option(
+    "--rpc-url", help="JSON-RPC endpoint (default: the rpc_url setting).")]
 
 
 def default_model_dir() -> Path:
@@ -352,6 +357,14 @@ def demo(
         sys.stdout.write(json.dumps(result) + "\n")
     if not result["ok"]:
         raise typer.Exit(1)
+
+
+def log_to_stderr() -> None:
+    """One line per event on stderr, with the time; the libraries' chatter stays out."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    for noisy in ("web3", "urllib3", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 # Commands defined in modules of their own attach themselves to the apps above on import.

@@ -11,8 +11,8 @@ from typing import Annotated
 import typer
 
 from optinfer.errors import UserError
-from optinfer.services.cli import AsJson, ModelDir, app, emit, out
-from optinfer.services.cli_chain import ConfigFile, RpcUrl, say
+from optinfer.services.cli import AsJson, ConfigFile, ModelDir, RpcUrl, app, emit, out
+from optinfer.services.cli_chain import say
 from optinfer.services.settings import load_settings
 
 

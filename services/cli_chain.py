@@ -16,13 +16,8 @@ import psutil
 import typer
 
 from optinfer.errors import UserError
-from optinfer.services.cli import AsJson, app, contracts_app, emit, err, out
+from optinfer.services.cli import AsJson, ConfigFile, RpcUrl, app, contracts_app, emit, err, out
 from optinfer.services.settings import DEV_ACCOUNT_INDEX, load_settings
-
-ConfigFile = Annotated[Path | None, typer.Option(
-    "--config", help="TOML settings file (default: $OPTINFER_CONFIG); see docs/operators.md.")]
-RpcUrl = Annotated[str | None, typer.Option(
-    "--rpc-url", help="JSON-RPC endpoint (default: the rpc_url setting).")]
 
 chain_app = typer.Typer(no_args_is_help=True, help="A local development chain (anvil).")
 app.add_typer(chain_app, name="chain")

@@ -10,19 +10,22 @@ import os
 import signal
 import sys
 import threading
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from optinfer.errors import UserError
-from optinfer.services.cli import AsJson, app, bench_app, emit, out
+from optinfer.services.cli import (
+    AsJson,
+    ConfigFile,
+    RpcUrl,
+    app,
+    bench_app,
+    emit,
+    log_to_stderr,
+    out,
+)
 from optinfer.services.settings import load_settings
-
-ConfigFile = Annotated[Path | None, typer.Option(
-    "--config", help="TOML settings file (default: $OPTINFER_CONFIG); see docs/operators.md.")]
-RpcUrl = Annotated[str | None, typer.Option(
-    "--rpc-url", help="JSON-RPC endpoint (default: the rpc_url setting).")]
 
 challenger_app = typer.Typer(
     no_args_is_help=True,
@@ -59,7 +62,7 @@ def challenger_run(
     settings = load_settings(config=config, rpc_url=rpc_url, metrics_port=metrics_port)
     celery = configure(settings)
     if settings.broker_url is None:
-        _log_to_stderr()
+        log_to_stderr()
     watchtower = Watchtower(settings)  # a bad deployment or model stops here, in one line
     tasks.use_watchtower(watchtower)
     if settings.metrics_port is not None:
@@ -90,28 +93,10 @@ def challenger_withdraw(
     as_json: AsJson = False,
 ) -> None:
     """Withdraw the slash shares the coordinator credited and the bonds the game returned."""
-    from optinfer.prover.provider import withdraw
-    from optinfer.services.chain import connect_settings
-    from optinfer.services.deployments import Deployments
+    from optinfer.services.cli_provider import withdraw_as
 
-    _log_to_stderr()
-    settings = load_settings(config=config, rpc_url=rpc_url)
-    w3 = connect_settings(settings)
-    deployments = Deployments.read(settings.deployments_file)
-    deployments.check_chain(w3)
-    account = settings.signer("challenger", deployments.chain_id)
-    withdrawn = withdraw(w3, deployments, account)
-    emit({"challenger": account.address, "withdrawn_wei": withdrawn}, as_json,
-         lambda d: out.print(", ".join(f"{amount} wei from the {name}"
-                                       for name, amount in d["withdrawn_wei"].items()),
-                             highlight=False, soft_wrap=True))
+    withdraw_as("challenger", rpc_url, config, as_json)
 
-
-def _log_to_stderr() -> None:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(message)s")
-    for noisy in ("web3", "urllib3", "alembic"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 @bench_app.command("watchtower")

@@ -13,25 +13,22 @@ from typing import Annotated
 import typer
 
 from optinfer.errors import UserError
-from optinfer.services.cli import AsJson, Threads, app, bench_app, emit, out
+from optinfer.services.cli import (
+    AsJson,
+    ConfigFile,
+    RpcUrl,
+    Threads,
+    app,
+    bench_app,
+    emit,
+    log_to_stderr,
+    out,
+)
 from optinfer.services.settings import load_settings
-
-ConfigFile = Annotated[Path | None, typer.Option(
-    "--config", help="TOML settings file (default: $OPTINFER_CONFIG); see docs/operators.md.")]
-RpcUrl = Annotated[str | None, typer.Option(
-    "--rpc-url", help="JSON-RPC endpoint (default: the rpc_url setting).")]
 
 provider_app = typer.Typer(no_args_is_help=True,
                            help="The provider node: serve requests, commit, defend disputes.")
 app.add_typer(provider_app, name="provider")
-
-
-def log_to_stderr() -> None:
-    """One line per event on stderr, with the time; the libraries' chatter stays out."""
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(message)s")
-    for noisy in ("web3", "urllib3", "alembic"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 @provider_app.command("run")
@@ -69,6 +66,12 @@ def provider_withdraw(
     as_json: AsJson = False,
 ) -> None:
     """Withdraw the fees credited by the coordinator and the bonds won in disputes."""
+    withdraw_as("provider", rpc_url, config, as_json)
+
+
+def withdraw_as(role: str, rpc_url: str | None, config: Path | None, as_json: bool) -> None:
+    """Withdraw everything the coordinator and the game credited to `role`'s key (`provider`
+    or `challenger`) and print what came from where."""
     from optinfer.prover.provider import withdraw
     from optinfer.services.chain import connect_settings
     from optinfer.services.deployments import Deployments
@@ -78,9 +81,9 @@ def provider_withdraw(
     w3 = connect_settings(settings)
     deployments = Deployments.read(settings.deployments_file)
     deployments.check_chain(w3)
-    account = settings.signer("provider", deployments.chain_id)
+    account = settings.signer(role, deployments.chain_id)
     withdrawn = withdraw(w3, deployments, account)
-    emit({"provider": account.address, "withdrawn_wei": withdrawn}, as_json,
+    emit({role: account.address, "withdrawn_wei": withdrawn}, as_json,
          lambda d: out.print(", ".join(f"{amount} wei from the {name}"
                                        for name, amount in d["withdrawn_wei"].items()),
                              highlight=False, soft_wrap=True))

@@ -44,6 +44,7 @@ from optinfer.prover.game import (
     one_step_verifier,
     open_game,
 )
+from tests.lies import changed
 
 STEP_SECONDS = 600.0
 """Each move takes ten minutes of (simulated) time: far below the clock budget."""
@@ -142,18 +143,6 @@ def _lying_provider_game(tiny, k: int, tensor: np.ndarray) -> GameState:
                 verifier, Role.CHALLENGER, honest, bound)
 
 
-def _changed(tensor: np.ndarray, element: int, delta: int) -> np.ndarray:
-    lie = tensor.copy()
-    flat = lie.reshape(-1)
-    if lie.dtype == bool:
-        flat[element] = not flat[element]
-    else:
-        info = np.iinfo(lie.dtype)
-        flat[element] = (int(flat[element]) - info.min + delta) % (info.max - info.min + 1) \
-            + info.min
-    return lie
-
-
 _settings = settings(max_examples=12, deadline=None,
                      suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -171,7 +160,7 @@ def test_a_provider_lying_at_a_random_node_loses(tiny, data):
         return
     element = data.draw(st.integers(0, tensor.size - 1), label="element")
     delta = data.draw(st.integers(1, 255), label="delta")
-    state = _lying_provider_game(tiny, k, _changed(tensor, element, delta))
+    state = _lying_provider_game(tiny, k, changed(tensor, element, delta))
     assert state.winner is Role.CHALLENGER
     assert state.k == k and state.element == element  # the dispute lands on the lie itself
 
@@ -179,7 +168,7 @@ def test_a_provider_lying_at_a_random_node_loses(tiny, data):
 def test_a_wrong_final_token_loses(tiny):
     honest, output, _ = tiny
     n = honest.node_count
-    state = _lying_provider_game(tiny, n, _changed(honest.tensor(n), len(output) - 1, 1))
+    state = _lying_provider_game(tiny, n, changed(honest.tensor(n), len(output) - 1, 1))
     assert state.winner is Role.CHALLENGER and state.k == n
     assert "one-step" in state.reason
 
@@ -191,7 +180,7 @@ def test_a_wrong_element_of_the_largest_tensor_loses(tiny, data):
     k = max(range(1, honest.node_count + 1), key=lambda j: honest.tensor(j).nbytes)
     tensor = honest.tensor(k)
     element = data.draw(st.integers(0, tensor.size - 1), label="element")
-    state = _lying_provider_game(tiny, k, _changed(tensor, element, 1))
+    state = _lying_provider_game(tiny, k, changed(tensor, element, 1))
     assert state.winner is Role.CHALLENGER and state.element == element
     assert len(state.descent) == 2  # 96 leaves: depth 7, two 16-way descent steps
 
@@ -207,7 +196,7 @@ def test_a_wrong_shape_with_the_same_bytes_loses(tiny):
 @given(stop_after=st.integers(0, 16), k=st.integers(1, 898))
 def test_a_provider_that_stops_answering_loses_on_time(tiny, stop_after, k):
     honest, _, verifier = tiny
-    lying = honest.with_output(k, _changed(honest.tensor(k), 0, 1))
+    lying = honest.with_output(k, changed(honest.tensor(k), 0, 1))
     moves = 0
 
     def stalling(state: GameState, now: float) -> list:
@@ -230,7 +219,7 @@ def test_a_provider_posting_random_midpoints_loses(tiny, seed):
     rng = random.Random(seed)
     n = honest.node_count
 
-    lying = honest.with_output(n, _changed(honest.tensor(n), 0, 1))
+    lying = honest.with_output(n, changed(honest.tensor(n), 0, 1))
 
     def garbling(state: GameState, now: float) -> list:
         if state.phase is Phase.BISECTION and rng.random() < 0.3:
@@ -335,7 +324,7 @@ def test_a_late_move_reverts_and_the_opponent_wins_on_time(tiny):
 def test_the_chunk_proof_rebuilt_from_the_descent_equals_the_tensor_range_proof(tiny):
     honest, _, verifier = tiny
     k = max(range(1, honest.node_count + 1), key=lambda j: honest.tensor(j).nbytes)
-    lie = _changed(honest.tensor(k), honest.tensor(k).size - 1, 1)  # the last leaf
+    lie = changed(honest.tensor(k), honest.tensor(k).size - 1, 1)  # the last leaf
     state = _lying_provider_game(tiny, k, lie)
     tree = commitments.TensorTree(lie)
     start = state.node_index * commitments.LEAF_BYTES

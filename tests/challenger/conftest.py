@@ -31,6 +31,7 @@ from optinfer.models.runtime import IntegerModel
 from optinfer.prover import game as spec
 from optinfer.prover.game import ModelTrace, Phase, Role
 from optinfer.services.deployments import DEMO_COORDINATOR_PARAMS, DeployParams, deploy_all
+from tests.lies import changed
 from tests.services.conftest import drop_schema, postgres_schema_url
 
 ETHER = 10**18
@@ -195,15 +196,8 @@ def lie(kind: str, prompt_text: str = "12+34=", seed: int = 0) -> Lie:
         k = int(rng.integers(1, honest.node_count))
         while honest.tensor(k).size == 0:
             k += 1
-        tensor = honest.tensor(k).copy()
-        flat = tensor.reshape(-1)
-        element = int(rng.integers(0, flat.size))
-        if tensor.dtype == bool:
-            flat[element] = not flat[element]
-        else:
-            info = np.iinfo(tensor.dtype)
-            flat[element] = info.min if flat[element] == info.max else flat[element] + 1
-        liar = liar.with_output(k, tensor)
+        element = int(rng.integers(0, honest.tensor(k).size))
+        liar = liar.with_output(k, changed(honest.tensor(k), element))
     return Lie(list(prompt), claimed, liar, k)
 
 

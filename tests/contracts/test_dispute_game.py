@@ -20,7 +20,6 @@ from web3 import Web3
 from optinfer.contracts.artifacts import ARTIFACTS_DIR
 from optinfer.contracts.bindings import ContractRevert
 from optinfer.contracts.coordinator import (
-    CoordinatorParams,
     InferenceCoordinator,
     RequestSpec,
     Status,
@@ -31,17 +30,12 @@ from optinfer.models.runtime import IntegerModel
 from optinfer.prover import commitments
 from optinfer.prover import game as spec
 from optinfer.prover.game import ModelTrace, Phase, Role
+from optinfer.services.deployments import DEMO_COORDINATOR_PARAMS
+from tests.lies import changed
 
 TINY_R1 = Path(__file__).resolve().parents[2] / "models" / "tiny-r1" / "integer"
 ETHER = 10**18
-PARAMS = CoordinatorParams(
-    minimum_stake=1 * ETHER,
-    stake_per_claim=ETHER // 2,
-    challenge_window=3600,
-    challenger_share_bps=5000,
-    consumer_share_bps=3000,
-    max_callback_gas_limit=500_000,
-)
+PARAMS = DEMO_COORDINATOR_PARAMS  # the deployment the demo and operators get
 GAME = GameParams(clock_seconds=6 * 3600, fan_out_bits=4, challenger_bond=ETHER // 10)
 FEE = ETHER // 100
 PROMPT = [1, 6, 7, 15, 8, 9, 16]  # "12+34="
@@ -309,18 +303,6 @@ def _play(stack: Stack, game_id: int, policies: dict[Role, Policy],
     raise AssertionError("the game did not end in 200 moves")
 
 
-def _changed(tensor: np.ndarray, element: int, delta: int = 1) -> np.ndarray:
-    lie = tensor.copy()
-    flat = lie.reshape(-1)
-    if lie.dtype == bool:
-        flat[element] = not flat[element]
-    else:
-        info = np.iinfo(lie.dtype)
-        span = int(info.max) - int(info.min) + 1
-        flat[element] = (int(flat[element]) - int(info.min) + delta) % span + int(info.min)
-    return lie
-
-
 def _assert_provider_lost(stack: Stack, request_id: int, state: spec.GameState,
                           challenger) -> None:
     assert state.winner is Role.CHALLENGER
@@ -356,7 +338,7 @@ def test_a_provider_lying_at_a_random_node_loses_through_the_one_step(stack, see
         k += 1
     element = int(rng.integers(0, honest.tensor(k).size))
     liar, claimed = _lie_at_last_token(honest, stack.output)
-    liar = liar.with_output(k, _changed(honest.tensor(k), element))
+    liar = liar.with_output(k, changed(honest.tensor(k), element))
     state = _liar_game(stack, liar, claimed)
     assert (state.k, state.element) == (k, element)
 
@@ -374,7 +356,7 @@ def test_a_provider_lying_in_one_element_of_the_largest_tensor_loses(stack):
     k = max(range(1, honest.node_count + 1), key=lambda j: honest.tensor(j).nbytes)
     element = honest.tensor(k).size - 3
     liar, claimed = _lie_at_last_token(honest, stack.output)
-    liar = liar.with_output(k, _changed(honest.tensor(k), element, 7))
+    liar = liar.with_output(k, changed(honest.tensor(k), element, 7))
     state = _liar_game(stack, liar, claimed)
     assert (state.k, state.element) == (k, element)
     assert len(state.descent) == spec.descent_rounds(honest.tensor(k).nbytes)
@@ -391,7 +373,7 @@ def test_a_dishonest_challenger_loses_its_bond_and_the_honest_claim_finalizes(st
     challenger = stack.accounts[5]
     game_id = stack.challenge(request_id, challenger)
     k = honest.node_count // 3
-    corrupted = honest.with_output(k, _changed(honest.tensor(k), 0))
+    corrupted = honest.with_output(k, changed(honest.tensor(k), 0))
 
     def challenger_policy(state, now):
         if misbehaviour == "wrong_trace":

@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 from web3 import Web3
 
@@ -238,16 +237,3 @@ def run_provider(chain, tmp_path) -> Iterator[Callable[..., ProviderProcess]]:
 def optinfer(*args, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([OPTINFER, *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
-
-
-def changed(tensor: np.ndarray, element: int = 0, delta: int = 1) -> np.ndarray:
-    """`tensor` with one element moved by `delta` (wrapping in its dtype)."""
-    lie = tensor.copy()
-    flat = lie.reshape(-1)
-    if lie.dtype == bool:
-        flat[element] = not flat[element]
-    else:
-        info = np.iinfo(lie.dtype)
-        span = int(info.max) - int(info.min) + 1
-        flat[element] = (int(flat[element]) - int(info.min) + delta) % span + int(info.min)
-    return lie

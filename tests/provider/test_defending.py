@@ -16,8 +16,9 @@ from optinfer.prover import game as spec
 from optinfer.prover.game import ModelTrace, Phase, Role
 from optinfer.services import store as st
 from optinfer.services.store import Store
+from tests.lies import changed
 
-from .conftest import MAX_TOKENS, PROMPT_TEXT, Protocol, ProviderProcess, changed, optinfer
+from .conftest import MAX_TOKENS, PROMPT_TEXT, Protocol, ProviderProcess, optinfer
 
 GAME_TIMEOUT_S = 150
 
