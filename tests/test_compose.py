@@ -33,7 +33,8 @@ def _optinfer_command(argv: list[str]):
             break
         assert word in command.commands, f"optinfer has no subcommand {word!r} here"
         command = command.commands[word]
-    options = {opt for param in command.params for opt in param.opts}
+    options = {opt for param in command.params
+               for opt in (*param.opts, *getattr(param, "secondary_opts", ()))}
     for word in argv:
         if word.startswith("--"):
             assert word.split("=")[0] in options, f"{argv}: {word} is not an option"
