@@ -13,12 +13,9 @@ import {
     GameResolved,
     ModelRootMismatch,
     NotYourMove,
-    NothingToWithdraw,
     PromptMismatch,
-    Reentrancy,
     StatePathLengthMismatch,
     TensorHeaderMismatch,
-    WithdrawFailed,
     WrongBond,
     WrongChildCount,
     WrongMidpoint,
@@ -30,6 +27,7 @@ import {InferenceCoordinator} from "./InferenceCoordinator.sol";
 import {ModelRegistry} from "./ModelRegistry.sol";
 import {IOneStepVerifier} from "./interfaces/IOneStepVerifier.sol";
 import {Commitments} from "./lib/Commitments.sol";
+import {PullPayments} from "./lib/PullPayments.sol";
 import {Sha256Merkle} from "./lib/Sha256Merkle.sol";
 
 /// @title DisputeGame
@@ -44,7 +42,7 @@ import {Sha256Merkle} from "./lib/Sha256Merkle.sol";
 /// @dev    Money: the challenger's bond is held here; a challenger that loses forfeits it to
 ///         the provider, one that wins gets it back (and its slash share from the coordinator).
 ///         Both are credited and withdrawn (pull payments).
-contract DisputeGame {
+contract DisputeGame is PullPayments {
     /// @notice Where a game is; the party to move follows from it (see `toMove`).
     enum Phase {
         None,
@@ -164,8 +162,6 @@ contract DisputeGame {
     /// @notice The game ended. `timedOut`: the loser ran out of time; otherwise the one-step
     ///         decided.
     event GameEnded(uint256 indexed gameId, uint256 indexed requestId, Role winner, bool timedOut);
-    /// @notice `account` withdrew `amount` wei of bonds won or returned.
-    event Withdrawn(address indexed account, uint256 amount);
 
     ////////////////////////////////////////////////////////////////
     //                    Parameters and state                    //
@@ -188,17 +184,6 @@ contract DisputeGame {
     uint256 public gameCount;
     /// @notice Games by id.
     mapping(uint256 => Game) internal _games;
-    /// @notice Wei credited to each account (bonds returned or won), sent by `withdraw`.
-    mapping(address => uint256) public balanceOf;
-
-    bool transient _locked;
-
-    modifier nonReentrant() {
-        if (_locked) revert Reentrancy();
-        _locked = true;
-        _;
-        _locked = false;
-    }
 
     /// @param coordinator_    The InferenceCoordinator whose claims are disputed (it must name
     ///                        this contract as its dispute game).
@@ -433,7 +418,7 @@ contract DisputeGame {
     }
 
     ////////////////////////////////////////////////////////////////
-    //                    Anyone: timeout, withdraw               //
+    //                      Anyone: timeout                       //
     ////////////////////////////////////////////////////////////////
 
     /// @notice The party to move has no time left: it loses.
@@ -446,15 +431,6 @@ contract DisputeGame {
         _resolve(gameId, game, mover == Role.Provider ? Role.Challenger : Role.Provider, true);
     }
 
-    /// @notice Send `msg.sender` its credited balance (bonds returned or won).
-    function withdraw() external nonReentrant {
-        uint256 amount = balanceOf[msg.sender];
-        if (amount == 0) revert NothingToWithdraw();
-        balanceOf[msg.sender] = 0;
-        emit Withdrawn(msg.sender, amount);
-        (bool sent,) = msg.sender.call{value: amount}("");
-        if (!sent) revert WithdrawFailed();
-    }
 
     ////////////////////////////////////////////////////////////////
     //                          Views                             //

@@ -22,17 +22,14 @@ import {
     NotDeployer,
     NotDisputeGame,
     NotNamedProvider,
-    NothingToWithdraw,
     OutputStoreFailed,
     OutputTooLong,
     ProviderAlreadyRegistered,
     ProviderNotRegistered,
-    Reentrancy,
     RequestNotFound,
     RequestNotOpen,
     SlashSharesExceedWhole,
     StakeBelowMinimum,
-    WithdrawFailed,
     ZeroChallengeWindow,
     ZeroDisputeGame,
     ZeroMaxTokens,
@@ -41,6 +38,7 @@ import {
 } from "./Errors.sol";
 import {ModelRegistry} from "./ModelRegistry.sol";
 import {IInferenceConsumer} from "./interfaces/IInferenceConsumer.sol";
+import {PullPayments} from "./lib/PullPayments.sol";
 
 /// @title TokenPacking
 /// @notice The packed encoding of a token list: each token id as 4 big-endian bytes, concatenated
@@ -126,7 +124,7 @@ library TokenPacking {
 ///         Payments are pull-based: every amount owed is credited to `balanceOf` and sent only
 ///         by `withdraw`. The functions that send ETH or call out (`finalize`, `withdraw`) are
 ///         guarded against re-entrancy and follow checks-effects-interactions.
-contract InferenceCoordinator {
+contract InferenceCoordinator is PullPayments {
     ////////////////////////////////////////////////////////////////
     //                         Structs                            //
     ////////////////////////////////////////////////////////////////
@@ -261,8 +259,6 @@ contract InferenceCoordinator {
     /// @notice `consumer` was credited `amount` for `requestId` (no answer in time, or rejected).
     event Refunded(uint256 indexed requestId, address indexed consumer, uint256 amount);
 
-    /// @notice `account` withdrew `amount` wei of its balance.
-    event Withdrawn(address indexed account, uint256 amount);
 
     ////////////////////////////////////////////////////////////////
     //                        Parameters                          //
@@ -310,23 +306,11 @@ contract InferenceCoordinator {
     mapping(address => Provider) public providers;
     /// @notice Whether an address has registered as a provider.
     mapping(address => bool) public isProvider;
-    /// @notice Wei credited to each account, sent by `withdraw`.
-    mapping(address => uint256) public balanceOf;
-
-    /// @notice Re-entrancy lock of `finalize` and `withdraw` (transient: cleared every transaction).
-    bool transient _locked;
 
     ////////////////////////////////////////////////////////////////
     //                        Modifiers                           //
     ////////////////////////////////////////////////////////////////
 
-    /// @notice No function with this modifier runs while another one is running.
-    modifier nonReentrant() {
-        if (_locked) revert Reentrancy();
-        _locked = true;
-        _;
-        _locked = false;
-    }
 
     /// @notice Only the dispute game calls the dispute hooks.
     modifier onlyDisputeGame() {
@@ -572,17 +556,6 @@ contract InferenceCoordinator {
         emit Refunded(requestId, request.consumer, request.fee);
     }
 
-    /// @notice Send `msg.sender` its whole credited balance (fees, refunds, slash shares,
-    ///         removed stake).
-    function withdraw() external nonReentrant {
-        uint256 amount = balanceOf[msg.sender];
-        if (amount == 0) revert NothingToWithdraw();
-        balanceOf[msg.sender] = 0;
-        emit Withdrawn(msg.sender, amount);
-        (bool sent,) = msg.sender.call{value: amount}("");
-        // A failed send reverts everything, the zeroed balance included.
-        if (!sent) revert WithdrawFailed();
-    }
 
     ////////////////////////////////////////////////////////////////
     //                     Dispute hooks                          //
