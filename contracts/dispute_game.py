@@ -22,6 +22,7 @@ from web3.logs import DISCARD
 from web3.types import TxReceipt
 
 from optinfer.contracts.bindings import BoundContract, deploy, reverts_decoded, send_function
+from optinfer.prover import commitments
 from optinfer.prover import game as spec
 
 CONTRACT_NAME = "DisputeGame"
@@ -265,8 +266,6 @@ _GAME_FIELDS = (
 
 def _chunk_data(chunk: bytes, game: dict, shape: tuple[int, ...] | None) -> bytes:
     """The revealed chunk without the padding past the tensor's end (what the spec keeps)."""
-    from optinfer.prover import commitments
-
     byte_length = commitments.tensor_byte_length(game["dtype"], shape)
     start = game["nodeIndex"] * commitments.LEAF_BYTES
     return chunk[:min(commitments.LEAF_BYTES, byte_length - start)]

@@ -21,16 +21,19 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 from web3 import Web3
+
+from optinfer.prover import commitments
 
 ETHER = 10**18
 FEE = ETHER // 100
@@ -45,11 +48,10 @@ MAX_STEPS = 400
 
 @dataclass
 class Phase:
-    """What a phase printed and measured."""
+    """A phase's name and wall time."""
 
     name: str
     seconds: float = 0.0
-    details: dict = field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -228,7 +230,6 @@ class Demo:
     # -- accounting ------------------------------------------------------------------------
 
     def balances(self) -> dict[str, dict[str, int]]:
-        game = self.game
         liar_stake, _ = self.coordinator.provider_stake(self.liar.address)
         honest_stake, _ = self.coordinator.provider_stake(self.honest.address)
         watchtower = self.watchtower.address
@@ -238,7 +239,7 @@ class Demo:
             "lying provider": {"stake": liar_stake,
                                "credited": self.coordinator.balance_of(self.liar.address)},
             "watchtower": {"credited": self.coordinator.balance_of(watchtower)
-                           + game.balance_of(watchtower)},
+                           + self.game.balance_of(watchtower)},
             "consumer contract": {"credited": self.coordinator.balance_of(self.asker.address)},
         }
 
@@ -284,18 +285,12 @@ def describe_game(game, game_id: int, descriptions: Callable[[int], str]) -> lis
             lines.append(f"round: challenger {verb} S_{args['mid']} -> nodes "
                          f"[{args['lo']}, {args['hi']}]")
         elif name == "LeafRevealed":
-            from optinfer.prover import commitments
-
             shape = tuple(args["shape"])
             itemsize = commitments.numpy_dtype(args["dtype"]).itemsize
-            count = 1
-            for dim in shape:
-                count *= dim
+            count = math.prod(shape)
             lines.append(f"node {args['k']} = {descriptions(args['k'])}: T_k {shape}, "
                          f"elements [0, {count})")
         elif name == "ChildPicked":
-            from optinfer.prover import commitments
-
             first = (args["index"] << args["height"]) * commitments.LEAF_BYTES // itemsize
             end = ((args["index"] + 1) << args["height"]) * commitments.LEAF_BYTES // itemsize
             lines.append(f"descent: child {args['position']} -> elements [{first}, {end})")
@@ -325,7 +320,6 @@ def run_demo(console: Console | None = None, question: str = "12+34=") -> dict:
         record = phase("chain and contracts")
         contracts = demo.deploy()
         say(f"  anvil at {chain.url}; deployed " + ", ".join(contracts))
-        record.details = {"rpc_url": chain.url, "contracts": contracts}
         record.seconds = time.perf_counter() - t0
 
         t0 = time.perf_counter()
