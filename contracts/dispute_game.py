@@ -207,8 +207,8 @@ class DisputeGame(BoundContract):
             setup=spec.GameSetup(
                 node_count=game["nodeCount"], initial_state=bytes(opened["initialState"]),
                 final_leaf=bytes(opened["finalLeaf"]),
-                fan_out_bits=self.parameter("fanOutBits"),
-                clock_seconds=self.parameter("clockSeconds")),
+                fan_out_bits=self._immutable("fanOutBits"),
+                clock_seconds=self._immutable("clockSeconds")),
             phase=phase,
             clock=spec.Clock(game["providerClock"], game["challengerClock"], running,
                              game["lastMoveAt"]),
@@ -249,6 +249,13 @@ class DisputeGame(BoundContract):
     def parameter(self, name: str) -> Any:
         """A public parameter or counter by its Solidity name."""
         return getattr(self.contract.functions, name)().call()
+
+    def _immutable(self, name: str) -> Any:
+        """A constructor parameter: read once, it never changes (every `state` needs two)."""
+        cache = self.__dict__.setdefault("_immutables", {})
+        if name not in cache:
+            cache[name] = self.parameter(name)
+        return cache[name]
 
     def events(self, receipt: TxReceipt, name: str) -> list[dict]:
         """The decoded arguments of every `name` event this game emitted in `receipt`."""
