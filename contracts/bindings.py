@@ -13,8 +13,11 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from eth_abi import decode as abi_decode
+from eth_abi import encode as abi_encode
 from eth_account.signers.local import LocalAccount
 from eth_typing import ChecksumAddress
+from eth_utils import event_abi_to_log_topic, function_abi_to_4byte_selector
+from eth_utils.abi import get_abi_input_types
 from hexbytes import HexBytes
 from web3 import Web3
 from web3.contract import Contract
@@ -140,3 +143,61 @@ class BoundContract:
         self.artifact = load_artifact(self.NAME)
         self.contract = contract_at(w3, self.NAME, address)
         self.address: ChecksumAddress = self.contract.address
+        self._encoders: dict[str, tuple[bytes, list[str]]] = {}
+
+    def calldata(self, function: str, *args: Any) -> bytes:
+        """The call data of `function(*args)`, encoded by eth_abi alone: web3's argument
+        normalisation costs a millisecond a call, as much as a small model's generation
+        of a few tokens. Arguments must already be ABI-ready (ints, bytes, lists, addresses)."""
+        if function not in self._encoders:
+            (entry,) = [e for e in self.artifact.abi
+                        if e["type"] == "function" and e["name"] == function]
+            self._encoders[function] = (function_abi_to_4byte_selector(entry),
+                                        get_abi_input_types(entry))
+        selector, types = self._encoders[function]
+        return selector + abi_encode(types, args)
+
+    def events(self, receipt: TxReceipt, event: str) -> list[dict[str, Any]]:
+        """The arguments of every `event` this contract emitted in `receipt`, in log order."""
+        return [found["args"] for found in self.receipt_events(receipt, event)]
+
+    def receipt_events(self, receipt: TxReceipt, event: str) -> list[dict[str, Any]]:
+        """The `event` logs this contract emitted in `receipt`, decoded by eth_abi alone and
+        shaped as web3's ``process_receipt`` shapes them (which takes 2 ms an event)."""
+        entry = self._event_abi(event)
+        topic = event_abi_to_log_topic(entry)
+        indexed = [param for param in entry["inputs"] if param["indexed"]]
+        plain = [param for param in entry["inputs"] if not param["indexed"]]
+        found = []
+        for log in receipt["logs"]:
+            topics = [bytes(t) for t in log["topics"]]
+            if Web3.to_checksum_address(log["address"]) != self.address or not topics \
+                    or topics[0] != topic:
+                continue
+            args = {param["name"]: abi_decode([param["type"]], raw)[0]
+                    for param, raw in zip(indexed, topics[1:], strict=True)}
+            args.update(zip([param["name"] for param in plain],
+                            abi_decode([param["type"] for param in plain], bytes(log["data"])),
+                            strict=True))
+            args = {param["name"]: _web3_value(param["type"], args[param["name"]])
+                    for param in entry["inputs"]}
+            found.append({"event": event, "address": self.address, "args": args,
+                          "blockNumber": log["blockNumber"], "logIndex": log["logIndex"],
+                          "transactionHash": log["transactionHash"]})
+        return found
+
+    def _event_abi(self, event: str) -> dict[str, Any]:
+        (entry,) = [e for e in self.artifact.abi if e["type"] == "event" and e["name"] == event]
+        if any(p["indexed"] and (p["type"].endswith("]") or p["type"] in ("string", "bytes")
+                                 or p["type"].startswith("tuple")) for p in entry["inputs"]):
+            raise ValueError(f"{event} indexes a dynamic type: its topic is a hash")
+        return entry
+
+
+def _web3_value(abi_type: str, value: Any) -> Any:
+    """`value` as web3 returns it: checksummed addresses, lists for arrays."""
+    if abi_type == "address":
+        return Web3.to_checksum_address(value)
+    if abi_type.endswith("]"):
+        return [_web3_value(abi_type[:abi_type.rindex("[")], item) for item in value]
+    return value

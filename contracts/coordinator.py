@@ -21,7 +21,6 @@ from eth_typing import ChecksumAddress
 from eth_utils import keccak
 from web3 import Web3
 from web3.contract.contract import ContractFunction
-from web3.logs import DISCARD
 from web3.types import TxReceipt
 
 from optinfer.contracts.bindings import (
@@ -296,14 +295,6 @@ class InferenceCoordinator(BoundContract):
     def parameter(self, name: str) -> Any:
         """A public parameter or counter by its Solidity name (``"stakePerClaim"``, ...)."""
         return getattr(self.contract.functions, name)().call()
-
-    # -- events --------------------------------------------------------------------------
-
-    def events(self, receipt: TxReceipt, name: str) -> list[dict]:
-        """The decoded arguments of every `name` event (``"RequestPosted"``, ...) this
-        coordinator emitted in `receipt`, in log order."""
-        decoded = getattr(self.contract.events, name)().process_receipt(receipt, errors=DISCARD)
-        return [dict(event["args"]) for event in decoded if event["address"] == self.address]
 
 
 class QuestionAsker(BoundContract):

@@ -18,7 +18,6 @@ from typing import Any
 from eth_account.signers.local import LocalAccount
 from web3 import Web3
 from web3.contract.contract import ContractFunction
-from web3.logs import DISCARD
 from web3.types import TxReceipt
 
 from optinfer.contracts.bindings import BoundContract, deploy, reverts_decoded, send_function
@@ -256,11 +255,6 @@ class DisputeGame(BoundContract):
         if name not in cache:
             cache[name] = self.parameter(name)
         return cache[name]
-
-    def events(self, receipt: TxReceipt, name: str) -> list[dict]:
-        """The decoded arguments of every `name` event this game emitted in `receipt`."""
-        decoded = getattr(self.contract.events, name)().process_receipt(receipt, errors=DISCARD)
-        return [dict(event["args"]) for event in decoded if event["address"] == self.address]
 
 
 _GAME_FIELDS = (

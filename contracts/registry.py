@@ -14,7 +14,6 @@ from pathlib import Path
 from eth_account.signers.local import LocalAccount
 from eth_typing import ChecksumAddress
 from web3 import Web3
-from web3.logs import DISCARD
 from web3.types import TxReceipt
 
 from optinfer.contracts.bindings import BoundContract, deploy, reverts_decoded, send_function
@@ -134,5 +133,4 @@ class ModelRegistry(BoundContract):
 
     def registered_events(self, receipt: TxReceipt) -> list[dict]:
         """The decoded ``ModelRegistered`` events' arguments in `receipt`, in log order."""
-        events = self.contract.events.ModelRegistered().process_receipt(receipt, errors=DISCARD)
-        return [dict(event["args"]) for event in events]
+        return self.events(receipt, "ModelRegistered")

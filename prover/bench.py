@@ -3,9 +3,11 @@
 On a fresh local anvil with the contracts deployed, N requests are posted; the node records
 them, then serves them all (generation, the ``committing`` row, the commit transaction mined,
 the claim recorded). ``overhead`` is that wall time divided by the wall time of generating the
-same N answers alone, in rounds that alternate the two. The node's commits run on a second
-thread while the next answer is generated, so the target (<= 1.05) holds when a commit's work
-(the node's and the client's) fits beside a generation on the machine's cores.
+same N answers alone (the model in this process), in rounds that alternate the two. As in
+``optinfer provider run``, the node generates in a process of its own and commits on a
+second thread while the next answer is generated, so the target (<= 1.05) holds when a
+commit's work (the node's, the client's and the chain's) fits beside a generation on the
+machine's cores.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from optinfer.contracts.coordinator import InferenceCoordinator, RequestSpec
+from optinfer.models.generation import GenerationProcess
 from optinfer.prover.provider import ProviderNode
 
 ROUNDS = 2
@@ -46,14 +49,17 @@ def bench_provider(requests: int = 40, max_tokens: int = 32, model_dir: Path | N
         deployments = deploy_all(w3, deployer)
         store = Store(f"sqlite:///{Path(tmp) / 'provider.db'}")
         store.migrate()
+        # As `optinfer provider run` serves: generation in a process of its own.
+        generator = GenerationProcess(model.dir, threads=threads)
         node = ProviderNode(w3=w3, store=store, deployments=deployments, model=model,
-                            account=provider)
+                            account=provider, generator=generator)
         node.ensure_model_registered(register=True)
         coordinator = node.coordinator
         stake = (coordinator.parameter("minimumStake")
                  + requests * coordinator.parameter("stakePerClaim"))
         node.ensure_provider_registered(stake)
-        model.generate(prompts[0], max_tokens)  # warm the session up
+        for generate in (model.generate, generator.generate):  # warm both sessions up
+            generate(prompts[0], max_tokens)
         # Rounds alternate generation alone and serving, so that a change in the machine's
         # load during the run weighs on both sides alike.
         generation_s, serve_s, served = 0.0, 0.0, []
@@ -69,6 +75,7 @@ def bench_provider(requests: int = 40, max_tokens: int = 32, model_dir: Path | N
             serve_s += time.perf_counter() - started
         log(f"served {len(served)} requests: {serve_s:.2f} s, generation alone "
             f"{generation_s:.2f} s")
+        generator.close()
         store.dispose()
     if len(served) != requests:
         raise RuntimeError(f"served {len(served)} of {requests} requests")

@@ -9,9 +9,9 @@ the chain, plays the games and finalizes claims, so a long generation never make
   ``open``), one over the DisputeGame's ``GameOpened`` records the games against this
   provider.
 * Serving: :func:`serve_decision` (pure) says serve, or skip with a reason; a served request
-  is generated greedily with the KV cache, written to its row with status ``committing`` and
-  its output, then committed. Commits run on a second thread so that the next generation
-  overlaps the previous commit (the honest path's overhead is the last commit alone).
+  is generated greedily with the KV cache and handed to a second thread, which writes its
+  row (status ``committing``, the output) and then commits it, while the next generation
+  runs (the honest path's overhead is the last commit alone).
 * Crash safety: a ``committing`` row is finished after a restart by asking the chain first
   (``getRequest``): committed by us -> recorded, still open -> committed again with the same
   output. Moves are recorded before they are sent, and a recorded move is sent again only if
@@ -45,13 +45,13 @@ from eth_account.signers.local import LocalAccount
 from hexbytes import HexBytes
 from web3 import Web3
 from web3.exceptions import TransactionNotFound
-from web3.logs import DISCARD
 
 from optinfer.contracts.bindings import ContractRevert
 from optinfer.contracts.coordinator import ZERO_ADDRESS, InferenceCoordinator, Status
 from optinfer.contracts.dispute_game import DisputeGame
 from optinfer.contracts.registry import ModelRegistry, ModelSpec
 from optinfer.errors import UserError
+from optinfer.models.generation import Answer, GenerationProcess, generate_in_process
 from optinfer.prover import game as spec
 from optinfer.prover.game import ModelTrace, Phase, Role
 from optinfer.services import store as st
@@ -78,6 +78,9 @@ restart it from exactly there."""
 
 REQUESTS_CURSOR = "provider.requests"
 GAMES_CURSOR = "provider.games"
+
+SERVE_BATCH = 64
+"""Open requests read from the store at a time by the serving loop."""
 
 # Stake problems free themselves (claims finalize and unlock stake): the commit waits.
 RETRY_LATER = {"InsufficientFreeStake", "StakeBelowMinimum", "ProviderNotRegistered"}
@@ -167,7 +170,7 @@ class Served:
 
 @dataclass(frozen=True)
 class Prepared:
-    """An answer about to be committed (its row says ``committing``)."""
+    """An answer to commit (its row says ``committing`` once the committer has it)."""
 
     request_id: int
     output: list[int]
@@ -200,10 +203,14 @@ class ProviderNode:
 
     def __init__(self, *, w3: Web3, store: Store, deployments: Deployments, model,
                  account: LocalAccount, lie: str = "off", poll_interval: float = 1.0,
-                 confirmations: int = 0, max_block_range: int = 2000):
+                 confirmations: int = 0, max_block_range: int = 2000,
+                 generator: GenerationProcess | None = None):
         if lie not in LIE_MODES:
             raise UserError(f"lie must be one of {', '.join(LIE_MODES)}, got {lie!r}")
         self.w3, self.store, self.deployments, self.model = w3, store, deployments, model
+        # Where answers are generated: `model` itself, or (ProviderNode.start) a process of
+        # their own, so the node's other threads never slow the token loop.
+        self.generator = generator
         self.account = account
         self.address = account.address
         self.sender = TxSender(w3, account)
@@ -246,11 +253,11 @@ class ProviderNode:
         deployments = Deployments.read(settings.deployments_file)
         deployments.check_chain(w3)
         model = IntegerModel(settings.model_path, threads=threads)
-        model.session("decode")  # created here, once, not racing the first request
         account = settings.signer("provider", deployments.chain_id)
         node = cls(w3=w3, store=store, deployments=deployments, model=model, account=account,
                    lie=lie or settings.provider_lie, poll_interval=settings.poll_interval,
-                   confirmations=settings.confirmations, max_block_range=settings.max_block_range)
+                   confirmations=settings.confirmations, max_block_range=settings.max_block_range,
+                   generator=GenerationProcess(model.dir, threads=threads))
         node.ensure_model_registered(register)
         node.ensure_provider_registered(stake)
         log.info("provider %s serving model %s (%s, %d nodes) on chain %d, coordinator %s%s",
@@ -376,7 +383,9 @@ class ProviderNode:
 
     def serve_pending(self) -> list[Served]:
         """Finish every ``committing`` request, then answer every open one, until none is
-        left; generations run here, one at a time, commits on a second thread."""
+        left. Generations run here, one at a time; everything else a request needs (its
+        ``committing`` row, the commit, the claim's row) runs on a second thread, beside the
+        next generation."""
         with self.store.transaction() as conn:
             unfinished = st.requests_with_status(conn, "committing", limit=1_000_000)
         futures: list[Future] = []
@@ -385,34 +394,52 @@ class ProviderNode:
                 futures.append(committer.submit(self._commit, Prepared(
                     request.request_id, list(request.output), time.perf_counter(),
                     resumed=True)))
-            while (prepared := self._prepare_next()) is not False:
-                if prepared is not None:
-                    futures.append(committer.submit(self._commit, prepared))
+            # Requests are recorded in id order, and a request handed to the committer stays
+            # `open` until its row is written there: the next batch starts after the last one.
+            last_handed = -1
+            while batch := self._open_requests(after=last_handed):
+                last_handed = batch[-1].request_id
+                # Asked once per poll interval: a request deadline judged a little early costs
+                # nothing (the commit's estimate reverts); a clock in a game is not cached.
+                chain_time = self._chain_time(max_age=self.poll_interval)
+                serving = [request for request in batch
+                           if self._will_serve(request, chain_time)]
+                answers = self._generations([(r.prompt, r.max_tokens) for r in serving])
+                for request, answer in zip(serving, answers, strict=True):
+                    if answer.error is not None:
+                        if not isinstance(answer.error, UserError):
+                            raise answer.error
+                        self._skip(request.request_id, f"the model refuses it: {answer.error}",
+                                   expected="open")
+                        continue
+                    output = claimed_output(answer.output, self.lie, self.model.vocab_size)
+                    futures.append(committer.submit(self._commit, Prepared(
+                        request.request_id, output, time.perf_counter() - answer.seconds,
+                        answer.seconds)))
             results = [future.result() for future in futures]
         return [served for served in results if served is not None]
 
-    def _prepare_next(self) -> Prepared | None | bool:
-        """Generate the oldest open request: its Prepared, None when it was skipped, False
-        when no request is open."""
+    def _open_requests(self, after: int) -> list[RequestRecord]:
         with self.store.transaction() as conn:
-            pending = st.requests_with_status(conn, "open", limit=1)
-        if not pending:
-            return False
-        request = pending[0]
+            return st.requests_with_status(conn, "open", limit=SERVE_BATCH, after=after)
+
+    def _will_serve(self, request: RequestRecord, chain_time: int) -> bool:
+        """Serve `request`? A request this node will not serve is marked skipped here."""
         # The chain's clock, for the deadline: a commit mined after it reverts anyway.
-        reason = serve_decision(request, self.served_model, self.address, self._chain_time())
+        reason = serve_decision(request, self.served_model, self.address, chain_time)
         if reason is not None:
             self._skip(request.request_id, reason, expected="open")
-            return None
-        started = time.perf_counter()
-        output = self.model.generate(request.prompt, request.max_tokens)
-        generate_s = time.perf_counter() - started
-        committed = claimed_output(output, self.lie, self.model.vocab_size)
-        with self.store.transaction() as conn:
-            # The row that makes the commit survive a crash: a restart commits this output.
-            st.set_request_status(conn, request.request_id, "committing", expected="open",
-                                  output=committed)
-        return Prepared(request.request_id, committed, started, generate_s)
+        return reason is None
+
+    def _generations(self, jobs: list[tuple[list[int], int]]) -> Iterator[Answer]:
+        if self.generator is not None:
+            return self.generator.stream(jobs)
+        return generate_in_process(self.model, jobs)
+
+    def close(self) -> None:
+        """End the generation process, if the node has one."""
+        if self.generator is not None:
+            self.generator.close()
 
     def _commit(self, prepared: Prepared) -> Served | None:
         """Commit `prepared` unless the chain already has an answer; idempotent."""
@@ -422,16 +449,22 @@ class ProviderNode:
             if onchain.status is not Status.OPEN:
                 self._settle(request_id, onchain)
                 return None
+        else:
+            with self.store.transaction() as conn:
+                # The row that makes the commit survive a crash: a restart commits this
+                # output. A crash before it loses only a generation, redone on restart.
+                if not st.set_request_status(conn, request_id, "committing", expected="open",
+                                             output=prepared.output):
+                    return None
         _crash_point("before-commit")
         started = time.perf_counter()
-        function = self.coordinator.contract.functions.commitOutput(request_id, prepared.output)
         try:
             # A fresh answer goes straight to the gas estimate, which reverts (nothing sent)
             # when the request is no longer open.
-            tx_hash = self.sender.submit({"to": function.address,
-                                          "data": function._encode_transaction_data(),
-                                          **self._fees()},
-                                         self.coordinator.artifact)
+            tx_hash = self.sender.submit(
+                {"to": self.coordinator.address, **self._fees(),
+                 "data": self.coordinator.calldata("commitOutput", request_id, prepared.output)},
+                self.coordinator.artifact)
             _crash_point("after-commit")
             receipt = self.sender.wait(tx_hash)
         except ContractRevert as err:
@@ -449,8 +482,7 @@ class ProviderNode:
             self._settle(request_id, self.coordinator.get_request(request_id))
             return None
         commit_s = time.perf_counter() - started
-        (event,) = self.coordinator.contract.events.OutputCommitted().process_receipt(
-            receipt, errors=DISCARD)
+        (event,) = self.coordinator.receipt_events(receipt, "OutputCommitted")
         self._record_claim(_chain_event(event))
         served = Served(request_id, len(prepared.output), prepared.generate_s, commit_s,
                         time.perf_counter() - prepared.started, "0x" + bytes(tx_hash).hex())
@@ -489,11 +521,11 @@ class ProviderNode:
             st.set_request_status(conn, request_id, "skipped", expected=expected, note=reason)
         log.info("skipped request %d: %s", request_id, reason)
 
-    def _chain_time(self) -> int:
-        """The latest block's timestamp, asked of the node at most once per poll interval
-        (a deadline judged a little early costs nothing: the commit's estimate reverts)."""
+    def _chain_time(self, max_age: float = 0.0) -> int:
+        """The latest block's timestamp, asked of the node again once the last answer is
+        `max_age` seconds old."""
         timestamp, asked_at = self._time_cache
-        if timestamp is None or time.monotonic() - asked_at > self.poll_interval:
+        if timestamp is None or time.monotonic() - asked_at >= max_age:
             timestamp = self.w3.eth.get_block("latest")["timestamp"]
             self._time_cache = (timestamp, time.monotonic())
         return timestamp

@@ -33,14 +33,16 @@ from eth_utils import event_abi_to_log_topic
 from hexbytes import HexBytes
 from sqlalchemy.engine import Connection
 from web3 import Web3
+from web3._utils.method_formatters import receipt_formatter  # web3 is pinned to 7.x
 from web3.contract import Contract
 from web3.contract.contract import ContractFunction
-from web3.exceptions import ContractLogicError, TransactionNotFound, Web3RPCError
+from web3.datastructures import AttributeDict
+from web3.exceptions import TimeExhausted, TransactionNotFound, Web3RPCError
 from web3.providers.rpc import HTTPProvider
 from web3.types import RPCEndpoint, RPCResponse, TxParams, TxReceipt
 
 from optinfer.contracts.artifacts import Artifact, load_artifact
-from optinfer.contracts.bindings import ContractRevert, reverts_decoded
+from optinfer.contracts.bindings import ContractRevert, decode_revert
 from optinfer.errors import UserError
 from optinfer.services.store import ClaimRecord, RequestRecord, Store, lock_cursor, set_cursor
 
@@ -280,6 +282,21 @@ def request_record(event: ChainEvent) -> RequestRecord:
     )
 
 
+def _revert_of(err: Web3RPCError) -> bytes | None:
+    """The revert data of a failed eth_call/eth_estimateGas (b"" for a bare revert), or None
+    when the node's error is not a revert. Nodes answer code 3 with the data, or a message
+    that says "revert"."""
+    error = (err.rpc_response or {}).get("error")
+    if not isinstance(error, dict):
+        return None
+    data = error.get("data")
+    if isinstance(data, dict):  # some nodes nest it
+        data = data.get("data")
+    if error.get("code") != 3 and "revert" not in str(error.get("message", "")).lower():
+        return None
+    return bytes(HexBytes(data)) if isinstance(data, str) and data.startswith("0x") else b""
+
+
 def claim_record(event: ChainEvent) -> ClaimRecord:
     """The store's record of an ``OutputCommitted`` event."""
     args = event.args
@@ -335,9 +352,12 @@ class TxSender:
     # -- sending ---------------------------------------------------------------------------
 
     def submit(self, tx: TxParams, artifact: Artifact | None = None) -> HexBytes:
-        """Estimate, sign and send `tx` (to, data, value; the rest is filled); its hash."""
+        """Estimate, sign and send `tx` (to, data, value; the rest is filled); its hash.
+
+        The node is asked through :meth:`rpc`: a commit on a small model takes a few
+        milliseconds of generation, and web3's request formatting cost as much again.
+        """
         tx = dict(tx)
-        tx["from"] = self.address
         tx.setdefault("value", 0)
         tx.setdefault("data", b"")
         if "gas" not in tx:
@@ -347,7 +367,6 @@ class TxSender:
         if self._chain_id is None:
             self._chain_id = self.w3.eth.chain_id
         tx["chainId"] = self._chain_id
-        tx.pop("from")
         with self._lock:
             nonce = self._next_nonce if self._next_nonce is not None else self.resync()
             for attempt in range(3):
@@ -361,11 +380,21 @@ class TxSender:
                             self.address, nonce, attempt + 1)
         raise RuntimeError(f"{self.address}: nonce still rejected after resynchronising")
 
+    def rpc(self, method: str, *params: Any) -> Any:
+        """One JSON-RPC call through the retrying provider, without web3's formatters: the
+        raw result, or Web3RPCError carrying the node's error object."""
+        response = self.w3.provider.make_request(RPCEndpoint(method), list(params))
+        if "error" in response:
+            error = response["error"]
+            message = error.get("message", str(error)) if isinstance(error, dict) else str(error)
+            raise Web3RPCError(message, rpc_response=response)
+        return response["result"]
+
     def _broadcast(self, raw: bytes, tx_hash: bytes) -> bool:
         """Send `raw`; True when the node has it (now or from an earlier attempt whose answer
         was lost), False when its nonce is taken by another transaction."""
         try:
-            self.w3.eth.send_raw_transaction(raw)
+            self.rpc("eth_sendRawTransaction", "0x" + bytes(raw).hex())
             return True
         except Web3RPCError as err:
             message = str(err).lower()
@@ -385,13 +414,18 @@ class TxSender:
             return False
 
     def wait(self, tx_hash: bytes, artifact: Artifact | None = None) -> TxReceipt:
-        """The receipt of `tx_hash` once mined; TxFailed when it failed."""
-        receipt = self.w3.eth.wait_for_transaction_receipt(
-            HexBytes(tx_hash), timeout=self.receipt_timeout, poll_latency=self.receipt_poll
-        )
+        """The receipt of `tx_hash` once mined (as web3 formats it); TxFailed when it failed,
+        web3's TimeExhausted when it is not mined within `receipt_timeout`."""
+        deadline = time.monotonic() + self.receipt_timeout
+        tx_hex = "0x" + bytes(tx_hash).hex()
+        while (raw := self.rpc("eth_getTransactionReceipt", tx_hex)) is None:
+            if time.monotonic() > deadline:
+                raise TimeExhausted(f"transaction {tx_hex} is not in the chain after "
+                                    f"{self.receipt_timeout} s")
+            time.sleep(self.receipt_poll)
+        receipt = AttributeDict.recursive(receipt_formatter(raw))
         if receipt["status"] != 1:
-            raise TxFailed(f"transaction 0x{bytes(tx_hash).hex()} failed in block "
-                           f"{receipt['blockNumber']}")
+            raise TxFailed(f"transaction {tx_hex} failed in block {receipt['blockNumber']}")
         return receipt
 
     def send(self, tx: TxParams, artifact: Artifact | None = None) -> TxReceipt:
@@ -416,12 +450,19 @@ class TxSender:
     # -- helpers ---------------------------------------------------------------------------
 
     def _estimate(self, tx: dict, artifact: Artifact | None) -> int:
-        if artifact is not None:
-            return reverts_decoded(artifact, lambda: self.w3.eth.estimate_gas(tx))
+        call = {"from": self.address, "value": hex(tx["value"]),
+                "data": "0x" + bytes(HexBytes(tx["data"])).hex()}
+        if tx.get("to"):
+            call["to"] = tx["to"]
         try:
-            return self.w3.eth.estimate_gas(tx)
-        except ContractLogicError as err:
-            raise ContractRevert(None, (), b"", f"gas estimate reverted: {err}") from err
+            return int(self.rpc("eth_estimateGas", call), 16)
+        except Web3RPCError as err:
+            revert = _revert_of(err)
+            if revert is None:
+                raise
+            if artifact is not None:
+                raise decode_revert(artifact, revert) from err
+            raise ContractRevert(None, (), revert, f"gas estimate reverted: {err}") from err
 
     def _fees(self) -> dict[str, int]:
         """EIP-1559 fees (room for the base fee to double), or a gas price on older chains."""

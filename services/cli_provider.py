@@ -54,8 +54,11 @@ def provider_run(
     if stake is not None and stake <= 0:
         raise UserError("--stake must be a positive number of wei")
     node = ProviderNode.start(settings, register=register, stake=stake, threads=threads)
-    with stop_on_signals() as stop:
-        node.run(stop)
+    try:
+        with stop_on_signals() as stop:
+            node.run(stop)
+    finally:
+        node.close()
     logging.getLogger("optinfer.provider").info("stopped")
 
 

@@ -354,10 +354,11 @@ def get_request(conn: Connection, request_id: int) -> RequestRecord | None:
     return None if row is None else _record(RequestRecord, row)
 
 
-def requests_with_status(conn: Connection, status: str, limit: int = 100) -> list[RequestRecord]:
-    """Requests in `status`, oldest first."""
+def requests_with_status(conn: Connection, status: str, limit: int = 100,
+                         after: int = -1) -> list[RequestRecord]:
+    """Requests in `status` with an id above `after`, oldest first."""
     rows = conn.execute(
-        sa.select(requests).where(requests.c.status == status)
+        sa.select(requests).where(requests.c.status == status, requests.c.request_id > after)
         .order_by(requests.c.request_id).limit(limit)
     ).mappings()
     return [_record(RequestRecord, row) for row in rows]
