@@ -4,15 +4,18 @@ nodes that refuse, drop or never answer."""
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from web3 import Web3
 
 from optinfer.contracts.bindings import ContractRevert, send_transaction
 from optinfer.contracts.coordinator import InferenceCoordinator, RequestSpec
+from optinfer.errors import UserError
 from optinfer.services import store as st
 from optinfer.services.chain import (
     EventCursor,
@@ -234,7 +237,7 @@ def test_refused_connection_fails_after_the_configured_attempts():
     assert time.monotonic() - started < 5
     message = str(raised.value)
     assert "eth_blockNumber" in message and url in message
-    assert "after 3 attempt(s)" in message and "ConnectionError" in message
+    assert "after 3 attempt(s)" in message and "Connection refused" in message
 
 
 def test_node_that_never_answers_times_out_and_fails():
@@ -256,6 +259,52 @@ def test_dropped_connections_are_retried_until_the_node_answers(chain):
         proxy.fail("eth_chainId", "refuse", times=3)
         with pytest.raises(RpcUnavailable):
             w3.eth.chain_id  # noqa: B018
+
+
+class _ClosingNode(BaseHTTPRequestHandler):
+    """Answers eth_blockNumber over HTTP/1.1, then closes the connection without a
+    ``Connection: close`` header (as a node does when its keep-alive timeout fires); records the
+    connections and the Authorization headers it saw."""
+
+    protocol_version = "HTTP/1.1"
+    seen: list[str | None] = []
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+        request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).seen.append(self.headers.get("Authorization"))
+        body = json.dumps({"jsonrpc": "2.0", "id": request["id"],
+                           "result": hex(len(type(self).seen))}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        self.close_connection = True
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_a_kept_alive_connection_the_node_closed_is_opened_again_without_a_retry():
+    _ClosingNode.seen = []
+    with ThreadingHTTPServer(("127.0.0.1", 0), _ClosingNode) as node:
+        threading.Thread(target=node.serve_forever, daemon=True).start()
+        url = f"http://user:pa%20ss@127.0.0.1:{node.server_address[1]}/rpc"
+        w3 = connect(url, RetryPolicy(attempts=1))  # a failed request would not be retried
+        try:
+            numbers = []
+            for _ in range(3):
+                numbers.append(w3.eth.block_number)
+                time.sleep(0.05)  # idle: the node's close reaches this side
+        finally:
+            node.shutdown()
+    assert numbers == [1, 2, 3]
+    assert _ClosingNode.seen == ["Basic dXNlcjpwYSBzcw=="] * 3  # user:pa ss
+
+
+def test_a_url_that_is_not_http_is_refused_with_its_name():
+    with pytest.raises(UserError, match="'ws://127.0.0.1:8545' is not an http"):
+        connect("ws://127.0.0.1:8545")
 
 
 def test_retry_delays_double_up_to_the_cap():
