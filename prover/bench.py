@@ -22,13 +22,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from optinfer.contracts.coordinator import InferenceCoordinator, RequestSpec
+from optinfer.models.bench import cpu_name
 from optinfer.models.generation import GenerationProcess
 from optinfer.prover.provider import ProviderNode
 
 ROUNDS = 2
 
 
-def bench_provider(requests: int = 40, max_tokens: int = 32, model_dir: Path | None = None,
+def bench_provider(requests: int = 200, max_tokens: int = 32, model_dir: Path | None = None,
                    threads: int = 1, seed: int = 0,
                    log: Callable[[str], None] = lambda _: None) -> dict:
     from optinfer.contracts.localchain import start_anvil
@@ -98,8 +99,8 @@ def bench_provider(requests: int = 40, max_tokens: int = 32, model_dir: Path | N
                          "latency_s": round(s.latency_s, 4)} for s in served],
         "model": str(model.dir),
         "threads": threads,
-        "machine": {"cpu": platform.processor() or platform.machine(),
-                    "cores": os.cpu_count(), "python": platform.python_version()},
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(),
+                    "python": platform.python_version()},
     }
 
 

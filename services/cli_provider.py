@@ -94,7 +94,7 @@ def withdraw_as(role: str, rpc_url: str | None, config: Path | None, as_json: bo
 
 @bench_app.command("provider")
 def bench_provider(
-    requests: Annotated[int, typer.Option("--requests", help="Requests served.")] = 40,
+    requests: Annotated[int, typer.Option("--requests", help="Requests served.")] = 200,
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="Max tokens per request.")
                           ] = 32,
     model: Annotated[Path | None, typer.Option(

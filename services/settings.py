@@ -1,10 +1,11 @@
 """Configuration of the services: environment variables ``OPTINFER_*`` and one TOML file.
 
 Each setting is read, highest priority first, from: the arguments a command passes (its
-command-line options), the environment (``OPTINFER_<NAME>``, empty values count as unset),
-the config file (``<name> = value`` at the top level; path from ``--config`` or
-``OPTINFER_CONFIG``), and the defaults below, which run the embedded demo: a local anvil on
-port 8545, a SQLite file under ``~/.optinfer``, Celery in eager mode.
+command-line options), the environment (``OPTINFER_<NAME>``, empty values count as unset;
+then ``DATABASE_URL`` for the database, as hosting platforms set it), the config file
+(``<name> = value`` at the top level; path from ``--config`` or ``OPTINFER_CONFIG``), and the
+defaults below, which run the embedded demo: a local anvil on port 8545, a SQLite file under
+``~/.optinfer``, Celery in eager mode.
 
 :func:`load_settings` is the one way in: whatever is wrong with the settings (a malformed key,
 a URL of the wrong scheme, a missing file, an unknown key in the file) becomes one
@@ -14,6 +15,7 @@ that list and the fields of :class:`Settings` equal.
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -36,6 +38,10 @@ Signer = Literal["deployer", "provider", "challenger", "consumer"]
 # and the chain is anvil's development chain (see Settings.signer).
 DEV_ACCOUNT_INDEX: dict[str, int] = {"deployer": 0, "provider": 1, "challenger": 2,
                                      "consumer": 3}
+
+
+PLATFORM_ENV: dict[str, str] = {"database_url": "DATABASE_URL"}
+"""Settings that are also read from a conventional variable when their OPTINFER_ one is unset."""
 
 
 def env_name(field: str) -> str:
@@ -148,7 +154,8 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # No .env or secrets directory: one file, named explicitly, is easier to reason about.
-        return init_settings, env_settings, ConfigFileSource(settings_cls)
+        return init_settings, env_settings, PlatformEnvSource(settings_cls), \
+            ConfigFileSource(settings_cls)
 
     # -- validation ------------------------------------------------------------------------
 
@@ -263,6 +270,18 @@ class Settings(BaseSettings):
         )
 
 
+class PlatformEnvSource(PydanticBaseSettingsSource):
+    """The variables hosting platforms and container images set by convention
+    (:data:`PLATFORM_ENV`): below ``OPTINFER_*``, above the config file."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        raise NotImplementedError  # __call__ reads them all at once
+
+    def __call__(self) -> dict[str, Any]:
+        return {field: os.environ[name] for field, name in PLATFORM_ENV.items()
+                if os.environ.get(name)}
+
+
 class ConfigFileSource(PydanticBaseSettingsSource):
     """The TOML config file named by ``config`` (``--config`` or ``OPTINFER_CONFIG``).
 
@@ -320,4 +339,6 @@ def _describe(error: dict) -> str:
     field = str(location[0])
     if field not in Settings.model_fields:
         return f"unknown setting {field!r}"
-    return f"{field} ({env_name(field)}): {message}"
+    names = " or ".join([env_name(field)] + ([PLATFORM_ENV[field]] if field in PLATFORM_ENV
+                                              else []))
+    return f"{field} ({names}): {message}"

@@ -21,11 +21,13 @@ POSTGRES_URL = os.environ.get(
 
 @pytest.fixture(autouse=True)
 def _no_ambient_settings(monkeypatch, tmp_path: Path) -> None:
-    """Settings come from each test alone: no OPTINFER_* from the shell, state under tmp."""
+    """Settings come from each test alone: no OPTINFER_* (nor DATABASE_URL) from the shell,
+    state under tmp."""
     for name in list(os.environ):
         if name.startswith("OPTINFER_") and name not in ("OPTINFER_ANVIL",
                                                           "OPTINFER_TEST_POSTGRES"):
             monkeypatch.delenv(name)
+    monkeypatch.delenv("DATABASE_URL", raising=False)
     monkeypatch.setenv("OPTINFER_STATE_DIR", str(tmp_path / "state"))
 
 

@@ -54,6 +54,21 @@ def test_postgres_urls_mean_psycopg():
     assert settings.database == "postgresql+psycopg://u@db:5432/optinfer"
 
 
+def test_conventional_database_url_is_read_below_optinfer_s_own(tmp_path, monkeypatch):
+    config = write_config(tmp_path / "c.toml", 'database_url = "sqlite:///file.db"\n')
+    monkeypatch.setenv("OPTINFER_CONFIG", str(config))
+    assert load_settings().database == "sqlite:///file.db"
+    monkeypatch.setenv("DATABASE_URL", "postgres://app@db:5432/app")  # as Heroku sets it
+    assert load_settings().database == "postgresql+psycopg://app@db:5432/app"
+    monkeypatch.setenv("OPTINFER_DATABASE_URL", "sqlite:///mine.db")
+    assert load_settings().database == "sqlite:///mine.db"
+    monkeypatch.delenv("OPTINFER_DATABASE_URL")
+    monkeypatch.setenv("DATABASE_URL", "mysql://x/y")
+    with pytest.raises(UserError, match=r"database_url \(OPTINFER_DATABASE_URL or DATABASE_URL\)"
+                                        r": must start with sqlite"):
+        load_settings()
+
+
 def test_key_is_normalised_and_kept_secret():
     settings = load_settings(provider_key=DEV_KEY.removeprefix("0x").upper())
     assert settings.provider_key.get_secret_value() == DEV_KEY
