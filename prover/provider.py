@@ -383,9 +383,9 @@ class ProviderNode:
 
     def serve_pending(self) -> list[Served]:
         """Finish every ``committing`` request, then answer every open one, until none is
-        left. Generations run here, one at a time; everything else a request needs (its
-        ``committing`` row, the commit, the claim's row) runs on a second thread, beside the
-        next generation."""
+        left. Answers are generated one at a time (in the generation process, when the node
+        has one); everything else a request needs (its ``committing`` row, the commit, the
+        claim's row) runs on a second thread, beside the next generation."""
         with self.store.transaction() as conn:
             unfinished = st.requests_with_status(conn, "committing", limit=1_000_000)
         futures: list[Future] = []
@@ -425,7 +425,6 @@ class ProviderNode:
 
     def _will_serve(self, request: RequestRecord, chain_time: int) -> bool:
         """Serve `request`? A request this node will not serve is marked skipped here."""
-        # The chain's clock, for the deadline: a commit mined after it reverts anyway.
         reason = serve_decision(request, self.served_model, self.address, chain_time)
         if reason is not None:
             self._skip(request.request_id, reason, expected="open")
