@@ -23,6 +23,7 @@ import logging
 import math
 import re
 import select
+import socket
 import threading
 import time
 import urllib.parse
@@ -194,11 +195,27 @@ class RetryingHTTPProvider(JSONBaseProvider):
             connection = None
         if connection is None:
             host, port = self._address
-            connection = (http.client.HTTPSConnection(host, port, timeout=self.timeout)
-                          if self._https else
-                          http.client.HTTPConnection(host, port, timeout=self.timeout))
+            kind = _NoDelayHTTPSConnection if self._https else _NoDelayHTTPConnection
+            connection = kind(host, port, timeout=self.timeout)
             self._local.connection = connection
         return connection
+
+
+class _NoDelayHTTPConnection(http.client.HTTPConnection):
+    """http.client sends a request's headers and body in two writes: without TCP_NODELAY the
+    body waits for the headers' ACK, which the node may delay (Nagle's algorithm)."""
+
+    def connect(self) -> None:
+        super().connect()
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class _NoDelayHTTPSConnection(http.client.HTTPSConnection):
+    __doc__ = _NoDelayHTTPConnection.__doc__
+
+    def connect(self) -> None:
+        super().connect()
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def connect(url: str, policy: RetryPolicy | None = None, timeout: float = 30.0) -> Web3:
