@@ -21,6 +21,7 @@ from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
 from optinfer.contracts.coordinator import InferenceCoordinator, RequestSpec
+from optinfer.models.bench import cpu_name
 from optinfer.services.chain import TxSender
 
 ETHER = 10**18
@@ -141,5 +142,6 @@ def bench_watchtower(claims: int = 200, prompts: int = len(PROMPTS),
         "verify_ms_median": round(statistics.median(each) * 1000, 2),
         "verify_ms_p95": round(sorted(each)[int(0.95 * (len(each) - 1))] * 1000, 2),
         "commit_seconds": round(commit_seconds, 2),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(),
+                    "python": platform.python_version()},
     }
