@@ -12,10 +12,12 @@ the chain, plays the games and finalizes claims, so a long generation never make
   is generated greedily with the KV cache and handed to a second thread, which writes its
   row (status ``committing``, the output) and then commits it, while the next generation
   runs (the honest path's overhead is the last commit alone).
-* Crash safety: a ``committing`` row is finished after a restart by asking the chain first
-  (``getRequest``): committed by us -> recorded, still open -> committed again with the same
-  output. Moves are recorded before they are sent, and a recorded move is sent again only if
-  the chain state still asks for exactly that move and its transaction is not known.
+* Crash safety: the ``committing`` row (the output, the signed commit's hash) is written
+  before the commit is sent, and finished after a restart by asking the chain first
+  (``getRequest``): committed by us -> recorded; still open -> the recorded transaction
+  waited for if the node has it (pending), else committed again with the same output.
+  Moves are recorded before they are sent, and a recorded move is sent again only if the
+  chain state still asks for exactly that move and its transaction is not known.
 * Defending: every poll reads each open game from the chain and asks ``prover.game.decide``.
   The trace (``ModelTrace.from_model``) is computed the first time a game needs a provider
   move, once per disputed claim, never on the honest path; after a restart it is recomputed.
@@ -156,6 +158,10 @@ def describe(action: spec.Action) -> str:
 # ---------------------------------------------------------------------------- the node
 
 
+class _AlreadySettled(Exception):
+    """The request left `open`/`committing` before its commit was sent: nothing to send."""
+
+
 @dataclass(frozen=True)
 class Served:
     """One request answered: its tokens and timings (seconds)."""
@@ -177,6 +183,7 @@ class Prepared:
     started: float  # time.perf_counter() when its generation started
     generate_s: float = 0.0
     resumed: bool = False  # found in `committing` at start: the chain may have it already
+    commit_tx: str | None = None  # the commit sent before a restart, if it got that far
 
 
 class _LazyTrace:
@@ -393,7 +400,7 @@ class ProviderNode:
             for request in unfinished:
                 futures.append(committer.submit(self._commit, Prepared(
                     request.request_id, list(request.output), time.perf_counter(),
-                    resumed=True)))
+                    resumed=True, commit_tx=request.commit_tx)))
             # Requests are recorded in id order, and a request handed to the committer stays
             # `open` until its row is written there: the next batch starts after the last one.
             last_handed = -1
@@ -448,33 +455,32 @@ class ProviderNode:
             if onchain.status is not Status.OPEN:
                 self._settle(request_id, onchain)
                 return None
-        else:
-            with self.store.transaction() as conn:
-                # The row that makes the commit survive a crash: a restart commits this
-                # output. A crash before it loses only a generation, redone on restart.
-                if not st.set_request_status(conn, request_id, "committing", expected="open",
-                                             output=prepared.output):
-                    return None
-        _crash_point("before-commit")
         started = time.perf_counter()
         try:
-            # A fresh answer goes straight to the gas estimate, which reverts (nothing sent)
-            # when the request is no longer open.
-            tx_hash = self.sender.submit(
-                {"to": self.coordinator.address, **self._fees(),
-                 "data": self.coordinator.calldata("commitOutput", request_id, prepared.output)},
-                self.coordinator.artifact)
+            tx_hash = self._commit_in_flight(prepared)
+            if tx_hash is None:
+                # The gas estimate reverts (nothing sent) when the request is no longer open.
+                tx_hash = self.sender.submit(
+                    {"to": self.coordinator.address, **self._fees(),
+                     "data": self.coordinator.calldata("commitOutput", request_id,
+                                                       prepared.output)},
+                    self.coordinator.artifact,
+                    on_signed=lambda signed: self._record_committing(prepared, signed))
             _crash_point("after-commit")
             receipt = self.sender.wait(tx_hash)
+        except _AlreadySettled:
+            return None
         except ContractRevert as err:
             if err.name in RETRY_LATER:
+                # Keep the answer: the retry (a `committing` row) needs no generation.
+                self._record_committing(prepared, None)
                 log.warning("request %d: cannot commit yet (%s); will retry", request_id, err)
                 return None
             if err.name == "RequestNotOpen":
                 self._settle(request_id, self.coordinator.get_request(request_id))
             else:
                 self._skip(request_id, f"the commit reverts with {err.name or err}",
-                           expected="committing")
+                           expected=("open", "committing"))
             return None
         except TxFailed:
             # A copy sent before a restart got in first, or the state changed under us.
@@ -489,6 +495,31 @@ class ProviderNode:
                  request_id, served.tokens, prepared.generate_s, served.tx_hash,
                  receipt["blockNumber"])
         return served
+
+    def _record_committing(self, prepared: Prepared, tx_hash: bytes | None) -> None:
+        """The row that makes the commit survive a crash, written before the transaction is
+        sent: status ``committing``, the output (a restart commits this very output) and the
+        transaction's hash (a restart that finds it pending waits for it). A crash before it
+        loses only a generation, redone on restart."""
+        commit_tx = None if tx_hash is None else "0x" + bytes(tx_hash).hex()
+        with self.store.transaction() as conn:
+            if not st.set_request_status(conn, prepared.request_id, "committing",
+                                         expected=("open", "committing"),
+                                         output=prepared.output, commit_tx=commit_tx):
+                raise _AlreadySettled(prepared.request_id)  # settled meanwhile: send nothing
+        if tx_hash is not None:
+            _crash_point("before-commit")
+
+    def _commit_in_flight(self, prepared: Prepared) -> HexBytes | None:
+        """The commit this node sent before a restart, if the node still has it (pending or
+        mined): waiting for it costs nothing, a second commit would revert and cost gas."""
+        if not prepared.resumed or prepared.commit_tx is None:
+            return None
+        if not self.sender.known(HexBytes(prepared.commit_tx)):
+            return None  # dropped, or never sent: send again
+        log.info("request %d: its commit %s, sent before the restart, is known to the node; "
+                 "waiting for it", prepared.request_id, prepared.commit_tx)
+        return HexBytes(prepared.commit_tx)
 
     def _settle(self, request_id: int, onchain) -> None:
         """The request is no longer open on chain: record what happened to it."""

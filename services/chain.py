@@ -433,11 +433,14 @@ class TxSender:
 
     # -- sending ---------------------------------------------------------------------------
 
-    def submit(self, tx: TxParams, artifact: Artifact | None = None) -> HexBytes:
+    def submit(self, tx: TxParams, artifact: Artifact | None = None,
+               on_signed: Callable[[HexBytes], None] | None = None) -> HexBytes:
         """Estimate, sign and send `tx` (to, data, value; the rest is filled); its hash.
 
-        The node is asked through :meth:`rpc`: a commit on a small model takes a few
-        milliseconds of generation, and web3's request formatting cost as much again.
+        `on_signed` gets the hash of each signed transaction before it is sent (to record it:
+        an exception there sends nothing). The node is asked through :meth:`rpc`: a commit on
+        a small model takes a few milliseconds of generation, and web3's request formatting
+        cost as much again.
         """
         tx = dict(tx)
         tx.setdefault("value", 0)
@@ -453,6 +456,8 @@ class TxSender:
             nonce = self._next_nonce if self._next_nonce is not None else self.resync()
             for attempt in range(3):
                 signed = self.account.sign_transaction({**tx, "nonce": nonce})
+                if on_signed is not None:
+                    on_signed(HexBytes(signed.hash))
                 if self._broadcast(signed.raw_transaction, signed.hash):
                     self._next_nonce = nonce + 1
                     return HexBytes(signed.hash)
@@ -485,10 +490,11 @@ class TxSender:
             if "nonce too low" in message or "replacement transaction underpriced" in message:
                 # Ours, mined or pending after a retried send whose answer was lost? Then this
                 # is success; anything else means another transaction holds the nonce.
-                return self._known(tx_hash)
+                return self.known(tx_hash)
             raise
 
-    def _known(self, tx_hash: bytes) -> bool:
+    def known(self, tx_hash: bytes) -> bool:
+        """Whether the node has transaction `tx_hash`, pending or mined."""
         try:
             self.w3.eth.get_transaction(HexBytes(tx_hash))
             return True

@@ -83,6 +83,8 @@ requests = sa.Table(
     sa.Column("status", sa.String(16), nullable=False),
     sa.Column("note", sa.Text, nullable=True),
     sa.Column("output", sa.JSON, nullable=True),  # the answer this node commits (revision 0002)
+    # Its commit transaction, recorded before the transaction is sent (revision 0004).
+    sa.Column("commit_tx", sa.String(66), nullable=True),
     sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.func.now(),
               nullable=False),
 )
@@ -331,14 +333,15 @@ class RequestRecord:
     status: str = "open"
     note: str | None = None
     output: list[int] | None = None
+    commit_tx: str | None = None  # 0x-prefixed
 
 
 def upsert_request(conn: Connection, record: RequestRecord) -> bool:
     """Store `record`; True when it is new. Seeing a request again refreshes what the chain
-    says about it and keeps the node's own status, note and output."""
+    says about it and keeps the node's own status, note, output and commit transaction."""
     values = _fields(record)
     chain_fields = {k: v for k, v in values.items()
-                    if k not in ("request_id", "status", "note", "output")}
+                    if k not in ("request_id", "status", "note", "output", "commit_tx")}
     existed = get_request(conn, record.request_id) is not None
     statement = _insert(conn, requests).values(**values)
     conn.execute(statement.on_conflict_do_update(
@@ -366,12 +369,13 @@ def requests_with_status(conn: Connection, status: str, limit: int = 100,
 
 def set_request_status(
     conn: Connection, request_id: int, status: str, *, expected: str | Sequence[str] | None = None,
-    note: str | None = None, output: list[int] | None = None,
+    note: str | None = None, output: list[int] | None = None, commit_tx: str | None = None,
 ) -> bool:
     """Move request `request_id` to `status` if it is in `expected` (any status when None),
-    setting `note` and `output` when given; True when a row changed."""
+    setting `note`, `output` and `commit_tx` when given; True when a row changed."""
     return _guarded_update(conn, requests, requests.c.request_id == request_id,
-                           requests.c.status, expected, status=status, note=note, output=output)
+                           requests.c.status, expected, status=status, note=note, output=output,
+                           commit_tx=commit_tx)
 
 
 # ------------------------------------------------------------------------------------ claims

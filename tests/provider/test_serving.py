@@ -22,6 +22,7 @@ from optinfer.prover.provider import (
     serve_decision,
 )
 from optinfer.services import store as st
+from optinfer.services.chain import TxSender
 from optinfer.services.settings import load_settings
 from optinfer.services.store import RequestRecord, Store
 
@@ -232,6 +233,52 @@ def test_kill_9_around_the_commit_then_restart_serves_the_request_exactly_once(
         assert st.get_request(conn, request_id).status == "committed"
         assert st.get_claim(conn, request_id).tx_hash == "0x" + bytes(
             commits[0]["transactionHash"]).hex()
+    store.dispose()
+
+
+def test_a_commit_still_pending_at_a_restart_is_waited_for_not_sent_again(
+        registered, sqlite_url, run_provider, model):
+    """As on a chain with block times: the node dies right after sending its commit, which
+    is not mined yet. Restarted, it finds the transaction it recorded pending and waits for
+    it; one commit transaction in all (a second could only revert and cost gas)."""
+    protocol, w3 = registered, registered.w3
+    provider = protocol.provider.address
+    first = run_provider(protocol, sqlite_url, "--stake", str(3 * 10**18),
+                         env={"OPTINFER_CRASH_AT": "after-commit"})
+    first.wait_for("serving model")
+    nonce_at_start = w3.eth.get_transaction_count(provider)  # after registering
+    prompt = model.encode(PROMPT_TEXT)
+    w3.provider.make_request("evm_setAutomine", [False])
+    try:
+        request = RequestSpec(model_id=protocol.model_root, prompt=prompt,
+                              max_tokens=MAX_TOKENS, commit_deadline=protocol.now() + 600)
+        post = TxSender(w3, protocol.consumer).submit(
+            {"to": protocol.coordinator.address, "value": FEE,
+             "data": protocol.coordinator.calldata("postRequest", *request.as_args())})
+        w3.provider.make_request("evm_mine", [])
+        (posted,) = protocol.coordinator.events(w3.eth.get_transaction_receipt(post),
+                                                "RequestPosted")
+        request_id = posted["requestId"]
+        assert first.wait_exit() == -9  # after sending its commit
+        store = Store(sqlite_url)
+        with store.transaction() as conn:
+            row = st.get_request(conn, request_id)
+        assert row.status == "committing" and row.commit_tx is not None
+        assert w3.eth.get_transaction(row.commit_tx)["blockNumber"] is None  # pending
+        assert protocol.coordinator.get_request(request_id).status is Status.OPEN
+
+        second = run_provider(protocol, sqlite_url)
+        second.wait_for(rf"request {request_id}: its commit {row.commit_tx}, sent before the "
+                        "restart, is known to the node; waiting for it")
+        w3.provider.make_request("evm_mine", [])
+        second.wait_for(rf"served request {request_id}: .* committed in tx {row.commit_tx}")
+    finally:
+        w3.provider.make_request("evm_setAutomine", [True])
+    assert second.stop() == 0
+    assert w3.eth.get_transaction_count(provider) == nonce_at_start + 1
+    with store.transaction() as conn:
+        assert st.get_request(conn, request_id).status == "committed"
+        assert st.get_claim(conn, request_id).tx_hash == row.commit_tx
     store.dispose()
 
 
