@@ -185,6 +185,43 @@ def model_inspect(
     emit({k: m.manifest[k] for k in keys}, as_json, lambda d: out.print_json(data=d))
 
 
+@model_app.command("fetch")
+def model_fetch(
+    base_url: Annotated[str, typer.Argument(help="A node's HTTP API, e.g. http://host:8000.")],
+    model_id: Annotated[str, typer.Argument(help="The model's id on chain (its root, 0x...).")],
+    out_dir: Annotated[Path, typer.Option("-o", "--out", help="Directory to create.")],
+    rpc_url: RpcUrl = None,
+    config: ConfigFile = None,
+    as_json: AsJson = False,
+) -> None:
+    """Download a model from a node's API; keep it only if it is the one registered on chain.
+
+    The manifest must hash to what the ModelRegistry holds for MODEL_ID, every file to its
+    manifest entry, and the model root recomputed from the files must equal MODEL_ID.
+    """
+    from optinfer.contracts.registry import ModelRegistry
+    from optinfer.services.chain import connect_settings
+    from optinfer.services.deployments import Deployments
+    from optinfer.services.model_fetch import fetch_model
+    from optinfer.services.settings import load_settings
+
+    settings = load_settings(config=config, rpc_url=rpc_url)
+    w3 = connect_settings(settings)
+    deployments = Deployments.read(settings.deployments_file)
+    deployments.check_chain(w3)
+    registry = ModelRegistry(w3, deployments.address("ModelRegistry"))
+    with progress_bar("fetching", enabled=not as_json) as progress:
+        dest = fetch_model(base_url, model_id, out_dir, registry, progress=progress)
+    files = sorted(p for p in dest.iterdir() if p.is_file())
+    summary = {"model_id": json.loads((dest / "manifest.json").read_text())["model_root"],
+               "dir": str(dest), "files": len(files),
+               "bytes": sum(p.stat().st_size for p in files), "registry": registry.address}
+    emit(summary, as_json, lambda d: out.print(
+        f"fetched model {d['model_id']} into {d['dir']}: {d['files']} files, {d['bytes']} "
+        f"bytes, as registered in the ModelRegistry at {d['registry']}", highlight=False,
+        soft_wrap=True))
+
+
 @model_app.command("train-tiny")
 def model_train_tiny(
     out_dir: Annotated[Path, typer.Option("-o", "--out", help="Checkpoint directory to write.")],

@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -48,12 +49,14 @@ def normalize_model_id(model_id: str | bytes) -> str:
 
 
 def fetch_model(base_url: str, model_id: str | bytes, dest: Path, registry: ModelRegistry, *,
-                client: httpx.Client | None = None, timeout: float = 60.0) -> Path:
+                client: httpx.Client | None = None, timeout: float = 60.0,
+                progress: Callable[[float, str], None] | None = None) -> Path:
     """Download model `model_id` from the API at `base_url` into the new directory `dest`,
     check it against `registry` (see the module docstring) and return `dest`.
 
     ModelRejected when anything does not match, UserError when the node cannot be reached or
     answers an error. `client` replaces the HTTP client (a test's in-process app, say).
+    `progress(fraction, file name)` follows the download, file by file.
     """
     model_id = normalize_model_id(model_id)
     dest = Path(dest)
@@ -68,8 +71,15 @@ def fetch_model(base_url: str, model_id: str | bytes, dest: Path, registry: Mode
         raw = _get(http, base)
         manifest = _registered_manifest(raw, model_id, registry)
         (staging / MANIFEST).write_bytes(raw)
-        for name, digest in manifest["files"].items():
-            _download(http, f"{base}/files/{name}", staging / name, digest)
+        files = list(manifest["files"].items())
+        for done, (name, digest) in enumerate(files):
+            def file_progress(fraction: float, name: str = name, done: int = done) -> None:
+                if progress is not None:
+                    progress((done + fraction) / len(files), name)
+
+            _download(http, f"{base}/files/{name}", staging / name, digest, file_progress)
+        if progress is not None:
+            progress(1.0, "checking the model root")
         _check_model_root(staging, manifest, model_id)
         os.replace(staging, dest)
         return dest
@@ -122,7 +132,8 @@ def _get(http: httpx.Client, url: str) -> bytes:
     return response.content
 
 
-def _download(http: httpx.Client, url: str, path: Path, sha256_hex: str) -> None:
+def _download(http: httpx.Client, url: str, path: Path, sha256_hex: str,
+              progress: Callable[[float], None]) -> None:
     """Stream `url` into `path`, refusing it unless it hashes to `sha256_hex`."""
     digest = hashlib.sha256()
     try:
@@ -130,10 +141,14 @@ def _download(http: httpx.Client, url: str, path: Path, sha256_hex: str) -> None
             if response.status_code != 200:
                 response.read()
                 raise UserError(f"GET {url}: HTTP {response.status_code} {_detail(response)}")
+            size = int(response.headers.get("content-length") or 0)
+            received = 0
             with path.open("wb") as out:
                 for chunk in response.iter_bytes(CHUNK_BYTES):
                     digest.update(chunk)
                     out.write(chunk)
+                    received += len(chunk)
+                    progress(min(received / size, 1.0) if size else 0.0)
     except httpx.HTTPError as err:
         raise UserError(f"GET {url}: {type(err).__name__}: {err}") from None
     if digest.hexdigest() != str(sha256_hex).lower():

@@ -178,7 +178,9 @@ def test_request_refuses_bad_input_in_one_line(env, coordinator, args, message):
     assert coordinator.parameter("requestCount") == before
 
 
-def test_api_command_serves_the_model_to_fetch_model(env, w3, deployment, tmp_path):
+def test_api_command_serves_the_model_to_model_fetch(env, w3, deployment, tmp_path):
+    """`optinfer api` on one side, `optinfer model fetch` (as docs/operators.md shows it) and
+    fetch_model on the other: the download is kept only for the registered id."""
     env = {**env, "OPTINFER_API_KEY": API_KEY,
            "OPTINFER_DATABASE_URL": f"sqlite:///{tmp_path / 'api.db'}"}
     process = start([*DOCUMENTED_API, "--port", "0"], env)  # a free port, not 8000
@@ -190,10 +192,44 @@ def test_api_command_serves_the_model_to_fetch_model(env, w3, deployment, tmp_pa
         registry = ModelRegistry(w3, deployment.address("ModelRegistry"))
         dest = fetch_model(url, model["id"], tmp_path / "fetched", registry)
         assert (dest / "weights.bin").read_bytes() == (TINY_R1 / "weights.bin").read_bytes()
+
+        fetched = subprocess.run(
+            [OPTINFER, *documented_fetch(url, model["id"], tmp_path / "cli"), "--json"],
+            env=env, capture_output=True, text=True, timeout=120)
+        assert fetched.returncode == 0, fetched.stderr
+        summary = json.loads(fetched.stdout)
+        assert summary["model_id"] == model["id"] and summary["registry"] == registry.address
+        assert sorted(p.name for p in (tmp_path / "cli").iterdir()) == sorted(
+            p.name for p in TINY_R1.iterdir() if p.name in summary_files(TINY_R1))
+        assert (tmp_path / "cli" / "weights.bin").read_bytes() == (
+            TINY_R1 / "weights.bin").read_bytes()
+
+        unknown = "0x" + "ab" * 32
+        refused = subprocess.run([OPTINFER, *documented_fetch(url, unknown, tmp_path / "no")],
+                                 env=env, capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 2
+        assert refused.stderr.strip().splitlines()[-1].startswith("error: ")
+        assert "Traceback" not in refused.stderr and not (tmp_path / "no").exists()
     finally:
         process.send_signal(signal.SIGINT)
         process.communicate(timeout=30)
     assert process.returncode == 0
+
+
+def documented_fetch(url: str, model_id: str, out: Path) -> list[str]:
+    """`optinfer model fetch` as docs/operators.md shows it, with this test's values."""
+    doc = OPERATORS_DOC.read_text(encoding="utf-8")
+    (line,) = [line for line in doc.splitlines() if "optinfer model fetch" in line
+               and line.startswith(".venv/bin/")]
+    args = shlex.split(line)[1:]
+    return [url if a == "http://provider:8000" else model_id if a == "0xMODEL_ID"
+            else str(out) if a == "models/fetched" else a for a in args]
+
+
+def summary_files(model_dir: Path) -> set[str]:
+    """The manifest and the files it lists."""
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    return {"manifest.json", *manifest["files"]}
 
 
 def test_the_documented_commands_are_the_tested_ones():
