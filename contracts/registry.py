@@ -32,14 +32,16 @@ class ModelSpec:
     manifest_uri: str
     max_context: int
     node_count: int
+    eos_token_ids: tuple[int, ...] = ()
 
     @classmethod
     def from_manifest(cls, manifest_path: Path, manifest_uri: str | None = None) -> ModelSpec:
         """The spec of an integer model from its ``manifest.json``.
 
-        model root, op-set version, max context and node count are the manifest's
-        ``model_root``, ``opset_version``, ``max_context`` and ``nodes``; the manifest hash is
-        SHA-256 of the file's bytes; the URI defaults to the file's ``file://`` URI.
+        model root, op-set version, max context, node count and EOS token ids are the
+        manifest's ``model_root``, ``opset_version``, ``max_context``, ``nodes`` and
+        ``config.eos_token_ids``; the manifest hash is SHA-256 of the file's bytes; the URI
+        defaults to the file's ``file://`` URI.
         """
         manifest_path = Path(manifest_path)
         raw = manifest_path.read_bytes()
@@ -53,6 +55,7 @@ class ModelSpec:
                 manifest_uri=manifest_uri or manifest_path.resolve().as_uri(),
                 max_context=int(manifest["max_context"]),
                 node_count=int(manifest["nodes"]),
+                eos_token_ids=tuple(int(t) for t in manifest["config"]["eos_token_ids"]),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise UserError(f"{manifest_path} is not an integer-model manifest: {err}") from err
@@ -69,6 +72,7 @@ class ModelSpec:
             self.manifest_uri,
             self.max_context,
             self.node_count,
+            list(self.eos_token_ids),
         )
 
 
@@ -109,7 +113,7 @@ class ModelRegistry(BoundContract):
     def get_model(self, model_id: bytes) -> RegisteredModel:
         """The registered model with id `model_id`; ContractRevert ModelNotRegistered if none."""
         function = self.contract.functions.getModel(model_id)
-        (manifest_hash, uri, opset, max_context, nodes, registrant, registered_at) = (
+        (manifest_hash, uri, opset, max_context, nodes, registrant, registered_at, eos) = (
             reverts_decoded(self.artifact, function.call)
         )
         spec = ModelSpec(
@@ -119,6 +123,7 @@ class ModelRegistry(BoundContract):
             manifest_uri=uri,
             max_context=max_context,
             node_count=nodes,
+            eos_token_ids=tuple(eos),
         )
         return RegisteredModel(
             model_id=bytes(model_id),

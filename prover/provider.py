@@ -25,7 +25,8 @@ the chain, plays the games and finalizes claims, so a long generation never make
   node itself (the fee is credited on finalization); `withdraw` collects fees and bonds.
 
 ``lie="last-token"`` is for demonstrations only: the node commits its answer with the last
-token changed and defends with the matching dishonest trace, and so loses its disputes.
+token before EOS changed and defends with the matching dishonest trace, and so loses its
+disputes.
 """
 
 from __future__ import annotations
@@ -120,13 +121,22 @@ def serve_decision(request: RequestRecord, model: ServedModel, provider: str,
     return None
 
 
-def claimed_output(output: list[int], lie: str, vocab_size: int) -> list[int]:
+def claimed_output(output: list[int], lie: str, vocab_size: int,
+                   eos_ids: tuple[int, ...] = ()) -> list[int]:
     """What the node commits for its generated `output`: the output itself, or with
-    ``lie="last-token"`` the output with its last token changed (demonstrations only)."""
+    ``lie="last-token"`` the output with the last token before its EOS (`eos_ids`) changed to
+    another token that is not EOS either (demonstrations only)."""
     if lie == "off":
         return list(output)
     if lie == "last-token":
-        return [*output[:-1], (output[-1] + 1) % vocab_size]
+        # The last token of the answer proper: an EOS stays where it is, so that the lie is
+        # shaped as an answer (the coordinator refuses a truncated one at commit).
+        position = len(output) - 2 if len(output) > 1 and output[-1] in eos_ids \
+            else len(output) - 1
+        token = (output[position] + 1) % vocab_size
+        while token in eos_ids or token == output[position]:
+            token = (token + 1) % vocab_size
+        return [*output[:position], token, *output[position + 1:]]
     raise ValueError(f"lie must be one of {LIE_MODES}, got {lie!r}")
 
 
@@ -295,6 +305,11 @@ class ProviderNode:
                 f"model {self.served_model.model_id} is registered with {registered.node_count} "
                 f"nodes and context {registered.max_context}, but {self.model.dir} has "
                 f"{self.spec.node_count} and {self.spec.max_context}: disputes would fail")
+        if registered.eos_token_ids != self.spec.eos_token_ids:
+            raise UserError(
+                f"model {self.served_model.model_id} is registered with EOS token ids "
+                f"{list(registered.eos_token_ids)}, but {self.model.dir} has "
+                f"{list(self.spec.eos_token_ids)}: its answers would be refused at commit")
 
     def ensure_provider_registered(self, stake: int | None) -> None:
         """Register and stake (`stake` wei, default the coordinator's minimum) unless this
@@ -419,7 +434,8 @@ class ProviderNode:
                         self._skip(request.request_id, f"the model refuses it: {answer.error}",
                                    expected="open")
                         continue
-                    output = claimed_output(answer.output, self.lie, self.model.vocab_size)
+                    output = claimed_output(answer.output, self.lie, self.model.vocab_size,
+                                            self.model.eos_ids)
                     futures.append(committer.submit(self._commit, Prepared(
                         request.request_id, output, time.perf_counter() - answer.seconds,
                         answer.seconds)))

@@ -3,7 +3,8 @@
 It starts its own anvil on a free port, deploys the contracts, and runs the real components
 in this process, each with its own SQLite database (as separate operators would): an honest
 provider node and a lying one (`ProviderNode`, the second with the demonstration knob that
-changes the last token of its answers), and a watchtower whose Celery tasks run in eager mode.
+changes the last token before EOS of its answers), and a watchtower whose Celery tasks run
+in eager mode.
 
 * Honest flow: the example consumer contract (`QuestionAsker`) asks an addition; the honest
   provider generates and commits; the watchtower verifies the claim and leaves it alone; the

@@ -117,7 +117,8 @@ class Settings(BaseSettings):
     provider_lie: Literal["off", "last-token"] = Field(
         "off",
         description="Demonstrations only: last-token makes the provider node commit its "
-        "answer with the last token changed and defend the lie, so that it loses its disputes.",
+        "answer with the last token before EOS changed and defend the lie, so that it loses its "
+        "disputes.",
     )
     database_url: str | None = Field(
         None,

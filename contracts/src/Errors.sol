@@ -128,6 +128,23 @@ error EmptyOutput();
 /// @param maxTokens The request's maximum.
 error OutputTooLong(uint256 length, uint256 maxTokens);
 
+/// @notice Thrown when a committed output holds an end-of-sequence token before its last
+///         position: greedy decoding stops at the first EOS, so nothing can follow it.
+/// @param position The position of that EOS token.
+error EosBeforeEnd(uint256 position);
+
+/// @notice Thrown when a committed output shorter than the request's max tokens does not end
+///         with an end-of-sequence token: greedy decoding stops only at EOS or at max tokens,
+///         so such an output is a truncated answer.
+/// @param length    The output's length.
+/// @param maxTokens The request's maximum.
+error OutputNotTerminated(uint256 length, uint256 maxTokens);
+
+/// @notice Thrown when a model is registered with more end-of-sequence token ids than allowed.
+/// @param count   The ids given.
+/// @param maximum The registry's maximum.
+error TooManyEosTokenIds(uint256 count, uint256 maximum);
+
 /// @notice Thrown when the coordinator cannot store a committed output (contract creation failed).
 error OutputStoreFailed();
 

@@ -14,6 +14,7 @@ import {
     DisputesOpen,
     EmptyOutput,
     EmptyPrompt,
+    EosBeforeEnd,
     InsufficientFreeStake,
     InsufficientGasForCallback,
     MaxTokensTooLarge,
@@ -22,6 +23,7 @@ import {
     NotDeployer,
     NotDisputeGame,
     NotNamedProvider,
+    OutputNotTerminated,
     OutputStoreFailed,
     OutputTooLong,
     ProviderAlreadyRegistered,
@@ -476,8 +478,12 @@ contract InferenceCoordinator is PullPayments {
 
     /// @notice Commit `output` as the answer to open request `requestId`, locking
     ///         `stakePerClaim` of `msg.sender`'s stake until the claim is finalized or slashed.
-    /// @param output The output token ids: 1 to maxTokens of them. Whether they are the model's
-    ///               greedy answer (and end with EOS or at maxTokens) is for a dispute to decide.
+    /// @param output The output token ids: 1 to maxTokens of them, shaped as greedy decoding
+    ///               stops: no end-of-sequence token (the model's, from the registry) before
+    ///               the last position, and one at the last position unless the output is
+    ///               maxTokens long. Whether they are the model's greedy answer is for a dispute
+    ///               to decide; where the answer ends is decided here, since no dispute can
+    ///               (each token of a truncated answer is the model's).
     function commitOutput(uint256 requestId, uint32[] calldata output) external {
         Request storage request = _existing(requestId);
         if (request.status != Status.Open) revert RequestNotOpen(requestId);
@@ -491,6 +497,7 @@ contract InferenceCoordinator is PullPayments {
         if (output.length > request.maxTokens) {
             revert OutputTooLong(output.length, request.maxTokens);
         }
+        _requireTerminated(registry.eosTokenIds(request.modelId), output, request.maxTokens);
         if (!isProvider[msg.sender]) revert ProviderNotRegistered(msg.sender);
         Provider storage provider = providers[msg.sender];
         if (provider.stake < minimumStake) revert StakeBelowMinimum(provider.stake, minimumStake);
@@ -662,6 +669,36 @@ contract InferenceCoordinator is PullPayments {
     ////////////////////////////////////////////////////////////////
     //                         Helpers                            //
     ////////////////////////////////////////////////////////////////
+
+    /// @dev Greedy decoding stops at the first end-of-sequence token or after maxTokens tokens:
+    ///      `output` must look like that, or it is a truncated (or overrun) answer.
+    function _requireTerminated(uint32[] memory eos, uint32[] calldata output, uint256 maxTokens)
+        internal
+        pure
+    {
+        uint256 length = output.length;
+        uint256 firstEos = length; // none
+        // One pass over the calldata words, in assembly: the checked Solidity loop cost 400
+        // gas a token. Each word is validated as a uint32 when the output is packed.
+        assembly ("memory-safe") {
+            let n := mload(eos)
+            let ids := add(eos, 0x20)
+            for { let i := 0 } lt(i, length) { i := add(i, 1) } {
+                let token := calldataload(add(output.offset, shl(5, i)))
+                for { let j := 0 } lt(j, n) { j := add(j, 1) } {
+                    if eq(mload(add(ids, shl(5, j))), token) {
+                        firstEos := i
+                        break
+                    }
+                }
+                if lt(firstEos, length) { break }
+            }
+        }
+        if (firstEos < length - 1) revert EosBeforeEnd(firstEos);
+        if (length < maxTokens && firstEos != length - 1) {
+            revert OutputNotTerminated(length, maxTokens);
+        }
+    }
 
     /// @notice The stored request `requestId`; reverts RequestNotFound for an unassigned id.
     function _existing(uint256 requestId) internal view returns (Request storage request) {

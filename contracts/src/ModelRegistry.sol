@@ -1,7 +1,14 @@
 // SPDX-License-Identifier: MIT
 pragma solidity 0.8.37;
 
-import {ModelAlreadyRegistered, ModelNotRegistered, ZeroMaxContext, ZeroModelRoot, ZeroNodeCount} from "./Errors.sol";
+import {
+    ModelAlreadyRegistered,
+    ModelNotRegistered,
+    TooManyEosTokenIds,
+    ZeroMaxContext,
+    ZeroModelRoot,
+    ZeroNodeCount
+} from "./Errors.sol";
 
 /// @title ModelRegistry
 /// @notice The models that inference claims may name. A model is identified by its model root:
@@ -25,6 +32,8 @@ contract ModelRegistry {
     /// @param nodeCount    Number of nodes in the graph: the range of the layer bisection.
     /// @param registrant   Who registered it.
     /// @param registeredAt Block timestamp of the registration; never zero for a registered model.
+    /// @param eosTokenIds  The end-of-sequence token ids (the manifest's config): an answer
+    ///                     ends at the first of them, or at the request's max tokens.
     struct Model {
         bytes32 manifestHash;
         string manifestUri;
@@ -33,6 +42,7 @@ contract ModelRegistry {
         uint32 nodeCount;
         address registrant;
         uint64 registeredAt;
+        uint32[] eosTokenIds;
     }
 
     ////////////////////////////////////////////////////////////////
@@ -47,12 +57,17 @@ contract ModelRegistry {
         bytes32 manifestHash,
         string manifestUri,
         uint32 maxContext,
-        uint32 nodeCount
+        uint32 nodeCount,
+        uint32[] eosTokenIds
     );
 
     ////////////////////////////////////////////////////////////////
     //                          State                             //
     ////////////////////////////////////////////////////////////////
+
+    /// @notice Most end-of-sequence token ids one model may declare (Qwen2 models have one or
+    ///         two); bounds what every commit of its answers reads.
+    uint256 public constant MAX_EOS_TOKEN_IDS = 8;
 
     /// @notice Registered models by model root. Unset entries have `registeredAt == 0`.
     mapping(bytes32 => Model) internal _models;
@@ -68,6 +83,8 @@ contract ModelRegistry {
     /// @param manifestUri  Where to fetch the manifest.
     /// @param maxContext   Longest sequence the graph accepts (nonzero).
     /// @param nodeCount    Number of graph nodes (nonzero).
+    /// @param eosTokenIds  End-of-sequence token ids, at most MAX_EOS_TOKEN_IDS (none: every
+    ///                     answer runs to the request's max tokens).
     /// @return modelId     The id claims use to name the model: `modelRoot` itself.
     function register(
         bytes32 modelRoot,
@@ -75,7 +92,8 @@ contract ModelRegistry {
         bytes32 manifestHash,
         string calldata manifestUri,
         uint32 maxContext,
-        uint32 nodeCount
+        uint32 nodeCount,
+        uint32[] calldata eosTokenIds
     ) external returns (bytes32 modelId) {
         // The zero root commits to nothing, and zero marks "no model" in other contracts.
         if (modelRoot == bytes32(0)) revert ZeroModelRoot();
@@ -83,20 +101,31 @@ contract ModelRegistry {
         if (nodeCount == 0) revert ZeroNodeCount();
         // A model that accepts no token cannot answer a request.
         if (maxContext == 0) revert ZeroMaxContext();
+        // Every commit reads them: their number bounds its gas.
+        if (eosTokenIds.length > MAX_EOS_TOKEN_IDS) {
+            revert TooManyEosTokenIds(eosTokenIds.length, MAX_EOS_TOKEN_IDS);
+        }
         // Registrations are immutable: a root is bound to its first manifest for good.
         if (_models[modelRoot].registeredAt != 0) revert ModelAlreadyRegistered(modelRoot);
 
-        _models[modelRoot] = Model({
-            manifestHash: manifestHash,
-            manifestUri: manifestUri,
-            opsetVersion: opsetVersion,
-            maxContext: maxContext,
-            nodeCount: nodeCount,
-            registrant: msg.sender,
-            registeredAt: uint64(block.timestamp)
-        });
+        Model storage model = _models[modelRoot];
+        model.manifestHash = manifestHash;
+        model.manifestUri = manifestUri;
+        model.opsetVersion = opsetVersion;
+        model.maxContext = maxContext;
+        model.nodeCount = nodeCount;
+        model.registrant = msg.sender;
+        model.registeredAt = uint64(block.timestamp);
+        model.eosTokenIds = eosTokenIds;
         emit ModelRegistered(
-            modelRoot, msg.sender, opsetVersion, manifestHash, manifestUri, maxContext, nodeCount
+            modelRoot,
+            msg.sender,
+            opsetVersion,
+            manifestHash,
+            manifestUri,
+            maxContext,
+            nodeCount,
+            eosTokenIds
         );
         return modelRoot;
     }
@@ -109,6 +138,13 @@ contract ModelRegistry {
     function getModel(bytes32 modelId) external view returns (Model memory model) {
         model = _models[modelId];
         if (model.registeredAt == 0) revert ModelNotRegistered(modelId);
+    }
+
+    /// @notice The end-of-sequence token ids of model `modelId`; reverts when there is none.
+    function eosTokenIds(bytes32 modelId) external view returns (uint32[] memory) {
+        Model storage model = _models[modelId];
+        if (model.registeredAt == 0) revert ModelNotRegistered(modelId);
+        return model.eosTokenIds;
     }
 
     /// @notice Whether a model with id (= root) `modelId` is registered.

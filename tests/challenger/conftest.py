@@ -30,6 +30,7 @@ from optinfer.contracts.registry import ModelRegistry, ModelSpec
 from optinfer.models.runtime import IntegerModel
 from optinfer.prover import game as spec
 from optinfer.prover.game import ModelTrace, Phase, Role
+from optinfer.prover.provider import claimed_output
 from optinfer.services.deployments import DEMO_COORDINATOR_PARAMS, DeployParams, deploy_all
 from tests.lies import changed
 from tests.services.conftest import drop_schema, postgres_schema_url
@@ -183,11 +184,12 @@ class Lie:
 
 
 def lie(kind: str, prompt_text: str = "12+34=", seed: int = 0) -> Lie:
-    """A lying provider's claim: `final` changes only the last token (the trace is honest up
-    to the last node); `node` also changes one element of a random node's tensor."""
+    """A lying provider's claim: `final` changes only the last token before EOS, as the
+    provider's lie knob does (the trace is honest up to the last node); `node` also changes
+    one element of a random node's tensor."""
     prompt, answer = honest_answer(prompt_text)
-    claimed = list(answer)
-    claimed[-1] = (claimed[-1] + 1) % 20
+    model = tiny()
+    claimed = claimed_output(list(answer), "last-token", model.vocab_size, model.eos_ids)
     honest = ModelTrace.from_model(tiny(), list(prompt), claimed)
     liar = honest.with_output(honest.node_count, np.asarray(claimed, np.int64))
     k = honest.node_count

@@ -12,12 +12,14 @@ from optinfer.challenger import tasks
 from optinfer.challenger.app import configure
 from optinfer.challenger.policy import Verdict
 from optinfer.challenger.watchtower import Watchtower
+from optinfer.contracts.bindings import ContractRevert
 from optinfer.prover.game import Phase, Role
 from optinfer.services import store as st
 from optinfer.services.settings import load_settings
 from tests.challenger.conftest import (
     BOND,
     DEMO_COORDINATOR_PARAMS,
+    MAX_TOKENS,
     Stack,
     advance,
     honest_answer,
@@ -136,10 +138,8 @@ def test_a_claim_on_a_model_the_watchtower_does_not_hold_is_reported_not_challen
     registry = ModelRegistry(stack.w3, watchtower.deployments.address("ModelRegistry"))
     registry.register_send(other, stack.accounts[0])
     stack.model_id = other.model_root
-    prompt, answer = honest_answer("12+34=")
-    wrong = list(answer)
-    wrong[-1] = (wrong[-1] + 1) % 20
-    request_id = stack.claim(list(prompt), wrong)
+    wrong = lie("final")  # a wrong answer, on a model this watchtower does not run
+    request_id = stack.claim(wrong.prompt, wrong.claimed)
     with caplog.at_level("WARNING", logger="optinfer.watchtower"):
         tasks.scan.delay()
     claim = claim_row(watchtower, request_id)
@@ -149,15 +149,20 @@ def test_a_claim_on_a_model_the_watchtower_does_not_hold_is_reported_not_challen
     assert stack.games_of(request_id) == []
 
 
-def test_a_truncated_answer_is_reported_as_unprovable_not_challenged(stack, watchtower):
-    """Every token is the model's but the answer stops before EOS: the game could not
-    convict it, so the watchtower says so instead of losing a bond."""
+def test_a_truncated_answer_cannot_be_committed_so_there_is_nothing_to_watch(stack,
+                                                                             watchtower):
+    """Every token is the model's but the answer stops before EOS: no game could convict it
+    (the watchtower would have to call it unprovable), so the coordinator refuses the commit
+    against the registered EOS ids, and the watchtower sees no claim."""
     prompt, answer = honest_answer("12+34=")
-    request_id = stack.claim(list(prompt), list(answer[:-3]))
+    request_id = stack.post(list(prompt))
+    with pytest.raises(ContractRevert) as raised:
+        stack.coordinator.commit_output_send(request_id, list(answer[:-3]), stack.provider)
+    assert raised.value.name == "OutputNotTerminated"
+    assert raised.value.args_decoded == (len(answer) - 3, MAX_TOKENS)
     tasks.scan.delay()
-    claim = claim_row(watchtower, request_id)
-    assert claim.verdict == Verdict.UNPROVABLE.value, claim.verdict_note
-    assert stack.games_of(request_id) == []
+    with watchtower.store.transaction() as conn:
+        assert st.get_claim(conn, request_id) is None
 
 
 def test_challenger_run_without_a_broker_catches_a_silent_liar_and_withdraw_pays_out(

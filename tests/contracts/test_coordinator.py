@@ -46,6 +46,7 @@ PARAMS = CoordinatorParams(
 FEE = ETHER // 100
 CALLBACK_GAS = 200_000
 PROMPT = [1, 6, 7, 15, 8, 9, 16]  # "12+34=" in tiny-r1's tokenizer (checked below)
+EOS = 2  # tiny-r1's one end-of-sequence token (its manifest's config)
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -232,7 +233,7 @@ def test_gas_postCommit32TokensFinalize_withinBudget(chain, coordinator, provide
                     callback_gas_limit=CALLBACK_GAS)
     post_receipt = coordinator.post_request_send(spec, FEE, consumer)
     (posted,) = coordinator.events(post_receipt, "RequestPosted")
-    output = [(7 * i + 3) % 30 for i in range(32)]
+    output = [token if token != EOS else 1 for token in ((7 * i + 3) % 30 for i in range(32))]
     commit_receipt = coordinator.commit_output_send(posted["requestId"], output, provider)
     one_token_id = post(coordinator, chain, spec)
     commit_one_receipt = coordinator.commit_output_send(one_token_id, [2], provider)
@@ -248,9 +249,9 @@ def test_gas_postCommit32TokensFinalize_withinBudget(chain, coordinator, provide
     assert asker.answer(posted["requestId"]) == output
     assert post_receipt["gasUsed"] < 200_000
     assert commit_one_receipt["gasUsed"] < 130_000
-    # About 1.6k gas per further token: 32 calldata bytes (mostly zero), 32 bytes of log data,
-    # 4 bytes of stored code (800), and the decode/pack/encode loops.
-    assert commit_receipt["gasUsed"] - commit_one_receipt["gasUsed"] < 31 * 1_800
+    # About 1.8k gas per further token: 32 calldata bytes (mostly zero), 32 bytes of log data,
+    # 4 bytes of stored code (800), the decode/pack/encode loops and the EOS check (0.2k).
+    assert commit_receipt["gasUsed"] - commit_one_receipt["gasUsed"] < 31 * 1_900
     assert finalize_receipt["gasUsed"] < 250_000
 
 
@@ -313,6 +314,35 @@ def test_commitOutput_badLength_reverts(chain, coordinator, provider, tiny_r1_sp
     assert coordinator.get_request(request_id).status is Status.OPEN
 
 
+@pytest.mark.parametrize(("output", "max_tokens", "error", "args"), [
+    ([5, EOS, 6, EOS], 32, "EosBeforeEnd(uint256)", (1,)),  # runs on past its end
+    ([EOS, EOS], 2, "EosBeforeEnd(uint256)", (0,)),
+    ([5, 6], 32, "OutputNotTerminated(uint256,uint256)", (2, 32)),  # truncated
+    ([5], 2, "OutputNotTerminated(uint256,uint256)", (1, 2)),
+])
+def test_commitOutput_notShapedAsGreedyDecodingStops_reverts(
+        chain, coordinator, provider, tiny_r1_spec, output, max_tokens, error, args):
+    """Every token of a truncated answer is the model's, so no dispute could convict it:
+    the commit itself refuses an answer that stops before EOS and before max tokens, or
+    goes on after an EOS."""
+    assert tiny_r1_spec.eos_token_ids == (EOS,)
+    request_id = post(coordinator, chain, spec_for(coordinator.w3, tiny_r1_spec.model_root,
+                                                   max_tokens=max_tokens))
+    err = expect_revert(lambda: coordinator.commit_output_send(request_id, output, provider),
+                        error)
+    assert err.args_decoded == args
+    assert coordinator.get_request(request_id).status is Status.OPEN
+
+
+@pytest.mark.parametrize(("output", "max_tokens"), [
+    ([EOS], 32), ([5, 6, EOS], 3), ([5, 6, EOS], 32), ([5, 6], 2), ([5, EOS], 2)])
+def test_commitOutput_endsAtEosOrAtMaxTokens_succeeds(chain, coordinator, provider,
+                                                     tiny_r1_spec, output, max_tokens):
+    request_id = committed_request(coordinator, chain, provider, tiny_r1_spec, output=output,
+                                   max_tokens=max_tokens)
+    assert coordinator.get_output(request_id) == output
+
+
 def test_commitOutput_unregisteredProvider_reverts(chain, coordinator, tiny_r1_spec):
     request_id = post(coordinator, chain, spec_for(coordinator.w3, tiny_r1_spec.model_root))
     expect_revert(lambda: coordinator.commit_output_send(request_id, [2], chain.accounts[3]),
@@ -340,8 +370,9 @@ def test_commitOutput_twice_reverts(chain, coordinator, provider, tiny_r1_spec):
 
 
 def test_getOutput_extremeTokenIds_roundTrip(chain, coordinator, provider, tiny_r1_spec):
-    output = [0, 1, 2**32 - 1, 2**31, 255, 256, 65_536, 2**32 - 2]
-    request_id = committed_request(coordinator, chain, provider, tiny_r1_spec, output=output)
+    output = [0, 1, 2**32 - 1, 2**31, 255, 256, 65_536, 2**32 - 2]  # no EOS: max tokens long
+    request_id = committed_request(coordinator, chain, provider, tiny_r1_spec, output=output,
+                                   max_tokens=len(output))
     assert coordinator.get_output(request_id) == output
     # The data contract's code is STOP || the packed tokens.
     data = coordinator.get_request(request_id).output
@@ -350,7 +381,9 @@ def test_getOutput_extremeTokenIds_roundTrip(chain, coordinator, provider, tiny_
     )
 
 
-TOKEN_LISTS = st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=32)
+# Any tokens but EOS, committed to a request of exactly their length.
+TOKEN_LISTS = st.lists(st.integers(0, 2**32 - 1).filter(lambda t: t != EOS), min_size=1,
+                       max_size=32)
 
 
 @settings(max_examples=12, deadline=None,
@@ -360,7 +393,8 @@ def test_packing_randomTokens_roundTripOnChain(chain, coordinator, provider, tin
                                                output):
     # The contract's packing and hash agree with Python's, and a commit reads back unchanged.
     assert coordinator.contract.functions.hashTokens(output).call() == token_hash(output)
-    request_id = committed_request(coordinator, chain, provider, tiny_r1_spec, output=output)
+    request_id = committed_request(coordinator, chain, provider, tiny_r1_spec, output=output,
+                                   max_tokens=len(output))
     assert coordinator.get_output(request_id) == output
     coordinator.add_stake_send(PARAMS.stake_per_claim, provider)  # back the next example
 

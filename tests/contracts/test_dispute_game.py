@@ -70,9 +70,11 @@ class Stack:
         return self.accounts[2]
 
     def claim(self, output: list[int]) -> int:
-        """The consumer asks PROMPT; the provider commits `output`. Returns the request id."""
+        """The consumer asks PROMPT for up to len(`output`) tokens (tiny-r1's first 12, no
+        EOS yet: an answer that stops at max tokens); the provider commits `output`. Returns
+        the request id."""
         spec_ = RequestSpec(model_id=self.model_id, prompt=PROMPT,
-                            max_tokens=32, commit_deadline=_now(self.w3) + 600)
+                            max_tokens=len(output), commit_deadline=_now(self.w3) + 600)
         receipt = self.coordinator.post_request_send(spec_, FEE, self.consumer)
         request_id = self.coordinator.events(receipt, "RequestPosted")[0]["requestId"]
         self.coordinator.commit_output_send(request_id, output, self.provider)
@@ -440,7 +442,7 @@ def test_an_honest_claim_through_the_example_consumer_finalizes_with_its_callbac
     from optinfer.contracts.coordinator import QuestionAsker
 
     asker = QuestionAsker.deploy(stack.w3, stack.consumer, stack.coordinator.address)
-    request = RequestSpec(model_id=stack.model_id, prompt=PROMPT, max_tokens=32,
+    request = RequestSpec(model_id=stack.model_id, prompt=PROMPT, max_tokens=len(stack.output),
                           commit_deadline=_now(stack.w3) + 600, callback_gas_limit=200_000)
     receipt = asker.ask_send(request, FEE, stack.consumer)
     request_id = stack.coordinator.events(receipt, "RequestPosted")[0]["requestId"]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from eth_utils import keccak
 
-from optinfer.contracts.bindings import ContractRevert
+from optinfer.contracts.bindings import ContractRevert, reverts_decoded
 from optinfer.contracts.registry import ModelSpec
 from optinfer.errors import UserError
 
@@ -25,6 +25,7 @@ SPEC = ModelSpec(
     manifest_uri="https://example.org/models/m/manifest.json",
     max_context=4096,
     node_count=123_456,
+    eos_token_ids=(151_643, 2),
 )
 
 
@@ -107,7 +108,7 @@ def test_register_emitsModelRegistered_withTheRightArgs(registry, chain):
     # The raw log: the event signature and the two indexed fields are topics.
     (log,) = receipt["logs"]
     assert log["address"] == registry.address
-    signature = "ModelRegistered(bytes32,address,uint32,bytes32,string,uint32,uint32)"
+    signature = "ModelRegistered(bytes32,address,uint32,bytes32,string,uint32,uint32,uint32[])"
     assert log["topics"][0] == keccak(text=signature)
     assert log["topics"][1] == SPEC.model_root
     assert log["topics"][2] == bytes(12) + bytes.fromhex(sender.address[2:])
@@ -121,6 +122,7 @@ def test_register_emitsModelRegistered_withTheRightArgs(registry, chain):
             "manifestUri": SPEC.manifest_uri,
             "maxContext": SPEC.max_context,
             "nodeCount": SPEC.node_count,
+            "eosTokenIds": list(SPEC.eos_token_ids),
         }
     ]
 
@@ -132,8 +134,8 @@ def test_register_tinyR1Manifest_succeeds(registry, chain):
     assert spec.manifest_hash == hashlib.sha256(TINY_R1_MANIFEST.read_bytes()).digest()
 
     receipt = registry.register_send(spec, chain.accounts[0])
-    # Four storage slots plus a short URI: well under the 150k a commit may cost.
-    assert receipt["gasUsed"] < 150_000
+    # Four storage slots, a short URI and the EOS ids (two slots): once per model.
+    assert receipt["gasUsed"] < 200_000
 
     model = registry.get_model(spec.model_root)
     assert model.spec.opset_version == manifest["opset_version"]
@@ -141,6 +143,21 @@ def test_register_tinyR1Manifest_succeeds(registry, chain):
     assert model.spec.max_context == manifest["max_context"]
     assert model.spec.manifest_hash == spec.manifest_hash
     assert model.spec.manifest_uri == "optinfer:models/tiny-r1"
+    assert model.spec.eos_token_ids == tuple(manifest["config"]["eos_token_ids"]) == (2,)
+    assert registry.contract.functions.eosTokenIds(spec.model_root).call() == [2]
+
+
+def test_register_eosTokenIds_noneAllowed_moreThanEightRevert(registry, chain):
+    none = replace(SPEC, eos_token_ids=())
+    registry.register_send(none, chain.accounts[0])
+    assert registry.get_model(SPEC.model_root).spec.eos_token_ids == ()
+    nine = replace(SPEC, model_root=bytes(range(2, 34)), eos_token_ids=tuple(range(9)))
+    err = expect_revert(lambda: registry.register_send(nine, chain.accounts[0]),
+                        "TooManyEosTokenIds(uint256,uint256)")
+    assert err.args_decoded == (9, 8)
+    eos_of_unregistered = registry.contract.functions.eosTokenIds(nine.model_root)
+    expect_revert(lambda: reverts_decoded(registry.artifact, eos_of_unregistered.call),
+                  "ModelNotRegistered(bytes32)")
 
 
 def test_fromManifest_notAManifest_raisesUserError(tmp_path):

@@ -116,9 +116,10 @@ def test_a_dishonest_challenger_loses_to_the_node_even_across_a_kill_9_mid_game(
 
 def test_the_lie_knob_commits_a_wrong_last_token_plays_to_the_end_and_loses(
         registered, postgres_url, run_provider, model):
-    """`--lie last-token`: the committed answer differs from the model's in its last token;
-    an honest challenger disputes it, the node defends its matching dishonest trace move by
-    move down to the chunk, and the one-step convicts it: claim rejected, stake slashed."""
+    """`--lie last-token`: the committed answer differs from the model's in its last token
+    before EOS (the EOS stays: the coordinator refuses an unterminated answer); an honest
+    challenger disputes it, the node defends its matching dishonest trace move by move down
+    to the chunk, and the one-step convicts it: claim rejected, stake slashed."""
     protocol = registered
     node = run_provider(protocol, postgres_url, "--lie", "last-token")
     node.wait_for("serving model .*LYING at the last token")
@@ -127,7 +128,9 @@ def test_the_lie_knob_commits_a_wrong_last_token_plays_to_the_end_and_loses(
     node.wait_for(rf"served request {request_id}: ")
     claimed = protocol.coordinator.get_output(request_id)
     answer = model.generate(prompt, MAX_TOKENS)
-    assert claimed[:-1] == answer[:-1] and claimed[-1] != answer[-1]
+    assert answer[-1] in model.eos_ids and len(answer) < MAX_TOKENS
+    assert claimed[:-2] == answer[:-2] and claimed[-2] != answer[-2]
+    assert claimed[-1] == answer[-1] and claimed[-2] not in model.eos_ids
 
     honest = ModelTrace.from_model(model, prompt, claimed)  # what a watchtower recomputes
     challenger = protocol.accounts[4]

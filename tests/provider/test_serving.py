@@ -64,10 +64,13 @@ def test_serve_decision_names_why_it_skips(changes, now, reason):
     assert re.match(reason, serve_decision(_request(**changes), MODEL, PROVIDER, now))
 
 
-def test_the_lie_changes_only_the_last_token_and_only_when_asked():
-    assert claimed_output([5, 9, 2], "off", 18) == [5, 9, 2]
-    assert claimed_output([5, 9, 2], "last-token", 18) == [5, 9, 3]
-    assert claimed_output([5, 9, 17], "last-token", 18) == [5, 9, 0]
+def test_the_lie_changes_only_the_last_answer_token_and_only_when_asked():
+    eos = (2,)
+    assert claimed_output([5, 9, 2], "off", 18, eos) == [5, 9, 2]
+    # The last token before EOS changes, never into an EOS; EOS stays the last token.
+    assert claimed_output([5, 9, 2], "last-token", 18, eos) == [5, 10, 2]
+    assert claimed_output([5, 1, 2], "last-token", 18, eos) == [5, 3, 2]
+    assert claimed_output([5, 9, 17], "last-token", 18, eos) == [5, 9, 0]  # max tokens, no EOS
     with pytest.raises(ValueError):
         claimed_output([1], "first-token", 18)
 
