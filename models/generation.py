@@ -124,7 +124,8 @@ class GenerationProcess:
         with child_end:
             self._process = subprocess.Popen(
                 [sys.executable, "-m", __name__, str(child_end.fileno()), self.model_dir,
-                 str(self.threads)], pass_fds=[child_end.fileno()], stdin=subprocess.DEVNULL)
+                 str(self.threads)], pass_fds=[child_end.fileno()], stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL)  # the parent's stdout may be its JSON result
         self._conn = Connection(parent_end.detach())
         kind, value = self._read()
         if kind == "error":
