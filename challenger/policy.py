@@ -37,7 +37,6 @@ class HeldModel:
     constants_root: bytes
     opset_version: int
     node_count: int
-    eos_token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -46,7 +45,6 @@ class RegisteredRoots:
 
     opset_version: int
     node_count: int
-    eos_token_ids: tuple[int, ...] = ()
 
 
 def registered_model_root(nodes_root: bytes, constants_root: bytes, opset_version: int,
@@ -87,12 +85,6 @@ def model_problem(model_id: bytes, held: HeldModel | None,
         return (f"the held model's roots give 0x{root.hex()}, not the registered "
                 f"0x{model_id.hex()} (op set {registered.opset_version}, "
                 f"{registered.node_count} nodes)")
-    if registered.eos_token_ids != held.eos_token_ids:
-        # The coordinator judges where answers end with the registered ids: with others here,
-        # a verdict on an answer's ending would not be the chain's.
-        return (f"model 0x{model_id.hex()} is registered with EOS token ids "
-                f"{list(registered.eos_token_ids)}, the held model has "
-                f"{list(held.eos_token_ids)}")
     return None
 
 

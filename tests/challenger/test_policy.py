@@ -19,7 +19,7 @@ NODES, CONSTANTS = b"\x01" * 32, b"\x02" * 32
 
 def held(opset: int = 1, nodes: int = 898) -> HeldModel:
     root = policy.registered_model_root(NODES, CONSTANTS, opset, nodes)
-    return HeldModel(root, NODES, CONSTANTS, opset, nodes, (2,))
+    return HeldModel(root, NODES, CONSTANTS, opset, nodes)
 
 
 def test_the_registered_root_is_what_the_manifest_commits():
@@ -36,17 +36,13 @@ def test_the_registered_root_is_what_the_manifest_commits():
 
 def test_a_claim_is_checked_only_on_the_held_registered_model_with_matching_roots():
     model = held()
-    registered = RegisteredRoots(1, 898, (2,))
+    registered = RegisteredRoots(1, 898)
     assert policy.model_problem(model.model_root, model, registered) is None
     assert "holds no usable model" in policy.model_problem(model.model_root, None, registered)
     assert "is not held here" in policy.model_problem(b"\x09" * 32, model, registered)
     assert "is not registered" in policy.model_problem(model.model_root, model, None)
     # Registered with another node count: the challenge's root check would fail on chain.
-    assert "roots give" in policy.model_problem(model.model_root, model,
-                                                RegisteredRoots(1, 897, (2,)))
-    # Registered with other EOS ids: the coordinator would judge answer endings differently.
-    assert "EOS token ids [2, 3], the held model has [2]" in policy.model_problem(
-        model.model_root, model, RegisteredRoots(1, 898, (2, 3)))
+    assert "roots give" in policy.model_problem(model.model_root, model, RegisteredRoots(1, 897))
 
 
 def test_only_a_differing_token_is_challenged():
