@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import enum
 import hashlib
-import struct
 from dataclasses import dataclass
 
+from optinfer.prover import commitments
 from optinfer.prover import game as spec
 
 
@@ -47,14 +47,6 @@ class RegisteredRoots:
     node_count: int
 
 
-def registered_model_root(nodes_root: bytes, constants_root: bytes, opset_version: int,
-                          node_count: int) -> bytes:
-    """The model root the DisputeGame computes from the roots a challenge names:
-    ``sha256(nodesRoot || constantsRoot || uint32 opset || uint32 N)``."""
-    return hashlib.sha256(nodes_root + constants_root
-                          + struct.pack(">II", opset_version, node_count)).digest()
-
-
 def sampled(request_id: int, rate: float, salt: bytes) -> bool:
     """Whether the claim on `request_id` is among the share `rate` of claims to verify.
 
@@ -79,8 +71,8 @@ def model_problem(model_id: bytes, held: HeldModel | None,
                 f"(this watchtower runs 0x{held.model_root.hex()})")
     if registered is None:
         return f"model 0x{model_id.hex()} is not registered"
-    root = registered_model_root(held.nodes_root, held.constants_root,
-                                 registered.opset_version, registered.node_count)
+    root = commitments.model_root(held.nodes_root, held.constants_root,
+                                  registered.opset_version, registered.node_count)
     if root != model_id:
         return (f"the held model's roots give 0x{root.hex()}, not the registered "
                 f"0x{model_id.hex()} (op set {registered.opset_version}, "

@@ -18,15 +18,20 @@ from web3.types import TxReceipt
 
 from optinfer.contracts.bindings import BoundContract, deploy, reverts_decoded, send_function
 from optinfer.errors import UserError
+from optinfer.prover import commitments
+from optinfer.prover.commitments import ProofError
 
 CONTRACT_NAME = "ModelRegistry"
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What ``register`` takes. `model_root` and `manifest_hash` are 32 bytes each."""
+    """What ``register`` takes, and the model root it gives. The hashes are 32 bytes each;
+    `model_root` is computed from the two roots, the op set and the node count, as the
+    registry computes it."""
 
-    model_root: bytes
+    nodes_root: bytes
+    constants_root: bytes
     opset_version: int
     manifest_hash: bytes
     manifest_uri: str
@@ -34,14 +39,20 @@ class ModelSpec:
     node_count: int
     eos_token_ids: tuple[int, ...] = ()
 
+    @property
+    def model_root(self) -> bytes:
+        return commitments.model_root(self.nodes_root, self.constants_root,
+                                      self.opset_version, self.node_count)
+
     @classmethod
     def from_manifest(cls, manifest_path: Path, manifest_uri: str | None = None) -> ModelSpec:
         """The spec of an integer model from its ``manifest.json``.
 
-        model root, op-set version, max context, node count and EOS token ids are the
-        manifest's ``model_root``, ``opset_version``, ``max_context``, ``nodes`` and
-        ``config.eos_token_ids``; the manifest hash is SHA-256 of the file's bytes; the URI
-        defaults to the file's ``file://`` URI.
+        The two roots, op-set version, max context, node count and EOS token ids are the
+        manifest's ``nodes_root``, ``constants_root``, ``opset_version``, ``max_context``,
+        ``nodes`` and ``config.eos_token_ids``; the manifest hash is SHA-256 of the file's
+        bytes; the URI defaults to the file's ``file://`` URI. UserError unless they give
+        the manifest's ``model_root``.
         """
         manifest_path = Path(manifest_path)
         raw = manifest_path.read_bytes()
@@ -49,7 +60,8 @@ class ModelSpec:
             manifest = json.loads(raw)
             root = bytes.fromhex(manifest["model_root"].removeprefix("0x"))
             spec = cls(
-                model_root=root,
+                nodes_root=bytes.fromhex(manifest["nodes_root"].removeprefix("0x")),
+                constants_root=bytes.fromhex(manifest["constants_root"].removeprefix("0x")),
                 opset_version=int(manifest["opset_version"]),
                 manifest_hash=hashlib.sha256(raw).digest(),
                 manifest_uri=manifest_uri or manifest_path.resolve().as_uri(),
@@ -57,16 +69,19 @@ class ModelSpec:
                 node_count=int(manifest["nodes"]),
                 eos_token_ids=tuple(int(t) for t in manifest["config"]["eos_token_ids"]),
             )
-        except (KeyError, TypeError, ValueError) as err:
+            computed = spec.model_root
+        except (KeyError, TypeError, ValueError, ProofError) as err:
             raise UserError(f"{manifest_path} is not an integer-model manifest: {err}") from err
-        if len(root) != 32:
-            raise UserError(f"{manifest_path}: model_root must be 32 bytes, got {len(root)}")
+        if computed != root:
+            raise UserError(f"{manifest_path}: its roots, op set and node count give model root "
+                            f"0x{computed.hex()}, not its model_root 0x{root.hex()}")
         return spec
 
     def as_args(self) -> tuple:
         """The arguments of ``ModelRegistry.register`` in order."""
         return (
-            self.model_root,
+            self.nodes_root,
+            self.constants_root,
             self.opset_version,
             self.manifest_hash,
             self.manifest_uri,
@@ -113,11 +128,11 @@ class ModelRegistry(BoundContract):
     def get_model(self, model_id: bytes) -> RegisteredModel:
         """The registered model with id `model_id`; ContractRevert ModelNotRegistered if none."""
         function = self.contract.functions.getModel(model_id)
-        (manifest_hash, uri, opset, max_context, nodes, registrant, registered_at, eos) = (
-            reverts_decoded(self.artifact, function.call)
-        )
+        (nodes_root, constants_root, manifest_hash, uri, opset, max_context, nodes, registrant,
+         registered_at, eos) = reverts_decoded(self.artifact, function.call)
         spec = ModelSpec(
-            model_root=bytes(model_id),
+            nodes_root=bytes(nodes_root),
+            constants_root=bytes(constants_root),
             opset_version=opset,
             manifest_hash=bytes(manifest_hash),
             manifest_uri=uri,

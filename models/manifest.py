@@ -112,9 +112,8 @@ def model_commitment(model: onnx.ModelProto, constants: dict[str, np.ndarray]) -
     constants_root = commitments.merkle_root(
         [commitments.tensor_root(committed_constant(constants[name], name in matmul_weights))
          for name in names])
-    model_root = hashlib.sha256(
-        nodes_root + constants_root
-        + struct.pack(">II", opset.OPSET_VERSION, len(graph.node))).digest()
+    model_root = commitments.model_root(nodes_root, constants_root, opset.OPSET_VERSION,
+                                        len(graph.node))
     return {"model_root": model_root, "nodes_root": nodes_root,
             "constants_root": constants_root, "constants": names}
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -255,6 +256,21 @@ def _check_hash(value: bytes, what: str) -> bytes:
     if not isinstance(value, bytes | bytearray) or len(value) != HASH_BYTES:
         raise ProofError(f"{what} must be {HASH_BYTES} bytes")
     return bytes(value)
+
+
+# ------------------------------------------------------------------------------------------------
+# Model root
+# ------------------------------------------------------------------------------------------------
+
+
+def model_root(nodes_root: bytes, constants_root: bytes, opset_version: int,
+               node_count: int) -> bytes:
+    """A model's root, its id on chain: ``sha256(nodes_root || constants_root || uint32 opset
+    || uint32 node_count)``, big-endian (``Commitments.modelRoot``; the registry computes it
+    at registration, a challenge recomputes it from the roots it names)."""
+    return _sha256(_check_hash(nodes_root, "nodes_root") + _check_hash(constants_root,
+                                                                        "constants_root")
+                   + struct.pack(">II", opset_version, node_count))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -231,8 +231,8 @@ contract DisputeGame is PullPayments {
         if (coordinator.hashTokens(prompt) != request.promptHash) revert PromptMismatch();
         ModelRegistry.Model memory model = registry.getModel(request.modelId);
         // Rule: the roots the one-step opens against are the registered model's.
-        bytes32 modelRoot = sha256(
-            abi.encodePacked(nodesRoot, constantsRoot, model.opsetVersion, model.nodeCount)
+        bytes32 modelRoot = Commitments.modelRoot(
+            nodesRoot, constantsRoot, model.opsetVersion, model.nodeCount
         );
         if (modelRoot != request.modelId) revert ModelRootMismatch(request.modelId);
         // Reverts unless a claim is committed and its window is open.

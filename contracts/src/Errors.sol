@@ -8,9 +8,6 @@ pragma solidity 0.8.37;
 //                      ModelRegistry                         //
 ////////////////////////////////////////////////////////////////
 
-/// @notice Thrown when a model is registered with the zero model root (no model commits to it).
-error ZeroModelRoot();
-
 /// @notice Thrown when a model root is registered a second time: registrations are immutable.
 /// @param modelRoot The root that is already registered.
 error ModelAlreadyRegistered(bytes32 modelRoot);

@@ -6,9 +6,9 @@ import {
     ModelNotRegistered,
     TooManyEosTokenIds,
     ZeroMaxContext,
-    ZeroModelRoot,
     ZeroNodeCount
 } from "./Errors.sol";
+import {Commitments} from "./lib/Commitments.sol";
 
 /// @title ModelRegistry
 /// @notice The models that inference claims may name. A model is identified by its model root:
@@ -24,6 +24,8 @@ contract ModelRegistry {
     ////////////////////////////////////////////////////////////////
 
     /// @notice One registered model.
+    /// @param nodesRoot    Root of the graph's node descriptions (docs/protocol.md).
+    /// @param constantsRoot Root of the graph's constants.
     /// @param manifestHash SHA-256 of the model's manifest.json bytes, as published.
     /// @param manifestUri  Where the manifest (and the files it lists) can be fetched.
     /// @param opsetVersion Version of the verifiable op set the graph is written in; the
@@ -35,6 +37,8 @@ contract ModelRegistry {
     /// @param eosTokenIds  The end-of-sequence token ids (the manifest's config): an answer
     ///                     ends at the first of them, or at the request's max tokens.
     struct Model {
+        bytes32 nodesRoot;
+        bytes32 constantsRoot;
         bytes32 manifestHash;
         string manifestUri;
         uint32 opsetVersion;
@@ -53,6 +57,8 @@ contract ModelRegistry {
     event ModelRegistered(
         bytes32 indexed modelRoot,
         address indexed registrant,
+        bytes32 nodesRoot,
+        bytes32 constantsRoot,
         uint32 opsetVersion,
         bytes32 manifestHash,
         string manifestUri,
@@ -76,18 +82,22 @@ contract ModelRegistry {
     //                        External                            //
     ////////////////////////////////////////////////////////////////
 
-    /// @notice Register a model under its model root.
-    /// @param modelRoot    The model's root (nonzero); it becomes the model id.
-    /// @param opsetVersion Op-set version of the graph.
-    /// @param manifestHash SHA-256 of the manifest file.
-    /// @param manifestUri  Where to fetch the manifest.
-    /// @param maxContext   Longest sequence the graph accepts (nonzero).
-    /// @param nodeCount    Number of graph nodes (nonzero).
-    /// @param eosTokenIds  End-of-sequence token ids, at most MAX_EOS_TOKEN_IDS (none: every
-    ///                     answer runs to the request's max tokens).
-    /// @return modelId     The id claims use to name the model: `modelRoot` itself.
+    /// @notice Register a model under its model root, which the registry computes from the
+    ///         model's two roots, op set and node count (`Commitments.modelRoot`): a dispute
+    ///         opens the graph against exactly those, so the id cannot be paired with others.
+    /// @param nodesRoot     Root of the graph's node descriptions.
+    /// @param constantsRoot Root of the graph's constants.
+    /// @param opsetVersion  Op-set version of the graph.
+    /// @param manifestHash  SHA-256 of the manifest file.
+    /// @param manifestUri   Where to fetch the manifest.
+    /// @param maxContext    Longest sequence the graph accepts (nonzero).
+    /// @param nodeCount     Number of graph nodes (nonzero).
+    /// @param eosTokenIds   End-of-sequence token ids, at most MAX_EOS_TOKEN_IDS (none: every
+    ///                      answer runs to the request's max tokens).
+    /// @return modelId      The id claims use to name the model: the model root.
     function register(
-        bytes32 modelRoot,
+        bytes32 nodesRoot,
+        bytes32 constantsRoot,
         uint32 opsetVersion,
         bytes32 manifestHash,
         string calldata manifestUri,
@@ -95,8 +105,8 @@ contract ModelRegistry {
         uint32 nodeCount,
         uint32[] calldata eosTokenIds
     ) external returns (bytes32 modelId) {
-        // The zero root commits to nothing, and zero marks "no model" in other contracts.
-        if (modelRoot == bytes32(0)) revert ZeroModelRoot();
+        bytes32 modelRoot =
+            Commitments.modelRoot(nodesRoot, constantsRoot, opsetVersion, nodeCount);
         // A graph without nodes has no step to dispute.
         if (nodeCount == 0) revert ZeroNodeCount();
         // A model that accepts no token cannot answer a request.
@@ -109,6 +119,8 @@ contract ModelRegistry {
         if (_models[modelRoot].registeredAt != 0) revert ModelAlreadyRegistered(modelRoot);
 
         Model storage model = _models[modelRoot];
+        model.nodesRoot = nodesRoot;
+        model.constantsRoot = constantsRoot;
         model.manifestHash = manifestHash;
         model.manifestUri = manifestUri;
         model.opsetVersion = opsetVersion;
@@ -120,6 +132,8 @@ contract ModelRegistry {
         emit ModelRegistered(
             modelRoot,
             msg.sender,
+            nodesRoot,
+            constantsRoot,
             opsetVersion,
             manifestHash,
             manifestUri,

@@ -134,7 +134,7 @@ def test_a_claim_on_a_model_the_watchtower_does_not_hold_is_reported_not_challen
     from tests.challenger.conftest import INTEGER_DIR
 
     other = ModelSpec.from_manifest(INTEGER_DIR / "manifest.json", manifest_uri="other")
-    other = type(other)(**{**other.__dict__, "model_root": bytes(31) + b"\x07"})
+    other = type(other)(**{**other.__dict__, "constants_root": bytes(31) + b"\x07"})
     registry = ModelRegistry(stack.w3, watchtower.deployments.address("ModelRegistry"))
     registry.register_send(other, stack.accounts[0])
     stack.model_id = other.model_root

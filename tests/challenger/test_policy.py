@@ -11,6 +11,7 @@ from hypothesis import strategies as hs
 
 from optinfer.challenger import policy
 from optinfer.challenger.policy import HeldModel, RegisteredRoots, Verdict
+from optinfer.prover import commitments
 from optinfer.prover import game as spec
 from optinfer.prover.game import Clock, GameSetup, GameState, Phase, Role
 
@@ -18,7 +19,7 @@ NODES, CONSTANTS = b"\x01" * 32, b"\x02" * 32
 
 
 def held(opset: int = 1, nodes: int = 898) -> HeldModel:
-    root = policy.registered_model_root(NODES, CONSTANTS, opset, nodes)
+    root = commitments.model_root(NODES, CONSTANTS, opset, nodes)
     return HeldModel(root, NODES, CONSTANTS, opset, nodes)
 
 
@@ -28,9 +29,9 @@ def test_the_registered_root_is_what_the_manifest_commits():
     from tests.challenger.conftest import INTEGER_DIR
 
     manifest = json.loads((INTEGER_DIR / "manifest.json").read_text())
-    root = policy.registered_model_root(bytes.fromhex(manifest["nodes_root"][2:]),
-                                        bytes.fromhex(manifest["constants_root"][2:]),
-                                        manifest["opset_version"], manifest["nodes"])
+    root = commitments.model_root(bytes.fromhex(manifest["nodes_root"][2:]),
+                                  bytes.fromhex(manifest["constants_root"][2:]),
+                                  manifest["opset_version"], manifest["nodes"])
     assert "0x" + root.hex() == manifest["model_root"]
 
 

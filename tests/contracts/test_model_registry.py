@@ -19,7 +19,8 @@ TINY_R1_MANIFEST = (
 )
 
 SPEC = ModelSpec(
-    model_root=bytes(range(1, 33)),
+    nodes_root=bytes(range(1, 33)),
+    constants_root=bytes(range(33, 65)),
     opset_version=1,
     manifest_hash=hashlib.sha256(b"manifest").digest(),
     manifest_uri="https://example.org/models/m/manifest.json",
@@ -60,7 +61,7 @@ def test_register_call_returnsModelRootAsId_withoutRegistering(registry, chain):
 
 def test_register_duplicateRoot_reverts(registry, chain):
     registry.register_send(SPEC, chain.accounts[0])
-    other = replace(SPEC, manifest_uri="ipfs://other", node_count=7)
+    other = replace(SPEC, manifest_uri="ipfs://other", max_context=7)
 
     err = expect_revert(
         lambda: registry.register_send(other, chain.accounts[1]), "ModelAlreadyRegistered(bytes32)"
@@ -76,10 +77,20 @@ def test_register_duplicateRoot_reverts(registry, chain):
     assert model.registrant == chain.accounts[0].address
 
 
-def test_register_zeroRoot_reverts(registry, chain):
-    zero = replace(SPEC, model_root=bytes(32))
-    expect_revert(lambda: registry.register_send(zero, chain.accounts[0]), "ZeroModelRoot()")
-    assert not registry.is_registered(bytes(32))
+def test_register_theIdIsComputed_soARootCannotBePairedWithAnotherNodeCount(registry, chain):
+    """The registry computes the id from the two roots, the op set and the node count: a
+    registration that claims the same roots with another node count gets another id, and
+    the model's own id keeps the values its root commits to (the ones a challenge checks)."""
+    registry.register_send(SPEC, chain.accounts[0])
+    other = replace(SPEC, node_count=SPEC.node_count + 1)
+    assert other.model_root != SPEC.model_root
+    receipt = registry.register_send(other, chain.accounts[1])
+    assert registry.registered_events(receipt)[0]["modelRoot"] == other.model_root
+    assert registry.get_model(SPEC.model_root).spec.node_count == SPEC.node_count
+    assert registry.get_model(other.model_root).spec.node_count == SPEC.node_count + 1
+    assert SPEC.model_root == hashlib.sha256(
+        SPEC.nodes_root + SPEC.constants_root + SPEC.opset_version.to_bytes(4, "big")
+        + SPEC.node_count.to_bytes(4, "big")).digest()
 
 
 def test_register_zeroNodeCount_reverts(registry, chain):
@@ -108,7 +119,8 @@ def test_register_emitsModelRegistered_withTheRightArgs(registry, chain):
     # The raw log: the event signature and the two indexed fields are topics.
     (log,) = receipt["logs"]
     assert log["address"] == registry.address
-    signature = "ModelRegistered(bytes32,address,uint32,bytes32,string,uint32,uint32,uint32[])"
+    signature = ("ModelRegistered(bytes32,address,bytes32,bytes32,uint32,bytes32,string,uint32,"
+                 "uint32,uint32[])")
     assert log["topics"][0] == keccak(text=signature)
     assert log["topics"][1] == SPEC.model_root
     assert log["topics"][2] == bytes(12) + bytes.fromhex(sender.address[2:])
@@ -117,6 +129,8 @@ def test_register_emitsModelRegistered_withTheRightArgs(registry, chain):
         {
             "modelRoot": SPEC.model_root,
             "registrant": sender.address,
+            "nodesRoot": SPEC.nodes_root,
+            "constantsRoot": SPEC.constants_root,
             "opsetVersion": SPEC.opset_version,
             "manifestHash": SPEC.manifest_hash,
             "manifestUri": SPEC.manifest_uri,
@@ -134,8 +148,9 @@ def test_register_tinyR1Manifest_succeeds(registry, chain):
     assert spec.manifest_hash == hashlib.sha256(TINY_R1_MANIFEST.read_bytes()).digest()
 
     receipt = registry.register_send(spec, chain.accounts[0])
-    # Four storage slots, a short URI and the EOS ids (two slots): once per model.
-    assert receipt["gasUsed"] < 200_000
+    # Six storage slots (the two roots among them), a short URI and the EOS ids (two slots):
+    # once per model.
+    assert receipt["gasUsed"] < 250_000
 
     model = registry.get_model(spec.model_root)
     assert model.spec.opset_version == manifest["opset_version"]
@@ -151,13 +166,22 @@ def test_register_eosTokenIds_noneAllowed_moreThanEightRevert(registry, chain):
     none = replace(SPEC, eos_token_ids=())
     registry.register_send(none, chain.accounts[0])
     assert registry.get_model(SPEC.model_root).spec.eos_token_ids == ()
-    nine = replace(SPEC, model_root=bytes(range(2, 34)), eos_token_ids=tuple(range(9)))
+    nine = replace(SPEC, constants_root=bytes(range(2, 34)), eos_token_ids=tuple(range(9)))
     err = expect_revert(lambda: registry.register_send(nine, chain.accounts[0]),
                         "TooManyEosTokenIds(uint256,uint256)")
     assert err.args_decoded == (9, 8)
     eos_of_unregistered = registry.contract.functions.eosTokenIds(nine.model_root)
     expect_revert(lambda: reverts_decoded(registry.artifact, eos_of_unregistered.call),
                   "ModelNotRegistered(bytes32)")
+
+
+def test_fromManifest_rootsThatDoNotGiveTheModelRoot_raisesUserError(tmp_path):
+    manifest = json.loads(TINY_R1_MANIFEST.read_text())
+    manifest["nodes"] += 1  # the count the model root does not commit to
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="give model root 0x[0-9a-f]{64}, not its model_root"):
+        ModelSpec.from_manifest(path)
 
 
 def test_fromManifest_notAManifest_raisesUserError(tmp_path):

@@ -100,7 +100,7 @@ def test_requests_it_cannot_serve_are_skipped_with_the_reason_logged(registered,
     deadline are left alone, each with its reason in the log and the database; the one
     servable request is answered with the model's greedy output."""
     protocol = registered
-    other = dataclasses.replace(tiny_spec, model_root=b"\x42" * 32)
+    other = dataclasses.replace(tiny_spec, constants_root=b"\x42" * 32)
     protocol.registry.register_send(other, protocol.accounts[0])
     node = _node(protocol, database_url, model)
     node.ensure_model_registered(register=False)
@@ -118,7 +118,7 @@ def test_requests_it_cannot_serve_are_skipped_with_the_reason_logged(registered,
         served = node.poll_once()
     assert [s.request_id for s in served] == [ids["served"]]
     expected = {
-        "other model": f"model 0x{'42' * 32} is not the one this node serves",
+        "other model": f"model 0x{other.model_root.hex()} is not the one this node serves",
         "named": f"named to another provider, {protocol.accounts[5].address}",
         "vocabulary": f"prompt token {model.vocab_size + 3} is outside the vocabulary",
         "deadline": "its commit deadline",

@@ -64,6 +64,23 @@ library Commitments {
     }
 
     ////////////////////////////////////////////////////////////////
+    //                        Model root                          //
+    ////////////////////////////////////////////////////////////////
+
+    /// @notice A model's root, its id in the registry: SHA-256 of its node-description root,
+    ///         its constants root, and the op-set version and node count as uint32 big-endian
+    ///         (docs/protocol.md, "Model root"). The op set and the node count are part of it,
+    ///         so a registration cannot pair a model's roots with other values.
+    function modelRoot(
+        bytes32 nodesRoot,
+        bytes32 constantsRoot,
+        uint32 opsetVersion,
+        uint32 nodeCount
+    ) internal pure returns (bytes32) {
+        return sha256(abi.encodePacked(nodesRoot, constantsRoot, opsetVersion, nodeCount));
+    }
+
+    ////////////////////////////////////////////////////////////////
     //                  Dtypes, shapes, headers                   //
     ////////////////////////////////////////////////////////////////
 
