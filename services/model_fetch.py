@@ -8,7 +8,9 @@ serving node says. :func:`fetch_model` ties every byte it keeps to the chain:
 2. the manifest lists the SHA-256 of every model file, so each file downloaded must hash to
    its entry;
 3. independently, the model root is recomputed from the verify graph and its constants
-   (``models.manifest.model_commitment``) and must equal the id.
+   (``models.manifest.model_commitment``) and must equal the id;
+4. the registration's max context and EOS ids, which the root does not commit to, must be
+   the manifest's.
 
 Only then is the directory moved into place; a refused download leaves nothing behind.
 """
@@ -114,12 +116,29 @@ def _registered_manifest(raw: bytes, model_id: str, registry: ModelRegistry) -> 
                             f"not {model_id}")
     if not isinstance(files, dict) or not needed <= set(files):
         raise ModelRejected(f"the manifest of {model_id} does not list {sorted(needed)}")
+    _check_registered_word(manifest, registered.spec, model_id)
     for name in files:
         # Names come from the node: a path would write outside the directory.
         plain = isinstance(name, str) and Path(name).name == name
         if not plain or name in ("", ".", "..", MANIFEST):
             raise ModelRejected(f"the manifest lists a file named {name!r}")
     return manifest
+
+
+def _check_registered_word(manifest: dict, registered, model_id: str) -> None:
+    """The registration's max context and EOS ids are the registrant's word, not part of the
+    root: the coordinator judges requests and answer endings by them, so they must be the
+    manifest's (a registration front-running the model's publisher could differ)."""
+    try:
+        max_context = int(manifest["max_context"])
+        eos = tuple(int(t) for t in manifest["config"]["eos_token_ids"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ModelRejected(f"the registered manifest of {model_id} is malformed: {err}") from None
+    if (registered.max_context, registered.eos_token_ids) != (max_context, eos):
+        raise ModelRejected(
+            f"model {model_id} is registered with max context {registered.max_context} and EOS "
+            f"ids {list(registered.eos_token_ids)}, but its manifest says {max_context} and "
+            f"{list(eos)}: the coordinator would judge its requests and answers by the former")
 
 
 def _get(http: httpx.Client, url: str) -> bytes:

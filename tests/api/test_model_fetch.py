@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -99,6 +100,20 @@ def test_files_that_do_not_recompute_the_root_are_refused(make_client, chain, em
     dest = tmp_path / "fetched" / "model"
     with pytest.raises(ModelRejected, match="recompute to root"):
         fetch_model(BASE, MODEL_ID, dest, empty_registry, client=client)
+    assert nothing_left(dest)
+
+
+@pytest.mark.parametrize("changes", [{"eos_token_ids": ()}, {"max_context": 4096}])
+def test_a_registration_whose_context_or_eos_ids_are_not_the_manifest_s_is_refused(
+        make_client, chain, empty_registry, tmp_path, changes):
+    """Neither is part of the root: someone registering the genuine root first could set them
+    to other values, and the coordinator would judge requests and answers by those."""
+    spec = replace(ModelSpec.from_manifest(TINY_R1 / "manifest.json"), **changes)
+    empty_registry.register_send(spec, chain.accounts[0])
+    dest = tmp_path / "fetched" / "model"
+    with pytest.raises(ModelRejected, match="is registered with max context .* but its "
+                                            "manifest says"):
+        fetch_model(BASE, MODEL_ID, dest, empty_registry, client=make_client())
     assert nothing_left(dest)
 
 
