@@ -5,7 +5,10 @@ nodes that refuse, drop or never answer."""
 from __future__ import annotations
 
 import json
+import shutil
 import socket
+import ssl
+import subprocess
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -300,6 +303,37 @@ def test_a_kept_alive_connection_the_node_closed_is_opened_again_without_a_retry
             node.shutdown()
     assert numbers == [1, 2, 3]
     assert _ClosingNode.seen == ["Basic dXNlcjpwYSBzcw=="] * 3  # user:pa ss
+
+
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        pass  # the refused TLS handshake below is the point, not a server fault
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_an_https_node_is_reached_when_its_certificate_is_trusted_and_refused_at_once_if_not(
+        tmp_path, monkeypatch):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    _ClosingNode.seen = []
+    with _QuietServer(("127.0.0.1", 0), _ClosingNode) as node:
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.load_cert_chain(cert, key)
+        node.socket = tls.wrap_socket(node.socket, server_side=True)
+        threading.Thread(target=node.serve_forever, daemon=True).start()
+        url = f"https://127.0.0.1:{node.server_address[1]}/rpc"
+        try:
+            # A certificate nobody vouches for is not a transient fault: no retry.
+            untrusted = connect(url, RetryPolicy(attempts=3, initial_delay=0.01))
+            with pytest.raises(ssl.SSLCertVerificationError):
+                untrusted.eth.block_number  # noqa: B018
+            assert _ClosingNode.seen == []
+            monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # as an operator trusts a CA
+            assert connect(url, RetryPolicy(attempts=1)).eth.block_number == 1
+        finally:
+            node.shutdown()
 
 
 def test_a_url_that_is_not_http_is_refused_with_its_name():
