@@ -421,26 +421,30 @@ class ProviderNode:
             last_handed = -1
             while batch := self._open_requests(after=last_handed):
                 last_handed = batch[-1].request_id
-                # Asked once per poll interval: a request deadline judged a little early costs
-                # nothing (the commit's estimate reverts); a clock in a game is not cached.
-                chain_time = self._chain_time(max_age=self.poll_interval)
-                serving = [request for request in batch
-                           if self._will_serve(request, chain_time)]
-                answers = self._generations([(r.prompt, r.max_tokens) for r in serving])
-                for request, answer in zip(serving, answers, strict=True):
-                    if answer.error is not None:
-                        if not isinstance(answer.error, UserError):
-                            raise answer.error
-                        self._skip(request.request_id, f"the model refuses it: {answer.error}",
-                                   expected="open")
-                        continue
-                    output = claimed_output(answer.output, self.lie, self.model.vocab_size,
-                                            self.model.eos_ids)
-                    futures.append(committer.submit(self._commit, Prepared(
-                        request.request_id, output, time.perf_counter() - answer.seconds,
-                        answer.seconds)))
+                for prepared in self._answers(batch):
+                    futures.append(committer.submit(self._commit, prepared))
             results = [future.result() for future in futures]
         return [served for served in results if served is not None]
+
+    def _answers(self, batch: list[RequestRecord]) -> Iterator[Prepared]:
+        """The answers to commit for `batch`, as they are generated; a request this node will
+        not serve, or whose prompt the model refuses, is skipped with the reason."""
+        # Asked once per poll interval: a request deadline judged a little early costs nothing
+        # (the commit's estimate reverts); a clock in a game is not cached.
+        chain_time = self._chain_time(max_age=self.poll_interval)
+        serving = [request for request in batch if self._will_serve(request, chain_time)]
+        answers = self._generations([(r.prompt, r.max_tokens) for r in serving])
+        for request, answer in zip(serving, answers, strict=True):
+            if answer.error is not None:
+                if not isinstance(answer.error, UserError):
+                    raise answer.error
+                self._skip(request.request_id, f"the model refuses it: {answer.error}",
+                           expected="open")
+                continue
+            output = claimed_output(answer.output, self.lie, self.model.vocab_size,
+                                    self.model.eos_ids)
+            yield Prepared(request.request_id, output, time.perf_counter() - answer.seconds,
+                           answer.seconds)
 
     def _open_requests(self, after: int) -> list[RequestRecord]:
         with self.store.transaction() as conn:
