@@ -37,6 +37,8 @@ class HeldModel:
     constants_root: bytes
     opset_version: int
     node_count: int
+    max_context: int = 0
+    eos_token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,22 @@ class RegisteredRoots:
 
     opset_version: int
     node_count: int
+    max_context: int = 0
+    eos_token_ids: tuple[int, ...] = ()
+
+
+def registration_mismatch(held: HeldModel, registered: RegisteredRoots) -> str | None:
+    """What the held model's registration says otherwise than its manifest, of what the root
+    does not commit to (max context, EOS ids), or None. Not a reason to leave a claim alone:
+    the game proves tokens whatever the registry says about endings; but honest providers
+    refuse to serve such a model, so the operator should know."""
+    if (registered.max_context, registered.eos_token_ids) == (held.max_context,
+                                                              held.eos_token_ids):
+        return None
+    return (f"model 0x{held.model_root.hex()} is registered with max context "
+            f"{registered.max_context} and EOS ids {list(registered.eos_token_ids)}, its manifest "
+            f"says {held.max_context} and {list(held.eos_token_ids)}: the coordinator judges "
+            "requests and answer endings by the registration")
 
 
 def sampled(request_id: int, rate: float, salt: bytes) -> bool:

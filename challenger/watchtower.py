@@ -84,6 +84,8 @@ class LocalModel:
             constants_root=self.committed.constants_root,
             opset_version=int(manifest["opset_version"]),
             node_count=self.committed.node_count,
+            max_context=self.model.max_context,
+            eos_token_ids=tuple(self.model.eos_ids),
         )
         # Sessions are created once here: creating them lazily from two threads would race.
         self.model.session("verify")
@@ -275,8 +277,13 @@ class Watchtower:
             if not self.registry.is_registered(model_id):
                 return None
             spec_ = self.registry.get_model(model_id).spec
-            self._registered[model_id] = policy.RegisteredRoots(spec_.opset_version,
-                                                                spec_.node_count)
+            registered = policy.RegisteredRoots(spec_.opset_version, spec_.node_count,
+                                                spec_.max_context, spec_.eos_token_ids)
+            self._registered[model_id] = registered
+            if model_id == self.model.held.model_root:
+                mismatch = policy.registration_mismatch(self.model.held, registered)
+                if mismatch is not None:
+                    log.warning("%s", mismatch)  # once: the registration is cached
         return self._registered[model_id]
 
     def _report(self, request_id: int, claim: st.ClaimRecord,

@@ -46,6 +46,17 @@ def test_a_claim_is_checked_only_on_the_held_registered_model_with_matching_root
     assert "roots give" in policy.model_problem(model.model_root, model, RegisteredRoots(1, 897))
 
 
+def test_a_registration_that_says_otherwise_than_the_manifest_is_named_not_refused():
+    model = dataclasses.replace(held(), max_context=4096, eos_token_ids=(2,))
+    same = RegisteredRoots(1, 898, 4096, (2,))
+    assert policy.registration_mismatch(model, same) is None
+    front_run = RegisteredRoots(1, 898, 4096, ())
+    assert "registered with max context 4096 and EOS ids [], its manifest says 4096 and [2]" in \
+        policy.registration_mismatch(model, front_run)
+    # The game proves tokens whatever the registration says about endings: still checkable.
+    assert policy.model_problem(model.model_root, model, front_run) is None
+
+
 def test_only_a_differing_token_is_challenged():
     assert policy.judge(True, "ok", False) == policy.Judgement(Verdict.VALID, "ok", False)
     invalid = policy.judge(False, "token 3 is 5, the model gives 7", True)
