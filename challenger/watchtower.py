@@ -48,7 +48,6 @@ from optinfer.services.chain import (
     TxFailed,
     TxSender,
     claim_record,
-    connect_settings,
     request_record,
 )
 from optinfer.services.deployments import Deployments
@@ -131,9 +130,7 @@ class Watchtower:
     def __init__(self, settings, *, w3: Web3 | None = None, store: Store | None = None,
                  model: LocalModel | None = None, worker: str | None = None):
         self.settings = settings
-        self.w3 = w3 or connect_settings(settings)
-        self.deployments = Deployments.read(settings.deployments_file)
-        self.deployments.check_chain(self.w3)
+        self.w3, self.deployments = Deployments.on_chain(settings, w3)
         self.store = store or Store(settings.database)
         self.store.migrate()
         self.coordinator = InferenceCoordinator(

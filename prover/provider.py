@@ -262,13 +262,10 @@ class ProviderNode:
         """Connect, migrate, load the model once, check (or with `register`, register) the
         model in the registry, and register and stake the provider if it is not yet."""
         from optinfer.models.runtime import IntegerModel
-        from optinfer.services.chain import connect_settings
 
         store = Store(settings.database)
         store.migrate()
-        w3 = connect_settings(settings)
-        deployments = Deployments.read(settings.deployments_file)
-        deployments.check_chain(w3)
+        w3, deployments = Deployments.on_chain(settings)
         model = IntegerModel(settings.model_path, threads=threads)
         account = settings.signer("provider", deployments.chain_id)
         node = cls(w3=w3, store=store, deployments=deployments, model=model, account=account,

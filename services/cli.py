@@ -197,24 +197,20 @@ def model_fetch(
     """Download a model from a node's API; keep it only if it is the one registered on chain.
 
     The manifest must hash to what the ModelRegistry holds for MODEL_ID, every file to its
-    manifest entry, and the model root recomputed from the files must equal MODEL_ID.
+    manifest entry, the model root recomputed from the files must equal MODEL_ID, and the
+    registration's max context and EOS ids must be the manifest's.
     """
     from optinfer.contracts.registry import ModelRegistry
-    from optinfer.services.chain import connect_settings
     from optinfer.services.deployments import Deployments
-    from optinfer.services.model_fetch import fetch_model
+    from optinfer.services.model_fetch import fetch_model, normalize_model_id
     from optinfer.services.settings import load_settings
 
-    settings = load_settings(config=config, rpc_url=rpc_url)
-    w3 = connect_settings(settings)
-    deployments = Deployments.read(settings.deployments_file)
-    deployments.check_chain(w3)
+    w3, deployments = Deployments.on_chain(load_settings(config=config, rpc_url=rpc_url))
     registry = ModelRegistry(w3, deployments.address("ModelRegistry"))
     with progress_bar("fetching", enabled=not as_json) as progress:
         dest = fetch_model(base_url, model_id, out_dir, registry, progress=progress)
-    files = sorted(p for p in dest.iterdir() if p.is_file())
-    summary = {"model_id": json.loads((dest / "manifest.json").read_text())["model_root"],
-               "dir": str(dest), "files": len(files),
+    files = [p for p in dest.iterdir() if p.is_file()]
+    summary = {"model_id": normalize_model_id(model_id), "dir": str(dest), "files": len(files),
                "bytes": sum(p.stat().st_size for p in files), "registry": registry.address}
     emit(summary, as_json, lambda d: out.print(
         f"fetched model {d['model_id']} into {d['dir']}: {d['files']} files, {d['bytes']} "

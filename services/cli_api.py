@@ -63,7 +63,7 @@ def request(
     from optinfer.contracts.coordinator import InferenceCoordinator
     from optinfer.models.runtime import IntegerModel
     from optinfer.services import consumer
-    from optinfer.services.chain import TxSender, connect_settings
+    from optinfer.services.chain import TxSender
     from optinfer.services.deployments import Deployments
 
     settings = load_settings(config=config, rpc_url=rpc_url, model_dir=model)
@@ -73,9 +73,7 @@ def request(
     if commit_seconds is None:
         commit_seconds = consumer.DEFAULT_COMMIT_SECONDS
     consumer.check_request(integer_model, tokens, max_tokens, fee, commit_seconds)
-    deployments = Deployments.read(settings.deployments_file)
-    w3 = connect_settings(settings)
-    deployments.check_chain(w3)
+    w3, deployments = Deployments.on_chain(settings)
     coordinator = InferenceCoordinator(w3, deployments.address("InferenceCoordinator"))
     sender = TxSender(w3, settings.signer("consumer", deployments.chain_id))
     posted = consumer.post_request(

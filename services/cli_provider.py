@@ -76,14 +76,11 @@ def withdraw_as(role: str, rpc_url: str | None, config: Path | None, as_json: bo
     """Withdraw everything the coordinator and the game credited to `role`'s key (`provider`
     or `challenger`) and print what came from where."""
     from optinfer.prover.provider import withdraw
-    from optinfer.services.chain import connect_settings
     from optinfer.services.deployments import Deployments
 
     log_to_stderr()
     settings = load_settings(config=config, rpc_url=rpc_url)
-    w3 = connect_settings(settings)
-    deployments = Deployments.read(settings.deployments_file)
-    deployments.check_chain(w3)
+    w3, deployments = Deployments.on_chain(settings)
     account = settings.signer(role, deployments.chain_id)
     withdrawn = withdraw(w3, deployments, account)
     emit({role: account.address, "withdrawn_wei": withdrawn}, as_json,

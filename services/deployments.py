@@ -30,7 +30,7 @@ from web3 import Web3
 from optinfer.contracts.artifacts import artifact_names
 from optinfer.contracts.coordinator import CoordinatorParams, InferenceCoordinator
 from optinfer.errors import UserError
-from optinfer.services.chain import TxSender
+from optinfer.services.chain import TxSender, connect_settings
 
 ETHER = 10**18
 
@@ -92,6 +92,15 @@ class Deployments:
                             "(or set OPTINFER_DEPLOYMENTS)") from None
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise UserError(f"{path} is not a deployments file: {err}") from None
+
+    @classmethod
+    def on_chain(cls, settings, w3: Web3 | None = None) -> tuple[Web3, Deployments]:
+        """The deployment in the deployments file of `settings` and a client on its RPC node
+        (`w3` if given), checked to be on the deployment's chain: UserError otherwise."""
+        deployments = cls.read(settings.deployments_file)
+        w3 = w3 or connect_settings(settings)
+        deployments.check_chain(w3)
+        return w3, deployments
 
     def check_chain(self, w3: Web3) -> None:
         """UserError when `w3` is on another chain than this deployment."""
