@@ -31,7 +31,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import requests
 from eth_account.signers.local import LocalAccount
 from eth_typing import ChecksumAddress
 from eth_utils import event_abi_to_log_topic
@@ -115,23 +114,21 @@ class RpcHTTPError(Exception):
 
 
 def is_transient(err: BaseException) -> bool:
-    """Whether `err` means the request may not have reached the node or it could not answer:
-    a refused or dropped connection, a timeout, or an HTTP 429/502/503/504."""
+    """Whether `err` (raised by :class:`RetryingHTTPProvider`) means the request may not have
+    reached the node or it could not answer: a refused or dropped connection, a timeout, an
+    answer cut short, or an HTTP 429/502/503/504."""
     if isinstance(err, RpcHTTPError):
         return err.status in RETRYABLE_HTTP_STATUS
-    if isinstance(err, requests.HTTPError):
-        return err.response is not None and err.response.status_code in RETRYABLE_HTTP_STATUS
-    return isinstance(err, requests.ConnectionError | requests.Timeout | ConnectionError
-                      | TimeoutError | http.client.HTTPException)
+    return isinstance(err, ConnectionError | TimeoutError | http.client.HTTPException)
 
 
 def _reason(err: BaseException) -> str:
-    """What went wrong, short: requests' messages nest urllib3's whole retry story."""
+    """What went wrong, short: the OS error's errno and text, or the gist of the message."""
     text = str(err)
     errno = re.search(r"\[Errno -?\d+\] [^'\")]+", text)
     if errno:
         return errno.group(0).strip()
-    for marker in ("Read timed out", "timed out", "without response", "Connection aborted"):
+    for marker in ("timed out", "without response"):
         if marker in text:
             return marker
     first = text.strip().splitlines()[0] if text.strip() else "(no message)"
@@ -201,7 +198,7 @@ class RetryingHTTPProvider(JSONBaseProvider):
         return connection
 
 
-class _NoDelayHTTPConnection(http.client.HTTPConnection):
+class _NoDelay:
     """http.client sends a request's headers and body in two writes: without TCP_NODELAY the
     body waits for the headers' ACK, which the node may delay (Nagle's algorithm)."""
 
@@ -210,12 +207,12 @@ class _NoDelayHTTPConnection(http.client.HTTPConnection):
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-class _NoDelayHTTPSConnection(http.client.HTTPSConnection):
-    __doc__ = _NoDelayHTTPConnection.__doc__
+class _NoDelayHTTPConnection(_NoDelay, http.client.HTTPConnection):
+    pass
 
-    def connect(self) -> None:
-        super().connect()
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+class _NoDelayHTTPSConnection(_NoDelay, http.client.HTTPSConnection):
+    pass
 
 
 def connect(url: str, policy: RetryPolicy | None = None, timeout: float = 30.0) -> Web3:
