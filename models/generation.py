@@ -13,6 +13,7 @@ reads the previous answer, so the child never waits on the parent either.
 
 from __future__ import annotations
 
+import pickle
 import signal
 import socket
 import subprocess
@@ -150,7 +151,7 @@ class GenerationProcess:
     def _send(self, job: Job) -> None:
         try:
             self._conn.send((list(job[0]), int(job[1])))
-        except (BrokenPipeError, OSError) as err:
+        except OSError as err:
             raise self._died() from err
 
     def _receive(self) -> Answer:
@@ -188,15 +189,21 @@ def _serve(conn: Connection, model_dir: str, threads: int) -> None:
             return
         (answer,) = generate_in_process(model, [(prompt, max_tokens)])
         try:
-            try:
-                conn.send(("answer", answer))
-            except (BrokenPipeError, OSError):
-                raise
-            except Exception:  # noqa: BLE001 - an error that does not pickle: send its text
-                error = RuntimeError(f"{type(answer.error).__name__}: {answer.error}")
-                conn.send(("answer", Answer([], answer.seconds, error)))
-        except (BrokenPipeError, OSError):
+            conn.send(("answer", _picklable(answer)))
+        except OSError:  # the parent is gone
             return
+
+
+def _picklable(answer: Answer) -> Answer:
+    """`answer`, or with an error that does not pickle replaced by its text."""
+    if answer.error is None:
+        return answer
+    try:
+        pickle.dumps(answer.error)
+    except Exception:  # noqa: BLE001 - whatever pickling raises, the text goes instead
+        error = RuntimeError(f"{type(answer.error).__name__}: {answer.error}")
+        return Answer([], answer.seconds, error)
+    return answer
 
 
 if __name__ == "__main__":
