@@ -46,16 +46,23 @@ class ModelSpec:
 
     @classmethod
     def from_manifest(cls, manifest_path: Path, manifest_uri: str | None = None) -> ModelSpec:
-        """The spec of an integer model from its ``manifest.json``.
+        """The spec of an integer model from its ``manifest.json`` (see
+        :meth:`from_manifest_bytes`); the URI defaults to the file's ``file://`` URI."""
+        manifest_path = Path(manifest_path)
+        return cls.from_manifest_bytes(manifest_path.read_bytes(),
+                                       manifest_uri or manifest_path.resolve().as_uri(),
+                                       what=str(manifest_path))
+
+    @classmethod
+    def from_manifest_bytes(cls, raw: bytes, manifest_uri: str,
+                            what: str = "the manifest") -> ModelSpec:
+        """The spec of the manifest whose bytes are `raw`.
 
         The two roots, op-set version, max context, node count and EOS token ids are the
         manifest's ``nodes_root``, ``constants_root``, ``opset_version``, ``max_context``,
-        ``nodes`` and ``config.eos_token_ids``; the manifest hash is SHA-256 of the file's
-        bytes; the URI defaults to the file's ``file://`` URI. UserError unless they give
-        the manifest's ``model_root``.
+        ``nodes`` and ``config.eos_token_ids``; the manifest hash is SHA-256 of `raw`.
+        UserError (naming `what`) unless they give the manifest's ``model_root``.
         """
-        manifest_path = Path(manifest_path)
-        raw = manifest_path.read_bytes()
         try:
             manifest = json.loads(raw)
             root = bytes.fromhex(manifest["model_root"].removeprefix("0x"))
@@ -64,16 +71,16 @@ class ModelSpec:
                 constants_root=bytes.fromhex(manifest["constants_root"].removeprefix("0x")),
                 opset_version=int(manifest["opset_version"]),
                 manifest_hash=hashlib.sha256(raw).digest(),
-                manifest_uri=manifest_uri or manifest_path.resolve().as_uri(),
+                manifest_uri=manifest_uri,
                 max_context=int(manifest["max_context"]),
                 node_count=int(manifest["nodes"]),
                 eos_token_ids=tuple(int(t) for t in manifest["config"]["eos_token_ids"]),
             )
             computed = spec.model_root
         except (KeyError, TypeError, ValueError, ProofError) as err:
-            raise UserError(f"{manifest_path} is not an integer-model manifest: {err}") from err
+            raise UserError(f"{what} is not an integer-model manifest: {err}") from err
         if computed != root:
-            raise UserError(f"{manifest_path}: its roots, op set and node count give model root "
+            raise UserError(f"{what}: its roots, op set and node count give model root "
                             f"0x{computed.hex()}, not its model_root 0x{root.hex()}")
         return spec
 

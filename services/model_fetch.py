@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 
 from optinfer.contracts.bindings import ContractRevert
-from optinfer.contracts.registry import ModelRegistry
+from optinfer.contracts.registry import ModelRegistry, ModelSpec
 from optinfer.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -116,7 +116,7 @@ def _registered_manifest(raw: bytes, model_id: str, registry: ModelRegistry) -> 
                             f"not {model_id}")
     if not isinstance(files, dict) or not needed <= set(files):
         raise ModelRejected(f"the manifest of {model_id} does not list {sorted(needed)}")
-    _check_registered_word(manifest, registered.spec, model_id)
+    _check_registered_word(raw, registered.spec, model_id)
     for name in files:
         # Names come from the node: a path would write outside the directory.
         plain = isinstance(name, str) and Path(name).name == name
@@ -125,20 +125,22 @@ def _registered_manifest(raw: bytes, model_id: str, registry: ModelRegistry) -> 
     return manifest
 
 
-def _check_registered_word(manifest: dict, registered, model_id: str) -> None:
-    """The registration's max context and EOS ids are the registrant's word, not part of the
-    root: the coordinator judges requests and answer endings by them, so they must be the
-    manifest's (a registration front-running the model's publisher could differ)."""
+def _check_registered_word(raw: bytes, registered: ModelSpec, model_id: str) -> None:
+    """The registration must be the manifest's spec. Of it, only the max context and the EOS
+    ids are not tied by the checks before (the root does not commit to them): they are the
+    registrant's word, and the coordinator judges requests and answer endings by them (a
+    registration front-running the model's publisher could give others)."""
     try:
-        max_context = int(manifest["max_context"])
-        eos = tuple(int(t) for t in manifest["config"]["eos_token_ids"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise ModelRejected(f"the registered manifest of {model_id} is malformed: {err}") from None
-    if (registered.max_context, registered.eos_token_ids) != (max_context, eos):
+        served = ModelSpec.from_manifest_bytes(raw, registered.manifest_uri,
+                                               what=f"the registered manifest of {model_id}")
+    except UserError as err:
+        raise ModelRejected(str(err)) from None
+    if served != registered:
         raise ModelRejected(
             f"model {model_id} is registered with max context {registered.max_context} and EOS "
-            f"ids {list(registered.eos_token_ids)}, but its manifest says {max_context} and "
-            f"{list(eos)}: the coordinator would judge its requests and answers by the former")
+            f"ids {list(registered.eos_token_ids)}, but its manifest says {served.max_context} "
+            f"and {list(served.eos_token_ids)}: the coordinator would judge its requests and "
+            "answers by the former")
 
 
 def _get(http: httpx.Client, url: str) -> bytes:
