@@ -109,6 +109,39 @@ def choose_multiplier(
     return big_m, s
 
 
+def choose_multiplier_int32(m: np.ndarray | float, lo: int, hi: int) -> tuple[np.ndarray, int]:
+    """M (int64 values that fit int32, m's shape) and S for `GraphBuilder.rescale_int32`.
+
+    S is the largest shift with (hi - lo + 1) * 2**S < 2**31, the graph's headroom; M =
+    round(m * 2**S). Multipliers must be below 1 (M < 2**S), where the graph's clip of the
+    input is exact. The precision of M is what the headroom leaves: a channel whose multiplier
+    rounds below 2**6 is refused, since its relative error could exceed 1%.
+    """
+    m = np.atleast_1d(np.asarray(m, dtype=np.float64))
+    if not np.all((m >= 0) & (m < 1)):
+        raise ValueError(f"int32 requantisation needs multipliers in [0, 1), got {m.max():g}")
+    s = 1
+    while (hi - lo + 1) * 2 ** (s + 1) < 2**31:
+        s += 1
+    big_m = np.minimum(np.rint(m * 2.0**s), 2**s - 1).astype(np.int64)
+    small = big_m[m > 0]
+    if small.size and int(small.min()) < 2**6:
+        raise ValueError(f"multiplier {float(m[m > 0].min()):g} keeps {int(small.min())} as M "
+                         f"with shift {s}: fewer than 6 bits in int32")
+    return big_m, s
+
+
+def silu_table(frac_bits: int, half_range: int) -> np.ndarray:
+    """T[j] = round(2**F * silu((j - half_range) / 2**F)) for j in [0, 2 * half_range], int32.
+
+    Indexed by the gate in fixed point 2**-F offset by half_range, so the gate's requantisation
+    produces the index directly; the output has the gate's unit.
+    """
+    x = (np.arange(2 * half_range + 1, dtype=np.float64) - half_range) / 2.0**frac_bits
+    silu = x * 0.5 * (1.0 + np.tanh(x / 2))  # = x * sigmoid(x), without exp overflow
+    return np.rint(2.0**frac_bits * silu).astype(np.int32)
+
+
 def exp_table(frac_bits: int, length: int, out_bits: int) -> np.ndarray:
     """E[i] = round(2**out_bits * exp(-i / 2**frac_bits)) for i < length - 1, and E[-1] = 0.
 
@@ -118,12 +151,6 @@ def exp_table(frac_bits: int, length: int, out_bits: int) -> np.ndarray:
     table = np.rint(2.0**out_bits * np.exp(-i / 2.0**frac_bits))
     table[-1] = 0
     return table.astype(np.int32)
-
-
-def sigmoid_table(frac_bits: int, radius: int, out_bits: int) -> np.ndarray:
-    """S[j] = round(2**out_bits * sigmoid((j - radius) / 2**frac_bits)) for j in [0, 2*radius]."""
-    x = (np.arange(2 * radius + 1, dtype=np.float64) - radius) / 2.0**frac_bits
-    return np.rint(2.0**out_bits / (1.0 + np.exp(-x))).astype(np.int64)
 
 
 def rope_tables(

@@ -96,3 +96,71 @@ def test_weights_quantise_to_seven_bits_per_channel():
     assert ql.weight.dtype == np.int8 and ql.weight.shape == (16, 8)
     assert ql.weight.min() >= -64 and ql.weight.max() <= 63
     np.testing.assert_allclose(ql.weight.T * ql.scale[:, None], w, atol=ql.scale.max() / 2)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.lists(st.lists(st.integers(-(2**24), 2**24), min_size=3, max_size=3), min_size=1,
+                  max_size=20),
+    ms=st.lists(st.integers(0, 2**14), min_size=3, max_size=3),
+    shift=st.integers(1, 14),
+    lo=st.integers(-(2**15), 0),
+    hi=st.integers(0, 2**15),
+    zero_point=st.integers(0, 2**15),
+)
+def test_rescale_int32_equals_the_exact_rounding_and_clip(rows, ms, shift, lo, hi, zero_point):
+    g = GraphBuilder("rescale32")
+    x = g.input("x", np.int32, ["N", 3], -(2**24), 2**24)
+    ms = [m % (1 << shift) for m in ms]  # multipliers below 1
+    g.output(g.rescale_int32(x, np.asarray(ms), shift, lo, hi, "y", zero_point=zero_point))
+    xs = np.asarray(rows, np.int32)
+    (got,) = run(g, {"x": xs})
+    # Per channel: floor(x*m/2**S + 1/2) clipped to [lo, hi], plus the zero point.
+    want = [[min(max((int(v) * m + (1 << (shift - 1))) >> shift, lo), hi) + zero_point
+             for v, m in zip(row, ms, strict=True)] for row in rows]
+    assert got.dtype == np.int32 and got.tolist() == want
+
+
+def test_rescale_int32_scalar_multiplier_and_overflow_guard():
+    g = GraphBuilder("rescale32")
+    x = g.input("x", np.int32, ["N"], -(2**31), 2**31 - 1)
+    g.output(g.rescale_int32(x, 3000, 12, 0, 4096, "y"))
+    xs = np.asarray([-(2**31), -1, 0, 1, 1365, 1366, 2**22, 2**31 - 1], np.int32)
+    (got,) = run(g, {"x": xs})
+    assert got.tolist() == [min(max((int(v) * 3000 + 2048) >> 12, 0), 4096) for v in xs]
+    with pytest.raises(RangeError, match="overflows int32"):
+        GraphBuilder("too_wide").rescale_int32(x, 3, 16, -(2**15), 2**15, "y")
+
+
+def test_choose_multiplier_int32_keeps_the_graph_in_int32():
+    m = np.array([0.01, 0.025, 0.0])
+    big_m, shift = quant.choose_multiplier_int32(m, -(2**15), 2**15)
+    assert shift == 14 and big_m.tolist() == [164, 410, 0]  # 2**16 * 2**14 + 2**13 < 2**31
+    with pytest.raises(ValueError, match="fewer than 6 bits"):
+        quant.choose_multiplier_int32(np.array([1e-6]), -(2**15), 2**15)
+    big_m, shift = quant.choose_multiplier_int32(np.array([0.37, 0.05]), 0, 4096)
+    assert 4097 * 2**shift < 2**31 <= 4097 * 2 ** (shift + 1)
+    with pytest.raises(ValueError, match=r"in \[0, 1\)"):
+        quant.choose_multiplier_int32(np.array([0.5, 1.0]), 0, 4096)
+    assert np.allclose(big_m / 2.0**shift, [0.37, 0.05], rtol=1e-4)
+
+
+def test_lookup_is_the_table_at_every_index_of_any_shape():
+    table = np.arange(100, 0, -1, dtype=np.int32) * 7
+    g = GraphBuilder("lookup")
+    idx = g.input("idx", np.int32, ["A", "B", "C"], 0, 99)
+    g.output(g.lookup(g.const("table", table), idx, "values"))
+    xs = np.random.default_rng(1).integers(0, 100, (2, 3, 5)).astype(np.int32)
+    (got,) = run(g, {"idx": xs})
+    assert got.shape == xs.shape and np.array_equal(got, table[xs])
+    with pytest.raises(RangeError, match="leaves the table"):
+        g.lookup(g.const("table", table), g.input("far", np.int32, ["N"], 0, 100), "far")
+
+
+def test_silu_table_is_silu_in_the_gates_fixed_point():
+    table = quant.silu_table(frac_bits=10, half_range=2**15)
+    assert table.dtype == np.int32 and table.shape == (2**16 + 1,)
+    x = (np.arange(table.size) - 2**15) / 2**10
+    silu = x / (1 + np.exp(-x))
+    assert np.abs(table / 2**10 - silu).max() <= 2**-11  # rounded to the nearest unit
+    assert table[2**15] == 0 and table[-1] == 2**15  # silu(32) = 32 to within 2**-10
