@@ -28,14 +28,10 @@ from optinfer.models.qwen2_graph import (
     EXP_FRAC_BITS,
     EXP_LEN,
     EXP_OUT_BITS,
-    GATE_CLIP,
-    MASK_PENALTY,
+    GATE_HALF_RANGE,
     PROB_MAX,
     QK_FIX_CLIP,
     ROPE_FRAC_BITS,
-    SIGMOID_FRAC_BITS,
-    SIGMOID_OUT_BITS,
-    SIGMOID_RADIUS,
     UP_CLIP,
     IntegerQwen2,
     Layer,
@@ -118,6 +114,18 @@ def _requant(m, x_bound: int, out_bound: int) -> Requant:
     return Requant(M=big_m if np.ndim(m) else big_m.reshape(()), shift=shift)
 
 
+def _requant_int32(m, lo: int, hi: int) -> Requant:
+    big_m, shift = quant.choose_multiplier_int32(m, lo, hi)
+    return Requant(M=big_m if np.ndim(m) else big_m.reshape(()), shift=shift)
+
+
+# The gate's fixed point: its range is 2x the largest calibrated gate of any layer, rounded up to
+# a power of two and kept within [8, 1024] (the SiLU table's 2**16 steps then give 1/4096 to
+# 1/32), so that one SiLU table serves every layer.
+GATE_RANGE_MIN, GATE_RANGE_MAX = 8, 1024
+ACT_DIVISOR_MAX = 1 << 23  # 255 * d + d / 2 must fit int32
+
+
 class _Quantizer:
     """Turns float weights and calibrated ranges into the constants of IntegerQwen2."""
 
@@ -126,6 +134,7 @@ class _Quantizer:
         self.res_clip = 1 << residual_bits(spec.hidden_size)
         # Headroom of 8x over the calibrated residual range before the residual saturates.
         self.s_res = self._amax("residual") * 8 / self.res_clip
+        self.gate_bits = self.gate_frac_bits()
 
     def _amax(self, name: str) -> float:
         try:
@@ -140,7 +149,12 @@ class _Quantizer:
         eps_q = max(1, round(self.spec.rms_norm_eps / self.s_res**2))
         return Norm(G=big_g, shift=shift, eps_q=eps_q)
 
-    def linear(self, w, b, in_scale: float, out_scale: float, out_bound: int) -> Linear:
+    def linear(self, w, b, in_scale: float, out_scale: float, out_bound: int,
+               int32_out: bool = False) -> Linear:
+        """Quantised weights, bias in accumulator units, and the requantisation to out_scale.
+
+        int32_out: the graph requantises in int32 (`rescale_int32`) to [-out_bound, out_bound].
+        """
         ql = quant.quantize_linear(w, b)
         acc_scale = in_scale * ql.scale  # real value of one accumulator unit, per channel
         k = ql.weight.shape[0]
@@ -149,8 +163,16 @@ class _Quantizer:
         if ql.bias is not None:
             bias = np.rint(ql.bias / acc_scale).astype(np.int64)
             x_bound += int(np.abs(bias).max())
-        return Linear(weight=ql.weight, bias=bias,
-                      out=_requant(acc_scale / out_scale, x_bound, out_bound))
+        if int32_out:
+            out = _requant_int32(acc_scale / out_scale, -out_bound, out_bound)
+        else:
+            out = _requant(acc_scale / out_scale, x_bound, out_bound)
+        return Linear(weight=ql.weight, bias=bias, out=out)
+
+    def gate_frac_bits(self) -> int:
+        amax = max(self._amax(f"L{i}.gate") for i in range(self.spec.num_layers))
+        gate_range = min(max(2 ** math.ceil(math.log2(2 * amax)), GATE_RANGE_MIN), GATE_RANGE_MAX)
+        return int(math.log2(GATE_HALF_RANGE // gate_range))
 
     def layer(self, i: int, weights: dict) -> Layer:
         spec, a = self.spec, self._amax
@@ -163,11 +185,15 @@ class _Quantizer:
         s_v = a(p + "v") / 63
         s_attn_out = quant.activation_scale(a(p + "attn_out"))
         s_mlp_in = quant.activation_scale(a(p + "mlp_in"))
-        s_up = a(p + "up") * 2 / UP_CLIP
         s_act = quant.activation_scale(a(p + "act"))
+        # act = silu * up is requantised by one integer divisor d: up's scale follows from it,
+        # as large as keeps 2x the calibrated up within UP_CLIP.
+        gate_unit = 2.0**-self.gate_bits
+        d = math.floor(s_act / gate_unit * UP_CLIP / (2 * a(p + "up")))
+        d = min(max(d, 1), ACT_DIVISOR_MAX)
+        s_up = s_act / gate_unit / d
         half_res = self.res_clip // 2
         rope_bound = 2 * QK_FIX_CLIP << ROPE_FRAC_BITS
-        score_bound = 2 * spec.head_dim * 128 * 64 + MASK_PENALTY
         return Layer(
             attn_norm=self.norm(weights["input_norm"], s_attn_in),
             q=self.linear(weights["q_w"], weights["q_b"], s_attn_in, s_qf, QK_FIX_CLIP),
@@ -175,16 +201,15 @@ class _Quantizer:
             v=self.linear(weights["v_w"], weights["v_b"], s_attn_in, s_v, 64),
             q_rot=_requant(s_qf / 2**ROPE_FRAC_BITS / s_q, rope_bound, 128),
             k_rot=_requant(s_kf / 2**ROPE_FRAC_BITS / s_k, rope_bound, 64),
-            scores=_requant(s_q * s_k / math.sqrt(spec.head_dim) * 2**EXP_FRAC_BITS,
-                            score_bound, EXP_LEN),
+            scores=_requant_int32(s_q * s_k / math.sqrt(spec.head_dim) * 2**EXP_FRAC_BITS,
+                                  0, EXP_LEN - 1),
             attn_out=_requant(s_v / PROB_MAX / s_attn_out, self.max_context * 255 * 64, 128),
             o=self.linear(weights["o_w"], None, s_attn_out, self.s_res, half_res),
             mlp_norm=self.norm(weights["post_norm"], s_mlp_in),
-            gate=self.linear(weights["gate_w"], None, s_mlp_in, 2.0**-SIGMOID_FRAC_BITS,
-                             GATE_CLIP),
-            up=self.linear(weights["up_w"], None, s_mlp_in, s_up, UP_CLIP),
-            act=_requant(2.0 ** -(SIGMOID_FRAC_BITS + SIGMOID_OUT_BITS) * s_up / s_act,
-                         GATE_CLIP * (1 << SIGMOID_OUT_BITS) * UP_CLIP, 128),
+            gate=self.linear(weights["gate_w"], None, s_mlp_in, gate_unit, GATE_HALF_RANGE,
+                             int32_out=True),
+            up=self.linear(weights["up_w"], None, s_mlp_in, s_up, UP_CLIP, int32_out=True),
+            act_divisor=d,
             down=self.linear(weights["down_w"], None, s_act, self.s_res, half_res),
         )
 
@@ -231,7 +256,8 @@ def quantize(spec: Qwen2Spec, reader: WeightReader, stats: CalibrationStats, max
         embed=embed, embed_M=embed_m, embed_shift=embed_shift, layers=layers,
         final_norm=final_norm, lm_head=lm_head,
         exp_table=quant.exp_table(EXP_FRAC_BITS, EXP_LEN, EXP_OUT_BITS),
-        sigmoid_table=quant.sigmoid_table(SIGMOID_FRAC_BITS, SIGMOID_RADIUS, SIGMOID_OUT_BITS),
+        gate_frac_bits=qz.gate_bits,
+        silu_table=quant.silu_table(qz.gate_bits, GATE_HALF_RANGE),
         rope_cos=cos, rope_sin=sin,
     )
 

@@ -17,6 +17,8 @@ Representations (real value = integer * scale):
 - weights: int8 in [-64, 63], one scale per output channel;
 - K and V (the cache): int8 in [-64, 63]; attention probabilities: uint8, scale 1/255;
 - logits: int32, acc * M_c, exact: they only need to be ordered like the real logits.
+- the MLP between its products: int32 (gate, up, silu(gate) * up), and the attention scores
+  down to the exp table: int32; the rest of the element-wise work is int64.
 """
 
 from __future__ import annotations
@@ -30,11 +32,8 @@ from optinfer.models.graph_builder import INT64_MAX, GraphBuilder, Tensor
 EXP_FRAC_BITS = 8  # exp table index resolution: 1/256 nat
 EXP_OUT_BITS = 16  # exp table values: 2**16 = exp(0)
 EXP_LEN = 16 * (1 << EXP_FRAC_BITS) + 1  # exp(-16) rounds to 0 at 2**16; last entry 0 = masked
-SIGMOID_FRAC_BITS = 8  # gate fixed point: 1/256
-SIGMOID_RADIUS = 8 * (1 << SIGMOID_FRAC_BITS)  # sigmoid table covers [-8, 8]
-SIGMOID_OUT_BITS = 15
-GATE_CLIP = 1 << 18  # |gate| <= 1024 in real units
-UP_CLIP = 1 << 16  # up projection fixed point, calibrated scale
+GATE_HALF_RANGE = 1 << 15  # gate fixed point: |gate| <= 2**15 units of 2**-gate_frac_bits
+UP_CLIP = 1 << 15  # up projection fixed point, calibrated scale; silu * up fits int32
 QK_FIX_CLIP = 1 << 16  # q and k before RoPE, calibrated scale
 ROPE_FRAC_BITS = 14
 MASK_PENALTY = 1 << 24  # subtracted from masked scores before the row max
@@ -88,9 +87,9 @@ class Layer:
     attn_out: Requant  # P.V accumulator -> uint8
     o: Linear  # -> residual units
     mlp_norm: Norm
-    gate: Linear  # -> gate fixed point, 2**-8
-    up: Linear  # -> up fixed point
-    act: Requant  # silu(gate) * up -> uint8
+    gate: Linear  # -> gate fixed point 2**-gate_frac_bits, offset by GATE_HALF_RANGE (int32)
+    up: Linear  # -> up fixed point, |up| <= UP_CLIP (int32)
+    act_divisor: int  # silu(gate) * up / act_divisor -> uint8
     down: Linear  # -> residual units
 
 
@@ -112,7 +111,8 @@ class IntegerQwen2:
     final_norm: Norm
     lm_head: Linear  # logits = acc * M exactly (out.shift unused, 0): int32, one common scale
     exp_table: np.ndarray  # (EXP_LEN,) int32
-    sigmoid_table: np.ndarray  # (2*SIGMOID_RADIUS+1,) int64
+    gate_frac_bits: int  # the gate's fixed point, one for the model (the SiLU table is shared)
+    silu_table: np.ndarray  # (2*GATE_HALF_RANGE+1,) int32, quant.silu_table
     rope_cos: np.ndarray  # (max_context, 1, head_dim) int64
     rope_sin: np.ndarray
 
@@ -166,6 +166,15 @@ class _Qwen2Builder:
             acc = g.add(acc, g.const(f"{name}.b", p.bias), f"{name}.biased")
         return acc
 
+    def linear_int32(self, x: Tensor, p: Linear, name: str) -> Tensor:
+        """MatMulInteger plus bias, kept in int32 (for `rescale_int32`)."""
+        g = self.g
+        acc = g.matmul_integer(x, g.const(f"{name}.W", p.weight), 128, p.weight.shape[0],
+                               f"{name}.acc")
+        if p.bias is not None:
+            acc = g.add(acc, g.const(f"{name}.b", p.bias.astype(np.int32)), f"{name}.biased")
+        return acc
+
     def to_residual(self, acc: Tensor, p: Linear, name: str) -> Tensor:
         half = self.res_clip // 2
         return self.g.rescale(acc, p.out.M, p.out.shift, -half, half, name, np.int32)
@@ -177,8 +186,10 @@ class _Qwen2Builder:
     def rope(self, x: Tensor, heads: int, cos: Tensor, sin: Tensor, name: str) -> Tensor:
         g, hd = self.g, self.m.head_dim
         x3 = g.reshape(x, [0, heads, hd], f"{name}.heads")  # (T, heads, hd) int64
-        swap = g.ints(np.concatenate([np.arange(hd // 2, hd), np.arange(hd // 2)]), "c.rope.swap")
-        xs = g.gather(x3, swap, f"{name}.swap", axis=2)  # (T, heads, hd)
+        # The halves swapped, as two slices (block copies; a Gather copies element by element).
+        upper = g.slice(x3, g.ints([hd // 2]), hd, 2, f"{name}.upper")
+        lower = g.slice(x3, g.ints([0]), hd // 2, 2, f"{name}.lower")
+        xs = g.concat([upper, lower], 2, f"{name}.swap")  # (T, heads, hd)
         a = g.mul(x3, cos, f"{name}.cos")
         b = g.mul(xs, sin, f"{name}.sin")
         return g.add(a, b, f"{name}.rot")  # (T, heads, hd), scale * 2**-14
@@ -223,9 +234,10 @@ class _Qwen2Builder:
         row_max = g.reduce_max(masked, f"{name}.rowmax")  # (kv, grp, T, 1)
         diff = g.sub(row_max, masked, f"{name}.diff")  # >= 0 on unmasked keys
         diff = g.assume(diff, 0, diff.hi, "a row's max is >= every entry of the row")
-        idx = g.rescale(diff, p.scores.M, p.scores.shift, 0, EXP_LEN - 1, f"{name}.expidx")
+        idx = g.rescale_int32(diff, p.scores.M, p.scores.shift, 0, EXP_LEN - 1,
+                              f"{name}.expidx")
         idx = g.maximum(idx, ctx["mask_index"], f"{name}.expidx.masked")  # masked -> exp 0
-        e = g.gather(ctx["exp"], idx, f"{name}.exp")  # (kv, grp, T, S) int32
+        e = g.lookup(ctx["exp"], idx, f"{name}.exp")  # (kv, grp, T, S) int32
         total = g.reduce_sum(e, s_max, f"{name}.expsum")  # (kv, grp, T, 1), >= 2**16
         total = g.assume(total, 1 << EXP_OUT_BITS, total.hi,
                          "the row max is unmasked (a query sees itself) and has exp index 0")
@@ -243,19 +255,22 @@ class _Qwen2Builder:
         return delta, k, v
 
     def mlp(self, i: int, x: Tensor) -> Tensor:
-        g, p = self.g, self.m.layers[i]
+        """silu(gate) * up in int32: a SiLU table indexed by the requantised gate itself."""
+        g, m, p = self.g, self.m, self.m.layers[i]
         name = f"L{i}.mlp"
-        gate = g.rescale(self.linear(x, p.gate, f"{name}.gate"), p.gate.out.M, p.gate.out.shift,
-                         -GATE_CLIP, GATE_CLIP, f"{name}.gate.fix")  # (T, I) 2**-8
-        up = g.rescale(self.linear(x, p.up, f"{name}.up"), p.up.out.M, p.up.out.shift,
-                       -UP_CLIP, UP_CLIP, f"{name}.up.fix")  # (T, I)
-        idx = g.clip(gate, -SIGMOID_RADIUS, SIGMOID_RADIUS, f"{name}.sig.clip")
-        idx = g.add(idx, g.scalar(SIGMOID_RADIUS), f"{name}.sig.idx")
-        sig = g.gather(g.const("c.sigmoid", self.m.sigmoid_table), idx, f"{name}.sig")
-        silu = g.mul(gate, sig, f"{name}.silu")  # (T, I) 2**-23
-        act = g.mul(silu, up, f"{name}.act")  # (T, I)
-        act = g.rescale(act, p.act.M, p.act.shift, -128, 127, f"{name}.act.u8", np.uint8,
-                        zero_point=128)
+        half = GATE_HALF_RANGE
+        gate = g.rescale_int32(self.linear_int32(x, p.gate, f"{name}.gate"), p.gate.out.M,
+                               p.gate.out.shift, -half, half, f"{name}.gate.fix",
+                               zero_point=half)  # (T, I) gate + half in [0, 2 * half]
+        up = g.rescale_int32(self.linear_int32(x, p.up, f"{name}.up"), p.up.out.M,
+                             p.up.out.shift, -UP_CLIP, UP_CLIP, f"{name}.up.fix")  # (T, I)
+        silu = g.lookup(g.const("c.silu", m.silu_table), gate, f"{name}.silu")  # (T, I)
+        act = g.mul(silu, up, f"{name}.act")  # (T, I), |act| < 2**31
+        d = p.act_divisor
+        act = g.clip(act, -128 * d, 127 * d, f"{name}.act.clip")
+        act = g.add(act, g.scalar(128 * d + d // 2, np.int32), f"{name}.act.offset")
+        act = g.cast(g.div(act, g.scalar(d, np.int32), f"{name}.act.shift"), np.uint8,
+                     f"{name}.act.u8")  # round(act / d) + 128
         return self.to_residual(self.linear(act, p.down, f"{name}.down"), p.down,
                                 f"{name}.down.res")
 
@@ -291,10 +306,9 @@ class _Qwen2Builder:
         # Causal mask, shared by all layers: key j is hidden from query i when j > pos(i).
         hidden = g.greater(g.reshape(key_positions, [1, -1], "kpos"),
                            g.reshape(positions, [-1, 1], "qpos"), "mask")  # (T, S) bool
-        ctx["mask_penalty"] = g.mul(g.cast(hidden, np.int32, "mask.i32"),
-                                    g.scalar(MASK_PENALTY, np.int32), "mask.penalty")
-        ctx["mask_index"] = g.mul(g.cast(hidden, np.int64, "mask.i64"), g.scalar(EXP_LEN - 1),
-                                  "mask.index")
+        hidden = g.cast(hidden, np.int32, "mask.i32")
+        ctx["mask_penalty"] = g.mul(hidden, g.scalar(MASK_PENALTY, np.int32), "mask.penalty")
+        ctx["mask_index"] = g.mul(hidden, g.scalar(EXP_LEN - 1, np.int32), "mask.index")
         ctx["exp"] = g.const("c.exp", m.exp_table)
         ctx["cos"] = g.gather(g.const("c.rope.cos", m.rope_cos), positions, "rope.cos")
         ctx["sin"] = g.gather(g.const("c.rope.sin", m.rope_sin), positions, "rope.sin")

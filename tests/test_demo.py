@@ -15,6 +15,7 @@ import psutil
 import pytest
 
 OPTINFER = str(Path(sys.executable).parent / "optinfer")
+TINY_R1 = Path(__file__).resolve().parents[1] / "models" / "tiny-r1" / "integer"
 
 pytestmark = pytest.mark.xdist_group("demo")
 
@@ -42,8 +43,9 @@ def test_the_demo_shows_the_bisection_and_the_closing_tables():
                           env={**os.environ, "COLUMNS": "120"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
-    for expected in ("▶ honest flow", "▶ fraud flow", "bisection over nodes [0, 898]",
-                     "round: challenger", "node 898 = next_tokens", "one-step submitted",
+    nodes = sum(json.loads((TINY_R1 / "manifest.json").read_text())["ops"].values())
+    for expected in ("▶ honest flow", "▶ fraud flow", f"bisection over nodes [0, {nodes}]",
+                     "round: challenger", f"node {nodes} = next_tokens", "one-step submitted",
                      "balances", "gas", "wall time"):
         assert expected in out, expected
 

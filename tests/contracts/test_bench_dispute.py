@@ -18,6 +18,16 @@ def cli(*args: str) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
+def bisection_rounds(node_count: int, first_wrong: int) -> int:
+    """Midpoints the provider posts before [lo, hi] closes on the first wrong node."""
+    lo, hi, rounds = 0, node_count, 0
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if mid < first_wrong else (lo, mid)
+        rounds += 1
+    return rounds
+
+
 def test_bench_dispute_plays_a_whole_game_and_reports_the_issue_keys():
     result = cli("bench", "dispute", "--model", INTEGER_DIR, "--prompt", "5", "--tokens", "4",
                  "--json")
@@ -27,7 +37,7 @@ def test_bench_dispute_plays_a_whole_game_and_reports_the_issue_keys():
     assert report["lie"]["op"] == "MatMulInteger"
     rounds = report["rounds"]
     assert rounds["await_root"] == 1 and rounds["leaf_reveal"] == 1
-    assert rounds["bisection"] == (report["nodes"] - 1).bit_length()
+    assert rounds["bisection"] == bisection_rounds(report["nodes"], report["lie"]["node"])
     assert rounds["total"] == sum(v for k, v in rounds.items() if k != "total")
     assert {"MatMulInteger", "ReduceSum", "ArgMax", "Gather", "Div"} <= set(
         report["one_step_gas"])
