@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ import numpy as np
 
 BENCH_CONTEXT = 1024
 FLOAT_TOKENS = 24  # float baselines decode fewer tokens: their per-token rate is what counts
+VERIFY_RUNS = 3
 
 
 def peak_rss_bytes_of_process() -> int:
@@ -50,13 +52,18 @@ def integer_worker(model_dir: Path, threads: int, prompt_len: int, tokens: int) 
                         on_token=lambda _: stamps.append(time.perf_counter()))
     generate_s = stamps[-1] - start
     m.predict(prompt, output[:2])  # load the verify session
-    start = time.perf_counter()
-    predicted = m.predict(prompt, output)
-    verify_s = time.perf_counter() - start
-    if predicted.tolist() != output:
-        raise RuntimeError("teacher-forced pass disagrees with KV-cache decoding")
+    # The median of three passes: one pass takes seconds where generation takes tens of
+    # seconds, so a single pass is at the mercy of a shared machine's passing load.
+    verify_runs = []
+    for _ in range(VERIFY_RUNS):
+        start = time.perf_counter()
+        predicted = m.predict(prompt, output)
+        verify_runs.append(time.perf_counter() - start)
+        if predicted.tolist() != output:
+            raise RuntimeError("teacher-forced pass disagrees with KV-cache decoding")
     return {"decode_tokens_per_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
-            "generate_s": generate_s, "verify_s": verify_s, "tokens": len(output),
+            "generate_s": generate_s, "verify_s": statistics.median(verify_runs),
+            "verify_runs_s": verify_runs, "tokens": len(output),
             "peak_rss_bytes": peak_rss_bytes_of_process()}
 
 
@@ -199,6 +206,7 @@ def measure(checkpoint: Path, integer: Path, float_path: Path, tokens: int, prom
         "decode_speedup_vs_torch_fp32": ours["decode_tokens_per_s"]
         / torch_fp32["decode_tokens_per_s"],
         "generate_s": ours["generate_s"], "verify_s": ours["verify_s"],
+        "verify_runs_s": ours["verify_runs_s"],
         "verify_over_generate": ours["verify_s"] / ours["generate_s"],
         "weight_bytes_per_token": per_token, "copy_bandwidth_bytes_per_s": bandwidth,
         "bandwidth_bound_tokens_per_s": bound,

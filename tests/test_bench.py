@@ -21,6 +21,8 @@ def test_workers_measure_every_runtime_and_the_json_has_the_issue_keys(
                 "verify_over_generate", "bandwidth_fraction", "peak_rss_bytes"):
         assert result[key] > 0, key
     assert result["generated_tokens"] == 6
+    runs = sorted(result["verify_runs_s"])
+    assert len(runs) == bench.VERIFY_RUNS and result["verify_s"] == runs[len(runs) // 2]
     # Each runtime was measured in its own process: the float ones hold more weight bytes.
     assert result["peak_rss_bytes"] != result["torch_fp32_peak_rss_bytes"]
 
