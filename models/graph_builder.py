@@ -316,8 +316,9 @@ class GraphBuilder:
         lo, and x_hi = ceil((hi * 2**S - 2**(S-1)) / M), the smallest that rounds to hi (per
         channel when M is a vector: Max and Min against constant bounds). With M < 2**S (a
         multiplier below 1) x_lo and x_hi round to exactly lo and hi, so the result equals
-        `rescale`'s for every x. (hi - lo) * 2**S plus the rounding half must fit int32 too.
-        M is a scalar or a vector over the last axis; `quant.choose_multiplier_int32` picks it.
+        `rescale`'s for every x; a larger multiplier can step past them, and a Clip of the
+        result restores it. M is a scalar or a vector over the last axis;
+        `quant.choose_multiplier_int32` picks M and S so that everything fits int32.
         """
         if shift < 1:
             raise ValueError(f"{hint}: shift must be >= 1")
@@ -329,8 +330,8 @@ class GraphBuilder:
         if (hi - lo + 1) * unit >= 2**31:
             raise RangeError(f"{hint}: [{lo}, {hi}] with shift {shift} overflows int32")
         m = np.asarray(multiplier, dtype=np.int64)
-        if np.any(m < 0) or np.any(m >= unit):
-            raise ValueError(f"{hint}: multipliers must lie in [0, 2**{shift})")
+        if np.any(m < 0):
+            raise ValueError(f"{hint}: multipliers must be non-negative")
         half = unit // 2
         safe = np.maximum(m, 1)  # a zero multiplier needs no clip: its product is 0
         x_lo = np.where(m > 0, (lo * unit + half - 1) // safe, x.lo).clip(x.lo, x.hi)
@@ -348,6 +349,8 @@ class GraphBuilder:
         y = self._node("Mul", [x, m_t], f"{hint}.mul", np.int32, prod_lo, prod_hi)
         y = self.add(y, self.scalar(-lo * unit + half, np.int32), f"{hint}.offset")
         q = self.div(y, self.scalar(unit, np.int32), f"{hint}.shift")  # value - lo, >= 0
+        if q.lo < 0 or q.hi > hi - lo:  # a multiplier of 1 or more stepped past saturation
+            q = self.clip(q, 0, hi - lo, f"{hint}.saturate")
         if zero_point != -lo:
             q = self.sub(q, self.scalar(-lo - zero_point, np.int32), f"{hint}.value")
         if np.dtype(out_dtype) != np.int32:

@@ -112,18 +112,21 @@ def choose_multiplier(
 def choose_multiplier_int32(m: np.ndarray | float, lo: int, hi: int) -> tuple[np.ndarray, int]:
     """M (int64 values that fit int32, m's shape) and S for `GraphBuilder.rescale_int32`.
 
-    S is the largest shift with (hi - lo + 1) * 2**S < 2**31, the graph's headroom; M =
-    round(m * 2**S). Multipliers must be below 1 (M < 2**S), where the graph's clip of the
-    input is exact. The precision of M is what the headroom leaves: a channel whose multiplier
-    rounds below 2**6 is refused, since its relative error could exceed 1%.
+    S is the largest shift with (hi - lo + 1 + max(m)) * 2**S < 2**31, the graph's headroom
+    (the clipped input's product can pass hi * 2**S by up to M); M = round(m * 2**S). The
+    precision of M is what the headroom leaves: a channel whose multiplier rounds below 2**6
+    is refused, since its relative error could exceed 1%.
     """
     m = np.atleast_1d(np.asarray(m, dtype=np.float64))
-    if not np.all((m >= 0) & (m < 1)):
-        raise ValueError(f"int32 requantisation needs multipliers in [0, 1), got {m.max():g}")
+    if not np.all(m >= 0):
+        raise ValueError("multipliers must be non-negative")
+    room = hi - lo + 1 + math.ceil(float(m.max()))
+    if room * 2 >= 2**31:
+        raise ValueError(f"[{lo}, {hi}] with multiplier {float(m.max()):g} does not fit int32")
     s = 1
-    while (hi - lo + 1) * 2 ** (s + 1) < 2**31:
+    while room * 2 ** (s + 1) < 2**31:
         s += 1
-    big_m = np.minimum(np.rint(m * 2.0**s), 2**s - 1).astype(np.int64)
+    big_m = np.rint(m * 2.0**s).astype(np.int64)
     small = big_m[m > 0]
     if small.size and int(small.min()) < 2**6:
         raise ValueError(f"multiplier {float(m[m > 0].min()):g} keeps {int(small.min())} as M "

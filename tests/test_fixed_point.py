@@ -111,7 +111,8 @@ def test_weights_quantise_to_seven_bits_per_channel():
 def test_rescale_int32_equals_the_exact_rounding_and_clip(rows, ms, shift, lo, hi, zero_point):
     g = GraphBuilder("rescale32")
     x = g.input("x", np.int32, ["N", 3], -(2**24), 2**24)
-    ms = [m % (1 << shift) for m in ms]  # multipliers below 1
+    ms = [m % (4 << shift) for m in ms]  # multipliers below 4 (those of 1 or more step past
+    # the saturation point, and a Clip of the result takes them back)
     g.output(g.rescale_int32(x, np.asarray(ms), shift, lo, hi, "y", zero_point=zero_point))
     xs = np.asarray(rows, np.int32)
     (got,) = run(g, {"x": xs})
@@ -135,14 +136,15 @@ def test_rescale_int32_scalar_multiplier_and_overflow_guard():
 def test_choose_multiplier_int32_keeps_the_graph_in_int32():
     m = np.array([0.01, 0.025, 0.0])
     big_m, shift = quant.choose_multiplier_int32(m, -(2**15), 2**15)
-    assert shift == 14 and big_m.tolist() == [164, 410, 0]  # 2**16 * 2**14 + 2**13 < 2**31
+    assert shift == 14 and big_m.tolist() == [164, 410, 0]  # (2**16 + 2) * 2**14 < 2**31
     with pytest.raises(ValueError, match="fewer than 6 bits"):
         quant.choose_multiplier_int32(np.array([1e-6]), -(2**15), 2**15)
     big_m, shift = quant.choose_multiplier_int32(np.array([0.37, 0.05]), 0, 4096)
-    assert 4097 * 2**shift < 2**31 <= 4097 * 2 ** (shift + 1)
-    with pytest.raises(ValueError, match=r"in \[0, 1\)"):
-        quant.choose_multiplier_int32(np.array([0.5, 1.0]), 0, 4096)
+    assert 4098 * 2**shift < 2**31 <= 4098 * 2 ** (shift + 1)
     assert np.allclose(big_m / 2.0**shift, [0.37, 0.05], rtol=1e-4)
+    # Multipliers of 1 or more: the headroom also holds the step past saturation.
+    big_m, shift = quant.choose_multiplier_int32(np.array([3.2, 1.0]), 0, 4096)
+    assert (4097 + 4) * 2**shift < 2**31 and big_m.tolist() == [round(3.2 * 2**shift), 2**shift]
 
 
 def test_lookup_is_the_table_at_every_index_of_any_shape():
