@@ -29,6 +29,7 @@ from optinfer.models.qwen2_graph import (
     EXP_LEN,
     EXP_OUT_BITS,
     GATE_HALF_RANGE,
+    MASK_PENALTY,
     PROB_MAX,
     QK_FIX_CLIP,
     ROPE_FRAC_BITS,
@@ -114,9 +115,13 @@ def _requant(m, x_bound: int, out_bound: int) -> Requant:
     return Requant(M=big_m if np.ndim(m) else big_m.reshape(()), shift=shift)
 
 
-def _requant_int32(m, lo: int, hi: int) -> Requant:
-    big_m, shift = quant.choose_multiplier_int32(m, lo, hi)
-    return Requant(M=big_m if np.ndim(m) else big_m.reshape(()), shift=shift)
+def _requant_int32(m, x_bound: int, lo: int, hi: int) -> Requant:
+    """In int32 where its headroom leaves M enough bits, else in int64 (see `Requant`)."""
+    try:
+        big_m, shift = quant.choose_multiplier_int32(m, lo, hi)
+    except ValueError:
+        return _requant(m, x_bound, max(-lo, hi))
+    return Requant(M=big_m if np.ndim(m) else big_m.reshape(()), shift=shift, int32=True)
 
 
 # The gate's fixed point: its range is 2x the largest calibrated gate of any layer, rounded up to
@@ -164,7 +169,7 @@ class _Quantizer:
             bias = np.rint(ql.bias / acc_scale).astype(np.int64)
             x_bound += int(np.abs(bias).max())
         if int32_out:
-            out = _requant_int32(acc_scale / out_scale, -out_bound, out_bound)
+            out = _requant_int32(acc_scale / out_scale, x_bound, -out_bound, out_bound)
         else:
             out = _requant(acc_scale / out_scale, x_bound, out_bound)
         return Linear(weight=ql.weight, bias=bias, out=out)
@@ -194,6 +199,7 @@ class _Quantizer:
         s_up = s_act / gate_unit / d
         half_res = self.res_clip // 2
         rope_bound = 2 * QK_FIX_CLIP << ROPE_FRAC_BITS
+        score_bound = 2 * spec.head_dim * 128 * 64 + MASK_PENALTY
         return Layer(
             attn_norm=self.norm(weights["input_norm"], s_attn_in),
             q=self.linear(weights["q_w"], weights["q_b"], s_attn_in, s_qf, QK_FIX_CLIP),
@@ -202,7 +208,7 @@ class _Quantizer:
             q_rot=_requant(s_qf / 2**ROPE_FRAC_BITS / s_q, rope_bound, 128),
             k_rot=_requant(s_kf / 2**ROPE_FRAC_BITS / s_k, rope_bound, 64),
             scores=_requant_int32(s_q * s_k / math.sqrt(spec.head_dim) * 2**EXP_FRAC_BITS,
-                                  0, EXP_LEN - 1),
+                                  score_bound, 0, EXP_LEN - 1),
             attn_out=_requant(s_v / PROB_MAX / s_attn_out, self.max_context * 255 * 64, 128),
             o=self.linear(weights["o_w"], None, s_attn_out, self.s_res, half_res),
             mlp_norm=self.norm(weights["post_norm"], s_mlp_in),

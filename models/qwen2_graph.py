@@ -51,10 +51,15 @@ def residual_bits(hidden_size: int) -> int:
 
 @dataclass(frozen=True)
 class Requant:
-    """x -> round(x * M / 2**shift), M scalar or per output channel (int64)."""
+    """x -> round(x * M / 2**shift), M scalar or per output channel (int64).
+
+    int32: done in int32 (`GraphBuilder.rescale_int32`), else in int64 (`rescale`); the
+    converter falls back to int64 where int32's headroom would leave M too few bits.
+    """
 
     M: np.ndarray
     shift: int
+    int32: bool = False
 
 
 @dataclass(frozen=True)
@@ -175,6 +180,13 @@ class _Qwen2Builder:
             acc = g.add(acc, g.const(f"{name}.b", p.bias.astype(np.int32)), f"{name}.biased")
         return acc
 
+    def requant_int32(self, x: Tensor, r: Requant, lo: int, hi: int, name: str,
+                      zero_point: int = 0) -> Tensor:
+        """An int32 tensor requantised to an int32 one, in int32 where the converter could."""
+        if r.int32:
+            return self.g.rescale_int32(x, r.M, r.shift, lo, hi, name, zero_point=zero_point)
+        return self.g.rescale(x, r.M, r.shift, lo, hi, name, np.int32, zero_point=zero_point)
+
     def to_residual(self, acc: Tensor, p: Linear, name: str) -> Tensor:
         half = self.res_clip // 2
         return self.g.rescale(acc, p.out.M, p.out.shift, -half, half, name, np.int32)
@@ -234,8 +246,7 @@ class _Qwen2Builder:
         row_max = g.reduce_max(masked, f"{name}.rowmax")  # (kv, grp, T, 1)
         diff = g.sub(row_max, masked, f"{name}.diff")  # >= 0 on unmasked keys
         diff = g.assume(diff, 0, diff.hi, "a row's max is >= every entry of the row")
-        idx = g.rescale_int32(diff, p.scores.M, p.scores.shift, 0, EXP_LEN - 1,
-                              f"{name}.expidx")
+        idx = self.requant_int32(diff, p.scores, 0, EXP_LEN - 1, f"{name}.expidx")
         idx = g.maximum(idx, ctx["mask_index"], f"{name}.expidx.masked")  # masked -> exp 0
         e = g.lookup(ctx["exp"], idx, f"{name}.exp")  # (kv, grp, T, S) int32
         total = g.reduce_sum(e, s_max, f"{name}.expsum")  # (kv, grp, T, 1), >= 2**16
@@ -259,11 +270,11 @@ class _Qwen2Builder:
         g, m, p = self.g, self.m, self.m.layers[i]
         name = f"L{i}.mlp"
         half = GATE_HALF_RANGE
-        gate = g.rescale_int32(self.linear_int32(x, p.gate, f"{name}.gate"), p.gate.out.M,
-                               p.gate.out.shift, -half, half, f"{name}.gate.fix",
-                               zero_point=half)  # (T, I) gate + half in [0, 2 * half]
-        up = g.rescale_int32(self.linear_int32(x, p.up, f"{name}.up"), p.up.out.M,
-                             p.up.out.shift, -UP_CLIP, UP_CLIP, f"{name}.up.fix")  # (T, I)
+        gate = self.requant_int32(self.linear_int32(x, p.gate, f"{name}.gate"), p.gate.out,
+                                  -half, half, f"{name}.gate.fix",
+                                  zero_point=half)  # (T, I) gate + half in [0, 2 * half]
+        up = self.requant_int32(self.linear_int32(x, p.up, f"{name}.up"), p.up.out,
+                                -UP_CLIP, UP_CLIP, f"{name}.up.fix")  # (T, I)
         silu = g.lookup(g.const("c.silu", m.silu_table), gate, f"{name}.silu")  # (T, I)
         act = g.mul(silu, up, f"{name}.act")  # (T, I), |act| < 2**31
         d = p.act_divisor

@@ -200,3 +200,33 @@ def test_every_matrix_product_names_rows_that_are_its_b_columns(model, generated
             continue
         assert order[source] < order[node.output[0]], "the source is in the agreed state"
         assert np.array_equal(value[source], np.swapaxes(value[b], -1, -2))
+
+
+def test_extreme_scales_fall_back_where_int32_would_be_imprecise(tmp_path):
+    """Large q/k (score multiplier above 1) and a tiny gate (too few bits in int32) convert."""
+    from safetensors.torch import load_file, save_file
+
+    ckpt = write_random_checkpoint(tmp_path / "ckpt", preset="tiny", seed=5)
+    weights = load_file(ckpt / "model.safetensors")
+    for name in list(weights):
+        if ".self_attn.q_proj." in name or ".self_attn.k_proj." in name:
+            weights[name] = (weights[name].float() * 40).to(weights[name].dtype)
+        if ".mlp.gate_proj." in name:
+            weights[name] = (weights[name].float() * 1e-4).to(weights[name].dtype)
+    save_file(weights, ckpt / "model.safetensors", metadata={"format": "pt"})
+    convert(ckpt, tmp_path / "int", max_context=32)
+    m = IntegerModel(tmp_path / "int")
+    names = {n.name: n.op_type for n in m.verify_graph().graph.node}
+    assert names["L0.attn.expidx.saturate"] == "Clip"  # int32, multiplier above 1
+    assert names["L0.mlp.gate.fix.i64"] == "Cast"  # int64: int32 would keep too few bits
+    tokens = m.generate([1, 2, 3], 8, stop_at_eos=False)
+    assert m.verify([1, 2, 3], tokens).valid
+    sequence, outputs = m.trace([1, 2, 3], tokens)
+    values = reference.run_graph(onnx.load(str(tmp_path / "int" / "model.onnx")),
+                                 {"sequence": sequence}, keep_all=True)
+    node_outputs = [n.output[0] for n in m.verify_graph().graph.node]
+    bounds = m.manifest["bounds"]
+    for name, got in zip(node_outputs, outputs, strict=True):
+        assert np.array_equal(values[name], got), name
+        if got.size:
+            assert bounds[name][0] <= int(got.min()) and int(got.max()) <= bounds[name][1], name
