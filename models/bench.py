@@ -234,14 +234,34 @@ def bench_inference(layers: int = 28, tokens: int = 256, prompt_len: int = 32, t
     return {"model": f"R1-Distill-Qwen-1.5B shape, random weights, {layers} layers", **result}
 
 
+# The instruction sets that decide MatMulInteger's speed (DESIGN.md section 1): results from
+# machines that differ in them are not comparable.
+INTEGER_ISA_FLAGS = ("avx2", "avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def cpu_description(cpuinfo: str) -> str:
+    """'model name, family F model M, <integer ISA flags>' from the text of /proc/cpuinfo."""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            break  # the first processor is enough
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    parts = [fields.get("model name", "unknown")]
+    if "cpu family" in fields and "model" in fields:
+        parts.append(f"family {fields['cpu family']} model {fields['model']}")
+    flags = set(fields.get("flags", "").split())
+    isa = [flag for flag in INTEGER_ISA_FLAGS if flag in flags]
+    if isa:
+        parts.append(" ".join(isa))
+    return ", ".join(parts)
+
+
 def cpu_name() -> str:
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        return cpu_description(Path("/proc/cpuinfo").read_text())
     except OSError:
-        pass
-    return platform.processor() or "unknown"
+        return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

@@ -39,3 +39,11 @@ def test_weight_bytes_per_token_counts_every_matrix_once(random_model):
     # plus one embedding row per token
     assert bench.weight_bytes_per_token(manifest["config"]) == read + manifest["config"][
         "hidden_size"]
+
+
+def test_the_cpu_is_named_with_the_instruction_sets_that_decide_integer_speed():
+    cpuinfo = ("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+               "model name\t: AMD EPYC\nflags\t\t: fpu sse avx2 avx512f avx512_vnni sha_ni\n\n"
+               "processor\t: 1\nmodel name\t: other\n")
+    assert bench.cpu_description(cpuinfo) == "AMD EPYC, family 25 model 17, avx2 avx512_vnni"
+    assert bench.cpu_description("") == "unknown"
