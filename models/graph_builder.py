@@ -330,8 +330,8 @@ class GraphBuilder:
         if (hi - lo + 1) * unit >= 2**31:
             raise RangeError(f"{hint}: [{lo}, {hi}] with shift {shift} overflows int32")
         m = np.asarray(multiplier, dtype=np.int64)
-        if np.any(m < 0):
-            raise ValueError(f"{hint}: multipliers must be non-negative")
+        if np.any(m < 0) or np.any(m >= 2**31):
+            raise ValueError(f"{hint}: multipliers must lie in [0, 2**31)")
         half = unit // 2
         safe = np.maximum(m, 1)  # a zero multiplier needs no clip: its product is 0
         x_lo = np.where(m > 0, (lo * unit + half - 1) // safe, x.lo).clip(x.lo, x.hi)
