@@ -131,6 +131,8 @@ def test_rescale_int32_scalar_multiplier_and_overflow_guard():
     assert got.tolist() == [min(max((int(v) * 3000 + 2048) >> 12, 0), 4096) for v in xs]
     with pytest.raises(RangeError, match="overflows int32"):
         GraphBuilder("too_wide").rescale_int32(x, 3, 16, -(2**15), 2**15, "y")
+    with pytest.raises(ValueError, match=r"\[0, 2\*\*31\)"):
+        GraphBuilder("wraps").rescale_int32(x, 2**31, 1, 0, 1, "y")
 
 
 def test_choose_multiplier_int32_keeps_the_graph_in_int32():
