@@ -297,13 +297,7 @@ class GraphBuilder:
             y = self.mul(x64, m_t, f"{hint}.mul")
         unit = 1 << shift
         y = self.clip(y, lo * unit, hi * unit, f"{hint}.clip")
-        y = self.add(y, self.scalar(-lo * unit + unit // 2), f"{hint}.offset")
-        q = self.div(y, self.scalar(unit), f"{hint}.shift")  # in [0, hi - lo], = value - lo
-        if zero_point != -lo:
-            q = self.sub(q, self.scalar(-lo - zero_point), f"{hint}.value")
-        if np.dtype(out_dtype) != np.int64:
-            q = self.cast(q, out_dtype, hint)
-        return q
+        return self._round_shift(y, shift, lo, hi, hint, out_dtype, zero_point)
 
     def rescale_int32(self, x: Tensor, multiplier, shift: int, lo: int, hi: int, hint: str,
                       out_dtype=np.int32, zero_point: int = 0) -> Tensor:
@@ -347,13 +341,24 @@ class GraphBuilder:
         # would pair one channel's bound with another's multiplier).
         prod_lo, prod_hi = int((x_lo * m).min()), int((x_hi * m).max())
         y = self._node("Mul", [x, m_t], f"{hint}.mul", np.int32, prod_lo, prod_hi)
-        y = self.add(y, self.scalar(-lo * unit + half, np.int32), f"{hint}.offset")
-        q = self.div(y, self.scalar(unit, np.int32), f"{hint}.shift")  # value - lo, >= 0
+        return self._round_shift(y, shift, lo, hi, hint, out_dtype, zero_point)
+
+    def _round_shift(self, y: Tensor, shift: int, lo: int, hi: int, hint: str, out_dtype,
+                     zero_point: int) -> Tensor:
+        """The tail both rescales share: y = x * M, already clipped to about [lo, hi] * 2**S,
+        to round(y / 2**S) within [lo, hi], plus zero_point, as out_dtype.
+
+        Shifted by -lo first, so that the value is non-negative where Div's truncation is
+        floor; the result is value - lo, which is the zero point itself when zero_point == -lo.
+        """
+        unit = 1 << shift
+        y = self.add(y, self.scalar(-lo * unit + unit // 2, y.dtype), f"{hint}.offset")
+        q = self.div(y, self.scalar(unit, y.dtype), f"{hint}.shift")  # value - lo
         if q.lo < 0 or q.hi > hi - lo:  # a multiplier of 1 or more stepped past saturation
             q = self.clip(q, 0, hi - lo, f"{hint}.saturate")
         if zero_point != -lo:
-            q = self.sub(q, self.scalar(-lo - zero_point, np.int32), f"{hint}.value")
-        if np.dtype(out_dtype) != np.int32:
+            q = self.sub(q, self.scalar(-lo - zero_point, y.dtype), f"{hint}.value")
+        if np.dtype(out_dtype) != q.dtype:
             q = self.cast(q, out_dtype, hint)
         return q
 
