@@ -124,6 +124,23 @@ def _requant_int32(m, x_bound: int, lo: int, hi: int) -> Requant:
     return Requant(M=big_m if np.ndim(m) else big_m.reshape(()), shift=shift, int32=True)
 
 
+def _rope_extra_bits(out_scale: float, amax: float, out_levels: int) -> int:
+    """e for q (or k) before RoPE in units of out_scale / 2**e, the scale after RoPE's int8 or
+    uint8 requantisation divided by a power of two, so that the requantisation after RoPE
+    (whose tables carry 2**ROPE_FRAC_BITS) is a rounding shift alone, with no multiplier.
+
+    e is the largest that keeps 2x the calibrated max within QK_FIX_CLIP, and at most what
+    keeps the shift's (out_levels + 1) * 2**shift within int32.
+    """
+    e = math.floor(math.log2(QK_FIX_CLIP * out_scale / (2 * amax)))
+    e_max = math.floor(math.log2((2**31 - 1) / (out_levels + 1))) - ROPE_FRAC_BITS
+    return max(min(e, e_max), 1 - ROPE_FRAC_BITS)
+
+
+def _rounding_shift(shift: int) -> Requant:
+    return Requant(M=np.array(1, np.int64), shift=shift, int32=True)
+
+
 # The gate's fixed point: its range is 2x the largest calibrated gate of any layer, rounded up to
 # a power of two and kept within [8, 1024] (the SiLU table's 2**16 steps then give 1/4096 to
 # 1/32), so that one SiLU table serves every layer.
@@ -150,7 +167,8 @@ class _Quantizer:
 
     def norm(self, gamma: np.ndarray, out_scale: float) -> Norm:
         gain = np.asarray(gamma, np.float64) / out_scale
-        big_g, shift = _signed_multiplier(gain, self.res_clip, 128)
+        # out_bound 256 * res_clip: the graph adds 128.5 * rms * 2**shift to r * G (int64).
+        big_g, shift = _signed_multiplier(gain, self.res_clip, 256 * self.res_clip)
         eps_q = max(1, round(self.spec.rms_norm_eps / self.s_res**2))
         return Norm(G=big_g, shift=shift, eps_q=eps_q)
 
@@ -183,11 +201,11 @@ class _Quantizer:
         spec, a = self.spec, self._amax
         p = f"L{i}."
         s_attn_in = quant.activation_scale(a(p + "attn_in"))
-        s_qf = a(p + "q") * 2 / QK_FIX_CLIP
-        s_kf = a(p + "k") * 2 / QK_FIX_CLIP
         s_q = quant.activation_scale(a(p + "q_rot"))  # uint8
         s_k = a(p + "k_rot") / 63  # int8, 7 bits
         s_v = a(p + "v") / 63
+        e_q = _rope_extra_bits(s_q, a(p + "q"), 256)
+        e_k = _rope_extra_bits(s_k, a(p + "k"), 128)
         s_attn_out = quant.activation_scale(a(p + "attn_out"))
         s_mlp_in = quant.activation_scale(a(p + "mlp_in"))
         s_act = quant.activation_scale(a(p + "act"))
@@ -198,25 +216,29 @@ class _Quantizer:
         d = min(max(d, 1), ACT_DIVISOR_MAX)
         s_up = s_act / gate_unit / d
         half_res = self.res_clip // 2
-        rope_bound = 2 * QK_FIX_CLIP << ROPE_FRAC_BITS
         score_bound = 2 * spec.head_dim * 128 * 64 + MASK_PENALTY
         return Layer(
             attn_norm=self.norm(weights["input_norm"], s_attn_in),
-            q=self.linear(weights["q_w"], weights["q_b"], s_attn_in, s_qf, QK_FIX_CLIP),
-            k=self.linear(weights["k_w"], weights["k_b"], s_attn_in, s_kf, QK_FIX_CLIP),
-            v=self.linear(weights["v_w"], weights["v_b"], s_attn_in, s_v, 64),
-            q_rot=_requant(s_qf / 2**ROPE_FRAC_BITS / s_q, rope_bound, 128),
-            k_rot=_requant(s_kf / 2**ROPE_FRAC_BITS / s_k, rope_bound, 64),
+            q=self.linear(weights["q_w"], weights["q_b"], s_attn_in, s_q / 2**e_q, QK_FIX_CLIP,
+                          int32_out=True),
+            k=self.linear(weights["k_w"], weights["k_b"], s_attn_in, s_k / 2**e_k, QK_FIX_CLIP,
+                          int32_out=True),
+            v=self.linear(weights["v_w"], weights["v_b"], s_attn_in, s_v, 64, int32_out=True),
+            q_rot=_rounding_shift(ROPE_FRAC_BITS + e_q),
+            k_rot=_rounding_shift(ROPE_FRAC_BITS + e_k),
             scores=_requant_int32(s_q * s_k / math.sqrt(spec.head_dim) * 2**EXP_FRAC_BITS,
                                   score_bound, 0, EXP_LEN - 1),
-            attn_out=_requant(s_v / PROB_MAX / s_attn_out, self.max_context * 255 * 64, 128),
-            o=self.linear(weights["o_w"], None, s_attn_out, self.s_res, half_res),
+            attn_out=_requant_int32(s_v / PROB_MAX / s_attn_out, self.max_context * 255 * 64,
+                                    -128, 127),
+            o=self.linear(weights["o_w"], None, s_attn_out, self.s_res, half_res,
+                          int32_out=True),
             mlp_norm=self.norm(weights["post_norm"], s_mlp_in),
             gate=self.linear(weights["gate_w"], None, s_mlp_in, gate_unit, GATE_HALF_RANGE,
                              int32_out=True),
             up=self.linear(weights["up_w"], None, s_mlp_in, s_up, UP_CLIP, int32_out=True),
             act_divisor=d,
-            down=self.linear(weights["down_w"], None, s_act, self.s_res, half_res),
+            down=self.linear(weights["down_w"], None, s_act, self.s_res, half_res,
+                             int32_out=True),
         )
 
     def embedding(self, table: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:

@@ -12,6 +12,7 @@ Every node has exactly one output, so node k of the graph is leaf k of the state
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -332,6 +333,8 @@ class GraphBuilder:
         x_hi = np.where(m > 0, -((half - hi * unit) // safe), x.hi).clip(x.lo, x.hi)
         if m.ndim == 0:
             x = self.clip(x, int(x_lo), int(x_hi), f"{hint}.clip")
+            if int(m) == 1:  # a rounding shift alone
+                return self._round_shift(x, shift, lo, hi, hint, out_dtype, zero_point)
             m_t = self.scalar(int(m), np.int32)
         else:
             x = self.maximum(x, self.const(f"{hint}.x_min", x_lo.astype(np.int32)), f"{hint}.lo")
@@ -403,7 +406,7 @@ class GraphBuilder:
             x_next = self.div(s, two, f"{hint}.it{i}.h")
             x = self.minimum(x, x_next, f"{hint}.it{i}")
             x = self.assume(x, 1, x.hi, "Newton from above never goes below isqrt(n) >= 1")
-        return x
+        return self.assume(x, 1, math.isqrt(n.hi), "the result is isqrt(n) <= isqrt(max n)")
 
     # ------------------------------------------------------------------ model
 

@@ -159,7 +159,7 @@ def exp_table(frac_bits: int, length: int, out_bits: int) -> np.ndarray:
 def rope_tables(
     max_positions: int, head_dim: int, theta: float, frac_bits: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Fixed-point RoPE tables, (max_positions, 1, head_dim) int64 each, scale 2**-frac_bits.
+    """Fixed-point RoPE tables, (max_positions, 1, head_dim) int32 each, scale 2**-frac_bits.
 
     q_rot = q * COS[pos] + swap_halves(q) * SIN[pos], which is Hugging Face's
     q * cos + rotate_half(q) * sin with rotate_half(q) = [-q2, q1]: the sign sits in SIN.
@@ -170,6 +170,6 @@ def rope_tables(
     cos = np.concatenate([np.cos(angles), np.cos(angles)], axis=1)
     sin = np.concatenate([-np.sin(angles), np.sin(angles)], axis=1)
     one = 2.0**frac_bits
-    cos_q = np.rint(cos * one).astype(np.int64)[:, None, :]
-    sin_q = np.rint(sin * one).astype(np.int64)[:, None, :]
+    cos_q = np.rint(cos * one).astype(np.int32)[:, None, :]
+    sin_q = np.rint(sin * one).astype(np.int32)[:, None, :]
     return cos_q, sin_q

@@ -17,8 +17,9 @@ Representations (real value = integer * scale):
 - weights: int8 in [-64, 63], one scale per output channel;
 - K and V (the cache): int8 in [-64, 63]; attention probabilities: uint8, scale 1/255;
 - logits: int32, acc * M_c, exact: they only need to be ordered like the real logits.
-- the MLP between its products: int32 (gate, up, silu(gate) * up), and the attention scores
-  down to the exp table: int32; the rest of the element-wise work is int64.
+- requantisations, the MLP between its products, q and k through RoPE, and the attention
+  scores down to the exp table: int32 (int64 where the converter found int32's headroom too
+  small for a multiplier); RMSNorm and the embedding's row scales: int64.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ EXP_OUT_BITS = 16  # exp table values: 2**16 = exp(0)
 EXP_LEN = 16 * (1 << EXP_FRAC_BITS) + 1  # exp(-16) rounds to 0 at 2**16; last entry 0 = masked
 GATE_HALF_RANGE = 1 << 15  # gate fixed point: |gate| <= 2**15 units of 2**-gate_frac_bits
 UP_CLIP = 1 << 15  # up projection fixed point, calibrated scale; silu * up fits int32
-QK_FIX_CLIP = 1 << 16  # q and k before RoPE, calibrated scale
+QK_FIX_CLIP = 1 << 15  # q and k before RoPE: |x| * 2**ROPE_FRAC_BITS * 2 fits int32
 ROPE_FRAC_BITS = 14
 MASK_PENALTY = 1 << 24  # subtracted from masked scores before the row max
 PROB_MAX = 255  # attention probabilities: uint8, scale 1/255
@@ -83,11 +84,11 @@ class Linear:
 @dataclass(frozen=True)
 class Layer:
     attn_norm: Norm
-    q: Linear  # -> q fixed point (int64, |q| <= QK_FIX_CLIP)
+    q: Linear  # -> q fixed point (int32, |q| <= QK_FIX_CLIP), q_rot's scale / 2**e
     k: Linear
     v: Linear  # -> int8 [-64, 63]
-    q_rot: Requant  # RoPE output (scale * 2**14) -> uint8
-    k_rot: Requant  # RoPE output -> int8 [-64, 63]
+    q_rot: Requant  # RoPE output -> uint8: M = 1, a rounding shift by ROPE_FRAC_BITS + e
+    k_rot: Requant  # RoPE output -> int8 [-64, 63], likewise
     scores: Requant  # score difference -> exp table index (1/256 nat)
     attn_out: Requant  # P.V accumulator -> uint8
     o: Linear  # -> residual units
@@ -118,7 +119,7 @@ class IntegerQwen2:
     exp_table: np.ndarray  # (EXP_LEN,) int32
     gate_frac_bits: int  # the gate's fixed point, one for the model (the SiLU table is shared)
     silu_table: np.ndarray  # (2*GATE_HALF_RANGE+1,) int32, quant.silu_table
-    rope_cos: np.ndarray  # (max_context, 1, head_dim) int64
+    rope_cos: np.ndarray  # (max_context, 1, head_dim) int32, 2**ROPE_FRAC_BITS = 1
     rope_sin: np.ndarray
 
     @property
@@ -154,12 +155,15 @@ class _Qwen2Builder:
         ss = g.reduce_sum(sq, h, f"{name}.ss")  # (T, 1)
         ms = g.add(g.div(ss, g.scalar(h), f"{name}.mean"), g.scalar(p.eps_q), f"{name}.ms")
         rms = g.isqrt(ms, f"{name}.rms")  # (T, 1) residual units
+        # One rounding division per element, by a per-row divisor: with den = rms * 2**shift,
+        # floor((num + 128.5 * den) / den) = round(num / den) + 128 wherever the dividend is
+        # non-negative; where it is negative the Clip gives 0 as floor would. (shift >= 1, so
+        # 128.5 * den = rms * 257 * 2**(shift-1) exactly.)
+        den = g.mul(rms, g.scalar(1 << p.shift), f"{name}.den")  # (T, 1)
+        offset = g.mul(rms, g.scalar(257 << (p.shift - 1)), f"{name}.offset")  # (T, 1)
         num = g.mul(r64, g.const(f"{name}.G", p.G), f"{name}.num")  # (T, H)
-        y = g.div(num, rms, f"{name}.y")  # (T, H) output units * 2**shift
-        unit = 1 << p.shift
-        y = g.clip(y, -128 * unit, 127 * unit, f"{name}.clip")
-        y = g.add(y, g.scalar(128 * unit + unit // 2), f"{name}.offset")
-        return g.cast(g.div(y, g.scalar(unit), f"{name}.shift"), np.uint8, name)  # (T, H) u8
+        y = g.div(g.add(num, offset, f"{name}.biased"), den, f"{name}.y")  # (T, H)
+        return g.cast(g.clip(y, 0, 255, f"{name}.clip"), np.uint8, name)  # (T, H) u8
 
     def linear(self, x: Tensor, p: Linear, name: str) -> Tensor:
         """MatMulInteger plus bias, in int64 accumulator units (not yet rescaled)."""
@@ -181,15 +185,15 @@ class _Qwen2Builder:
         return acc
 
     def requant_int32(self, x: Tensor, r: Requant, lo: int, hi: int, name: str,
-                      zero_point: int = 0) -> Tensor:
-        """An int32 tensor requantised to an int32 one, in int32 where the converter could."""
+                      zero_point: int = 0, out_dtype=np.int32) -> Tensor:
+        """An int32 tensor requantised to out_dtype, in int32 where the converter could."""
         if r.int32:
-            return self.g.rescale_int32(x, r.M, r.shift, lo, hi, name, zero_point=zero_point)
-        return self.g.rescale(x, r.M, r.shift, lo, hi, name, np.int32, zero_point=zero_point)
+            return self.g.rescale_int32(x, r.M, r.shift, lo, hi, name, out_dtype, zero_point)
+        return self.g.rescale(x, r.M, r.shift, lo, hi, name, out_dtype, zero_point)
 
     def to_residual(self, acc: Tensor, p: Linear, name: str) -> Tensor:
         half = self.res_clip // 2
-        return self.g.rescale(acc, p.out.M, p.out.shift, -half, half, name, np.int32)
+        return self.requant_int32(acc, p.out, -half, half, name)
 
     def add_residual(self, r: Tensor, delta: Tensor, name: str) -> Tensor:
         s = self.g.add(r, delta, f"{name}.sum")
@@ -197,7 +201,7 @@ class _Qwen2Builder:
 
     def rope(self, x: Tensor, heads: int, cos: Tensor, sin: Tensor, name: str) -> Tensor:
         g, hd = self.g, self.m.head_dim
-        x3 = g.reshape(x, [0, heads, hd], f"{name}.heads")  # (T, heads, hd) int64
+        x3 = g.reshape(x, [0, heads, hd], f"{name}.heads")  # (T, heads, hd) int32
         # The halves swapped, as two slices (block copies; a Gather copies element by element).
         upper = g.slice(x3, g.ints([hd // 2]), hd, 2, f"{name}.upper")
         lower = g.slice(x3, g.ints([0]), hd // 2, 2, f"{name}.lower")
@@ -214,17 +218,17 @@ class _Qwen2Builder:
         grp = n // kv
         name = f"L{i}.attn"
         fix = QK_FIX_CLIP
-        q = g.rescale(self.linear(x, p.q, f"{name}.q"), p.q.out.M, p.q.out.shift, -fix, fix,
-                      f"{name}.q.fix")  # (T, n*hd) int64
-        k = g.rescale(self.linear(x, p.k, f"{name}.k"), p.k.out.M, p.k.out.shift, -fix, fix,
-                      f"{name}.k.fix")  # (T, kv*hd) int64
-        v = g.rescale(self.linear(x, p.v, f"{name}.v"), p.v.out.M, p.v.out.shift, -64, 63,
-                      f"{name}.v.q", np.int8)  # (T, kv*hd) int8
-        q = self.rope(q, n, ctx["cos"], ctx["sin"], f"{name}.q")
+        q = self.requant_int32(self.linear_int32(x, p.q, f"{name}.q"), p.q.out, -fix, fix,
+                               f"{name}.q.fix")  # (T, n*hd) int32
+        k = self.requant_int32(self.linear_int32(x, p.k, f"{name}.k"), p.k.out, -fix, fix,
+                               f"{name}.k.fix")  # (T, kv*hd) int32
+        v = self.requant_int32(self.linear_int32(x, p.v, f"{name}.v"), p.v.out, -64, 63,
+                               f"{name}.v.q", 0, np.int8)  # (T, kv*hd) int8
+        q = self.rope(q, n, ctx["cos"], ctx["sin"], f"{name}.q")  # int32, |q| < 2**30
         k = self.rope(k, kv, ctx["cos"], ctx["sin"], f"{name}.k")
-        q = g.rescale(q, p.q_rot.M, p.q_rot.shift, -128, 127, f"{name}.q.u8", np.uint8,
-                      zero_point=128)  # (T, n, hd) u8
-        k = g.rescale(k, p.k_rot.M, p.k_rot.shift, -64, 63, f"{name}.k.q", np.int8)  # (T,kv,hd)
+        q = self.requant_int32(q, p.q_rot, -128, 127, f"{name}.q.u8", 128,
+                               np.uint8)  # (T, n, hd) u8
+        k = self.requant_int32(k, p.k_rot, -64, 63, f"{name}.k.q", 0, np.int8)  # (T, kv, hd)
         q = g.reshape(q, [0, kv, grp, hd], f"{name}.q.groups")  # (T, kv, grp, hd)
         q = g.transpose(q, [1, 2, 0, 3], f"{name}.q.bhtd")  # (kv, grp, T, hd)
         k = g.transpose(k, [1, 2, 0], f"{name}.k.bdt")  # (kv, hd, T)
@@ -258,11 +262,10 @@ class _Qwen2Builder:
                         "each exp term is at most the row sum, so e*255/sum + 1/2 < 256")
         prob = g.cast(prob, np.uint8, f"{name}.prob")
         att = g.matmul_integer(prob, v, 0, s_max, f"{name}.pv", columns=v_cols)  # (kv,grp,T,hd)
-        att = g.rescale(att, p.attn_out.M, p.attn_out.shift, -128, 127, f"{name}.out.u8",
-                        np.uint8, zero_point=128)
+        att = self.requant_int32(att, p.attn_out, -128, 127, f"{name}.out.u8", 128, np.uint8)
         att = g.transpose(att, [2, 0, 1, 3], f"{name}.out.tbgd")  # (T, kv, grp, hd)
         att = g.reshape(att, [-1, n * hd], f"{name}.out")  # (T, n*hd) u8
-        delta = self.to_residual(self.linear(att, p.o, f"{name}.o"), p.o, f"{name}.o.res")
+        delta = self.to_residual(self.linear_int32(att, p.o, f"{name}.o"), p.o, f"{name}.o.res")
         return delta, k, v
 
     def mlp(self, i: int, x: Tensor) -> Tensor:
@@ -282,7 +285,7 @@ class _Qwen2Builder:
         act = g.add(act, g.scalar(128 * d + d // 2, np.int32), f"{name}.act.offset")
         act = g.cast(g.div(act, g.scalar(d, np.int32), f"{name}.act.shift"), np.uint8,
                      f"{name}.act.u8")  # round(act / d) + 128
-        return self.to_residual(self.linear(act, p.down, f"{name}.down"), p.down,
+        return self.to_residual(self.linear_int32(act, p.down, f"{name}.down"), p.down,
                                 f"{name}.down.res")
 
     # ------------------------------------------------------------------ graph

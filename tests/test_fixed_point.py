@@ -168,3 +168,42 @@ def test_silu_table_is_silu_in_the_gates_fixed_point():
     silu = x / (1 + np.exp(-x))
     assert np.abs(table / 2**10 - silu).max() <= 2**-11  # rounded to the nearest unit
     assert table[2**15] == 0 and table[-1] == 2**15  # silu(32) = 32 to within 2**-10
+
+
+def test_rescale_int32_by_one_is_a_rounding_shift_without_a_product():
+    g = GraphBuilder("shift32")
+    x = g.input("x", np.int32, ["N"], -(2**30), 2**30)
+    g.output(g.rescale_int32(x, 1, 21, -128, 127, "y", np.uint8, zero_point=128))
+    assert "Mul" not in {node.op_type for node in g.nodes}
+    xs = np.asarray([-(2**30), -(2**28) - 1, -(2**20) - 1, -(2**20), 0, 2**20 - 1, 2**20,
+                     127 * 2**21, 2**30], np.int32)
+    (got,) = run(g, {"x": xs})
+    assert got.tolist() == [min(max((int(v) + 2**20) >> 21, -128), 127) + 128 for v in xs]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.lists(st.lists(st.integers(-(2**21), 2**21), min_size=8, max_size=8), min_size=1,
+                  max_size=6),
+    gains=st.lists(st.integers(-(2**24), 2**24), min_size=8, max_size=8),
+    shift=st.integers(1, 31),
+    eps_q=st.integers(1, 1000),
+)
+def test_rmsnorm_rounds_once_per_element(rows, gains, shift, eps_q):
+    from types import SimpleNamespace
+
+    from optinfer.models.qwen2_graph import Norm, _Qwen2Builder
+
+    builder = _Qwen2Builder.__new__(_Qwen2Builder)  # the norm needs only the graph and width
+    builder.g, builder.m = GraphBuilder("norm"), SimpleNamespace(hidden_size=8)
+    r = builder.g.input("r", np.int32, ["T", 8], -(2**21), 2**21)
+    norm = Norm(G=np.asarray(gains, np.int64), shift=shift, eps_q=eps_q)
+    builder.g.output(builder.rmsnorm(r, norm, "n"))
+    (got,) = run(builder.g, {"r": np.asarray(rows, np.int32)})
+    want = []
+    for row in rows:
+        rms = math.isqrt(sum(v * v for v in row) // 8 + eps_q)
+        den = rms << shift  # round(r * G / den) + 128, clipped to uint8, in exact integers
+        want.append([min(max((2 * v * gain + 257 * den) // (2 * den), 0), 255)
+                     for v, gain in zip(row, gains, strict=True)])
+    assert got.dtype == np.uint8 and got.tolist() == want

@@ -230,3 +230,21 @@ def test_extreme_scales_fall_back_where_int32_would_be_imprecise(tmp_path):
         assert np.array_equal(values[name], got), name
         if got.size:
             assert bounds[name][0] <= int(got.min()) and int(got.max()) <= bounds[name][1], name
+
+
+@pytest.mark.parametrize("ratio", [0.3, 1.0, 1.7, 40.0])
+@pytest.mark.parametrize("levels", [256, 128])
+def test_rope_fixed_point_makes_the_requantisation_after_rope_a_shift(ratio, levels):
+    from optinfer.models.converter import _rope_extra_bits
+    from optinfer.models.qwen2_graph import QK_FIX_CLIP, ROPE_FRAC_BITS
+
+    amax_rotated = 3.0
+    out_scale, amax = amax_rotated / (levels // 2 - 1), amax_rotated * ratio
+    e = _rope_extra_bits(out_scale, amax, levels)
+    # The shift after RoPE fits rescale_int32's headroom for the output's levels ...
+    assert (levels + 1) * 2 ** (ROPE_FRAC_BITS + e) < 2**31
+    # ... and q before RoPE, in units of out_scale / 2**e, keeps twice its calibrated max
+    # within the clip, with e the largest that does (unless the headroom capped it).
+    assert 2 * amax / (out_scale / 2**e) <= QK_FIX_CLIP
+    capped = (levels + 1) * 2 ** (ROPE_FRAC_BITS + e + 1) >= 2**31
+    assert capped or 2 * amax / (out_scale / 2 ** (e + 1)) > QK_FIX_CLIP
