@@ -25,6 +25,10 @@ def test_workers_measure_every_runtime_and_the_json_has_the_issue_keys(
     assert len(runs) == bench.VERIFY_RUNS and result["verify_s"] == runs[len(runs) // 2]
     # Each runtime was measured in its own process: the float ones hold more weight bytes.
     assert result["peak_rss_bytes"] != result["torch_fp32_peak_rss_bytes"]
+    # Generation and verification each in their own process, as provider and watchtower are.
+    assert result["generate_peak_rss_bytes"] != result["verify_peak_rss_bytes"]
+    assert result["peak_rss_bytes"] == max(result["generate_peak_rss_bytes"],
+                                           result["verify_peak_rss_bytes"])
 
 
 def test_weight_bytes_per_token_counts_every_matrix_once(random_model):
