@@ -3,11 +3,14 @@
 On a fresh local anvil with the contracts deployed, N requests are posted; the node records
 them, then serves them all (generation, the ``committing`` row, the commit transaction mined,
 the claim recorded). ``overhead`` is that wall time divided by the wall time of generating the
-same N answers alone (the model in this process), in rounds that alternate the two. As in
-``optinfer provider run``, the node generates in a process of its own and commits on a
-second thread while the next answer is generated, so the target (<= 1.05) holds when a
-commit's work (the node's, the client's and the chain's) fits beside a generation on the
-machine's cores.
+same N answers alone, in rounds that alternate the two. As in ``optinfer provider run``, the
+node generates in a process of its own and commits on a second thread while the next answer
+is generated, so the target (<= 1.05) holds when a commit's work (the node's, the client's and
+the chain's) fits beside a generation on the machine's cores.
+
+Generation alone runs in the same generation process, so that the two sides differ only by
+the serving: two sessions of one model in two processes decode at speeds up to 5-10% apart,
+depending on which loaded first (measured at R1-1.5B shape, docs/performance.md).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ def bench_provider(requests: int = 200, max_tokens: int = 32, model_dir: Path | 
     from optinfer.services.deployments import deploy_all
     from optinfer.services.store import Store
 
-    model = IntegerModel(model_dir or INTEGER_DIR, threads=threads)
+    model = IntegerModel(model_dir or INTEGER_DIR, threads=threads)  # the tokenizer, the spec
     rng = random.Random(seed)
     prompts = [model.encode(f"{rng.randint(1, 999)}+{rng.randint(1, 999)}=")
                for _ in range(requests)]
@@ -59,15 +62,14 @@ def bench_provider(requests: int = 200, max_tokens: int = 32, model_dir: Path | 
         stake = (coordinator.parameter("minimumStake")
                  + requests * coordinator.parameter("stakePerClaim"))
         node.ensure_provider_registered(stake)
-        for generate in (model.generate, generator.generate):  # warm both sessions up
-            generate(prompts[0], max_tokens)
+        generator.generate(prompts[0], max_tokens)  # warm the session up
         # Rounds alternate generation alone and serving, so that a change in the machine's
         # load during the run weighs on both sides alike.
         generation_s, serve_s, served = 0.0, 0.0, []
         for batch in _batches(prompts, min(ROUNDS, requests)):
             started = time.perf_counter()
-            for prompt in batch:
-                model.generate(prompt, max_tokens)
+            for _ in generator.stream([(prompt, max_tokens) for prompt in batch]):
+                pass
             generation_s += time.perf_counter() - started
             _post(coordinator, consumer, node.spec.model_root, batch, max_tokens)
             node.watch()
