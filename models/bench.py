@@ -1,8 +1,11 @@
 """`optinfer bench inference`: the integer model against float32 at R1-Distill-1.5B shape.
 
 Each runtime is measured in its own subprocess (`python -m optinfer.models.bench KIND ...`),
-so that its peak RSS is its own and one runtime's memory never slows another. Figures are
-ratios measured in one run on one machine with the same thread count.
+so that its peak RSS is its own and one runtime's memory never slows another. The integer
+model's generation and verification are separate processes too, as a provider's generation
+process and a watchtower are, in rounds that pair each generation with the verification of
+its tokens right after it. Figures are ratios measured in one run on one machine with the
+same thread count.
 """
 
 from __future__ import annotations
