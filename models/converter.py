@@ -172,12 +172,9 @@ class _Quantizer:
         eps_q = max(1, round(self.spec.rms_norm_eps / self.s_res**2))
         return Norm(G=big_g, shift=shift, eps_q=eps_q)
 
-    def linear(self, w, b, in_scale: float, out_scale: float, out_bound: int,
-               int32_out: bool = False) -> Linear:
-        """Quantised weights, bias in accumulator units, and the requantisation to out_scale.
-
-        int32_out: the graph requantises in int32 (`rescale_int32`) to [-out_bound, out_bound].
-        """
+    def linear(self, w, b, in_scale: float, out_scale: float, out_bound: int) -> Linear:
+        """Quantised weights, bias in accumulator units, and the requantisation to out_scale
+        within [-out_bound, out_bound] (in int32 where the multiplier keeps enough bits)."""
         ql = quant.quantize_linear(w, b)
         acc_scale = in_scale * ql.scale  # real value of one accumulator unit, per channel
         k = ql.weight.shape[0]
@@ -186,10 +183,7 @@ class _Quantizer:
         if ql.bias is not None:
             bias = np.rint(ql.bias / acc_scale).astype(np.int64)
             x_bound += int(np.abs(bias).max())
-        if int32_out:
-            out = _requant_int32(acc_scale / out_scale, x_bound, -out_bound, out_bound)
-        else:
-            out = _requant(acc_scale / out_scale, x_bound, out_bound)
+        out = _requant_int32(acc_scale / out_scale, x_bound, -out_bound, out_bound)
         return Linear(weight=ql.weight, bias=bias, out=out)
 
     def gate_frac_bits(self) -> int:
@@ -219,26 +213,21 @@ class _Quantizer:
         score_bound = 2 * spec.head_dim * 128 * 64 + MASK_PENALTY
         return Layer(
             attn_norm=self.norm(weights["input_norm"], s_attn_in),
-            q=self.linear(weights["q_w"], weights["q_b"], s_attn_in, s_q / 2**e_q, QK_FIX_CLIP,
-                          int32_out=True),
-            k=self.linear(weights["k_w"], weights["k_b"], s_attn_in, s_k / 2**e_k, QK_FIX_CLIP,
-                          int32_out=True),
-            v=self.linear(weights["v_w"], weights["v_b"], s_attn_in, s_v, 64, int32_out=True),
+            q=self.linear(weights["q_w"], weights["q_b"], s_attn_in, s_q / 2**e_q, QK_FIX_CLIP),
+            k=self.linear(weights["k_w"], weights["k_b"], s_attn_in, s_k / 2**e_k, QK_FIX_CLIP),
+            v=self.linear(weights["v_w"], weights["v_b"], s_attn_in, s_v, 64),
             q_rot=_rounding_shift(ROPE_FRAC_BITS + e_q),
             k_rot=_rounding_shift(ROPE_FRAC_BITS + e_k),
             scores=_requant_int32(s_q * s_k / math.sqrt(spec.head_dim) * 2**EXP_FRAC_BITS,
                                   score_bound, 0, EXP_LEN - 1),
             attn_out=_requant_int32(s_v / PROB_MAX / s_attn_out, self.max_context * 255 * 64,
                                     -128, 127),
-            o=self.linear(weights["o_w"], None, s_attn_out, self.s_res, half_res,
-                          int32_out=True),
+            o=self.linear(weights["o_w"], None, s_attn_out, self.s_res, half_res),
             mlp_norm=self.norm(weights["post_norm"], s_mlp_in),
-            gate=self.linear(weights["gate_w"], None, s_mlp_in, gate_unit, GATE_HALF_RANGE,
-                             int32_out=True),
-            up=self.linear(weights["up_w"], None, s_mlp_in, s_up, UP_CLIP, int32_out=True),
+            gate=self.linear(weights["gate_w"], None, s_mlp_in, gate_unit, GATE_HALF_RANGE),
+            up=self.linear(weights["up_w"], None, s_mlp_in, s_up, UP_CLIP),
             act_divisor=d,
-            down=self.linear(weights["down_w"], None, s_act, self.s_res, half_res,
-                             int32_out=True),
+            down=self.linear(weights["down_w"], None, s_act, self.s_res, half_res),
         )
 
     def embedding(self, table: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:

@@ -166,17 +166,7 @@ class _Qwen2Builder:
         return g.cast(g.clip(y, 0, 255, f"{name}.clip"), np.uint8, name)  # (T, H) u8
 
     def linear(self, x: Tensor, p: Linear, name: str) -> Tensor:
-        """MatMulInteger plus bias, in int64 accumulator units (not yet rescaled)."""
-        g = self.g
-        acc = g.matmul_integer(x, g.const(f"{name}.W", p.weight), 128, p.weight.shape[0],
-                               f"{name}.acc")
-        acc = g.cast(acc, np.int64, f"{name}.acc64")
-        if p.bias is not None:
-            acc = g.add(acc, g.const(f"{name}.b", p.bias), f"{name}.biased")
-        return acc
-
-    def linear_int32(self, x: Tensor, p: Linear, name: str) -> Tensor:
-        """MatMulInteger plus bias, kept in int32 (for `rescale_int32`)."""
+        """MatMulInteger plus bias, in int32 accumulator units (not yet requantised)."""
         g = self.g
         acc = g.matmul_integer(x, g.const(f"{name}.W", p.weight), 128, p.weight.shape[0],
                                f"{name}.acc")
@@ -218,11 +208,11 @@ class _Qwen2Builder:
         grp = n // kv
         name = f"L{i}.attn"
         fix = QK_FIX_CLIP
-        q = self.requant_int32(self.linear_int32(x, p.q, f"{name}.q"), p.q.out, -fix, fix,
+        q = self.requant_int32(self.linear(x, p.q, f"{name}.q"), p.q.out, -fix, fix,
                                f"{name}.q.fix")  # (T, n*hd) int32
-        k = self.requant_int32(self.linear_int32(x, p.k, f"{name}.k"), p.k.out, -fix, fix,
+        k = self.requant_int32(self.linear(x, p.k, f"{name}.k"), p.k.out, -fix, fix,
                                f"{name}.k.fix")  # (T, kv*hd) int32
-        v = self.requant_int32(self.linear_int32(x, p.v, f"{name}.v"), p.v.out, -64, 63,
+        v = self.requant_int32(self.linear(x, p.v, f"{name}.v"), p.v.out, -64, 63,
                                f"{name}.v.q", 0, np.int8)  # (T, kv*hd) int8
         q = self.rope(q, n, ctx["cos"], ctx["sin"], f"{name}.q")  # int32, |q| < 2**30
         k = self.rope(k, kv, ctx["cos"], ctx["sin"], f"{name}.k")
@@ -265,7 +255,7 @@ class _Qwen2Builder:
         att = self.requant_int32(att, p.attn_out, -128, 127, f"{name}.out.u8", 128, np.uint8)
         att = g.transpose(att, [2, 0, 1, 3], f"{name}.out.tbgd")  # (T, kv, grp, hd)
         att = g.reshape(att, [-1, n * hd], f"{name}.out")  # (T, n*hd) u8
-        delta = self.to_residual(self.linear_int32(att, p.o, f"{name}.o"), p.o, f"{name}.o.res")
+        delta = self.to_residual(self.linear(att, p.o, f"{name}.o"), p.o, f"{name}.o.res")
         return delta, k, v
 
     def mlp(self, i: int, x: Tensor) -> Tensor:
@@ -273,10 +263,10 @@ class _Qwen2Builder:
         g, m, p = self.g, self.m, self.m.layers[i]
         name = f"L{i}.mlp"
         half = GATE_HALF_RANGE
-        gate = self.requant_int32(self.linear_int32(x, p.gate, f"{name}.gate"), p.gate.out,
+        gate = self.requant_int32(self.linear(x, p.gate, f"{name}.gate"), p.gate.out,
                                   -half, half, f"{name}.gate.fix",
                                   zero_point=half)  # (T, I) gate + half in [0, 2 * half]
-        up = self.requant_int32(self.linear_int32(x, p.up, f"{name}.up"), p.up.out,
+        up = self.requant_int32(self.linear(x, p.up, f"{name}.up"), p.up.out,
                                 -UP_CLIP, UP_CLIP, f"{name}.up.fix")  # (T, I)
         silu = g.lookup(g.const("c.silu", m.silu_table), gate, f"{name}.silu")  # (T, I)
         act = g.mul(silu, up, f"{name}.act")  # (T, I), |act| < 2**31
@@ -285,7 +275,7 @@ class _Qwen2Builder:
         act = g.add(act, g.scalar(128 * d + d // 2, np.int32), f"{name}.act.offset")
         act = g.cast(g.div(act, g.scalar(d, np.int32), f"{name}.act.shift"), np.uint8,
                      f"{name}.act.u8")  # round(act / d) + 128
-        return self.to_residual(self.linear_int32(act, p.down, f"{name}.down"), p.down,
+        return self.to_residual(self.linear(act, p.down, f"{name}.down"), p.down,
                                 f"{name}.down.res")
 
     # ------------------------------------------------------------------ graph
