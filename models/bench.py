@@ -215,7 +215,13 @@ def measure(checkpoint: Path, integer: Path, float_path: Path, tokens: int, prom
         if rounds and generated["output"] != rounds[0][0]["output"]:
             raise RuntimeError("integer generation is not reproducible across processes")
         rounds.append((generated, checked))
-    decode = statistics.median(g["decode_tokens_per_s"] for g, _ in rounds)
+    per_round = [{"generate_s": g["generate_s"], "decode_tokens_per_s": g["decode_tokens_per_s"],
+                  "verify_s": c["verify_s"], "verify_runs_s": c["verify_runs_s"],
+                  "verify_over_generate": c["verify_s"] / g["generate_s"]}
+                 for g, c in rounds]
+    decode = statistics.median(r["decode_tokens_per_s"] for r in per_round)
+    generate_rss = max(g["peak_rss_bytes"] for g, _ in rounds)
+    verify_rss = max(c["peak_rss_bytes"] for _, c in rounds)
     float_tokens = min(tokens, FLOAT_TOKENS)
     log(f"float32 ONNX Runtime: {float_tokens} tokens")
     ort_fp32 = _run_worker("ort-float", float_path, threads, prompt_len, float_tokens)
@@ -232,22 +238,18 @@ def measure(checkpoint: Path, integer: Path, float_path: Path, tokens: int, prom
         "torch_fp32_decode_tokens_per_s": torch_fp32["decode_tokens_per_s"],
         "decode_speedup_vs_ort_fp32": decode / ort_fp32["decode_tokens_per_s"],
         "decode_speedup_vs_torch_fp32": decode / torch_fp32["decode_tokens_per_s"],
-        "generate_s": statistics.median(g["generate_s"] for g, _ in rounds),
-        "verify_s": statistics.median(c["verify_s"] for _, c in rounds),
-        "verify_over_generate": statistics.median(c["verify_s"] / g["generate_s"]
-                                                  for g, c in rounds),
-        "rounds": [{"generate_s": g["generate_s"], "decode_tokens_per_s": g["decode_tokens_per_s"],
-                    "verify_s": c["verify_s"], "verify_runs_s": c["verify_runs_s"],
-                    "verify_over_generate": c["verify_s"] / g["generate_s"]}
-                   for g, c in rounds],
+        "generate_s": statistics.median(r["generate_s"] for r in per_round),
+        "verify_s": statistics.median(r["verify_s"] for r in per_round),
+        "verify_over_generate": statistics.median(r["verify_over_generate"] for r in per_round),
+        "rounds": per_round,
         "weight_bytes_per_token": per_token, "copy_bandwidth_bytes_per_s": bandwidth,
         "bandwidth_bound_tokens_per_s": bound,
         "bandwidth_fraction": decode / bound,
         # Generation (a provider's generation process) and verification (a watchtower) are
         # separate processes in the product, each with its own ONNX Runtime session.
-        "generate_peak_rss_bytes": max(g["peak_rss_bytes"] for g, _ in rounds),
-        "verify_peak_rss_bytes": max(c["peak_rss_bytes"] for _, c in rounds),
-        "peak_rss_bytes": max(max(g["peak_rss_bytes"], c["peak_rss_bytes"]) for g, c in rounds),
+        "generate_peak_rss_bytes": generate_rss,
+        "verify_peak_rss_bytes": verify_rss,
+        "peak_rss_bytes": max(generate_rss, verify_rss),
         "ort_fp32_peak_rss_bytes": ort_fp32["peak_rss_bytes"],
         "torch_fp32_peak_rss_bytes": torch_fp32["peak_rss_bytes"],
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(),
