@@ -370,13 +370,15 @@ class GraphBuilder:
 
         Done as GatherElements over the flattened indices: ONNX Runtime's Gather copies each
         element through a generic block copy (12 ms for 2.6 M indices on 2 cores), its
-        GatherElements is 5x faster. Returns the index tensor's shape, table's dtype.
+        GatherElements is 5x faster. The index stays int32 where it is: a Cast to int64 on
+        ONNX Runtime's one thread cost more than the lookup itself (2.6 M indices: 6.6 ms
+        against 2.3 ms). Returns the index tensor's shape, table's dtype.
         """
         if index.lo < 0 or index.hi >= self.constants[table.name].shape[0]:
             raise RangeError(f"{hint}: index interval [{index.lo}, {index.hi}] leaves the table")
+        if index.dtype not in (np.int32, np.int64):
+            raise TypeError(f"{hint}: a lookup takes int32 or int64 indices, got {index.dtype}")
         flat = self.reshape(index, [-1], f"{hint}.flat")
-        if flat.dtype != np.int64:
-            flat = self.cast(flat, np.int64, f"{hint}.flat.i64")
         values = self.gather_elements(table, flat, 0, f"{hint}.values")
         shape = self.shape(index, INT64_MAX, f"{hint}.shape")
         return self._node("Reshape", [values, shape], hint, values.dtype, values.lo, values.hi)

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 #: Version of optinfer's op set (this module's semantics), recorded in model manifests. Bump it
 #: whenever any semantics, precondition or allowed dtype below changes.
-OPSET_VERSION = 1
+OPSET_VERSION = 2
 #: The ONNX opset of the default domain that integer models import.
 ONNX_OPSET = 21
 
@@ -47,7 +47,11 @@ STORAGE_DTYPES = frozenset({BOOL, UINT8, INT8, INT32, INT64})
 #: Dtypes of arithmetic (Add ... ArgMax). ONNX Runtime's CPU kernels for int8/uint8/int16 miss
 #: several of these ops, so arithmetic happens in int32/int64 only.
 ARITHMETIC_DTYPES = frozenset({INT32, INT64})
-INDEX_DTYPES = frozenset({INT64})
+#: Gather's and GatherElements' indices (version 2 added int32: a table lookup indexed by an
+#: int32 tensor then needs no Cast, which ONNX Runtime runs on one thread).
+INDEX_DTYPES = frozenset({INT32, INT64})
+#: Shapes, axes and the parameters of Slice and Range.
+PARAMETER_DTYPES = frozenset({INT64})
 
 #: ONNX TensorProto element type <-> numpy dtype, for the allowed dtypes only.
 ONNX_TO_NUMPY: dict[int, np.dtype] = {
@@ -270,7 +274,7 @@ def _reduced_axes(
     """The axes to reduce, normalized and sorted; None means "no reduction" (identity)."""
     if axes is None or axes.size == 0:
         return None if noop_with_empty_axes else tuple(range(data.ndim))
-    _check_dtype(op, axes, INDEX_DTYPES, "axes")
+    _check_dtype(op, axes, PARAMETER_DTYPES, "axes")
     _require(axes.ndim == 1, f"{op}: axes must be 1-D")
     normalized = sorted(_normalize_axis(op, int(axis), data.ndim) for axis in axes)
     _require(len(set(normalized)) == len(normalized), f"{op}: axes has duplicates")
@@ -353,7 +357,7 @@ def arg_max(
 
 
 def gather(data: np.ndarray, indices: np.ndarray, *, axis: int = 0) -> np.ndarray:
-    """Gather(data, indices int64), any allowed data dtype:
+    """Gather(data, indices int32 or int64), any allowed data dtype:
     Y[a..., j..., b...] = data[a..., idx(indices[j...]), b...] where a spans the axes before
     `axis` and b those after; idx(i) = i + dim for negative i. Y's shape is
     data.shape[:axis] + indices.shape + data.shape[axis+1:].
@@ -365,7 +369,8 @@ def gather(data: np.ndarray, indices: np.ndarray, *, axis: int = 0) -> np.ndarra
 
 
 def gather_elements(data: np.ndarray, indices: np.ndarray, *, axis: int = 0) -> np.ndarray:
-    """GatherElements(data, indices int64), any allowed data dtype, indices of data's rank:
+    """GatherElements(data, indices int32 or int64), any allowed data dtype, indices of data's
+    rank:
     Y[p] = data[p with p[axis] replaced by idx(indices[p])], Y has indices' shape.
     idx(i) = i + dim for negative i. Preconditions: every index in [-dim, dim) and
     indices.shape[d] <= data.shape[d] for d != axis."""
@@ -393,7 +398,7 @@ def reshape(data: np.ndarray, shape: np.ndarray, *, allowzero: int = 0) -> np.nd
     inferred so that the element count is unchanged; other entries must be positive.
     """
     _check_dtype("Reshape", data, STORAGE_DTYPES, "data")
-    _check_dtype("Reshape", shape, INDEX_DTYPES, "shape")
+    _check_dtype("Reshape", shape, PARAMETER_DTYPES, "shape")
     _require(allowzero == 0, "Reshape: allowzero must be 0")
     _require(shape.ndim == 1, "Reshape: shape must be 1-D")
     target = [int(d) for d in shape]
@@ -474,7 +479,7 @@ def slice_(
     if steps is None:
         steps = np.ones(count, dtype=INT64)
     for name, array in (("starts", starts), ("ends", ends), ("axes", axes), ("steps", steps)):
-        _check_dtype("Slice", array, INDEX_DTYPES, name)
+        _check_dtype("Slice", array, PARAMETER_DTYPES, name)
         _require(array.ndim == 1 and array.size == count, f"Slice: {name} must be 1-D of {count}")
     window = [slice(None)] * data.ndim
     seen: set[int] = set()
@@ -510,7 +515,7 @@ def range_(start: np.ndarray, limit: np.ndarray, delta: np.ndarray) -> np.ndarra
     difference), Y[i] = start + i * delta. Precondition: delta != 0."""
     values = []
     for name, array in (("start", start), ("limit", limit), ("delta", delta)):
-        _check_dtype("Range", array, INDEX_DTYPES, name)
+        _check_dtype("Range", array, PARAMETER_DTYPES, name)
         values.append(_scalar_value("Range", array, name))
     first, last, step = values
     _require(step != 0, "Range: delta is 0")
@@ -635,6 +640,7 @@ class OpSpec:
 _ARITH = ARITHMETIC_DTYPES
 _ANY = STORAGE_DTYPES
 _IDX = INDEX_DTYPES
+_PARAM = PARAMETER_DTYPES
 _BINARY = {"input_dtypes": (_ARITH, _ARITH), "required_inputs": 2, "same_dtype": (0, 1)}
 _REDUCE_ATTRIBUTES = {"keepdims": frozenset({0, 1}), "noop_with_empty_axes": frozenset({0, 1})}
 _ONNX_CODES = frozenset(ONNX_TO_NUMPY)
@@ -655,9 +661,9 @@ OPS: dict[str, OpSpec] = {
         OpSpec("Greater", greater, fan_in=_one_element_of_each_input, **_BINARY),
         OpSpec("Clip", clip, (_ARITH, _ARITH, _ARITH), 1, _one_element_of_each_input,
                same_dtype=(0, 1, 2)),
-        OpSpec("ReduceSum", reduce_sum, (_ARITH, _IDX), 1, _reduce_fan_in,
+        OpSpec("ReduceSum", reduce_sum, (_ARITH, _PARAM), 1, _reduce_fan_in,
                attributes=_REDUCE_ATTRIBUTES),
-        OpSpec("ReduceMax", reduce_max, (_ARITH, _IDX), 1, _reduce_fan_in,
+        OpSpec("ReduceMax", reduce_max, (_ARITH, _PARAM), 1, _reduce_fan_in,
                attributes=_REDUCE_ATTRIBUTES),
         OpSpec("ArgMax", arg_max, (_ARITH,), 1, _arg_max_fan_in,
                attributes={"axis": None, "keepdims": frozenset({0, 1}),
@@ -665,16 +671,17 @@ OPS: dict[str, OpSpec] = {
         OpSpec("Gather", gather, (_ANY, _IDX), 2, _gather_fan_in, attributes={"axis": None}),
         OpSpec("GatherElements", gather_elements, (_ANY, _IDX), 2, _gather_fan_in,
                attributes={"axis": None}),
-        OpSpec("Reshape", reshape, (_ANY, _IDX), 2, _one_element_of_first_input,
+        OpSpec("Reshape", reshape, (_ANY, _PARAM), 2, _one_element_of_first_input,
                attributes={"allowzero": frozenset({0})}),
         OpSpec("Transpose", transpose, (_ANY,), 1, _one_element_of_first_input,
                attributes={"perm": None}),
         OpSpec("Concat", concat, (_ANY,), 1, _one_element_of_first_input,
                attributes={"axis": None}, same_dtype=(0,), variadic=True),
-        OpSpec("Slice", slice_, (_ANY, _IDX, _IDX, _IDX, _IDX), 3, _one_element_of_first_input),
+        OpSpec("Slice", slice_, (_ANY, _PARAM, _PARAM, _PARAM, _PARAM), 3,
+               _one_element_of_first_input),
         OpSpec("Shape", shape, (_ANY,), 1, _shape_fan_in,
                attributes={"start": None, "end": None}),
-        OpSpec("Range", range_, (_IDX, _IDX, _IDX), 3, _one_element_of_each_input,
+        OpSpec("Range", range_, (_PARAM, _PARAM, _PARAM), 3, _one_element_of_each_input,
                same_dtype=(0, 1, 2)),
     )
 }

@@ -18,6 +18,7 @@ import onnx
 import onnxruntime as ort
 
 from optinfer.errors import UserError
+from optinfer.models import opset
 
 PINNED_ONNXRUNTIME = "1.32.0"
 
@@ -78,6 +79,10 @@ class IntegerModel:
         if ort.__version__ != self.manifest["onnxruntime"]:
             raise UserError(f"this model is pinned to onnxruntime {self.manifest['onnxruntime']}, "
                             f"but {ort.__version__} is installed")
+        if self.manifest.get("opset_version") != opset.OPSET_VERSION:
+            raise UserError(f"{self.dir} was converted for op-set version "
+                            f"{self.manifest.get('opset_version')}, but this optinfer implements "
+                            f"version {opset.OPSET_VERSION}: convert the model again")
         if threads < 1:
             raise UserError(f"threads must be >= 1, got {threads}")
         self.threads = threads

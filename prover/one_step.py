@@ -78,11 +78,11 @@ _PARAMETER_POSITIONS: dict[str, tuple[int, ...]] = {
     "Range": (0, 1, 2),
     "MatMulInteger": (2,),
 }
-#: Inputs that must be int64 (indices, shapes, axes, Slice and Range parameters), single
-#: elements (scalars) and 1-D vectors, by op.
-_INDEX_POSITIONS = {"ReduceSum": (1,), "ReduceMax": (1,), "Gather": (1,),
-                    "GatherElements": (1,), "Reshape": (1,), "Slice": (1, 2, 3, 4),
-                    "Range": (0, 1, 2)}
+#: Inputs that must be int64 (shapes, axes, Slice and Range parameters), int32 or int64
+#: (Gather's indices), single elements (scalars) and 1-D vectors, by op.
+_INT64_POSITIONS = {"ReduceSum": (1,), "ReduceMax": (1,), "Reshape": (1,),
+                    "Slice": (1, 2, 3, 4), "Range": (0, 1, 2)}
+_INDEX_POSITIONS = {"Gather": (1,), "GatherElements": (1,)}
 _SCALAR_POSITIONS = {"Clip": (1, 2), "Range": (0, 1, 2), "MatMulInteger": (2,)}
 _VECTOR_POSITIONS = {"ReduceSum": (1,), "ReduceMax": (1,), "Reshape": (1,),
                      "Slice": (1, 2, 3, 4)}
@@ -542,7 +542,7 @@ def expected_output(
     dtypes and shapes and its parameters (`parameter_values`).
 
     Also checks what the element recomputation alone cannot see: index and parameter tensors
-    are int64 with the ranks the op set requires, MatMulInteger's inner dimensions agree,
+    have the dtypes and ranks the op set requires, MatMulInteger's inner dimensions agree,
     shapes broadcast. Raises OpSemanticsError where the op set refuses the inputs.
     """
     try:
@@ -556,9 +556,12 @@ def expected_output(
 def _expected_output(node, in_shapes, in_dtypes, parameters) -> tuple[int, tuple[int, ...]]:
     op = node.op_type
     shape0, dtype0 = in_shapes[0], in_dtypes[0]
-    for p in _INDEX_POSITIONS.get(op, ()):
+    for p in _INT64_POSITIONS.get(op, ()):
         if node.present(p) and in_dtypes[p] != _INT64:
             raise opset.OpSemanticsError(f"{op}: input {p} must be int64")
+    for p in _INDEX_POSITIONS.get(op, ()):
+        if in_dtypes[p] not in (_INT32, _INT64):
+            raise opset.OpSemanticsError(f"{op}: input {p} must be int32 or int64")
     for p in _SCALAR_POSITIONS.get(op, ()):
         if node.present(p) and (len(in_shapes[p]) > 1 or math.prod(in_shapes[p]) != 1):
             raise opset.OpSemanticsError(f"{op}: input {p} must be a single element")

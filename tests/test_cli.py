@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from optinfer.models.tiny_r1 import INTEGER_DIR
+
 OPTINFER = str(Path(sys.executable).parent / "optinfer")
 
 
@@ -88,6 +90,15 @@ def test_a_corrupt_manifest_is_a_user_error(tmp_path):
     proc = cli("model", "inspect", tmp_path)
     assert proc.returncode == 2 and "not a valid optinfer manifest" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_model_of_another_op_set_version_is_refused_with_the_remedy(tmp_path):
+    manifest = json.loads((INTEGER_DIR / "manifest.json").read_text())
+    manifest["opset_version"] = 1  # converted before int32 indices
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    proc = cli("generate", "--model", tmp_path, "--prompt", "1+1=")
+    assert proc.returncode == 2 and "op-set version 1" in proc.stderr
+    assert "convert the model again" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_bad_tokens_and_long_prompts_are_refused(random_model):

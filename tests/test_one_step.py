@@ -371,6 +371,21 @@ def test_indexing_with_negative_indices():
         element_from_inputs(_step_node("Gather", 2, axis=0), [table, np.array([7])], 0)
 
 
+def test_indexing_with_int32_indices():
+    # Op-set version 2 takes int32 indices (the model's table lookups); parameters stay int64.
+    table = _ints((7, 3))
+    _check_every_element("Gather", [table, np.array([[0, -1], [6, -7]], np.int32)], axis=0)
+    _check_every_element("GatherElements", [_ints((3, 4)), np.array([[1], [-1], [0]], np.int32)],
+                         axis=1)
+    i32, i8 = dtype_code(np.dtype(np.int32)), dtype_code(np.dtype(np.int8))
+    gather, shapes = _step_node("Gather", 2, axis=0), [(7, 3), (2,)]
+    assert expected_output(gather, shapes, [i32, i32], {}) == (i32, (2, 3))
+    with pytest.raises(opset.OpSemanticsError, match="int32 or int64"):
+        expected_output(gather, shapes, [i32, i8], {})
+    with pytest.raises(opset.OpSemanticsError, match="must be int64"):
+        expected_output(_step_node("Reshape", 2), shapes, [i32, i32], {1: np.array([3, 7])})
+
+
 def test_data_movement():
     x = _ints((2, 3, 4))
     _check_every_element("Reshape", [x, np.array([0, -1], np.int64)])

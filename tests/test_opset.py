@@ -114,7 +114,7 @@ def test_ops_registry_is_the_documented_op_set():
         "Concat", "Slice", "Shape", "Range",
     }
     assert set(opset.OP_ORDER) == set(OPS) and len(opset.OP_ORDER) == len(OPS)
-    assert (opset.OPSET_VERSION, opset.ONNX_OPSET) == (1, 21)
+    assert (opset.OPSET_VERSION, opset.ONNX_OPSET) == (2, 21)
     for op_type, spec in OPS.items():
         assert spec.op_type == op_type
         assert spec.function.__doc__ and op_type in spec.function.__doc__
@@ -422,8 +422,25 @@ def test_gather_refuses_out_of_range_indices():
     for bad in (5, -6):
         with pytest.raises(OpSemanticsError, match="outside"):
             opset.gather(data, i64(bad))
-    with pytest.raises(OpSemanticsError):
-        opset.gather(data, np.array([1], np.int32))  # indices must be int64
+    with pytest.raises(OpSemanticsError, match="indices"):
+        opset.gather(data, np.array([1], np.int8))  # indices are int32 or int64
+
+
+@pytest.mark.parametrize("op", ["Gather", "GatherElements"])
+def test_int32_indices_match_ort_and_int64(op):
+    # Op-set version 2: a lookup indexed by an int32 tensor needs no Cast to int64.
+    rng = np.random.default_rng(19)
+    data = random_tensor(rng, np.int32, (6, 5))
+    indices = rng.integers(-5, 5, size=(6, 3), dtype=np.int64)
+    got = check_against_ort(op, data, indices.astype(np.int32), axis=1)
+    np.testing.assert_array_equal(got, opset.OPS[op].function(data, indices, axis=1))
+
+
+def test_parameters_stay_int64_only():
+    with pytest.raises(OpSemanticsError, match="shape"):
+        opset.reshape(np.arange(6, dtype=np.int32), np.array([2, 3], np.int32))
+    with pytest.raises(OpSemanticsError, match="axes"):
+        opset.reduce_sum(np.ones((2, 3), np.int32), np.array([1], np.int32))
 
 
 @pytest.mark.parametrize("dtype", STORAGE)

@@ -22,6 +22,12 @@ error ZeroNodeCount();
 /// @notice Thrown when a model is registered with a maximum context of zero tokens.
 error ZeroMaxContext();
 
+/// @notice Thrown when a model is registered in an op-set version other than the one the
+///         one-step verifier recomputes: its disputes would be decided by other semantics.
+/// @param opsetVersion The version given.
+/// @param supported    The only version this deployment accepts.
+error UnsupportedOpsetVersion(uint32 opsetVersion, uint32 supported);
+
 ////////////////////////////////////////////////////////////////
 //                    InferenceCoordinator                    //
 ////////////////////////////////////////////////////////////////

@@ -5,6 +5,7 @@ import {
     ModelAlreadyRegistered,
     ModelNotRegistered,
     TooManyEosTokenIds,
+    UnsupportedOpsetVersion,
     ZeroMaxContext,
     ZeroNodeCount
 } from "./Errors.sol";
@@ -28,8 +29,8 @@ contract ModelRegistry {
     /// @param constantsRoot Root of the graph's constants.
     /// @param manifestHash SHA-256 of the model's manifest.json bytes, as published.
     /// @param manifestUri  Where the manifest (and the files it lists) can be fetched.
-    /// @param opsetVersion Version of the verifiable op set the graph is written in; the
-    ///                     one-step verifier recomputes ops with that version's semantics.
+    /// @param opsetVersion Version of the verifiable op set the graph is written in: always
+    ///                     OPSET_VERSION, the version the one-step verifier recomputes.
     /// @param maxContext   Longest sequence (prompt + output tokens) the graph accepts.
     /// @param nodeCount    Number of nodes in the graph: the range of the layer bisection.
     /// @param registrant   Who registered it.
@@ -75,6 +76,10 @@ contract ModelRegistry {
     ///         two); bounds what every commit of its answers reads.
     uint256 public constant MAX_EOS_TOKEN_IDS = 8;
 
+    /// @notice The op-set version (docs/opset.md) whose semantics OneStepVerifier implements,
+    ///         the only one a model may be registered in.
+    uint32 public constant OPSET_VERSION = 2;
+
     /// @notice Registered models by model root. Unset entries have `registeredAt == 0`.
     mapping(bytes32 => Model) internal _models;
 
@@ -87,7 +92,7 @@ contract ModelRegistry {
     ///         opens the graph against exactly those, so the id cannot be paired with others.
     /// @param nodesRoot     Root of the graph's node descriptions.
     /// @param constantsRoot Root of the graph's constants.
-    /// @param opsetVersion  Op-set version of the graph.
+    /// @param opsetVersion  Op-set version of the graph: OPSET_VERSION.
     /// @param manifestHash  SHA-256 of the manifest file.
     /// @param manifestUri   Where to fetch the manifest.
     /// @param maxContext    Longest sequence the graph accepts (nonzero).
@@ -107,6 +112,10 @@ contract ModelRegistry {
     ) external returns (bytes32 modelId) {
         bytes32 modelRoot =
             Commitments.modelRoot(nodesRoot, constantsRoot, opsetVersion, nodeCount);
+        // The one-step verifier knows one op set; another version's graph could not be judged.
+        if (opsetVersion != OPSET_VERSION) {
+            revert UnsupportedOpsetVersion(opsetVersion, OPSET_VERSION);
+        }
         // A graph without nodes has no step to dispute.
         if (nodeCount == 0) revert ZeroNodeCount();
         // A model that accepts no token cannot answer a request.

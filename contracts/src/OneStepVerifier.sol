@@ -364,7 +364,7 @@ contract OneStepVerifier is IOneStepVerifier {
             indexRank = 1; // GatherElements replaces o[axis] itself
         }
         uint256 offset = _openData(s, w, 1, false, indexFlat, 1);
-        int256 index = OneStepOps.load(Commitments.DTYPE_INT64, offset);
+        int256 index = OneStepOps.load(s.sig.dtypes[1], offset); // int32 or int64
         int256 dim = int256(uint256(data[axis]));
         // Op-set precondition: every index lies in [-dim, dim).
         if (index < -dim || index >= dim) return false;

@@ -37,7 +37,7 @@ def test_artifact_pinnedCompilerAndSettings_recorded():
     assert artifact.bytecode.startswith("0x60") and len(artifact.deployed_bytecode) > 100
     assert {entry["name"] for entry in artifact.abi if entry["type"] == "error"} == {
         "ModelAlreadyRegistered", "ModelNotRegistered",
-        "ZeroNodeCount", "ZeroMaxContext", "TooManyEosTokenIds",
+        "ZeroNodeCount", "ZeroMaxContext", "TooManyEosTokenIds", "UnsupportedOpsetVersion",
     }
 
 

@@ -13,6 +13,7 @@ from eth_utils import keccak
 from optinfer.contracts.bindings import ContractRevert, reverts_decoded
 from optinfer.contracts.registry import ModelSpec
 from optinfer.errors import UserError
+from optinfer.models import opset
 
 TINY_R1_MANIFEST = (
     Path(__file__).resolve().parents[2] / "models" / "tiny-r1" / "integer" / "manifest.json"
@@ -21,7 +22,7 @@ TINY_R1_MANIFEST = (
 SPEC = ModelSpec(
     nodes_root=bytes(range(1, 33)),
     constants_root=bytes(range(33, 65)),
-    opset_version=1,
+    opset_version=2,
     manifest_hash=hashlib.sha256(b"manifest").digest(),
     manifest_uri="https://example.org/models/m/manifest.json",
     max_context=4096,
@@ -103,6 +104,18 @@ def test_register_zeroMaxContext_reverts(registry, chain):
     spec = replace(SPEC, max_context=0)
     expect_revert(lambda: registry.register_send(spec, chain.accounts[0]), "ZeroMaxContext()")
     assert not registry.is_registered(SPEC.model_root)
+
+
+def test_register_otherOpsetVersion_reverts(registry, chain):
+    # The one-step verifier recomputes version 2 alone: a version-1 graph (int64 indices only)
+    # would be judged by rules it was not written in.
+    for version in (1, 3):
+        spec = replace(SPEC, opset_version=version)
+        err = expect_revert(lambda spec=spec: registry.register_send(spec, chain.accounts[0]),
+                            "UnsupportedOpsetVersion(uint32,uint32)")
+        assert err.args_decoded == (version, 2)
+        assert not registry.is_registered(spec.model_root)
+    assert registry.contract.functions.OPSET_VERSION().call() == opset.OPSET_VERSION == 2
 
 
 def test_getModel_unknownId_reverts(registry):

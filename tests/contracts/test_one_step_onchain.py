@@ -276,6 +276,16 @@ def test_providerWrong_gatherNegativeIndices_matchesReference(verifier):
                                          axis=1))
 
 
+def test_providerWrong_int32Indices_matchReference(verifier):
+    # Op-set version 2: the model's table lookups index with int32, negatives included.
+    table = ints((7, 3))
+    indices = np.array([[0, -1], [6, -7]], np.int32)
+    assert_agrees(verifier, OneNodeModel("Gather", [table, indices], constants=(0,), axis=0))
+    local = ints((3, 4), 0, 100)
+    assert_agrees(verifier, OneNodeModel("GatherElements",
+                                         [local, np.array([[1], [-1], [0]], np.int32)], axis=1))
+
+
 def test_providerWrong_dataMovement_matchesReference(verifier):
     x = ints((2, 3, 4))
     assert_agrees(verifier, OneNodeModel("Reshape", [x, i64(0, -1)]))
@@ -421,6 +431,9 @@ def assert_provider_loses(verifier, model: OneNodeModel, index: int = 0) -> None
     ("Div", [i64(-(2**63)), i64(-1)], {}, (1,), 0),
     ("Gather", [ints((4, 2)), i64(1, 4)], {}, (2, 2), 2),  # index 4 outside [-4, 4)
     ("Gather", [ints((4, 2)), i64(-5)], {}, (1, 2), 1),
+    ("Gather", [ints((4, 2)), np.array([1, 9], np.int32)], {}, (2, 2), 2),  # int32, outside
+    ("Gather", [ints((4, 2)), np.array([1], np.int8)], {}, (1, 2), 0),  # int8 indices
+    ("Reshape", [ints((2, 3)), np.array([3, 2], np.int32)], {}, (3, 2), 0),  # int32 shape
     ("Add", [np.array([1, 2], np.int8), np.array([3, 4], np.int8)], {}, (2,), 0),  # int8
     ("ReduceSum", [np.array([[2**31 - 1, 1]], np.int32), i64(1)], {}, (1, 1), 0),  # > int32
     ("ReduceSum", [i64(2**52 + 1, -5), i64(0)], {}, (1,), 0),  # beyond 2**53 / 2

@@ -54,22 +54,25 @@ library OneStepShapes {
         return 0;
     }
 
-    /// @dev Positions that must be int64, single elements, and 1-D, per op.
+    /// @dev Positions that must be int64, int32 or int64 (Gather's indices), single elements,
+    ///      and 1-D, per op.
     function _inputRules(uint8 op)
         private
         pure
-        returns (uint256 int64Mask, uint256 scalarMask, uint256 vectorMask)
+        returns (uint256 int64Mask, uint256 indexMask, uint256 scalarMask, uint256 vectorMask)
     {
         if (op == NodeDescription.REDUCE_SUM || op == NodeDescription.REDUCE_MAX) {
-            return (0x2, 0, 0x2);
+            return (0x2, 0, 0, 0x2);
         }
-        if (op == NodeDescription.GATHER || op == NodeDescription.GATHER_ELEMENTS) return (0x2, 0, 0);
-        if (op == NodeDescription.RESHAPE) return (0x2, 0, 0x2);
-        if (op == NodeDescription.SLICE) return (0x1e, 0, 0x1e);
-        if (op == NodeDescription.RANGE) return (0x7, 0x7, 0);
-        if (op == NodeDescription.CLIP) return (0, 0x6, 0);
-        if (op == NodeDescription.MATMUL_INTEGER) return (0, 0x4, 0);
-        return (0, 0, 0);
+        if (op == NodeDescription.GATHER || op == NodeDescription.GATHER_ELEMENTS) {
+            return (0, 0x2, 0, 0);
+        }
+        if (op == NodeDescription.RESHAPE) return (0x2, 0, 0, 0x2);
+        if (op == NodeDescription.SLICE) return (0x1e, 0, 0, 0x1e);
+        if (op == NodeDescription.RANGE) return (0x7, 0, 0x7, 0);
+        if (op == NodeDescription.CLIP) return (0, 0, 0x6, 0);
+        if (op == NodeDescription.MATMUL_INTEGER) return (0, 0, 0x4, 0);
+        return (0, 0, 0, 0);
     }
 
     ////////////////////////////////////////////////////////////////
@@ -131,17 +134,24 @@ library OneStepShapes {
         return _matmulOutput(sig);
     }
 
-    /// @dev Index and parameter inputs are int64, scalars single elements, vectors 1-D.
+    /// @dev Parameter inputs are int64, indices int32 or int64, scalars single elements,
+    ///      vectors 1-D.
     function _inputsFollowRules(NodeDescription.Node memory node, Signature memory sig)
         private
         pure
         returns (bool)
     {
-        (uint256 int64Mask, uint256 scalarMask, uint256 vectorMask) = _inputRules(node.op);
+        (uint256 int64Mask, uint256 indexMask, uint256 scalarMask, uint256 vectorMask) =
+            _inputRules(node.op);
         for (uint256 p = 0; p < 5; ++p) {
             if (!node.present(p)) continue;
             uint256 bit = uint256(1) << p;
-            if (int64Mask & bit != 0 && sig.dtypes[p] != Commitments.DTYPE_INT64) return false;
+            uint8 dtype = sig.dtypes[p];
+            if (int64Mask & bit != 0 && dtype != Commitments.DTYPE_INT64) return false;
+            if (indexMask & bit != 0 && dtype != Commitments.DTYPE_INT64
+                    && dtype != Commitments.DTYPE_INT32) {
+                return false;
+            }
             if (scalarMask & bit != 0
                     && (sig.shapes[p].length > 1 || Commitments.elementCount(sig.shapes[p]) != 1)) {
                 return false;
