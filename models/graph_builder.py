@@ -20,6 +20,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from optinfer.models.opset import DOUBLE_EXACT_LIMIT, ONNX_OPSET
+from optinfer.models.quant import shared_clip
 
 _ONNX_TYPE = {
     np.dtype(np.bool_): TensorProto.BOOL,
@@ -309,7 +310,8 @@ class GraphBuilder:
         must fit int32, so x is clipped first, to the inputs past which the result stays
         saturated: x_lo = floor((lo * 2**S + 2**(S-1) - 1) / M), the largest x that rounds to
         lo, and x_hi = ceil((hi * 2**S - 2**(S-1)) / M), the smallest that rounds to hi (per
-        channel when M is a vector: Max and Min against constant bounds). With M < 2**S (a
+        channel when M is a vector: Max and Min against constant bounds, or one Clip where
+        `quant.shared_clip` finds scalar bounds that serve every channel). With M < 2**S (a
         multiplier below 1) x_lo and x_hi round to exactly lo and hi, so the result equals
         `rescale`'s for every x; a larger multiplier can step past them, and a Clip of the
         result restores it. M is a scalar or a vector over the last axis;
@@ -336,13 +338,27 @@ class GraphBuilder:
             if int(m) == 1:  # a rounding shift alone
                 return self._round_shift(x, shift, lo, hi, hint, out_dtype, zero_point)
             m_t = self.scalar(int(m), np.int32)
+            prod_lo, prod_hi = int(x_lo * m), int(x_hi * m)
         else:
-            x = self.maximum(x, self.const(f"{hint}.x_min", x_lo.astype(np.int32)), f"{hint}.lo")
-            x = self.minimum(x, self.const(f"{hint}.x_max", x_hi.astype(np.int32)), f"{hint}.hi")
+            shared = shared_clip(m, shift, lo, hi)
+            if shared is not None and max(shared[0], x.lo) <= min(shared[1], x.hi):
+                # One scalar Clip for every channel; a channel's product may now pass its own
+                # saturation point (a Clip of the result takes it back) or, below it, make the
+                # dividend negative (truncation then gives at most 0, and that Clip gives 0).
+                g_lo, g_hi = max(shared[0], x.lo), min(shared[1], x.hi)
+                if (g_lo, g_hi) != (x.lo, x.hi):  # else x's own interval is inside: no Clip
+                    x = self.clip(x, g_lo, g_hi, f"{hint}.clip")
+                m_max = int(m.max())
+                prod_lo, prod_hi = min(g_lo * m_max, 0), max(g_hi * m_max, 0)
+            else:
+                x = self.maximum(x, self.const(f"{hint}.x_min", x_lo.astype(np.int32)),
+                                 f"{hint}.lo")
+                x = self.minimum(x, self.const(f"{hint}.x_max", x_hi.astype(np.int32)),
+                                 f"{hint}.hi")
+                # The product's interval, channel by channel (interval arithmetic on the whole
+                # vectors would pair one channel's bound with another's multiplier).
+                prod_lo, prod_hi = int((x_lo * m).min()), int((x_hi * m).max())
             m_t = self.const(f"{hint}.M", m.astype(np.int32))
-        # The product's interval, channel by channel (interval arithmetic on the whole vectors
-        # would pair one channel's bound with another's multiplier).
-        prod_lo, prod_hi = int((x_lo * m).min()), int((x_hi * m).max())
         y = self._node("Mul", [x, m_t], f"{hint}.mul", np.int32, prod_lo, prod_hi)
         return self._round_shift(y, shift, lo, hi, hint, out_dtype, zero_point)
 

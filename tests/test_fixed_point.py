@@ -141,12 +141,59 @@ def test_choose_multiplier_int32_keeps_the_graph_in_int32():
     assert shift == 14 and big_m.tolist() == [164, 410, 0]  # (2**16 + 2) * 2**14 < 2**31
     with pytest.raises(ValueError, match="fewer than 6 bits"):
         quant.choose_multiplier_int32(np.array([1e-6]), -(2**15), 2**15)
-    big_m, shift = quant.choose_multiplier_int32(np.array([0.37, 0.05]), 0, 4096)
+    big_m, shift = quant.choose_multiplier_int32(np.array([0.37]), 0, 4096)
     assert 4098 * 2**shift < 2**31 <= 4098 * 2 ** (shift + 1)
-    assert np.allclose(big_m / 2.0**shift, [0.37, 0.05], rtol=1e-4)
+    assert np.allclose(big_m / 2.0**shift, [0.37], rtol=1e-4)
+    # Two channels 7.4x apart: two bits of shift given up for one shared clip.
+    big_m, shift = quant.choose_multiplier_int32(np.array([0.37, 0.05]), 0, 4096)
+    assert 4098 * 2 ** (shift + 2) < 2**31 <= 4098 * 2 ** (shift + 3)
+    assert quant.shared_clip(big_m, shift, 0, 4096) is not None
+    assert np.allclose(big_m / 2.0**shift, [0.37, 0.05], rtol=1e-3)
     # Multipliers of 1 or more: the headroom also holds the step past saturation.
     big_m, shift = quant.choose_multiplier_int32(np.array([3.2, 1.0]), 0, 4096)
     assert (4097 + 4) * 2**shift < 2**31 and big_m.tolist() == [round(3.2 * 2**shift), 2**shift]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    xs=st.lists(st.integers(-(2**31), 2**31 - 1), min_size=1, max_size=12),
+    base=st.integers(2**8, 2**12),
+    spread=st.lists(st.floats(1.0, 2.9), min_size=3, max_size=3),
+    zero_channel=st.booleans(),
+    zero_point=st.sampled_from([0, 2**15]),
+)
+def test_rescale_int32_with_one_shared_clip_equals_the_exact_rounding(xs, base, spread,
+                                                                        zero_channel,
+                                                                        zero_point):
+    # Multipliers within a factor 3 of each other share one scalar Clip at shift 14 over a
+    # +-2**15 range; every int32 input still gets each channel's exact result.
+    ms = [0 if zero_channel and c == 1 else round(base * f) for c, f in enumerate(spread)]
+    shift, lo, hi = 14, -(2**15), 2**15
+    assert quant.shared_clip(np.asarray(ms), shift, lo, hi) is not None
+    g = GraphBuilder("shared")
+    x = g.input("x", np.int32, ["N", 3], -(2**31), 2**31 - 1)
+    g.output(g.rescale_int32(x, np.asarray(ms), shift, lo, hi, "y", zero_point=zero_point))
+    assert {n.op_type for n in g.nodes} & {"Max", "Min"} == set()
+    rows = np.asarray([[v, -v - 1, v // 3] for v in xs], np.int32)
+    (got,) = run(g, {"x": rows})
+    want = [[min(max((int(v) * m + (1 << (shift - 1))) >> shift, lo), hi) + zero_point
+             for v, m in zip(row, ms, strict=True)] for row in rows]
+    assert got.tolist() == want
+
+
+def test_shared_clip_needs_multipliers_that_spread_little():
+    lo, hi = -(2**15), 2**15
+    assert quant.shared_clip(np.array([1000, 2900]), 14, lo, hi) is not None
+    assert quant.shared_clip(np.array([1000, 4000]), 14, lo, hi) is None  # 2**29 * 4 > 2**31
+    assert quant.shared_clip(np.array([1000, 4000]), 13, lo, hi) is not None
+    assert quant.shared_clip(np.array([0, 0]), 14, lo, hi) is None
+    # choose_multiplier_int32 gives up shift for it while every M keeps 8 bits ...
+    big_m, shift = quant.choose_multiplier_int32(np.array([0.05, 0.2]), lo, hi)
+    assert shift == 13 and big_m.min() >= 2**8
+    assert quant.shared_clip(big_m, shift, lo, hi) is not None
+    # ... and not where that would cost more: a spread of 100 keeps the per-channel bounds.
+    big_m, shift = quant.choose_multiplier_int32(np.array([0.05, 5.0]), lo, hi)
+    assert shift == 14 and quant.shared_clip(big_m, shift, lo, hi) is None
 
 
 def test_lookup_is_the_table_at_every_index_of_any_shape():
