@@ -347,9 +347,7 @@ class Watchtower:
         if not policy.window_open(claim.challenge_deadline, now):
             self._fail_challenge(request_id, "the challenge window closed before the challenge")
             return None
-        held = self.model.held
-        function = self.game.contract.functions.challenge(
-            request_id, list(request.prompt), held.nodes_root, held.constants_root)
+        function = self.game.contract.functions.challenge(request_id, list(request.prompt))
         tx = {"to": self.game.address, "data": function._encode_transaction_data(),
               "value": self.bond}
         try:

@@ -143,8 +143,7 @@ def bench_dispute(layers: int = 2, prompt_len: int = 4, tokens: int = 3,
 
         log("playing the dispute")
         committed = honest.committed
-        game_id = game.challenge_send(request_id, prompt, committed.nodes_root,
-                                      committed.constants_root, challenger)
+        game_id = game.challenge_send(request_id, prompt, challenger)
         opened = game.contract.events.GameOpened.get_logs(
             argument_filters={"gameId": game_id}, from_block=0)[0]
         challenge_gas = w3.eth.get_transaction_receipt(opened["transactionHash"])["gasUsed"]

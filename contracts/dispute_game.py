@@ -100,11 +100,10 @@ class DisputeGame(BoundContract):
 
     # -- opening ------------------------------------------------------------------------
 
-    def challenge_send(self, request_id: int, prompt: list[int], nodes_root: bytes,
-                       constants_root: bytes, signer: LocalAccount) -> int:
-        """Open a game against the claim on `request_id` with the bond; returns its id."""
-        function = self.contract.functions.challenge(request_id, list(prompt), nodes_root,
-                                                     constants_root)
+    def challenge_send(self, request_id: int, prompt: list[int], signer: LocalAccount) -> int:
+        """Open a game against the claim on `request_id` with the bond; returns its id. The
+        game opens the registered model's own roots."""
+        function = self.contract.functions.challenge(request_id, list(prompt))
         receipt = send_function(self.w3, self.artifact, function, signer,
                                 value=self.parameter("challengerBond"))
         return self.events(receipt, "GameOpened")[0]["gameId"]

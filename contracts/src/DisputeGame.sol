@@ -11,7 +11,6 @@ import {
     FinalLeafMismatch,
     GameNotFound,
     GameResolved,
-    ModelRootMismatch,
     NotYourMove,
     PromptMismatch,
     StatePathLengthMismatch,
@@ -213,28 +212,21 @@ contract DisputeGame is PullPayments {
     ////////////////////////////////////////////////////////////////
 
     /// @notice Dispute the claim on `requestId` with the bond; the provider owes S_N.
-    /// @param prompt        The request's prompt tokens (checked against its hash): S_0 is
-    ///                      computed from them and the committed output.
-    /// @param nodesRoot     The model's nodes root and
-    /// @param constantsRoot constants root: sha256(nodesRoot || constantsRoot || opset || N)
-    ///                      must be the model id (the model root).
-    /// @return gameId       The new game's id.
-    function challenge(
-        uint256 requestId,
-        uint32[] calldata prompt,
-        bytes32 nodesRoot,
-        bytes32 constantsRoot
-    ) external payable returns (uint256 gameId) {
+    /// @param prompt  The request's prompt tokens (checked against its hash): S_0 is computed
+    ///                from them and the committed output.
+    /// @return gameId The new game's id.
+    function challenge(uint256 requestId, uint32[] calldata prompt)
+        external
+        payable
+        returns (uint256 gameId)
+    {
         if (msg.value != challengerBond) revert WrongBond(msg.value, challengerBond);
         InferenceCoordinator.Request memory request = coordinator.getRequest(requestId);
         // Rule: S_0 is built from the request's own prompt.
         if (coordinator.hashTokens(prompt) != request.promptHash) revert PromptMismatch();
-        ModelRegistry.Model memory model = registry.getModel(request.modelId);
-        // Rule: the roots the one-step opens against are the registered model's.
-        bytes32 modelRoot = Commitments.modelRoot(
-            nodesRoot, constantsRoot, model.opsetVersion, model.nodeCount
-        );
-        if (modelRoot != request.modelId) revert ModelRootMismatch(request.modelId);
+        // The roots the one-step opens against are the registered model's own.
+        (bytes32 nodesRoot, bytes32 constantsRoot, uint32 nodeCount) =
+            registry.disputeCommitments(request.modelId);
         // Reverts unless a claim is committed and its window is open.
         coordinator.openDispute(requestId);
         uint32[] memory output = coordinator.getOutput(requestId);
@@ -245,8 +237,8 @@ contract DisputeGame is PullPayments {
         game.provider = request.provider;
         game.challenger = msg.sender;
         game.phase = Phase.AwaitRoot;
-        game.nodeCount = model.nodeCount;
-        game.hi = model.nodeCount;
+        game.nodeCount = nodeCount;
+        game.hi = nodeCount;
         game.providerClock = clockSeconds;
         game.challengerClock = clockSeconds;
         game.lastMoveAt = uint64(block.timestamp);
@@ -256,7 +248,7 @@ contract DisputeGame is PullPayments {
         // T_N is kept in hiRoot until S_N replaces it: the root move checks against it.
         game.hiRoot = finalLeaf(output);
         emit GameOpened(
-            gameId, requestId, msg.sender, request.provider, model.nodeCount, game.loRoot,
+            gameId, requestId, msg.sender, request.provider, nodeCount, game.loRoot,
             game.hiRoot
         );
     }

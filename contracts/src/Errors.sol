@@ -314,10 +314,6 @@ error WrongBond(uint256 sent, uint256 required);
 /// @notice Thrown when the prompt given with a challenge is not the request's.
 error PromptMismatch();
 
-/// @notice Thrown when the model roots given with a challenge do not hash to the model id.
-/// @param modelId The request's model id (its model root).
-error ModelRootMismatch(bytes32 modelId);
-
 /// @notice Thrown when a move names a game that was never opened.
 /// @param gameId The unknown id.
 error GameNotFound(uint256 gameId);

@@ -163,6 +163,20 @@ contract ModelRegistry {
         if (model.registeredAt == 0) revert ModelNotRegistered(modelId);
     }
 
+    /// @notice What a dispute over an answer of model `modelId` opens against: its graph's two
+    ///         roots and its node count (the bisection's range). The registry computed the
+    ///         model id from exactly these, so a game needs no other word for them. Reverts when
+    ///         there is no such model.
+    function disputeCommitments(bytes32 modelId)
+        external
+        view
+        returns (bytes32 nodesRoot, bytes32 constantsRoot, uint32 nodeCount)
+    {
+        Model storage model = _models[modelId];
+        if (model.registeredAt == 0) revert ModelNotRegistered(modelId);
+        return (model.nodesRoot, model.constantsRoot, model.nodeCount);
+    }
+
     /// @notice The end-of-sequence token ids of model `modelId`; reverts when there is none.
     function eosTokenIds(bytes32 modelId) external view returns (uint32[] memory) {
         Model storage model = _models[modelId];

@@ -81,9 +81,7 @@ class Stack:
         return request_id
 
     def challenge(self, request_id: int, challenger) -> int:
-        committed = self.honest.committed
-        return self.game.challenge_send(request_id, PROMPT, committed.nodes_root,
-                                        committed.constants_root, challenger)
+        return self.game.challenge_send(request_id, PROMPT, challenger)
 
 
 def _verifier_address(w3, deployer, registry_address: str) -> str:
@@ -187,26 +185,25 @@ def test_moves_out_of_turn_wrong_midpoints_and_early_timeouts_revert(stack):
     assert raised.value.name == "NotYourMove"
 
 
-def test_a_challenge_needs_the_bond_the_prompt_and_the_model_roots(stack):
+def test_a_challenge_needs_the_bond_and_the_prompt_and_opens_the_registered_roots(stack):
     request_id = stack.claim(stack.output)
     committed = stack.honest.committed
     challenger = stack.accounts[4]
     game = stack.game
-    cases = {
-        "PromptMismatch": (PROMPT[:-1], committed.nodes_root, committed.constants_root),
-        "ModelRootMismatch": (PROMPT, committed.constants_root, committed.nodes_root),
-    }
-    for error, (prompt, nodes_root, constants_root) in cases.items():
-        with pytest.raises(ContractRevert) as raised:
-            game.challenge_send(request_id, prompt, nodes_root, constants_root, challenger)
-        assert raised.value.name == error
-    function = game.contract.functions.challenge(request_id, PROMPT, committed.nodes_root,
-                                                 committed.constants_root)
+    with pytest.raises(ContractRevert) as raised:
+        game.challenge_send(request_id, PROMPT[:-1], challenger)
+    assert raised.value.name == "PromptMismatch"
+    function = game.contract.functions.challenge(request_id, PROMPT)
     from optinfer.contracts.bindings import send_function
 
     with pytest.raises(ContractRevert) as raised:
         send_function(stack.w3, game.artifact, function, challenger, value=1)
     assert raised.value.name == "WrongBond"
+    # The game opens the roots the registry computed the model id from; nobody names them.
+    opened = game.state(stack.challenge(request_id, challenger))
+    assert (opened.nodes_root, opened.constants_root) == (committed.nodes_root,
+                                                          committed.constants_root)
+    assert opened.state.hi == committed.node_count
     _advance(stack.w3, PARAMS.challenge_window)
     with pytest.raises(ContractRevert) as raised:
         stack.challenge(request_id, challenger)

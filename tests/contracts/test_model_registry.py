@@ -125,6 +125,15 @@ def test_getModel_unknownId_reverts(registry):
     assert err.args_decoded == (b"\xaa" * 32,)
 
 
+def test_disputeCommitments_areTheRootsTheIdWasComputedFrom(registry, chain):
+    registry.register_send(SPEC, chain.accounts[0])
+    view = registry.contract.functions.disputeCommitments(SPEC.model_root)
+    assert view.call() == [SPEC.nodes_root, SPEC.constants_root, SPEC.node_count]
+    unknown = registry.contract.functions.disputeCommitments(b"\xaa" * 32)
+    expect_revert(lambda: reverts_decoded(registry.artifact, unknown.call),
+                  "ModelNotRegistered(bytes32)")
+
+
 def test_register_emitsModelRegistered_withTheRightArgs(registry, chain):
     sender = chain.accounts[2]
     receipt = registry.register_send(SPEC, sender)

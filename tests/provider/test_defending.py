@@ -25,9 +25,7 @@ GAME_TIMEOUT_S = 150
 
 def _open_game(protocol: Protocol, request_id: int, prompt: list[int], trace: ModelTrace,
                challenger) -> int:
-    committed = trace.committed
-    return protocol.game.challenge_send(request_id, prompt, committed.nodes_root,
-                                        committed.constants_root, challenger)
+    return protocol.game.challenge_send(request_id, prompt, challenger)
 
 
 def _play_challenger(protocol: Protocol, game_id: int, trace: ModelTrace, challenger,
@@ -174,10 +172,7 @@ def test_the_node_claims_the_timeout_of_a_silent_challenger_then_finalizes(regis
     request_id = protocol.post(prompt)
     with caplog.at_level(logging.INFO, logger="optinfer.provider"):
         assert [s.request_id for s in node.poll_once()] == [request_id]
-        manifest = model.manifest
-        game_id = protocol.game.challenge_send(
-            request_id, prompt, bytes.fromhex(manifest["nodes_root"][2:]),
-            bytes.fromhex(manifest["constants_root"][2:]), protocol.accounts[4])
+        game_id = protocol.game.challenge_send(request_id, prompt, protocol.accounts[4])
         node.poll_once()  # records the game and posts S_N
         node.poll_once()  # the first S_mid
         node.poll_once()  # the challenger's move: nothing to do
@@ -190,7 +185,7 @@ def test_the_node_claims_the_timeout_of_a_silent_challenger_then_finalizes(regis
     assert protocol.game.balance_of(protocol.provider.address) == protocol.game.parameter(
         "challengerBond")
     assert protocol.coordinator.get_request(request_id).status is Status.FINALIZED
-    nodes = sum(manifest["ops"].values())
+    nodes = sum(model.manifest["ops"].values())
     assert caplog.text.count(f"trace of {nodes} nodes computed") == 1
     assert f"game {game_id}: Timeout in tx" in caplog.text
     assert f"game {game_id} on request {request_id}: won (timeout)" in caplog.text
