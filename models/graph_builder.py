@@ -19,8 +19,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from optinfer.models.opset import DOUBLE_EXACT_LIMIT, ONNX_OPSET
-from optinfer.models.quant import shared_clip
+from optinfer.models.opset import DOUBLE_EXACT_LIMIT, INDEX_DTYPES, ONNX_OPSET
+from optinfer.models.quant import saturation_inputs, shared_clip
 
 _ONNX_TYPE = {
     np.dtype(np.bool_): TensorProto.BOOL,
@@ -329,10 +329,10 @@ class GraphBuilder:
         m = np.asarray(multiplier, dtype=np.int64)
         if np.any(m < 0) or np.any(m >= 2**31):
             raise ValueError(f"{hint}: multipliers must lie in [0, 2**31)")
-        half = unit // 2
-        safe = np.maximum(m, 1)  # a zero multiplier needs no clip: its product is 0
-        x_lo = np.where(m > 0, (lo * unit + half - 1) // safe, x.lo).clip(x.lo, x.hi)
-        x_hi = np.where(m > 0, -((half - hi * unit) // safe), x.hi).clip(x.lo, x.hi)
+        # A zero multiplier needs no clip: its product is 0.
+        channel_lo, channel_hi = saturation_inputs(np.maximum(m, 1), shift, lo, hi)
+        x_lo = np.where(m > 0, channel_lo, x.lo).clip(x.lo, x.hi)
+        x_hi = np.where(m > 0, channel_hi, x.hi).clip(x.lo, x.hi)
         if m.ndim == 0:
             x = self.clip(x, int(x_lo), int(x_hi), f"{hint}.clip")
             if int(m) == 1:  # a rounding shift alone
@@ -392,7 +392,7 @@ class GraphBuilder:
         """
         if index.lo < 0 or index.hi >= self.constants[table.name].shape[0]:
             raise RangeError(f"{hint}: index interval [{index.lo}, {index.hi}] leaves the table")
-        if index.dtype not in (np.int32, np.int64):
+        if index.dtype not in INDEX_DTYPES:
             raise TypeError(f"{hint}: a lookup takes int32 or int64 indices, got {index.dtype}")
         flat = self.reshape(index, [-1], f"{hint}.flat")
         values = self.gather_elements(table, flat, 0, f"{hint}.values")

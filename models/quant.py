@@ -115,6 +115,15 @@ def choose_multiplier(
     return big_m, s
 
 
+def saturation_inputs(big_m: np.ndarray, shift: int, lo: int, hi: int
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Per channel (every M > 0), the inputs past which round(x * M / 2**S) clipped to
+    [lo, hi] stays saturated: x_lo, the largest x that rounds to lo or below, and x_hi, the
+    smallest that rounds to hi or above."""
+    unit, half = 1 << shift, 1 << (shift - 1)
+    return (lo * unit + half - 1) // big_m, -((half - hi * unit) // big_m)
+
+
 def shared_clip(big_m: np.ndarray, shift: int, lo: int, hi: int) -> tuple[int, int] | None:
     """One input interval [x_lo, x_hi] that serves every channel of round(x * M_c / 2**S)
     clipped to [lo, hi] (`GraphBuilder.rescale_int32`), or None.
@@ -132,9 +141,9 @@ def shared_clip(big_m: np.ndarray, shift: int, lo: int, hi: int) -> tuple[int, i
     positive = big_m[big_m > 0]
     if positive.size == 0 or shift < 1:
         return None
+    channel_lo, channel_hi = saturation_inputs(positive, shift, lo, hi)
+    x_lo, x_hi = int(channel_lo.min()), int(channel_hi.max())
     unit, half = 1 << shift, 1 << (shift - 1)
-    x_lo = int(((lo * unit + half - 1) // positive).min())
-    x_hi = int((-((half - hi * unit) // positive)).max())
     offset, m_max = -lo * unit + half, int(positive.max())  # offset > 0 since lo <= 0
     if min(x_lo * m_max, 0) < INT32_MIN or max(x_hi * m_max, 0) + offset > INT32_MAX:
         return None

@@ -67,6 +67,7 @@ COLUMNS = "columns"
 _CODE_TO_ATTRIBUTE = {code: name for name, code in ATTRIBUTE_CODES.items()}
 _INT64 = commitments.DTYPE_CODES["int64"]
 _INT32 = commitments.DTYPE_CODES["int32"]
+_INDEX_CODES = frozenset(commitments.dtype_code(d) for d in opset.INDEX_DTYPES)
 _BOOL = commitments.DTYPE_CODES["bool"]
 #: Ops whose inputs at these positions are parameters, opened in full (they are tiny).
 _PARAMETER_POSITIONS: dict[str, tuple[int, ...]] = {
@@ -560,7 +561,7 @@ def _expected_output(node, in_shapes, in_dtypes, parameters) -> tuple[int, tuple
         if node.present(p) and in_dtypes[p] != _INT64:
             raise opset.OpSemanticsError(f"{op}: input {p} must be int64")
     for p in _INDEX_POSITIONS.get(op, ()):
-        if in_dtypes[p] not in (_INT32, _INT64):
+        if in_dtypes[p] not in _INDEX_CODES:
             raise opset.OpSemanticsError(f"{op}: input {p} must be int32 or int64")
     for p in _SCALAR_POSITIONS.get(op, ()):
         if node.present(p) and (len(in_shapes[p]) > 1 or math.prod(in_shapes[p]) != 1):
