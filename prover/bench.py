@@ -8,6 +8,16 @@ node generates in a process of its own and commits on a second thread while the 
 is generated, so the target (<= 1.05) holds when a commit's work (the node's, the client's and
 the chain's) fits beside a generation on the machine's cores.
 
+With ``rounds`` of 4 or more the report adds ``overhead_interval_95``, a bootstrap interval
+over the rounds: on a machine whose speed drifts (machine C's rounds of 50 answers, taken
+back to back, differ by up to 1.7x), one run's ratio says little by itself. More rounds of
+fewer requests each cost more than the serving does, though: every round ends on one commit
+that nothing hides.
+
+On anvil 1.7.1 (the project's local chain) a commit takes longer the more blocks the chain
+holds, as anvil rebuilds its state trie for every block: 10 ms in the first 200 requests to
+40 ms after 800 (docs/performance.md). Comparisons of the overhead keep to one request count.
+
 Generation alone runs in the same generation process, so that the two sides differ only by
 the serving: two sessions of one model in two processes decode at speeds up to 5-10% apart,
 depending on which loaded first (measured at R1-1.5B shape, docs/performance.md).
@@ -24,6 +34,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 from optinfer.contracts.coordinator import InferenceCoordinator, RequestSpec
 from optinfer.models.bench import cpu_name
 from optinfer.models.generation import GenerationProcess
@@ -33,7 +45,7 @@ ROUNDS = 2
 
 
 def bench_provider(requests: int = 200, max_tokens: int = 32, model_dir: Path | None = None,
-                   threads: int = 1, seed: int = 0,
+                   threads: int = 1, seed: int = 0, rounds: int = ROUNDS,
                    log: Callable[[str], None] = lambda _: None) -> dict:
     from optinfer.contracts.localchain import start_anvil
     from optinfer.models.runtime import IntegerModel
@@ -65,17 +77,22 @@ def bench_provider(requests: int = 200, max_tokens: int = 32, model_dir: Path | 
         generator.generate(prompts[0], max_tokens)  # warm the session up
         # Rounds alternate generation alone and serving, so that a change in the machine's
         # load during the run weighs on both sides alike.
-        generation_s, serve_s, served = 0.0, 0.0, []
-        for batch in _batches(prompts, min(ROUNDS, requests)):
+        served, per_round = [], []
+        batches = _batches(prompts, min(rounds, requests))
+        for number, batch in enumerate(batches, 1):
             started = time.perf_counter()
             for _ in generator.stream([(prompt, max_tokens) for prompt in batch]):
                 pass
-            generation_s += time.perf_counter() - started
+            generation_round_s = time.perf_counter() - started
             _post(coordinator, consumer, node.spec.model_root, batch, max_tokens)
             node.watch()
             started = time.perf_counter()
             served += node.serve_pending()
-            serve_s += time.perf_counter() - started
+            per_round.append((generation_round_s, time.perf_counter() - started))
+            log(f"round {number}/{len(batches)}: {len(batch)} requests, generation alone "
+                f"{per_round[-1][0]:.2f} s, serving {per_round[-1][1]:.2f} s")
+        generation_s = sum(g for g, _ in per_round)
+        serve_s = sum(s for _, s in per_round)
         log(f"served {len(served)} requests: {serve_s:.2f} s, generation alone "
             f"{generation_s:.2f} s")
         generator.close()
@@ -90,7 +107,10 @@ def bench_provider(requests: int = 200, max_tokens: int = 32, model_dir: Path | 
         "max_tokens": max_tokens,
         "tokens": sum(s.tokens for s in served),
         "generation_s": round(generation_s, 4),
-        "rounds": min(ROUNDS, requests),
+        "overhead_interval_95": overhead_interval(per_round),
+        "rounds": len(per_round),
+        "per_round": [{"generation_s": round(g, 4), "serve_with_commit_s": round(s, 4)}
+                      for g, s in per_round],
         "serve_with_commit_s": round(serve_s, 4),
         "commit_s": {"mean": round(statistics.mean(commits), 4),
                      "max": round(max(commits), 4)},
@@ -104,6 +124,22 @@ def bench_provider(requests: int = 200, max_tokens: int = 32, model_dir: Path | 
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(),
                     "python": platform.python_version()},
     }
+
+
+def overhead_interval(per_round: list[tuple[float, float]], resamples: int = 4000,
+                      seed: int = 0) -> list[float] | None:
+    """A 95% percentile-bootstrap interval of the overhead (sum of serving over sum of
+    generation), resampling whole rounds: a round's two sides ran back to back, so a slow
+    stretch of the machine weighs on both. None below 4 rounds, too few to resample."""
+    if len(per_round) < 4:
+        return None
+    rng = np.random.default_rng(seed)
+    times = np.array(per_round)
+    picks = rng.integers(0, len(times), size=(resamples, len(times)))
+    sums = times[picks].sum(axis=1)
+    ratios = np.sort(sums[:, 1] / sums[:, 0])
+    low, high = np.quantile(ratios, [0.025, 0.975])
+    return [round(float(low), 4), round(float(high), 4)]
 
 
 def _post(coordinator: InferenceCoordinator, consumer, model_root: bytes,

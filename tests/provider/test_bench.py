@@ -4,21 +4,55 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from optinfer.prover.bench import overhead_interval
+
 from .conftest import optinfer
 
 
 def test_bench_provider_reports_the_overhead_and_each_request():
-    result = optinfer("bench", "provider", "--requests", "3", "--max-tokens", "8", "--json",
-                      timeout=300)
+    result = optinfer("bench", "provider", "--requests", "4", "--rounds", "2", "--max-tokens",
+                      "8", "--json", timeout=300)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["requests"] == 3 and len(report["per_request"]) == 3
+    assert report["requests"] == 4 and len(report["per_request"]) == 4
     serve, generation = report["serve_with_commit_s"], report["generation_s"]
     half = 5e-5  # both times are rounded to 0.1 ms, the ratio to 4 decimals
     assert (serve - half) / (generation + half) - 1e-4 <= report["overhead"] \
         <= (serve + half) / (generation - half) + 1e-4
+    # The totals are the rounds' sums; two rounds are too few for an interval.
+    assert report["rounds"] == len(report["per_round"]) == 2
+    assert sum(r["generation_s"] for r in report["per_round"]) == pytest.approx(generation,
+                                                                                abs=2e-4)
+    assert sum(r["serve_with_commit_s"] for r in report["per_round"]) == pytest.approx(
+        serve, abs=2e-4)
+    assert report["overhead_interval_95"] is None
+    assert "round 2/2: 2 requests" in result.stderr
     assert report["tokens"] == sum(r["tokens"] for r in report["per_request"])
     for request in report["per_request"]:
         assert 1 <= request["tokens"] <= 8
         assert request["latency_s"] >= request["commit_s"] > 0
     assert set(report["latency_s"]) == {"p50", "max"}
+
+
+def test_more_rounds_than_requests_is_refused_before_anything_starts():
+    result = optinfer("bench", "provider", "--requests", "3", "--rounds", "4", "--json")
+    assert result.returncode == 2
+    assert "--rounds 4 is more than --requests 3" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_the_interval_of_rounds_with_one_ratio_is_that_ratio():
+    rounds = [(1.0, 1.03), (2.0, 2.06), (0.5, 0.515), (1.5, 1.545)]
+    assert overhead_interval(rounds) == [1.03, 1.03]
+
+
+def test_the_interval_holds_the_overall_ratio_and_stays_within_the_rounds():
+    rounds = [(1.0, 0.95), (1.2, 1.38), (0.9, 0.99), (1.1, 1.1), (1.0, 1.2), (1.3, 1.30)]
+    low, high = overhead_interval(rounds)
+    overall = sum(s for _, s in rounds) / sum(g for g, _ in rounds)
+    ratios = [s / g for g, s in rounds]
+    assert min(ratios) <= low < overall < high <= max(ratios)
+    assert overhead_interval(rounds) == [low, high]  # seeded: the same report twice
+    assert overhead_interval(rounds[:3]) is None
