@@ -10,8 +10,10 @@ the chain, plays the games and finalizes claims, so a long generation never make
   provider.
 * Serving: :func:`serve_decision` (pure) says serve, or skip with a reason; a served request
   is generated greedily with the KV cache and handed to a second thread, which writes its
-  row (status ``committing``, the output) and then commits it, while the next generation
-  runs (the honest path's overhead is the last commit alone).
+  row (status ``committing``, the output) and sends its commit, while the next generation
+  runs; a third waits for the receipts, so commits sent one after another share a block on
+  a chain that mines every few seconds (the honest path's overhead is the last commit
+  alone).
 * Crash safety: the ``committing`` row (the output, the signed commit's hash) is written
   before the commit is sent, and finished after a restart by asking the chain first
   (``getRequest``): committed by us -> recorded; still open -> the recorded transaction
@@ -403,24 +405,30 @@ class ProviderNode:
     def serve_pending(self) -> list[Served]:
         """Finish every ``committing`` request, then answer every open one, until none is
         left. Answers are generated one at a time (in the generation process, when the node
-        has one); everything else a request needs (its ``committing`` row, the commit, the
-        claim's row) runs on a second thread, beside the next generation."""
+        has one). Everything else runs beside the next generation, in two stages: the
+        committer writes a request's ``committing`` row and sends its commit, the confirmer
+        waits for the receipt and records the claim. The committer never waits for a block,
+        so on a chain that mines every few seconds the commits of many answers share one."""
         with self.store.transaction() as conn:
             unfinished = st.requests_with_status(conn, "committing", limit=1_000_000)
-        futures: list[Future] = []
-        with ThreadPoolExecutor(1, thread_name_prefix="commit") as committer:
+        sent: list[Future] = []
+        with ThreadPoolExecutor(1, thread_name_prefix="confirm") as confirmer, \
+                ThreadPoolExecutor(1, thread_name_prefix="commit") as committer:
+            def commit(prepared: Prepared) -> None:
+                sent.append(committer.submit(self._send_commit, prepared, confirmer))
+
             for request in unfinished:
-                futures.append(committer.submit(self._commit, Prepared(
-                    request.request_id, list(request.output), time.perf_counter(),
-                    resumed=True, commit_tx=request.commit_tx)))
+                commit(Prepared(request.request_id, list(request.output), time.perf_counter(),
+                                resumed=True, commit_tx=request.commit_tx))
             # Requests are recorded in id order, and a request handed to the committer stays
             # `open` until its row is written there: the next batch starts after the last one.
             last_handed = -1
             while batch := self._open_requests(after=last_handed):
                 last_handed = batch[-1].request_id
                 for prepared in self._answers(batch):
-                    futures.append(committer.submit(self._commit, prepared))
-            results = [future.result() for future in futures]
+                    commit(prepared)
+            confirmed = [future.result() for future in sent]
+            results = [None if waiting is None else waiting.result() for waiting in confirmed]
         return [served for served in results if served is not None]
 
     def _answers(self, batch: list[RequestRecord]) -> Iterator[Prepared]:
@@ -464,8 +472,10 @@ class ProviderNode:
         if self.generator is not None:
             self.generator.close()
 
-    def _commit(self, prepared: Prepared) -> Served | None:
-        """Commit `prepared` unless the chain already has an answer; idempotent."""
+    def _send_commit(self, prepared: Prepared, confirmer: ThreadPoolExecutor
+                     ) -> Future[Served | None] | None:
+        """Send the commit of `prepared` unless the chain already has an answer (idempotent);
+        the confirmer's future of its outcome, or None when nothing was sent."""
         request_id = prepared.request_id
         if prepared.resumed:
             onchain = self.coordinator.get_request(request_id)
@@ -483,25 +493,38 @@ class ProviderNode:
                                                        prepared.output)},
                     self.coordinator.artifact,
                     on_signed=lambda signed: self._record_committing(prepared, signed))
-            _crash_point("after-commit")
-            receipt = self.sender.wait(tx_hash)
         except _AlreadySettled:
             return None
         except ContractRevert as err:
             if err.name in RETRY_LATER:
-                # Keep the answer: the retry (a `committing` row) needs no generation.
-                self._record_committing(prepared, None)
-                log.warning("request %d: cannot commit yet (%s); will retry", request_id, err)
-                return None
-            if err.name == "RequestNotOpen":
+                self._retry_later(prepared, err)
+            elif err.name == "RequestNotOpen":
                 self._settle(request_id, self.coordinator.get_request(request_id))
             else:
                 self._skip(request_id, f"the commit reverts with {err.name or err}",
                            expected=("open", "committing"))
             return None
-        except TxFailed:
-            # A copy sent before a restart got in first, or the state changed under us.
-            self._settle(request_id, self.coordinator.get_request(request_id))
+        _crash_point("after-commit")
+        return confirmer.submit(self._confirm_commit, prepared, tx_hash, started)
+
+    def _confirm_commit(self, prepared: Prepared, tx_hash: HexBytes, started: float
+                        ) -> Served | None:
+        """Wait for the commit `tx_hash` of `prepared` to be mined and record the claim."""
+        request_id = prepared.request_id
+        try:
+            receipt = self.sender.wait(tx_hash)
+        except TxFailed as err:
+            onchain = self.coordinator.get_request(request_id)
+            if onchain.status is Status.OPEN:
+                # The estimate passed against the latest block, but the commits sent ahead of
+                # this one, still pending then, locked the stake it needed; or the state
+                # changed otherwise. The next serving pass estimates it again.
+                self._retry_later(prepared, err)
+                with self.store.transaction() as conn:
+                    st.forget_commit_tx(conn, request_id)
+            else:
+                # A copy sent before a restart got in first, or another provider did.
+                self._settle(request_id, onchain)
             return None
         commit_s = time.perf_counter() - started
         (event,) = self.coordinator.receipt_events(receipt, "OutputCommitted")
@@ -512,6 +535,12 @@ class ProviderNode:
                  request_id, served.tokens, prepared.generate_s, served.tx_hash,
                  receipt["blockNumber"])
         return served
+
+    def _retry_later(self, prepared: Prepared, why: Exception) -> None:
+        """Keep the answer (a `committing` row with no transaction): the next serving pass
+        commits it again without generating it."""
+        self._record_committing(prepared, None)
+        log.warning("request %d: cannot commit yet (%s); will retry", prepared.request_id, why)
 
     def _record_committing(self, prepared: Prepared, tx_hash: bytes | None) -> None:
         """The row that makes the commit survive a crash, written before the transaction is

@@ -378,6 +378,13 @@ def set_request_status(
                            commit_tx=commit_tx)
 
 
+def forget_commit_tx(conn: Connection, request_id: int) -> None:
+    """Drop the commit transaction recorded for `request_id` (one that failed on chain, so
+    that a restart does not wait for it again)."""
+    conn.execute(sa.update(requests).where(requests.c.request_id == request_id)
+                 .values(commit_tx=None))
+
+
 # ------------------------------------------------------------------------------------ claims
 
 

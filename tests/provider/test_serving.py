@@ -4,10 +4,13 @@ kill -9 around the commit."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import re
+import threading
+import time
 
 import pytest
 
@@ -326,3 +329,99 @@ def test_rpc_faults_lose_nothing_and_send_nothing_twice(registered, sqlite_url, 
     with store.transaction() as conn:
         assert [st.get_request(conn, i).status for i in ids] == ["committed", "committed"]
     store.dispose()
+
+
+def _in_process_node(protocol, database_url: str, model, stake: int) -> ProviderNode:
+    from optinfer.services.chain import connect
+
+    store = Store(database_url)
+    store.migrate()
+    node = ProviderNode(w3=connect(protocol.w3.provider.endpoint_uri), store=store,
+                        deployments=protocol.deployments, model=model,
+                        account=protocol.provider, poll_interval=0.2)
+    node.ensure_provider_registered(stake)
+    node.watch()
+    return node
+
+
+@contextlib.contextmanager
+def _blocks_on_demand(w3):
+    """No automatic mining: a transaction waits in the pool until the test mines a block."""
+    w3.provider.make_request("evm_setAutomine", [False])
+    try:
+        yield
+    finally:
+        w3.provider.make_request("evm_setAutomine", [True])
+
+
+def _serve_in_background(node: ProviderNode) -> tuple[threading.Thread, list]:
+    served: list = []
+    thread = threading.Thread(target=lambda: served.extend(node.serve_pending()), daemon=True)
+    thread.start()
+    return thread, served
+
+
+def _wait_for_pending(w3, address: str, nonce: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while w3.eth.get_transaction_count(address, "pending") < nonce:
+        assert time.monotonic() < deadline, \
+            f"{nonce - w3.eth.get_transaction_count(address, 'pending')} commits never sent"
+        time.sleep(0.05)
+
+
+def test_commits_go_out_without_waiting_for_blocks_so_one_block_takes_them_all(
+        registered, sqlite_url, model):
+    """As on a chain that mines every few seconds: the node sends each answer's commit while
+    the earlier ones are still pending, instead of one commit per block."""
+    protocol, w3 = registered, registered.w3
+    prompt = model.encode(PROMPT_TEXT)
+    ids = [protocol.post(prompt, max_tokens=8) for _ in range(3)]
+    node = _in_process_node(protocol, sqlite_url, model, stake=2 * 10**18)
+    provider = protocol.provider.address
+    nonce = w3.eth.get_transaction_count(provider)
+    with _blocks_on_demand(w3):
+        thread, served = _serve_in_background(node)
+        _wait_for_pending(w3, provider, nonce + 3)  # all three sent, none mined
+        assert w3.eth.get_transaction_count(provider) == nonce
+        w3.provider.make_request("evm_mine", [])
+        thread.join(timeout=60)
+    assert not thread.is_alive()
+    assert [s.request_id for s in served] == ids
+    blocks = {w3.eth.get_transaction(s.tx_hash)["blockNumber"] for s in served}
+    assert len(blocks) == 1
+    with node.store.transaction() as conn:
+        assert [st.get_request(conn, i).status for i in ids] == ["committed"] * 3
+    node.store.dispose()
+
+
+def test_a_commit_that_fails_in_its_block_keeps_its_answer_until_the_chain_refuses_it(
+        registered, sqlite_url, model, caplog):
+    """A commit sent while its request could still be answered, then mined in a block past
+    the commit deadline, fails there with the request still open on chain. The node keeps
+    the answer (``committing``, the failed transaction forgotten) instead of calling the
+    request settled; the next pass estimates the commit again, which now reverts, so the
+    request is skipped with the reason and nothing more is sent."""
+    protocol, w3 = registered, registered.w3
+    request_id = protocol.post(model.encode(PROMPT_TEXT), max_tokens=8, deadline_in=600)
+    node = _in_process_node(protocol, sqlite_url, model, stake=None)
+    provider = protocol.provider.address
+    nonce = w3.eth.get_transaction_count(provider)
+    with caplog.at_level(logging.WARNING, logger="optinfer.provider"), _blocks_on_demand(w3):
+        thread, served = _serve_in_background(node)
+        _wait_for_pending(w3, provider, nonce + 1)
+        protocol.advance(700)  # the block that takes the commit is past the deadline
+        thread.join(timeout=60)
+    assert not thread.is_alive() and served == []
+    assert re.search(rf"request {request_id}: cannot commit yet \(transaction 0x[0-9a-f]+ "
+                     "failed in block", caplog.text)
+    with node.store.transaction() as conn:
+        kept = st.get_request(conn, request_id)
+    assert kept.status == "committing" and kept.commit_tx is None and kept.output
+    assert protocol.coordinator.get_request(request_id).status is Status.OPEN
+
+    assert node.serve_pending() == []
+    with node.store.transaction() as conn:
+        skipped = st.get_request(conn, request_id)
+    assert skipped.status == "skipped" and "CommitDeadlinePassed" in skipped.note
+    assert w3.eth.get_transaction_count(provider) == nonce + 1
+    node.store.dispose()
