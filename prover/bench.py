@@ -18,6 +18,9 @@ On anvil 1.7.1 (the project's local chain) a commit takes longer the more blocks
 holds, as anvil rebuilds its state trie for every block: 10 ms in the first 200 requests to
 40 ms after 800 (docs/performance.md). Comparisons of the overhead keep to one request count.
 
+``block_time`` makes anvil mine every that many seconds instead of at each transaction, as a
+real chain does: each serving round then ends on the block that takes its last commits.
+
 Generation alone runs in the same generation process, so that the two sides differ only by
 the serving: two sessions of one model in two processes decode at speeds up to 5-10% apart,
 depending on which loaded first (measured at R1-1.5B shape, docs/performance.md).
@@ -46,6 +49,7 @@ ROUNDS = 2
 
 def bench_provider(requests: int = 200, max_tokens: int = 32, model_dir: Path | None = None,
                    threads: int = 1, seed: int = 0, rounds: int = ROUNDS,
+                   block_time: int | None = None,
                    log: Callable[[str], None] = lambda _: None) -> dict:
     from optinfer.contracts.localchain import start_anvil
     from optinfer.models.runtime import IntegerModel
@@ -58,7 +62,8 @@ def bench_provider(requests: int = 200, max_tokens: int = 32, model_dir: Path | 
     rng = random.Random(seed)
     prompts = [model.encode(f"{rng.randint(1, 999)}+{rng.randint(1, 999)}=")
                for _ in range(requests)]
-    with tempfile.TemporaryDirectory(prefix="optinfer-bench-") as tmp, start_anvil() as chain:
+    with tempfile.TemporaryDirectory(prefix="optinfer-bench-") as tmp, \
+            start_anvil(block_time=block_time) as chain:
         w3 = connect(chain.url)
         deployer, provider, consumer = chain.accounts[0], chain.accounts[1], chain.accounts[3]
         log(f"deploying on {chain.url}")
@@ -121,6 +126,7 @@ def bench_provider(requests: int = 200, max_tokens: int = 32, model_dir: Path | 
                          "latency_s": round(s.latency_s, 4)} for s in served],
         "model": str(model.dir),
         "threads": threads,
+        "block_time_s": block_time,
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(),
                     "python": platform.python_version()},
     }
@@ -144,12 +150,20 @@ def overhead_interval(per_round: list[tuple[float, float]], resamples: int = 400
 
 def _post(coordinator: InferenceCoordinator, consumer, model_root: bytes,
           prompts: list[list[int]], max_tokens: int) -> None:
+    """Post a request per prompt: all sent, then all waited for (on a chain with block times,
+    one block takes them)."""
+    from optinfer.services.chain import TxSender
+
     deadline = coordinator.w3.eth.get_block("latest")["timestamp"] + 3600
     fee = 10**15
-    for prompt in prompts:
-        spec = RequestSpec(model_id=model_root, prompt=prompt, max_tokens=max_tokens,
-                           commit_deadline=deadline)
-        coordinator.post_request_send(spec, fee, consumer)
+    sender = TxSender(coordinator.w3, consumer)
+    sent = [sender.submit({"to": coordinator.address, "value": fee,
+                           "data": coordinator.calldata("postRequest", *RequestSpec(
+                               model_id=model_root, prompt=prompt, max_tokens=max_tokens,
+                               commit_deadline=deadline).as_args())})
+            for prompt in prompts]
+    for tx_hash in sent:
+        sender.wait(tx_hash)
 
 
 def _batches(items: list, count: int) -> list[list]:

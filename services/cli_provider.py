@@ -99,6 +99,9 @@ def bench_provider(
                           ] = 32,
     model: Annotated[Path | None, typer.Option(
         "--model", help="Converted model directory (default: the committed tiny-r1).")] = None,
+    block_time: Annotated[int | None, typer.Option(
+        "--block-time", help="Seconds between anvil's blocks (default: a block per "
+                             "transaction).")] = None,
     threads: Threads = 1,
     as_json: AsJson = True,
 ) -> None:
@@ -107,10 +110,12 @@ def bench_provider(
 
     if requests < 1 or max_tokens < 1 or rounds < 1:
         raise UserError("--requests, --rounds and --max-tokens must be >= 1")
+    if block_time is not None and block_time < 1:
+        raise UserError("--block-time must be >= 1 second")
     if rounds > requests:
         raise UserError(f"--rounds {rounds} is more than --requests {requests}: a round serves "
                         "at least one request")
     result = run(requests=requests, rounds=rounds, max_tokens=max_tokens, model_dir=model,
-                 threads=threads,
+                 threads=threads, block_time=block_time,
                  log=lambda line: print(line, file=sys.stderr))
     emit(result, as_json, lambda d: out.print_json(data=d))

@@ -36,6 +36,15 @@ def test_bench_provider_reports_the_overhead_and_each_request():
     assert set(report["latency_s"]) == {"p50", "max"}
 
 
+def test_bench_provider_on_a_chain_that_mines_every_second():
+    result = optinfer("bench", "provider", "--requests", "3", "--rounds", "1", "--max-tokens",
+                      "8", "--block-time", "1", "--json", timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["block_time_s"] == 1 and len(report["per_request"]) == 3
+    assert all(request["commit_s"] > 0 for request in report["per_request"])
+
+
 def test_more_rounds_than_requests_is_refused_before_anything_starts():
     result = optinfer("bench", "provider", "--requests", "3", "--rounds", "4", "--json")
     assert result.returncode == 2
