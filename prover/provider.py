@@ -783,21 +783,31 @@ class ProviderNode:
         if not due:
             return
         now = self._chain_time()
+        sent: list[tuple[int, HexBytes]] = []
         for request, claim in due:
             if claim is None or claim.provider != self.address or now < claim.challenge_deadline:
                 continue
             onchain = self.coordinator.get_request(request.request_id)
-            if onchain.status is Status.COMMITTED and onchain.open_disputes == 0:
-                try:
-                    self.sender.transact(
-                        self.coordinator.contract.functions.finalize(request.request_id),
-                        artifact=self.coordinator.artifact)
-                except ContractRevert as err:
-                    log.warning("request %d: finalize reverts (%s); retrying later",
-                                request.request_id, err)
-                    continue
-                onchain = self.coordinator.get_request(request.request_id)
-            self._record_outcome(request.request_id, onchain)
+            if onchain.status is not Status.COMMITTED or onchain.open_disputes != 0:
+                self._record_outcome(request.request_id, onchain)
+                continue
+            try:
+                sent.append((request.request_id, self.sender.submit(
+                    {"to": self.coordinator.address, **self._fees(),
+                     "data": self.coordinator.calldata("finalize", request.request_id)},
+                    self.coordinator.artifact)))
+            except ContractRevert as err:
+                log.warning("request %d: finalize reverts (%s); retrying later",
+                            request.request_id, err)
+        # Every finalize is sent before any is waited for: on a chain with block times one
+        # block takes them all, and this loop, which also plays the games, is back soon.
+        for request_id, tx_hash in sent:
+            try:
+                self.sender.wait(tx_hash)
+            except TxFailed as err:
+                log.warning("request %d: finalize failed (%s); retrying later", request_id, err)
+                continue
+            self._record_outcome(request_id, self.coordinator.get_request(request_id))
 
     def _record_outcome(self, request_id: int, onchain) -> None:
         outcome = {Status.FINALIZED: ("finalized", "finalized"),

@@ -425,3 +425,27 @@ def test_a_commit_that_fails_in_its_block_keeps_its_answer_until_the_chain_refus
     assert skipped.status == "skipped" and "CommitDeadlinePassed" in skipped.note
     assert w3.eth.get_transaction_count(provider) == nonce + 1
     node.store.dispose()
+
+
+def test_claims_due_are_finalized_in_one_block_not_one_each(registered, sqlite_url, model):
+    """Every finalize is sent before any is waited for, so the loop that also plays the
+    games is not held for a block per claim on a chain with block times."""
+    protocol, w3 = registered, registered.w3
+    ids = [protocol.post(model.encode(PROMPT_TEXT), max_tokens=8) for _ in range(3)]
+    node = _in_process_node(protocol, sqlite_url, model, stake=2 * 10**18)
+    assert [s.request_id for s in node.serve_pending()] == ids
+    protocol.advance(protocol.coordinator.parameter("challengeWindow") + 1)
+    provider = protocol.provider.address
+    nonce, before = w3.eth.get_transaction_count(provider), w3.eth.block_number
+    with _blocks_on_demand(w3):
+        thread = threading.Thread(target=node.finalize_due, daemon=True)
+        thread.start()
+        _wait_for_pending(w3, provider, nonce + 3)
+        w3.provider.make_request("evm_mine", [])
+        thread.join(timeout=60)
+    assert not thread.is_alive()
+    assert w3.eth.get_transaction_count(provider, before + 1) == nonce + 3
+    assert all(protocol.coordinator.get_request(i).status is Status.FINALIZED for i in ids)
+    with node.store.transaction() as conn:
+        assert [st.get_request(conn, i).status for i in ids] == ["finalized"] * 3
+    node.store.dispose()
