@@ -20,11 +20,13 @@ the chain, plays the games and finalizes claims, so a long generation never make
   waited for if the node has it (pending), else committed again with the same output.
   Moves are recorded before they are sent, and a recorded move is sent again only if the
   chain state still asks for exactly that move and its transaction is not known.
-* Defending: every poll reads each open game from the chain and asks ``prover.game.decide``.
+* Defending: every poll reads each open game from the chain and asks ``prover.game.decide``;
+  the moves of all games are sent, then waited for together.
   The trace (``ModelTrace.from_model``) is computed the first time a game needs a provider
   move, once per disputed claim, never on the honest path; after a restart it is recomputed.
 * Finalizing: a claim past its challenge window with no open dispute is finalized by the
-  node itself (the fee is credited on finalization); `withdraw` collects fees and bonds.
+  node itself (the fee is credited on finalization; all finalizes due are sent, then waited
+  for together); `withdraw` collects fees and bonds.
 
 ``lie="last-token"`` is for demonstrations only: the node commits its answer with the last
 token before EOS changed and defends with the matching dishonest trace, and so loses its
@@ -196,6 +198,22 @@ class Prepared:
     generate_s: float = 0.0
     resumed: bool = False  # found in `committing` at start: the chain may have it already
     commit_tx: str | None = None  # the commit sent before a restart, if it got that far
+
+
+@dataclass(frozen=True)
+class _SentMove:
+    """A move whose transaction is sent and recorded, its block not yet."""
+
+    game_id: int
+    seq: int
+    tx_hash: str
+    action: spec.Action
+
+
+def _move_rejected(game_id: int, err: Exception) -> None:
+    # The game moved under us (the estimate reverted, or the move was mined after the
+    # opponent's): the next poll reads it again.
+    log.warning("game %d: move rejected (%s); reading the game again next poll", game_id, err)
 
 
 class _LazyTrace:
@@ -622,6 +640,9 @@ class ProviderNode:
         """One turn in every open game of this provider."""
         with self.store.transaction() as conn:
             games = st.games_with_status(conn, Role.PROVIDER, "open")
+        # Every game's move is sent before any is waited for: a provider in many games at
+        # once (a griefer's way to run its clocks down) moves in all of them each block.
+        sent: list[_SentMove] = []
         for record in games:
             with self.store.transaction() as conn:
                 leased = st.claim_game(conn, record.game_id, Role.PROVIDER, self.worker,
@@ -629,33 +650,40 @@ class ProviderNode:
             if leased is None:
                 continue
             try:
-                self._play(leased)
-            except (ContractRevert, TxFailed) as err:
-                # The game moved under us (the estimate reverted, or the move was mined after
-                # the opponent's): the next poll reads it again.
-                log.warning("game %d: move rejected (%s); reading the game again next poll",
-                            record.game_id, err)
+                sent += self._play(leased)
+            except ContractRevert as err:
+                _move_rejected(record.game_id, err)
+        for move in sent:
+            try:
+                self._confirm_move(move)
+            except TxFailed as err:
+                _move_rejected(move.game_id, err)
         open_requests = {record.request_id for record in games}
         for request_id in list(self._traces):
             if request_id not in open_requests:
                 del self._traces[request_id]
 
-    def _play(self, record: st.GameRecord) -> None:
+    def _play(self, record: st.GameRecord) -> list[_SentMove]:
+        """This node's move in the game of `record`, sent (not waited for), if it has one."""
         game_id = record.game_id
         state = self._read_game(record)
         if state is None:
-            return
+            return []
         if state.phase is Phase.RESOLVED:
             self._finish(record, state)
-            return
+            return []
         now = self._chain_time()
         with self.store.transaction() as conn:
             st.update_game(conn, game_id, Role.PROVIDER, self.worker, phase=state.phase,
                            k=_disputed_node(state), rounds=state.rounds, status="open",
                            state=_game_summary(record, state, now))
         trace = _LazyTrace(lambda: self._trace(record.request_id))
-        for action in spec.decide(state, trace, Role.PROVIDER, now):
-            self._send_move(record, state, action)
+        sent = []
+        for action in spec.decide(state, trace, Role.PROVIDER, now):  # one move at most
+            move = self._send_move(record, state, action)
+            if move is not None:
+                sent.append(move)
+        return sent
 
     def _read_game(self, record: st.GameRecord, attempts: int = 3) -> spec.GameState | None:
         """The game as of one block. The binding reads the game and its events in several
@@ -696,10 +724,10 @@ class ProviderNode:
         return list(logs[0]["args"]["prompt"])
 
     def _send_move(self, record: st.GameRecord, state: spec.GameState,
-                   action: spec.Action) -> None:
-        """Record `action`, then send it. A move recorded before a restart and asked for again
-        by the chain state is the same move: it keeps its row, and it is sent again only when
-        its transaction never made it."""
+                   action: spec.Action) -> _SentMove | None:
+        """Record `action`, then send it; None when it was sent before. A move recorded before
+        a restart and asked for again by the chain state is the same move: it keeps its row,
+        and it is sent again only when its transaction never made it."""
         game_id = record.game_id
         kind, payload = type(action).__name__, action_payload(action)
         with self.store.transaction() as conn:
@@ -712,7 +740,7 @@ class ProviderNode:
                 # transaction never made it.
                 seq = last.seq
                 if last.tx_hash is not None and self._landed(conn, record, seq, last.tx_hash):
-                    return
+                    return None
             else:
                 if last is not None and last.block_number is None \
                         and st.forget_unsent_move(conn, game_id, Role.PROVIDER, last.seq):
@@ -733,11 +761,15 @@ class ProviderNode:
         hex_hash = "0x" + bytes(tx_hash).hex()
         with self.store.transaction() as conn:
             st.set_move_transaction(conn, game_id, Role.PROVIDER, seq, hex_hash)
-        receipt = self.sender.wait(tx_hash)
+        return _SentMove(game_id, seq, hex_hash, action)
+
+    def _confirm_move(self, move: _SentMove) -> None:
+        """Wait for `move` to be mined and record its block."""
+        receipt = self.sender.wait(HexBytes(move.tx_hash))
         with self.store.transaction() as conn:
-            st.set_move_transaction(conn, game_id, Role.PROVIDER, seq, hex_hash,
+            st.set_move_transaction(conn, move.game_id, Role.PROVIDER, move.seq, move.tx_hash,
                                     receipt["blockNumber"])
-        log.info("game %d: %s in tx %s", game_id, describe(action), hex_hash)
+        log.info("game %d: %s in tx %s", move.game_id, describe(move.action), move.tx_hash)
 
     def _landed(self, conn, record: st.GameRecord, seq: int, tx_hash: str) -> bool:
         """Whether the recorded transaction of move `seq` is mined (recorded now) or pending;

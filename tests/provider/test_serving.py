@@ -331,14 +331,9 @@ def test_rpc_faults_lose_nothing_and_send_nothing_twice(registered, sqlite_url, 
     store.dispose()
 
 
-def _in_process_node(protocol, database_url: str, model, stake: int) -> ProviderNode:
-    from optinfer.services.chain import connect
-
-    store = Store(database_url)
-    store.migrate()
-    node = ProviderNode(w3=connect(protocol.w3.provider.endpoint_uri), store=store,
-                        deployments=protocol.deployments, model=model,
-                        account=protocol.provider, poll_interval=0.2)
+def _in_process_node(protocol, database_url: str, model, stake: int | None) -> ProviderNode:
+    """A registered node that has recorded the requests posted so far."""
+    node = _node(protocol, database_url, model)
     node.ensure_provider_registered(stake)
     node.watch()
     return node
