@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 
 import pytest
@@ -203,7 +202,7 @@ def test_in_several_games_the_node_moves_in_all_of_them_each_block(registered, s
     """Two disputes at once: the node sends its move in each before it waits for either, so
     on a chain with block times a provider in many games (a griefer's way to run its clocks
     down) still moves in every one of them each block."""
-    from .test_serving import _blocks_on_demand, _in_process_node, _wait_for_pending
+    from .test_serving import _in_process_node, one_block_for
 
     protocol, w3 = registered, registered.w3
     prompt = model.encode(PROMPT_TEXT)
@@ -212,15 +211,8 @@ def test_in_several_games_the_node_moves_in_all_of_them_each_block(registered, s
     assert [s.request_id for s in node.serve_pending()] == ids
     games = [protocol.game.challenge_send(i, prompt, protocol.accounts[4]) for i in ids]
     node.watch()  # records both games
-    provider = protocol.provider.address
-    nonce, before = w3.eth.get_transaction_count(provider), w3.eth.block_number
-    with _blocks_on_demand(w3):
-        thread = threading.Thread(target=node.defend, daemon=True)
-        thread.start()
-        _wait_for_pending(w3, provider, nonce + 2)
-        w3.provider.make_request("evm_mine", [])
-        thread.join(timeout=120)
-    assert not thread.is_alive()
+    before = w3.eth.block_number
+    one_block_for(w3, node.defend, protocol.provider.address, 2)
     with node.store.transaction() as conn:
         moves = [st.game_moves(conn, game_id, Role.PROVIDER) for game_id in games]
     assert [[m.kind for m in game_moves] for game_moves in moves] == [["PostRoot"]] * 2

@@ -9,8 +9,10 @@ import dataclasses
 import json
 import logging
 import re
-import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import pytest
 
@@ -32,6 +34,7 @@ from optinfer.services.store import RequestRecord, Store
 from .conftest import FEE, MAX_TOKENS, PROMPT_TEXT, optinfer
 
 PROVIDER = "0x" + "11" * 20
+T = TypeVar("T")
 MODEL = ServedModel(model_id="0x" + "ab" * 32, max_context=128, vocab_size=18)
 
 
@@ -349,19 +352,26 @@ def _blocks_on_demand(w3):
         w3.provider.make_request("evm_setAutomine", [True])
 
 
-def _serve_in_background(node: ProviderNode) -> tuple[threading.Thread, list]:
-    served: list = []
-    thread = threading.Thread(target=lambda: served.extend(node.serve_pending()), daemon=True)
-    thread.start()
-    return thread, served
-
-
 def _wait_for_pending(w3, address: str, nonce: int, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while w3.eth.get_transaction_count(address, "pending") < nonce:
         assert time.monotonic() < deadline, \
-            f"{nonce - w3.eth.get_transaction_count(address, 'pending')} commits never sent"
+            f"{nonce - w3.eth.get_transaction_count(address, 'pending')} transactions never sent"
         time.sleep(0.05)
+
+
+def one_block_for(w3, step: Callable[[], T], sender: str, transactions: int,
+                  mine: Callable[[], None] | None = None) -> T:
+    """Run `step` with no automatic mining until `sender` has sent `transactions`
+    transactions, none of them mined; then mine one block (by `mine`, if given) and let `step`
+    finish. Its result; its exception, if it raised."""
+    nonce = w3.eth.get_transaction_count(sender)
+    with _blocks_on_demand(w3), ThreadPoolExecutor(1) as background:
+        running = background.submit(step)
+        _wait_for_pending(w3, sender, nonce + transactions)
+        assert w3.eth.get_transaction_count(sender) == nonce  # all sent, none mined
+        (mine or (lambda: w3.provider.make_request("evm_mine", [])))()
+        return running.result(timeout=120)
 
 
 def test_commits_go_out_without_waiting_for_blocks_so_one_block_takes_them_all(
@@ -372,15 +382,7 @@ def test_commits_go_out_without_waiting_for_blocks_so_one_block_takes_them_all(
     prompt = model.encode(PROMPT_TEXT)
     ids = [protocol.post(prompt, max_tokens=8) for _ in range(3)]
     node = _in_process_node(protocol, sqlite_url, model, stake=2 * 10**18)
-    provider = protocol.provider.address
-    nonce = w3.eth.get_transaction_count(provider)
-    with _blocks_on_demand(w3):
-        thread, served = _serve_in_background(node)
-        _wait_for_pending(w3, provider, nonce + 3)  # all three sent, none mined
-        assert w3.eth.get_transaction_count(provider) == nonce
-        w3.provider.make_request("evm_mine", [])
-        thread.join(timeout=60)
-    assert not thread.is_alive()
+    served = one_block_for(w3, node.serve_pending, protocol.provider.address, 3)
     assert [s.request_id for s in served] == ids
     blocks = {w3.eth.get_transaction(s.tx_hash)["blockNumber"] for s in served}
     assert len(blocks) == 1
@@ -401,12 +403,11 @@ def test_a_commit_that_fails_in_its_block_keeps_its_answer_until_the_chain_refus
     node = _in_process_node(protocol, sqlite_url, model, stake=None)
     provider = protocol.provider.address
     nonce = w3.eth.get_transaction_count(provider)
-    with caplog.at_level(logging.WARNING, logger="optinfer.provider"), _blocks_on_demand(w3):
-        thread, served = _serve_in_background(node)
-        _wait_for_pending(w3, provider, nonce + 1)
-        protocol.advance(700)  # the block that takes the commit is past the deadline
-        thread.join(timeout=60)
-    assert not thread.is_alive() and served == []
+    with caplog.at_level(logging.WARNING, logger="optinfer.provider"):
+        # The block that takes the commit is past the deadline.
+        served = one_block_for(w3, node.serve_pending, provider, 1,
+                               mine=lambda: protocol.advance(700))
+    assert served == []
     assert re.search(rf"request {request_id}: cannot commit yet \(transaction 0x[0-9a-f]+ "
                      "failed in block", caplog.text)
     with node.store.transaction() as conn:
@@ -432,13 +433,7 @@ def test_claims_due_are_finalized_in_one_block_not_one_each(registered, sqlite_u
     protocol.advance(protocol.coordinator.parameter("challengeWindow") + 1)
     provider = protocol.provider.address
     nonce, before = w3.eth.get_transaction_count(provider), w3.eth.block_number
-    with _blocks_on_demand(w3):
-        thread = threading.Thread(target=node.finalize_due, daemon=True)
-        thread.start()
-        _wait_for_pending(w3, provider, nonce + 3)
-        w3.provider.make_request("evm_mine", [])
-        thread.join(timeout=60)
-    assert not thread.is_alive()
+    one_block_for(w3, node.finalize_due, provider, 3)
     assert w3.eth.get_transaction_count(provider, before + 1) == nonce + 3
     assert all(protocol.coordinator.get_request(i).status is Status.FINALIZED for i in ids)
     with node.store.transaction() as conn:
