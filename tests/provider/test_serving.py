@@ -366,12 +366,16 @@ def one_block_for(w3, step: Callable[[], T], sender: str, transactions: int,
     transactions, none of them mined; then mine one block (by `mine`, if given) and let `step`
     finish. Its result; its exception, if it raised."""
     nonce = w3.eth.get_transaction_count(sender)
-    with _blocks_on_demand(w3), ThreadPoolExecutor(1) as background:
+    # Mining is back on before the step is waited for, so a failing check never leaves the
+    # step waiting for a block that nobody mines.
+    with ThreadPoolExecutor(1) as background, _blocks_on_demand(w3):
         running = background.submit(step)
-        _wait_for_pending(w3, sender, nonce + transactions)
-        assert w3.eth.get_transaction_count(sender) == nonce  # all sent, none mined
-        (mine or (lambda: w3.provider.make_request("evm_mine", [])))()
-        return running.result(timeout=120)
+        try:
+            _wait_for_pending(w3, sender, nonce + transactions)
+            assert w3.eth.get_transaction_count(sender) == nonce  # all sent, none mined
+        finally:
+            (mine or (lambda: w3.provider.make_request("evm_mine", [])))()
+    return running.result(timeout=120)
 
 
 def test_commits_go_out_without_waiting_for_blocks_so_one_block_takes_them_all(
