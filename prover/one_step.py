@@ -68,6 +68,7 @@ _CODE_TO_ATTRIBUTE = {code: name for name, code in ATTRIBUTE_CODES.items()}
 _INT64 = commitments.DTYPE_CODES["int64"]
 _INT32 = commitments.DTYPE_CODES["int32"]
 _INDEX_CODES = frozenset(commitments.dtype_code(d) for d in opset.INDEX_DTYPES)
+_PARAMETER_CODES = frozenset(commitments.dtype_code(d) for d in opset.PARAMETER_DTYPES)
 _BOOL = commitments.DTYPE_CODES["bool"]
 #: Ops whose inputs at these positions are parameters, opened in full (they are tiny).
 _PARAMETER_POSITIONS: dict[str, tuple[int, ...]] = {
@@ -79,9 +80,9 @@ _PARAMETER_POSITIONS: dict[str, tuple[int, ...]] = {
     "Range": (0, 1, 2),
     "MatMulInteger": (2,),
 }
-#: Inputs that must be int64 (shapes, axes, Slice and Range parameters), int32 or int64
-#: (Gather's indices), single elements (scalars) and 1-D vectors, by op.
-_INT64_POSITIONS = {"ReduceSum": (1,), "ReduceMax": (1,), "Reshape": (1,),
+#: Inputs that must have a parameter dtype (shapes, axes, Slice and Range parameters), an
+#: index dtype (Gather's indices), single elements (scalars) and 1-D vectors, by op.
+_PARAMETER_DTYPE_POSITIONS = {"ReduceSum": (1,), "ReduceMax": (1,), "Reshape": (1,),
                     "Slice": (1, 2, 3, 4), "Range": (0, 1, 2)}
 _INDEX_POSITIONS = {"Gather": (1,), "GatherElements": (1,)}
 _SCALAR_POSITIONS = {"Clip": (1, 2), "Range": (0, 1, 2), "MatMulInteger": (2,)}
@@ -554,15 +555,21 @@ def expected_output(
         raise opset.OpSemanticsError(f"{node.op_type}: {error}") from None
 
 
+def _names(codes: frozenset[int]) -> str:
+    """'int32 or int64' for the dtype codes of int32 and int64."""
+    return " or ".join(sorted(name for name, code in commitments.DTYPE_CODES.items()
+                              if code in codes))
+
+
 def _expected_output(node, in_shapes, in_dtypes, parameters) -> tuple[int, tuple[int, ...]]:
     op = node.op_type
     shape0, dtype0 = in_shapes[0], in_dtypes[0]
-    for p in _INT64_POSITIONS.get(op, ()):
-        if node.present(p) and in_dtypes[p] != _INT64:
-            raise opset.OpSemanticsError(f"{op}: input {p} must be int64")
+    for p in _PARAMETER_DTYPE_POSITIONS.get(op, ()):
+        if node.present(p) and in_dtypes[p] not in _PARAMETER_CODES:
+            raise opset.OpSemanticsError(f"{op}: input {p} must be {_names(_PARAMETER_CODES)}")
     for p in _INDEX_POSITIONS.get(op, ()):
         if in_dtypes[p] not in _INDEX_CODES:
-            raise opset.OpSemanticsError(f"{op}: input {p} must be int32 or int64")
+            raise opset.OpSemanticsError(f"{op}: input {p} must be {_names(_INDEX_CODES)}")
     for p in _SCALAR_POSITIONS.get(op, ()):
         if node.present(p) and (len(in_shapes[p]) > 1 or math.prod(in_shapes[p]) != 1):
             raise opset.OpSemanticsError(f"{op}: input {p} must be a single element")
