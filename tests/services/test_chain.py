@@ -27,6 +27,7 @@ from optinfer.services.chain import (
     TxSender,
     connect,
     request_record,
+    sign_dynamic_fee,
 )
 from optinfer.services.store import Store
 from tests.services.conftest import tiny_r1_spec
@@ -180,6 +181,25 @@ def test_two_quick_transactions_get_consecutive_nonces_and_padded_gas(chain, w3)
     assert all(r["status"] == 1 for r in receipts)
     assert w3.eth.get_transaction(hashes[0])["gas"] == 25_200  # 21000 * 1.2
     assert sender.next_nonce == start + 2
+
+
+@pytest.mark.parametrize("tx", [
+    {"to": "0x" + "22" * 20, "value": 0, "data": b"", "gas": 21_000, "nonce": 0},
+    {"to": "0xABaBaBaBABabABabAbAbABAbABabababaBaBABaB", "value": 10**18 + 1,
+     "data": bytes(range(256)) * 3, "gas": 8_000_000, "nonce": 2**40},
+    {"value": 0, "data": "0x6001600055", "gas": 100_000, "nonce": 7},  # a deployment
+])
+def test_dynamic_fee_signing_makes_the_bytes_eth_account_makes(tx):
+    from eth_account import Account
+    from eth_keys.datatypes import PrivateKey
+
+    account = Account.from_key("0x" + "4c" * 32)
+    tx = {**tx, "chainId": 31337, "maxFeePerGas": 3 * 10**9, "maxPriorityFeePerGas": 0}
+    reference = account.sign_transaction(tx)
+    raw, tx_hash = sign_dynamic_fee(PrivateKey(bytes(account.key)), tx)
+    assert raw == bytes(reference.raw_transaction)
+    assert tx_hash == bytes(reference.hash)
+    assert Account.recover_transaction(raw) == account.address
 
 
 def test_stale_nonce_is_resynchronised_from_the_chain(chain, w3):
