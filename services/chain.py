@@ -398,6 +398,11 @@ class TxFailed(Exception):
     """A transaction was mined but failed (status 0)."""
 
 
+class TxDropped(TxFailed):
+    """A transaction that was sent is neither mined nor known to the node any more (its pool
+    was cleared, or it restarted): nothing of it is on chain, as with a failed one."""
+
+
 DYNAMIC_FEE_TYPE = b"\x02"  # EIP-2718's type byte of an EIP-1559 transaction
 
 
@@ -413,6 +418,10 @@ def sign_dynamic_fee(key: PrivateKey, tx: dict) -> tuple[bytes, bytes]:
     signature = key.sign_msg_hash(keccak(DYNAMIC_FEE_TYPE + rlp.encode(fields)))
     raw = DYNAMIC_FEE_TYPE + rlp.encode([*fields, signature.v, signature.r, signature.s])
     return raw, keccak(raw)
+
+
+DROP_CHECK_POLLS = 10
+"""Receipt polls between two checks that the node still has the transaction."""
 
 
 class TxSender:
@@ -526,16 +535,26 @@ class TxSender:
 
     def wait(self, tx_hash: bytes, artifact: Artifact | None = None) -> TxReceipt:
         """The receipt of `tx_hash` once mined (as web3 formats it); TxFailed when it failed,
-        web3's TimeExhausted when it is not mined within `receipt_timeout`."""
+        TxDropped when the node no longer has it (the next nonce is then taken from the
+        chain again), web3's TimeExhausted when it is not mined within `receipt_timeout`."""
         deadline = time.monotonic() + self.receipt_timeout
         tx_hex = "0x" + bytes(tx_hash).hex()
         # A dev chain mines a few milliseconds after it accepts: ask again soon, then every
         # `receipt_poll` seconds (a first wait of 100 ms was a commit's whole cost there).
         pause = min(0.005, self.receipt_poll)
+        polls = 0
         while (raw := self.rpc("eth_getTransactionReceipt", tx_hex)) is None:
             if time.monotonic() > deadline:
                 raise TimeExhausted(f"transaction {tx_hex} is not in the chain after "
                                     f"{self.receipt_timeout} s")
+            polls += 1
+            if polls % DROP_CHECK_POLLS == 0 and not self.known(tx_hash):
+                # With it went every later transaction of ours that it held back, and the
+                # local nonce count is ahead of the chain: what is sent next would wait
+                # forever behind the gap.
+                with self._lock:
+                    self.resync()
+                raise TxDropped(f"transaction {tx_hex} was dropped by the node, not mined")
             time.sleep(pause)
             pause = min(2 * pause, self.receipt_poll)
         receipt = AttributeDict.recursive(receipt_formatter(raw))

@@ -361,10 +361,10 @@ def _wait_for_pending(w3, address: str, nonce: int, timeout: float = 60) -> None
 
 
 def one_block_for(w3, step: Callable[[], T], sender: str, transactions: int,
-                  mine: Callable[[], None] | None = None) -> T:
+                  then: Callable[[], None] | None = None) -> T:
     """Run `step` with no automatic mining until `sender` has sent `transactions`
-    transactions, none of them mined; then mine one block (by `mine`, if given) and let `step`
-    finish. Its result; its exception, if it raised."""
+    transactions, none of them mined; then mine one block (or do `then` instead) and let
+    `step` finish. Its result; its exception, if it raised."""
     nonce = w3.eth.get_transaction_count(sender)
     # Mining is back on before the step is waited for, so a failing check never leaves the
     # step waiting for a block that nobody mines.
@@ -374,7 +374,7 @@ def one_block_for(w3, step: Callable[[], T], sender: str, transactions: int,
             _wait_for_pending(w3, sender, nonce + transactions)
             assert w3.eth.get_transaction_count(sender) == nonce  # all sent, none mined
         finally:
-            (mine or (lambda: w3.provider.make_request("evm_mine", [])))()
+            (then or (lambda: w3.provider.make_request("evm_mine", [])))()
     return running.result(timeout=120)
 
 
@@ -410,7 +410,7 @@ def test_a_commit_that_fails_in_its_block_keeps_its_answer_until_the_chain_refus
     with caplog.at_level(logging.WARNING, logger="optinfer.provider"):
         # The block that takes the commit is past the deadline.
         served = one_block_for(w3, node.serve_pending, provider, 1,
-                               mine=lambda: protocol.advance(700))
+                               then=lambda: protocol.advance(700))
     assert served == []
     assert re.search(rf"request {request_id}: cannot commit yet \(transaction 0x[0-9a-f]+ "
                      "failed in block", caplog.text)
@@ -424,6 +424,30 @@ def test_a_commit_that_fails_in_its_block_keeps_its_answer_until_the_chain_refus
         skipped = st.get_request(conn, request_id)
     assert skipped.status == "skipped" and "CommitDeadlinePassed" in skipped.note
     assert w3.eth.get_transaction_count(provider) == nonce + 1
+    node.store.dispose()
+
+
+def test_a_commit_the_node_drops_is_sent_again_with_its_nonce(registered, sqlite_url, model):
+    """The chain node drops the pending commit (as a restarted node loses its pool): the node
+    sees it gone, keeps the answer, and the next pass sends the commit again with the same
+    nonce, not one past a gap that nothing would fill."""
+    protocol, w3 = registered, registered.w3
+    request_id = protocol.post(model.encode(PROMPT_TEXT), max_tokens=8)
+    node = _in_process_node(protocol, sqlite_url, model, stake=None)
+    provider = protocol.provider.address
+    nonce = w3.eth.get_transaction_count(provider)
+    assert one_block_for(w3, node.serve_pending, provider, 1, then=lambda: w3.provider.make_request(
+        "anvil_dropAllTransactions", [])) == []
+    with node.store.transaction() as conn:
+        kept = st.get_request(conn, request_id)
+    assert kept.status == "committing" and kept.commit_tx is None
+
+    (served,) = node.serve_pending()
+    assert served.request_id == request_id
+    assert w3.eth.get_transaction(served.tx_hash)["nonce"] == nonce
+    commits = protocol.coordinator.contract.events.OutputCommitted().get_logs(
+        argument_filters={"requestId": request_id}, from_block=0)
+    assert len(commits) == 1
     node.store.dispose()
 
 

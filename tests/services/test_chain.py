@@ -24,6 +24,7 @@ from optinfer.services.chain import (
     EventCursor,
     RetryPolicy,
     RpcUnavailable,
+    TxDropped,
     TxSender,
     connect,
     request_record,
@@ -200,6 +201,29 @@ def test_dynamic_fee_signing_makes_the_bytes_eth_account_makes(tx):
     assert raw == bytes(reference.raw_transaction)
     assert tx_hash == bytes(reference.hash)
     assert Account.recover_transaction(raw) == account.address
+
+
+def test_transactions_the_node_drops_are_reported_and_their_nonces_used_again(chain, w3):
+    """Two transfers wait in the pool when the node drops them (as a restarted node would):
+    the wait reports the drop instead of polling until its timeout, the sender takes its
+    nonce from the chain again, and the next transfer gets the first dropped one's nonce."""
+    # Without the drop check, each wait would end in TimeExhausted after 120 s instead.
+    sender = TxSender(w3, chain.accounts[3], receipt_timeout=120, receipt_poll=0.01)
+    to = chain.accounts[4].address
+    start = w3.eth.get_transaction_count(sender.address)
+    w3.provider.make_request("evm_setAutomine", [False])
+    try:
+        dropped = [sender.submit({"to": to, "value": 1}), sender.submit({"to": to, "value": 2})]
+        assert sender.next_nonce == start + 2
+        w3.provider.make_request("anvil_dropAllTransactions", [])
+        for tx_hash in dropped:
+            with pytest.raises(TxDropped, match="dropped by the node"):
+                sender.wait(tx_hash)
+        assert sender.next_nonce == start
+    finally:
+        w3.provider.make_request("evm_setAutomine", [True])
+    receipt = sender.send({"to": to, "value": 3})
+    assert w3.eth.get_transaction(receipt["transactionHash"])["nonce"] == start
 
 
 def test_stale_nonce_is_resynchronised_from_the_chain(chain, w3):
