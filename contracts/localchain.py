@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -140,17 +141,43 @@ def start_anvil(
     ]
     with tempfile.TemporaryDirectory(prefix="optinfer-anvil-") as tmp:
         log_path = Path(tmp) / "anvil.log"
-        with log_path.open("wb") as log:
-            # Own session: killpg reaches anvil and anything it spawns, never the test runner.
-            process = subprocess.Popen(
-                args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
+        process = None
         try:
+            with _interrupts_deferred(), log_path.open("wb") as log:
+                # Own session: killpg reaches anvil and anything it spawns, never the test
+                # runner.
+                process = subprocess.Popen(
+                    args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
             url = _wait_until_ready(process, log_path)
             yield LocalChain(url=url, accounts=dev_accounts(), chain_id=CHAIN_ID, pid=process.pid)
         finally:
-            _stop(process)
+            if process is not None:
+                _stop(process)
+
+
+@contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Ctrl-C (SIGINT) held back until the block ends, then handled as it would have been.
+    Around the start of anvil: a KeyboardInterrupt raised inside `subprocess.Popen`, after
+    the child exists but before its handle is ours, would leave anvil running with nobody to
+    stop it. Python runs signal handlers in the main thread only, so only there is anything
+    to hold back."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            if callable(previous):
+                previous(signal.SIGINT, None)  # Python's default raises KeyboardInterrupt
+            elif previous == signal.SIG_DFL:
+                os.kill(os.getpid(), signal.SIGINT)
 
 
 def _wait_until_ready(process: subprocess.Popen, log_path: Path) -> str:
