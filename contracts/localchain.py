@@ -164,7 +164,8 @@ def _interrupts_deferred() -> Iterator[None]:
     the child exists but before its handle is ours, would leave anvil running with nobody to
     stop it. Python runs signal handlers in the main thread only, so only there is anything
     to hold back."""
-    if threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGINT) is None:  # a handler not set from Python
         yield
         return
     received: list[int] = []
