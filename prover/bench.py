@@ -22,6 +22,19 @@ to one request count.
 ``block_time`` makes anvil mine every that many seconds instead of at each transaction, as a
 real chain does: each serving round then ends on the block that takes its last commits.
 
+``generation_cpus`` pins as ``optinfer provider run`` does (auto: on more CPUs than threads,
+the generation process gets the last ones); the node's threads and the bench's anvil, which
+stands in for a chain on other machines, get the rest.
+
+``generation_process`` gives each side's time of the generation process on a CPU, and runnable
+but waiting for one (from /proc/PID/schedstat). The host's speed scales a side's wall time and
+its CPU time alike, so ``overhead_off_cpu``, the overhead in wall time per CPU second, does not
+move with it as ``overhead`` does (on machine A, the same 25 answers took 0.7 to 1.9 times
+the CPU time serving that they took alone, round by round). It counts what serving adds off
+the CPU: waiting for a CPU, for the next job, and each round's last commit. What the serving's
+work does to the generation's speed on its CPU (shared caches, memory) only ``overhead``
+holds.
+
 Generation alone runs in the same generation process, so that the two sides differ only by
 the serving: two sessions of one model in two processes decode at speeds up to 5-10% apart,
 depending on which loaded first (measured at R1-1.5B shape, docs/performance.md).
@@ -35,14 +48,15 @@ import random
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from optinfer.contracts.coordinator import InferenceCoordinator, RequestSpec
 from optinfer.models.bench import cpu_name
-from optinfer.models.generation import GenerationProcess
+from optinfer.models.generation import GenerationProcess, pin_this_thread, split_cpus
 from optinfer.prover.provider import ProviderNode
 
 ROUNDS = 2
@@ -50,7 +64,7 @@ ROUNDS = 2
 
 def bench_provider(requests: int = 200, max_tokens: int = 32, model_dir: Path | None = None,
                    threads: int = 1, seed: int = 0, rounds: int = ROUNDS,
-                   block_time: int | None = None,
+                   block_time: int | None = None, generation_cpus: str = "auto",
                    log: Callable[[str], None] = lambda _: None) -> dict:
     from optinfer.contracts.localchain import start_anvil
     from optinfer.models.runtime import IntegerModel
@@ -59,11 +73,13 @@ def bench_provider(requests: int = 200, max_tokens: int = 32, model_dir: Path | 
     from optinfer.services.deployments import deploy_all
     from optinfer.services.store import Store
 
+    cpus = split_cpus(generation_cpus, threads)
     model = IntegerModel(model_dir or INTEGER_DIR, threads=threads)  # the tokenizer, the spec
     rng = random.Random(seed)
     prompts = [model.encode(f"{rng.randint(1, 999)}+{rng.randint(1, 999)}=")
                for _ in range(requests)]
-    with tempfile.TemporaryDirectory(prefix="optinfer-bench-") as tmp, \
+    with _thread_pinned(cpus and cpus.node), \
+            tempfile.TemporaryDirectory(prefix="optinfer-bench-") as tmp, \
             start_anvil(block_time=block_time) as chain:
         w3 = connect(chain.url)
         deployer, provider, consumer = chain.accounts[0], chain.accounts[1], chain.accounts[3]
@@ -72,7 +88,8 @@ def bench_provider(requests: int = 200, max_tokens: int = 32, model_dir: Path | 
         store = Store(f"sqlite:///{Path(tmp) / 'provider.db'}")
         store.migrate()
         # As `optinfer provider run` serves: generation in a process of its own.
-        generator = GenerationProcess(model.dir, threads=threads)
+        generator = GenerationProcess(model.dir, threads=threads,
+                                      cpus=cpus and cpus.generation)
         node = ProviderNode(w3=w3, store=store, deployments=deployments, model=model,
                             account=provider, generator=generator)
         node.ensure_model_registered(register=True)
@@ -83,22 +100,21 @@ def bench_provider(requests: int = 200, max_tokens: int = 32, model_dir: Path | 
         generator.generate(prompts[0], max_tokens)  # warm the session up
         # Rounds alternate generation alone and serving, so that a change in the machine's
         # load during the run weighs on both sides alike.
-        served, per_round = [], []
+        served = []
+        alone, serving = _PhaseTimes(generator), _PhaseTimes(generator)
         batches = _batches(prompts, min(rounds, requests))
         for number, batch in enumerate(batches, 1):
-            started = time.perf_counter()
-            for _ in generator.stream([(prompt, max_tokens) for prompt in batch]):
-                pass
-            generation_round_s = time.perf_counter() - started
+            with alone.timed():
+                for _ in generator.stream([(prompt, max_tokens) for prompt in batch]):
+                    pass
             _post(coordinator, consumer, node.spec.model_root, batch, max_tokens)
             node.watch()
-            started = time.perf_counter()
-            served += node.serve_pending()
-            per_round.append((generation_round_s, time.perf_counter() - started))
+            with serving.timed():
+                served += node.serve_pending()
             log(f"round {number}/{len(batches)}: {len(batch)} requests, generation alone "
-                f"{per_round[-1][0]:.2f} s, serving {per_round[-1][1]:.2f} s")
-        generation_s = sum(g for g, _ in per_round)
-        serve_s = sum(s for _, s in per_round)
+                f"{alone.phases[-1][0]:.2f} s, serving {serving.phases[-1][0]:.2f} s")
+        per_round = [(a[0], s[0]) for a, s in zip(alone.phases, serving.phases, strict=True)]
+        generation_s, serve_s = alone.total(0), serving.total(0)
         log(f"served {len(served)} requests: {serve_s:.2f} s, generation alone "
             f"{generation_s:.2f} s")
         generator.close()
@@ -115,8 +131,10 @@ def bench_provider(requests: int = 200, max_tokens: int = 32, model_dir: Path | 
         "generation_s": round(generation_s, 4),
         "overhead_interval_95": overhead_interval(per_round),
         "rounds": len(per_round),
-        "per_round": [{"generation_s": round(g, 4), "serve_with_commit_s": round(s, 4)}
-                      for g, s in per_round],
+        "per_round": [{"generation_s": round(a[0], 4), "serve_with_commit_s": round(s[0], 4),
+                       "on_cpu_s": None if a[1] is None or s[1] is None else
+                       {"alone": round(a[1], 4), "serving": round(s[1], 4)}}
+                      for a, s in zip(alone.phases, serving.phases, strict=True)],
         "serve_with_commit_s": round(serve_s, 4),
         "commit_s": {"mean": round(statistics.mean(commits), 4),
                      "max": round(max(commits), 4)},
@@ -125,12 +143,69 @@ def bench_provider(requests: int = 200, max_tokens: int = 32, model_dir: Path | 
         "per_request": [{"request_id": s.request_id, "tokens": s.tokens,
                          "generate_s": round(s.generate_s, 4), "commit_s": round(s.commit_s, 4),
                          "latency_s": round(s.latency_s, 4)} for s in served],
+        "overhead_off_cpu": overhead_off_cpu(alone, serving),
+        "generation_process": {"alone": alone.report(), "serving": serving.report()},
         "model": str(model.dir),
         "threads": threads,
+        "generation_cpus": sorted(cpus.generation) if cpus else None,
+        "serving_cpus": sorted(cpus.node) if cpus else None,
         "block_time_s": block_time,
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(),
                     "python": platform.python_version()},
     }
+
+
+class _PhaseTimes:
+    """One side's phases: each one's wall time, and the generation process's time on a CPU
+    and runnable but off one (None where the kernel does not report them)."""
+
+    def __init__(self, generator: GenerationProcess):
+        self.generator = generator
+        self.phases: list[tuple[float, float | None, float | None]] = []
+
+    @contextmanager
+    def timed(self) -> Iterator[None]:
+        before, started = self.generator.scheduler_times(), time.perf_counter()
+        yield
+        wall, after = time.perf_counter() - started, self.generator.scheduler_times()
+        if before is None or after is None:
+            self.phases.append((wall, None, None))
+        else:
+            self.phases.append((wall, after[0] - before[0], after[1] - before[1]))
+
+    def total(self, column: int) -> float | None:
+        values = [phase[column] for phase in self.phases]
+        return None if None in values else sum(values)
+
+    def report(self) -> dict:
+        return {name: None if (value := self.total(column)) is None else round(value, 4)
+                for column, name in enumerate(("wall_s", "on_cpu_s", "waiting_for_cpu_s"))}
+
+
+def overhead_off_cpu(alone: _PhaseTimes, serving: _PhaseTimes) -> float | None:
+    """The overhead counted in the generation process's wall time per second on a CPU: its
+    time off a CPU (waiting for one, or for work) while serving, against alone. The host's
+    speed scales both its CPU and its wall time, so this does not move with it; it leaves out
+    what the serving's work does to the generation's speed on its CPU (shared caches and
+    memory), which only ``overhead`` holds."""
+    on_cpu = alone.total(1), serving.total(1)
+    if None in on_cpu:
+        return None
+    return round((serving.total(0) / on_cpu[1]) / (alone.total(0) / on_cpu[0]), 4)
+
+
+@contextmanager
+def _thread_pinned(cpus: frozenset[int] | None) -> Iterator[None]:
+    """This thread, and what it starts meanwhile (anvil, the node's threads), on `cpus`."""
+    if cpus is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    pin_this_thread(cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def overhead_interval(per_round: list[tuple[float, float]], resamples: int = 4000,

@@ -58,7 +58,14 @@ from optinfer.contracts.coordinator import ZERO_ADDRESS, InferenceCoordinator, S
 from optinfer.contracts.dispute_game import DisputeGame
 from optinfer.contracts.registry import ModelRegistry, ModelSpec
 from optinfer.errors import UserError
-from optinfer.models.generation import Answer, GenerationProcess, generate_in_process
+from optinfer.models.generation import (
+    Answer,
+    GenerationProcess,
+    format_cpu_list,
+    generate_in_process,
+    pin_this_thread,
+    split_cpus,
+)
 from optinfer.prover import game as spec
 from optinfer.prover.game import ModelTrace, Phase, Role
 from optinfer.services import store as st
@@ -241,13 +248,17 @@ class ProviderNode:
     def __init__(self, *, w3: Web3, store: Store, deployments: Deployments, model,
                  account: LocalAccount, lie: str = "off", poll_interval: float = 1.0,
                  confirmations: int = 0, max_block_range: int = 2000,
-                 generator: GenerationProcess | None = None):
+                 generator: GenerationProcess | None = None,
+                 serving_cpus: frozenset[int] | None = None):
         if lie not in LIE_MODES:
             raise UserError(f"lie must be one of {', '.join(LIE_MODES)}, got {lie!r}")
         self.w3, self.store, self.deployments, self.model = w3, store, deployments, model
         # Where answers are generated: `model` itself, or (ProviderNode.start) a process of
         # their own, so the node's other threads never slow the token loop.
         self.generator = generator
+        # Where run()'s serving thread (and the committer and confirmer it starts) may run:
+        # off the generation process's CPUs. None: anywhere.
+        self.serving_cpus = serving_cpus
         self.account = account
         self.address = account.address
         self.sender = TxSender(w3, account)
@@ -283,6 +294,7 @@ class ProviderNode:
         model in the registry, and register and stake the provider if it is not yet."""
         from optinfer.models.runtime import IntegerModel
 
+        cpus = split_cpus(settings.generation_cpus, threads)  # the machine's, checked first
         store = Store(settings.database)
         store.migrate()
         w3, deployments = Deployments.on_chain(settings)
@@ -291,12 +303,16 @@ class ProviderNode:
         node = cls(w3=w3, store=store, deployments=deployments, model=model, account=account,
                    lie=lie or settings.provider_lie, poll_interval=settings.poll_interval,
                    confirmations=settings.confirmations, max_block_range=settings.max_block_range,
-                   generator=GenerationProcess(model.dir, threads=threads))
+                   generator=GenerationProcess(model.dir, threads=threads,
+                                               cpus=cpus and cpus.generation),
+                   serving_cpus=cpus and cpus.node)
         node.ensure_model_registered(register)
         node.ensure_provider_registered(stake)
-        log.info("provider %s serving model %s (%s, %d nodes) on chain %d, coordinator %s%s",
-                 node.address, node.served_model.model_id, model.dir, node.spec.node_count,
-                 deployments.chain_id, node.coordinator.address,
+        log.info("provider %s serving model %s (%s, %d nodes) on chain %d, coordinator %s, "
+                 "%s%s", node.address, node.served_model.model_id, model.dir,
+                 node.spec.node_count, deployments.chain_id, node.coordinator.address,
+                 f"generating on CPU {format_cpu_list(cpus.generation)}, serving on "
+                 f"{format_cpu_list(cpus.node)}" if cpus else "generation not pinned to CPUs",
                  "; LYING at the last token (demonstration mode)" if node.lie != "off" else "")
         return node
 
@@ -374,6 +390,7 @@ class ProviderNode:
             serving.join()
 
     def _serve_loop(self, stop: threading.Event) -> None:
+        pin_this_thread(self.serving_cpus)
         while not stop.is_set():
             self.new_requests.clear()
             self._guarded(self.serve_pending)

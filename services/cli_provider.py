@@ -16,6 +16,7 @@ from optinfer.errors import UserError
 from optinfer.services.cli import (
     AsJson,
     ConfigFile,
+    GenerationCpus,
     RpcUrl,
     Threads,
     app,
@@ -43,6 +44,7 @@ def provider_run(
         "--lie", help="Demonstrations only: last-token commits wrong answers, which lose "
         "their disputes (default: the provider_lie setting, off).")] = None,
     threads: Threads = 1,
+    generation_cpus: GenerationCpus = None,
     rpc_url: RpcUrl = None,
     config: ConfigFile = None,
 ) -> None:
@@ -50,7 +52,8 @@ def provider_run(
     from optinfer.prover.provider import ProviderNode, stop_on_signals
 
     log_to_stderr()
-    settings = load_settings(config=config, rpc_url=rpc_url, provider_lie=lie)
+    settings = load_settings(config=config, rpc_url=rpc_url, provider_lie=lie,
+                             generation_cpus=generation_cpus)
     if stake is not None and stake <= 0:
         raise UserError("--stake must be a positive number of wei")
     node = ProviderNode.start(settings, register=register, stake=stake, threads=threads)
@@ -103,6 +106,7 @@ def bench_provider(
         "--block-time", help="Seconds between anvil's blocks (default: a block per "
                              "transaction).")] = None,
     threads: Threads = 1,
+    generation_cpus: GenerationCpus = None,
     as_json: AsJson = True,
 ) -> None:
     """Honest-path overhead on a local anvil: serve-with-commit time / generation time."""
@@ -116,6 +120,6 @@ def bench_provider(
         raise UserError(f"--rounds {rounds} is more than --requests {requests}: a round serves "
                         "at least one request")
     result = run(requests=requests, rounds=rounds, max_tokens=max_tokens, model_dir=model,
-                 threads=threads, block_time=block_time,
+                 threads=threads, block_time=block_time, generation_cpus=generation_cpus or "auto",
                  log=lambda line: print(line, file=sys.stderr))
     emit(result, as_json, lambda d: out.print_json(data=d))

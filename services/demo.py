@@ -89,7 +89,10 @@ class Demo:
             rpc_url=self.chain.url, state_dir=self.workdir / name,
             deployments=self.workdir / "deployments.json",
             database_url=f"sqlite:///{self.workdir / f'{name}.db'}",
-            model_dir=self.model_dir, confirmations=0, poll_interval=0.2, **overrides)
+            model_dir=self.model_dir, confirmations=0, poll_interval=0.2,
+            # Two providers and a watchtower share this process: pinned, both generation
+            # processes would take the same last CPU.
+            generation_cpus="none", **overrides)
 
     def deploy(self) -> dict:
         from optinfer.contracts.coordinator import QuestionAsker

@@ -114,6 +114,12 @@ class Settings(BaseSettings):
     model_dir: Path | None = Field(
         None, description="Integer model directory (default: the committed tiny-r1)."
     )
+    generation_cpus: str = Field(
+        "auto",
+        description="CPUs of the provider's generation process, its serving threads taking "
+        "the others: auto (the last --threads CPUs, when there are more), none (no pinning), "
+        "or a list such as 3, 2-3 or 1,3.",
+    )
     provider_lie: Literal["off", "last-token"] = Field(
         "off",
         description="Demonstrations only: last-token makes the provider node commit its "
@@ -180,6 +186,17 @@ class Settings(BaseSettings):
         if not 0 < int(digits, 16) < SECP256K1_ORDER:
             raise ValueError("is not a valid secp256k1 private key")
         return SecretStr("0x" + digits.lower())
+
+    @field_validator("generation_cpus")
+    @classmethod
+    def _cpu_choice(cls, value: str) -> str:
+        # Only the syntax here: which CPUs exist is the machine's, checked when the node starts.
+        value = value.strip()
+        if value not in ("auto", "none"):
+            from optinfer.models.generation import parse_cpu_list
+
+            parse_cpu_list(value)
+        return value
 
     @field_validator("api_key")
     @classmethod

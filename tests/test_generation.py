@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -10,7 +12,14 @@ import time
 import pytest
 
 from optinfer.errors import UserError
-from optinfer.models.generation import GenerationError, GenerationProcess, generate_in_process
+from optinfer.models.generation import (
+    CpuSplit,
+    GenerationError,
+    GenerationProcess,
+    generate_in_process,
+    parse_cpu_list,
+    split_cpus,
+)
 from optinfer.models.runtime import IntegerModel
 from optinfer.models.tiny_r1 import INTEGER_DIR
 
@@ -113,3 +122,62 @@ def _alive(pid: int) -> bool:
             return stat.read().split()[2] != "Z"  # a zombie has exited
     except FileNotFoundError:
         return False
+
+
+# ------------------------------------------------------------------------------ CPU pinning
+
+FOUR = frozenset({0, 1, 2, 3})
+
+
+def test_cpu_lists_read_as_the_kernel_writes_them():
+    assert parse_cpu_list("3") == {3}
+    assert parse_cpu_list("0-2,5") == {0, 1, 2, 5}
+    assert parse_cpu_list(" 1 , 3-3") == {1, 3}
+    for bad in ("", "a", "1-", "-1", "1,,2", "2-1"):
+        with pytest.raises(ValueError):
+            parse_cpu_list(bad)
+
+
+def test_auto_gives_the_generation_the_last_cpus_and_the_node_the_rest():
+    assert split_cpus("auto", 1, FOUR) == CpuSplit(frozenset({3}), frozenset({0, 1, 2}))
+    assert split_cpus("auto", 2, FOUR) == CpuSplit(frozenset({2, 3}), frozenset({0, 1}))
+    assert split_cpus("auto", 1, frozenset({4, 9})) == CpuSplit(frozenset({9}),
+                                                                frozenset({4}))
+    # No CPU would be left to the node: nothing is pinned.
+    assert split_cpus("auto", 4, FOUR) is None
+    assert split_cpus("auto", 1, frozenset({0})) is None
+    assert split_cpus("none", 1, FOUR) is None
+
+
+def test_a_cpu_list_is_taken_as_given_and_refused_when_it_cannot_be():
+    assert split_cpus("0,2", 2, FOUR) == CpuSplit(frozenset({0, 2}), frozenset({1, 3}))
+    refusals = {
+        "4": "CPU 4 is not available to this process (it may use 0,1,2,3)",
+        "0-3": "leaves no CPU to the node",
+        "3": "names 1 CPU(s) for 2 generation threads",
+        "x": "is not auto, none, or a CPU list",
+    }
+    for choice, message in refusals.items():
+        with pytest.raises(UserError, match=re.escape(message)):
+            split_cpus(choice, 2, FOUR)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning needs two CPUs")
+def test_a_pinned_child_runs_on_its_cpus_only_and_reports_its_scheduler_times(model):
+    split = split_cpus("auto", 1)
+    prompt = model.encode(PROMPTS[0])
+    with GenerationProcess(INTEGER_DIR, cpus=split.generation) as generator:
+        child = generator._process.pid
+        assert os.sched_getaffinity(child) == split.generation
+        before = generator.scheduler_times()
+        assert generator.generate(prompt, 16) == model.generate(prompt, 16)
+        after = generator.scheduler_times()
+        assert after[0] > before[0] and after[1] >= before[1] >= 0
+        # A child started again is pinned again.
+        generator._process.kill()
+        generator._process.wait()
+        assert generator.generate(prompt, 16) == model.generate(prompt, 16)
+        assert generator._process.pid != child
+        assert os.sched_getaffinity(generator._process.pid) == split.generation
+    assert os.sched_getaffinity(0) != split.generation  # the parent is left as it was
+    assert generator.scheduler_times() is None  # no child runs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -34,14 +35,33 @@ def test_bench_provider_reports_the_overhead_and_each_request():
         assert 1 <= request["tokens"] <= 8
         assert request["latency_s"] >= request["commit_s"] > 0
     assert set(report["latency_s"]) == {"p50", "max"}
+    # The generation process's own times, side by side: on a CPU, and waiting for one.
+    process = report["generation_process"]
+    assert process["alone"]["wall_s"] == pytest.approx(generation, abs=2e-4)
+    assert process["serving"]["wall_s"] == pytest.approx(serve, abs=2e-4)
+    for side in ("alone", "serving"):
+        assert 0 < process[side]["on_cpu_s"] <= process[side]["wall_s"] + 0.01
+        assert 0 <= process[side]["waiting_for_cpu_s"] < process[side]["wall_s"]
+        assert sum(r["on_cpu_s"][side] for r in report["per_round"]) == pytest.approx(
+            process[side]["on_cpu_s"], abs=2e-4)
+    off_cpu = ((process["serving"]["wall_s"] / process["serving"]["on_cpu_s"])
+               / (process["alone"]["wall_s"] / process["alone"]["on_cpu_s"]))
+    assert report["overhead_off_cpu"] == pytest.approx(off_cpu, rel=2e-3)
+    # Pinned as `provider run` pins by default: the generation on the last CPU.
+    everything = sorted(os.sched_getaffinity(0))
+    if len(everything) > 1:
+        assert report["generation_cpus"] == everything[-1:]
+        assert report["serving_cpus"] == everything[:-1]
 
 
 def test_bench_provider_on_a_chain_that_mines_every_second():
     result = optinfer("bench", "provider", "--requests", "3", "--rounds", "1", "--max-tokens",
-                      "8", "--block-time", "1", "--json", timeout=300)
+                      "8", "--block-time", "1", "--generation-cpus", "none", "--json",
+                      timeout=300)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["block_time_s"] == 1 and len(report["per_request"]) == 3
+    assert report["generation_cpus"] is None and report["serving_cpus"] is None  # none asked
     assert all(request["commit_s"] > 0 for request in report["per_request"])
 
 
@@ -50,6 +70,12 @@ def test_more_rounds_than_requests_is_refused_before_anything_starts():
     assert result.returncode == 2
     assert "--rounds 4 is more than --requests 3" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_generation_cpus_the_machine_lacks_are_refused_in_one_line():
+    result = optinfer("bench", "provider", "--requests", "3", "--generation-cpus", "4096")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "generation_cpus '4096': CPU 4096 is not available" in result.stderr
 
 
 def test_the_interval_of_rounds_with_one_ratio_is_that_ratio():

@@ -8,7 +8,9 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import re
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -152,6 +154,55 @@ def test_start_up_refuses_an_unregistered_model_with_one_clear_message(protocol)
     with pytest.raises(UserError, match=r"is not registered in the ModelRegistry at 0x.*"
                                         r"pass --register"):
         ProviderNode.start(settings)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning needs two CPUs")
+def test_the_generation_process_and_the_serving_thread_get_cpus_of_their_own(registered):
+    settings = load_settings(rpc_url=registered.w3.provider.endpoint_uri,
+                             deployments=registered.file)
+    everything = frozenset(os.sched_getaffinity(0))
+    node = ProviderNode.start(settings)  # generation_cpus defaults to auto
+    try:
+        last = max(everything)
+        assert node.generator.cpus == {last} and node.serving_cpus == everything - {last}
+        assert os.sched_getaffinity(node.generator._process.pid) == {last}
+        # run() serves on a thread of the node's CPUs (the committer and the confirmer are
+        # started from it, and inherit them); its own thread keeps every CPU.
+        seen: list[set[int]] = []
+        stop = threading.Event()
+
+        def serve_pending():
+            seen.append(os.sched_getaffinity(0))
+            stop.set()
+            return []
+
+        node.serve_pending = serve_pending
+        node.run(stop)
+        assert seen == [everything - {last}]
+        assert os.sched_getaffinity(0) == everything
+    finally:
+        node.close()
+    unpinned = ProviderNode.start(load_settings(
+        rpc_url=registered.w3.provider.endpoint_uri, deployments=registered.file,
+        generation_cpus="none"))
+    try:
+        assert unpinned.generator.cpus is None and unpinned.serving_cpus is None
+        assert os.sched_getaffinity(unpinned.generator._process.pid) == everything
+    finally:
+        unpinned.close()
+
+
+def test_generation_cpus_the_machine_lacks_stop_the_start_with_one_clear_message(registered):
+    settings = load_settings(rpc_url=registered.w3.provider.endpoint_uri,
+                             deployments=registered.file, generation_cpus="4096")
+    with pytest.raises(UserError, match=r"generation_cpus '4096': CPU 4096 is not available "
+                                        r"to this process \(it may use [0-9,]+\)"):
+        ProviderNode.start(settings)
+    run = optinfer("provider", "run", "--generation-cpus", "0-4096", env={
+        "OPTINFER_RPC_URL": registered.w3.provider.endpoint_uri,
+        "OPTINFER_DEPLOYMENTS": str(registered.file)})
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "generation_cpus '0-4096': CPU" in run.stderr and run.stderr.count("\n") == 1
 
 
 # ------------------------------------------------------------------------- as it is run

@@ -88,6 +88,8 @@ def test_key_is_normalised_and_kept_secret():
         ("OPTINFER_DATABASE_URL", "mysql://x/y", "must start with sqlite:/// or postgresql"),
         ("OPTINFER_BROKER_URL", "http://x", "must be a redis:// or amqp:// URL"),
         ("OPTINFER_MODEL_DIR", "/nonexistent", "has no manifest.json"),
+        ("OPTINFER_GENERATION_CPUS", "last", "is not auto, none, or a CPU list"),
+        ("OPTINFER_GENERATION_CPUS", "3-1", "the range 3-1 runs backwards"),
     ],
 )
 def test_bad_environment_value_is_one_line_naming_the_variable(monkeypatch, variable, value,
