@@ -31,6 +31,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import NamedTuple
 
 Job = tuple[list[int], int]
 """One generation: (prompt tokens, max tokens)."""
@@ -64,6 +65,13 @@ def generate_in_process(model, jobs: Iterable[Job]) -> Iterator[Answer]:
 
 class GenerationError(RuntimeError):
     """The generation process died or could not load its model."""
+
+
+class SchedulerTimes(NamedTuple):
+    """A process's seconds on a CPU, and runnable but waiting for one."""
+
+    on_cpu_s: float
+    waiting_for_cpu_s: float
 
 
 @dataclass(frozen=True)
@@ -200,7 +208,7 @@ class GenerationProcess:
         with self._lock:
             self._discard()
 
-    def scheduler_times(self) -> tuple[float, float] | None:
+    def scheduler_times(self) -> SchedulerTimes | None:
         """Seconds the child has run on a CPU, and waited for one while runnable, summed over
         its threads; None where the kernel does not say (no /proc/PID/schedstat) or no child
         runs. The waiting is what other work on its CPUs costs it."""
@@ -214,7 +222,7 @@ class GenerationProcess:
                 running, waiting = running + int(on_cpu), waiting + int(queued)
         except (OSError, ValueError):
             return None
-        return running / 1e9, waiting / 1e9
+        return SchedulerTimes(running / 1e9, waiting / 1e9)
 
     def __enter__(self) -> GenerationProcess:
         return self

@@ -51,6 +51,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -112,9 +113,10 @@ def bench_provider(requests: int = 200, max_tokens: int = 32, model_dir: Path | 
             with serving.timed():
                 served += node.serve_pending()
             log(f"round {number}/{len(batches)}: {len(batch)} requests, generation alone "
-                f"{alone.phases[-1][0]:.2f} s, serving {serving.phases[-1][0]:.2f} s")
-        per_round = [(a[0], s[0]) for a, s in zip(alone.phases, serving.phases, strict=True)]
-        generation_s, serve_s = alone.total(0), serving.total(0)
+                f"{alone.phases[-1].wall_s:.2f} s, serving {serving.phases[-1].wall_s:.2f} s")
+        per_round = [(a.wall_s, s.wall_s)
+                     for a, s in zip(alone.phases, serving.phases, strict=True)]
+        generation_s, serve_s = alone.total("wall_s"), serving.total("wall_s")
         log(f"served {len(served)} requests: {serve_s:.2f} s, generation alone "
             f"{generation_s:.2f} s")
         generator.close()
@@ -131,9 +133,10 @@ def bench_provider(requests: int = 200, max_tokens: int = 32, model_dir: Path | 
         "generation_s": round(generation_s, 4),
         "overhead_interval_95": overhead_interval(per_round),
         "rounds": len(per_round),
-        "per_round": [{"generation_s": round(a[0], 4), "serve_with_commit_s": round(s[0], 4),
-                       "on_cpu_s": None if a[1] is None or s[1] is None else
-                       {"alone": round(a[1], 4), "serving": round(s[1], 4)}}
+        "per_round": [{"generation_s": round(a.wall_s, 4),
+                       "serve_with_commit_s": round(s.wall_s, 4),
+                       "on_cpu_s": None if a.on_cpu_s is None or s.on_cpu_s is None else
+                       {"alone": round(a.on_cpu_s, 4), "serving": round(s.on_cpu_s, 4)}}
                       for a, s in zip(alone.phases, serving.phases, strict=True)],
         "serve_with_commit_s": round(serve_s, 4),
         "commit_s": {"mean": round(statistics.mean(commits), 4),
@@ -155,13 +158,21 @@ def bench_provider(requests: int = 200, max_tokens: int = 32, model_dir: Path | 
     }
 
 
+class Phase(NamedTuple):
+    """One phase of one side: its wall time, and the generation process's time on a CPU and
+    runnable but off one (None where the kernel does not report them)."""
+
+    wall_s: float
+    on_cpu_s: float | None
+    waiting_for_cpu_s: float | None
+
+
 class _PhaseTimes:
-    """One side's phases: each one's wall time, and the generation process's time on a CPU
-    and runnable but off one (None where the kernel does not report them)."""
+    """One side's phases, timed."""
 
     def __init__(self, generator: GenerationProcess):
         self.generator = generator
-        self.phases: list[tuple[float, float | None, float | None]] = []
+        self.phases: list[Phase] = []
 
     @contextmanager
     def timed(self) -> Iterator[None]:
@@ -169,17 +180,18 @@ class _PhaseTimes:
         yield
         wall, after = time.perf_counter() - started, self.generator.scheduler_times()
         if before is None or after is None:
-            self.phases.append((wall, None, None))
+            self.phases.append(Phase(wall, None, None))
         else:
-            self.phases.append((wall, after[0] - before[0], after[1] - before[1]))
+            self.phases.append(Phase(wall, after.on_cpu_s - before.on_cpu_s,
+                                     after.waiting_for_cpu_s - before.waiting_for_cpu_s))
 
-    def total(self, column: int) -> float | None:
-        values = [phase[column] for phase in self.phases]
+    def total(self, field: str) -> float | None:
+        values = [getattr(phase, field) for phase in self.phases]
         return None if None in values else sum(values)
 
     def report(self) -> dict:
-        return {name: None if (value := self.total(column)) is None else round(value, 4)
-                for column, name in enumerate(("wall_s", "on_cpu_s", "waiting_for_cpu_s"))}
+        return {field: None if (value := self.total(field)) is None else round(value, 4)
+                for field in Phase._fields}
 
 
 def overhead_off_cpu(alone: _PhaseTimes, serving: _PhaseTimes) -> float | None:
@@ -188,10 +200,10 @@ def overhead_off_cpu(alone: _PhaseTimes, serving: _PhaseTimes) -> float | None:
     speed scales both its CPU and its wall time, so this does not move with it; it leaves out
     what the serving's work does to the generation's speed on its CPU (shared caches and
     memory), which only ``overhead`` holds."""
-    on_cpu = alone.total(1), serving.total(1)
-    if None in on_cpu:
+    if alone.total("on_cpu_s") is None or serving.total("on_cpu_s") is None:
         return None
-    return round((serving.total(0) / on_cpu[1]) / (alone.total(0) / on_cpu[0]), 4)
+    per_cpu_second = [side.total("wall_s") / side.total("on_cpu_s") for side in (alone, serving)]
+    return round(per_cpu_second[1] / per_cpu_second[0], 4)
 
 
 @contextmanager

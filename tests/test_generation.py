@@ -172,7 +172,8 @@ def test_a_pinned_child_runs_on_its_cpus_only_and_reports_its_scheduler_times(mo
         before = generator.scheduler_times()
         assert generator.generate(prompt, 16) == model.generate(prompt, 16)
         after = generator.scheduler_times()
-        assert after[0] > before[0] and after[1] >= before[1] >= 0
+        assert after.on_cpu_s > before.on_cpu_s
+        assert after.waiting_for_cpu_s >= before.waiting_for_cpu_s >= 0
         # A child started again is pinned again.
         generator._process.kill()
         generator._process.wait()

@@ -221,7 +221,11 @@ def test_a_request_is_served_committed_finalized_and_called_back(protocol, postg
     assert refused.stderr.count("\n") == 1 and "pass --register" in refused.stderr
 
     node = run_provider(protocol, postgres_url, "--register")
-    node.wait_for(r"serving model 0x[0-9a-f]{64}")
+    started = node.wait_for(r"serving model 0x[0-9a-f]{64}.*\n").group(0).rstrip()
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) > 1:  # pinned by default: the generation on the last CPU
+        assert started.endswith(f"generating on CPU {cpus[-1]}, serving on "
+                                + ",".join(map(str, cpus[:-1])))
     assert protocol.registry.is_registered(protocol.model_root)
     minimum = protocol.coordinator.parameter("minimumStake")
     assert protocol.coordinator.provider_stake(protocol.provider.address) == (minimum, 0)
