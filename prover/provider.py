@@ -555,8 +555,6 @@ class ProviderNode:
                 # this one, still pending then, locked the stake it needed; or the state
                 # changed otherwise. The next serving pass estimates it again.
                 self._retry_later(prepared, err)
-                with self.store.transaction() as conn:
-                    st.forget_commit_tx(conn, request_id)
             else:
                 # A copy sent before a restart got in first, or another provider did.
                 self._settle(request_id, onchain)
@@ -572,9 +570,15 @@ class ProviderNode:
         return served
 
     def _retry_later(self, prepared: Prepared, why: Exception) -> None:
-        """Keep the answer (a `committing` row with no transaction): the next serving pass
-        commits it again without generating it."""
-        self._record_committing(prepared, None)
+        """Keep the answer (a `committing` row) and forget any commit transaction recorded
+        for it, which failed or was never sent (a restart must not wait for it): the next
+        serving pass estimates the commit again, without generating the answer again."""
+        with self.store.transaction() as conn:
+            if not st.set_request_status(conn, prepared.request_id, "committing",
+                                         expected=("open", "committing"),
+                                         output=prepared.output):
+                return  # settled meanwhile: nothing to retry
+            st.forget_commit_tx(conn, prepared.request_id)
         log.warning("request %d: cannot commit yet (%s); will retry", prepared.request_id, why)
 
     def _record_committing(self, prepared: Prepared, tx_hash: bytes | None) -> None:
