@@ -37,10 +37,12 @@ ModelDir = Annotated[Path | None, typer.Option("--model", help="Converted model 
                                                "(default: the committed tiny-r1).")]
 Threads = Annotated[int, typer.Option("--threads", help="ONNX Runtime intra-op threads.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
+GENERATION_CPUS_HELP = ("CPUs of the generation process, the serving threads taking the "
+                        "others: auto (the last --threads CPUs, when there are more), none, or "
+                        "a list such as 2-3")
 GenerationCpus = Annotated[str | None, typer.Option(
-    "--generation-cpus", help="CPUs of the generation process, the serving threads taking the "
-    "others: auto (the last --threads CPUs, when there are more), none, or a list such as 2-3 "
-    "(default: the generation_cpus setting, auto).")]
+    "--generation-cpus",
+    help=GENERATION_CPUS_HELP + " (default: the generation_cpus setting, auto).")]
 ConfigFile = Annotated[Path | None, typer.Option(
     "--config", help="TOML settings file (default: $OPTINFER_CONFIG); see docs/operators.md.")]
 RpcUrl = Annotated[str | None, typer.Option(

@@ -14,6 +14,7 @@ import typer
 
 from optinfer.errors import UserError
 from optinfer.services.cli import (
+    GENERATION_CPUS_HELP,
     AsJson,
     ConfigFile,
     GenerationCpus,
@@ -106,7 +107,9 @@ def bench_provider(
         "--block-time", help="Seconds between anvil's blocks (default: a block per "
                              "transaction).")] = None,
     threads: Threads = 1,
-    generation_cpus: GenerationCpus = None,
+    generation_cpus: Annotated[str, typer.Option(
+        "--generation-cpus", help=GENERATION_CPUS_HELP + "; the bench's anvil runs with the "
+        "serving threads.")] = "auto",
     as_json: AsJson = True,
 ) -> None:
     """Honest-path overhead on a local anvil: serve-with-commit time / generation time."""
@@ -120,6 +123,6 @@ def bench_provider(
         raise UserError(f"--rounds {rounds} is more than --requests {requests}: a round serves "
                         "at least one request")
     result = run(requests=requests, rounds=rounds, max_tokens=max_tokens, model_dir=model,
-                 threads=threads, block_time=block_time, generation_cpus=generation_cpus or "auto",
+                 threads=threads, block_time=block_time, generation_cpus=generation_cpus,
                  log=lambda line: print(line, file=sys.stderr))
     emit(result, as_json, lambda d: out.print_json(data=d))
