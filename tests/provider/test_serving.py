@@ -22,6 +22,7 @@ from optinfer.contracts.coordinator import ZERO_ADDRESS, QuestionAsker, RequestS
 from optinfer.errors import UserError
 from optinfer.prover import game as spec
 from optinfer.prover.provider import (
+    Prepared,
     ProviderNode,
     ServedModel,
     action_payload,
@@ -479,6 +480,31 @@ def test_a_commit_that_fails_in_its_block_keeps_its_answer_until_the_chain_refus
         skipped = st.get_request(conn, request_id)
     assert skipped.status == "skipped" and "CommitDeadlinePassed" in skipped.note
     assert w3.eth.get_transaction_count(provider) == nonce + 1
+    node.store.dispose()
+
+
+def test_an_answer_to_retry_whose_request_was_settled_meanwhile_is_left_alone(
+        registered, sqlite_url, model, caplog):
+    """A commit to retry later keeps its answer in one transaction, unless the request has
+    been settled meanwhile: then nothing is written and the serving pass goes on."""
+    protocol = registered
+    settled, open_one = (protocol.post(model.encode(PROMPT_TEXT), max_tokens=8)
+                         for _ in range(2))
+    node = _node(protocol, sqlite_url, model)
+    node.watch()
+    with node.store.transaction() as conn:
+        assert st.set_request_status(conn, settled, "skipped", expected="open", note="elsewhere")
+        assert st.set_request_status(conn, open_one, "committing", expected="open",
+                                     output=[5], commit_tx="0x" + "ab" * 32)
+    with caplog.at_level(logging.WARNING, logger="optinfer.provider"):
+        node._retry_later(Prepared(settled, [1, 2], time.perf_counter()), RuntimeError("x"))
+        node._retry_later(Prepared(open_one, [3, 4], time.perf_counter()), RuntimeError("y"))
+    with node.store.transaction() as conn:
+        left, kept = st.get_request(conn, settled), st.get_request(conn, open_one)
+    assert (left.status, left.note, left.output) == ("skipped", "elsewhere", None)
+    assert kept.status == "committing" and kept.output == [3, 4] and kept.commit_tx is None
+    assert f"request {settled}:" not in caplog.text
+    assert f"request {open_one}: cannot commit yet (y); will retry" in caplog.text
     node.store.dispose()
 
 
