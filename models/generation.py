@@ -33,6 +33,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import NamedTuple
 
+from optinfer.errors import UserError
+
 Job = tuple[list[int], int]
 """One generation: (prompt tokens, max tokens)."""
 
@@ -111,8 +113,6 @@ def split_cpus(choice: str, threads: int,
     - a CPU list: those CPUs, the node the rest. UserError when one is not available to this
       process, when they are fewer than `threads`, or when none is left to the node.
     """
-    from optinfer.errors import UserError
-
     if choice == "none":
         return None
     if available is None:

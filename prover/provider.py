@@ -581,19 +581,18 @@ class ProviderNode:
             st.forget_commit_tx(conn, prepared.request_id)
         log.warning("request %d: cannot commit yet (%s); will retry", prepared.request_id, why)
 
-    def _record_committing(self, prepared: Prepared, tx_hash: bytes | None) -> None:
+    def _record_committing(self, prepared: Prepared, tx_hash: bytes) -> None:
         """The row that makes the commit survive a crash, written before the transaction is
         sent: status ``committing``, the output (a restart commits this very output) and the
         transaction's hash (a restart that finds it pending waits for it). A crash before it
         loses only a generation, redone on restart."""
-        commit_tx = None if tx_hash is None else "0x" + bytes(tx_hash).hex()
         with self.store.transaction() as conn:
             if not st.set_request_status(conn, prepared.request_id, "committing",
                                          expected=("open", "committing"),
-                                         output=prepared.output, commit_tx=commit_tx):
+                                         output=prepared.output,
+                                         commit_tx="0x" + bytes(tx_hash).hex()):
                 raise _AlreadySettled(prepared.request_id)  # settled meanwhile: send nothing
-        if tx_hash is not None:
-            _crash_point("before-commit")
+        _crash_point("before-commit")
 
     def _commit_in_flight(self, prepared: Prepared) -> HexBytes | None:
         """The commit this node sent before a restart, if the node still has it (pending or
