@@ -114,8 +114,8 @@ def bench_provider(requests: int = 200, max_tokens: int = 32, model_dir: Path | 
                 served += node.serve_pending()
             log(f"round {number}/{len(batches)}: {len(batch)} requests, generation alone "
                 f"{alone.phases[-1].wall_s:.2f} s, serving {serving.phases[-1].wall_s:.2f} s")
-        per_round = [(a.wall_s, s.wall_s)
-                     for a, s in zip(alone.phases, serving.phases, strict=True)]
+        rounds_timed = list(zip(alone.phases, serving.phases, strict=True))
+        per_round = [(a.wall_s, s.wall_s) for a, s in rounds_timed]
         generation_s, serve_s = alone.total("wall_s"), serving.total("wall_s")
         log(f"served {len(served)} requests: {serve_s:.2f} s, generation alone "
             f"{generation_s:.2f} s")
@@ -137,7 +137,7 @@ def bench_provider(requests: int = 200, max_tokens: int = 32, model_dir: Path | 
                        "serve_with_commit_s": round(s.wall_s, 4),
                        "on_cpu_s": None if a.on_cpu_s is None or s.on_cpu_s is None else
                        {"alone": round(a.on_cpu_s, 4), "serving": round(s.on_cpu_s, 4)}}
-                      for a, s in zip(alone.phases, serving.phases, strict=True)],
+                      for a, s in rounds_timed],
         "serve_with_commit_s": round(serve_s, 4),
         "commit_s": {"mean": round(statistics.mean(commits), 4),
                      "max": round(max(commits), 4)},

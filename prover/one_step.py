@@ -83,7 +83,7 @@ _PARAMETER_POSITIONS: dict[str, tuple[int, ...]] = {
 #: Inputs that must have a parameter dtype (shapes, axes, Slice and Range parameters), an
 #: index dtype (Gather's indices), single elements (scalars) and 1-D vectors, by op.
 _PARAMETER_DTYPE_POSITIONS = {"ReduceSum": (1,), "ReduceMax": (1,), "Reshape": (1,),
-                    "Slice": (1, 2, 3, 4), "Range": (0, 1, 2)}
+                              "Slice": (1, 2, 3, 4), "Range": (0, 1, 2)}
 _INDEX_POSITIONS = {"Gather": (1,), "GatherElements": (1,)}
 _SCALAR_POSITIONS = {"Clip": (1, 2), "Range": (0, 1, 2), "MatMulInteger": (2,)}
 _VECTOR_POSITIONS = {"ReduceSum": (1,), "ReduceMax": (1,), "Reshape": (1,),
