@@ -1,13 +1,28 @@
-"""Shared fixtures: small random checkpoints and their converted integer models, made once."""
+"""Shared fixtures: small random checkpoints and their converted integer models, made once;
+and the suite's Hypothesis profiles (tests/profiles.py)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from optinfer.models.checkpoint import write_random_checkpoint
 from optinfer.models.converter import convert
+from tests import profiles
+
+# Hypothesis profiles (tests/profiles.py): `ci`, derandomized so that a red run reproduces, and
+# `deep`, many more examples on fresh seeds. Loaded here, before any test module is imported:
+# `ci` unless OPTINFER_HYPOTHESIS_PROFILE names another; `--hypothesis-profile=NAME` is applied
+# after this and wins.
+_COMMON = dict(deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("ci", max_examples=profiles.CI_EXAMPLES, derandomize=True,
+                          database=None, **_COMMON)
+settings.register_profile("deep", max_examples=profiles.CI_EXAMPLES * profiles.DEEP_FACTOR,
+                          derandomize=False, **_COMMON)
+settings.load_profile(os.environ.get(profiles.PROFILE_VARIABLE, "ci"))
 
 TINY_CONTEXT = 96
 

@@ -7,15 +7,17 @@ The hex vectors below are the ones printed in docs/protocol.md; they were cross-
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from optinfer.prover import commitments as c
+from tests.profiles import examples
 
 
 def sha256(data: bytes) -> bytes:
@@ -359,20 +361,31 @@ def tensors(draw, max_bytes: int = 6000) -> np.ndarray:
     return raw.view(dtype).reshape(shape)
 
 
-FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(max_examples=examples(60), deadline=None,
+                suppress_health_check=[HealthCheck.too_slow])
+
+
+def other_shapes(shape: tuple[int, ...]) -> set[tuple[int, ...]]:
+    """Shapes of as many elements as `shape`, each really another shape: one more axis of
+    length 1 (always another rank), and the flat, column and row forms where they differ."""
+    count = math.prod(shape)
+    return {(*shape, 1), (count,), (count, 1), (1, count)} - {shape}
 
 
 @FAST
-@given(tensors(), st.data())
-def test_root_is_deterministic_and_binds_every_byte_dtype_and_shape(array, data):
+@given(tensors(), st.integers(0), st.integers(1, 255))
+# Issue 17 point 9: Hypothesis drew an empty tensor already shaped (0, 1), and "same bytes,
+# other shape" compared the shape (0, 1) with itself.
+@example(np.zeros((0, 1), np.uint8), 0, 1).via("issue 17 point 9: empty, shaped (0, 1)")
+@example(np.zeros((3, 1), np.int32), 5, 7).via("issue 17 point 9: a column already")
+def test_root_is_deterministic_and_binds_every_byte_dtype_and_shape(array, position, xor):
     root = c.tensor_root(array)
     assert c.tensor_root(array.copy()) == root
     assert len(root) == 32
 
     raw = np.asarray(array).reshape(-1).view(np.uint8).copy()
     if raw.size:
-        position = data.draw(st.integers(0, raw.size - 1), label="byte")
-        raw[position] ^= 1 if array.dtype.kind == "b" else data.draw(st.integers(1, 255))
+        raw[position % raw.size] ^= 1 if array.dtype.kind == "b" else xor
         assert c.tensor_root(raw.view(array.dtype).reshape(array.shape)) != root
 
     # Same bytes, other dtype of the same itemsize (uint8 <-> int8 <-> bool).
@@ -381,11 +394,23 @@ def test_root_is_deterministic_and_binds_every_byte_dtype_and_shape(array, data)
             if np.dtype(other) != array.dtype:
                 assert c.tensor_root(array.view(other)) != root
 
-    # Same bytes, other shape.
-    flat = array.reshape(-1)
-    assert c.tensor_root(flat.reshape(flat.size, 1)) != root
-    if array.ndim != 1:
-        assert c.tensor_root(flat) != root
+    # Same bytes, other shape: every one of them really another shape.
+    shapes = other_shapes(array.shape)
+    assert shapes and array.shape not in shapes
+    for shape in shapes:
+        assert c.tensor_root(array.reshape(shape)) != root, shape
+
+
+def test_point9_same_bytes_in_another_shape_give_another_root_even_when_empty():
+    """Issue 17 point 9: the shapes the property test compares are never the array's own,
+    for the degenerate shapes too (empty, a column already, a row, a scalar)."""
+    for shape in [(0, 1), (0,), (1, 0), (0, 0), (3, 1), (1, 3), (3,), (1,), ()]:
+        array = np.arange(math.prod(shape), dtype=np.int32).reshape(shape)
+        shapes = other_shapes(shape)
+        assert shapes and shape not in shapes
+        assert all(math.prod(other) == array.size for other in shapes)
+        roots = {c.tensor_root(array.reshape(other)) for other in shapes}
+        assert len(roots) == len(shapes) and c.tensor_root(array) not in roots
 
 
 @st.composite
@@ -496,7 +521,7 @@ def naive_state_root(roots: list[bytes], depth: int) -> bytes:
     return c.merkle_root(roots + [c.ZERO] * (2**depth - len(roots)))
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=examples(30), deadline=None)
 @given(st.integers(1, 4), st.integers(1, 16), st.integers(0, 1000))
 def test_state_roots_after_each_append_equal_full_recomputation(depth, count, seed):
     count = min(count, 2**depth)

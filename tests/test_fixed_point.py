@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from optinfer.models import quant
 from optinfer.models.graph_builder import GraphBuilder, RangeError
 from optinfer.models.runtime import session_options
+from tests.profiles import examples
 
 
 def run(builder: GraphBuilder, feeds: dict) -> list[np.ndarray]:
@@ -34,7 +35,7 @@ def test_isqrt_is_exact_on_hard_values():
     assert got.ravel().tolist() == [math.isqrt(v) for v in values]
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(
     xs=st.lists(st.integers(-(2**30), 2**30), min_size=1, max_size=40),
     m=st.integers(1, 2**24),
@@ -98,7 +99,7 @@ def test_weights_quantise_to_seven_bits_per_channel():
     np.testing.assert_allclose(ql.weight.T * ql.scale[:, None], w, atol=ql.scale.max() / 2)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(
     rows=st.lists(st.lists(st.integers(-(2**24), 2**24), min_size=3, max_size=3), min_size=1,
                   max_size=20),
@@ -154,7 +155,7 @@ def test_choose_multiplier_int32_keeps_the_graph_in_int32():
     assert (4097 + 4) * 2**shift < 2**31 and big_m.tolist() == [round(3.2 * 2**shift), 2**shift]
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(
     xs=st.lists(st.integers(-(2**31), 2**31 - 1), min_size=1, max_size=12),
     base=st.integers(2**8, 2**12),
@@ -228,7 +229,7 @@ def test_rescale_int32_by_one_is_a_rounding_shift_without_a_product():
     assert got.tolist() == [min(max((int(v) + 2**20) >> 21, -128), 127) + 128 for v in xs]
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(
     rows=st.lists(st.lists(st.integers(-(2**21), 2**21), min_size=8, max_size=8), min_size=1,
                   max_size=6),

@@ -26,10 +26,11 @@ from optinfer.prover.commitments import (
     StateTree,
     TensorTree,
 )
+from tests.profiles import examples
 
 # Each Hypothesis example costs a few JSON-RPC round trips: keep the counts modest.
 CHAIN_SETTINGS = settings(
-    max_examples=25,
+    max_examples=examples(25),
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )

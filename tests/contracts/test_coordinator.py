@@ -32,6 +32,7 @@ from optinfer.contracts.coordinator import (
     token_hash,
 )
 from optinfer.contracts.registry import ModelRegistry, ModelSpec
+from tests.profiles import examples
 
 TINY_R1 = Path(__file__).resolve().parents[2] / "models" / "tiny-r1" / "integer"
 ETHER = 10**18
@@ -386,7 +387,7 @@ TOKEN_LISTS = st.lists(st.integers(0, 2**32 - 1).filter(lambda t: t != EOS), min
                        max_size=32)
 
 
-@settings(max_examples=12, deadline=None,
+@settings(max_examples=examples(12), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(output=TOKEN_LISTS)
 def test_packing_randomTokens_roundTripOnChain(chain, coordinator, provider, tiny_r1_spec,

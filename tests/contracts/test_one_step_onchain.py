@@ -21,7 +21,7 @@ import random
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
@@ -55,6 +55,7 @@ from optinfer.prover.one_step import (
     element_dependencies,
     parse_node_description,
 )
+from tests.profiles import examples
 
 #: The one-step budget at the R1-Distill-1.5B shape (DESIGN.md: worst op MatMulInteger, K 8960).
 GAS_TARGET = 1_500_000
@@ -334,7 +335,7 @@ def assert_agrees_on(verifier, model: OneNodeModel, indices) -> None:
         assert chain_verdict(verifier, model.prover, witness, provider) is True, index
 
 
-CHAIN_EXAMPLES = settings(max_examples=12, deadline=None,
+CHAIN_EXAMPLES = settings(max_examples=examples(12), deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -351,8 +352,8 @@ def test_providerWrong_randomSliceParameters_matchReference(verifier, data):
     ends = [data.draw(st.integers(-7, 7) | st.sampled_from([-(2**63)])) if step < 0
             else data.draw(bound) for step in steps]
     model = OneNodeModel("Slice", [x, i64(*starts), i64(*ends), i64(*axes), i64(*steps)])
-    if model.output.size:
-        assert_agrees_on(verifier, model, {0, model.output.size - 1})
+    assume(model.output.size > 0)  # an empty window has no element to check: another draw
+    assert_agrees_on(verifier, model, {0, model.output.size - 1})
 
 
 @given(data=st.data())
@@ -364,7 +365,11 @@ def test_providerWrong_randomBroadcastShapes_matchReference(verifier, data):
         rank = data.draw(st.integers(0, len(out)))
         shapes.append(tuple(d if data.draw(st.booleans()) else 1 for d in out[len(out) - rank:]))
     op = data.draw(st.sampled_from(["Add", "Sub", "Mul", "Min", "Max", "Greater"]))
-    model = OneNodeModel(op, [ints(shapes[0], dtype=np.int32), ints(shapes[1], dtype=np.int32)])
+    # The values from a drawn seed, not the module's RNG, whose state depends on which tests
+    # ran before: the same example must get the same values in every run.
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    a, b = (rng.integers(-1000, 1000, size=shape).astype(np.int32) for shape in shapes)
+    model = OneNodeModel(op, [a, b])
     assert_agrees_on(verifier, model, {0, model.output.size - 1})
 
 
