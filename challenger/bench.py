@@ -106,7 +106,7 @@ def bench_watchtower(claims: int = 200, prompts: int = len(PROMPTS),
         answers = honest_answers(model, PROMPTS[:prompts])
         log(f"committing {claims} honest claims over {prompts} prompt(s)...")
         started = time.perf_counter()
-        commit_claims(w3, coordinator, model_spec.model_root, consumer, provider, answers,
+        commit_claims(w3, coordinator, model_spec.model_id, consumer, provider, answers,
                       claims)
         commit_seconds = time.perf_counter() - started
 

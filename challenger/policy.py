@@ -11,7 +11,6 @@ import enum
 import hashlib
 from dataclasses import dataclass
 
-from optinfer.prover import commitments
 from optinfer.prover import game as spec
 
 
@@ -29,40 +28,17 @@ class Verdict(enum.Enum):
 
 @dataclass(frozen=True)
 class HeldModel:
-    """The roots of the integer model this watchtower runs (from its manifest, checked
-    against its files at start-up)."""
+    """The integer model this watchtower runs. `model_id` is the registry id of its files'
+    roots and node count with its manifest's op set, hash, max context and EOS ids
+    (``ModelSpec.model_id``, at start-up): a registration under that id is this very model."""
 
-    model_root: bytes
+    model_id: bytes
     nodes_root: bytes
     constants_root: bytes
     opset_version: int
     node_count: int
     max_context: int = 0
     eos_token_ids: tuple[int, ...] = ()
-
-
-@dataclass(frozen=True)
-class RegisteredRoots:
-    """What the registry says about a model id."""
-
-    opset_version: int
-    node_count: int
-    max_context: int = 0
-    eos_token_ids: tuple[int, ...] = ()
-
-
-def registration_mismatch(held: HeldModel, registered: RegisteredRoots) -> str | None:
-    """What the held model's registration says otherwise than its manifest, of what the root
-    does not commit to (max context, EOS ids), or None. Not a reason to leave a claim alone:
-    the game proves tokens whatever the registry says about endings; but honest providers
-    refuse to serve such a model, so the operator should know."""
-    if (registered.max_context, registered.eos_token_ids) == (held.max_context,
-                                                              held.eos_token_ids):
-        return None
-    return (f"model 0x{held.model_root.hex()} is registered with max context "
-            f"{registered.max_context} and EOS ids {list(registered.eos_token_ids)}, its manifest "
-            f"says {held.max_context} and {list(held.eos_token_ids)}: the coordinator judges "
-            "requests and answer endings by the registration")
 
 
 def sampled(request_id: int, rate: float, salt: bytes) -> bool:
@@ -77,24 +53,19 @@ def sampled(request_id: int, rate: float, salt: bytes) -> bool:
     return int.from_bytes(digest[:8], "big") < rate * 2**64
 
 
-def model_problem(model_id: bytes, held: HeldModel | None,
-                  registered: RegisteredRoots | None) -> str | None:
+def model_problem(model_id: bytes, held: HeldModel | None, registered: bool) -> str | None:
     """Why a claim on model `model_id` cannot be checked here, or None when it can: the
-    watchtower must hold that very model, the registry must know it, and the held model's
-    roots must give the registered model root (what the challenge transaction proves)."""
+    watchtower must hold that very model and the registry must know it. The registry computed
+    the id from the roots and node count a game opens against and from the max context and
+    EOS ids the coordinator judges by, so the held model's id equal to it means all of them
+    are the held model's."""
     if held is None:
         return "this watchtower holds no usable model"
-    if held.model_root != model_id:
+    if held.model_id != model_id:
         return (f"model 0x{model_id.hex()} is not held here "
-                f"(this watchtower runs 0x{held.model_root.hex()})")
-    if registered is None:
+                f"(this watchtower runs 0x{held.model_id.hex()})")
+    if not registered:
         return f"model 0x{model_id.hex()} is not registered"
-    root = commitments.model_root(held.nodes_root, held.constants_root,
-                                  registered.opset_version, registered.node_count)
-    if root != model_id:
-        return (f"the held model's roots give 0x{root.hex()}, not the registered "
-                f"0x{model_id.hex()} (op set {registered.opset_version}, "
-                f"{registered.node_count} nodes)")
     return None
 
 

@@ -40,6 +40,7 @@ from optinfer.contracts.coordinator import InferenceCoordinator
 from optinfer.contracts.dispute_game import DisputeGame
 from optinfer.contracts.registry import ModelRegistry
 from optinfer.errors import UserError
+from optinfer.prover import claims
 from optinfer.prover import game as spec
 from optinfer.prover.game import ModelTrace, Role
 from optinfer.services import store as st
@@ -91,11 +92,10 @@ class LocalModel:
         self.model.session("trace")
 
     def trace(self, prompt: list[int], output: list[int]) -> ModelTrace:
-        """The honest trace of the claimed tokens (S_0 is built from the claim itself)."""
-        from optinfer.prover.one_step import TraceCommitment
-
-        sequence, outputs = self.model.trace(prompt, output)
-        return ModelTrace(self.committed, TraceCommitment(sequence, outputs))
+        """The honest trace of the claimed tokens (S_0 is built from the claim itself), for
+        any claim: up to the node the op set refuses where the model cannot run the claim's
+        sequence, an id outside the vocabulary (`prover.claims`)."""
+        return ModelTrace.from_claim(self.model, prompt, output, self.committed)
 
 
 @dataclass(frozen=True)
@@ -253,20 +253,31 @@ class Watchtower:
         problem = policy.model_problem(model_id, self.model.held, self._registered_roots(model_id))
         if problem is not None:
             return policy.Judgement(Verdict.UNVERIFIABLE, problem, False)
-        model = self.model.model
         prompt, output = list(request.prompt), list(claim.output)
         started = time.perf_counter()
         try:
-            verdict = model.verify(prompt, output, request.max_tokens)
-        except UserError as err:  # tokens out of the vocabulary, longer than the context
-            return policy.Judgement(Verdict.UNPROVABLE, f"cannot be run: {err}", False)
+            return self._verify(prompt, output, request.max_tokens)
         finally:
             metrics.VERIFICATION_SECONDS.observe(time.perf_counter() - started)
-        disagree = False
-        if not verdict.valid:
-            predicted = model.predict(prompt, output)
-            disagree = bool(np.any(predicted != np.asarray(output, np.int64)))
-        return policy.judge(verdict.valid, verdict.reason, disagree)
+
+    def _verify(self, prompt: list[int], output: list[int], max_tokens: int
+                ) -> policy.Judgement:
+        """One teacher-forced pass where the model runs the claim's sequence; else the
+        reference up to the node the op set refuses (an id outside the vocabulary in the
+        prompt or before the last output token), which no provider's value can pass: the
+        game convicts the claim there, so it is challenged like a wrong token."""
+        model = self.model.model
+        problem = claims.outside_domain(prompt, output, model.vocab_size, model.max_context)
+        if problem is None:
+            predicted = model.predict_sequence(claims.claim_sequence(prompt, output))
+        else:
+            trace = self.model.trace(prompt, output)
+            if trace.refusal is not None:
+                return policy.judge(False, f"{problem}; {trace.refusal.reason}", True)
+            predicted = trace.tensor(trace.node_count)
+        verdict = model.verdict(output, predicted, max_tokens)
+        convictable = bool(np.any(predicted != np.asarray(output, np.int64)))
+        return policy.judge(verdict.valid, verdict.reason, convictable)
 
     def _registered_roots(self, model_id: bytes) -> policy.RegisteredRoots | None:
         # A registration never changes once made; an absent one is asked for again.

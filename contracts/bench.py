@@ -134,7 +134,7 @@ def bench_dispute(layers: int = 2, prompt_len: int = 4, tokens: int = 3,
                                   GameParams(challenger_bond=ETHER // 10))
         coordinator.set_dispute_game_send(game.address, deployer)
         coordinator.register_provider_send(ETHER, provider)
-        request = RequestSpec(model_id=model_spec.model_root, prompt=prompt,
+        request = RequestSpec(model_id=model_spec.model_id, prompt=prompt,
                               max_tokens=tokens,
                               commit_deadline=w3.eth.get_block("latest")["timestamp"] + 600)
         receipt = coordinator.post_request_send(request, ETHER // 100, consumer)

@@ -108,7 +108,7 @@ def bench_provider(requests: int = 200, max_tokens: int = 32, model_dir: Path | 
             with alone.timed():
                 for _ in generator.stream([(prompt, max_tokens) for prompt in batch]):
                     pass
-            _post(coordinator, consumer, node.spec.model_root, batch, max_tokens)
+            _post(coordinator, consumer, node.spec.model_id, batch, max_tokens)
             node.watch()
             with serving.timed():
                 served += node.serve_pending()
@@ -235,7 +235,7 @@ def overhead_interval(per_round: list[tuple[float, float]], resamples: int = 400
     return [round(float(low), 4), round(float(high), 4)]
 
 
-def _post(coordinator: InferenceCoordinator, consumer, model_root: bytes,
+def _post(coordinator: InferenceCoordinator, consumer, model_id: bytes,
           prompts: list[list[int]], max_tokens: int) -> None:
     """Post a request per prompt: all sent, then all waited for (on a chain with block times,
     one block takes them)."""
@@ -246,7 +246,7 @@ def _post(coordinator: InferenceCoordinator, consumer, model_root: bytes,
     sender = TxSender(coordinator.w3, consumer)
     sent = [sender.submit({"to": coordinator.address, "value": fee,
                            "data": coordinator.calldata("postRequest", *RequestSpec(
-                               model_id=model_root, prompt=prompt, max_tokens=max_tokens,
+                               model_id=model_id, prompt=prompt, max_tokens=max_tokens,
                                commit_deadline=deadline).as_args())})
             for prompt in prompts]
     for tx_hash in sent:

@@ -259,18 +259,39 @@ def _check_hash(value: bytes, what: str) -> bytes:
 
 
 # ------------------------------------------------------------------------------------------------
-# Model root
+# Model root and model id
 # ------------------------------------------------------------------------------------------------
 
 
 def model_root(nodes_root: bytes, constants_root: bytes, opset_version: int,
                node_count: int) -> bytes:
-    """A model's root, its id on chain: ``sha256(nodes_root || constants_root || uint32 opset
-    || uint32 node_count)``, big-endian (``Commitments.modelRoot``; the registry computes it
-    at registration, a challenge recomputes it from the roots it names)."""
+    """A model's root, the commitment of its graph: ``sha256(nodes_root || constants_root ||
+    uint32 opset || uint32 node_count)``, big-endian (``Commitments.modelRoot``). The
+    manifest's ``model_root``; :func:`model_id` hashes it into the id the registry keys by."""
     return _sha256(_check_hash(nodes_root, "nodes_root") + _check_hash(constants_root,
                                                                         "constants_root")
                    + struct.pack(">II", opset_version, node_count))
+
+
+def model_id(root: bytes, manifest_hash: bytes, max_context: int,
+             eos_token_ids: Sequence[int]) -> bytes:
+    """A registered model's id, what requests name: ``sha256(model_root || manifest_hash ||
+    uint32 max_context || uint32 len(eos) || uint32 eos_0 || ...)``, big-endian
+    (``ModelRegistry.modelIdOf``; docs/protocol.md, "Model id").
+
+    `root` is the graph's :func:`model_root` (both roots, op set, node count). The id binds
+    it, the manifest published with it, the context the coordinator admits requests by and
+    the EOS ids it judges answer endings by: everything that decides the model's behaviour.
+    A registration of the same graph with other values is another model with another id, so
+    nobody can occupy a model's id with words of their own. The manifest URI is not in it: it
+    says where to fetch, not what runs (every fetched byte is checked against the manifest
+    hash and the roots), and with it one model published at two places would be two models.
+    """
+    if any(not 0 <= v < 2**32 for v in (max_context, *eos_token_ids)):
+        raise ProofError("max_context and the EOS token ids must be uint32")
+    return _sha256(_check_hash(root, "model_root") + _check_hash(manifest_hash, "manifest_hash")
+                   + struct.pack(f">II{len(eos_token_ids)}I", max_context, len(eos_token_ids),
+                                 *eos_token_ids))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from typing import Protocol
 import numpy as np
 
 from optinfer.prover import commitments
+from optinfer.prover.claims import Refusal, claim_tensors
 from optinfer.prover.commitments import LEAF_BYTES, ProofError, TensorTree
 from optinfer.prover.one_step import (
     CommittedModel,
@@ -508,6 +509,9 @@ class Trace(Protocol):
     """What a player knows of a verification trace (its own: honest, or a provider's lie)."""
 
     node_count: int
+    refusal: Refusal | None
+    """Set when the honest computation has no value at node ``refusal.k`` (the op set refuses
+    the claim's inputs there, `prover.claims`): the trace then stops at that node."""
 
     def state_root(self, k: int) -> bytes:
         """``S_k``."""
@@ -529,9 +533,11 @@ class ModelTrace:
     """A `Trace` over a converted model's verification trace (`IntegerModel.trace`), reusing
     `prover.one_step`'s `TraceCommitment` (every root once) and `OneStepProver`."""
 
-    def __init__(self, committed: CommittedModel, commitment: TraceCommitment) -> None:
-        self.committed, self.commitment = committed, commitment
-        self.node_count = len(commitment.tensors) - 1
+    def __init__(self, committed: CommittedModel, commitment: TraceCommitment,
+                 refusal: Refusal | None = None) -> None:
+        self.committed, self.commitment, self.refusal = committed, commitment, refusal
+        # A refused trace stops at node refusal.k (a stand-in); the game still has N nodes.
+        self.node_count = committed.node_count if refusal else len(commitment.tensors) - 1
         self._prover = OneStepProver(committed, commitment)
 
     @classmethod
@@ -539,6 +545,16 @@ class ModelTrace:
         """The honest trace of (``prompt``, ``output``) on ``model`` (an IntegerModel)."""
         sequence, outputs = model.trace(list(prompt), list(output))
         return cls(CommittedModel(model), TraceCommitment(sequence, outputs))
+
+    @classmethod
+    def from_claim(cls, model, prompt: Sequence[int], output: Sequence[int],
+                   committed: CommittedModel | None = None) -> ModelTrace:
+        """The honest trace of any claim (``prover.claims``): ``from_model``'s where the
+        model runs the claim's sequence, else the trace up to the node the op set refuses,
+        with its `Refusal` (an id outside the vocabulary in the prompt or in ``O[:-1]``)."""
+        committed = committed or CommittedModel(model)
+        sequence, outputs, refusal = claim_tensors(model, committed, prompt, output)
+        return cls(committed, TraceCommitment(sequence, outputs), refusal)
 
     def with_output(self, k: int, tensor: np.ndarray) -> ModelTrace:
         """The same trace with node k's output replaced and every root recomputed: what a
@@ -570,6 +586,8 @@ def decide(state: GameState, trace: Trace, role: Role, now: float) -> list[Actio
     the first child that differs from its own, names the first element that differs, and
     submits the one-step for it. When the provider's header (dtype/shape) differs, every
     element is disputable (the one-step checks the header first), so it takes the first one.
+    On a trace with a `Refusal` at node k, no ``T_k`` is right: the challenger disagrees with
+    every ``S_mid`` for ``mid >= k`` and, at k, descends to the refused element and convicts it.
     Either role claims a `Timeout` as soon as the opponent's clock has run out.
     """
     if state.phase is Phase.RESOLVED:
@@ -604,6 +622,10 @@ def _provider_move(state: GameState, trace: Trace) -> Action:
 
 
 def _challenger_move(state: GameState, trace: Trace) -> Action:
+    refusal = trace.refusal
+    if refusal is not None and (state.mid >= refusal.k if state.phase is Phase.BISECTION
+                                else state.k == refusal.k):
+        return _refused_node_move(state, trace, refusal.element)
     if state.phase is Phase.BISECTION:
         ours = trace.state_root(state.mid)
         return Agree(state.mid) if ours == state.mid_root else Disagree(state.mid)
@@ -629,6 +651,30 @@ def _challenger_move(state: GameState, trace: Trace) -> Action:
                          if ours[i * itemsize:(i + 1) * itemsize]
                          != state.chunk[i * itemsize:(i + 1) * itemsize])
         return NameElement(first + differing)
+    if state.phase is Phase.ONE_STEP:
+        return OneStep(challenger_witness(state, trace))
+    raise AssertionError(f"the challenger does not move in {state.phase}")
+
+
+def _refused_node_move(state: GameState, trace: Trace, element: int) -> Action:
+    """The challenger's move where no provider's value can be right: an ``S_mid`` past the
+    refused node (it holds some ``T_k``) is disputed; at node k the descent goes to the chunk
+    of the refused `element` and names it, whose one-step the op set refuses (the provider's
+    tensor may even equal the trace's stand-in). A header other than the one node k must have
+    is convicted at element 0, as anywhere."""
+    if state.phase is Phase.BISECTION:
+        return Disagree(state.mid)
+    own = trace.tensor_tree(state.k)  # the stand-in: zeros with node k's header
+    same_header = (commitments.dtype_code(own.array.dtype) == state.dtype
+                   and tuple(own.array.shape) == state.shape)
+    if state.phase is Phase.DESCENT:
+        if not same_header:
+            return PickChild(0)
+        bits = (len(state.children) - 1).bit_length()
+        leaf = element * own.array.dtype.itemsize // LEAF_BYTES
+        return PickChild((leaf >> (state.node_height - bits)) - (state.node_index << bits))
+    if state.phase is Phase.ONE_STEP and state.element is None:
+        return NameElement(element if same_header else chunk_elements(state)[0])
     if state.phase is Phase.ONE_STEP:
         return OneStep(challenger_witness(state, trace))
     raise AssertionError(f"the challenger does not move in {state.phase}")

@@ -661,17 +661,25 @@ def _reshape_target(shape: Sequence[int], target: list[int]) -> tuple[int, ...]:
     return tuple(target)
 
 
+def output_signature(node: StepNode, inputs: Sequence[np.ndarray | None]
+                     ) -> tuple[int, tuple[int, ...]]:
+    """`expected_output` from the input arrays themselves (ONNX layout): the dtype code and
+    shape the node's output must have. OpSemanticsError where the op set refuses them."""
+    in_shapes = [None if x is None else tuple(np.shape(x)) for x in inputs]
+    in_dtypes = [None if x is None else commitments.dtype_code(np.asarray(x).dtype)
+                 for x in inputs]
+    parameters = {p: np.asarray(inputs[p]).ravel()
+                  for p in _PARAMETER_POSITIONS.get(node.op_type, ()) if node.present(p)}
+    return expected_output(node, in_shapes, in_dtypes, parameters)
+
+
 def element_from_inputs(node: StepNode, inputs: Sequence[np.ndarray | None],
                         out_index: int) -> int:
     """Open and recompute element `out_index` straight from the input arrays (ONNX layout;
     MatMulInteger's B is read through its transpose, as the column source). The helper the
     Solidity golden tests use to produce openings from plain arrays."""
     in_shapes = [None if x is None else tuple(np.shape(x)) for x in inputs]
-    in_dtypes = [None if x is None else commitments.dtype_code(np.asarray(x).dtype)
-                 for x in inputs]
-    parameters = {p: np.asarray(inputs[p]).ravel()
-                  for p in _PARAMETER_POSITIONS.get(node.op_type, ()) if node.present(p)}
-    _, out_shape = expected_output(node, in_shapes, in_dtypes, parameters)
+    _, out_shape = output_signature(node, inputs)
 
     def read(opening: Opening) -> np.ndarray:
         array = np.asarray(inputs[opening.input_position])
@@ -702,6 +710,19 @@ def _first_values(opened: Mapping[Opening, np.ndarray]) -> dict[int, np.ndarray]
     for opening, values in opened.items():
         known.setdefault(opening.input_position, np.asarray(values).ravel())
     return known
+
+
+def _openings_still_needed(node: StepNode, out_index: int, in_shapes, out_shape,
+                           opened: Mapping[Opening, np.ndarray]) -> list[Opening]:
+    """The openings of `element_dependencies` not yet in `opened`; none once the op set
+    refuses the values opened so far (a Gather index outside [-dim, dim)): a witness then
+    ends with the opening on which the one-step finds the refusal, and the provider loses."""
+    try:
+        needed = element_dependencies(node, out_index, in_shapes, out_shape,
+                                      _first_values(opened))
+    except opset.OpSemanticsError:
+        return []
+    return [o for o in needed if o not in opened]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1035,7 +1056,9 @@ class OneStepProver:
     def witness(self, k: int, out_index: int, provider: TraceCommitment | None = None) -> Witness:
         """The witness for element `out_index` of node k; the claimed element is opened from
         `provider`'s trace (default: the honest one) while inputs come from the honest
-        `S_{k-1}` (the agreed state at the one-step)."""
+        `S_{k-1}` (the agreed state at the one-step). For an element the op set refuses on
+        those inputs (a Gather index outside the table), the openings up to the one the
+        refusal shows on: the provider loses that one-step whatever it claims."""
         if not 1 <= k <= self.committed.node_count:
             raise ValueError(f"node {k} outside 1..{self.committed.node_count}")
         provider = provider or self.trace
@@ -1051,8 +1074,7 @@ class OneStepProver:
         ranges: list[OpenedRange] = []
         opened: dict[Opening, np.ndarray] = {}
         while True:
-            new = [o for o in element_dependencies(node, out_index, in_shapes, out_shape,
-                                                   _first_values(opened)) if o not in opened]
+            new = _openings_still_needed(node, out_index, in_shapes, out_shape, opened)
             if not new:
                 break
             for opening in new:

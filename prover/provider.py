@@ -107,7 +107,7 @@ RETRY_LATER = {"InsufficientFreeStake", "StakeBelowMinimum", "ProviderNotRegiste
 class ServedModel:
     """What :func:`serve_decision` needs to know of the node's model."""
 
-    model_id: str  # 0x + 64 hex digits: the model root, the registry's id
+    model_id: str  # 0x + 64 hex digits: the registry's id (ModelSpec.model_id)
     max_context: int
     vocab_size: int
 
@@ -268,7 +268,7 @@ class ProviderNode:
         self.registry = ModelRegistry(w3, deployments.address("ModelRegistry"))
         self.game = DisputeGame(w3, deployments.address("DisputeGame"))
         self.spec = ModelSpec.from_manifest(model.dir / "manifest.json")
-        self.served_model = ServedModel("0x" + self.spec.model_root.hex(), model.max_context,
+        self.served_model = ServedModel("0x" + self.spec.model_id.hex(), model.max_context,
                                         model.vocab_size)
         cursor_options = dict(start_block=deployments.block_number, confirmations=confirmations,
                               max_block_range=max_block_range)
@@ -317,32 +317,25 @@ class ProviderNode:
         return node
 
     def ensure_model_registered(self, register: bool) -> None:
-        """UserError unless the model's root is registered (or `register` registers it)."""
-        root = self.spec.model_root
-        if not self.registry.is_registered(root):
-            if not register:
-                raise UserError(
-                    f"model {self.served_model.model_id} ({self.model.dir}) is not registered "
-                    f"in the ModelRegistry at {self.registry.address}: pass --register to "
-                    "register it, or set OPTINFER_MODEL_DIR to a registered model")
-            receipt = self.sender.transact(
-                self.registry.contract.functions.register(*self.spec.as_args()),
-                artifact=self.registry.artifact)
-            log.info("registered model %s in tx %s", self.served_model.model_id,
-                     receipt["transactionHash"].to_0x_hex())
+        """UserError unless the model's id is registered (or `register` registers it, after
+        ``ModelSpec.check_registrable``). The id binds the roots, node count, max context, EOS
+        ids and manifest hash, so a registration under it is this model's, whoever made it."""
+        if self.registry.is_registered(self.spec.model_id):
             return
-        registered = self.registry.get_model(root).spec
-        if (registered.node_count, registered.max_context) != (self.spec.node_count,
-                                                               self.spec.max_context):
+        if not register:
             raise UserError(
-                f"model {self.served_model.model_id} is registered with {registered.node_count} "
-                f"nodes and context {registered.max_context}, but {self.model.dir} has "
-                f"{self.spec.node_count} and {self.spec.max_context}: disputes would fail")
-        if registered.eos_token_ids != self.spec.eos_token_ids:
-            raise UserError(
-                f"model {self.served_model.model_id} is registered with EOS token ids "
-                f"{list(registered.eos_token_ids)}, but {self.model.dir} has "
-                f"{list(self.spec.eos_token_ids)}: its answers would be refused at commit")
+                f"model {self.served_model.model_id} ({self.model.dir}) is not registered "
+                f"in the ModelRegistry at {self.registry.address}: pass --register to "
+                "register it, or set OPTINFER_MODEL_DIR to a registered model")
+        try:
+            self.spec.check_registrable()
+        except UserError as err:
+            raise UserError(f"model {self.model.dir} cannot be registered: {err}") from None
+        receipt = self.sender.transact(
+            self.registry.contract.functions.register(*self.spec.as_args()),
+            artifact=self.registry.artifact)
+        log.info("registered model %s in tx %s", self.served_model.model_id,
+                 receipt["transactionHash"].to_0x_hex())
 
     def ensure_provider_registered(self, stake: int | None) -> None:
         """Register and stake (`stake` wei, default the coordinator's minimum) unless this

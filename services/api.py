@@ -32,6 +32,7 @@ from web3.exceptions import Web3RPCError
 
 from optinfer.contracts.bindings import ContractRevert
 from optinfer.contracts.coordinator import InferenceCoordinator
+from optinfer.contracts.registry import ModelSpec
 from optinfer.errors import UserError
 from optinfer.models.runtime import IntegerModel
 from optinfer.services import consumer
@@ -61,7 +62,8 @@ class ErrorBody(BaseModel):
 
 
 class ModelSummary(BaseModel):
-    id: str = Field(description="The model root: the id requests and the registry use.")
+    id: str = Field(description="The model id: what requests name and the registry keys by "
+                    "(ModelSpec.model_id).")
     format: str
     opset_version: int
     max_context: int = Field(description="Most tokens of prompt + output - 1.")
@@ -207,8 +209,9 @@ class ApiNode:
             raise UserError(f"the database {self.store.url.render_as_string()} is "
                             f"unreachable: {str(err.orig).strip().splitlines()[0]}") from None
         self.model = IntegerModel(settings.model_path)
-        self.model_id = self.model.manifest["model_root"].lower()
         self.manifest_bytes = (self.model.dir / "manifest.json").read_bytes()
+        self.model_id = "0x" + ModelSpec.from_manifest_bytes(
+            self.manifest_bytes, "", what=str(self.model.dir / "manifest.json")).model_id.hex()
         self.w3 = connect_settings(settings)
         # Health checks and scrapes must answer quickly: one try, a short timeout.
         self.quick_w3 = connect(settings.rpc_url, RetryPolicy(attempts=1),
@@ -299,7 +302,7 @@ def errors(*codes: int) -> dict:
 # ----------------------------------------------------------------------------- models
 
 models_router = APIRouter(prefix="/v1/models", tags=["models"])
-ModelIdPath = Annotated[str, Path(pattern=MODEL_ID, description="The model root, 0x + 64 hex.")]
+ModelIdPath = Annotated[str, Path(pattern=MODEL_ID, description="The model id, 0x + 64 hex.")]
 
 
 def served_manifest(node: ApiNode, model_id: str) -> dict:
@@ -310,7 +313,7 @@ def served_manifest(node: ApiNode, model_id: str) -> dict:
 
 @models_router.get("", response_model=ModelList)
 def list_models(node: NodeDep) -> ModelList:
-    """The model this node serves (its id is the model root the registry knows)."""
+    """The model this node serves (its id is the one the registry keys it by)."""
     manifest = node.model.manifest
     return ModelList(models=[ModelSummary(
         id=node.model_id, format=manifest["format"], opset_version=manifest["opset_version"],

@@ -184,17 +184,21 @@ def model_inspect(
     model_dir: Annotated[Path, typer.Argument(help="Converted model directory.")],
     as_json: AsJson = False,
 ) -> None:
-    """Model root, op counts, float tensors and fan-in of a converted model."""
+    """Model id, model root, op counts, float tensors and fan-in of a converted model."""
+    from optinfer.contracts.registry import ModelSpec
+
     m = load_model(model_dir)
     keys = ("model_root", "ops", "float_tensors", "max_fan_in_bytes", "nodes", "max_context",
             "opset_version")
-    emit({k: m.manifest[k] for k in keys}, as_json, lambda d: out.print_json(data=d))
+    model_id = ModelSpec.from_manifest(m.dir / "manifest.json").model_id
+    emit({"model_id": "0x" + model_id.hex(), **{k: m.manifest[k] for k in keys}}, as_json,
+         lambda d: out.print_json(data=d))
 
 
 @model_app.command("fetch")
 def model_fetch(
     base_url: Annotated[str, typer.Argument(help="A node's HTTP API, e.g. http://host:8000.")],
-    model_id: Annotated[str, typer.Argument(help="The model's id on chain (its root, 0x...).")],
+    model_id: Annotated[str, typer.Argument(help="The model's id on chain (0x...).")],
     out_dir: Annotated[Path, typer.Option("-o", "--out", help="Directory to create.")],
     rpc_url: RpcUrl = None,
     config: ConfigFile = None,
@@ -202,9 +206,9 @@ def model_fetch(
 ) -> None:
     """Download a model from a node's API; keep it only if it is the one registered on chain.
 
-    The manifest must hash to what the ModelRegistry holds for MODEL_ID, every file to its
-    manifest entry, the model root recomputed from the files must equal MODEL_ID, and the
-    registration's max context and EOS ids must be the manifest's.
+    The manifest must hash to what the ModelRegistry holds for MODEL_ID and give MODEL_ID
+    itself, every file must hash to its manifest entry, and the model root recomputed from the
+    files must be the registered one.
     """
     from optinfer.contracts.registry import ModelRegistry
     from optinfer.services.deployments import Deployments

@@ -70,7 +70,7 @@ def challenger_run(
     mode = (f"broker {settings.broker_url}, queue {settings.celery_queue}"
             if settings.broker_url else "eager mode (one process)")
     print(f"watchtower {watchtower.address} on {settings.rpc_url}, model "
-          f"0x{watchtower.model.held.model_root.hex()}, {mode}", file=sys.stderr, flush=True)
+          f"0x{watchtower.model.held.model_id.hex()}, {mode}", file=sys.stderr, flush=True)
     if settings.broker_url is None:
         stop = threading.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):

@@ -19,6 +19,7 @@ from web3 import Web3
 from web3.exceptions import BlockNotFound, Web3RPCError
 
 from optinfer.contracts.coordinator import InferenceCoordinator, RequestSpec, Result, Status
+from optinfer.contracts.registry import ModelSpec
 from optinfer.errors import UserError
 from optinfer.models.runtime import IntegerModel
 from optinfer.services.chain import TxSender
@@ -68,8 +69,8 @@ def next_block_time(w3: Web3) -> int:
 
 
 def model_id(model: IntegerModel) -> bytes:
-    """The id claims name for `model`: its model root (the registry's key)."""
-    return bytes.fromhex(model.manifest["model_root"].removeprefix("0x"))
+    """The id claims name for `model`, the registry's key (``ModelSpec.model_id``)."""
+    return ModelSpec.from_manifest(model.dir / "manifest.json").model_id
 
 
 def prompt_tokens(model: IntegerModel, text: str | None = None,

@@ -135,7 +135,7 @@ class Demo:
         from optinfer.contracts.coordinator import RequestSpec
 
         now = self.w3.eth.get_block("latest")["timestamp"]
-        spec = RequestSpec(model_id=self.honest.spec.model_root,
+        spec = RequestSpec(model_id=self.honest.spec.model_id,
                            prompt=self.model.encode(self.question), max_tokens=MAX_TOKENS,
                            commit_deadline=now + 600, callback_gas_limit=CALLBACK_GAS,
                            named_provider=provider_address)

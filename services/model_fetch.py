@@ -3,14 +3,13 @@
 A watchtower must re-execute exactly the model a claim names, and it trusts nothing the
 serving node says. :func:`fetch_model` ties every byte it keeps to the chain:
 
-1. the registry holds the model id (= model root) and the SHA-256 of its manifest file, so the
-   manifest downloaded must hash to it;
+1. the registry holds the SHA-256 of the manifest file registered under the id, so the
+   manifest downloaded must hash to it, and the manifest's own fields (roots, op set, node
+   count, max context, EOS ids, with its hash) must give the id (``ModelSpec.model_id``);
 2. the manifest lists the SHA-256 of every model file, so each file downloaded must hash to
    its entry;
 3. independently, the model root is recomputed from the verify graph and its constants
-   (``models.manifest.model_commitment``) and must equal the id;
-4. the registration's max context and EOS ids, which the root does not commit to, must be
-   the manifest's.
+   (``models.manifest.model_commitment``) and must be the registered one.
 
 Only then is the directory moved into place; a refused download leaves nothing behind.
 """
@@ -46,7 +45,7 @@ def normalize_model_id(model_id: str | bytes) -> str:
     else:
         digits = model_id.strip().lower().removeprefix("0x")
     if len(digits) != 64 or any(c not in "0123456789abcdef" for c in digits):
-        raise UserError(f"a model id is 0x + 64 hex digits (the model root), got {model_id!r}")
+        raise UserError(f"a model id is 0x + 64 hex digits, got {model_id!r}")
     return "0x" + digits
 
 
@@ -71,7 +70,7 @@ def fetch_model(base_url: str, model_id: str | bytes, dest: Path, registry: Mode
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
         raw = _get(http, base)
-        manifest = _registered_manifest(raw, model_id, registry)
+        manifest, registered = _registered_manifest(raw, model_id, registry)
         (staging / MANIFEST).write_bytes(raw)
         files = list(manifest["files"].items())
         for done, (name, digest) in enumerate(files):
@@ -82,7 +81,7 @@ def fetch_model(base_url: str, model_id: str | bytes, dest: Path, registry: Mode
             _download(http, f"{base}/files/{name}", staging / name, digest, file_progress)
         if progress is not None:
             progress(1.0, "checking the model root")
-        _check_model_root(staging, manifest, model_id)
+        _check_model_root(staging, manifest, model_id, registered.model_root)
         os.replace(staging, dest)
         return dest
     finally:
@@ -92,8 +91,10 @@ def fetch_model(base_url: str, model_id: str | bytes, dest: Path, registry: Mode
             http.close()
 
 
-def _registered_manifest(raw: bytes, model_id: str, registry: ModelRegistry) -> dict:
-    """The manifest in `raw` after checking it is the one registered under `model_id`."""
+def _registered_manifest(raw: bytes, model_id: str,
+                         registry: ModelRegistry) -> tuple[dict, ModelSpec]:
+    """The manifest in `raw`, after checking it is the one registered under `model_id`, and
+    the registration."""
     try:
         registered = registry.get_model(bytes.fromhex(model_id[2:]))
     except ContractRevert as err:
@@ -111,36 +112,32 @@ def _registered_manifest(raw: bytes, model_id: str, registry: ModelRegistry) -> 
         needed = {manifest["graphs"]["verify"], manifest["constants_file"]}
     except (ValueError, KeyError, TypeError) as err:
         raise ModelRejected(f"the registered manifest of {model_id} is malformed: {err}") from None
-    if str(manifest.get("model_root", "")).lower() != model_id:
-        raise ModelRejected(f"the manifest names model root {manifest.get('model_root')}, "
-                            f"not {model_id}")
     if not isinstance(files, dict) or not needed <= set(files):
         raise ModelRejected(f"the manifest of {model_id} does not list {sorted(needed)}")
-    _check_registered_word(raw, registered.spec, model_id)
+    _check_manifest_gives_id(raw, model_id)
     for name in files:
         # Names come from the node: a path would write outside the directory.
         plain = isinstance(name, str) and Path(name).name == name
         if not plain or name in ("", ".", "..", MANIFEST):
             raise ModelRejected(f"the manifest lists a file named {name!r}")
-    return manifest
+    return manifest, registered.spec
 
 
-def _check_registered_word(raw: bytes, registered: ModelSpec, model_id: str) -> None:
-    """The registration must be the manifest's spec. Of it, only the max context and the EOS
-    ids are not tied by the checks before (the root does not commit to them): they are the
-    registrant's word, and the coordinator judges requests and answer endings by them (a
-    registration front-running the model's publisher could give others)."""
+def _check_manifest_gives_id(raw: bytes, model_id: str) -> None:
+    """The manifest's own fields must give `model_id`. The registry computed the id from the
+    registered fields, so they are then the manifest's: its roots, node count, and the max
+    context and EOS ids the coordinator judges requests and answer endings by (the URI is no
+    part of the id)."""
     try:
-        served = ModelSpec.from_manifest_bytes(raw, registered.manifest_uri,
+        served = ModelSpec.from_manifest_bytes(raw, "",
                                                what=f"the registered manifest of {model_id}")
     except UserError as err:
         raise ModelRejected(str(err)) from None
-    if served != registered:
+    if "0x" + served.model_id.hex() != model_id:
         raise ModelRejected(
-            f"model {model_id} is registered with max context {registered.max_context} and EOS "
-            f"ids {list(registered.eos_token_ids)}, but its manifest says {served.max_context} "
-            f"and {list(served.eos_token_ids)}: the coordinator would judge its requests and "
-            "answers by the former")
+            f"the registered manifest of {model_id} gives model id 0x{served.model_id.hex()} "
+            f"(max context {served.max_context}, EOS ids {list(served.eos_token_ids)}, model "
+            f"root 0x{served.model_root.hex()}): it is not the manifest of that model")
 
 
 def _get(http: httpx.Client, url: str) -> bytes:
@@ -177,8 +174,9 @@ def _download(http: httpx.Client, url: str, path: Path, sha256_hex: str,
                             f"manifest lists {sha256_hex}")
 
 
-def _check_model_root(directory: Path, manifest: dict, model_id: str) -> None:
-    """Recompute the model root from the verify graph and its constants file."""
+def _check_model_root(directory: Path, manifest: dict, model_id: str, expected: bytes) -> None:
+    """Recompute the model root from the verify graph and its constants file: it must be
+    `expected`, the registered one."""
     import onnx
     from onnx import numpy_helper
 
@@ -190,8 +188,9 @@ def _check_model_root(directory: Path, manifest: dict, model_id: str) -> None:
         root = model_commitment(graph, constants)["model_root"]
     except Exception as err:  # a malformed graph is the node's fault, whatever onnx raises
         raise ModelRejected(f"the verify graph of {model_id} cannot be loaded: {err}") from None
-    if "0x" + root.hex() != model_id:
-        raise ModelRejected(f"the model files recompute to root 0x{root.hex()}, not {model_id}")
+    if root != expected:
+        raise ModelRejected(f"the model files of {model_id} recompute to root 0x{root.hex()}, "
+                            f"not the registered 0x{expected.hex()}")
 
 
 def _detail(response: httpx.Response) -> str:

@@ -65,6 +65,11 @@ def test_inspect_reports_the_manifest_figures(random_model):
     info = cli_json("model", "inspect", random_model)
     manifest = json.loads((random_model / "manifest.json").read_text())
     assert info["model_root"] == manifest["model_root"]
+    # The id a request names: the registry's hash of the root and the manifest's other fields.
+    from optinfer.contracts.registry import ModelSpec
+
+    spec = ModelSpec.from_manifest(random_model / "manifest.json")
+    assert info["model_id"] == "0x" + spec.model_id.hex() != info["model_root"]
     assert info["float_tensors"] == 0
     assert info["nodes"] == sum(info["ops"].values())
     assert 0 < info["max_fan_in_bytes"] <= 32 * 1024

@@ -8,19 +8,29 @@ pragma solidity 0.8.37;
 //                      ModelRegistry                         //
 ////////////////////////////////////////////////////////////////
 
-/// @notice Thrown when a model root is registered a second time: registrations are immutable.
-/// @param modelRoot The root that is already registered.
-error ModelAlreadyRegistered(bytes32 modelRoot);
+/// @notice Thrown when a model id is registered a second time: registrations are immutable.
+/// @param modelId The id that is already registered.
+error ModelAlreadyRegistered(bytes32 modelId);
 
-/// @notice Thrown when a model is looked up by a root that was never registered.
-/// @param modelRoot The unknown root.
-error ModelNotRegistered(bytes32 modelRoot);
+/// @notice Thrown when a model is looked up by an id that was never registered.
+/// @param modelId The unknown id.
+error ModelNotRegistered(bytes32 modelId);
 
 /// @notice Thrown when a model is registered with a node count of zero (nothing to dispute).
 error ZeroNodeCount();
 
+/// @notice Thrown when a model is registered with more nodes than the state tree can address.
+/// @param nodeCount The node count given.
+/// @param maximum   The registry's maximum, 2**STATE_DEPTH - 1.
+error NodeCountBeyondStateTree(uint256 nodeCount, uint256 maximum);
+
 /// @notice Thrown when a model is registered with a maximum context of zero tokens.
 error ZeroMaxContext();
+
+/// @notice Thrown when a model's max context is longer than a dispute can take under the gas cap.
+/// @param maxContext The maximum context given.
+/// @param maximum    The registry's maximum, MAX_CONTEXT_TOKENS.
+error MaxContextBeyondDisputeBound(uint256 maxContext, uint256 maximum);
 
 /// @notice Thrown when a model is registered in an op-set version other than the one the
 ///         one-step verifier recomputes: its disputes would be decided by other semantics.

@@ -2,8 +2,10 @@
 pragma solidity 0.8.37;
 
 import {
+    MaxContextBeyondDisputeBound,
     ModelAlreadyRegistered,
     ModelNotRegistered,
+    NodeCountBeyondStateTree,
     TooManyEosTokenIds,
     UnsupportedOpsetVersion,
     ZeroMaxContext,
@@ -12,13 +14,17 @@ import {
 import {Commitments} from "./lib/Commitments.sol";
 
 /// @title ModelRegistry
-/// @notice The models that inference claims may name. A model is identified by its model root:
-///         the SHA-256 Merkle root over its graph's node descriptions and its constants
-///         (docs/protocol.md), so the id *is* the commitment a one-step proof opens weights and
-///         tables against. Registrations are immutable: nobody, the registrant included, can
-///         change or remove a registered model, so a claim's model cannot move under a dispute.
+/// @notice The models that inference claims may name. A model's id (`modelIdOf`,
+///         docs/protocol.md "Model id") hashes everything that decides its behaviour: its
+///         model root (the commitment of the graph's node descriptions and constants that a
+///         one-step proof opens against, with the op set and node count), its manifest's hash,
+///         its max context and its EOS ids. Registrations are immutable: nobody, the registrant
+///         included, can change or remove a registered model, so a claim's model cannot move
+///         under a dispute.
 /// @dev    Anyone may register. Registering costs the registrant gas and grants nothing: the
-///         registry only records which root belongs to which manifest and graph shape.
+///         registry only records the fields the id binds (and a location hint). Whoever
+///         registers a known model's roots first with other values registers another model
+///         under another id; the id of the model as published stays free for its registration.
 contract ModelRegistry {
     ////////////////////////////////////////////////////////////////
     //                         Structs                            //
@@ -56,7 +62,7 @@ contract ModelRegistry {
 
     /// @notice Emitted once per model, when it is registered.
     event ModelRegistered(
-        bytes32 indexed modelRoot,
+        bytes32 indexed modelId,
         address indexed registrant,
         bytes32 nodesRoot,
         bytes32 constantsRoot,
@@ -80,26 +86,41 @@ contract ModelRegistry {
     ///         the only one a model may be registered in.
     uint32 public constant OPSET_VERSION = 2;
 
-    /// @notice Registered models by model root. Unset entries have `registeredAt == 0`.
+    /// @notice Most nodes a model may have: node k writes leaf k of the state tree, whose
+    ///         2**STATE_DEPTH leaves start with the input (leaf 0), so the bisection can reach
+    ///         nodes 1 .. 2**STATE_DEPTH - 1 only.
+    uint256 public constant MAX_NODE_COUNT = (1 << Commitments.STATE_DEPTH) - 1;
+
+    /// @notice Longest max context (prompt + output tokens) a model may declare: the coordinator
+    ///         admits requests up to the model's max context, and a challenge computes S_0 and
+    ///         T_N from the whole prompt and output on chain, so the cost of opening a dispute
+    ///         grows with the tokens. At the challenge's target of under 1k gas per token,
+    ///         8192 tokens take under 8.2M gas, half the 2**24 per-transaction cap (EIP-7825),
+    ///         leaving the rest to everything else the challenge does.
+    ///         Mirrored by `optinfer.contracts.registry.MAX_CONTEXT_TOKENS`.
+    uint256 public constant MAX_CONTEXT_TOKENS = 8192;
+
+    /// @notice Registered models by model id. Unset entries have `registeredAt == 0`.
     mapping(bytes32 => Model) internal _models;
 
     ////////////////////////////////////////////////////////////////
     //                        External                            //
     ////////////////////////////////////////////////////////////////
 
-    /// @notice Register a model under its model root, which the registry computes from the
-    ///         model's two roots, op set and node count (`Commitments.modelRoot`): a dispute
-    ///         opens the graph against exactly those, so the id cannot be paired with others.
+    /// @notice Register a model under its id, which the registry computes from the fields
+    ///         given (`modelIdOf`): a dispute opens the graph against exactly the roots and node
+    ///         count under the id, and the coordinator judges requests and answer endings by
+    ///         exactly its max context and EOS ids, so the id cannot be paired with others.
     /// @param nodesRoot     Root of the graph's node descriptions.
     /// @param constantsRoot Root of the graph's constants.
     /// @param opsetVersion  Op-set version of the graph: OPSET_VERSION.
     /// @param manifestHash  SHA-256 of the manifest file.
     /// @param manifestUri   Where to fetch the manifest.
-    /// @param maxContext    Longest sequence the graph accepts (nonzero).
-    /// @param nodeCount     Number of graph nodes (nonzero).
+    /// @param maxContext    Longest sequence the graph accepts: 1 .. MAX_CONTEXT_TOKENS.
+    /// @param nodeCount     Number of graph nodes: 1 .. MAX_NODE_COUNT.
     /// @param eosTokenIds   End-of-sequence token ids, at most MAX_EOS_TOKEN_IDS (none: every
     ///                      answer runs to the request's max tokens).
-    /// @return modelId      The id claims use to name the model: the model root.
+    /// @return modelId      The id claims use to name the model (`modelIdOf`).
     function register(
         bytes32 nodesRoot,
         bytes32 constantsRoot,
@@ -110,24 +131,33 @@ contract ModelRegistry {
         uint32 nodeCount,
         uint32[] calldata eosTokenIds
     ) external returns (bytes32 modelId) {
-        bytes32 modelRoot =
-            Commitments.modelRoot(nodesRoot, constantsRoot, opsetVersion, nodeCount);
         // The one-step verifier knows one op set; another version's graph could not be judged.
         if (opsetVersion != OPSET_VERSION) {
             revert UnsupportedOpsetVersion(opsetVersion, OPSET_VERSION);
         }
         // A graph without nodes has no step to dispute.
         if (nodeCount == 0) revert ZeroNodeCount();
+        // Every node's output has a state-tree leaf after the input's: the bisection reaches it.
+        if (nodeCount > MAX_NODE_COUNT) {
+            revert NodeCountBeyondStateTree(nodeCount, MAX_NODE_COUNT);
+        }
         // A model that accepts no token cannot answer a request.
         if (maxContext == 0) revert ZeroMaxContext();
+        // Every request the model admits can be challenged within the per-transaction gas cap.
+        if (maxContext > MAX_CONTEXT_TOKENS) {
+            revert MaxContextBeyondDisputeBound(maxContext, MAX_CONTEXT_TOKENS);
+        }
         // Every commit reads them: their number bounds its gas.
         if (eosTokenIds.length > MAX_EOS_TOKEN_IDS) {
             revert TooManyEosTokenIds(eosTokenIds.length, MAX_EOS_TOKEN_IDS);
         }
-        // Registrations are immutable: a root is bound to its first manifest for good.
-        if (_models[modelRoot].registeredAt != 0) revert ModelAlreadyRegistered(modelRoot);
+        modelId = modelIdOf(
+            nodesRoot, constantsRoot, opsetVersion, nodeCount, manifestHash, maxContext, eosTokenIds
+        );
+        // Registrations are immutable: an id keeps the fields it was computed from for good.
+        if (_models[modelId].registeredAt != 0) revert ModelAlreadyRegistered(modelId);
 
-        Model storage model = _models[modelRoot];
+        Model storage model = _models[modelId];
         model.nodesRoot = nodesRoot;
         model.constantsRoot = constantsRoot;
         model.manifestHash = manifestHash;
@@ -139,7 +169,7 @@ contract ModelRegistry {
         model.registeredAt = uint64(block.timestamp);
         model.eosTokenIds = eosTokenIds;
         emit ModelRegistered(
-            modelRoot,
+            modelId,
             msg.sender,
             nodesRoot,
             constantsRoot,
@@ -150,14 +180,43 @@ contract ModelRegistry {
             nodeCount,
             eosTokenIds
         );
-        return modelRoot;
     }
 
     ////////////////////////////////////////////////////////////////
     //                          Views                             //
     ////////////////////////////////////////////////////////////////
 
-    /// @notice The registered model with id (= root) `modelId`; reverts when there is none.
+    /// @notice The id of the model with these fields (docs/protocol.md, "Model id";
+    ///         `optinfer.prover.commitments.model_id`):
+    ///         sha256(modelRoot || manifestHash || uint32 maxContext || uint32 eosCount
+    ///         || uint32 eosTokenIds[0] || ...), with modelRoot = `Commitments.modelRoot` of the
+    ///         graph's two roots, op set and node count. The manifest URI is left out on
+    ///         purpose: it says where to fetch the model, not what the model computes (whatever
+    ///         is fetched is checked against the manifest hash and the roots), and with it one
+    ///         model published at two places would be two models.
+    function modelIdOf(
+        bytes32 nodesRoot,
+        bytes32 constantsRoot,
+        uint32 opsetVersion,
+        uint32 nodeCount,
+        bytes32 manifestHash,
+        uint32 maxContext,
+        uint32[] calldata eosTokenIds
+    ) public pure returns (bytes32) {
+        bytes memory packed = abi.encodePacked(
+            Commitments.modelRoot(nodesRoot, constantsRoot, opsetVersion, nodeCount),
+            manifestHash,
+            maxContext,
+            uint32(eosTokenIds.length)
+        );
+        // abi.encodePacked would pad an array's elements to 32 bytes: append them as uint32.
+        for (uint256 i = 0; i < eosTokenIds.length; ++i) {
+            packed = bytes.concat(packed, bytes4(eosTokenIds[i]));
+        }
+        return sha256(packed);
+    }
+
+    /// @notice The registered model with id `modelId`; reverts when there is none.
     function getModel(bytes32 modelId) external view returns (Model memory model) {
         model = _models[modelId];
         if (model.registeredAt == 0) revert ModelNotRegistered(modelId);
@@ -165,8 +224,8 @@ contract ModelRegistry {
 
     /// @notice What a dispute over an answer of model `modelId` opens against: its graph's two
     ///         roots and its node count (the bisection's range). The registry computed the
-    ///         model id from exactly these, so a game needs no other word for them. Reverts when
-    ///         there is no such model.
+    ///         model id from these (through the model root), so a game needs no other word for
+    ///         them. Reverts when there is no such model.
     function disputeCommitments(bytes32 modelId)
         external
         view
@@ -184,7 +243,7 @@ contract ModelRegistry {
         return model.eosTokenIds;
     }
 
-    /// @notice Whether a model with id (= root) `modelId` is registered.
+    /// @notice Whether a model with id `modelId` is registered.
     function isRegistered(bytes32 modelId) external view returns (bool) {
         return _models[modelId].registeredAt != 0;
     }

@@ -23,7 +23,7 @@ from optinfer.services.store import GameRecord, MoveRecord, create_game, record_
 from .conftest import API_KEY, ETHER, TINY_R1, sync_store
 
 MODEL = IntegerModel(TINY_R1)
-MODEL_ID = MODEL.manifest["model_root"]
+MODEL_ID = "0x" + consumer.model_id(MODEL).hex()
 PROMPT = "12+34="
 PROMPT_TOKENS = MODEL.encode(PROMPT)
 ANSWER = MODEL.generate(PROMPT_TOKENS, 64)
@@ -39,7 +39,7 @@ def error(response, status: int) -> str:
 # ----------------------------------------------------------------------------- models
 
 
-def test_models_lists_the_served_model_by_its_root(client):
+def test_models_lists_the_served_model_by_its_id(client):
     (summary,) = client.get("/v1/models").json()["models"]
     assert summary["id"] == MODEL_ID
     assert summary["max_context"] == MODEL.max_context

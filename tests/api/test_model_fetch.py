@@ -1,5 +1,6 @@
 """fetch_model: a watchtower downloads tiny-r1 from a node's API and keeps it only when it is
-the model registered on chain (manifest hash, file hashes, recomputed model root)."""
+the model registered on chain (manifest hash, the id the manifest gives, file hashes,
+recomputed model root)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import httpx
 import pytest
 
 from optinfer.contracts.registry import ModelRegistry, ModelSpec
@@ -19,7 +21,7 @@ from optinfer.services.model_fetch import ModelRejected, fetch_model
 
 from .conftest import TINY_R1, tiny_r1_spec
 
-MODEL_ID = json.loads((TINY_R1 / "manifest.json").read_text())["model_root"]
+MODEL_ID = "0x" + tiny_r1_spec().model_id.hex()
 BASE = "http://testserver"
 
 
@@ -57,6 +59,16 @@ def tampered_copy(tmp_path: Path, *, rehash: bool) -> Path:
     return copy
 
 
+def serving_any_id(model_dir: Path) -> httpx.Client:
+    """A lying node: it answers every model id with `model_dir`'s manifest and files."""
+    def handler(request: httpx.Request) -> httpx.Response:
+        parts = request.url.path.split("/")  # "", v1, models, id[, files, name]
+        name = parts[5] if len(parts) > 5 else "manifest.json"
+        return httpx.Response(200, content=(model_dir / name).read_bytes())
+
+    return httpx.Client(transport=httpx.MockTransport(handler))
+
+
 def nothing_left(dest: Path) -> bool:
     """Neither `dest` nor a staging directory beside it."""
     return not dest.exists() and list(dest.parent.iterdir()) == []
@@ -82,8 +94,8 @@ def test_a_tampered_file_is_refused(make_client, registry, tmp_path):
     assert nothing_left(dest)
 
 
-def test_a_manifest_other_than_the_registered_one_is_refused(make_client, registry, tmp_path):
-    client = make_client(model_dir=tampered_copy(tmp_path, rehash=True))
+def test_a_manifest_other_than_the_registered_one_is_refused(registry, tmp_path):
+    client = serving_any_id(tampered_copy(tmp_path, rehash=True))
     dest = tmp_path / "fetched" / "model"
     with pytest.raises(ModelRejected, match="but the registry holds"):
         fetch_model(BASE, MODEL_ID, dest, registry, client=client)
@@ -94,27 +106,34 @@ def test_files_that_do_not_recompute_the_root_are_refused(make_client, chain, em
                                                           tmp_path):
     """Even a registered manifest cannot vouch for weights the root does not commit."""
     tampered = tampered_copy(tmp_path, rehash=True)
-    empty_registry.register_send(ModelSpec.from_manifest(tampered / "manifest.json"),
-                                 chain.accounts[0])
+    spec = ModelSpec.from_manifest(tampered / "manifest.json")
+    empty_registry.register_send(spec, chain.accounts[0])
     client = make_client(model_dir=tampered)
     dest = tmp_path / "fetched" / "model"
     with pytest.raises(ModelRejected, match="recompute to root"):
-        fetch_model(BASE, MODEL_ID, dest, empty_registry, client=client)
+        fetch_model(BASE, spec.model_id, dest, empty_registry, client=client)
     assert nothing_left(dest)
 
 
 @pytest.mark.parametrize("changes", [{"eos_token_ids": ()}, {"max_context": 4096}])
-def test_a_registration_whose_context_or_eos_ids_are_not_the_manifest_s_is_refused(
-        make_client, chain, empty_registry, tmp_path, changes):
-    """Neither is part of the root: someone registering the genuine root first could set them
-    to other values, and the coordinator would judge requests and answers by those."""
-    spec = replace(ModelSpec.from_manifest(TINY_R1 / "manifest.json"), **changes)
-    empty_registry.register_send(spec, chain.accounts[0])
+def test_a_squatters_registration_with_other_eos_or_context_is_another_model_point5(
+        chain, empty_registry, tmp_path, changes):
+    """Someone registers tiny-r1's roots and manifest hash first, with other EOS ids or another
+    max context: that is another model id, which tiny-r1's manifest does not give, so a node
+    serving tiny-r1 under it is refused; tiny-r1 itself still registers and fetches."""
+    squatter = replace(tiny_r1_spec(), manifest_uri="https://squatter.example", **changes)
+    empty_registry.register_send(squatter, chain.accounts[1])
+    lying_node = serving_any_id(TINY_R1)
     dest = tmp_path / "fetched" / "model"
-    with pytest.raises(ModelRejected, match="is registered with max context .* but its "
-                                            "manifest says"):
-        fetch_model(BASE, MODEL_ID, dest, empty_registry, client=make_client())
+    with pytest.raises(ModelRejected, match="gives model id 0x[0-9a-f]{64} .*: it is not the "
+                                            "manifest of that model"):
+        fetch_model(BASE, squatter.model_id, dest, empty_registry, client=lying_node)
     assert nothing_left(dest)
+    with pytest.raises(ModelRejected, match="not registered"):
+        fetch_model(BASE, MODEL_ID, dest, empty_registry, client=lying_node)
+
+    empty_registry.register_send(tiny_r1_spec(), chain.accounts[0])
+    assert fetch_model(BASE, MODEL_ID, dest, empty_registry, client=lying_node) == dest
 
 
 def test_an_unregistered_model_is_refused(make_client, empty_registry, tmp_path):

@@ -161,7 +161,7 @@ def deploy_stack(chain, w3: Web3, directory: Path, clock_seconds: int = 3600) ->
     coordinator = InferenceCoordinator(w3, deployments.address("InferenceCoordinator"))
     coordinator.register_provider_send(PROVIDER_STAKE, chain.accounts[1])
     return Stack(w3, chain.accounts, path, coordinator,
-                 DisputeGame(w3, deployments.address("DisputeGame")), model_spec.model_root,
+                 DisputeGame(w3, deployments.address("DisputeGame")), model_spec.model_id,
                  clock_seconds)
 
 

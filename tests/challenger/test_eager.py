@@ -137,7 +137,7 @@ def test_a_claim_on_a_model_the_watchtower_does_not_hold_is_reported_not_challen
     other = type(other)(**{**other.__dict__, "constants_root": bytes(31) + b"\x07"})
     registry = ModelRegistry(stack.w3, watchtower.deployments.address("ModelRegistry"))
     registry.register_send(other, stack.accounts[0])
-    stack.model_id = other.model_root
+    stack.model_id = other.model_id
     wrong = lie("final")  # a wrong answer, on a model this watchtower does not run
     request_id = stack.claim(wrong.prompt, wrong.claimed)
     with caplog.at_level("WARNING", logger="optinfer.watchtower"):

@@ -10,7 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as hs
 
 from optinfer.challenger import policy
-from optinfer.challenger.policy import HeldModel, RegisteredRoots, Verdict
+from optinfer.challenger.policy import HeldModel, Verdict
+from optinfer.contracts.registry import ModelSpec
 from optinfer.prover import commitments
 from optinfer.prover import game as spec
 from optinfer.prover.game import Clock, GameSetup, GameState, Phase, Role
@@ -19,8 +20,7 @@ NODES, CONSTANTS = b"\x01" * 32, b"\x02" * 32
 
 
 def held(opset: int = 1, nodes: int = 898) -> HeldModel:
-    root = commitments.model_root(NODES, CONSTANTS, opset, nodes)
-    return HeldModel(root, NODES, CONSTANTS, opset, nodes)
+    return HeldModel(b"\x05" * 32, NODES, CONSTANTS, opset, nodes)
 
 
 def test_the_registered_root_is_what_the_manifest_commits():
@@ -35,26 +35,36 @@ def test_the_registered_root_is_what_the_manifest_commits():
     assert "0x" + root.hex() == manifest["model_root"]
 
 
-def test_a_claim_is_checked_only_on_the_held_registered_model_with_matching_roots():
+def test_the_held_model_id_is_the_id_its_manifest_registers_under():
+    from optinfer.challenger.watchtower import LocalModel
+    from tests.challenger.conftest import INTEGER_DIR
+
+    registered = ModelSpec.from_manifest(INTEGER_DIR / "manifest.json")
+    local = LocalModel(INTEGER_DIR)
+    assert local.held.model_id == registered.model_id
+    assert (local.held.max_context, local.held.eos_token_ids) == (registered.max_context,
+                                                                   registered.eos_token_ids)
+
+
+def test_a_claim_is_checked_only_on_the_held_registered_model():
     model = held()
-    registered = RegisteredRoots(1, 898)
-    assert policy.model_problem(model.model_root, model, registered) is None
-    assert "holds no usable model" in policy.model_problem(model.model_root, None, registered)
-    assert "is not held here" in policy.model_problem(b"\x09" * 32, model, registered)
-    assert "is not registered" in policy.model_problem(model.model_root, model, None)
-    # Registered with another node count: the challenge's root check would fail on chain.
-    assert "roots give" in policy.model_problem(model.model_root, model, RegisteredRoots(1, 897))
+    assert policy.model_problem(model.model_id, model, True) is None
+    assert "holds no usable model" in policy.model_problem(model.model_id, None, True)
+    assert "is not held here" in policy.model_problem(b"\x09" * 32, model, True)
+    assert "is not registered" in policy.model_problem(model.model_id, model, False)
 
 
-def test_a_registration_that_says_otherwise_than_the_manifest_is_named_not_refused():
-    model = dataclasses.replace(held(), max_context=4096, eos_token_ids=(2,))
-    same = RegisteredRoots(1, 898, 4096, (2,))
-    assert policy.registration_mismatch(model, same) is None
-    front_run = RegisteredRoots(1, 898, 4096, ())
-    assert "registered with max context 4096 and EOS ids [], its manifest says 4096 and [2]" in \
-        policy.registration_mismatch(model, front_run)
-    # The game proves tokens whatever the registration says about endings: still checkable.
-    assert policy.model_problem(model.model_root, model, front_run) is None
+def test_a_squatters_registration_with_other_eos_ids_is_another_model_point5():
+    """The id binds the max context and the EOS ids: a registration of the held model's roots
+    with other ones is another model, whose claims this watchtower does not judge as its own."""
+    from tests.challenger.conftest import INTEGER_DIR
+
+    published = ModelSpec.from_manifest(INTEGER_DIR / "manifest.json")
+    model = dataclasses.replace(held(), model_id=published.model_id)
+    for squat in ({"eos_token_ids": ()}, {"max_context": 8}):
+        squatter = dataclasses.replace(published, **squat)
+        assert "is not held here" in policy.model_problem(squatter.model_id, model, True)
+    assert policy.model_problem(published.model_id, model, True) is None
 
 
 def test_only_a_differing_token_is_challenged():

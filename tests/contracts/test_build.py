@@ -38,6 +38,7 @@ def test_artifact_pinnedCompilerAndSettings_recorded():
     assert {entry["name"] for entry in artifact.abi if entry["type"] == "error"} == {
         "ModelAlreadyRegistered", "ModelNotRegistered",
         "ZeroNodeCount", "ZeroMaxContext", "TooManyEosTokenIds", "UnsupportedOpsetVersion",
+        "NodeCountBeyondStateTree", "MaxContextBeyondDisputeBound",
     }
 
 

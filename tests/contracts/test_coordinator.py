@@ -145,7 +145,7 @@ def assert_solvent(coordinator, accounts) -> None:
 
 def committed_request(coordinator, chain, provider, tiny_r1_spec, output=(5, 6, 2), **changes):
     """A request posted by account 2 and answered with `output` by `provider`."""
-    request_id = post(coordinator, chain, spec_for(coordinator.w3, tiny_r1_spec.model_root,
+    request_id = post(coordinator, chain, spec_for(coordinator.w3, tiny_r1_spec.model_id,
                                                    **changes))
     coordinator.commit_output_send(request_id, list(output), provider)
     return request_id
@@ -160,7 +160,7 @@ def test_finalize_honestTinyR1FlowThroughQuestionAsker_succeeds(
     w3 = coordinator.w3
     consumer, finalizer = chain.accounts[2], chain.accounts[5]
     asker = QuestionAsker.deploy(w3, consumer, coordinator.address)
-    spec = spec_for(w3, tiny_r1_spec.model_root, callback_gas_limit=CALLBACK_GAS)
+    spec = spec_for(w3, tiny_r1_spec.model_id, callback_gas_limit=CALLBACK_GAS)
 
     receipt = asker.ask_send(spec, FEE, consumer)
     (posted,) = coordinator.events(receipt, "RequestPosted")
@@ -168,7 +168,7 @@ def test_finalize_honestTinyR1FlowThroughQuestionAsker_succeeds(
     assert posted == {
         "requestId": request_id,
         "consumer": asker.address,
-        "modelId": tiny_r1_spec.model_root,
+        "modelId": tiny_r1_spec.model_id,
         "prompt": PROMPT,
         "maxTokens": 32,
         "fee": FEE,
@@ -230,7 +230,7 @@ def test_gas_postCommit32TokensFinalize_withinBudget(chain, coordinator, provide
     w3 = coordinator.w3
     consumer = chain.accounts[2]
     asker = QuestionAsker.deploy(w3, consumer, coordinator.address)
-    spec = spec_for(w3, tiny_r1_spec.model_root, callback=asker.address,
+    spec = spec_for(w3, tiny_r1_spec.model_id, callback=asker.address,
                     callback_gas_limit=CALLBACK_GAS)
     post_receipt = coordinator.post_request_send(spec, FEE, consumer)
     (posted,) = coordinator.events(post_receipt, "RequestPosted")
@@ -272,14 +272,14 @@ def test_gas_postCommit32TokensFinalize_withinBudget(chain, coordinator, provide
     ],
 )
 def test_postRequest_invalidRequest_reverts(chain, coordinator, tiny_r1_spec, changes, error):
-    spec = spec_for(coordinator.w3, tiny_r1_spec.model_root, **changes)
+    spec = spec_for(coordinator.w3, tiny_r1_spec.model_id, **changes)
     expect_revert(lambda: coordinator.post_request_send(spec, FEE, chain.accounts[2]), error)
     assert coordinator.parameter("requestCount") == 0
 
 
 def test_postRequest_longestOutputThatFitsTheContext_succeeds(chain, coordinator, tiny_r1_spec):
     # len(P) + maxTokens - 1 == max_context exactly.
-    spec = spec_for(coordinator.w3, tiny_r1_spec.model_root, max_tokens=128 - len(PROMPT) + 1)
+    spec = spec_for(coordinator.w3, tiny_r1_spec.model_id, max_tokens=128 - len(PROMPT) + 1)
     assert coordinator.post_request_call(spec, FEE, chain.accounts[2].address) == 1
     assert post(coordinator, chain, spec) == 1
     assert coordinator.get_request(1).max_tokens == 128 - len(PROMPT) + 1
@@ -295,7 +295,7 @@ def test_commitOutput_namedProvider_rejectsOtherProviders(
 ):
     other = chain.accounts[3]
     coordinator.register_provider_send(PARAMS.minimum_stake, other)
-    spec = spec_for(coordinator.w3, tiny_r1_spec.model_root, named_provider=provider.address)
+    spec = spec_for(coordinator.w3, tiny_r1_spec.model_id, named_provider=provider.address)
     request_id = post(coordinator, chain, spec)
 
     err = expect_revert(lambda: coordinator.commit_output_send(request_id, [5, 2], other),
@@ -310,7 +310,7 @@ def test_commitOutput_namedProvider_rejectsOtherProviders(
     [([], "EmptyOutput()"), ([5] * 33, "OutputTooLong(uint256,uint256)")],
 )
 def test_commitOutput_badLength_reverts(chain, coordinator, provider, tiny_r1_spec, output, error):
-    request_id = post(coordinator, chain, spec_for(coordinator.w3, tiny_r1_spec.model_root))
+    request_id = post(coordinator, chain, spec_for(coordinator.w3, tiny_r1_spec.model_id))
     expect_revert(lambda: coordinator.commit_output_send(request_id, output, provider), error)
     assert coordinator.get_request(request_id).status is Status.OPEN
 
@@ -327,7 +327,7 @@ def test_commitOutput_notShapedAsGreedyDecodingStops_reverts(
     the commit itself refuses an answer that stops before EOS and before max tokens, or
     goes on after an EOS."""
     assert tiny_r1_spec.eos_token_ids == (EOS,)
-    request_id = post(coordinator, chain, spec_for(coordinator.w3, tiny_r1_spec.model_root,
+    request_id = post(coordinator, chain, spec_for(coordinator.w3, tiny_r1_spec.model_id,
                                                    max_tokens=max_tokens))
     err = expect_revert(lambda: coordinator.commit_output_send(request_id, output, provider),
                         error)
@@ -345,7 +345,7 @@ def test_commitOutput_endsAtEosOrAtMaxTokens_succeeds(chain, coordinator, provid
 
 
 def test_commitOutput_unregisteredProvider_reverts(chain, coordinator, tiny_r1_spec):
-    request_id = post(coordinator, chain, spec_for(coordinator.w3, tiny_r1_spec.model_root))
+    request_id = post(coordinator, chain, spec_for(coordinator.w3, tiny_r1_spec.model_id))
     expect_revert(lambda: coordinator.commit_output_send(request_id, [2], chain.accounts[3]),
                   "ProviderNotRegistered(address)")
 
@@ -354,7 +354,7 @@ def test_commitOutput_stakeAllLocked_reverts(chain, coordinator, provider, tiny_
     # 1 ether of stake backs exactly two claims of 0.5 ether.
     committed_request(coordinator, chain, provider, tiny_r1_spec)
     committed_request(coordinator, chain, provider, tiny_r1_spec)
-    request_id = post(coordinator, chain, spec_for(coordinator.w3, tiny_r1_spec.model_root))
+    request_id = post(coordinator, chain, spec_for(coordinator.w3, tiny_r1_spec.model_id))
     err = expect_revert(lambda: coordinator.commit_output_send(request_id, [2], provider),
                         "InsufficientFreeStake(uint256,uint256)")
     assert err.args_decoded == (0, PARAMS.stake_per_claim)
@@ -407,7 +407,7 @@ def test_refund_afterCommitDeadline_succeeds(chain, coordinator, provider, tiny_
     w3 = coordinator.w3
     consumer, anyone = chain.accounts[2], chain.accounts[5]
     asker = QuestionAsker.deploy(w3, consumer, coordinator.address)
-    spec = spec_for(w3, tiny_r1_spec.model_root, callback_gas_limit=CALLBACK_GAS)
+    spec = spec_for(w3, tiny_r1_spec.model_id, callback_gas_limit=CALLBACK_GAS)
     receipt = asker.ask_send(spec, FEE, consumer)
     (posted,) = coordinator.events(receipt, "RequestPosted")
     request_id = posted["requestId"]
@@ -516,7 +516,7 @@ def test_questionAsker_onlyCoordinatorDelivers_onlyOwnerAsks(chain, coordinator,
         send_function(w3, asker.artifact, forged, chain.accounts[3])
     assert caught.value.name == "NotCoordinator"
     assert not asker.answered(1)
-    spec = spec_for(w3, tiny_r1_spec.model_root)
+    spec = spec_for(w3, tiny_r1_spec.model_id)
     with pytest.raises(ContractRevert) as caught:
         asker.ask_send(spec, FEE, chain.accounts[3])
     assert caught.value.name == "NotOwner"
@@ -666,7 +666,7 @@ def test_resolveDispute_providerLost_slashesWithTheSplitAndRefunds(
 
 
 def test_openDispute_onOpenRequest_reverts(chain, coordinator, game, tiny_r1_spec):
-    request_id = post(coordinator, chain, spec_for(coordinator.w3, tiny_r1_spec.model_root))
+    request_id = post(coordinator, chain, spec_for(coordinator.w3, tiny_r1_spec.model_id))
     expect_revert(lambda: _game_send(coordinator, game, "openDispute", request_id,
                                      signer=chain.accounts[5]),
                   "ClaimNotCommitted(uint256)")

@@ -106,7 +106,7 @@ def stack(chain, isolated, registry_address, tiny) -> Stack:
     coordinator.set_dispute_game_send(game.address, deployer)
     coordinator.register_provider_send(PARAMS.minimum_stake, chain.accounts[1])
     return Stack(isolated, chain.accounts, coordinator, game, honest, list(output),
-                 spec_.model_root)
+                 spec_.model_id)
 
 
 def _now(w3: Web3) -> int:

@@ -85,7 +85,7 @@ class Protocol:
     coordinator: InferenceCoordinator
     registry: ModelRegistry
     game: DisputeGame
-    model_root: bytes
+    model_id: bytes
 
     @property
     def provider(self):
@@ -106,7 +106,7 @@ class Protocol:
              model_id: bytes | None = None, named_provider: str | None = None,
              deadline_in: int = 600) -> int:
         """Post a request from the consumer; its id."""
-        spec = RequestSpec(model_id=model_id or self.model_root, prompt=prompt,
+        spec = RequestSpec(model_id=model_id or self.model_id, prompt=prompt,
                            max_tokens=max_tokens, commit_deadline=self.now() + deadline_in,
                            **({"named_provider": named_provider} if named_provider else {}))
         receipt = self.coordinator.post_request_send(spec, FEE, self.consumer)
@@ -123,7 +123,7 @@ def protocol(chain, w3, tmp_path, tiny_spec) -> Protocol:
     return Protocol(w3, chain.accounts, deployments, file,
                     InferenceCoordinator(w3, deployments.address("InferenceCoordinator")),
                     ModelRegistry(w3, deployments.address("ModelRegistry")),
-                    DisputeGame(w3, deployments.address("DisputeGame")), tiny_spec.model_root)
+                    DisputeGame(w3, deployments.address("DisputeGame")), tiny_spec.model_id)
 
 
 @pytest.fixture

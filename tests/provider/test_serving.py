@@ -19,6 +19,7 @@ from typing import TypeVar
 import pytest
 
 from optinfer.contracts.coordinator import ZERO_ADDRESS, QuestionAsker, RequestSpec, Status
+from optinfer.contracts.registry import MAX_ONE_STEP_FAN_IN_BYTES
 from optinfer.errors import UserError
 from optinfer.prover import game as spec
 from optinfer.prover.provider import (
@@ -103,6 +104,35 @@ def _node(protocol, database_url: str, model) -> ProviderNode:
                         model=model, account=protocol.provider, poll_interval=0.2)
 
 
+def test_register_refuses_a_model_with_a_one_step_beyond_one_transaction_point8(
+        protocol, database_url, model):
+    """--register checks what the registry cannot: a model whose largest per-element fan-in
+    would make a one-step witness too large for one transaction is not registered at all."""
+    node = _node(protocol, database_url, model)
+    too_wide = MAX_ONE_STEP_FAN_IN_BYTES + 1
+    node.spec = dataclasses.replace(node.spec, max_fan_in_bytes=too_wide)
+    with pytest.raises(UserError, match=f"cannot be registered: one element of this model "
+                                        f"depends on {too_wide} input bytes"):
+        node.ensure_model_registered(register=True)
+    assert not protocol.registry.is_registered(node.spec.model_id)
+
+
+def test_a_squatters_registration_does_not_stand_for_the_node_s_model_point5(
+        protocol, database_url, model, tiny_spec):
+    """The model's roots registered first with other EOS ids are another model: the node
+    still finds its own unregistered, and registers it."""
+    squatter = dataclasses.replace(tiny_spec, eos_token_ids=(), manifest_uri="squatter")
+    protocol.registry.register_send(squatter, protocol.accounts[4])
+    node = _node(protocol, database_url, model)
+    with pytest.raises(UserError, match="is not registered"):
+        node.ensure_model_registered(register=False)
+    node.ensure_model_registered(register=True)
+    registered = protocol.registry.get_model(bytes.fromhex(node.served_model.model_id[2:]))
+    # The node's own fields (its URI is its manifest's file:// one, not the fixture's).
+    assert registered.model_id == tiny_spec.model_id and registered.spec.eos_token_ids == (2,)
+    assert registered.registrant == protocol.provider.address
+
+
 def test_requests_it_cannot_serve_are_skipped_with_the_reason_logged(registered, database_url,
                                                                      model, tiny_spec, caplog):
     """Another model, another provider's request, a token outside the vocabulary and a passed
@@ -116,7 +146,7 @@ def test_requests_it_cannot_serve_are_skipped_with_the_reason_logged(registered,
     node.ensure_provider_registered(None)
     prompt = model.encode(PROMPT_TEXT)
     ids = {
-        "other model": protocol.post(prompt, model_id=other.model_root),
+        "other model": protocol.post(prompt, model_id=other.model_id),
         "named": protocol.post(prompt, named_provider=protocol.accounts[5].address),
         "vocabulary": protocol.post([1, model.vocab_size + 3]),
         "deadline": protocol.post(prompt, deadline_in=5),
@@ -127,7 +157,7 @@ def test_requests_it_cannot_serve_are_skipped_with_the_reason_logged(registered,
         served = node.poll_once()
     assert [s.request_id for s in served] == [ids["served"]]
     expected = {
-        "other model": f"model 0x{other.model_root.hex()} is not the one this node serves",
+        "other model": f"model 0x{other.model_id.hex()} is not the one this node serves",
         "named": f"named to another provider, {protocol.accounts[5].address}",
         "vocabulary": f"prompt token {model.vocab_size + 3} is outside the vocabulary",
         "deadline": "its commit deadline",
@@ -227,13 +257,13 @@ def test_a_request_is_served_committed_finalized_and_called_back(protocol, postg
     if len(cpus) > 1:  # pinned by default: the generation on the last CPU
         assert started.endswith(f"generating on CPU {cpus[-1]}, serving on "
                                 + ",".join(map(str, cpus[:-1])))
-    assert protocol.registry.is_registered(protocol.model_root)
+    assert protocol.registry.is_registered(protocol.model_id)
     minimum = protocol.coordinator.parameter("minimumStake")
     assert protocol.coordinator.provider_stake(protocol.provider.address) == (minimum, 0)
 
     asker = QuestionAsker.deploy(protocol.w3, protocol.consumer, protocol.coordinator.address)
     prompt = model.encode(PROMPT_TEXT)
-    request = RequestSpec(model_id=protocol.model_root, prompt=prompt, max_tokens=MAX_TOKENS,
+    request = RequestSpec(model_id=protocol.model_id, prompt=prompt, max_tokens=MAX_TOKENS,
                           commit_deadline=protocol.now() + 600, callback_gas_limit=300_000)
     receipt = asker.ask_send(request, FEE, protocol.consumer)
     request_id = protocol.coordinator.events(receipt, "RequestPosted")[0]["requestId"]
@@ -315,7 +345,7 @@ def test_a_commit_still_pending_at_a_restart_is_waited_for_not_sent_again(
     prompt = model.encode(PROMPT_TEXT)
     w3.provider.make_request("evm_setAutomine", [False])
     try:
-        request = RequestSpec(model_id=protocol.model_root, prompt=prompt,
+        request = RequestSpec(model_id=protocol.model_id, prompt=prompt,
                               max_tokens=MAX_TOKENS, commit_deadline=protocol.now() + 600)
         post = TxSender(w3, protocol.consumer).submit(
             {"to": protocol.coordinator.address, "value": FEE,

@@ -45,7 +45,7 @@ def post_requests(w3: Web3, coordinator: InferenceCoordinator, consumer, count: 
     """`count` requests, one block each; their ids."""
     ids = []
     for index in range(count):
-        spec = RequestSpec(model_id=tiny_r1_spec().model_root, prompt=[1, 6, 7 + index],
+        spec = RequestSpec(model_id=tiny_r1_spec().model_id, prompt=[1, 6, 7 + index],
                            max_tokens=8, commit_deadline=w3.eth.get_block("latest")["timestamp"]
                            + 3600)
         receipt = coordinator.post_request_send(spec, FEE, consumer)
