@@ -18,6 +18,7 @@ Every step is safe to run twice, on any worker, after any crash:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import socket
@@ -38,7 +39,7 @@ from optinfer.challenger.policy import Verdict
 from optinfer.contracts.bindings import ContractRevert
 from optinfer.contracts.coordinator import InferenceCoordinator
 from optinfer.contracts.dispute_game import DisputeGame
-from optinfer.contracts.registry import ModelRegistry
+from optinfer.contracts.registry import ModelRegistry, ModelSpec
 from optinfer.errors import UserError
 from optinfer.prover import claims
 from optinfer.prover import game as spec
@@ -66,7 +67,7 @@ queued again: its task was lost with a worker."""
 
 
 class LocalModel:
-    """The integer model this watchtower runs, its commitments checked against its files."""
+    """The integer model this watchtower runs, its commitments computed from its files."""
 
     def __init__(self, model_dir: Path, threads: int = 1):
         from optinfer.models.runtime import IntegerModel
@@ -78,8 +79,19 @@ class LocalModel:
         except ValueError as err:
             raise UserError(f"model {model_dir}: {err}") from None
         manifest = self.model.manifest
+        # The id of what runs here: the files' roots and node count, the manifest's other fields.
+        model_id = ModelSpec(
+            nodes_root=self.committed.nodes_root,
+            constants_root=self.committed.constants_root,
+            opset_version=int(manifest["opset_version"]),
+            manifest_hash=hashlib.sha256((self.model.dir / "manifest.json").read_bytes()).digest(),
+            manifest_uri="",
+            max_context=self.model.max_context,
+            node_count=self.committed.node_count,
+            eos_token_ids=tuple(self.model.eos_ids),
+        ).model_id
         self.held = policy.HeldModel(
-            model_root=bytes.fromhex(manifest["model_root"].removeprefix("0x")),
+            model_id=model_id,
             nodes_root=self.committed.nodes_root,
             constants_root=self.committed.constants_root,
             opset_version=int(manifest["opset_version"]),
@@ -152,7 +164,7 @@ class Watchtower:
             start_block=self.deployments.block_number,
             confirmations=settings.confirmations, max_block_range=settings.max_block_range,
         )
-        self._registered: dict[bytes, policy.RegisteredRoots | None] = {}
+        self._registered: set[bytes] = set()
         self._traces: dict[int, ModelTrace] = {}
         self._traces_lock = threading.Lock()
 
@@ -250,7 +262,7 @@ class Watchtower:
                                     f"left out at sampling rate {self.settings.sampling_rate}",
                                     False)
         model_id = bytes.fromhex(request.model_id.removeprefix("0x"))
-        problem = policy.model_problem(model_id, self.model.held, self._registered_roots(model_id))
+        problem = policy.model_problem(model_id, self.model.held, self._is_registered(model_id))
         if problem is not None:
             return policy.Judgement(Verdict.UNVERIFIABLE, problem, False)
         prompt, output = list(request.prompt), list(claim.output)
@@ -279,20 +291,11 @@ class Watchtower:
         convictable = bool(np.any(predicted != np.asarray(output, np.int64)))
         return policy.judge(verdict.valid, verdict.reason, convictable)
 
-    def _registered_roots(self, model_id: bytes) -> policy.RegisteredRoots | None:
+    def _is_registered(self, model_id: bytes) -> bool:
         # A registration never changes once made; an absent one is asked for again.
-        if self._registered.get(model_id) is None:
-            if not self.registry.is_registered(model_id):
-                return None
-            spec_ = self.registry.get_model(model_id).spec
-            registered = policy.RegisteredRoots(spec_.opset_version, spec_.node_count,
-                                                spec_.max_context, spec_.eos_token_ids)
-            self._registered[model_id] = registered
-            if model_id == self.model.held.model_root:
-                mismatch = policy.registration_mismatch(self.model.held, registered)
-                if mismatch is not None:
-                    log.warning("%s", mismatch)  # once: the registration is cached
-        return self._registered[model_id]
+        if model_id not in self._registered and self.registry.is_registered(model_id):
+            self._registered.add(model_id)
+        return model_id in self._registered
 
     def _report(self, request_id: int, claim: st.ClaimRecord,
                 judgement: policy.Judgement) -> None:
