@@ -18,9 +18,13 @@ class Verdict(enum.Enum):
     """What the watchtower concluded about a claim (stored in ``claims.verdict``)."""
 
     VALID = "valid"  # the teacher-forced pass gives exactly the claimed tokens, ending right
-    INVALID = "invalid"  # some claimed token is not the model's: the dispute game can prove it
-    # The tokens are the model's but the output ends wrongly (stops early, runs past EOS).
-    # The dispute game checks the trace of the tokens only, so a challenge would be lost.
+    # The dispute game convicts it, so it is challenged: a claimed token is not the model's
+    # prediction (an id outside the vocabulary never is one), or the model has no value for
+    # the claim's inputs (an id outside the vocabulary in the prompt or before the last token).
+    INVALID = "invalid"
+    # Every token is the model's, yet the output ends wrongly (stops early, runs past EOS):
+    # the game checks the tokens only, and a provider defending their honest trace wins it.
+    # Reported and counted (claims_verified_total{verdict="unprovable"}), never challenged.
     UNPROVABLE = "unprovable"
     UNVERIFIABLE = "unverifiable"  # the model is not held here or its roots do not match
     UNSAMPLED = "unsampled"  # left out by the sampling rate
@@ -76,13 +80,15 @@ class Judgement:
     challenge: bool
 
 
-def judge(valid: bool, reason: str, tokens_disagree: bool) -> Judgement:
+def judge(valid: bool, reason: str, convictable: bool) -> Judgement:
     """The claim's verdict from the teacher-forced verification (`valid`, with its `reason`)
-    and whether some claimed token differs from the model's prediction; a challenge only where
-    the game can win it (a differing token)."""
+    and whether the dispute game convicts it (`convictable`: a claimed token differs from the
+    model's prediction, or the op set refuses the claim's inputs). Every convictable claim is
+    challenged; unprovable is left for the others, which a provider wins by playing its
+    honest trace: that trace ends in the claimed tokens."""
     if valid:
         return Judgement(Verdict.VALID, reason, False)
-    if tokens_disagree:
+    if convictable:
         return Judgement(Verdict.INVALID, reason, True)
     return Judgement(Verdict.UNPROVABLE, reason + "; every token is the model's, so the dispute "
                      "game cannot convict it", False)

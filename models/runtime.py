@@ -210,13 +210,22 @@ class IntegerModel:
 
     def predict(self, prompt: list[int], output: list[int]) -> np.ndarray:
         """Teacher-forced predictions for every output position, in one pass."""
-        sess = self.session("verify")
-        return sess.run(["next_tokens"], {"sequence": self.sequence(prompt, output)})[0]
+        return self.predict_sequence(self.sequence(prompt, output))
+
+    def predict_sequence(self, sequence: np.ndarray) -> np.ndarray:
+        """`predict` on the verify graph's input itself, unchecked: ONNX Runtime fails on a
+        token id outside the vocabulary or a sequence beyond the context. The last output
+        token is not in it, so a claim ending in any id can be run this way."""
+        return self.session("verify").run(["next_tokens"], {"sequence": sequence})[0]
 
     def verify(self, prompt: list[int], output: list[int],
                max_tokens: int | None = None) -> Verdict:
         """Is `output` exactly what greedy decoding of `prompt` produces?"""
-        predicted = self.predict(prompt, output)
+        return self.verdict(output, self.predict(prompt, output), max_tokens)
+
+    def verdict(self, output: list[int], predicted: np.ndarray,
+                max_tokens: int | None = None) -> Verdict:
+        """`verify`'s judgement of `output` from the model's teacher-forced `predicted`."""
         wrong = np.flatnonzero(predicted != np.asarray(output, np.int64))
         if wrong.size:
             i = int(wrong[0])
@@ -242,6 +251,10 @@ class IntegerModel:
     def trace(self, prompt: list[int], output: list[int]) -> tuple[np.ndarray, list[np.ndarray]]:
         """The verify graph's input and every node output, in node order (nodes 1..N)."""
         sequence = self.sequence(prompt, output)
-        sess = self.session("trace")
+        return sequence, self.trace_sequence(sequence)
+
+    def trace_sequence(self, sequence: np.ndarray) -> list[np.ndarray]:
+        """`trace`'s node outputs from the verify graph's input itself, unchecked (as
+        `predict_sequence`)."""
         names = [node.output[0] for node in self.verify_graph().graph.node]
-        return sequence, sess.run(names, {"sequence": sequence})
+        return self.session("trace").run(names, {"sequence": sequence})

@@ -14,7 +14,6 @@ lying, and gives the gas per op type. The verifier is stateless: deployed once p
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import random
@@ -41,19 +40,12 @@ from optinfer.prover import commitments
 from optinfer.prover.commitments import STATE_DEPTH, ZERO_HASHES, ProofError, TensorTree
 from optinfer.prover.game import ModelTrace
 from optinfer.prover.one_step import (
-    COLUMNS,
     CommittedModel,
     OneStepProver,
-    OpenedRange,
     TraceCommitment,
     Witness,
     WrongClaim,
-    _expected_tensor_slots,
-    _first_values,
-    _input_signature,
     check_witness,
-    element_dependencies,
-    parse_node_description,
 )
 from tests.profiles import examples
 
@@ -391,37 +383,11 @@ def test_providerWrong_matmulIntegerPackedLanesAndTail_exactAtExtremes(verifier,
 
 def witness_up_to_refusal(model: OneNodeModel, index: int) -> Witness:
     """The challenger's witness when the op set refuses the agreed inputs part-way through
-    the openings (a Gather index outside [-dim, dim)): every opening up to the refusing one.
-    (`OneStepProver.witness` raises the refusal instead of returning this witness.)"""
-    try:
-        return model.prover.witness(model.k, index)
-    except opset.OpSemanticsError:
-        pass
-    node = parse_node_description(model.description)
-    tensors = {(p, layout): model.prover._opened_tensor(
-        p, layout, node.column_source if layout == COLUMNS else node.inputs[p], model.k)
-        for p, layout in _expected_tensor_slots(node)}
-    in_shapes, _ = _input_signature(node, tensors)
-    ranges, opened = [], {}
-    with contextlib.suppress(opset.OpSemanticsError):
-        while new := [o for o in element_dependencies(node, index, in_shapes, model.output.shape,
-                                                      _first_values(opened)) if o not in opened]:
-            for opening in new:
-                tree = model.prover._tree(opening.tensor_ref)
-                size = tree.array.dtype.itemsize
-                start = opening.start_element * size
-                ranges.append(OpenedRange(opening, tree.range_proof(
-                    start, start + opening.count * size)))
-                opened[opening] = tree.array.ravel()[start // size : start // size + opening.count]
-    output = model.trace.tree(model.k)
-    start, end = commitments.element_byte_range(output.array.dtype, output.array.shape, index)
-    return Witness(k=model.k, out_index=index, description=model.description,
-                   description_path=model.description_path(model.k),
-                   tensors=tuple(tensors.values()), ranges=tuple(ranges),
-                   output_dtype=commitments.dtype_code(output.array.dtype),
-                   output_shape=output.array.shape, output_data_root=output.data_root,
-                   output_proof=output.range_proof(start, end),
-                   claimed=int(output.array.ravel()[index]))
+    the openings (a Gather index outside [-dim, dim)): every opening up to the refusing one,
+    which `OneStepProver.witness` returns (it raised the refusal before issue 17 point 4)."""
+    witness = model.prover.witness(model.k, index)
+    assert witness.k == model.k and witness.out_index == index
+    return witness
 
 
 def assert_provider_loses(verifier, model: OneNodeModel, index: int = 0) -> None:
