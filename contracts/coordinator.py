@@ -34,6 +34,13 @@ CONTRACT_NAME = "InferenceCoordinator"
 CONSUMER_CONTRACT_NAME = "QuestionAsker"
 ZERO_ADDRESS = "0x0000000000000000000000000000000000000000"
 
+TX_GAS_CAP = 2**24
+"""EIP-7825's cap on one transaction's gas (``InferenceCoordinator.TX_GAS_CAP``)."""
+
+MAX_CALLBACK_GAS_LIMIT = (TX_GAS_CAP - 2_000_000 - 30_000) * 63 // 64
+"""Largest ``maxCallbackGasLimit`` the coordinator accepts (``MAX_CALLBACK_GAS_LIMIT``): with it
+and the longest output, ``finalize`` fits `TX_GAS_CAP`."""
+
 
 def pack_tokens(tokens: list[int]) -> bytes:
     """The packed encoding of a token list: each id as 4 big-endian bytes (``TokenPacking``)."""
@@ -58,7 +65,8 @@ class Status(IntEnum):
 
 @dataclass(frozen=True)
 class CoordinatorParams:
-    """The coordinator's constructor parameters (wei, seconds, basis points, gas)."""
+    """The coordinator's constructor parameters (wei, seconds, basis points, gas). Each game's
+    reward, and a rejected claim's reserve, is ``challenger_reward``."""
 
     minimum_stake: int
     stake_per_claim: int
@@ -66,6 +74,12 @@ class CoordinatorParams:
     challenger_share_bps: int
     consumer_share_bps: int
     max_callback_gas_limit: int
+
+    @property
+    def challenger_reward(self) -> int:
+        """``challengerReward``: what each winning challenger is paid (locked from the
+        provider's free stake when its game opens, the rest from the claim's reserve)."""
+        return self.stake_per_claim * self.challenger_share_bps // 10_000
 
     def as_args(self, registry_address: str) -> tuple:
         """The constructor's arguments in order."""
@@ -115,7 +129,6 @@ class Request:
     commit_deadline: int
     status: Status
     callback_succeeded: bool
-    open_disputes: int
     model_id: bytes
     prompt_hash: bytes
     callback: ChecksumAddress
@@ -126,6 +139,38 @@ class Request:
     committed_at: int
     output: ChecksumAddress
     fee: int
+    open_disputes: int
+
+
+@dataclass(frozen=True)
+class Reserve:
+    """A rejected claim's reward reserve (``InferenceCoordinator.Reserve``): `shortfall` is
+    the unbacked reward its winners are still owed a share for, `owed` (once `settled`) what
+    is left of the reserve for them."""
+
+    shortfall: int
+    owed: int
+    settled: bool
+
+
+# Solidity field name -> (Request field, converter), in the ABI's order.
+_REQUEST_FIELDS = {
+    "consumer": ("consumer", Web3.to_checksum_address),
+    "commitDeadline": ("commit_deadline", int),
+    "status": ("status", Status),
+    "callbackSucceeded": ("callback_succeeded", bool),
+    "modelId": ("model_id", bytes),
+    "promptHash": ("prompt_hash", bytes),
+    "callback": ("callback", Web3.to_checksum_address),
+    "callbackGasLimit": ("callback_gas_limit", int),
+    "maxTokens": ("max_tokens", int),
+    "promptLength": ("prompt_length", int),
+    "provider": ("provider", Web3.to_checksum_address),
+    "committedAt": ("committed_at", int),
+    "output": ("output", Web3.to_checksum_address),
+    "fee": ("fee", int),
+    "openDisputes": ("open_disputes", int),
+}
 
 
 @dataclass(frozen=True)
@@ -167,7 +212,8 @@ class InferenceCoordinator(BoundContract):
         self._call(self.contract.functions.setDisputeGame(game), sender)
 
     def set_dispute_game_send(self, game: str, signer: LocalAccount) -> TxReceipt:
-        """Set the dispute game (deployer only, once)."""
+        """Set the dispute game (deployer only, once; a contract whose ``coordinator()`` is
+        this one). Outputs can be committed only once it is set."""
         return self._send(self.contract.functions.setDisputeGame(game), signer)
 
     # -- providers -----------------------------------------------------------------------
@@ -236,6 +282,28 @@ class InferenceCoordinator(BoundContract):
         """Credit the fee of unanswered `request_id` back to its consumer (after the deadline)."""
         return self._send(self.contract.functions.refund(request_id), signer)
 
+    def settle_reserve_call(self, request_id: int, sender: str) -> None:
+        """Dry-run ``settleReserve(request_id)`` as `sender`."""
+        self._call(self.contract.functions.settleReserve(request_id), sender)
+
+    def settle_reserve_send(self, request_id: int, signer: LocalAccount) -> TxReceipt:
+        """Settle rejected `request_id`'s reserve (anyone, once its window has closed and no game
+        on it is open): what no winner is owed goes back to the provider's free stake."""
+        return self._send(self.contract.functions.settleReserve(request_id), signer)
+
+    def claim_reserve_share_call(self, request_id: int, challenger: str, sender: str) -> int:
+        """Dry-run ``claimReserveShare(request_id, challenger)`` as `sender`: the wei it would
+        credit."""
+        return self._call(self.contract.functions.claimReserveShare(
+            request_id, Web3.to_checksum_address(challenger)), sender)
+
+    def claim_reserve_share_send(self, request_id: int, challenger: str,
+                                 signer: LocalAccount) -> TxReceipt:
+        """Credit `challenger` its share of rejected `request_id`'s reserve (anyone may send it;
+        settles the reserve first if needed)."""
+        return self._send(self.contract.functions.claimReserveShare(
+            request_id, Web3.to_checksum_address(challenger)), signer)
+
     def withdraw_call(self, sender: str) -> None:
         """Dry-run ``withdraw()`` as `sender`."""
         self._call(self.contract.functions.withdraw(), sender)
@@ -251,13 +319,27 @@ class InferenceCoordinator(BoundContract):
         fields = reverts_decoded(
             self.artifact, self.contract.functions.getRequest(request_id).call
         )
-        values = list(fields)
-        values[2] = Status(values[2])
-        for index in (5, 6):  # modelId, promptHash
-            values[index] = bytes(values[index])
-        for index in (0, 7, 11, 13):  # consumer, callback, provider, output
-            values[index] = Web3.to_checksum_address(values[index])
-        return Request(*values)
+        names = [c["name"] for c in self._outputs("getRequest")[0]["components"]]
+        values = {}
+        for name, value in zip(names, fields, strict=True):
+            field_name, convert = _REQUEST_FIELDS[name]
+            values[field_name] = convert(value)
+        return Request(**values)
+
+    def _outputs(self, function: str) -> list[dict]:
+        (entry,) = [e for e in self.artifact.abi
+                    if e["type"] == "function" and e["name"] == function]
+        return entry["outputs"]
+
+    def reserve(self, request_id: int) -> Reserve:
+        """The reward reserve of `request_id` (all zero unless the claim was rejected)."""
+        shortfall, owed, settled = self.contract.functions.reserves(request_id).call()
+        return Reserve(shortfall, owed, settled)
+
+    def shortfall_of(self, request_id: int, challenger: str) -> int:
+        """Unbacked reward `challenger` won on `request_id`, owed a share of its reserve."""
+        return self.contract.functions.shortfallOf(
+            request_id, Web3.to_checksum_address(challenger)).call()
 
     def get_result(self, request_id: int) -> Result:
         """Status, provider, commit time, callback outcome and output of `request_id`."""
@@ -291,6 +373,10 @@ class InferenceCoordinator(BoundContract):
             Web3.to_checksum_address(provider)
         ).call()
         return stake, locked
+
+    def free_stake(self, provider: str) -> int:
+        """Wei of `provider`'s stake that no claim, game reward or reserve locks."""
+        return self.contract.functions.freeStake(Web3.to_checksum_address(provider)).call()
 
     def parameter(self, name: str) -> Any:
         """A public parameter or counter by its Solidity name (``"stakePerClaim"``, ...)."""

@@ -66,7 +66,7 @@ class GameParams:
 
     clock_seconds: int = int(spec.DEFAULT_CLOCK_SECONDS)
     fan_out_bits: int = spec.DEFAULT_FAN_OUT_BITS
-    challenger_bond: int = 10**17
+    challenger_bond: int = 10**17  # nonzero: the contract refuses a zero bond
 
 
 @dataclass(frozen=True)
@@ -243,6 +243,11 @@ class DisputeGame(BoundContract):
     def balance_of(self, account: str) -> int:
         """Wei of bonds credited to `account`."""
         return self.contract.functions.balanceOf(Web3.to_checksum_address(account)).call()
+
+    def locked_reward(self, game_id: int) -> int:
+        """The reward the coordinator locked from the provider's free stake when game
+        `game_id` opened (the rest of ``challengerReward`` is backed by the claim's reserve)."""
+        return self.contract.functions.lockedReward(game_id).call()
 
     def parameter(self, name: str) -> Any:
         """A public parameter or counter by its Solidity name."""

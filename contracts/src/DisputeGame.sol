@@ -20,6 +20,7 @@ import {
     WrongMidpoint,
     WrongNode,
     WrongPhase,
+    ZeroChallengerBond,
     ZeroClock
 } from "./Errors.sol";
 import {InferenceCoordinator} from "./InferenceCoordinator.sol";
@@ -183,6 +184,9 @@ contract DisputeGame is PullPayments {
     uint256 public gameCount;
     /// @notice Games by id.
     mapping(uint256 => Game) internal _games;
+    /// @notice Each game's reward as locked by the coordinator when it opened (of the
+    ///         provider's free stake; passed back to `resolveDispute`).
+    mapping(uint256 => uint256) public lockedReward;
 
     /// @param coordinator_    The InferenceCoordinator whose claims are disputed (it must name
     ///                        this contract as its dispute game).
@@ -199,6 +203,8 @@ contract DisputeGame is PullPayments {
     ) {
         if (fanOutBits_ < 1 || fanOutBits_ > 8) revert FanOutBitsOutOfRange(fanOutBits_);
         if (clockSeconds_ == 0) revert ZeroClock();
+        // A challenge puts money at risk: losing one pays the provider for its defence.
+        if (challengerBond_ == 0) revert ZeroChallengerBond();
         coordinator = coordinator_;
         registry = coordinator_.registry();
         verifier = verifier_;
@@ -236,6 +242,7 @@ contract DisputeGame is PullPayments {
         game.requestId = requestId;
         game.provider = request.provider;
         game.challenger = msg.sender;
+        lockedReward[gameId] = coordinator.lockChallengeReward(requestId);
         game.phase = Phase.AwaitRoot;
         game.nodeCount = nodeCount;
         game.hi = nodeCount;
@@ -561,8 +568,10 @@ contract DisputeGame is PullPayments {
     }
 
     /// @dev End the game: charge the running party (to zero at most), record the winner, tell
-    ///      the coordinator (which slashes a losing provider and credits the challenger's
-    ///      share), and settle the bond: back to a winning challenger, to the provider else.
+    ///      the coordinator (which unlocks the game's locked reward for a winning provider, and
+    ///      for a losing one credits it to the challenger, records the rest as owed from the
+    ///      claim's reserve, and slashes it on its first loss), and settle the bond: back to a
+    ///      winning challenger, to the provider else.
     function _resolve(uint256 gameId, Game storage game, Role winner, bool timedOut) internal {
         Role running = toMove(gameId);
         uint256 left = timeLeft(gameId, running);
@@ -578,7 +587,9 @@ contract DisputeGame is PullPayments {
         address bondTo = winner == Role.Challenger ? game.challenger : game.provider;
         balanceOf[bondTo] += challengerBond;
         emit GameEnded(gameId, game.requestId, winner, timedOut);
-        coordinator.resolveDispute(game.requestId, winner == Role.Provider, game.challenger);
+        coordinator.resolveDispute(
+            game.requestId, winner == Role.Provider, game.challenger, lockedReward[gameId]
+        );
     }
 
     /// @dev Little-endian int64 element `index` of `data` (values here are non-negative).

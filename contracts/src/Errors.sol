@@ -63,6 +63,22 @@ error ZeroDisputeGame();
 /// @param disputeGame The game already set.
 error DisputeGameAlreadySet(address disputeGame);
 
+/// @notice Thrown when the dispute game set is not a contract whose `coordinator()` is this
+///         coordinator: it could never open a dispute here, and every claim would go unchallenged.
+/// @param game The address given.
+error DisputeGameNotForThisCoordinator(address game);
+
+/// @notice Thrown when an output is committed before the dispute game is set: nobody could
+///         dispute the claim.
+error DisputeGameNotSet();
+
+/// @notice Thrown when the coordinator is deployed with a maximum callback gas limit under
+///         which `finalize` with the longest output would not fit the 2**24 per-transaction gas
+///         cap (EIP-7825).
+/// @param maxCallbackGasLimit The maximum given.
+/// @param cap                 The largest that fits, `MAX_CALLBACK_GAS_LIMIT`.
+error MaxCallbackGasLimitAboveCap(uint256 maxCallbackGasLimit, uint256 cap);
+
 /// @notice Thrown when a dispute hook is called by anyone but the dispute game.
 /// @param caller Who called.
 error NotDisputeGame(address caller);
@@ -161,7 +177,8 @@ error TooManyEosTokenIds(uint256 count, uint256 maximum);
 /// @notice Thrown when the coordinator cannot store a committed output (contract creation failed).
 error OutputStoreFailed();
 
-/// @notice Thrown when a claim is finalized, disputed or resolved but is not in the committed state.
+/// @notice Thrown when a claim is finalized but is not in the committed state, or disputed while
+///         neither committed nor rejected (a rejected claim stays disputable in its window).
 /// @param requestId The request.
 error ClaimNotCommitted(uint256 requestId);
 
@@ -180,6 +197,21 @@ error DisputesOpen(uint256 openDisputes);
 /// @notice Thrown when a dispute is resolved on a claim that has no open dispute.
 /// @param requestId The request.
 error NoOpenDispute(uint256 requestId);
+
+/// @notice Thrown when a claim's reward reserve is settled or claimed from while the claim is not
+///         rejected (only a lost game creates a reserve).
+/// @param requestId The request.
+error ClaimNotRejected(uint256 requestId);
+
+/// @notice Thrown when a rejected claim's reward reserve is settled a second time.
+/// @param requestId The request.
+error ReserveAlreadySettled(uint256 requestId);
+
+/// @notice Thrown when a share of a claim's reward reserve is claimed for a challenger that is
+///         owed none (it won no game whose reward the provider's free stake left short).
+/// @param requestId  The request.
+/// @param challenger The challenger named.
+error NoReserveShare(uint256 requestId, address challenger);
 
 /// @notice Thrown when finalize is sent with too little gas to give the callback its full limit.
 /// @param available Gas left before the callback.
@@ -209,6 +241,12 @@ error NotCoordinator(address caller);
 
 /// @notice Thrown when sending collected refunds on to the asker's owner fails.
 error RefundTransferFailed();
+
+/// @notice Thrown when the coordinator delivers to the asker the answer to a request that someone
+///         else posted (anyone may name any contract as a request's callback).
+/// @param requestId The request.
+/// @param requester Who posted it.
+error NotOwnRequest(uint256 requestId, address requester);
 
 ////////////////////////////////////////////////////////////////
 //          Commitments (lib/Commitments.sol, Sha256Merkle)   //
@@ -315,6 +353,10 @@ error FanOutBitsOutOfRange(uint256 fanOutBits);
 
 /// @notice Thrown when the game is deployed with a zero clock budget (nobody could move).
 error ZeroClock();
+
+/// @notice Thrown when the game is deployed with a zero challenger bond: a challenge would cost
+///         nothing, and losing one would pay the provider nothing.
+error ZeroChallengerBond();
 
 /// @notice Thrown when a challenge does not carry exactly the challenger bond.
 /// @param sent     Wei sent with the challenge.

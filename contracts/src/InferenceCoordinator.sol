@@ -8,18 +8,23 @@ import {
     ClaimNotCommitted,
     CommitDeadlineNotInFuture,
     CommitDeadlineNotPassed,
+    ClaimNotRejected,
     CommitDeadlinePassed,
     ContextExceeded,
     DisputeGameAlreadySet,
+    DisputeGameNotForThisCoordinator,
+    DisputeGameNotSet,
     DisputesOpen,
     EmptyOutput,
     EmptyPrompt,
     EosBeforeEnd,
     InsufficientFreeStake,
     InsufficientGasForCallback,
+    MaxCallbackGasLimitAboveCap,
     MaxTokensTooLarge,
     ModelNotRegistered,
     NoOpenDispute,
+    NoReserveShare,
     NotDeployer,
     NotDisputeGame,
     NotNamedProvider,
@@ -30,6 +35,7 @@ import {
     ProviderNotRegistered,
     RequestNotFound,
     RequestNotOpen,
+    ReserveAlreadySettled,
     SlashSharesExceedWhole,
     StakeBelowMinimum,
     ZeroChallengeWindow,
@@ -117,6 +123,11 @@ library TokenPacking {
 ///         the provider is credited the fee, its stake is unlocked and the consumer's callback
 ///         runs, isolated. A lost dispute slashes the provider and refunds the consumer. Requests
 ///         nobody answers before the commit deadline are refundable.
+///         Every challenger that wins its own game against a claim is paid, whatever the order in
+///         which games end: each game's reward (`challengerReward`) is locked from the provider's
+///         free stake when the game opens, and the part that stake could not back is paid from
+///         the claim's reserve, the `challengerReward` part of its slashed stake, shared pro rata
+///         once all its games are over (docs/protocol.md, "Challenger rewards").
 /// @dev    Prompt and output tokens travel in calldata and events, so a watchtower needs only an
 ///         RPC endpoint. On-chain, a request keeps `keccak256` of its packed prompt
 ///         (`TokenPacking`) and a claim keeps its packed output as the code of a data contract:
@@ -147,12 +158,13 @@ contract InferenceCoordinator is PullPayments {
         Rejected
     }
 
-    /// @notice One request and, once committed, its claim. Packed into six slots.
-    /// @param consumer          Who posted it (and receives refunds).
+    /// @notice One request and, once committed, its claim. Packed into seven slots: what
+    ///         `postRequest` writes (0-3 and 5), what `commitOutput` adds (4 and the output in
+    ///         5), and the dispute count in a slot of its own (6), which only disputes write.
+    /// @param consumer          Who posted it (and receives refunds). Passed to the callback.
     /// @param commitDeadline    Last timestamp at which an output may be committed.
     /// @param status            See `Status`.
     /// @param callbackSucceeded Whether the finalization callback returned without reverting.
-    /// @param openDisputes      Disputes opened by the game and not yet resolved.
     /// @param modelId           The ModelRegistry id (= model root) of the model to run.
     /// @param promptHash        `TokenPacking.hash(prompt)`.
     /// @param callback          Contract to call on finalization; zero for none.
@@ -164,12 +176,14 @@ contract InferenceCoordinator is PullPayments {
     /// @param committedAt       Timestamp of the commitment; zero before.
     /// @param output            Data contract holding the packed output; zero before commitment.
     /// @param fee               Wei paid by the consumer with the request.
+    /// @param openDisputes      Disputes opened by the game and not yet resolved. A uint64: a
+    ///                          griefer opening games to overflow it would need 2**64 challenges
+    ///                          (each over 100k gas) inside one window.
     struct Request {
         address consumer;
         uint64 commitDeadline;
         Status status;
         bool callbackSucceeded;
-        uint16 openDisputes;
         bytes32 modelId;
         bytes32 promptHash;
         address callback;
@@ -180,6 +194,21 @@ contract InferenceCoordinator is PullPayments {
         uint64 committedAt;
         address output;
         uint96 fee;
+        uint64 openDisputes;
+    }
+
+    /// @notice A rejected claim's reward reserve: the `challengerReward` part of its slashed
+    ///         stake, kept locked in the provider's stake to pay the winners of games whose
+    ///         reward the provider's free stake could not (wholly) back when they opened.
+    /// @param shortfall Sum of those winners' unbacked rewards, less what was claimed (`W`).
+    /// @param owed      Once settled: the part of the reserve still owed to them,
+    ///                  min(`challengerReward`, `W`) less what was claimed.
+    /// @param settled   Every game on the claim is over (window closed, none open) and the part
+    ///                  of the reserve nobody is owed went back to the provider's free stake.
+    struct Reserve {
+        uint256 shortfall;
+        uint128 owed;
+        bool settled;
     }
 
     /// @notice A provider's stake. Amounts in wei; uint128 holds far more ETH than exists.
@@ -242,15 +271,35 @@ contract InferenceCoordinator is PullPayments {
         uint256 indexed requestId, bool providerWon, address indexed challenger, uint256 openDisputes
     );
 
-    /// @notice `provider` lost a dispute on `requestId` and `stakePerClaim` was split.
+    /// @notice `provider` lost a first dispute on `requestId` (against `challenger`): its
+    ///         `stakePerClaim` was split into the consumer's share, the burnt share and the
+    ///         claim's reward reserve (`challengerReward`, still locked in its stake).
     event Slashed(
         uint256 indexed requestId,
         address indexed provider,
         address indexed challenger,
-        uint256 challengerAmount,
+        uint256 reserve,
         uint256 consumerAmount,
         uint256 burnedAmount
     );
+
+    /// @notice A game opened on `requestId` locked `amount` of `provider`'s free stake as its
+    ///         reward (`challengerReward`, or all the free stake when less).
+    event RewardLocked(uint256 indexed requestId, address indexed provider, uint256 amount);
+
+    /// @notice `challenger` won a game on `requestId`: `amount` (the game's locked reward) was
+    ///         credited now; `shortfall` (the rest of `challengerReward`) is owed from the
+    ///         claim's reserve once settled.
+    event ChallengerRewarded(
+        uint256 indexed requestId, address indexed challenger, uint256 amount, uint256 shortfall
+    );
+
+    /// @notice The reserve of `requestId` was settled: `owed` wei are owed to the winners with
+    ///         a shortfall, `returned` went back to the provider's free stake.
+    event ReserveSettled(uint256 indexed requestId, uint256 owed, uint256 returned);
+
+    /// @notice `challenger` was credited `amount` from the reserve of `requestId`.
+    event ReserveShareClaimed(uint256 indexed requestId, address indexed challenger, uint256 amount);
 
     /// @notice The claim on `requestId` is final: `provider` was credited `fee`.
     /// @param callbackSucceeded False when there was no callback or it failed.
@@ -273,6 +322,21 @@ contract InferenceCoordinator is PullPayments {
     ///         follows it (cold account access, recording the outcome, the event).
     uint256 public constant CALLBACK_GAS_OVERHEAD = 30_000;
 
+    /// @notice EIP-7825's cap on one transaction's gas.
+    uint256 public constant TX_GAS_CAP = 2 ** 24;
+
+    /// @notice Gas `finalize` spends before its callback check at the longest output
+    ///         (`TokenPacking.MAX_TOKENS`), intrinsic gas included: reading 6143 tokens back
+    ///         and encoding the call (memory grows past 400 KB) cost 1.52M gas, measured by
+    ///         tests/contracts/test_coordinator.py; 2M leaves room.
+    uint256 public constant FINALIZE_GAS_BEFORE_CALLBACK = 2_000_000;
+
+    /// @notice Largest `maxCallbackGasLimit`: `finalize` needs `limit + limit / 63 +
+    ///         CALLBACK_GAS_OVERHEAD` gas left at the check, and with what it spends before it
+    ///         that fits `TX_GAS_CAP` (14 516 790 gas).
+    uint256 public constant MAX_CALLBACK_GAS_LIMIT =
+        (TX_GAS_CAP - FINALIZE_GAS_BEFORE_CALLBACK - CALLBACK_GAS_OVERHEAD) * 63 / 64;
+
     /// @notice The registry whose models requests may name.
     ModelRegistry public immutable registry;
     /// @notice Who may set the dispute game.
@@ -288,8 +352,13 @@ contract InferenceCoordinator is PullPayments {
     /// @notice Share of a slash credited to the consumer (on top of its fee), in basis points.
     ///         The rest of the slash is burnt: it stays in this contract, owed to nobody.
     uint256 public immutable consumerShareBps;
-    /// @notice Largest callback gas limit a request may ask for (finalize must fit in a block).
+    /// @notice Largest callback gas limit a request may ask for (at most
+    ///         `MAX_CALLBACK_GAS_LIMIT`, so that finalize fits one transaction).
     uint256 public immutable maxCallbackGasLimit;
+    /// @notice Each game's reward: `stakePerClaim * challengerShareBps / BPS`, locked from the
+    ///         provider's free stake when the game opens (as much of it as is free), and also the
+    ///         size of a rejected claim's reserve, which pays what the locks left short.
+    uint256 public immutable challengerReward;
 
     ////////////////////////////////////////////////////////////////
     //                          State                             //
@@ -308,6 +377,11 @@ contract InferenceCoordinator is PullPayments {
     mapping(address => Provider) public providers;
     /// @notice Whether an address has registered as a provider.
     mapping(address => bool) public isProvider;
+    /// @notice The reward reserve of each rejected claim, by request id.
+    mapping(uint256 => Reserve) public reserves;
+    /// @notice Unbacked reward each challenger won on each claim, owed from its reserve
+    ///         (request id => challenger => wei of `challengerReward` its locks left short).
+    mapping(uint256 => mapping(address => uint256)) public shortfallOf;
 
     ////////////////////////////////////////////////////////////////
     //                        Modifiers                           //
@@ -331,7 +405,8 @@ contract InferenceCoordinator is PullPayments {
     /// @param challengeWindow_     Seconds during which a commitment can be disputed.
     /// @param challengerShareBps_  Slash share of the winning challenger (basis points).
     /// @param consumerShareBps_    Slash share of the consumer (basis points); the rest is burnt.
-    /// @param maxCallbackGasLimit_ Largest callback gas limit a request may set.
+    /// @param maxCallbackGasLimit_ Largest callback gas limit a request may set (at most
+    ///                             `MAX_CALLBACK_GAS_LIMIT`).
     constructor(
         ModelRegistry registry_,
         uint256 minimumStake_,
@@ -349,6 +424,10 @@ contract InferenceCoordinator is PullPayments {
         if (challengerShareBps_ + consumerShareBps_ > BPS) {
             revert SlashSharesExceedWhole(challengerShareBps_ + consumerShareBps_);
         }
+        // finalize with the largest callback and the longest output fits one transaction.
+        if (maxCallbackGasLimit_ > MAX_CALLBACK_GAS_LIMIT) {
+            revert MaxCallbackGasLimitAboveCap(maxCallbackGasLimit_, MAX_CALLBACK_GAS_LIMIT);
+        }
         registry = registry_;
         deployer = msg.sender;
         minimumStake = minimumStake_;
@@ -357,15 +436,19 @@ contract InferenceCoordinator is PullPayments {
         challengerShareBps = challengerShareBps_;
         consumerShareBps = consumerShareBps_;
         maxCallbackGasLimit = maxCallbackGasLimit_;
+        challengerReward = stakePerClaim_ * challengerShareBps_ / BPS;
     }
 
-    /// @notice Set the dispute game, once. Until it is set no dispute can be opened, so deploy
-    ///         the game and set it before accepting requests.
+    /// @notice Set the dispute game, once: a contract whose `coordinator()` is this one. Until
+    ///         it is set no output can be committed (such a claim could not be disputed).
     function setDisputeGame(address game) external {
         // Only the deployer wires the game; nobody can swap it afterwards.
         if (msg.sender != deployer) revert NotDeployer(msg.sender);
         if (game == address(0)) revert ZeroDisputeGame();
         if (disputeGame != address(0)) revert DisputeGameAlreadySet(disputeGame);
+        // The game disputes this coordinator's claims: an address without code, or a game
+        // deployed for another coordinator, could never open a dispute here.
+        if (!_namesThisCoordinator(game)) revert DisputeGameNotForThisCoordinator(game);
         disputeGame = game;
         emit DisputeGameSet(game);
     }
@@ -490,6 +573,8 @@ contract InferenceCoordinator is PullPayments {
         if (block.timestamp > request.commitDeadline) {
             revert CommitDeadlinePassed(request.commitDeadline);
         }
+        // Every claim can be disputed from the moment it is committed.
+        if (disputeGame == address(0)) revert DisputeGameNotSet();
         // A named request is answered by its provider only.
         address named = request.provider;
         if (named != address(0) && named != msg.sender) revert NotNamedProvider(named);
@@ -543,7 +628,9 @@ contract InferenceCoordinator is PullPayments {
         bool succeeded;
         address callback = request.callback;
         if (callback != address(0)) {
-            succeeded = _deliver(callback, request.callbackGasLimit, requestId, request.output);
+            succeeded = _deliver(
+                callback, request.callbackGasLimit, requestId, request.consumer, request.output
+            );
             request.callbackSucceeded = succeeded;
         }
         emit Finalized(requestId, providerAddress, fee, succeeded);
@@ -569,54 +656,139 @@ contract InferenceCoordinator is PullPayments {
     ////////////////////////////////////////////////////////////////
 
     /// @notice The dispute game opened a dispute against the claim on `requestId`; the claim
-    ///         cannot finalize until the game resolves it. Only while the window is open.
+    ///         cannot finalize until the game resolves it. Only while the window is open. A claim
+    ///         already rejected by a lost game can still be disputed in its window: no game's
+    ///         early end keeps another challenger from its own game and its reward.
     function openDispute(uint256 requestId) external onlyDisputeGame {
         Request storage request = _existing(requestId);
-        if (request.status != Status.Committed) revert ClaimNotCommitted(requestId);
+        Status status = request.status;
+        // A claim is disputable once committed, and stays so after a lost game.
+        if (status != Status.Committed && status != Status.Rejected) {
+            revert ClaimNotCommitted(requestId);
+        }
         uint256 deadline = uint256(request.committedAt) + challengeWindow;
         if (block.timestamp >= deadline) revert ChallengeWindowClosed(deadline);
-        uint16 open = request.openDisputes + 1;
+        uint64 open = request.openDisputes + 1;
         request.openDisputes = open;
         emit DisputeOpened(requestId, open);
     }
 
-    /// @notice The dispute game resolved one of the open disputes on `requestId`.
-    /// @param providerWon Whether the provider won. If not and the claim is still committed, the
-    ///                    provider's `stakePerClaim` is slashed: `challengerShareBps` to
-    ///                    `challenger`, `consumerShareBps` plus the fee to the consumer, the
-    ///                    rest burnt; the claim becomes Rejected. A claim already rejected by
-    ///                    an earlier lost dispute is slashed only once.
-    /// @param challenger  The dispute's challenger (credited its share when the provider lost).
-    /// @return challengerAmount Wei credited to `challenger` (zero unless this slashed).
-    function resolveDispute(uint256 requestId, bool providerWon, address challenger)
+    /// @notice Lock the reward of the game the dispute game just opened on `requestId` (right
+    ///         after `openDispute`): `challengerReward` of the provider's free stake, or all of
+    ///         its free stake when less is free. Never reverts for lack of stake, so no challenge
+    ///         is ever refused for it; the part left unlocked is backed by the claim's reserve.
+    /// @return locked The wei locked; the game passes it back to `resolveDispute`.
+    function lockChallengeReward(uint256 requestId)
         external
         onlyDisputeGame
-        returns (uint256 challengerAmount)
+        returns (uint256 locked)
     {
+        address providerAddress = _existing(requestId).provider;
+        Provider storage provider = providers[providerAddress];
+        uint256 free = provider.stake - provider.locked;
+        locked = free < challengerReward ? free : challengerReward;
+        provider.locked += uint128(locked);
+        emit RewardLocked(requestId, providerAddress, locked);
+    }
+
+    /// @notice The dispute game resolved one of the open disputes on `requestId`.
+    /// @param providerWon  Whether the provider won: the game's locked reward goes back to its
+    ///                     free stake. If not, the challenger is credited that locked reward now
+    ///                     and is owed the rest of `challengerReward` from the claim's reserve
+    ///                     (`claimReserveShare`); and if the claim is still committed it is
+    ///                     rejected: `stakePerClaim` is split into `consumerShareBps` plus the
+    ///                     fee to the consumer, the reserve (`challengerReward`, still locked)
+    ///                     and the rest burnt. A claim is slashed once; every winner is paid.
+    /// @param challenger   The dispute's challenger.
+    /// @param lockedReward What `lockChallengeReward` locked for this game.
+    /// @return challengerAmount Wei credited to `challenger` now (zero when the provider won).
+    function resolveDispute(
+        uint256 requestId,
+        bool providerWon,
+        address challenger,
+        uint256 lockedReward
+    ) external onlyDisputeGame returns (uint256 challengerAmount) {
         Request storage request = _existing(requestId);
         if (request.openDisputes == 0) revert NoOpenDispute(requestId);
-        uint16 open = request.openDisputes - 1;
+        uint64 open = request.openDisputes - 1;
         request.openDisputes = open;
         emit DisputeResolved(requestId, providerWon, challenger, open);
-        if (providerWon || request.status != Status.Committed) return 0;
 
-        // The provider lied: reject the claim, slash its locked slice, refund the consumer.
         address providerAddress = request.provider;
         Provider storage provider = providers[providerAddress];
-        provider.locked -= uint128(stakePerClaim);
-        provider.stake -= uint128(stakePerClaim);
-        request.status = Status.Rejected;
+        // The game's reward leaves the lock either way: back to the provider, or to the winner.
+        provider.locked -= uint128(lockedReward);
+        if (providerWon) return 0;
 
-        challengerAmount = stakePerClaim * challengerShareBps / BPS;
-        uint256 consumerAmount = stakePerClaim * consumerShareBps / BPS;
-        uint256 burned = stakePerClaim - challengerAmount - consumerAmount;
-        balanceOf[challenger] += challengerAmount;
-        balanceOf[request.consumer] += request.fee + consumerAmount;
-        totalBurned += burned;
-        emit Slashed(
-            requestId, providerAddress, challenger, challengerAmount, consumerAmount, burned
-        );
-        emit Refunded(requestId, request.consumer, request.fee + consumerAmount);
+        // The provider lied. The first lost game rejects the claim and slashes it; every lost
+        // game pays its own winner, so the order in which games end changes nobody's pay.
+        if (request.status == Status.Committed) {
+            _reject(requestId, request, provider, providerAddress, challenger);
+        }
+        provider.stake -= uint128(lockedReward);
+        balanceOf[challenger] += lockedReward;
+        uint256 shortfall = challengerReward - lockedReward;
+        if (shortfall != 0) {
+            reserves[requestId].shortfall += shortfall;
+            shortfallOf[requestId][challenger] += shortfall;
+        }
+        emit ChallengerRewarded(requestId, challenger, lockedReward, shortfall);
+        return lockedReward;
+    }
+
+    ////////////////////////////////////////////////////////////////
+    //                     Reward reserve                         //
+    ////////////////////////////////////////////////////////////////
+
+    /// @notice Settle the reserve of rejected claim `requestId` once its window has closed and
+    ///         no game on it is open (the winners' shortfall `W` is then final): min(`W`,
+    ///         `challengerReward`) stays owed to them, the rest goes back to the provider's free
+    ///         stake. Anyone may call; `claimReserveShare` calls it first if needed.
+    function settleReserve(uint256 requestId) public {
+        Request storage request = _existing(requestId);
+        // Only a lost game creates a reserve.
+        if (request.status != Status.Rejected) revert ClaimNotRejected(requestId);
+        // New games may open until the window closes, and open ones may still be lost.
+        uint256 deadline = uint256(request.committedAt) + challengeWindow;
+        if (block.timestamp < deadline) revert ChallengeWindowOpen(deadline);
+        if (request.openDisputes != 0) revert DisputesOpen(request.openDisputes);
+        Reserve storage reserve = reserves[requestId];
+        // The unowed part is returned once.
+        if (reserve.settled) revert ReserveAlreadySettled(requestId);
+
+        uint256 owed = reserve.shortfall < challengerReward ? reserve.shortfall : challengerReward;
+        uint256 returned = challengerReward - owed;
+        reserve.settled = true;
+        reserve.owed = uint128(owed);
+        providers[request.provider].locked -= uint128(returned);
+        emit ReserveSettled(requestId, owed, returned);
+    }
+
+    /// @notice Credit `challenger` its share of the reserve of rejected claim `requestId`:
+    ///         its shortfall times min(1, `challengerReward` / `W`), `W` the winners' total
+    ///         shortfall. Anyone may call (the share is credited to `challenger`, sent by its own
+    ///         `withdraw`); settles the reserve first if needed.
+    /// @return amount Wei credited. Each claim takes its part of what is left, so the last one
+    ///         takes the rest: shares differ from the exact ratio by under 1 wei, none stays locked.
+    function claimReserveShare(uint256 requestId, address challenger)
+        external
+        returns (uint256 amount)
+    {
+        Reserve storage reserve = reserves[requestId];
+        if (!reserve.settled) settleReserve(requestId);
+        uint256 shortfall = shortfallOf[requestId][challenger];
+        // Only a winner whose reward its game's lock left short is owed a share, once.
+        if (shortfall == 0) revert NoReserveShare(requestId, challenger);
+
+        amount = shortfall * reserve.owed / reserve.shortfall;
+        shortfallOf[requestId][challenger] = 0;
+        reserve.shortfall -= shortfall;
+        reserve.owed -= uint128(amount);
+        Provider storage provider = providers[_requests[requestId].provider];
+        provider.locked -= uint128(amount);
+        provider.stake -= uint128(amount);
+        balanceOf[challenger] += amount;
+        emit ReserveShareClaimed(requestId, challenger, amount);
     }
 
     ////////////////////////////////////////////////////////////////
@@ -700,20 +872,61 @@ contract InferenceCoordinator is PullPayments {
         }
     }
 
+    /// @notice Reject the committed claim on `requestId`, whose provider lost a game against
+    ///         `challenger`: `stakePerClaim` leaves its lock, the consumer's share plus the fee
+    ///         are credited to the consumer, the burnt share is counted, and the reserve
+    ///         (`challengerReward`) stays locked in the provider's stake until settled.
+    function _reject(
+        uint256 requestId,
+        Request storage request,
+        Provider storage provider,
+        address providerAddress,
+        address challenger
+    ) internal {
+        uint256 consumerAmount = stakePerClaim * consumerShareBps / BPS;
+        uint256 burned = stakePerClaim - challengerReward - consumerAmount;
+        uint256 removed = consumerAmount + burned;
+        provider.locked -= uint128(removed);
+        provider.stake -= uint128(removed);
+        request.status = Status.Rejected;
+        balanceOf[request.consumer] += request.fee + consumerAmount;
+        totalBurned += burned;
+        emit Slashed(
+            requestId, providerAddress, challenger, challengerReward, consumerAmount, burned
+        );
+        emit Refunded(requestId, request.consumer, request.fee + consumerAmount);
+    }
+
+    /// @notice Whether `game` is a contract whose `coordinator()` returns this contract.
+    function _namesThisCoordinator(address game) internal view returns (bool) {
+        (bool ok, bytes memory returned) =
+            game.staticcall(abi.encodeWithSignature("coordinator()"));
+        // An address without code "succeeds" with no return data.
+        return ok && returned.length == 32
+            && abi.decode(returned, (uint256)) == uint256(uint160(address(this)));
+    }
+
     /// @notice The stored request `requestId`; reverts RequestNotFound for an unassigned id.
     function _existing(uint256 requestId) internal view returns (Request storage request) {
         request = _requests[requestId];
         if (request.status == Status.None) revert RequestNotFound(requestId);
     }
 
-    /// @notice Call `callback.onInferenceResult(requestId, output)` with `gasLimit` gas;
-    ///         whether it returned without reverting. Never reverts because of the callee.
-    function _deliver(address callback, uint256 gasLimit, uint256 requestId, address output)
-        internal
-        returns (bool succeeded)
-    {
-        bytes memory data =
-            abi.encodeCall(IInferenceConsumer.onInferenceResult, (requestId, TokenPacking.load(output)));
+    /// @notice Call `callback.onInferenceResult(requestId, requester, output)` with `gasLimit`
+    ///         gas; whether it returned without reverting. Never reverts because of the callee.
+    /// @param requester Who posted the request: anyone may name any callback, so the callee
+    ///                  tells its own requests from others' by it.
+    function _deliver(
+        address callback,
+        uint256 gasLimit,
+        uint256 requestId,
+        address requester,
+        address output
+    ) internal returns (bool succeeded) {
+        bytes memory data = abi.encodeCall(
+            IInferenceConsumer.onInferenceResult,
+            (requestId, requester, TokenPacking.load(output))
+        );
         // The callee gets min(gasLimit, 63/64 of what is left): demand enough that it is gasLimit.
         uint256 required = gasLimit + gasLimit / 63 + CALLBACK_GAS_OVERHEAD;
         if (gasleft() < required) revert InsufficientGasForCallback(gasleft(), required);

@@ -22,12 +22,17 @@ from optinfer.contracts.bindings import (
     deploy,
     reverts_decoded,
     send_function,
+    send_transaction,
 )
 from optinfer.contracts.coordinator import (
+    MAX_CALLBACK_GAS_LIMIT,
+    TX_GAS_CAP,
+    ZERO_ADDRESS,
     CoordinatorParams,
     InferenceCoordinator,
     QuestionAsker,
     RequestSpec,
+    Reserve,
     Status,
     token_hash,
 )
@@ -232,11 +237,13 @@ def test_gas_postCommit32TokensFinalize_withinBudget(chain, coordinator, provide
     asker = QuestionAsker.deploy(w3, consumer, coordinator.address)
     spec = spec_for(w3, tiny_r1_spec.model_id, callback=asker.address,
                     callback_gas_limit=CALLBACK_GAS)
-    post_receipt = coordinator.post_request_send(spec, FEE, consumer)
-    (posted,) = coordinator.events(post_receipt, "RequestPosted")
+    # Asked through the asker: it stores answers only to requests it posted itself.
+    (posted,) = coordinator.events(asker.ask_send(spec, FEE, consumer), "RequestPosted")
     output = [token if token != EOS else 1 for token in ((7 * i + 3) % 30 for i in range(32))]
     commit_receipt = coordinator.commit_output_send(posted["requestId"], output, provider)
-    one_token_id = post(coordinator, chain, spec)
+    post_receipt = coordinator.post_request_send(spec, FEE, consumer)
+    (one_token,) = coordinator.events(post_receipt, "RequestPosted")
+    one_token_id = one_token["requestId"]
     commit_one_receipt = coordinator.commit_output_send(one_token_id, [2], provider)
     advance(w3, PARAMS.challenge_window)
     finalize_receipt = coordinator.finalize_send(posted["requestId"], chain.accounts[5])
@@ -511,7 +518,7 @@ def test_finalize_tooLittleGasForTheCallback_reverts(chain, coordinator, provide
 def test_questionAsker_onlyCoordinatorDelivers_onlyOwnerAsks(chain, coordinator, tiny_r1_spec):
     w3 = coordinator.w3
     asker = QuestionAsker.deploy(w3, chain.accounts[2], coordinator.address)
-    forged = asker.contract.functions.onInferenceResult(1, [4, 6])
+    forged = asker.contract.functions.onInferenceResult(1, asker.address, [4, 6])
     with pytest.raises(ContractRevert) as caught:
         send_function(w3, asker.artifact, forged, chain.accounts[3])
     assert caught.value.name == "NotCoordinator"
@@ -575,7 +582,8 @@ def test_disputeHooks_calledByOtherThanGame_revert(chain, coordinator, provider,
     outsider = chain.accounts[4]
     for function in (
         coordinator.contract.functions.openDispute(request_id),
-        coordinator.contract.functions.resolveDispute(request_id, False, outsider.address),
+        coordinator.contract.functions.lockChallengeReward(request_id),
+        coordinator.contract.functions.resolveDispute(request_id, False, outsider.address, 0),
     ):
         err = expect_revert(
             lambda f=function: send_function(coordinator.w3, coordinator.artifact, f, outsider),
@@ -608,15 +616,15 @@ def test_finalize_openDispute_blocksUntilProviderWins(chain, coordinator, game, 
     expect_revert(lambda: _game_send(coordinator, game, "openDispute", request_id, signer=anyone),
                   "ChallengeWindowClosed(uint256)")
 
-    _game_send(coordinator, game, "resolveDispute", request_id, True, challenger.address,
+    _game_send(coordinator, game, "resolveDispute", request_id, True, challenger.address, 0,
                signer=anyone)
     expect_revert(lambda: coordinator.finalize_send(request_id, anyone), "DisputesOpen(uint256)")
     receipt = _game_send(coordinator, game, "resolveDispute", request_id, True,
-                         challenger.address, signer=anyone)
+                         challenger.address, 0, signer=anyone)
     assert coordinator.events(receipt, "DisputeResolved")[0]["openDisputes"] == 0
     assert game.functions.lastChallengerAmount().call() == 0
     expect_revert(lambda: _game_send(coordinator, game, "resolveDispute", request_id, True,
-                                     challenger.address, signer=anyone),
+                                     challenger.address, 0, signer=anyone),
                   "NoOpenDispute(uint256)")
 
     coordinator.finalize_send(request_id, anyone)
@@ -624,42 +632,64 @@ def test_finalize_openDispute_blocksUntilProviderWins(chain, coordinator, game, 
     assert coordinator.balance_of(challenger.address) == 0
 
 
-def test_resolveDispute_providerLost_slashesWithTheSplitAndRefunds(
+def test_resolveDispute_providerLost_slashesOnceAndPaysEveryWinner(
     chain, coordinator, game, provider, tiny_r1_spec
 ):
     anyone, challenger, consumer = chain.accounts[5], chain.accounts[4], chain.accounts[2]
     request_id = committed_request(coordinator, chain, provider, tiny_r1_spec)
-    _game_send(coordinator, game, "openDispute", request_id, signer=anyone)
-    _game_send(coordinator, game, "openDispute", request_id, signer=anyone)
+    reward = PARAMS.challenger_reward
+    assert coordinator.parameter("challengerReward") == reward == ETHER // 4
+    # Each game locks its reward from the provider's free stake (0.5 ether is free).
+    assert [_open_game(coordinator, game, request_id, anyone) for _ in range(2)] == [reward] * 2
+    assert coordinator.provider_stake(provider.address) == (ETHER, PARAMS.stake_per_claim
+                                                            + 2 * reward)
 
     receipt = _game_send(coordinator, game, "resolveDispute", request_id, False,
-                         challenger.address, signer=anyone)
+                         challenger.address, reward, signer=anyone)
     slash = PARAMS.stake_per_claim
-    challenger_amount = slash * 5000 // 10_000
     consumer_amount = slash * 3000 // 10_000
-    burned = slash - challenger_amount - consumer_amount
+    burned = slash - reward - consumer_amount
     assert coordinator.events(receipt, "Slashed") == [{
         "requestId": request_id, "provider": provider.address, "challenger": challenger.address,
-        "challengerAmount": challenger_amount, "consumerAmount": consumer_amount,
-        "burnedAmount": burned,
+        "reserve": reward, "consumerAmount": consumer_amount, "burnedAmount": burned,
     }]
-    assert game.functions.lastChallengerAmount().call() == challenger_amount
-    assert coordinator.balance_of(challenger.address) == challenger_amount
+    assert coordinator.events(receipt, "ChallengerRewarded") == [{
+        "requestId": request_id, "challenger": challenger.address, "amount": reward,
+        "shortfall": 0,
+    }]
+    assert game.functions.lastChallengerAmount().call() == reward
+    assert coordinator.balance_of(challenger.address) == reward
     assert coordinator.balance_of(consumer.address) == FEE + consumer_amount
     assert coordinator.parameter("totalBurned") == burned
-    assert coordinator.provider_stake(provider.address) == (ETHER - slash, 0)
+    # The reserve (challengerReward of the slash) and the other game's lock stay locked.
+    assert coordinator.provider_stake(provider.address) == (
+        ETHER - consumer_amount - burned - reward, 2 * reward)
     assert coordinator.get_request(request_id).status is Status.REJECTED
 
-    # A second lost game on the rejected claim slashes nothing more; the claim never finalizes.
-    _game_send(coordinator, game, "resolveDispute", request_id, False, anyone.address,
-               signer=anyone)
-    assert game.functions.lastChallengerAmount().call() == 0
-    assert coordinator.balance_of(anyone.address) == 0
+    # A second lost game on the rejected claim slashes nothing more and pays its own winner.
+    receipt = _game_send(coordinator, game, "resolveDispute", request_id, False, anyone.address,
+                         reward, signer=anyone)
+    assert coordinator.events(receipt, "Slashed") == []
+    assert game.functions.lastChallengerAmount().call() == reward
+    assert coordinator.balance_of(anyone.address) == reward
+    assert coordinator.provider_stake(provider.address) == (ETHER - slash - reward, reward)
+    expect_revert(lambda: coordinator.settle_reserve_send(request_id, anyone),
+                  "ChallengeWindowOpen(uint256)")
     advance(coordinator.w3, PARAMS.challenge_window)
     expect_revert(lambda: coordinator.finalize_send(request_id, anyone),
                   "ClaimNotCommitted(uint256)")
     # The rejected output stays readable.
     assert coordinator.get_result(request_id).output == [5, 6, 2]
+    # Nobody was left short: settling returns the whole reserve to the provider's free stake.
+    expect_revert(lambda: coordinator.claim_reserve_share_send(request_id, challenger.address,
+                                                               anyone),
+                  "NoReserveShare(uint256,address)")
+    receipt = coordinator.settle_reserve_send(request_id, anyone)
+    assert coordinator.events(receipt, "ReserveSettled") == [
+        {"requestId": request_id, "owed": 0, "returned": reward}]
+    assert coordinator.provider_stake(provider.address) == (ETHER - slash - reward, 0)
+    expect_revert(lambda: coordinator.settle_reserve_send(request_id, anyone),
+                  "ReserveAlreadySettled(uint256)")
     coordinator.withdraw_send(challenger)
     coordinator.withdraw_send(consumer)
     assert_solvent(coordinator, chain.accounts)
@@ -670,6 +700,316 @@ def test_openDispute_onOpenRequest_reverts(chain, coordinator, game, tiny_r1_spe
     expect_revert(lambda: _game_send(coordinator, game, "openDispute", request_id,
                                      signer=chain.accounts[5]),
                   "ClaimNotCommitted(uint256)")
+
+
+# ----------------------------------------------------------------------------- rewards (point 6)
+#
+# Every challenger that wins its own game against a false claim is paid challengerReward R
+# (0.25 ether here): the part of R its game locked from the provider's free stake when it
+# opened, credited when the game ends, and the rest (its shortfall) from the claim's reserve
+# (R of the slashed stake) once every game on the claim is over, pro rata when the winners'
+# shortfalls exceed R. Accounts: 1 the lying provider, 3 its accomplice, 4 the honest
+# watchtower, 5 a bystander that sends the mock game's hooks.
+
+
+def _open_game(coordinator, game, request_id: int, signer) -> int:
+    """What DisputeGame.challenge does to the coordinator: open a dispute, lock the reward;
+    returns the locked wei."""
+    _game_send(coordinator, game, "openGame", request_id, signer=signer)
+    return game.functions.lastLockedReward().call()
+
+
+def _lose(coordinator, game, request_id: int, challenger, locked: int, signer) -> int:
+    """The provider loses `challenger`'s game; the wei credited to the challenger now."""
+    _game_send(coordinator, game, "resolveDispute", request_id, False, challenger.address,
+               locked, signer=signer)
+    return game.functions.lastChallengerAmount().call()
+
+
+def _paid(coordinator, request_id: int, challenger, bystander) -> int:
+    """Everything `challenger` was credited on the claim, its reserve share included (claimed
+    once the claim is settled: window closed, no game open)."""
+    if coordinator.shortfall_of(request_id, challenger.address):
+        coordinator.claim_reserve_share_send(request_id, challenger.address, bystander)
+    return coordinator.balance_of(challenger.address)
+
+
+@pytest.mark.parametrize("honest_game_ends", ["first", "last"])
+def test_rewards_honest_challenger_paid_whatever_order_games_end_point6(
+    chain, coordinator, game, provider, tiny_r1_spec, honest_game_ends
+):
+    """The attack: the liar's accomplice challenges too, the liar loses the accomplice's game
+    first and stalls the honest one. Before, only the first lost game paid a challenger share
+    (to the accomplice) and the watchtower got its bond back only. Now each game pays its own
+    winner R whichever ends first, and the liar's net loss stays the whole slash."""
+    accomplice, watchtower, bystander = chain.accounts[3], chain.accounts[4], chain.accounts[5]
+    reward, slash = PARAMS.challenger_reward, PARAMS.stake_per_claim
+    request_id = committed_request(coordinator, chain, provider, tiny_r1_spec)
+    locked = {accomplice: _open_game(coordinator, game, request_id, bystander),
+              watchtower: _open_game(coordinator, game, request_id, bystander)}
+    order = [accomplice, watchtower] if honest_game_ends == "last" else [watchtower, accomplice]
+    credited_now = {who: _lose(coordinator, game, request_id, who, locked[who], bystander)
+                    for who in order}
+    assert credited_now == {accomplice: reward, watchtower: reward}
+    advance(coordinator.w3, PARAMS.challenge_window)
+    assert _paid(coordinator, request_id, watchtower, bystander) == reward
+    assert _paid(coordinator, request_id, accomplice, bystander) == reward
+    coordinator.settle_reserve_send(request_id, bystander)
+    stake, locked_now = coordinator.provider_stake(provider.address)
+    assert locked_now == 0
+    # The liar lost the slash plus the accomplice's reward, which the accomplice hands back.
+    assert ETHER - stake - reward == slash
+    assert coordinator.balance_of(chain.accounts[2].address) == FEE + slash * 3000 // 10_000
+    assert_solvent(coordinator, chain.accounts)
+
+
+def test_rewards_free_stake_taken_by_accomplices_reserve_pays_the_rest_point6(
+    chain, coordinator, game, provider, tiny_r1_spec
+):
+    """The liar lets its accomplice's games lock all its free stake before the watchtower
+    challenges: the watchtower's game locks nothing, and the reserve pays it the whole R
+    (the accomplice games took no part of the reserve: their rewards were locked)."""
+    accomplice, watchtower, bystander = chain.accounts[3], chain.accounts[4], chain.accounts[5]
+    reward, slash = PARAMS.challenger_reward, PARAMS.stake_per_claim
+    request_id = committed_request(coordinator, chain, provider, tiny_r1_spec)
+    first, second = (_open_game(coordinator, game, request_id, bystander) for _ in range(2))
+    honest = _open_game(coordinator, game, request_id, bystander)
+    assert (first, second, honest) == (reward, reward, 0)
+    assert coordinator.free_stake(provider.address) == 0
+    assert _lose(coordinator, game, request_id, watchtower, honest, bystander) == 0
+    assert coordinator.shortfall_of(request_id, watchtower.address) == reward
+    _lose(coordinator, game, request_id, accomplice, first, bystander)
+    _lose(coordinator, game, request_id, accomplice, second, bystander)
+    advance(coordinator.w3, PARAMS.challenge_window)
+    assert _paid(coordinator, request_id, watchtower, bystander) == reward
+    assert coordinator.balance_of(accomplice.address) == 2 * reward
+    stake, locked_now = coordinator.provider_stake(provider.address)
+    assert (stake, locked_now) == (ETHER - slash - 2 * reward, 0)
+    assert coordinator.reserve(request_id).owed == 0
+    assert_solvent(coordinator, chain.accounts)
+
+
+def test_rewards_unfunded_games_share_the_reserve_point6(
+    chain, coordinator, game, provider, tiny_r1_spec
+):
+    """The one case no order-independent rule can pay everyone R: the provider has no free
+    stake at all, so every game's reward is backed by the reserve alone, and the winners'
+    shortfalls (here 3R) exceed it (R): each is paid its pro rata share, R / 3, whatever order
+    the games ended in and the shares are claimed in. The consumer's share and the burn are
+    untouched, and the liar keeps none of the reserve."""
+    bystander = chain.accounts[5]
+    winners = [chain.accounts[3], chain.accounts[6], chain.accounts[4]]
+    reward, slash = PARAMS.challenger_reward, PARAMS.stake_per_claim
+    other = committed_request(coordinator, chain, provider, tiny_r1_spec)  # the other 0.5
+    request_id = committed_request(coordinator, chain, provider, tiny_r1_spec)
+    assert coordinator.free_stake(provider.address) == 0
+    locks = [_open_game(coordinator, game, request_id, bystander) for _ in winners]
+    assert locks == [0, 0, 0]
+    for winner in reversed(winners):
+        assert _lose(coordinator, game, request_id, winner, 0, bystander) == 0
+    assert coordinator.reserve(request_id) == Reserve(3 * reward, 0, False)
+    # Settling needs every game over and the window closed.
+    expect_revert(lambda: coordinator.claim_reserve_share_send(request_id, winners[0].address,
+                                                               bystander),
+                  "ChallengeWindowOpen(uint256)")
+    advance(coordinator.w3, PARAMS.challenge_window)
+    shares = [_paid(coordinator, request_id, winner, bystander) for winner in winners]
+    assert shares == [reward // 3, reward // 3, reward - 2 * (reward // 3)]
+    assert coordinator.reserve(request_id) == Reserve(0, 0, True)
+    coordinator.finalize_send(other, bystander)
+    assert coordinator.provider_stake(provider.address) == (ETHER - slash, 0)
+    assert coordinator.parameter("totalBurned") == slash - reward - slash * 3000 // 10_000
+    assert_solvent(coordinator, chain.accounts)
+
+
+def test_rewards_challenge_never_blocked_point6(chain, coordinator, game, provider,
+                                               tiny_r1_spec):
+    """No game on a claim keeps another from opening: not the provider's lack of free stake,
+    not a lost game that already rejected the claim (an accomplice can lose one in a block),
+    not the number of games. Every one opened in the window is counted, and its winner paid."""
+    accomplice, watchtower, bystander = chain.accounts[3], chain.accounts[4], chain.accounts[5]
+    reward = PARAMS.challenger_reward
+    request_id = committed_request(coordinator, chain, provider, tiny_r1_spec)
+    locks = [_open_game(coordinator, game, request_id, bystander) for _ in range(5)]
+    assert locks == [reward, reward, 0, 0, 0]  # the free 0.5 ether backs two rewards
+    _lose(coordinator, game, request_id, accomplice, locks[0], bystander)
+    assert coordinator.get_request(request_id).status is Status.REJECTED
+    late = _open_game(coordinator, game, request_id, bystander)  # after the rejection
+    assert late == 0 and coordinator.get_request(request_id).open_disputes == 5
+    _lose(coordinator, game, request_id, watchtower, late, bystander)
+    for locked in locks[1:]:  # the other games: the provider wins them
+        _game_send(coordinator, game, "resolveDispute", request_id, True, bystander.address,
+                   locked, signer=bystander)
+    advance(coordinator.w3, PARAMS.challenge_window)
+    expect_revert(lambda: _open_game(coordinator, game, request_id, bystander),
+                  "ChallengeWindowClosed(uint256)")
+    assert _paid(coordinator, request_id, watchtower, bystander) == reward
+    assert coordinator.provider_stake(provider.address)[1] == 0
+    assert_solvent(coordinator, chain.accounts)
+
+
+def test_rewards_provider_that_wins_gets_its_locked_reward_back_point6(
+    chain, coordinator, game, provider, tiny_r1_spec
+):
+    bystander = chain.accounts[5]
+    request_id = committed_request(coordinator, chain, provider, tiny_r1_spec)
+    locked = _open_game(coordinator, game, request_id, bystander)
+    assert coordinator.free_stake(provider.address) == ETHER - PARAMS.stake_per_claim - locked
+    _game_send(coordinator, game, "resolveDispute", request_id, True, chain.accounts[4].address,
+               locked, signer=bystander)
+    assert game.functions.lastChallengerAmount().call() == 0
+    assert coordinator.free_stake(provider.address) == ETHER - PARAMS.stake_per_claim
+    advance(coordinator.w3, PARAMS.challenge_window)
+    expect_revert(lambda: coordinator.settle_reserve_send(request_id, bystander),
+                  "ClaimNotRejected(uint256)")
+    coordinator.finalize_send(request_id, bystander)
+    assert coordinator.provider_stake(provider.address) == (ETHER, 0)
+    assert coordinator.balance_of(provider.address) == FEE
+
+
+# ----------------------------------------------------------------------------- callback (point 7)
+
+
+def test_example_consumer_ignores_answers_to_others_requests_point7(
+    chain, coordinator, provider, tiny_r1_spec
+):
+    """Anyone may name the asker as a request's callback; the coordinator passes the request's
+    poster to the callback, and the asker stores only answers to requests it posted itself."""
+    w3 = coordinator.w3
+    owner, stranger = chain.accounts[2], chain.accounts[3]
+    asker = QuestionAsker.deploy(w3, owner, coordinator.address)
+    spec = spec_for(w3, tiny_r1_spec.model_id, callback=asker.address,
+                    callback_gas_limit=CALLBACK_GAS)
+    receipt = coordinator.post_request_send(spec, FEE, stranger)
+    foreign = coordinator.events(receipt, "RequestPosted")[0]["requestId"]
+    receipt = asker.ask_send(spec, FEE, owner)
+    own = coordinator.events(receipt, "RequestPosted")[0]["requestId"]
+    assert coordinator.get_request(foreign).consumer == stranger.address
+    for request_id in (foreign, own):
+        coordinator.commit_output_send(request_id, [5, 6, 2], provider)
+    advance(w3, PARAMS.challenge_window)
+
+    receipt = coordinator.finalize_send(foreign, chain.accounts[5])
+    assert coordinator.events(receipt, "Finalized")[0]["callbackSucceeded"] is False
+    assert not asker.answered(foreign) and asker.answer(foreign) == []
+    receipt = coordinator.finalize_send(own, chain.accounts[5])
+    assert coordinator.events(receipt, "Finalized")[0]["callbackSucceeded"] is True
+    assert asker.answered(own) and asker.answer(own) == [5, 6, 2]
+    # The refusal, as the callback's own dry run reports it.
+    delivery = asker.contract.functions.onInferenceResult(foreign, stranger.address, [5, 6, 2])
+    with pytest.raises(ContractRevert) as caught:
+        reverts_decoded(asker.artifact, lambda: delivery.call({"from": coordinator.address}))
+    assert caught.value.name == "NotOwnRequest"
+    assert caught.value.args_decoded == (foreign, stranger.address.lower())
+
+
+# ----------------------------------------------------------------------------- wiring (point 8)
+
+
+def test_set_dispute_game_rejects_non_game_point8(chain, isolated, registry_address,
+                                                  tiny_r1_spec):
+    """The coordinator takes as its game only a contract that names it as its coordinator, and
+    refuses commitments until one is set (a claim nobody can dispute would finalize anyway)."""
+    deployer, consumer = chain.accounts[0], chain.accounts[2]
+    ModelRegistry(isolated, registry_address).register_send(tiny_r1_spec, deployer)
+    coordinator = InferenceCoordinator.deploy(isolated, deployer, registry_address, PARAMS)
+    other = InferenceCoordinator.deploy(isolated, deployer, registry_address, PARAMS)
+    coordinator.register_provider_send(PARAMS.minimum_stake, chain.accounts[1])
+    request_id = post(coordinator, chain, spec_for(isolated, tiny_r1_spec.model_id))
+    expect_revert(lambda: coordinator.commit_output_send(request_id, [2], chain.accounts[1]),
+                  "DisputeGameNotSet()")
+
+    not_games = {
+        "an account": chain.accounts[4].address,
+        "a contract without coordinator()": registry_address,
+        "another coordinator's game": deploy(isolated, "MockDisputeGame", deployer,
+                                             other.address),
+        "a contract naming another coordinator": deploy(isolated, "ForeignDisputeGame",
+                                                        deployer, other.address),
+    }
+    for address in not_games.values():
+        err = expect_revert(lambda a=address: coordinator.set_dispute_game_send(a, deployer),
+                            "DisputeGameNotForThisCoordinator(address)")
+        assert err.args_decoded == (address.lower(),)
+    assert coordinator.parameter("disputeGame") == ZERO_ADDRESS
+    game = deploy(isolated, "MockDisputeGame", deployer, coordinator.address)
+    coordinator.set_dispute_game_send(game, deployer)
+    assert coordinator.parameter("disputeGame") == game
+    coordinator.commit_output_send(request_id, [2], chain.accounts[1])
+    assert coordinator.get_request(request_id).status is Status.COMMITTED
+    assert coordinator.get_request(request_id).consumer == consumer.address
+
+
+def test_open_disputes_cannot_overflow_point8(chain, coordinator, game, provider, tiny_r1_spec):
+    """openDisputes was a uint16: 65 535 games by a griefer and the next honest challenge
+    reverted on overflow. It is a uint64 in a slot of its own now (2**64 challenges of 100k+
+    gas each cannot fit a window). Set the count to 65 535 directly and open one more."""
+    w3 = coordinator.w3
+    request_id = committed_request(coordinator, chain, provider, tiny_r1_spec)
+    (outputs,) = [e["outputs"] for e in coordinator.artifact.abi
+                  if e.get("name") == "getRequest"]
+    types = {c["name"]: c["type"] for c in outputs[0]["components"]}
+    assert types["openDisputes"] == "uint64"
+    _game_send(coordinator, game, "openDispute", request_id, signer=chain.accounts[5])
+    # Request storage: mapping `_requests` at slot 4, openDisputes alone in the struct's slot 6.
+    base = int.from_bytes(keccak(request_id.to_bytes(32, "big") + (4).to_bytes(32, "big")),
+                          "big")
+    slot = hex(base + 6)
+    assert int.from_bytes(w3.eth.get_storage_at(coordinator.address, slot), "big") == 1
+    near_old_max = "0x" + (2**16 - 1).to_bytes(32, "big").hex()
+    w3.provider.make_request("anvil_setStorageAt", [coordinator.address, slot, near_old_max])
+    assert coordinator.get_request(request_id).open_disputes == 2**16 - 1
+    _game_send(coordinator, game, "openDispute", request_id, signer=chain.accounts[5])
+    assert coordinator.get_request(request_id).open_disputes == 2**16
+    _game_send(coordinator, game, "resolveDispute", request_id, True, chain.accounts[4].address,
+               0, signer=chain.accounts[5])
+    assert coordinator.get_request(request_id).open_disputes == 2**16 - 1
+    # The rest of the request is untouched by the count.
+    request = coordinator.get_request(request_id)
+    assert (request.status, request.fee, request.provider) == (Status.COMMITTED, FEE,
+                                                               provider.address)
+
+
+def test_max_callback_gas_limit_bounded_point8(chain, isolated, registry_address, tiny_r1_spec):
+    """maxCallbackGasLimit is bounded so that finalize, with the largest callback limit and the
+    longest output a claim can hold (6143 tokens), fits EIP-7825's 2**24 gas per transaction.
+    Deployed at the bound, such a finalize goes through with gas = 2**24 exactly."""
+    deployer = chain.accounts[0]
+    cap = MAX_CALLBACK_GAS_LIMIT
+    err = expect_revert(
+        lambda: InferenceCoordinator.deploy(isolated, deployer, registry_address,
+                                            replace(PARAMS, max_callback_gas_limit=cap + 1)),
+        "MaxCallbackGasLimitAboveCap(uint256,uint256)")
+    assert err.args_decoded == (cap + 1, cap)
+    coordinator = InferenceCoordinator.deploy(isolated, deployer, registry_address,
+                                              replace(PARAMS, max_callback_gas_limit=cap))
+    assert coordinator.parameter("MAX_CALLBACK_GAS_LIMIT") == cap
+    assert coordinator.parameter("TX_GAS_CAP") == TX_GAS_CAP
+    game = deploy(isolated, "MockDisputeGame", deployer, coordinator.address)
+    coordinator.set_dispute_game_send(game, deployer)
+    # A model whose context takes the longest output a claim can store.
+    longest = 6143
+    spec = replace(tiny_r1_spec, max_context=longest)
+    ModelRegistry(isolated, registry_address).register_send(spec, deployer)
+    coordinator.register_provider_send(PARAMS.minimum_stake, chain.accounts[1])
+    burner = deploy(isolated, "GasBurningConsumer", chain.accounts[2])
+    request = replace(spec_for(isolated, spec.model_id, callback=burner, callback_gas_limit=cap),
+                      prompt=[1], max_tokens=longest)
+    request_id = post(coordinator, chain, request)
+    coordinator.commit_output_send(request_id, [5] * longest, chain.accounts[1])
+    advance(isolated, PARAMS.challenge_window)
+    finalizer = chain.accounts[5]
+    finalize = coordinator.contract.functions.finalize(request_id).build_transaction(
+        {"from": finalizer.address, "gas": TX_GAS_CAP})
+    receipt = send_transaction(isolated, finalize, finalizer)
+    (finalized,) = coordinator.events(receipt, "Finalized")
+    assert finalized["callbackSucceeded"] is False  # the burner used its whole limit
+    used = receipt["gasUsed"]
+    print({"finalize gas at the cap": used, "outside the callback": used - cap})
+    assert used <= TX_GAS_CAP
+    # What finalize spends besides the callback's limit (1.52M measured: reading 6143 tokens
+    # back and encoding the call) is inside what the bound keeps for it.
+    assert used - cap < 2_000_000
 
 
 # ----------------------------------------------------------------------------- constructor

@@ -238,6 +238,13 @@ def test_a_provider_that_stops_answering_is_slashed_and_the_request_refunded(sta
     assert stack.game.balance_of(challenger.address) == GAME.challenger_bond
     consumer_share = PARAMS.stake_per_claim * PARAMS.consumer_share_bps // 10_000
     assert stack.coordinator.balance_of(stack.consumer.address) == FEE + consumer_share
+    # The game's reward was locked from the provider's free stake and paid; the reserve (the
+    # challenger share of the slash) stays locked until the claim is settled, then, owed to
+    # nobody, goes back to the provider's free stake: the provider lost stakePerClaim.
+    assert stack.game.locked_reward(game_id) == share
+    stake, locked = stack.coordinator.provider_stake(stack.provider.address)
+    assert (stake, locked) == (PARAMS.minimum_stake - PARAMS.stake_per_claim, share)
+    stack.coordinator.settle_reserve_send(request_id, stack.accounts[6])
     stake, locked = stack.coordinator.provider_stake(stack.provider.address)
     assert (stake, locked) == (PARAMS.minimum_stake - PARAMS.stake_per_claim, 0)
     with pytest.raises(ContractRevert) as raised:
@@ -450,3 +457,73 @@ def test_an_honest_claim_through_the_example_consumer_finalizes_with_its_callbac
     assert stack.coordinator.balance_of(stack.provider.address) == FEE
     assert stack.coordinator.provider_stake(stack.provider.address) == (PARAMS.minimum_stake, 0)
     assert stack.game.parameter("gameCount") == 0
+
+
+# ----------------------------------------------------------------------------- rewards (issue 17)
+
+
+@pytest.mark.parametrize("honest_game_ends", ["first", "last"])
+def test_rewards_each_winner_paid_through_the_game_whatever_order_point6(stack,
+                                                                        honest_game_ends):
+    """The liar's accomplice and the honest watchtower both challenge; the liar stalls in both
+    and the games end by timeout in either order. Each game locked the reward from the
+    provider's free stake at its challenge, and each winner gets its bond and that reward: the
+    accomplice's game ending first takes nothing from the watchtower's."""
+    liar, claimed = _lie_at_last_token(stack.honest, stack.output)
+    request_id = stack.claim(claimed)
+    accomplice, watchtower = stack.accounts[5], stack.accounts[4]
+    reward = PARAMS.challenger_reward
+    games = {accomplice: stack.challenge(request_id, accomplice),
+             watchtower: stack.challenge(request_id, watchtower)}
+    assert [stack.game.locked_reward(g) for g in games.values()] == [reward, reward]
+    _advance(stack.w3, GAME.clock_seconds)
+    order = [watchtower, accomplice] if honest_game_ends == "first" else [accomplice, watchtower]
+    for who in order:
+        stack.game.submit(games[who], spec.Timeout(), stack.accounts[6])
+        assert stack.game.state(games[who]).state.winner is Role.CHALLENGER
+    for who in (accomplice, watchtower):
+        assert stack.game.balance_of(who.address) == GAME.challenger_bond
+        assert stack.coordinator.balance_of(who.address) == reward
+    assert stack.coordinator.get_request(request_id).status is Status.REJECTED
+    stack.coordinator.settle_reserve_send(request_id, stack.accounts[6])
+    stake, locked = stack.coordinator.provider_stake(stack.provider.address)
+    assert locked == 0
+    # Net of what its accomplice hands back, the liar lost exactly stakePerClaim.
+    assert PARAMS.minimum_stake - stake - reward == PARAMS.stake_per_claim
+
+
+def test_a_challenge_with_no_free_stake_behind_it_opens_and_is_paid_from_the_reserve_point6(
+    stack
+):
+    """A provider whose stake is all locked by its claims cannot make a challenge revert (or
+    its winner go unpaid): the game locks nothing, and the claim's reserve pays the winner the
+    whole reward once the claim is settled."""
+    liar, claimed = _lie_at_last_token(stack.honest, stack.output)
+    stack.claim(stack.output)  # locks the provider's other 0.5 ether
+    request_id = stack.claim(claimed)
+    assert stack.coordinator.free_stake(stack.provider.address) == 0
+    watchtower = stack.accounts[4]
+    game_id = stack.challenge(request_id, watchtower)
+    assert stack.game.locked_reward(game_id) == 0
+    _advance(stack.w3, GAME.clock_seconds)
+    stack.game.submit(game_id, spec.Timeout(), stack.accounts[6])
+    assert stack.coordinator.balance_of(watchtower.address) == 0
+    assert stack.coordinator.shortfall_of(request_id, watchtower.address) == (
+        PARAMS.challenger_reward)
+    stack.coordinator.claim_reserve_share_send(request_id, watchtower.address, watchtower)
+    assert stack.coordinator.balance_of(watchtower.address) == PARAMS.challenger_reward
+    assert stack.game.balance_of(watchtower.address) == GAME.challenger_bond
+
+
+def test_zero_challenger_bond_reverts_point8(chain, isolated, registry_address):
+    """A zero bond made challenges free to open and worthless to lose."""
+    deployer = chain.accounts[0]
+    coordinator = InferenceCoordinator.deploy(isolated, deployer, registry_address, PARAMS)
+    verifier = _verifier_address(isolated, deployer, registry_address)
+    with pytest.raises(ContractRevert) as raised:
+        DisputeGame.deploy(isolated, deployer, coordinator.address, verifier,
+                           dataclasses.replace(GAME, challenger_bond=0))
+    assert raised.value.name == "ZeroChallengerBond"
+    game = DisputeGame.deploy(isolated, deployer, coordinator.address, verifier,
+                              dataclasses.replace(GAME, challenger_bond=1))
+    assert game.parameter("challengerBond") == 1

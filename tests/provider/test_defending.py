@@ -140,8 +140,11 @@ def test_the_lie_knob_commits_a_wrong_last_token_plays_to_the_end_and_loses(
     assert protocol.coordinator.get_request(request_id).status is Status.REJECTED
     minimum = protocol.coordinator.parameter("minimumStake")
     slashed = protocol.coordinator.parameter("stakePerClaim")
+    # The challenger's reward was locked from the free stake and paid; the claim's reserve
+    # stays locked until the claim is settled (then back to the free stake: nobody is owed it).
+    reserve = protocol.coordinator.parameter("challengerReward")
     assert protocol.coordinator.provider_stake(protocol.provider.address) == (
-        minimum - slashed, 0)
+        minimum - slashed, reserve)
     assert node.stop() == 0
 
     store = Store(postgres_url)

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: MIT
 pragma solidity 0.8.37;
 
-import {NotCoordinator, NotOwner, RefundTransferFailed} from "../Errors.sol";
+import {NotCoordinator, NotOwnRequest, NotOwner, RefundTransferFailed} from "../Errors.sol";
 import {InferenceCoordinator} from "../InferenceCoordinator.sol";
 import {IInferenceConsumer} from "../interfaces/IInferenceConsumer.sol";
 
@@ -10,6 +10,8 @@ import {IInferenceConsumer} from "../interfaces/IInferenceConsumer.sol";
 ///         InferenceCoordinator, paying the fee, and the coordinator's callback stores each
 ///         final answer here. Refunds of unanswered or rejected questions are credited to this
 ///         contract by the coordinator; the owner collects them with `collectRefunds`.
+///         Anyone can post a request naming this contract as its callback; only answers to
+///         requests this contract posted itself (the callback's `requester`) are stored.
 contract QuestionAsker is IInferenceConsumer {
     /// @notice An answer to `requestId` arrived (`answer` holds its output tokens).
     event Answered(uint256 indexed requestId, uint256 tokenCount);
@@ -45,9 +47,14 @@ contract QuestionAsker is IInferenceConsumer {
     }
 
     /// @inheritdoc IInferenceConsumer
-    function onInferenceResult(uint256 requestId, uint32[] calldata output) external {
+    function onInferenceResult(uint256 requestId, address requester, uint32[] calldata output)
+        external
+    {
         // Only the coordinator knows which outputs are final.
         if (msg.sender != address(coordinator)) revert NotCoordinator(msg.sender);
+        // Only the owner's questions, which this contract posted, are answers; a stranger's
+        // request naming this callback is refused (the coordinator records the failure).
+        if (requester != address(this)) revert NotOwnRequest(requestId, requester);
         _answers[requestId] = output;
         answered[requestId] = true;
         emit Answered(requestId, output.length);

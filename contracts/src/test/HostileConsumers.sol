@@ -10,14 +10,14 @@ import {IInferenceConsumer} from "../interfaces/IInferenceConsumer.sol";
 contract RevertingConsumer is IInferenceConsumer {
     error NoThanks();
 
-    function onInferenceResult(uint256, uint32[] calldata) external pure {
+    function onInferenceResult(uint256, address, uint32[] calldata) external pure {
         revert NoThanks();
     }
 }
 
 /// @notice Burns all the gas it is given.
 contract GasBurningConsumer is IInferenceConsumer {
-    function onInferenceResult(uint256, uint32[] calldata) external pure {
+    function onInferenceResult(uint256, address, uint32[] calldata) external pure {
         assembly {
             for {} 1 {} {}
         }
@@ -26,7 +26,7 @@ contract GasBurningConsumer is IInferenceConsumer {
 
 /// @notice Returns (successfully) a huge block of return data.
 contract ReturnBombConsumer is IInferenceConsumer {
-    function onInferenceResult(uint256, uint32[] calldata) external pure {
+    function onInferenceResult(uint256, address, uint32[] calldata) external pure {
         assembly {
             return(0, 100000)
         }
@@ -48,7 +48,7 @@ contract ReenteringConsumer is IInferenceConsumer {
         coordinator = coordinator_;
     }
 
-    function onInferenceResult(uint256 requestId, uint32[] calldata) external {
+    function onInferenceResult(uint256 requestId, address, uint32[] calldata) external {
         called = true;
         try coordinator.finalize(requestId) {} catch (bytes memory reason) {
             finalizeRevert = reason;
