@@ -32,6 +32,18 @@ T = TypeVar("T")
 GAS_MARGIN = 20_000
 """Gas added (on top of 25%) to every estimate before sending."""
 
+TX_GAS_LIMIT_CAP = 2**24
+"""The most gas one transaction may ask for (EIP-7825, Ethereum L1 since Osaka; anvil's
+``--enable-tx-gas-limit``): a margin above the estimate never goes past it, and every move of
+a dispute at the largest request fits under it (docs/protocol.md, "Gas bound")."""
+
+
+def padded_gas(estimate: int, margin: int) -> int:
+    """The gas limit to send for an ``estimate`` padded by ``margin``, capped at
+    ``TX_GAS_LIMIT_CAP``: a chain that enforces the cap refuses a limit above it even when the
+    transaction would use less."""
+    return min(margin, TX_GAS_LIMIT_CAP) if estimate <= TX_GAS_LIMIT_CAP else margin
+
 
 class ContractRevert(Exception):
     """A contract call or transaction reverted.
@@ -117,7 +129,7 @@ def send_function(
     tx = reverts_decoded(artifact, lambda: function.build_transaction(params))
     # An estimate is the gas used after refunds, and the block the transaction lands in may
     # differ from the one it was estimated on: leave a margin (unused gas is not charged).
-    tx["gas"] = tx["gas"] * 5 // 4 + GAS_MARGIN
+    tx["gas"] = padded_gas(tx["gas"], tx["gas"] * 5 // 4 + GAS_MARGIN)
     return send_transaction(w3, tx, signer)
 
 

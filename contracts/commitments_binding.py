@@ -147,6 +147,11 @@ class CommitmentsHarness(BoundContract):
         """Element `index` of canonical bytes `data`, decoded on chain."""
         return int(self._call("decodeElement", _dtype(dtype), bytes(data), index))
 
+    def decode_claimed_element(self, dtype: DTypeLike, data: bytes, index: int) -> int:
+        """Element `index` of `data` as the one-step reads a claimed element (a bool as its
+        byte), decoded on chain."""
+        return int(self._call("decodeClaimedElement", _dtype(dtype), bytes(data), index))
+
     # -- gas -----------------------------------------------------------------------------
 
     def gas_leaf_hash(self, chunk: bytes) -> int:

@@ -115,9 +115,19 @@ def _shape_tuple(shape: Sequence[int]) -> tuple[int, ...]:
     return dims
 
 
+MAX_TENSOR_BYTES = 2**64 - 1
+"""Most data bytes a committed tensor may have (``Commitments.tensorByteLength``): the game
+keeps a disputed data-tree node's index and the named element in 64-bit fields. Honest tensors
+are far smaller; a provider that committed a larger header cannot reveal it and loses on time."""
+
+
 def tensor_byte_length(dtype: DTypeLike, shape: Sequence[int]) -> int:
-    """Number of bytes of the canonical data of a tensor: ``prod(shape) * itemsize``."""
-    return math.prod(_shape_tuple(shape)) * numpy_dtype(dtype).itemsize
+    """Number of bytes of the canonical data of a tensor: ``prod(shape) * itemsize``, at most
+    ``MAX_TENSOR_BYTES`` (``TensorTooLarge`` on chain)."""
+    byte_length = math.prod(_shape_tuple(shape)) * numpy_dtype(dtype).itemsize
+    if byte_length > MAX_TENSOR_BYTES:
+        raise ProofError(f"a tensor of {byte_length} data bytes exceeds {MAX_TENSOR_BYTES}")
+    return byte_length
 
 
 def canonical_array(array: npt.ArrayLike) -> np.ndarray:
@@ -496,6 +506,19 @@ def verify_tensor_range(
         raise ProofError("range proof does not match the tensor root")
     offset = (byte_start // LEAF_BYTES) * LEAF_BYTES
     return proof.chunks[byte_start - offset : byte_end - offset]
+
+
+def claimed_element(dtype: DTypeLike, data: bytes) -> int:
+    """The value of one element of a provider's ``T_k`` as the one-step reads it: little-endian
+    two's complement, a bool as its byte. A bool byte other than 0x00/0x01 is not canonical; it
+    decodes to a value (2..255) that no op computes, so the one-step judges it a wrong element
+    (the provider's fault) rather than a malformed witness that would stop the dispute."""
+    itemsize = numpy_dtype(dtype).itemsize
+    if len(data) != itemsize:
+        raise ProofError(f"an element of this dtype is {itemsize} bytes, not {len(data)}")
+    if numpy_dtype(dtype).kind == "b":
+        return data[0]
+    return int(decode_elements(dtype, data)[0])
 
 
 # ------------------------------------------------------------------------------------------------

@@ -413,7 +413,10 @@ def _transition(state: GameState, action: Action, now: float,
 
     if phase is Phase.ONE_STEP and state.element is None and isinstance(action, NameElement):
         first, end = chunk_elements(state)
-        if not first <= action.index < end:
+        # An empty T_k has no element to name, yet can be wrong: its header may not be the
+        # node's. Element 0 then stands for the header, the one thing the one-step can judge.
+        header_only = first == end and action.index == 0
+        if not (first <= action.index < end or header_only):
             raise IllegalMove(f"element {action.index} is not in the revealed chunk")
         return _move(state, now, element=action.index)
 
@@ -528,6 +531,11 @@ class Trace(Protocol):
     def one_step_witness(self, k: int, element: int) -> Witness:
         """A one-step witness for element ``element`` of node k, inputs from this trace."""
 
+    def header_witness(self, k: int, dtype: int, shape: tuple[int, ...], data_root: bytes,
+                       proof: commitments.RangeProof, element: int) -> Witness:
+        """A one-step witness convicting a ``T_k`` with header (``dtype``, ``shape``), which is
+        not this trace's, for the named ``element``."""
+
 
 class ModelTrace:
     """A `Trace` over a converted model's verification trace (`IntegerModel.trace`), reusing
@@ -575,6 +583,10 @@ class ModelTrace:
 
     def one_step_witness(self, k: int, element: int) -> Witness:
         return self._prover.witness(k, element)
+
+    def header_witness(self, k: int, dtype: int, shape: tuple[int, ...], data_root: bytes,
+                       proof: commitments.RangeProof, element: int) -> Witness:
+        return self._prover.header_witness(k, dtype, shape, data_root, proof, element)
 
 
 def decide(state: GameState, trace: Trace, role: Role, now: float) -> list[Action]:
@@ -642,7 +654,7 @@ def _challenger_move(state: GameState, trace: Trace) -> Action:
                                                                 strict=True)) if a != b))
     if state.phase is Phase.ONE_STEP and state.element is None:
         first, end = chunk_elements(state)
-        if not same_header:
+        if not same_header:  # the one-step convicts on the header: any element does
             return NameElement(first)
         start = state.node_index * LEAF_BYTES
         ours = bytes(own.data[start:start + len(state.chunk)])
@@ -683,13 +695,21 @@ def _refused_node_move(state: GameState, trace: Trace, element: int) -> Action:
 def challenger_witness(state: GameState, trace: Trace) -> Witness:
     """The one-step witness for the named element: inputs opened from the challenger's (agreed)
     trace, the provider's element and its proof taken from the game state (revealed chunk and
-    descent), since the challenger never sees the provider's tensor."""
+    descent), since the challenger never sees the provider's tensor.
+
+    When the provider's header is not the honest one, the witness judges the header alone
+    (`OneStepProver.header_witness`): the honest output may have no element at the named
+    index (it may be smaller, or the provider's tensor empty)."""
+    own = trace.tensor_tree(state.k)
+    if (commitments.dtype_code(own.array.dtype), tuple(own.array.shape)) != \
+            (state.dtype, state.shape):
+        return trace.header_witness(state.k, state.dtype, state.shape, state.data_root,
+                                    chunk_proof(state), state.element)
     honest = trace.one_step_witness(state.k, state.element)
     itemsize = commitments.numpy_dtype(state.dtype).itemsize
     first, _ = chunk_elements(state)
     offset = (state.element - first) * itemsize
-    claimed = int(commitments.decode_elements(state.dtype,
-                                              state.chunk[offset:offset + itemsize])[0])
+    claimed = commitments.claimed_element(state.dtype, state.chunk[offset:offset + itemsize])
     return dataclasses.replace(honest, output_dtype=state.dtype, output_shape=state.shape,
                                output_data_root=state.data_root,
                                output_proof=chunk_proof(state), claimed=claimed)

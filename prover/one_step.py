@@ -868,7 +868,7 @@ def check_witness(
                                                         witness.out_index)
     claimed_bytes = commitments.verify_tensor_range(
         output_root, witness.output_dtype, out_shape, out_start, out_end, witness.output_proof)
-    claimed = int(commitments.decode_elements(witness.output_dtype, claimed_bytes)[0])
+    claimed = commitments.claimed_element(witness.output_dtype, claimed_bytes)
     if claimed != witness.claimed:
         raise ProofError(f"the claimed value {witness.claimed} is not T_k's element {claimed}")
 
@@ -1059,32 +1059,14 @@ class OneStepProver:
         `S_{k-1}` (the agreed state at the one-step). For an element the op set refuses on
         those inputs (a Gather index outside the table), the openings up to the one the
         refusal shows on: the provider loses that one-step whatever it claims."""
-        if not 1 <= k <= self.committed.node_count:
-            raise ValueError(f"node {k} outside 1..{self.committed.node_count}")
-        provider = provider or self.trace
-        description = self.committed.descriptions[k - 1]
-        node = parse_node_description(description)
-        tensors = {}
-        for position, layout in _expected_tensor_slots(node):
-            ref = node.column_source if layout == COLUMNS else node.inputs[position]
-            tensors[(position, layout)] = self._opened_tensor(position, layout, ref, k)
-        in_shapes, _ = _input_signature(node, tensors)
-        output = provider.tree(k)
+        description, node, tensors, in_shapes = self._node_inputs(k)
+        output = (provider or self.trace).tree(k)
         out_shape = tuple(output.array.shape)
         ranges: list[OpenedRange] = []
         opened: dict[Opening, np.ndarray] = {}
-        while True:
-            new = _openings_still_needed(node, out_index, in_shapes, out_shape, opened)
-            if not new:
-                break
+        while new := _openings_still_needed(node, out_index, in_shapes, out_shape, opened):
             for opening in new:
-                tree = self._tree(tensors[(opening.input_position, opening.layout)].ref)
-                itemsize = tree.array.dtype.itemsize
-                start = opening.start_element * itemsize
-                proof = tree.range_proof(start, start + opening.count * itemsize)
-                ranges.append(OpenedRange(opening, proof))
-                opened[opening] = tree.array.ravel()[
-                    opening.start_element : opening.start_element + opening.count]
+                ranges.append(self._open(tensors, opening, opened))
         out_start, out_end = commitments.element_byte_range(output.array.dtype, out_shape,
                                                             out_index)
         return Witness(
@@ -1095,6 +1077,47 @@ class OneStepProver:
             output_data_root=output.data_root,
             output_proof=output.range_proof(out_start, out_end),
             claimed=int(output.array.ravel()[out_index]))
+
+    def header_witness(self, k: int, output_dtype: int, output_shape: Sequence[int],
+                       output_data_root: bytes, output_proof: commitments.RangeProof,
+                       out_index: int = 0) -> Witness:
+        """A witness that convicts a `T_k` whose header (``output_dtype``, ``output_shape``)
+        is not the one node k computes: checks 1-3 (description, input headers, parameters)
+        and the header, with no data opening, since the one-step decides at check 4 before it
+        reads any element. It works whatever the claimed tensor's size, empty included, where
+        an element witness would need an element that the honest output may not have."""
+        description, node, tensors, in_shapes = self._node_inputs(k)
+        opened: dict[Opening, np.ndarray] = {}
+        ranges = [self._open(tensors, opening, opened)
+                  for opening in parameter_openings(node, in_shapes)]
+        return Witness(
+            k=k, out_index=out_index, description=description,
+            description_path=self.committed.description_path(k),
+            tensors=tuple(tensors.values()), ranges=tuple(ranges),
+            output_dtype=output_dtype, output_shape=tuple(output_shape),
+            output_data_root=output_data_root, output_proof=output_proof, claimed=0)
+
+    def _node_inputs(self, k: int):
+        """Node k's description, parsed node, opened input tensors and input shapes."""
+        if not 1 <= k <= self.committed.node_count:
+            raise ValueError(f"node {k} outside 1..{self.committed.node_count}")
+        description = self.committed.descriptions[k - 1]
+        node = parse_node_description(description)
+        tensors = {}
+        for position, layout in _expected_tensor_slots(node):
+            ref = node.column_source if layout == COLUMNS else node.inputs[position]
+            tensors[(position, layout)] = self._opened_tensor(position, layout, ref, k)
+        in_shapes, _ = _input_signature(node, tensors)
+        return description, node, tensors, in_shapes
+
+    def _open(self, tensors, opening: Opening, opened: dict[Opening, np.ndarray]) -> OpenedRange:
+        """Prove `opening` from the input tensor it names and record its values in `opened`."""
+        tree = self._tree(tensors[(opening.input_position, opening.layout)].ref)
+        itemsize = tree.array.dtype.itemsize
+        start = opening.start_element * itemsize
+        opened[opening] = tree.array.ravel()[
+            opening.start_element : opening.start_element + opening.count]
+        return OpenedRange(opening, tree.range_proof(start, start + opening.count * itemsize))
 
     def check(self, witness: Witness, provider: TraceCommitment | None = None) -> int:
         """check_witness against this model's roots and the trace's `S_{k-1}` and `T_k`."""

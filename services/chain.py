@@ -48,7 +48,7 @@ from web3.providers.base import JSONBaseProvider
 from web3.types import RPCEndpoint, RPCResponse, TxParams, TxReceipt
 
 from optinfer.contracts.artifacts import Artifact, load_artifact
-from optinfer.contracts.bindings import ContractRevert, decode_revert
+from optinfer.contracts.bindings import ContractRevert, decode_revert, padded_gas
 from optinfer.errors import UserError
 from optinfer.services.store import ClaimRecord, RequestRecord, Store, lock_cursor, set_cursor
 
@@ -472,7 +472,8 @@ class TxSender:
         tx.setdefault("value", 0)
         tx.setdefault("data", b"")
         if "gas" not in tx:
-            tx["gas"] = math.ceil(self._estimate(tx, artifact) * self.gas_margin)
+            estimate = self._estimate(tx, artifact)
+            tx["gas"] = padded_gas(estimate, math.ceil(estimate * self.gas_margin))
         if "gasPrice" not in tx and "maxFeePerGas" not in tx:
             tx.update(self._fees())
         if self._chain_id is None:

@@ -392,7 +392,13 @@ contract DisputeGame is PullPayments {
     function nameElement(uint256 gameId, uint256 index) external {
         Game storage game = _startMove(gameId, Phase.OneStep, false, Role.Challenger);
         (uint256 first, uint256 end) = chunkElements(gameId);
-        if (index < first || index >= end) revert ElementNotInChunk(index, first, end);
+        // Rule: the element lies in the revealed chunk. An empty T_k has none, yet can be
+        // wrong in its header: element 0 then stands for the header, which the one-step judges
+        // before it reads any element.
+        bool headerOnly = first == end && index == 0;
+        if (!headerOnly && (index < first || index >= end)) {
+            revert ElementNotInChunk(index, first, end);
+        }
         game.element = uint64(index);
         game.pending = true;
         emit ElementNamed(gameId, index);
@@ -479,15 +485,15 @@ contract DisputeGame is PullPayments {
         view
         returns (bytes32 node)
     {
-        uint256 length = 1 + prompt.length + output.length - 1;
+        uint256 fedBack = output.length == 0 ? 0 : output.length - 1; // O[:-1]
+        uint256 length = 1 + prompt.length + fedBack;
+        uint256[] memory promptLength = new uint256[](1);
+        promptLength[0] = prompt.length;
+        // Allocated last, so that the final store's spill lands in free memory.
         bytes memory data = new bytes(8 * length);
-        _writeInt64(data, 0, prompt.length);
-        for (uint256 i = 0; i < prompt.length; ++i) {
-            _writeInt64(data, 1 + i, prompt[i]);
-        }
-        for (uint256 i = 0; i + 1 < output.length; ++i) {
-            _writeInt64(data, 1 + prompt.length + i, output[i]);
-        }
+        _writeInt64s(data, 0, _words(promptLength), 1);
+        _writeInt64s(data, 1, _words(prompt), prompt.length);
+        _writeInt64s(data, 1 + prompt.length, _words(output), fedBack);
         uint64[] memory shape = new uint64[](1);
         shape[0] = uint64(length);
         node = Commitments.tensorRoot(Commitments.DTYPE_INT64, shape, data);
@@ -500,9 +506,7 @@ contract DisputeGame is PullPayments {
     /// @notice T_N = tensor_root(int64 output): what an honest trace's last node holds.
     function finalLeaf(uint32[] memory output) public view returns (bytes32) {
         bytes memory data = new bytes(8 * output.length);
-        for (uint256 i = 0; i < output.length; ++i) {
-            _writeInt64(data, i, output[i]);
-        }
+        _writeInt64s(data, 0, _words(output), output.length);
         uint64[] memory shape = new uint64[](1);
         shape[0] = uint64(output.length);
         return Commitments.tensorRoot(Commitments.DTYPE_INT64, shape, data);
@@ -592,11 +596,40 @@ contract DisputeGame is PullPayments {
         );
     }
 
-    /// @dev Little-endian int64 element `index` of `data` (values here are non-negative).
-    function _writeInt64(bytes memory data, uint256 index, uint256 value) internal pure {
-        uint256 offset = 8 * index;
-        for (uint256 b = 0; b < 8; ++b) {
-            data[offset + b] = bytes1(uint8(value >> (8 * b)));
+    /// @dev Memory pointer to the first element of a uint32[] or uint256[] in memory (each
+    ///      element a 32-byte word either way).
+    function _words(uint32[] memory values) internal pure returns (uint256 pointer) {
+        assembly ("memory-safe") {
+            pointer := add(values, 32)
+        }
+    }
+
+    function _words(uint256[] memory values) internal pure returns (uint256 pointer) {
+        assembly ("memory-safe") {
+            pointer := add(values, 32)
+        }
+    }
+
+    /// @dev Write `count` words from `source` (each below 2**32) into `data` as little-endian
+    ///      int64 elements from element `first` on: one 32-byte store per element, its top 8
+    ///      bytes the element (bytes 0-3 of the value reversed, then four zeros), the other 24
+    ///      zeros that the next store overwrites. The last store spills 24 zero bytes past
+    ///      `data` into free memory, which nothing assumes clean. (A byte loop cost ~800 gas an
+    ///      element; this is ~40, so a challenge stays cheap at the longest request.)
+    function _writeInt64s(bytes memory data, uint256 first, uint256 source, uint256 count)
+        internal
+        pure
+    {
+        assembly ("memory-safe") {
+            let out := add(add(data, 32), shl(3, first))
+            for { let i := 0 } lt(i, count) { i := add(i, 1) } {
+                let v := mload(add(source, shl(5, i)))
+                let le := or(
+                    or(shl(56, and(v, 0xff)), shl(40, and(v, 0xff00))),
+                    or(shl(24, and(v, 0xff0000)), shl(8, and(v, 0xff000000)))
+                )
+                mstore(add(out, shl(3, i)), shl(192, le))
+            }
         }
     }
 

@@ -232,7 +232,7 @@ contract OneStepVerifier is IOneStepVerifier {
         (uint256 start, uint256 end) = Commitments.elementByteRange(dtype, shape, c.outIndex);
         bytes calldata element =
             Commitments.verifyTensorRange(c.outputRoot, dtype, shape, start, end, w.outputProof);
-        return Commitments.decodeElement(dtype, element, 0);
+        return Commitments.decodeClaimedElement(dtype, element, 0);
     }
 
     ////////////////////////////////////////////////////////////////

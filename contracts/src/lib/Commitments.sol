@@ -529,6 +529,20 @@ library Commitments {
         pure
         returns (int256 value)
     {
+        value = decodeClaimedElement(dtype, data, index);
+        if (dtype == DTYPE_BOOL && value > 1) revert InvalidBoolElement(uint8(uint256(value)));
+    }
+
+    /// @notice Element `index` of `data` as the one-step reads the provider's claimed element
+    ///         (`prover.commitments.claimed_element`): like `decodeElement`, but a bool is its
+    ///         byte whatever it is. A non-canonical bool byte (2..255) is then a value no op
+    ///         computes, so it is judged a wrong element (the provider's fault), not a malformed
+    ///         proof that would stop the dispute.
+    function decodeClaimedElement(uint8 dtype, bytes calldata data, uint256 index)
+        internal
+        pure
+        returns (int256 value)
+    {
         uint256 size = itemSize(dtype);
         if (index >= data.length / size) revert ElementOutsideData(index, data.length);
         uint256 offset = index * size;
@@ -537,7 +551,6 @@ library Commitments {
         for (uint256 k = 0; k < size; ++k) {
             raw |= uint256(uint8(data[offset + k])) << (8 * k);
         }
-        if (dtype == DTYPE_BOOL && raw > 1) revert InvalidBoolElement(uint8(raw));
         if (dtype == DTYPE_UINT8 || dtype == DTYPE_BOOL) return int256(raw);
         // Signed: sign-extend from the element's top bit.
         assembly {

@@ -157,6 +157,14 @@ contract CommitmentsHarness {
         return Commitments.decodeElement(dtype, data, index);
     }
 
+    function decodeClaimedElement(uint8 dtype, bytes calldata data, uint256 index)
+        external
+        pure
+        returns (int256)
+    {
+        return Commitments.decodeClaimedElement(dtype, data, index);
+    }
+
     ////////////////////////////////////////////////////////////////
     //                      Gas measurements                      //
     ////////////////////////////////////////////////////////////////
