@@ -44,7 +44,7 @@ from optinfer.prover.game import (
     one_step_verifier,
     open_game,
 )
-from tests.lies import changed
+from tests.lies import STRUCTURAL_LIES, changed, forged_tree, lying_trace, structural_lie
 from tests.profiles import examples
 
 STEP_SECONDS = 600.0
@@ -77,17 +77,19 @@ def _largest_bytes(*traces: ModelTrace) -> int:
 
 
 def play(setup: GameSetup, policies: dict[Role, Policy], verifier, honest_role: Role,
-         honest: ModelTrace, round_bound: int) -> GameState:
+         honest: ModelTrace, round_bound: int, stall: dict[Role, float] | None = None
+         ) -> GameState:
     """Run a game to the end. The party to move asks its policy for moves and the contract
     applies the first legal one; a party with no legal move stalls, time jumps past its
-    deadline and the opponent sends `Timeout`. Invariants are checked after every move."""
+    deadline and the opponent sends `Timeout`. A role in ``stall`` waits that fraction of its
+    remaining clock before each move. Invariants are checked after every move."""
     now = 0.0
     state = open_game(setup, now)
     for _ in range(500):
         if state.phase is Phase.RESOLVED:
             return state
         mover = state.to_move
-        now += STEP_SECONDS
+        now += STEP_SECONDS + (stall or {}).get(mover, 0.0) * state.clock.remaining(mover, now)
         before = state
         for action in policies[mover](state, now):
             try:
@@ -236,6 +238,88 @@ def test_a_provider_posting_random_midpoints_loses(tiny, seed):
     state = play(_setup(lying, honest), policies, verifier, Role.CHALLENGER, honest, bound)
     assert state.winner is Role.CHALLENGER
     assert state.rounds >= 2  # S_N was posted: the game was lost in the bisection or later
+
+
+# ------------------------------------------------------------------- lies in structure
+
+
+def structural_liar(honest: ModelTrace, output, kind: str, k: int, seed: int) -> ModelTrace:
+    """A provider whose trace is honest but for a lie of ``kind`` at node k (`tests.lies`),
+    and whose committed answer is wrong in its last token."""
+    lie = structural_lie(honest.tensor(k), kind, np.random.default_rng(seed))
+    n = honest.node_count
+    return lying_trace(honest.with_output(n, changed(honest.tensor(n), len(output) - 1, 1)),
+                       k, lie)
+
+
+def lie_nodes(honest: ModelTrace, kind: str) -> list[int]:
+    """The nodes (below N, whose T_N the contract fixes) where a lie of ``kind`` applies."""
+    nodes = range(1, honest.node_count)
+    if kind == "noncanonical_bool":
+        return [k for k in nodes if honest.tensor(k).dtype == bool and honest.tensor(k).size]
+    if kind == "padding_bytes":
+        return [k for k in nodes if honest.tensor(k).nbytes % commitments.LEAF_BYTES]
+    if kind in ("value", "shrink"):
+        return [k for k in nodes if honest.tensor(k).size and honest.tensor(k).ndim]
+    return list(nodes)
+
+
+@_settings
+@given(data=st.data(), kind=st.sampled_from(STRUCTURAL_LIES), stall=st.booleans())
+def test_a_provider_lying_in_structure_loses(tiny, data, kind, stall):
+    """Headers (dtype, shape, empty, grown, shrunk, 4 MiB, past 2**64 bytes), encodings (a
+    bool byte above 1), padding (a non-zero byte after the data, a non-ZERO leaf past it) and
+    roots without a preimage: whatever the lie, the honest challenger convicts it, by the
+    one-step or because the liar cannot make its next move. A stalling liar spends most of
+    its clock before every move, which changes nothing."""
+    honest, output, verifier = tiny
+    k = data.draw(st.sampled_from(lie_nodes(honest, kind)), label="k")
+    liar = structural_liar(honest, output, kind, k, data.draw(st.integers(0, 2**32), "seed"))
+    bound = max_rounds(honest.node_count, max(_largest_bytes(honest), 8 << 20))
+    state = play(_setup(liar, honest), {Role.PROVIDER: _honest(liar, Role.PROVIDER),
+                                        Role.CHALLENGER: _honest(honest, Role.CHALLENGER)},
+                 verifier, Role.CHALLENGER, honest, bound,
+                 stall={Role.PROVIDER: 0.45} if stall else {})
+    assert state.winner is Role.CHALLENGER
+    if stall:  # it may run out of time before its lie is reached
+        assert state.reason in ("provider ran out of time",
+                                "the one-step recomputed another value")
+    elif kind in ("padding_bytes", "padding_leaf", "too_large_header", "no_preimage"):
+        assert state.reason == "provider ran out of time"  # it cannot open what it committed
+    else:
+        assert state.k == k and state.reason == "the one-step recomputed another value"
+
+
+def test_an_empty_tensor_in_place_of_a_full_one_loses_through_the_one_step_point1(tiny):
+    """Issue 17, point 1: T_k is a zero-element int64 (0,) where the honest one has elements.
+    The descent ends on an empty chunk; element 0 stands for the header, and the one-step
+    convicts it (before: every NameElement was illegal and the liar won on time)."""
+    honest, output, verifier = tiny
+    k = next(k for k in range(1, honest.node_count) if honest.tensor(k).size)
+    liar = structural_liar(honest, output, "empty", k, 0)
+    state = play(_setup(liar, honest), {Role.PROVIDER: _honest(liar, Role.PROVIDER),
+                                        Role.CHALLENGER: _honest(honest, Role.CHALLENGER)},
+                 verifier, Role.CHALLENGER, honest, max_rounds(honest.node_count, 1 << 20))
+    assert (state.winner, state.k, state.element, state.shape) == (Role.CHALLENGER, k, 0, (0,))
+
+
+def test_a_non_canonical_bool_byte_loses_through_the_one_step_point2(tiny):
+    """Issue 17, point 2: the only wrong element of T_k is a bool encoded as byte 0x02. The
+    one-step reads it as 2, which no op computes: the provider loses (before: the one-step
+    reverted InvalidBoolElement and the liar won on time)."""
+    honest, output, verifier = tiny
+    k = next(k for k in lie_nodes(honest, "noncanonical_bool"))
+    data = bytearray(commitments.tensor_data(honest.tensor(k)))
+    data[3] = 2
+    tree = forged_tree(commitments.dtype_code(bool), honest.tensor(k).shape, bytes(data))
+    n = honest.node_count
+    liar = lying_trace(honest.with_output(n, changed(honest.tensor(n), len(output) - 1, 1)),
+                       k, tree)
+    state = play(_setup(liar, honest), {Role.PROVIDER: _honest(liar, Role.PROVIDER),
+                                        Role.CHALLENGER: _honest(honest, Role.CHALLENGER)},
+                 verifier, Role.CHALLENGER, honest, max_rounds(honest.node_count, 1 << 20))
+    assert (state.winner, state.k, state.element) == (Role.CHALLENGER, k, 3)
+    assert state.reason == "the one-step recomputed another value"
 
 
 # ----------------------------------------------------------------------- dishonest challengers

@@ -13,6 +13,7 @@ from web3 import Web3  # noqa: E402  (after the filter above)
 
 from optinfer.contracts.localchain import LocalChain, start_anvil  # noqa: E402
 from optinfer.contracts.registry import ModelRegistry  # noqa: E402
+from tests.contracts.tiny_chain import stack, tiny  # noqa: E402, F401  (fixtures)
 
 
 @pytest.fixture(scope="session")

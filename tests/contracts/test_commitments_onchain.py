@@ -427,6 +427,19 @@ def test_decodeElement_extremesAndBoolBytes(harness):
                         "InvalidBoolElement")
     assert err.args_decoded == (2,)
     expect_revert(lambda: harness.decode_element("int32", bytes(7), 1), "ElementOutsideData")
+
+
+def test_decodeClaimedElement_readsABoolAsItsByte_point2(harness):
+    """Issue 17, point 2: a claimed bool element is its byte, canonical or not, on chain as in
+    `claimed_element`, so the one-step can judge 0x02 a wrong value instead of reverting; every
+    other dtype decodes as `decodeElement` does."""
+    for byte in (0, 1, 2, 0x80, 0xFF):
+        assert harness.decode_claimed_element("bool", bytes([byte]), 0) == byte
+        assert ref.claimed_element("bool", bytes([byte])) == byte
+    for dtype, value in (("int8", -128), ("uint8", 255), ("int32", -5), ("int64", 2**63 - 1)):
+        data = np.array([value], dtype=dtype).tobytes()
+        assert harness.decode_claimed_element(dtype, data, 0) == value
+        assert ref.claimed_element(dtype, data) == value
     assert harness.element_byte_range("int64", (3, 5), 14) == ref.element_byte_range(
         "int64", (3, 5), 14
     )

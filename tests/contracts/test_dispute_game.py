@@ -10,112 +10,35 @@ chain; lies are the honest trace with one tensor changed (`ModelTrace.with_outpu
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from pathlib import Path
 
 import numpy as np
 import pytest
-from web3 import Web3
 
-from optinfer.contracts.artifacts import ARTIFACTS_DIR
 from optinfer.contracts.bindings import ContractRevert
 from optinfer.contracts.coordinator import (
     InferenceCoordinator,
     RequestSpec,
     Status,
 )
-from optinfer.contracts.dispute_game import DisputeGame, GameParams
-from optinfer.contracts.registry import ModelRegistry, ModelSpec
-from optinfer.models.runtime import IntegerModel
+from optinfer.contracts.dispute_game import DisputeGame
 from optinfer.prover import commitments
 from optinfer.prover import game as spec
 from optinfer.prover.game import ModelTrace, Phase, Role
-from optinfer.services.deployments import DEMO_COORDINATOR_PARAMS
+from tests.contracts.tiny_chain import (
+    FEE,
+    GAME,
+    PARAMS,
+    PROMPT,
+    Stack,
+    advance,
+    chain_now,
+    honest_policy,
+    play,
+    verifier_address,
+)
 from tests.lies import changed
 
-TINY_R1 = Path(__file__).resolve().parents[2] / "models" / "tiny-r1" / "integer"
-ETHER = 10**18
-PARAMS = DEMO_COORDINATOR_PARAMS  # the deployment the demo and operators get
-GAME = GameParams(clock_seconds=6 * 3600, fan_out_bits=4, challenger_bond=ETHER // 10)
-FEE = ETHER // 100
-PROMPT = [1, 6, 7, 15, 8, 9, 16]  # "12+34="
-
 pytestmark = pytest.mark.xdist_group("tiny_r1_chain")
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    """tiny-r1's answer to "12+34=" and its honest trace (computed once)."""
-    model = IntegerModel(TINY_R1)
-    output = model.generate(PROMPT, 12)
-    return model, output, ModelTrace.from_model(model, PROMPT, output)
-
-
-@dataclasses.dataclass
-class Stack:
-    w3: Web3
-    accounts: tuple
-    coordinator: InferenceCoordinator
-    game: DisputeGame
-    honest: ModelTrace
-    output: list[int]
-    model_id: bytes
-
-    @property
-    def provider(self):
-        return self.accounts[1]
-
-    @property
-    def consumer(self):
-        return self.accounts[2]
-
-    def claim(self, output: list[int]) -> int:
-        """The consumer asks PROMPT for up to len(`output`) tokens (tiny-r1's first 12, no
-        EOS yet: an answer that stops at max tokens); the provider commits `output`. Returns
-        the request id."""
-        spec_ = RequestSpec(model_id=self.model_id, prompt=PROMPT,
-                            max_tokens=len(output), commit_deadline=_now(self.w3) + 600)
-        receipt = self.coordinator.post_request_send(spec_, FEE, self.consumer)
-        request_id = self.coordinator.events(receipt, "RequestPosted")[0]["requestId"]
-        self.coordinator.commit_output_send(request_id, output, self.provider)
-        return request_id
-
-    def challenge(self, request_id: int, challenger) -> int:
-        return self.game.challenge_send(request_id, PROMPT, challenger)
-
-
-def _verifier_address(w3, deployer, registry_address: str) -> str:
-    """The real OneStepVerifier once its artifact exists; until then an address without the
-    function, so that only the final one-step move is unavailable."""
-    if (ARTIFACTS_DIR / "OneStepVerifier.json").exists():
-        from optinfer.contracts.one_step_binding import OneStepVerifier
-
-        return OneStepVerifier.deploy(w3, deployer).address
-    return registry_address
-
-
-@pytest.fixture
-def stack(chain, isolated, registry_address, tiny) -> Stack:
-    model, output, honest = tiny
-    deployer = chain.accounts[0]
-    spec_ = ModelSpec.from_manifest(TINY_R1 / "manifest.json", manifest_uri="optinfer:tiny-r1")
-    ModelRegistry(isolated, registry_address).register_send(spec_, deployer)
-    coordinator = InferenceCoordinator.deploy(isolated, deployer, registry_address, PARAMS)
-    verifier = _verifier_address(isolated, deployer, registry_address)
-    game = DisputeGame.deploy(isolated, deployer, coordinator.address, verifier, GAME)
-    coordinator.set_dispute_game_send(game.address, deployer)
-    coordinator.register_provider_send(PARAMS.minimum_stake, chain.accounts[1])
-    return Stack(isolated, chain.accounts, coordinator, game, honest, list(output),
-                 spec_.model_id)
-
-
-def _now(w3: Web3) -> int:
-    return w3.eth.get_block("latest")["timestamp"]
-
-
-def _advance(w3: Web3, seconds: int) -> None:
-    w3.provider.make_request("evm_increaseTime", [seconds])
-    w3.provider.make_request("evm_mine", [])
 
 
 def _lie_at_last_token(honest: ModelTrace, output: list[int]) -> tuple[ModelTrace, list[int]]:
@@ -145,7 +68,7 @@ def test_the_contract_and_the_spec_agree_move_by_move(stack):
     while not (state.phase is Phase.ONE_STEP and state.element is not None):
         role = state.to_move
         trace, signer = players[role]
-        (action,) = spec.decide(state, trace, role, _now(stack.w3))
+        (action,) = spec.decide(state, trace, role, chain_now(stack.w3))
         receipt = stack.game.submit(game_id, action, signer, state)
         mined_at = stack.w3.eth.get_block(receipt["blockNumber"])["timestamp"]
         expected = spec.apply(state, action, role, mined_at)
@@ -204,7 +127,7 @@ def test_a_challenge_needs_the_bond_and_the_prompt_and_opens_the_registered_root
     assert (opened.nodes_root, opened.constants_root) == (committed.nodes_root,
                                                           committed.constants_root)
     assert opened.state.hi == committed.node_count
-    _advance(stack.w3, PARAMS.challenge_window)
+    advance(stack.w3, PARAMS.challenge_window)
     with pytest.raises(ContractRevert) as raised:
         stack.challenge(request_id, challenger)
     assert raised.value.name == "ChallengeWindowClosed"
@@ -227,7 +150,7 @@ def test_a_provider_that_stops_answering_is_slashed_and_the_request_refunded(sta
         stack.game.play_turn(game_id, liar, Role.PROVIDER, stack.provider)
         stack.game.play_turn(game_id, stack.honest, Role.CHALLENGER, challenger)
     assert stack.game.play_turn(game_id, stack.honest, Role.CHALLENGER, challenger) == []
-    _advance(stack.w3, GAME.clock_seconds)
+    advance(stack.w3, GAME.clock_seconds)
     actions = stack.game.play_turn(game_id, stack.honest, Role.CHALLENGER, challenger)
     assert actions == [spec.Timeout()]
     state = stack.game.state(game_id).state
@@ -263,7 +186,7 @@ def test_a_challenger_that_stops_answering_loses_its_bond_and_the_claim_finalize
     with pytest.raises(ContractRevert) as raised:
         stack.coordinator.finalize_send(request_id, stack.accounts[6])
     assert raised.value.name in {"ChallengeWindowOpen", "DisputesOpen"}
-    _advance(stack.w3, max(GAME.clock_seconds, PARAMS.challenge_window))
+    advance(stack.w3, max(GAME.clock_seconds, PARAMS.challenge_window))
     actions = stack.game.play_turn(game_id, stack.honest, Role.PROVIDER, stack.provider)
     assert actions == [spec.Timeout()]
     assert stack.game.state(game_id).state.winner is Role.PROVIDER
@@ -277,37 +200,6 @@ def test_a_challenger_that_stops_answering_loses_its_bond_and_the_claim_finalize
 
 
 # ----------------------------------------------------------------------------- whole games
-
-Policy = Callable[[spec.GameState, float], list]
-
-
-def _honest(trace: ModelTrace, role: Role) -> Policy:
-    return lambda state, now: spec.decide(state, trace, role, now)
-
-
-def _play(stack: Stack, game_id: int, policies: dict[Role, Policy],
-          signers: dict) -> spec.GameState:
-    """Play game `game_id` to the end on chain. The party to move tries its policy's moves in
-    order until the contract accepts one; a party left without a legal move stalls, the chain's
-    clock jumps past its budget, and its opponent's policy claims the timeout."""
-    for _ in range(200):
-        state = stack.game.state(game_id).state
-        if state.phase is Phase.RESOLVED:
-            return state
-        mover = state.to_move
-        for action in policies[mover](state, _now(stack.w3)):
-            try:
-                stack.game.submit(game_id, action, signers[mover], state)
-                break
-            except ContractRevert:
-                continue
-        else:
-            _advance(stack.w3, GAME.clock_seconds + 1)
-            state = stack.game.state(game_id).state
-            (timeout,) = policies[mover.opponent](state, _now(stack.w3))
-            stack.game.submit(game_id, timeout, signers[mover.opponent], state)
-    raise AssertionError("the game did not end in 200 moves")
-
 
 def _assert_provider_lost(stack: Stack, request_id: int, state: spec.GameState,
                           challenger) -> None:
@@ -324,10 +216,10 @@ def _liar_game(stack: Stack, liar: ModelTrace, claimed: list[int]):
     request_id = stack.claim(claimed)
     challenger = stack.accounts[4]
     game_id = stack.challenge(request_id, challenger)
-    state = _play(stack, game_id,
-                  {Role.PROVIDER: _honest(liar, Role.PROVIDER),
-                   Role.CHALLENGER: _honest(stack.honest, Role.CHALLENGER)},
-                  {Role.PROVIDER: stack.provider, Role.CHALLENGER: challenger})
+    state = play(stack, game_id,
+                 {Role.PROVIDER: honest_policy(liar, Role.PROVIDER),
+                  Role.CHALLENGER: honest_policy(stack.honest, Role.CHALLENGER)},
+                 {Role.PROVIDER: stack.provider, Role.CHALLENGER: challenger})
     _assert_provider_lost(stack, request_id, state, challenger)
     assert state.reason == "one-step"
     return state
@@ -399,15 +291,15 @@ def test_a_dishonest_challenger_loses_its_bond_and_the_honest_claim_finalizes(st
             return [spec.OneStep(witness)]
         return spec.decide(state, honest, Role.CHALLENGER, now)
 
-    state = _play(stack, game_id,
-                  {Role.PROVIDER: _honest(honest, Role.PROVIDER), Role.CHALLENGER:
-                   challenger_policy},
-                  {Role.PROVIDER: stack.provider, Role.CHALLENGER: challenger})
+    state = play(stack, game_id,
+                 {Role.PROVIDER: honest_policy(honest, Role.PROVIDER), Role.CHALLENGER:
+                  challenger_policy},
+                 {Role.PROVIDER: stack.provider, Role.CHALLENGER: challenger})
     assert state.winner is Role.PROVIDER
     assert state.reason == ("timeout" if misbehaviour == "forged_witness" else "one-step")
     assert stack.game.balance_of(stack.provider.address) == GAME.challenger_bond
     assert stack.game.balance_of(challenger.address) == 0
-    _advance(stack.w3, PARAMS.challenge_window)
+    advance(stack.w3, PARAMS.challenge_window)
     stack.coordinator.finalize_send(request_id, stack.accounts[6])
     assert stack.coordinator.get_request(request_id).status is Status.FINALIZED
 
@@ -423,16 +315,16 @@ def test_a_colluding_challenger_that_concedes_cannot_save_a_false_claim(stack):
     signers = {Role.PROVIDER: stack.provider}
     # The accomplice never moves after the root: the provider wins that game on time.
     stack.game.play_turn(colluding, liar, Role.PROVIDER, stack.provider)
-    state = _play(stack, colluding, {Role.PROVIDER: _honest(liar, Role.PROVIDER),
+    state = play(stack, colluding, {Role.PROVIDER: honest_policy(liar, Role.PROVIDER),
                                      Role.CHALLENGER: lambda state, now: []},
-                  {**signers, Role.CHALLENGER: accomplice})
+                 {**signers, Role.CHALLENGER: accomplice})
     assert state.winner is Role.PROVIDER
     with pytest.raises(ContractRevert) as raised:
         stack.coordinator.finalize_send(request_id, stack.accounts[6])
     assert raised.value.name == "DisputesOpen"
-    state = _play(stack, honest_game, {Role.PROVIDER: _honest(liar, Role.PROVIDER),
-                                       Role.CHALLENGER: _honest(stack.honest, Role.CHALLENGER)},
-                  {**signers, Role.CHALLENGER: watchtower})
+    policies = {Role.PROVIDER: honest_policy(liar, Role.PROVIDER),
+                Role.CHALLENGER: honest_policy(stack.honest, Role.CHALLENGER)}
+    state = play(stack, honest_game, policies, {**signers, Role.CHALLENGER: watchtower})
     _assert_provider_lost(stack, request_id, state, watchtower)
     with pytest.raises(ContractRevert) as raised:
         stack.coordinator.finalize_send(request_id, stack.accounts[6])
@@ -447,11 +339,11 @@ def test_an_honest_claim_through_the_example_consumer_finalizes_with_its_callbac
 
     asker = QuestionAsker.deploy(stack.w3, stack.consumer, stack.coordinator.address)
     request = RequestSpec(model_id=stack.model_id, prompt=PROMPT, max_tokens=len(stack.output),
-                          commit_deadline=_now(stack.w3) + 600, callback_gas_limit=200_000)
+                          commit_deadline=chain_now(stack.w3) + 600, callback_gas_limit=200_000)
     receipt = asker.ask_send(request, FEE, stack.consumer)
     request_id = stack.coordinator.events(receipt, "RequestPosted")[0]["requestId"]
     stack.coordinator.commit_output_send(request_id, stack.output, stack.provider)
-    _advance(stack.w3, PARAMS.challenge_window)
+    advance(stack.w3, PARAMS.challenge_window)
     stack.coordinator.finalize_send(request_id, stack.accounts[6])
     assert asker.answered(request_id) and asker.answer(request_id) == stack.output
     assert stack.coordinator.balance_of(stack.provider.address) == FEE
@@ -476,7 +368,7 @@ def test_rewards_each_winner_paid_through_the_game_whatever_order_point6(stack,
     games = {accomplice: stack.challenge(request_id, accomplice),
              watchtower: stack.challenge(request_id, watchtower)}
     assert [stack.game.locked_reward(g) for g in games.values()] == [reward, reward]
-    _advance(stack.w3, GAME.clock_seconds)
+    advance(stack.w3, GAME.clock_seconds)
     order = [watchtower, accomplice] if honest_game_ends == "first" else [accomplice, watchtower]
     for who in order:
         stack.game.submit(games[who], spec.Timeout(), stack.accounts[6])
@@ -505,7 +397,7 @@ def test_a_challenge_with_no_free_stake_behind_it_opens_and_is_paid_from_the_res
     watchtower = stack.accounts[4]
     game_id = stack.challenge(request_id, watchtower)
     assert stack.game.locked_reward(game_id) == 0
-    _advance(stack.w3, GAME.clock_seconds)
+    advance(stack.w3, GAME.clock_seconds)
     stack.game.submit(game_id, spec.Timeout(), stack.accounts[6])
     assert stack.coordinator.balance_of(watchtower.address) == 0
     assert stack.coordinator.shortfall_of(request_id, watchtower.address) == (
@@ -519,7 +411,7 @@ def test_zero_challenger_bond_reverts_point8(chain, isolated, registry_address):
     """A zero bond made challenges free to open and worthless to lose."""
     deployer = chain.accounts[0]
     coordinator = InferenceCoordinator.deploy(isolated, deployer, registry_address, PARAMS)
-    verifier = _verifier_address(isolated, deployer, registry_address)
+    verifier = verifier_address(isolated, deployer, registry_address)
     with pytest.raises(ContractRevert) as raised:
         DisputeGame.deploy(isolated, deployer, coordinator.address, verifier,
                            dataclasses.replace(GAME, challenger_bond=0))
