@@ -6,12 +6,17 @@ element of the widest MatMulInteger (K = 8960, the costliest one-step); an hones
 disputes it and both play `prover.game.decide` against the real contracts until the one-step
 convicts the provider. Reported: rounds by phase, gas of every move, the one-step's gas for the
 worst node of every op type (honest witnesses, `eth_estimateGas`), commit gas, totals per side,
-wall time, each party's compute time and the process's peak memory. Rounds for the full
+wall time, each party's compute time and the process's peak memory. The chain enforces
+EIP-7825's 2**24 gas cap per transaction; the same model registered at the registry's largest
+max context is asked the largest request, committed and challenged
+(`challenge_gas_at_max_request`), and `max_tx_gas` is the most gas any of these transactions
+used. Rounds for the full
 28-layer model follow from its node count (`game.max_rounds`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import platform
@@ -71,6 +76,38 @@ def _worst_nodes(model, trace) -> dict[str, int]:
     return {op: k for op, (k, _) in sorted(worst.items())}
 
 
+MAX_OUTPUT_TOKENS = (24_576 - 1) // 4
+"""`TokenPacking.MAX_TOKENS`: the most output tokens a claim's data contract can hold."""
+
+
+def largest_request_gas(w3, coordinator, game, model_id: bytes, output_tokens: int,
+                        accounts, eos_token_ids=(), vocabulary: int = 151_936) -> dict:
+    """Post, commit and challenge the largest request a model registered at max context
+    ``MAX_CONTEXT_TOKENS`` accepts, with ``output_tokens`` of it output (``accounts``: the
+    consumer, a registered provider, the challenger). Every id is among the top 2000 of
+    ``vocabulary`` (never one of ``eos_token_ids``: the output runs to max tokens), so the
+    calldata is as dear as real ids make it. Returns the three transactions' gas, and the
+    request and game ids."""
+    from optinfer.contracts.coordinator import RequestSpec
+    from optinfer.contracts.registry import MAX_CONTEXT_TOKENS
+
+    ids = [t for t in range(vocabulary - 2000, vocabulary) if t not in set(eos_token_ids)]
+    consumer, provider, challenger = accounts
+    prompt = [ids[i % len(ids)] for i in range(MAX_CONTEXT_TOKENS - output_tokens + 1)]
+    output = [ids[(7 * i) % len(ids)] for i in range(output_tokens)]
+    request = RequestSpec(model_id=model_id, prompt=prompt, max_tokens=output_tokens,
+                          commit_deadline=w3.eth.get_block("latest")["timestamp"] + 600)
+    posted = coordinator.post_request_send(request, 10**16, consumer)
+    request_id = coordinator.events(posted, "RequestPosted")[0]["requestId"]
+    committed = coordinator.commit_output_send(request_id, output, provider)
+    game_id = game.challenge_send(request_id, prompt, challenger)
+    opened = game.contract.events.GameOpened.get_logs(
+        argument_filters={"gameId": game_id}, from_block=0)[0]
+    challenged = w3.eth.get_transaction_receipt(opened["transactionHash"])
+    return {"post": posted["gasUsed"], "commit": committed["gasUsed"],
+            "challenge": challenged["gasUsed"], "request_id": request_id, "game_id": game_id}
+
+
 def bench_dispute(layers: int = 2, prompt_len: int = 4, tokens: int = 3,
                   workdir: Path | None = None, model_dir: Path | None = None,
                   log=print) -> dict:
@@ -80,11 +117,12 @@ def bench_dispute(layers: int = 2, prompt_len: int = 4, tokens: int = 3,
         raise UserError(f"--layers must be in 1..{FULL_LAYERS}")
     if prompt_len < 1 or tokens < 1 or prompt_len + tokens > BENCH_CONTEXT:
         raise UserError(f"prompt and tokens must be positive, together at most {BENCH_CONTEXT}")
+    from optinfer.contracts.bindings import TX_GAS_LIMIT_CAP
     from optinfer.contracts.coordinator import CoordinatorParams, InferenceCoordinator, RequestSpec
     from optinfer.contracts.dispute_game import DisputeGame, GameParams
     from optinfer.contracts.localchain import start_anvil
     from optinfer.contracts.one_step_binding import OneStepVerifier, one_step_gas
-    from optinfer.contracts.registry import ModelRegistry, ModelSpec
+    from optinfer.contracts.registry import MAX_CONTEXT_TOKENS, ModelRegistry, ModelSpec
     from optinfer.models.runtime import IntegerModel
     from optinfer.prover import game as spec
     from optinfer.prover.game import ModelTrace, Role
@@ -118,8 +156,8 @@ def bench_dispute(layers: int = 2, prompt_len: int = 4, tokens: int = 3,
         honest.node_count, np.asarray(claimed, np.int64))
     compute["provider"] += time.perf_counter() - t0 + compute["challenger"]
 
-    log("starting anvil and deploying the contracts")
-    with start_anvil() as chain:
+    log("starting anvil (EIP-7825's 2**24 gas cap per transaction) and deploying")
+    with start_anvil(extra_args=("--enable-tx-gas-limit",)) as chain:
         w3 = chain.web3()
         deployer, provider, consumer, challenger = chain.accounts[:4]
         model_spec = ModelSpec.from_manifest(integer / "manifest.json", manifest_uri="bench")
@@ -133,7 +171,7 @@ def bench_dispute(layers: int = 2, prompt_len: int = 4, tokens: int = 3,
         game = DisputeGame.deploy(w3, deployer, coordinator.address, verifier.address,
                                   GameParams(challenger_bond=ETHER // 10))
         coordinator.set_dispute_game_send(game.address, deployer)
-        coordinator.register_provider_send(ETHER, provider)
+        coordinator.register_provider_send(4 * ETHER, provider)  # the max-request claims too
         request = RequestSpec(model_id=model_spec.model_id, prompt=prompt,
                               max_tokens=tokens,
                               commit_deadline=w3.eth.get_block("latest")["timestamp"] + 600)
@@ -168,6 +206,14 @@ def bench_dispute(layers: int = 2, prompt_len: int = 4, tokens: int = 3,
         one_step = {op: one_step_gas(w3, verifier, committed, honest, k)
                     for op, k in worst.items()}
 
+        log(f"the largest request: {MAX_CONTEXT_TOKENS} tokens of context")
+        widest = dataclasses.replace(model_spec, max_context=MAX_CONTEXT_TOKENS)
+        registry.register_send(widest, deployer)
+        at_max = {tokens: largest_request_gas(w3, coordinator, game, widest.model_id, tokens,
+                                              (consumer, provider, challenger),
+                                              widest.eos_token_ids)
+                  for tokens in (1, MAX_OUTPUT_TOKENS)}
+
     rounds = Counter(m["phase"] for m in moves if m["role"] == "provider")
     per_side = {side: sum(m["gas"] for m in moves if m["role"] == side)
                 for side in ("provider", "challenger")}
@@ -192,6 +238,17 @@ def bench_dispute(layers: int = 2, prompt_len: int = 4, tokens: int = 3,
         "max_bisection_move_gas": max(bisection_moves),
         "commit_gas": receipt_gas["commit"],
         "challenge_gas": receipt_gas["challenge"],
+        "max_request": {"context_tokens": MAX_CONTEXT_TOKENS, **{
+            f"output_{tokens}": {key: gas for key, gas in measured.items()
+                                 if key in ("post", "commit", "challenge")}
+            for tokens, measured in at_max.items()}},
+        "challenge_gas_at_max_request": max(m["challenge"] for m in at_max.values()),
+        "commit_gas_at_max_request": max(m["commit"] for m in at_max.values()),
+        "max_tx_gas": max(*(m["gas"] for m in moves), *one_step.values(),
+                          *receipt_gas.values(),
+                          *(m[key] for m in at_max.values()
+                            for key in ("post", "commit", "challenge"))),
+        "tx_gas_cap": TX_GAS_LIMIT_CAP,
         "total_gas": {**per_side, "dispute": per_side["provider"] + per_side["challenger"]},
         "full_model": {"layers": FULL_LAYERS, "nodes": full_nodes,
                        "bisection_rounds": math.ceil(math.log2(full_nodes)),

@@ -51,6 +51,17 @@ def test_bench_dispute_plays_a_whole_game_and_reports_the_issue_keys():
         m["gas"] for m in moves if m["role"] == "challenger")
     assert report["commit_gas"] > 21_000 and report["peak_rss_bytes"] > 0
     assert report["full_model"]["layers"] == 28
+    # Issue 17, point 3: the largest request is committed and challenged on a chain that
+    # enforces the 2**24 cap, and no transaction of the whole game comes near it.
+    assert report["tx_gas_cap"] == 2**24
+    at_max = report["max_request"]
+    assert at_max["context_tokens"] == 8192
+    assert report["challenge_gas_at_max_request"] == max(
+        shape["challenge"] for key, shape in at_max.items() if key.startswith("output_"))
+    assert report["max_tx_gas"] >= max(report["challenge_gas_at_max_request"],
+                                       report["commit_gas_at_max_request"],
+                                       report["max_one_step_gas"], report["max_move_gas"])
+    assert report["max_tx_gas"] < 2**24 * 3 // 4
 
 
 def test_bench_dispute_refuses_a_directory_that_is_not_a_model(tmp_path):
