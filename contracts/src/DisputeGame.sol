@@ -40,8 +40,10 @@ import {Sha256Merkle} from "./lib/Sha256Merkle.sol";
 ///         Several games on one claim are independent; the coordinator counts them open and
 ///         slashes the provider on the first one it loses.
 /// @dev    Money: the challenger's bond is held here; a challenger that loses forfeits it to
-///         the provider, one that wins gets it back (and its slash share from the coordinator).
-///         Both are credited and withdrawn (pull payments).
+///         the provider, one that wins gets it back, and the coordinator pays it the reward
+///         locked for its game when it opened (plus its share of the claim's reserve where the
+///         lock fell short), whatever order the games end in. Credited and withdrawn (pull
+///         payments).
 contract DisputeGame is PullPayments {
     /// @notice Where a game is; the party to move follows from it (see `toMove`).
     enum Phase {
