@@ -419,3 +419,53 @@ def test_zero_challenger_bond_reverts_point8(chain, isolated, registry_address):
     game = DisputeGame.deploy(isolated, deployer, coordinator.address, verifier,
                               dataclasses.replace(GAME, challenger_bond=1))
     assert game.parameter("challengerBond") == 1
+
+
+def test_withdraw_collects_reserve_shares_and_settles_the_liars_reserves_point6(stack):
+    """What the reserve owes is collected by the nodes' own `withdraw`, not left for an
+    operator to find: the watchtower's share is claimed and paid out with its bond, and the
+    slashed provider's reserve is settled (the part no winner is owed unlocked)."""
+    from optinfer.prover.provider import collect_reserves, withdraw
+    from optinfer.services.deployments import Deployments
+
+    deployments = Deployments(chain_id=stack.w3.eth.chain_id, block_number=0, contracts={
+        "InferenceCoordinator": stack.coordinator.address, "DisputeGame": stack.game.address})
+    liar, claimed = _lie_at_last_token(stack.honest, stack.output)
+    stack.claim(stack.output)  # all of the provider's stake locked: the game locks nothing
+    request_id = stack.claim(claimed)
+    watchtower = stack.accounts[4]
+    game_id = stack.challenge(request_id, watchtower)
+    advance(stack.w3, PARAMS.challenge_window)
+    # The window is closed but the game is open: nothing can be collected yet.
+    assert collect_reserves(stack.w3, deployments, watchtower) == {"claimed": [], "settled": []}
+    advance(stack.w3, GAME.clock_seconds)
+    stack.game.submit(game_id, spec.Timeout(), stack.accounts[6])
+    before = stack.w3.eth.get_balance(watchtower.address)
+    withdrawn = withdraw(stack.w3, deployments, watchtower)
+    assert withdrawn == {"InferenceCoordinator": PARAMS.challenger_reward,
+                         "DisputeGame": GAME.challenger_bond}
+    assert stack.w3.eth.get_balance(watchtower.address) > before
+    assert stack.coordinator.shortfall_of(request_id, watchtower.address) == 0
+    # The watchtower's claim settled the reserve; the provider has nothing left to settle.
+    assert collect_reserves(stack.w3, deployments, stack.provider) == {"claimed": [],
+                                                                        "settled": []}
+    assert stack.coordinator.reserve(request_id).settled
+
+
+def test_a_providers_withdraw_settles_a_reserve_no_winner_is_owed_point6(stack):
+    """A lost game whose reward was fully locked leaves the claim's reserve owed to nobody:
+    the provider's `collect_reserves` settles it and its stake is unlocked."""
+    from optinfer.prover.provider import collect_reserves
+    from optinfer.services.deployments import Deployments
+
+    deployments = Deployments(chain_id=stack.w3.eth.chain_id, block_number=0, contracts={
+        "InferenceCoordinator": stack.coordinator.address, "DisputeGame": stack.game.address})
+    liar, claimed = _lie_at_last_token(stack.honest, stack.output)
+    request_id = stack.claim(claimed)
+    game_id = stack.challenge(request_id, stack.accounts[4])
+    advance(stack.w3, max(GAME.clock_seconds, PARAMS.challenge_window))
+    stack.game.submit(game_id, spec.Timeout(), stack.accounts[6])
+    assert stack.coordinator.provider_stake(stack.provider.address)[1] > 0  # the reserve
+    assert collect_reserves(stack.w3, deployments, stack.provider) == {
+        "claimed": [], "settled": [request_id]}
+    assert stack.coordinator.provider_stake(stack.provider.address)[1] == 0
