@@ -1,6 +1,7 @@
 """Checkpoint -> integer-only ONNX model: calibration, quantisation, graph, manifest.
 
-`convert(checkpoint_dir, out_dir)` reads a Hugging Face `Qwen2ForCausalLM` directory, runs the
+`convert(checkpoint_dir, out_dir)` reads a Hugging Face `Qwen2ForCausalLM` directory (or a Llama
+or Qwen2 GGUF file, `gguf_import`), runs the
 float reference over calibration sequences to find the range of every quantised tensor, turns
 weights and ranges into the integer constants of `IntegerQwen2`, lays out the verify and decode
 graphs, and writes them next to one shared constants file. The output directory appears whole or
@@ -15,6 +16,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +24,7 @@ import onnx
 
 from optinfer.errors import UserError
 from optinfer.models import quant
-from optinfer.models.checkpoint import Qwen2Spec, WeightReader, read_spec
+from optinfer.models.checkpoint import TOKENIZER_FILE, Qwen2Spec, WeightReader, read_spec
 from optinfer.models.float_reference import CalibrationStats, FloatReference
 from optinfer.models.qwen2_graph import (
     EXP_FRAC_BITS,
@@ -246,12 +248,23 @@ class _Quantizer:
         proves the same bound).
         """
         s_final = quant.activation_scale(self._amax("final_in"))
-        ql = quant.quantize_linear(lm_head)
-        acc_bound = 128 * int(np.abs(ql.weight.astype(np.int64)).sum(axis=0).max())
-        m_bits = 31 - quant.bits(acc_bound)
-        big_m = np.maximum(np.rint(ql.scale / ql.scale.max() * 2.0**m_bits), 1).astype(np.int32)
+        ql, big_m, _ = lm_head_quantization(lm_head)
         return self.norm(final_gamma, s_final), Linear(weight=ql.weight, bias=None,
                                                        out=Requant(M=big_m, shift=0))
+
+
+def lm_head_quantization(lm_head: np.ndarray) -> tuple[quant.QuantizedLinear, np.ndarray, int]:
+    """The lm_head's int8 weights, its per-channel logit multipliers M (int32) and their bits.
+
+    M_c = round(scale_c / max(scale) * 2**m_bits), so one real logit is
+    acc_c * s_final * scale_c ~= (acc_c * M_c) * s_final * max(scale) / 2**m_bits: the graph's
+    int32 logits times one common scale (which `fidelity` uses to read them as real logits).
+    """
+    ql = quant.quantize_linear(lm_head)
+    acc_bound = 128 * int(np.abs(ql.weight.astype(np.int64)).sum(axis=0).max())
+    m_bits = 31 - quant.bits(acc_bound)
+    big_m = np.maximum(np.rint(ql.scale / ql.scale.max() * 2.0**m_bits), 1).astype(np.int32)
+    return ql, big_m, m_bits
 
 
 def quantize(spec: Qwen2Spec, reader: WeightReader, stats: CalibrationStats, max_context: int,
@@ -312,25 +325,62 @@ def _make_readable(directory: Path) -> None:
         path.chmod(0o666 & ~umask)
 
 
+@dataclass
+class FloatCheckpoint:
+    """A float model the converter reads: a Hugging Face directory or a GGUF file."""
+
+    spec: Qwen2Spec
+    reader: WeightReader
+    tokenizer: Path | None  # its tokenizer.json, None when it has none
+    source: dict | None  # for a GGUF: what the manifest records about the file
+
+
+def open_checkpoint(path: Path, scratch: Path) -> FloatCheckpoint:
+    """`path` as a float checkpoint: a `Qwen2ForCausalLM` directory, or a GGUF file (Llama or
+    Qwen2, `gguf_import`) whose tokenizer is converted into `scratch/tokenizer.json`."""
+    from optinfer.models import gguf_import
+
+    path = Path(path)
+    if path.is_file() or path.suffix.lower() == ".gguf":
+        reader = gguf_import.GGUFWeightReader(path)  # refuses a file that is not GGUF
+        tokenizer = gguf_import.write_tokenizer(path, Path(scratch) / TOKENIZER_FILE)
+        source = {"format": "gguf", "file": path.name, "architecture": reader.architecture,
+                  "tensor_types": reader.tensor_types()}
+        return FloatCheckpoint(reader.spec, reader, tokenizer, source)
+    spec = read_spec(path)
+    tokenizer = path / TOKENIZER_FILE
+    return FloatCheckpoint(spec, WeightReader(path, spec),
+                           tokenizer if tokenizer.is_file() else None, None)
+
+
 def convert(checkpoint_dir: Path, out_dir: Path, calibration: Path | None = None,
             max_context: int | None = None, progress: Progress | None = None) -> dict:
-    """Convert a Qwen2ForCausalLM checkpoint directory; returns the manifest."""
+    """Convert a Qwen2ForCausalLM checkpoint directory or a Llama/Qwen2 GGUF file; returns the
+    manifest."""
+    with tempfile.TemporaryDirectory(prefix="optinfer-convert-") as scratch:
+        return _convert(Path(checkpoint_dir), Path(out_dir), calibration, max_context, progress,
+                        Path(scratch))
+
+
+def _convert(checkpoint_dir: Path, out_dir: Path, calibration: Path | None,
+             max_context: int | None, progress: Progress | None, scratch: Path) -> dict:
     from optinfer.models.manifest import build_manifest
 
-    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
-    spec = read_spec(checkpoint_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise UserError(f"output directory {out_dir} exists and is not empty; choose another")
+    if progress:
+        progress(0.0, "reading the checkpoint")
+    checkpoint = open_checkpoint(checkpoint_dir, scratch)
+    spec, reader, tokenizer = checkpoint.spec, checkpoint.reader, checkpoint.tokenizer
     if max_context is None:
         max_context = min(spec.max_position_embeddings, DEFAULT_MAX_CONTEXT)
     context_limit = min(MAX_CONTEXT_LIMIT, spec.max_position_embeddings)
     if not 2 <= max_context <= context_limit:
         raise UserError(f"max context {max_context} must be in 2..{context_limit} "
                         "(bounded fan-in of the softmax, and the checkpoint's own limit)")
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise UserError(f"output directory {out_dir} exists and is not empty; choose another")
-    reader = WeightReader(checkpoint_dir, spec)
-    tokenizer = checkpoint_dir / "tokenizer.json"
     if calibration is not None:
-        sequences = read_calibration(Path(calibration), tokenizer, spec.vocab_size)
+        sequences = read_calibration(Path(calibration), tokenizer or scratch / TOKENIZER_FILE,
+                                     spec.vocab_size)
         calibration_desc = {"source": Path(calibration).name, "sequences": len(sequences)}
     else:
         sequences = default_calibration(spec)
@@ -351,12 +401,14 @@ def convert(checkpoint_dir: Path, out_dir: Path, calibration: Path | None = None
         if progress:
             progress(0.8, "writing graphs")
         verify = save_graphs(verify_builder, decode_builder, staging)
-        if tokenizer.is_file():
-            shutil.copyfile(tokenizer, staging / "tokenizer.json")
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, staging / TOKENIZER_FILE)
         if progress:
             progress(0.9, "committing")
         manifest = build_manifest(spec, max_context, verify, verify_builder, staging,
                                   calibration_desc, stats)
+        if checkpoint.source is not None:
+            manifest["source"] = checkpoint.source
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         _make_readable(staging)
         if out_dir.exists():

@@ -210,12 +210,18 @@ class FloatReference:
         ]
 
     def forward(
-        self, tokens: Sequence[int] | np.ndarray, record: CalibrationStats | None = None
+        self,
+        tokens: Sequence[int] | np.ndarray,
+        record: CalibrationStats | None = None,
+        residuals: list[np.ndarray] | None = None,
     ) -> np.ndarray:
         """Logits (T, vocab) float32 for token ids at positions 0..T-1 (full causal pass).
 
         With `record`, folds the max |x| of every point of `calibration_points` (and the
-        per-channel max of `channel_calibration_points`) into it.
+        per-channel max of `channel_calibration_points`) into it. With `residuals`, appends the
+        residual stream (T, D) float32 after the embedding and after each of every layer's two
+        adds (1 + 2 * layers arrays): the points the integer graph names `embed`,
+        `L{i}.attn.residual` and `L{i}.mlp.residual`.
         """
         s = self.spec
         ids = np.asarray(tokens)
@@ -230,6 +236,8 @@ class FloatReference:
         def observe(name: str, value: torch.Tensor, per_channel: bool = False) -> None:
             if record is not None:
                 record.observe(name, value, per_channel=per_channel)
+            if residuals is not None and name == "residual":
+                residuals.append(value.numpy().copy())
 
         cos, sin = rope_tables(num_tokens, s.head_dim, s.rope_theta)  # (T, hd) each
         causal = torch.ones(num_tokens, num_tokens, dtype=torch.bool).tril()  # (T, T)

