@@ -105,12 +105,13 @@ def w3(chain):
 
 @pytest.fixture
 def deployment(chain, w3):
-    """Registry and coordinator deployed (inside this test's snapshot), tiny-r1 registered."""
+    """The whole deployment (inside this test's snapshot), tiny-r1 registered: a coordinator
+    takes commitments only once its dispute game is set."""
     from optinfer.contracts.registry import ModelRegistry
-    from optinfer.services.deployments import STEPS, deploy_all
+    from optinfer.services.deployments import deploy_all
 
     deployer = chain.accounts[0]
-    deployed = deploy_all(w3, deployer, steps=STEPS[:2])
+    deployed = deploy_all(w3, deployer)
     registry = ModelRegistry(w3, deployed.address("ModelRegistry"))
     registry.register_send(tiny_r1_spec(), deployer)
     return deployed
