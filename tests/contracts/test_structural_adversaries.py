@@ -204,3 +204,54 @@ def test_a_lying_challenger_loses_and_the_true_answer_finalizes(stack, behaviour
     stack.coordinator.finalize_send(request_id, stack.accounts[6])
     assert stack.coordinator.get_request(request_id).status is Status.FINALIZED
 
+
+
+def _contradictions(action: spec.Action) -> list[spec.Action]:
+    """Variants of a provider's reveal that contradict what it committed before: another
+    dtype or shape under the same data root, another data root, a swapped pair of children, a
+    chunk with one byte changed or padded with one byte more."""
+    if isinstance(action, spec.RevealLeaf):
+        other = 7 if action.dtype != 7 else 6
+        return [dataclasses.replace(action, dtype=other),
+                dataclasses.replace(action, shape=(*action.shape, 1)),
+                dataclasses.replace(action, data_root=bytes(32))]
+    if isinstance(action, spec.RevealChildren):
+        children = list(action.children)
+        children[0], children[1] = children[1], children[0]
+        return [spec.RevealChildren(tuple(children))] if children[0] != children[1] else []
+    if isinstance(action, spec.RevealChunk):
+        flipped = bytearray(action.chunk)
+        flipped[0] ^= 1
+        return [spec.RevealChunk(bytes(flipped)), spec.RevealChunk(action.chunk + b"\0")]
+    return []
+
+
+def test_reveals_that_contradict_the_committed_roots_revert_and_the_liar_loses(stack):
+    """Before every reveal of its own trace (one element of the largest tensor wrong, so the
+    dispute descends, and the final token), the liar tries reveals that contradict its earlier
+    posts: each reverts, changes nothing, and the game goes on to the liar's conviction."""
+    honest = stack.honest
+    claimed, final = _false_claim(stack)
+    k = max(range(1, honest.node_count), key=lambda j: honest.tensor(j).nbytes)
+    liar = lying_trace(honest.with_output(honest.node_count, final), k,
+                       structural_lie(honest.tensor(k), "value", np.random.default_rng(1)))
+    request_id = stack.claim(claimed)
+    challenger = stack.accounts[4]
+    game_id = stack.challenge(request_id, challenger)
+    refused = []
+
+    def contradicting(state: spec.GameState, now: float) -> list:
+        moves = spec.decide(state, liar, Role.PROVIDER, now)
+        for forged in (c for move in moves for c in _contradictions(move)):
+            with pytest.raises(ContractRevert) as raised:
+                stack.game.submit(game_id, forged, stack.provider, state)
+            refused.append(raised.value.name)
+            assert stack.game.state(game_id).state == state  # a reverted move changes nothing
+        return moves
+
+    state = play(stack, game_id, {Role.PROVIDER: contradicting,
+                                  Role.CHALLENGER: honest_policy(honest, Role.CHALLENGER)},
+                 {Role.PROVIDER: stack.provider, Role.CHALLENGER: challenger})
+    assert {"TensorHeaderMismatch", "DescentChildrenMismatch", "LeafChunkHashMismatch",
+            "LeafChunkLengthMismatch"} <= set(refused)
+    _assert_false_claim_lost(stack, request_id, state, challenger)
