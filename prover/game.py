@@ -642,8 +642,7 @@ def _challenger_move(state: GameState, trace: Trace) -> Action:
         ours = trace.state_root(state.mid)
         return Agree(state.mid) if ours == state.mid_root else Disagree(state.mid)
     own = trace.tensor_tree(state.k)
-    same_header = (commitments.dtype_code(own.array.dtype) == state.dtype
-                   and tuple(own.array.shape) == state.shape)
+    same_header = _same_header(state, own)
     if state.phase is Phase.DESCENT:
         if not same_header:
             return PickChild(0)
@@ -677,8 +676,7 @@ def _refused_node_move(state: GameState, trace: Trace, element: int) -> Action:
     if state.phase is Phase.BISECTION:
         return Disagree(state.mid)
     own = trace.tensor_tree(state.k)  # the stand-in: zeros with node k's header
-    same_header = (commitments.dtype_code(own.array.dtype) == state.dtype
-                   and tuple(own.array.shape) == state.shape)
+    same_header = _same_header(state, own)
     if state.phase is Phase.DESCENT:
         if not same_header:
             return PickChild(0)
@@ -692,6 +690,12 @@ def _refused_node_move(state: GameState, trace: Trace, element: int) -> Action:
     raise AssertionError(f"the challenger does not move in {state.phase}")
 
 
+def _same_header(state: GameState, own: TensorTree) -> bool:
+    """Whether the revealed ``T_k`` has the header (dtype, shape) of the player's own."""
+    return (commitments.dtype_code(own.array.dtype), tuple(own.array.shape)) == \
+        (state.dtype, state.shape)
+
+
 def challenger_witness(state: GameState, trace: Trace) -> Witness:
     """The one-step witness for the named element: inputs opened from the challenger's (agreed)
     trace, the provider's element and its proof taken from the game state (revealed chunk and
@@ -700,9 +704,7 @@ def challenger_witness(state: GameState, trace: Trace) -> Witness:
     When the provider's header is not the honest one, the witness judges the header alone
     (`OneStepProver.header_witness`): the honest output may have no element at the named
     index (it may be smaller, or the provider's tensor empty)."""
-    own = trace.tensor_tree(state.k)
-    if (commitments.dtype_code(own.array.dtype), tuple(own.array.shape)) != \
-            (state.dtype, state.shape):
+    if not _same_header(state, trace.tensor_tree(state.k)):
         return trace.header_witness(state.k, state.dtype, state.shape, state.data_root,
                                     chunk_proof(state), state.element)
     honest = trace.one_step_witness(state.k, state.element)

@@ -133,6 +133,19 @@ def structural_lie(honest: np.ndarray, kind: str, rng: np.random.Generator
     raise ValueError(f"unknown lie {kind!r}")
 
 
+def lie_nodes(honest: ModelTrace, kind: str) -> list[int]:
+    """The nodes below N (whose T_N the contract fixes from the claim) where a lie of ``kind``
+    applies to ``honest``."""
+    nodes = range(1, honest.node_count)
+    if kind == "noncanonical_bool":
+        return [k for k in nodes if honest.tensor(k).dtype == bool and honest.tensor(k).size]
+    if kind == "padding_bytes":
+        return [k for k in nodes if honest.tensor(k).nbytes % commitments.LEAF_BYTES]
+    if kind in ("value", "shrink"):
+        return [k for k in nodes if honest.tensor(k).size and honest.tensor(k).ndim]
+    return list(nodes)
+
+
 def lying_trace(honest: ModelTrace, k: int, lie: commitments.TensorTree | bytes) -> ModelTrace:
     """``honest`` with node k's output replaced by ``lie``; a bare root (a lie that cannot be
     revealed) replaces only leaf k's root, and the trace can still post every state root."""

@@ -44,7 +44,14 @@ from optinfer.prover.game import (
     one_step_verifier,
     open_game,
 )
-from tests.lies import STRUCTURAL_LIES, changed, forged_tree, lying_trace, structural_lie
+from tests.lies import (
+    STRUCTURAL_LIES,
+    changed,
+    forged_tree,
+    lie_nodes,
+    lying_trace,
+    structural_lie,
+)
 from tests.profiles import examples
 
 STEP_SECONDS = 600.0
@@ -250,18 +257,6 @@ def structural_liar(honest: ModelTrace, output, kind: str, k: int, seed: int) ->
     n = honest.node_count
     return lying_trace(honest.with_output(n, changed(honest.tensor(n), len(output) - 1, 1)),
                        k, lie)
-
-
-def lie_nodes(honest: ModelTrace, kind: str) -> list[int]:
-    """The nodes (below N, whose T_N the contract fixes) where a lie of ``kind`` applies."""
-    nodes = range(1, honest.node_count)
-    if kind == "noncanonical_bool":
-        return [k for k in nodes if honest.tensor(k).dtype == bool and honest.tensor(k).size]
-    if kind == "padding_bytes":
-        return [k for k in nodes if honest.tensor(k).nbytes % commitments.LEAF_BYTES]
-    if kind in ("value", "shrink"):
-        return [k for k in nodes if honest.tensor(k).size and honest.tensor(k).ndim]
-    return list(nodes)
 
 
 @_settings

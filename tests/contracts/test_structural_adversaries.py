@@ -31,7 +31,7 @@ from optinfer.prover import commitments
 from optinfer.prover import game as spec
 from optinfer.prover.game import Phase, Role
 from tests.contracts.tiny_chain import GAME, PARAMS, Stack, advance, honest_policy, play
-from tests.lies import STRUCTURAL_LIES, forged_tree, lying_trace, structural_lie
+from tests.lies import STRUCTURAL_LIES, forged_tree, lie_nodes, lying_trace, structural_lie
 from tests.profiles import examples
 
 pytestmark = pytest.mark.xdist_group("tiny_r1_chain")
@@ -40,23 +40,25 @@ _chain_settings = settings(max_examples=examples(1), deadline=None,
                            suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
-def _lie_nodes(honest, kind: str) -> list[int]:
-    """Nodes below N (T_N is fixed by the claim itself) where a lie of ``kind`` applies."""
-    nodes = range(1, honest.node_count)
-    if kind == "noncanonical_bool":
-        return [k for k in nodes if honest.tensor(k).dtype == bool and honest.tensor(k).size]
-    if kind == "padding_bytes":
-        return [k for k in nodes if honest.tensor(k).nbytes % commitments.LEAF_BYTES]
-    if kind in ("value", "shrink"):
-        return [k for k in nodes if honest.tensor(k).size and honest.tensor(k).ndim]
-    return list(nodes)
-
-
 def _false_claim(stack: Stack) -> tuple[list[int], np.ndarray]:
     """The provider's answer, wrong in its last token, and the int64 tensor T_N of it."""
     claimed = list(stack.output)
     claimed[-1] = (claimed[-1] + 1) % 20
     return claimed, np.asarray(claimed, np.int64)
+
+
+def _watchtower_game(stack: Stack, liar, claimed: list[int], stall: bool = False):
+    """The provider commits ``claimed`` and plays ``liar``'s trace faithfully (letting 45% of
+    its clock pass before each move when ``stall``); the honest watchtower (account 4)
+    challenges and plays `decide`. The request id, the watchtower, the final state."""
+    request_id = stack.claim(claimed)
+    challenger = stack.accounts[4]
+    game_id = stack.challenge(request_id, challenger)
+    state = play(stack, game_id, {Role.PROVIDER: honest_policy(liar, Role.PROVIDER),
+                                  Role.CHALLENGER: honest_policy(stack.honest, Role.CHALLENGER)},
+                 {Role.PROVIDER: stack.provider, Role.CHALLENGER: challenger},
+                 stall={Role.PROVIDER: 0.45} if stall else None)
+    return request_id, challenger, state
 
 
 def _assert_false_claim_lost(stack: Stack, request_id: int, state: spec.GameState,
@@ -77,18 +79,12 @@ def test_a_provider_lying_in_structure_loses_on_chain(stack, kind, data, stall):
     the liar plays its own trace faithfully (and, stalling, lets 45% of its clock pass before
     every move). The honest watchtower's `decide` convicts it on chain."""
     honest = stack.honest
-    k = data.draw(st.sampled_from(_lie_nodes(honest, kind)), label="k")
+    k = data.draw(st.sampled_from(lie_nodes(honest, kind)), label="k")
     seed = data.draw(st.integers(0, 2**32), label="seed")
     claimed, final = _false_claim(stack)
     liar = lying_trace(honest.with_output(honest.node_count, final), k,
                        structural_lie(honest.tensor(k), kind, np.random.default_rng(seed)))
-    request_id = stack.claim(claimed)
-    challenger = stack.accounts[4]
-    game_id = stack.challenge(request_id, challenger)
-    state = play(stack, game_id, {Role.PROVIDER: honest_policy(liar, Role.PROVIDER),
-                                   Role.CHALLENGER: honest_policy(honest, Role.CHALLENGER)},
-                 {Role.PROVIDER: stack.provider, Role.CHALLENGER: challenger},
-                 stall={Role.PROVIDER: 0.45} if stall else None)
+    request_id, challenger, state = _watchtower_game(stack, liar, claimed, stall)
     _assert_false_claim_lost(stack, request_id, state, challenger)
     if not stall and kind not in ("padding_bytes", "padding_leaf", "too_large_header",
                                   "no_preimage"):
@@ -107,12 +103,7 @@ def test_an_empty_tensor_header_loses_on_chain_point1(stack):
     claimed, final = _false_claim(stack)
     liar = lying_trace(honest.with_output(honest.node_count, final), k,
                        structural_lie(honest.tensor(k), "empty", np.random.default_rng(0)))
-    request_id = stack.claim(claimed)
-    challenger = stack.accounts[4]
-    game_id = stack.challenge(request_id, challenger)
-    state = play(stack, game_id, {Role.PROVIDER: honest_policy(liar, Role.PROVIDER),
-                                   Role.CHALLENGER: honest_policy(honest, Role.CHALLENGER)},
-                 {Role.PROVIDER: stack.provider, Role.CHALLENGER: challenger})
+    request_id, challenger, state = _watchtower_game(stack, liar, claimed)
     assert (state.k, state.shape, state.element, state.reason) == (k, (0,), 0, "one-step")
     _assert_false_claim_lost(stack, request_id, state, challenger)
 
@@ -131,12 +122,7 @@ def test_a_non_canonical_bool_byte_loses_on_chain_point2(stack):
     liar = lying_trace(honest.with_output(honest.node_count, final), k,
                        forged_tree(commitments.dtype_code(bool), honest.tensor(k).shape,
                                    bytes(data)))
-    request_id = stack.claim(claimed)
-    challenger = stack.accounts[4]
-    game_id = stack.challenge(request_id, challenger)
-    state = play(stack, game_id, {Role.PROVIDER: honest_policy(liar, Role.PROVIDER),
-                                   Role.CHALLENGER: honest_policy(honest, Role.CHALLENGER)},
-                 {Role.PROVIDER: stack.provider, Role.CHALLENGER: challenger})
+    request_id, challenger, state = _watchtower_game(stack, liar, claimed)
     assert (state.k, state.element, state.reason) == (k, element, "one-step")
     _assert_false_claim_lost(stack, request_id, state, challenger)
 
