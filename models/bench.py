@@ -172,18 +172,23 @@ def _run_worker(kind: str, *args) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def prepare(workdir: Path, layers: int, log) -> tuple[Path, Path, Path]:
-    """Random R1-Distill-1.5B-shape checkpoint, its integer model and float32 twin (cached)."""
+def prepare(workdir: Path, layers: int, log, linear_input_bits: int = 8
+            ) -> tuple[Path, Path, Path]:
+    """Random R1-Distill-1.5B-shape checkpoint, its integer model and float32 twin (cached).
+
+    The integer model with 16-bit linear inputs is workdir/integer-16 (8 bits: integer)."""
     from optinfer.models.checkpoint import write_random_checkpoint
     from optinfer.models.converter import convert
 
-    checkpoint, integer = workdir / "checkpoint", workdir / "integer"
+    checkpoint = workdir / "checkpoint"
+    integer = workdir / ("integer" if linear_input_bits == 8 else f"integer-{linear_input_bits}")
     if not (checkpoint / "config.json").is_file():
         log(f"writing a random R1-Distill-1.5B-shape checkpoint ({layers} layers) to {workdir}")
         write_random_checkpoint(checkpoint, preset="r1-distill-1.5b", num_layers=layers)
     if not (integer / "manifest.json").is_file():
-        log("converting to the integer model")
-        convert(checkpoint, integer, max_context=BENCH_CONTEXT)
+        log(f"converting to the integer model ({linear_input_bits}-bit linear inputs)")
+        convert(checkpoint, integer, max_context=BENCH_CONTEXT,
+                linear_input_bits=linear_input_bits)
     return checkpoint, integer, float_twin(workdir, log)
 
 
@@ -231,6 +236,8 @@ def measure(checkpoint: Path, integer: Path, float_path: Path, tokens: int, prom
     per_token = weight_bytes_per_token(config)
     bound = bandwidth / per_token
     return {
+        "linear_input_bits": json.loads((integer / "manifest.json").read_text()).get(
+            "linear_input_bits", 8),
         "threads": threads, "prompt_tokens": prompt_len,
         "generated_tokens": len(rounds[0][0]["output"]),
         "decode_tokens_per_s": decode,
@@ -259,15 +266,17 @@ def measure(checkpoint: Path, integer: Path, float_path: Path, tokens: int, prom
 
 
 def bench_inference(layers: int = 28, tokens: int = 256, prompt_len: int = 32, threads: int = 2,
-                    workdir: Path | None = None, log=print) -> dict:
+                    workdir: Path | None = None, log=print, linear_input_bits: int = 8) -> dict:
     from optinfer.errors import UserError
 
     if prompt_len + tokens > BENCH_CONTEXT:
         raise UserError(f"prompt + tokens must be at most {BENCH_CONTEXT}")
     if not 1 <= layers <= 28:
         raise UserError("--layers must be in 1..28")
+    if linear_input_bits not in (8, 16):
+        raise UserError(f"--linear-input-bits must be 8 or 16, got {linear_input_bits}")
     workdir = workdir or Path.home() / ".cache" / "optinfer" / f"r1-distill-1.5b-{layers}l"
-    checkpoint, integer, float_path = prepare(Path(workdir), layers, log)
+    checkpoint, integer, float_path = prepare(Path(workdir), layers, log, linear_input_bits)
     result = measure(checkpoint, integer, float_path, tokens, prompt_len, threads, log)
     return {"model": f"R1-Distill-Qwen-1.5B shape, random weights, {layers} layers", **result}
 

@@ -26,11 +26,13 @@ from optinfer.errors import UserError
 from optinfer.models import quant
 from optinfer.models.checkpoint import TOKENIZER_FILE, Qwen2Spec, WeightReader, read_spec
 from optinfer.models.float_reference import CalibrationStats, FloatReference
+from optinfer.models.graph_builder import PLANE_BASE, PLANE_ZERO_POINT
 from optinfer.models.qwen2_graph import (
     EXP_FRAC_BITS,
     EXP_LEN,
     EXP_OUT_BITS,
     GATE_HALF_RANGE,
+    LINEAR_INPUT_BITS,
     MASK_PENALTY,
     PROB_MAX,
     QK_FIX_CLIP,
@@ -148,13 +150,20 @@ def _rounding_shift(shift: int) -> Requant:
 # 1/32), so that one SiLU table serves every layer.
 GATE_RANGE_MIN, GATE_RANGE_MAX = 8, 1024
 ACT_DIVISOR_MAX = 1 << 23  # 255 * d + d / 2 must fit int32
+ACT16_DIVISOR_MAX = (1 << 15) - 1  # with 16-bit inputs, 65535 * d + d / 2 must fit int32
 
 
 class _Quantizer:
     """Turns float weights and calibrated ranges into the constants of IntegerQwen2."""
 
-    def __init__(self, spec: Qwen2Spec, stats: CalibrationStats, max_context: int):
+    def __init__(self, spec: Qwen2Spec, stats: CalibrationStats, max_context: int,
+                 linear_input_bits: int = 8):
+        if linear_input_bits not in LINEAR_INPUT_BITS:
+            raise UserError(f"linear input bits must be 8 or 16, got {linear_input_bits}")
         self.spec, self.stats, self.max_context = spec, stats, max_context
+        self.wide = linear_input_bits == 16
+        # Levels of a linear input: uint8 (zero point 128) or 16-bit (zero point 2**15).
+        self.in_levels = quant.ACT16_MAX if self.wide else quant.ACT_MAX
         self.res_clip = 1 << residual_bits(spec.hidden_size)
         # Headroom of 8x over the calibrated residual range before the residual saturates.
         self.s_res = self._amax("residual") * 8 / self.res_clip
@@ -167,16 +176,26 @@ class _Quantizer:
             raise ValueError(f"calibration has no statistics for {name}") from None
         return max(value, 1e-6)
 
+    def input_scale(self, name: str) -> float:
+        """Scale of a linear layer's input whose calibration point is `name`."""
+        return quant.activation_scale(self._amax(name), self.in_levels)
+
     def norm(self, gamma: np.ndarray, out_scale: float) -> Norm:
         gain = np.asarray(gamma, np.float64) / out_scale
-        # out_bound 256 * res_clip: the graph adds 128.5 * rms * 2**shift to r * G (int64).
-        big_g, shift = _signed_multiplier(gain, self.res_clip, 256 * self.res_clip)
+        # out_bound 256 * res_clip: the graph adds 128.5 * rms * 2**shift to r * G (int64);
+        # with 16-bit outputs 2**16 * res_clip ((2**15 + 0.5) * rms * 2**shift).
+        levels = 2 * PLANE_ZERO_POINT if self.wide else 256
+        big_g, shift = _signed_multiplier(gain, self.res_clip, levels * self.res_clip)
         eps_q = max(1, round(self.spec.rms_norm_eps / self.s_res**2))
         return Norm(G=big_g, shift=shift, eps_q=eps_q)
 
     def linear(self, w, b, in_scale: float, out_scale: float, out_bound: int) -> Linear:
         """Quantised weights, bias in accumulator units, and the requantisation to out_scale
-        within [-out_bound, out_bound] (in int32 where the multiplier keeps enough bits)."""
+        within [-out_bound, out_bound] (in int32 where the multiplier keeps enough bits).
+
+        With 16-bit inputs the bias is in units of the exact sum S (in_scale * weight scale)
+        and the requantised accumulator is floor((S + bias + 128) / 256)
+        (`GraphBuilder.matmul_integer_planes`), 256 units of S each."""
         ql = quant.quantize_linear(w, b)
         acc_scale = in_scale * ql.scale  # real value of one accumulator unit, per channel
         k = ql.weight.shape[0]
@@ -184,7 +203,10 @@ class _Quantizer:
         x_bound = k * 128 * 64
         if ql.bias is not None:
             bias = np.rint(ql.bias / acc_scale).astype(np.int64)
-            x_bound += int(np.abs(bias).max())
+            bias_bound = int(np.abs(bias).max())
+            x_bound += bias_bound // PLANE_BASE + 1 if self.wide else bias_bound
+        if self.wide:
+            acc_scale = acc_scale * PLANE_BASE
         out = _requant_int32(acc_scale / out_scale, x_bound, -out_bound, out_bound)
         return Linear(weight=ql.weight, bias=bias, out=out)
 
@@ -196,20 +218,20 @@ class _Quantizer:
     def layer(self, i: int, weights: dict) -> Layer:
         spec, a = self.spec, self._amax
         p = f"L{i}."
-        s_attn_in = quant.activation_scale(a(p + "attn_in"))
+        s_attn_in = self.input_scale(p + "attn_in")
         s_q = quant.activation_scale(a(p + "q_rot"))  # uint8
         s_k = a(p + "k_rot") / 63  # int8, 7 bits
         s_v = a(p + "v") / 63
         e_q = _rope_extra_bits(s_q, a(p + "q"), 256)
         e_k = _rope_extra_bits(s_k, a(p + "k"), 128)
-        s_attn_out = quant.activation_scale(a(p + "attn_out"))
-        s_mlp_in = quant.activation_scale(a(p + "mlp_in"))
-        s_act = quant.activation_scale(a(p + "act"))
+        s_attn_out = self.input_scale(p + "attn_out")
+        s_mlp_in = self.input_scale(p + "mlp_in")
+        s_act = self.input_scale(p + "act")
         # act = silu * up is requantised by one integer divisor d: up's scale follows from it,
         # as large as keeps 2x the calibrated up within UP_CLIP.
         gate_unit = 2.0**-self.gate_bits
         d = math.floor(s_act / gate_unit * UP_CLIP / (2 * a(p + "up")))
-        d = min(max(d, 1), ACT_DIVISOR_MAX)
+        d = min(max(d, 1), ACT16_DIVISOR_MAX if self.wide else ACT_DIVISOR_MAX)
         s_up = s_act / gate_unit / d
         half_res = self.res_clip // 2
         score_bound = 2 * spec.head_dim * 128 * 64 + MASK_PENALTY
@@ -223,7 +245,7 @@ class _Quantizer:
             scores=_requant_int32(s_q * s_k / math.sqrt(spec.head_dim) * 2**EXP_FRAC_BITS,
                                   score_bound, 0, EXP_LEN - 1),
             attn_out=_requant_int32(s_v / PROB_MAX / s_attn_out, self.max_context * 255 * 64,
-                                    -128, 127),
+                                    -self.in_levels - 1, self.in_levels),
             o=self.linear(weights["o_w"], None, s_attn_out, self.s_res, half_res),
             mlp_norm=self.norm(weights["post_norm"], s_mlp_in),
             gate=self.linear(weights["gate_w"], None, s_mlp_in, gate_unit, GATE_HALF_RANGE),
@@ -247,7 +269,7 @@ class _Quantizer:
         by 128 times the largest absolute column sum of the int8 weights (the graph builder
         proves the same bound).
         """
-        s_final = quant.activation_scale(self._amax("final_in"))
+        s_final = self.input_scale("final_in")
         ql, big_m, _ = lm_head_quantization(lm_head)
         return self.norm(final_gamma, s_final), Linear(weight=ql.weight, bias=None,
                                                        out=Requant(M=big_m, shift=0))
@@ -268,9 +290,9 @@ def lm_head_quantization(lm_head: np.ndarray) -> tuple[quant.QuantizedLinear, np
 
 
 def quantize(spec: Qwen2Spec, reader: WeightReader, stats: CalibrationStats, max_context: int,
-             progress: Progress | None = None) -> IntegerQwen2:
+             progress: Progress | None = None, linear_input_bits: int = 8) -> IntegerQwen2:
     """The integer constants of the model, one layer at a time (float weights are freed)."""
-    qz = _Quantizer(spec, stats, max_context)
+    qz = _Quantizer(spec, stats, max_context, linear_input_bits)
     embed, embed_m, embed_shift = qz.embedding(reader.embed_tokens())
     layers = []
     for i in range(spec.num_layers):
@@ -288,7 +310,7 @@ def quantize(spec: Qwen2Spec, reader: WeightReader, stats: CalibrationStats, max
         exp_table=quant.exp_table(EXP_FRAC_BITS, EXP_LEN, EXP_OUT_BITS),
         gate_frac_bits=qz.gate_bits,
         silu_table=quant.silu_table(qz.gate_bits, GATE_HALF_RANGE),
-        rope_cos=cos, rope_sin=sin,
+        rope_cos=cos, rope_sin=sin, linear_input_bits=linear_input_bits,
     )
 
 
@@ -354,16 +376,21 @@ def open_checkpoint(path: Path, scratch: Path) -> FloatCheckpoint:
 
 
 def convert(checkpoint_dir: Path, out_dir: Path, calibration: Path | None = None,
-            max_context: int | None = None, progress: Progress | None = None) -> dict:
+            max_context: int | None = None, progress: Progress | None = None,
+            linear_input_bits: int = 8) -> dict:
     """Convert a Qwen2ForCausalLM checkpoint directory or a Llama/Qwen2 GGUF file; returns the
-    manifest."""
+    manifest. `linear_input_bits` 16 makes the linear layers' inputs 16-bit (two uint8 planes
+    in one MatMulInteger, docs/models.md); 8, the default, is the graph as it always was."""
+    if linear_input_bits not in LINEAR_INPUT_BITS:
+        raise UserError(f"linear input bits must be 8 or 16, got {linear_input_bits}")
     with tempfile.TemporaryDirectory(prefix="optinfer-convert-") as scratch:
         return _convert(Path(checkpoint_dir), Path(out_dir), calibration, max_context, progress,
-                        Path(scratch))
+                        Path(scratch), linear_input_bits)
 
 
 def _convert(checkpoint_dir: Path, out_dir: Path, calibration: Path | None,
-             max_context: int | None, progress: Progress | None, scratch: Path) -> dict:
+             max_context: int | None, progress: Progress | None, scratch: Path,
+             linear_input_bits: int = 8) -> dict:
     from optinfer.models.manifest import build_manifest
 
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -390,7 +417,8 @@ def _convert(checkpoint_dir: Path, out_dir: Path, calibration: Path | None,
     stats = calibrate(FloatReference(reader, spec), sequences,
                       progress and (lambda f, msg: progress(0.3 * f, msg)))
     qmodel = quantize(spec, reader, stats, max_context,
-                      progress and (lambda f, msg: progress(0.3 + 0.4 * f, msg)))
+                      progress and (lambda f, msg: progress(0.3 + 0.4 * f, msg)),
+                      linear_input_bits)
     if progress:
         progress(0.75, "building graphs")
     verify_builder, decode_builder = build_graph(qmodel, "verify"), build_graph(qmodel, "decode")
@@ -409,6 +437,8 @@ def _convert(checkpoint_dir: Path, out_dir: Path, calibration: Path | None,
                                   calibration_desc, stats)
         if checkpoint.source is not None:
             manifest["source"] = checkpoint.source
+        if linear_input_bits != 8:  # absent: 8, so that a default manifest is as it was
+            manifest["linear_input_bits"] = linear_input_bits
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         _make_readable(staging)
         if out_dir.exists():

@@ -106,6 +106,7 @@ def dequantization(integer: IntegerModel, lm_head: np.ndarray) -> Dequantization
     it was converted from; refuses a float lm_head whose multipliers are not the graph's."""
     from optinfer.models import quant
     from optinfer.models.converter import lm_head_quantization
+    from optinfer.models.graph_builder import PLANE_BASE
     from optinfer.models.qwen2_graph import residual_bits
 
     ql, big_m, m_bits = lm_head_quantization(lm_head)
@@ -113,7 +114,11 @@ def dequantization(integer: IntegerModel, lm_head: np.ndarray) -> Dequantization
         raise UserError(f"the float checkpoint's lm_head is not the one {integer.dir} was "
                         "converted from (its logit multipliers differ)")
     max_abs = integer.manifest["calibration"]["max_abs"]
-    s_final = quant.activation_scale(max(float(max_abs["final_in"]), 1e-6))
+    if integer.manifest.get("linear_input_bits", 8) == 16:  # acc = round(S / 256), S 16-bit
+        s_final = quant.activation_scale(max(float(max_abs["final_in"]), 1e-6),
+                                         quant.ACT16_MAX) * PLANE_BASE
+    else:
+        s_final = quant.activation_scale(max(float(max_abs["final_in"]), 1e-6))
     res_clip = 1 << residual_bits(integer.manifest["config"]["hidden_size"])
     s_res = max(float(max_abs["residual"]), 1e-6) * 8 / res_clip  # converter._Quantizer
     return Dequantization(residual=s_res, res_clip=res_clip,

@@ -37,6 +37,10 @@ _LIMITS = {
     np.dtype(np.int64): (-(2**63), 2**63 - 1),
 }
 INT64_MAX = 2**63 - 1
+ACT_ZERO_POINT = 128  # MatMulInteger's zero point for uint8 activations (and planes)
+PLANE_BASE = 256  # a 16-bit activation u = x + 2**15 is 256 * hi + lo
+PLANE_ZERO_POINT = 1 << 15  # the 16-bit activation's zero point
+PLANE_TOP = (1 << 16) - 1
 COLUMN_SOURCES_KEY = "optinfer.column_sources"  # model metadata: MatMulInteger -> B columns
 
 
@@ -56,6 +60,14 @@ class Tensor:
     @property
     def magnitude(self) -> int:
         return max(abs(self.lo), abs(self.hi))
+
+
+def _as_int32(values: np.ndarray, hint: str) -> np.ndarray:
+    """int64 constants as int32, refused where they would wrap."""
+    values = np.asarray(values, np.int64)
+    if values.size and (values.min() < -(2**31) or values.max() >= 2**31):
+        raise RangeError(f"{hint}: constants [{values.min()}, {values.max()}] do not fit int32")
+    return values.astype(np.int32)
 
 
 def _trunc_div(a: int, b: int) -> int:
@@ -265,9 +277,11 @@ class GraphBuilder:
         lo, hi = min(t.lo for t in xs), max(t.hi for t in xs)
         return self._node("Concat", xs, hint, xs[0].dtype, lo, hi, axis=axis)
 
-    def slice(self, x: Tensor, start: Tensor, end: int, axis: int, hint: str) -> Tensor:
-        """x[start:end] along one axis; start is a 1-element int64 tensor (may be dynamic)."""
-        return self._node("Slice", [x, start, self.ints([end]), self.ints([axis])], hint,
+    def slice(self, x: Tensor, start: Tensor, end: int | Tensor, axis: int, hint: str) -> Tensor:
+        """x[start:end] along one axis; start (and end, when a tensor) is a 1-element int64
+        tensor (may be dynamic)."""
+        end_t = end if isinstance(end, Tensor) else self.ints([end])
+        return self._node("Slice", [x, start, end_t, self.ints([axis])], hint,
                           x.dtype, x.lo, x.hi)
 
     def shape(self, x: Tensor, max_dim: int, hint: str) -> Tensor:
@@ -380,6 +394,86 @@ class GraphBuilder:
         if np.dtype(out_dtype) != q.dtype:
             q = self.cast(q, out_dtype, hint)
         return q
+
+    # --------------------------------------------------- 16-bit activations as planes
+
+    def planes(self, u: Tensor, axis: int, hint: str) -> Tensor:
+        """A 16-bit activation as two uint8 planes stacked along `axis`, high bytes first.
+
+        `u` is the activation x offset by its zero point, u = x + 2**15 in [0, 2**16) (int32
+        or int64): hi = u // 256 (Div on a non-negative value, where truncation is floor) and
+        lo = u mod 256 (Cast to uint8, which keeps the low byte), so u = 256 * hi + lo and,
+        with MatMulInteger's zero point 128 on both planes,
+        x = 256 * (hi - 128) + (lo - 128) + 128.
+        """
+        if u.lo < 0 or u.hi > PLANE_TOP:
+            raise RangeError(f"{hint}: [{u.lo}, {u.hi}] is not a 16-bit activation in [0, 2**16)")
+        high = self.div(u, self.scalar(PLANE_BASE, u.dtype), f"{hint}.hi.value")
+        high = self.cast(high, np.uint8, f"{hint}.hi")
+        low_lo, low_hi = (u.lo, u.hi) if u.hi < PLANE_BASE else (0, PLANE_BASE - 1)
+        low = self._node("Cast", [u], f"{hint}.lo", np.uint8, low_lo, low_hi,
+                         to=_ONNX_TYPE[np.dtype(np.uint8)])  # wraps: the low byte
+        return self.concat([high, low], axis, hint)
+
+    def matmul_integer_planes(self, a: Tensor, rows: Tensor, b: Tensor, bias, hint: str
+                              ) -> Tensor:
+        """floor((S + bias + 128) / 256) with S[i, j] = sum_k x[i, k] * B[k, j], in int32, for a
+        16-bit activation x given as `planes` stacked along the rows: `a` is (2R, K) uint8,
+        the high planes of R rows then their low planes; `rows` the 1-element int64 R.
+
+        One MatMulInteger (zero point 128) reads the constant weights B (K, N) once for both
+        planes: Y = [acc_hi; acc_lo] with acc_hi = sum_k (hi - 128) B and
+        acc_lo = sum_k (lo - 128) B. Since x = 256 * (hi - 128) + (lo - 128) + 128,
+
+            S = 256 * acc_hi + acc_lo + 128 * colsum(B),   colsum(B)[j] = sum_k B[k, j].
+
+        S itself may not fit int32 (2**15 * 64 * K exceeds it from K = 1024 on), so the graph
+        keeps S / 256, which has the range of an 8-bit input's accumulator, rounded half up,
+        with the bias (int, per column, in units of S, or None) folded in at S's resolution.
+        Writing bias = 256 * bh + bl with bl in [0, 256):
+
+            floor((S + bias + 128) / 256)
+              = acc_hi + bh + floor((acc_lo + 128 * colsum + bl + 128) / 256)
+              = acc_hi + floor((acc_lo + C) / 256) + D,
+            C = 128 * colsum + bl + 128 + 256 * E,   D = bh - E,
+
+        with E >= 0 the smallest integer that makes the dividend acc_lo + C non-negative over
+        acc_lo's interval, where Div's truncation is floor. Every term is bounded by
+        128 * sum_k |B[k, j]| plus constants; the builder checks each interval as usual.
+        """
+        weights = self.constants.get(b.name)
+        if weights is None or weights.ndim != 2:
+            raise TypeError(f"{hint}: the planes' B operand must be a constant matrix")
+        k = weights.shape[0]
+        y = self.matmul_integer(a, b, ACT_ZERO_POINT, k, f"{hint}.planes")  # (2R, N)
+        acc_hi = self.slice(y, self.ints([0]), rows, 0, f"{hint}.hi")  # (R, N)
+        acc_lo = self.slice(y, rows, INT64_MAX, 0, f"{hint}.lo")  # (R, N)
+        w = weights.astype(np.int64)
+        colsum = w.sum(axis=0)
+        bias = np.zeros(w.shape[1], np.int64) if bias is None else np.asarray(bias, np.int64)
+        bh, bl = np.divmod(bias, PLANE_BASE)  # floor division: bl in [0, 256)
+        c0 = ACT_ZERO_POINT * colsum + bl + PLANE_BASE // 2
+        e = max(0, -((acc_lo.lo + int(c0.min())) // PLANE_BASE))  # ceil(-(lo + min C0) / 256)
+        num = self.add(acc_lo, self.const(f"{hint}.C", _as_int32(c0 + PLANE_BASE * e, hint)),
+                       f"{hint}.lo.biased")
+        if num.lo < 0:
+            raise RangeError(f"{hint}: the low plane's dividend may be negative")
+        q = self.div(num, self.scalar(PLANE_BASE, np.int32), f"{hint}.lo.shift")
+        acc = self.add(acc_hi, q, f"{hint}.sum")
+        d = bh - e
+        d_t = (self.scalar(int(_as_int32(d[:1], hint)[0]), np.int32) if np.all(d == d[0])
+               else self.const(f"{hint}.D", _as_int32(d, hint)))
+        acc = self.add(acc, d_t, hint)
+        # The exact range of floor((S + bias + 128) / 256) per column, for x in
+        # [-2**15, 2**15): interval arithmetic on the sum above is looser (it pairs one
+        # column's bound with another's constant).
+        pos, neg = np.clip(w, 0, None).sum(axis=0), np.clip(-w, 0, None).sum(axis=0)
+        s_lo = -PLANE_ZERO_POINT * pos - (PLANE_ZERO_POINT - 1) * neg
+        s_hi = (PLANE_ZERO_POINT - 1) * pos + PLANE_ZERO_POINT * neg
+        lo = int(((s_lo + bias + PLANE_BASE // 2) // PLANE_BASE).min())
+        hi = int(((s_hi + bias + PLANE_BASE // 2) // PLANE_BASE).max())
+        return self.assume(acc, lo, hi, "the planes' rounded accumulator is "
+                           "floor((S + bias + 128) / 256), S a sum of 16-bit x times B")
 
     def lookup(self, table: Tensor, index: Tensor, hint: str) -> Tensor:
         """table[index] for a 1-D constant table, elementwise over an index tensor of any shape.

