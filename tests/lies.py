@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 
@@ -55,14 +56,19 @@ def forged_tree(dtype, shape, data: bytes) -> commitments.TensorTree:
     return tree
 
 
-def with_tree(trace: ModelTrace, k: int, tree: commitments.TensorTree) -> ModelTrace:
-    """``trace`` with node k's output replaced by ``tree`` (kept as built: no re-encoding)."""
-    commitment = trace.commitment.with_output(k, np.zeros(1, np.int64))
+def with_tree(trace: ModelTrace, k: int, tree: commitments.TensorTree,
+              root: bytes | None = None) -> ModelTrace:
+    """``trace`` with node k's output replaced by ``tree`` (kept as built: no re-encoding) and
+    leaf k of the state tree set to ``root`` (default: the tree's own root). Every other root
+    and data tree is the trace's own, reused, not recomputed."""
+    commitment = copy.copy(trace.commitment)
+    commitment.tensors = [*trace.commitment.tensors]
     commitment.tensors[k] = tree.array
-    commitment.roots[k] = tree.root
+    commitment.roots = [*trace.commitment.roots]
+    commitment.roots[k] = tree.root if root is None else root
+    commitment._trees = {**trace.commitment._trees, k: tree}
     commitment.state = commitments.StateTree()
     commitment.state.extend(commitment.roots)
-    commitment._trees = {k: tree}
     return ModelTrace(trace.committed, commitment)
 
 
@@ -151,8 +157,4 @@ def lying_trace(honest: ModelTrace, k: int, lie: commitments.TensorTree | bytes)
     revealed) replaces only leaf k's root, and the trace can still post every state root."""
     if isinstance(lie, commitments.TensorTree):
         return with_tree(honest, k, lie)
-    liar = with_tree(honest, k, commitments.TensorTree(honest.tensor(k)))
-    liar.commitment.roots[k] = lie
-    liar.commitment.state = commitments.StateTree()
-    liar.commitment.state.extend(liar.commitment.roots)
-    return liar
+    return with_tree(honest, k, honest.tensor_tree(k), root=lie)
