@@ -22,6 +22,7 @@ unknown tensor, a file that is not GGUF) is refused with a `UserError` naming it
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -325,10 +326,13 @@ class GGUFWeightReader(WeightReader):
 
 def write_tokenizer(path: Path, out_path: Path) -> Path | None:
     """Save the GGUF's tokenizer as a `tokenizer.json`, through transformers' GGUF tokenizer
-    conversion; None (nothing written) when the file has no tokenizer."""
+    conversion with the file's special tokens at the file's own ids
+    (`_special_tokens_at_their_ids`); None (nothing written) when the file has no tokenizer."""
     reader = _open_reader(path)
     if "tokenizer.ggml.tokens" not in reader.fields:
         return None
+    vocab_size = len(reader.fields["tokenizer.ggml.tokens"].data)
+    added = _added_tokens(reader)
     del reader
     import transformers
 
@@ -341,12 +345,116 @@ def write_tokenizer(path: Path, out_path: Path) -> Path | None:
         raise UserError(f"{path}: its tokenizer cannot be converted: {exc}") from None
     finally:
         transformers.logging.set_verbosity(verbosity)
-    tokenizer.backend_tokenizer.save(str(out_path))
+    backend = _special_tokens_at_their_ids(tokenizer.backend_tokenizer, added, vocab_size, path)
+    backend.save(str(out_path))
     return Path(out_path)
+
+
+def _token_text(tokens_field, index: int) -> str:
+    return bytes(tokens_field.parts[tokens_field.data[index]]).decode("utf-8", errors="replace")
+
+
+def _added_tokens(reader) -> dict[int, tuple[str, bool]]:
+    """The tokens the file marks CONTROL (special: BOS, EOS, role markers) or USER_DEFINED (added
+    but not special, like `<think>`): id -> (text, special). Both are matched whole in a prompt's
+    text, never cut by the BPE."""
+    from gguf import TokenType
+
+    types = reader.fields.get("tokenizer.ggml.token_type")
+    if types is None:
+        return {}
+    values = np.concatenate([types.parts[i] for i in types.data]) if types.data else np.zeros(0)
+    tokens = reader.fields["tokenizer.ggml.tokens"]
+    marked = np.flatnonzero((values == TokenType.CONTROL) | (values == TokenType.USER_DEFINED))
+    return {int(i): (_token_text(tokens, int(i)), bool(values[i] == TokenType.CONTROL))
+            for i in marked}
+
+
+def _special_tokens_at_their_ids(backend, added: dict[int, tuple[str, bool]], vocab_size: int,
+                                 path: Path):
+    """`backend` (a `tokenizers.Tokenizer`) with every CONTROL and USER_DEFINED token of the file
+    an added token at the file's id, and no token id at or beyond the file's vocabulary.
+
+    transformers skips a byte-level file's control tokens that are not spelled in the byte
+    alphabet, taking them for llama.cpp mislabels; DeepSeek-R1-Distill's are real and spelled
+    with full-width bars (`<｜User｜>`, `<｜begin▁of▁sentence｜>`). It then cuts them into
+    pieces in a prompt and appends BOS and EOS as new ids past the vocabulary (152065 and 152066
+    of a 152064-token model), which the model has no embedding for. Where every marked token is
+    already where the file puts it, `backend` is returned untouched.
+    """
+    from tokenizers import Tokenizer
+
+    wrong = {i: text for i, (text, _) in added.items() if backend.token_to_id(text) != i}
+    stray = [token for token, at in backend.get_added_tokens_decoder().items()
+             if token >= vocab_size]
+    if not wrong and not stray:
+        return backend
+    data = json.loads(backend.to_str())
+    vocab = data["model"].get("vocab")
+    if isinstance(vocab, dict):  # BPE: the entry at each wrong id is renamed to the file's text
+        by_id = {at: text for text, at in vocab.items()}
+        for i, text in wrong.items():
+            vocab.pop(by_id.get(i), None)
+            vocab[text] = i
+        ids = dict(vocab)
+    elif isinstance(vocab, list):  # Unigram: pieces in id order
+        for i, text in wrong.items():
+            vocab[i][0] = text
+        ids = {piece: at for at, (piece, *_) in enumerate(vocab)}
+    else:
+        raise UserError(f"{path}: its tokenizer's model ({data['model'].get('type')}) cannot "
+                        "take the file's special tokens at their ids")
+    data["added_tokens"] = sorted(
+        [token for token in data["added_tokens"]
+         if token["id"] < vocab_size and token["id"] not in wrong
+         and token["content"] not in wrong.values()]
+        + [{"id": i, "content": text, "single_word": False, "lstrip": False, "rstrip": False,
+            "normalized": False, "special": added[i][1]} for i, text in wrong.items()],
+        key=lambda token: token["id"])
+    ids.update({token["content"]: token["id"] for token in data["added_tokens"]})
+    _renumber_template_tokens(data.get("post_processor"), ids)
+    fixed = Tokenizer.from_str(json.dumps(data))
+    moved = {text: fixed.token_to_id(text) for i, (text, _) in added.items()
+             if fixed.token_to_id(text) != i}
+    if moved or any(token >= vocab_size for token in fixed.get_added_tokens_decoder()):
+        raise UserError(f"{path}: its tokenizer cannot keep the file's special tokens at their "
+                        f"ids (got {moved})")
+    return fixed
+
+
+def _renumber_template_tokens(processor, ids: dict[str, int]) -> None:
+    """The ids of the special tokens a post-processor inserts (BOS of a TemplateProcessing),
+    looked up again; a Sequence of processors is walked."""
+    if isinstance(processor, dict):
+        for entry in (processor.get("special_tokens") or {}).values():
+            if isinstance(entry, dict) and "tokens" in entry and "ids" in entry:
+                entry["ids"] = [ids.get(token, at) for token, at in
+                                zip(entry["tokens"], entry["ids"], strict=True)]
+        for child in processor.get("processors") or ():
+            _renumber_template_tokens(child, ids)
+
+
+def chat_template_fields(path: Path) -> tuple[str | None, dict[str, str]]:
+    """The GGUF's `tokenizer.chat_template` and the special tokens a template refers to, as the
+    text of the tokens the metadata's ids name (bos_token, eos_token, unk_token, pad_token: what
+    transformers gives a template); (None, {}) when the file has no template."""
+    reader = _open_reader(path)
+    template = _field(reader, "tokenizer.chat_template")
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    if template is None:
+        return None, {}
+    special = {}
+    for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
+                      ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
+        index = _field(reader, f"tokenizer.ggml.{key}")
+        if index is not None and tokens is not None and 0 <= int(index) < len(tokens.data):
+            special[name] = _token_text(tokens, int(index))
+    return str(template), special
 
 
 __all__ = [
     "GGUFWeightReader",
+    "chat_template_fields",
     "config_from_gguf",
     "is_gguf",
     "permute_rows",

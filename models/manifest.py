@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 
 from optinfer.models import opset
+from optinfer.models.chat import CHAT_TEMPLATE_FILE
 from optinfer.models.graph_builder import COLUMN_SOURCES_KEY
 from optinfer.prover import commitments
 
@@ -187,7 +188,9 @@ def build_manifest(spec, max_context: int, verify: onnx.ModelProto, builder, out
     if statistics["op_set_violations"]:
         raise ValueError("graph outside the op set: " + "; ".join(
             statistics["op_set_violations"][:5]))
-    files = [VERIFY_GRAPH, DECODE_GRAPH, CONSTANTS_FILE, "tokenizer.json"]
+    # The chat template is listed like the tokenizer: the model id binds both, and a fetched
+    # model formats chat prompts as its publisher's does.
+    files = [VERIFY_GRAPH, DECODE_GRAPH, CONSTANTS_FILE, "tokenizer.json", CHAT_TEMPLATE_FILE]
     return {
         "format": MANIFEST_FORMAT,
         "model_root": "0x" + commitment["model_root"].hex(),
