@@ -9,8 +9,9 @@ whose chain or deployments file is missing still serves its model and its databa
 routes that need the chain answer 503.
 
 Errors are JSON ``{"detail": ...}``: 400 for input the model refuses (a prompt too long, a
-character the tokenizer lacks), 401/403 for a missing/wrong API key, 404 for an unknown id,
-422 for input that breaks the schema, 503 when the chain or the database does not answer.
+character the tokenizer lacks, chat messages for a model without a chat template), 401/403 for
+a missing/wrong API key, 404 for an unknown id, 422 for input that breaks the schema, 503 when
+the chain or the database does not answer.
 The OpenAPI schema is at ``/openapi.json``.
 """
 
@@ -144,7 +145,7 @@ class GameView(BaseModel):
 class RequestOptions(BaseModel):
     """What a posted request holds besides its prompt."""
 
-    # Unknown keys are refused: with the two prompt forms below, a body holding both (or a
+    # Unknown keys are refused: with the three prompt forms below, a body holding two (or a
     # misspelt key) must not be read as one of them.
     model_config = ConfigDict(extra="forbid")
 
@@ -164,6 +165,21 @@ class TextPrompt(RequestOptions):
 class TokenPrompt(RequestOptions):
     prompt_tokens: list[Annotated[int, Field(ge=0, lt=2**32)]] = Field(
         min_length=1, max_length=100_000, description="The prompt as token ids.")
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=100_000)
+
+
+class ChatPrompt(RequestOptions):
+    messages: list[ChatMessage] = Field(
+        min_length=1, max_length=1000,
+        description="A conversation, formatted with the model's chat template into the prompt's "
+        "token ids (ending with the opening of the assistant's turn). 400 when the model has "
+        "no chat template.")
 
 
 class PostedRequestView(BaseModel):
@@ -421,12 +437,17 @@ def get_request(request_id: Annotated[int, Path(ge=0, le=MAX_ID)], node: NodeDep
 @requests_router.post(
     "", status_code=201, response_model=PostedRequestView,
     dependencies=[Depends(require_api_key)], responses=errors(400, 401, 403, 503))
-def post_request(body: TextPrompt | TokenPrompt, node: NodeDep) -> PostedRequestView:
+def post_request(body: TextPrompt | TokenPrompt | ChatPrompt, node: NodeDep
+                 ) -> PostedRequestView:
     """Post a request on chain for the node's model, paid by the node's consumer account.
-    The prompt is either `prompt` (text) or `prompt_tokens` (ids), never both."""
+    The prompt is one of `prompt` (text), `prompt_tokens` (ids) or `messages` (a conversation
+    in the model's chat template); the response's `prompt` holds the ids posted."""
     try:
         if isinstance(body, TextPrompt):
             tokens = consumer.prompt_tokens(node.model, text=body.prompt)
+        elif isinstance(body, ChatPrompt):
+            tokens = consumer.prompt_tokens(
+                node.model, messages=[message.model_dump() for message in body.messages])
         else:
             tokens = consumer.prompt_tokens(node.model, tokens=body.prompt_tokens)
         consumer.check_request(node.model, tokens, body.max_tokens, int(body.fee),

@@ -47,6 +47,11 @@ ConfigFile = Annotated[Path | None, typer.Option(
     "--config", help="TOML settings file (default: $OPTINFER_CONFIG); see docs/operators.md.")]
 RpcUrl = Annotated[str | None, typer.Option(
     "--rpc-url", help="JSON-RPC endpoint (default: the rpc_url setting).")]
+ChatFormat = Annotated[bool, typer.Option(
+    "--chat", help="Send --prompt as one user message in the model's chat template (the prompt "
+    "layout an instruct model was trained on; docs/models.md, \"Chat templates\").")]
+SystemMessage = Annotated[str | None, typer.Option(
+    "--system", help="With --chat: a system message before the user's.")]
 
 
 def default_model_dir() -> Path:
@@ -59,6 +64,16 @@ def load_model(model: Path | None, threads: int = 1):
     from optinfer.models.runtime import IntegerModel
 
     return IntegerModel(model or default_model_dir(), threads=threads)
+
+
+def prompt_ids(model, prompt: str, chat: bool = False, system: str | None = None) -> list[int]:
+    """--prompt as token ids: the text through the tokenizer, or with --chat the conversation
+    (--system, then the prompt as the user's message) in the model's chat template."""
+    from optinfer.models.chat import chat_tokens, conversation
+
+    if system is not None and not chat:
+        raise UserError("--system needs --chat: a system message is part of a chat prompt")
+    return chat_tokens(model, conversation(prompt, system)) if chat else model.encode(prompt)
 
 
 @contextmanager
@@ -93,12 +108,14 @@ def generate(
     prompt: Annotated[str, typer.Option("--prompt", help="Prompt text.")],
     model: ModelDir = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="Most tokens to generate.")] = 64,
+    chat: ChatFormat = False,
+    system: SystemMessage = None,
     threads: Threads = 1,
     as_json: AsJson = False,
 ) -> None:
     """Greedy decoding with the integer model (KV cache)."""
     m = load_model(model, threads)
-    prompt_tokens = m.encode(prompt)
+    prompt_tokens = prompt_ids(m, prompt, chat, system)
     with progress_bar("generating") as progress:
         produced = []
 

@@ -11,7 +11,18 @@ from typing import Annotated
 import typer
 
 from optinfer.errors import UserError
-from optinfer.services.cli import AsJson, ConfigFile, ModelDir, RpcUrl, app, emit, out
+from optinfer.services.cli import (
+    AsJson,
+    ChatFormat,
+    ConfigFile,
+    ModelDir,
+    RpcUrl,
+    SystemMessage,
+    app,
+    emit,
+    out,
+    prompt_ids,
+)
 from optinfer.services.cli_chain import say
 from optinfer.services.settings import load_settings
 
@@ -41,6 +52,8 @@ def api(
 def request(
     prompt: Annotated[str, typer.Option("--prompt", help="Prompt text.")],
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="Most tokens to answer.")] = 64,
+    chat: ChatFormat = False,
+    system: SystemMessage = None,
     fee: Annotated[int | None, typer.Option(
         "--fee", help="Wei paid to the provider (default 10**16).")] = None,
     commit_seconds: Annotated[int | None, typer.Option(
@@ -57,6 +70,9 @@ def request(
 ) -> None:
     """Post a prompt on chain from the consumer account; --wait prints the verified answer.
 
+    With --chat the prompt is posted in the model's chat template (the token ids on chain are
+    the formatted conversation).
+
     Exits 2 with the reason when the request ends without one (refunded, rejected, or not
     committed before its deadline).
     """
@@ -68,7 +84,7 @@ def request(
 
     settings = load_settings(config=config, rpc_url=rpc_url, model_dir=model)
     integer_model = IntegerModel(settings.model_path)
-    tokens = consumer.prompt_tokens(integer_model, text=prompt)
+    tokens = prompt_ids(integer_model, prompt, chat, system)
     fee = consumer.DEFAULT_FEE if fee is None else fee
     if commit_seconds is None:
         commit_seconds = consumer.DEFAULT_COMMIT_SECONDS

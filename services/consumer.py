@@ -21,6 +21,7 @@ from web3.exceptions import BlockNotFound, Web3RPCError
 from optinfer.contracts.coordinator import InferenceCoordinator, RequestSpec, Result, Status
 from optinfer.contracts.registry import ModelSpec
 from optinfer.errors import UserError
+from optinfer.models.chat import chat_tokens
 from optinfer.models.runtime import IntegerModel
 from optinfer.services.chain import TxSender
 
@@ -74,13 +75,18 @@ def model_id(model: IntegerModel) -> bytes:
 
 
 def prompt_tokens(model: IntegerModel, text: str | None = None,
-                  tokens: list[int] | None = None) -> list[int]:
-    """The prompt as token ids: `text` through the model's tokenizer, or `tokens` as given
-    (checked against the vocabulary). Exactly one of the two."""
-    if (text is None) == (tokens is None):
-        raise UserError("give the prompt either as text or as token ids, not both or neither")
+                  tokens: list[int] | None = None,
+                  messages: list[dict[str, str]] | None = None) -> list[int]:
+    """The prompt as token ids: `text` through the model's tokenizer, `tokens` as given
+    (checked against the vocabulary), or `messages` ({role, content}, ...) formatted with the
+    model's chat template (`models/chat.py`). Exactly one of the three."""
+    if sum(given is not None for given in (text, tokens, messages)) != 1:
+        raise UserError("give the prompt as text, as token ids or as chat messages: exactly "
+                        "one of them")
     if text is not None:
         return model.encode(text)
+    if messages is not None:
+        return chat_tokens(model, messages)
     if not tokens:
         raise UserError("the prompt holds no tokens")
     model.check_tokens(tokens, "prompt")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from optinfer.models.tiny_r1 import INTEGER_DIR
+from tests.chat_models import THINK, tiny_r1_with_chat_template
 
 OPTINFER = str(Path(sys.executable).parent / "optinfer")
 
@@ -82,12 +83,35 @@ def test_inspect_reports_the_manifest_figures(random_model):
     (("model", "convert", "/nonexistent", "-o", "/tmp/never-written"), "not found"),
     (("generate", "--prompt", "hello 2+2="), "cannot encode the prompt"),
     (("generate", "--prompt", "1+1=", "--max-tokens", "0"), "max tokens must be >= 1"),
+    (("generate", "--prompt", "1+1=", "--chat"), "has no chat template"),
+    (("generate", "--prompt", "1+1=", "--system", "9"), "--system needs --chat"),
 ])
 def test_user_mistakes_give_one_line_and_a_nonzero_exit(args, message):
     proc = cli(*args)
     assert proc.returncode == 2
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory) -> Path:
+    """tiny-r1 with a chat template of its vocabulary (tests/chat_models.py)."""
+    return tiny_r1_with_chat_template(tmp_path_factory.mktemp("chat") / "tiny-r1-chat")
+
+
+def test_generate_chat_formats_the_prompt_with_the_models_template(chat_model):
+    plain = cli_json("generate", "--model", chat_model, "--prompt", "12+34=")
+    chat = cli_json("generate", "--model", chat_model, "--prompt", "12+34=", "--chat",
+                    "--max-tokens", "40")
+    # The template's layout: BOS, the question, <think> opening the answer.
+    assert chat["prompt_tokens"] == plain["prompt_tokens"] + [THINK]
+    assert chat["text"] == "2+4+0=06 1+3+0=04</think>46"
+    system = cli_json("generate", "--model", chat_model, "--prompt", "12+34=", "--chat",
+                      "--system", "9", "--max-tokens", "1")
+    assert system["prompt_tokens"] == [1, 14, 17, *plain["prompt_tokens"][1:], THINK]
+    bad = cli("generate", "--model", chat_model, "--prompt", "hello", "--chat")
+    assert bad.returncode == 2 and "cannot encode the conversation" in bad.stderr
+    assert "Traceback" not in bad.stderr
 
 
 def test_a_corrupt_manifest_is_a_user_error(tmp_path):

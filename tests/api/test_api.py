@@ -13,12 +13,15 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from optinfer.contracts.coordinator import Status, token_hash
+from optinfer.contracts.registry import ModelRegistry, ModelSpec
+from optinfer.models.chat import CHAT_TEMPLATE_FILE
 from optinfer.models.runtime import IntegerModel
 from optinfer.prover.game import Phase, Role
 from optinfer.services import consumer
 from optinfer.services.chain import TxSender
 from optinfer.services.deployments import DEMO_COORDINATOR_PARAMS
 from optinfer.services.store import GameRecord, MoveRecord, create_game, record_move
+from tests.chat_models import THINK, tiny_r1_with_chat_template
 
 from .conftest import API_KEY, ETHER, TINY_R1, sync_store
 
@@ -251,6 +254,9 @@ def test_posted_request_is_on_chain(client, chain, coordinator):
     ({"prompt_tokens": [], "max_tokens": 4}, 422, None),
     ({"prompt": PROMPT, "max_tokens": 4, "commit_seconds": 59}, 422, None),
     ({"prompt": PROMPT, "max_tokens": 4, "promt": "typo"}, 422, None),
+    # tiny-r1 has no chat template
+    ({"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 4}, 400,
+     "has no chat template"),
 ])
 def test_bad_requests_are_refused_before_any_gas_is_spent(client, coordinator, body, status,
                                                           detail):
@@ -259,6 +265,58 @@ def test_bad_requests_are_refused_before_any_gas_is_spent(client, coordinator, b
     assert response.status_code == status, response.text
     if detail:
         assert detail in response.json()["detail"]
+    assert coordinator.parameter("requestCount") == before
+
+
+@pytest.fixture
+def chat_client(make_client, chain, w3, deployment, tmp_path):
+    """A node serving tiny-r1 with a chat template (tests/chat_models.py), registered."""
+    model_dir = tiny_r1_with_chat_template(tmp_path / "tiny-r1-chat")
+    registry = ModelRegistry(w3, deployment.address("ModelRegistry"))
+    registry.register_send(ModelSpec.from_manifest(model_dir / "manifest.json"),
+                           chain.accounts[0])
+    return make_client(model_dir=model_dir)
+
+
+def test_posted_messages_are_formatted_with_the_models_chat_template(chat_client, coordinator):
+    messages = [{"role": "system", "content": "9"}, {"role": "user", "content": PROMPT}]
+    response = chat_client.post("/v1/requests", headers={"X-API-Key": API_KEY},
+                                json={"messages": messages, "max_tokens": 30})
+    assert response.status_code == 201, response.text
+    posted = response.json()
+    # BOS, the system message and a space, the question, <think>: the template's layout.
+    expected = [1, 14, 17, *PROMPT_TOKENS[1:], THINK]
+    assert posted["prompt"] == expected
+    on_chain = coordinator.get_request(posted["request_id"])
+    assert on_chain.prompt_hash == token_hash(expected)
+    (model,) = chat_client.get("/v1/models").json()["models"]
+    assert on_chain.model_id.hex() == model["id"][2:] != MODEL_ID[2:]
+    # The template travels with the model: the manifest lists it, the node serves it.
+    served = chat_client.get(f"/v1/models/{model['id']}/files/{CHAT_TEMPLATE_FILE}")
+    assert served.status_code == 200
+    assert json.loads(served.content)["special_tokens"]["bos_token"] == "<bos>"
+    assert CHAT_TEMPLATE_FILE in model["files"]
+
+
+@pytest.mark.parametrize("body, status, detail", [
+    ({"messages": [], "max_tokens": 4}, 422, "at least 1 item"),
+    ({"messages": [{"role": "robot", "content": PROMPT}], "max_tokens": 4}, 422,
+     "'system', 'user' or 'assistant'"),
+    ({"messages": [{"role": "user"}], "max_tokens": 4}, 422, "Field required"),
+    ({"messages": [{"role": "user", "content": PROMPT}], "prompt": PROMPT, "max_tokens": 4},
+     422, "Extra inputs are not permitted"),
+    # the template's raise_exception, and a character the tokenizer lacks
+    ({"messages": [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": "46"}],
+      "max_tokens": 4}, 400, "refuses the conversation: tiny-r1 answers one question"),
+    ({"messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}, 400,
+     "cannot encode the conversation"),
+])
+def test_bad_messages_are_refused_before_any_gas_is_spent(chat_client, coordinator, body,
+                                                          status, detail):
+    before = coordinator.parameter("requestCount")
+    response = chat_client.post("/v1/requests", json=body, headers={"X-API-Key": API_KEY})
+    assert response.status_code == status, response.text
+    assert detail in json.dumps(response.json()["detail"])
     assert coordinator.parameter("requestCount") == before
 
 

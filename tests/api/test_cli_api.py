@@ -17,13 +17,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from optinfer.contracts.coordinator import InferenceCoordinator, Status
-from optinfer.contracts.registry import ModelRegistry
+from optinfer.contracts.coordinator import InferenceCoordinator, Status, token_hash
+from optinfer.contracts.registry import ModelRegistry, ModelSpec
 from optinfer.models.runtime import IntegerModel
 from optinfer.services import consumer
 from optinfer.services.chain import TxSender
 from optinfer.services.deployments import DEMO_COORDINATOR_PARAMS
 from optinfer.services.model_fetch import fetch_model
+from tests.chat_models import THINK, tiny_r1_with_chat_template
 
 from .conftest import API_KEY, ETHER, TINY_R1
 
@@ -167,6 +168,7 @@ def test_request_without_wait_prints_the_id(env, coordinator):
     (["--prompt", PROMPT, "--max-tokens", "500"], "exceed the model's context of 128"),
     (["--prompt", PROMPT, "--fee", str(2**96)], "fee must be between 0 and 2**96 - 1"),
     (["--prompt", PROMPT, "--commit-seconds", "0"], "must be at least 60 s away, got 0"),
+    (["--prompt", PROMPT, "--chat"], "has no chat template"),
 ])
 def test_request_refuses_bad_input_in_one_line(env, coordinator, args, message):
     before = coordinator.parameter("requestCount")
@@ -176,6 +178,23 @@ def test_request_refuses_bad_input_in_one_line(env, coordinator, args, message):
     assert message in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
     assert coordinator.parameter("requestCount") == before
+
+
+def test_request_chat_posts_the_prompt_in_the_models_template(env, chain, w3, deployment,
+                                                              coordinator, tmp_path):
+    model_dir = tiny_r1_with_chat_template(tmp_path / "tiny-r1-chat")
+    spec = ModelSpec.from_manifest(model_dir / "manifest.json")
+    ModelRegistry(w3, deployment.address("ModelRegistry")).register_send(spec, chain.accounts[0])
+    done = subprocess.run([OPTINFER, "request", "--model", str(model_dir), "--prompt", PROMPT,
+                           "--chat", "--system", "9", "--max-tokens", "4", "--json"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    posted = json.loads(done.stdout)
+    expected = [1, 14, 17, *MODEL.encode(PROMPT)[1:], THINK]  # BOS, "9 ", the question, <think>
+    assert posted["prompt_tokens"] == expected
+    on_chain = coordinator.get_request(posted["request_id"])
+    assert on_chain.prompt_hash == token_hash(expected)
+    assert on_chain.model_id == spec.model_id
 
 
 def test_api_command_serves_the_model_to_model_fetch(env, w3, deployment, tmp_path):
