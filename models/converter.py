@@ -24,6 +24,7 @@ import onnx
 
 from optinfer.errors import UserError
 from optinfer.models import quant
+from optinfer.models.chat import write_chat_template
 from optinfer.models.checkpoint import TOKENIZER_FILE, Qwen2Spec, WeightReader, read_spec
 from optinfer.models.float_reference import CalibrationStats, FloatReference
 from optinfer.models.graph_builder import PLANE_BASE, PLANE_ZERO_POINT
@@ -31,6 +32,7 @@ from optinfer.models.qwen2_graph import (
     EXP_FRAC_BITS,
     EXP_LEN,
     EXP_OUT_BITS,
+    FINE_RESIDUAL_BITS,
     GATE_HALF_RANGE,
     LINEAR_INPUT_BITS,
     MASK_PENALTY,
@@ -153,6 +155,18 @@ ACT_DIVISOR_MAX = 1 << 23  # 255 * d + d / 2 must fit int32
 ACT16_DIVISOR_MAX = (1 << 15) - 1  # with 16-bit inputs, 65535 * d + d / 2 must fit int32
 
 
+def model_residual_bits(hidden_size: int, linear_input_bits: int) -> int:
+    """The residual's saturation bits: FINE_RESIDUAL_BITS for a model with 16-bit linear
+    inputs; with 8-bit ones what RMSNorm squares exactly (the graph as it always was)."""
+    return FINE_RESIDUAL_BITS if linear_input_bits == 16 else residual_bits(hidden_size)
+
+
+def residual_scale(calibrated_max: float, res_bits: int) -> float:
+    """The residual stream's one scale: 8x headroom over the calibrated range before the
+    residual saturates at 2**res_bits."""
+    return max(float(calibrated_max), 1e-6) * 8 / 2**res_bits
+
+
 class _Quantizer:
     """Turns float weights and calibrated ranges into the constants of IntegerQwen2."""
 
@@ -164,9 +178,9 @@ class _Quantizer:
         self.wide = linear_input_bits == 16
         # Levels of a linear input: uint8 (zero point 128) or 16-bit (zero point 2**15).
         self.in_levels = quant.ACT16_MAX if self.wide else quant.ACT_MAX
-        self.res_clip = 1 << residual_bits(spec.hidden_size)
-        # Headroom of 8x over the calibrated residual range before the residual saturates.
-        self.s_res = self._amax("residual") * 8 / self.res_clip
+        self.res_bits = model_residual_bits(spec.hidden_size, linear_input_bits)
+        self.res_clip = 1 << self.res_bits
+        self.s_res = residual_scale(self._amax("residual"), self.res_bits)
         self.gate_bits = self.gate_frac_bits()
 
     def _amax(self, name: str) -> float:
@@ -311,6 +325,7 @@ def quantize(spec: Qwen2Spec, reader: WeightReader, stats: CalibrationStats, max
         gate_frac_bits=qz.gate_bits,
         silu_table=quant.silu_table(qz.gate_bits, GATE_HALF_RANGE),
         rope_cos=cos, rope_sin=sin, linear_input_bits=linear_input_bits,
+        residual_bits=None if qz.res_bits == residual_bits(spec.hidden_size) else qz.res_bits,
     )
 
 
@@ -431,6 +446,7 @@ def _convert(checkpoint_dir: Path, out_dir: Path, calibration: Path | None,
         verify = save_graphs(verify_builder, decode_builder, staging)
         if tokenizer is not None:
             shutil.copyfile(tokenizer, staging / TOKENIZER_FILE)
+            write_chat_template(checkpoint_dir, staging)
         if progress:
             progress(0.9, "committing")
         manifest = build_manifest(spec, max_context, verify, verify_builder, staging,
@@ -439,6 +455,8 @@ def _convert(checkpoint_dir: Path, out_dir: Path, calibration: Path | None,
             manifest["source"] = checkpoint.source
         if linear_input_bits != 8:  # absent: 8, so that a default manifest is as it was
             manifest["linear_input_bits"] = linear_input_bits
+        if qmodel.residual_bits is not None:  # absent: residual_bits(hidden_size)
+            manifest["residual_bits"] = qmodel.residual_bits
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         _make_readable(staging)
         if out_dir.exists():

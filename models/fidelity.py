@@ -105,7 +105,7 @@ def dequantization(integer: IntegerModel, lm_head: np.ndarray) -> Dequantization
     """The scales of `integer`'s residual and logits, from its manifest and the float lm_head
     it was converted from; refuses a float lm_head whose multipliers are not the graph's."""
     from optinfer.models import quant
-    from optinfer.models.converter import lm_head_quantization
+    from optinfer.models.converter import lm_head_quantization, residual_scale
     from optinfer.models.graph_builder import PLANE_BASE
     from optinfer.models.qwen2_graph import residual_bits
 
@@ -119,9 +119,10 @@ def dequantization(integer: IntegerModel, lm_head: np.ndarray) -> Dequantization
                                          quant.ACT16_MAX) * PLANE_BASE
     else:
         s_final = quant.activation_scale(max(float(max_abs["final_in"]), 1e-6))
-    res_clip = 1 << residual_bits(integer.manifest["config"]["hidden_size"])
-    s_res = max(float(max_abs["residual"]), 1e-6) * 8 / res_clip  # converter._Quantizer
-    return Dequantization(residual=s_res, res_clip=res_clip,
+    res_bits = integer.manifest.get("residual_bits",
+                                    residual_bits(integer.manifest["config"]["hidden_size"]))
+    return Dequantization(residual=residual_scale(max_abs["residual"], res_bits),
+                          res_clip=1 << res_bits,
                           logits=s_final * float(ql.scale.max()) / 2.0**m_bits)
 
 

@@ -223,7 +223,9 @@ class GraphBuilder:
 
     def clip(self, x: Tensor, lo: int, hi: int, hint: str) -> Tensor:
         lo_t, hi_t = self.scalar(lo, x.dtype), self.scalar(hi, x.dtype)
-        return self._node("Clip", [x, lo_t, hi_t], hint, x.dtype, max(x.lo, lo), min(x.hi, hi))
+        # An interval wholly outside [lo, hi] clips to the bound it passed.
+        return self._node("Clip", [x, lo_t, hi_t], hint, x.dtype, min(max(x.lo, lo), hi),
+                          max(min(x.hi, hi), lo))
 
     def minimum(self, x: Tensor, y: Tensor, hint: str) -> Tensor:
         return self._node("Min", [x, y], hint, x.dtype, min(x.lo, y.lo), min(x.hi, y.hi))
@@ -493,6 +495,33 @@ class GraphBuilder:
         shape = self.shape(index, INT64_MAX, f"{hint}.shape")
         return self._node("Reshape", [values, shape], hint, values.dtype, values.lo, values.hi)
 
+    def _powers_of_two(self) -> tuple[Tensor, Tensor]:
+        """The tables 2**i - 1 (i < 62) and 2**i (i < 63), made together: the order of the
+        constants is part of a model's root."""
+        return (self.const("c.pow2m1", (np.int64(1) << np.arange(62, dtype=np.int64)) - 1),
+                self.const("c.pow2", np.int64(1) << np.arange(63, dtype=np.int64)))
+
+    def bit_length(self, n: Tensor, hint: str) -> Tensor:
+        """The bit length of each element of a non-negative int64 tensor below 2**62 (0 for 0)
+        whose last axis has length 1: how many of 2**0 .. 2**61 it reaches, summed."""
+        if n.dtype != np.int64 or n.lo < 0 or n.hi >= 2**62:
+            raise RangeError(f"{hint}: bit length of [{n.lo}, {n.hi}] ({n.dtype}): int64 in "
+                             "[0, 2**62) only")
+        pow2_minus_1, _ = self._powers_of_two()
+        above = self.greater(n, pow2_minus_1, f"{hint}.above")  # n > 2**i - 1  <=>  n >= 2**i
+        bitlen = self.reduce_sum(self.cast(above, np.int64, f"{hint}.above.i64"), 62,
+                                 f"{hint}.bitlen")
+        return self.assume(bitlen, 0, max(int(n.hi).bit_length(), 0),
+                           "a bit length is at most the largest value's")
+
+    def power_of_two(self, k: Tensor, hint: str) -> Tensor:
+        """2**k (int64) for an int64 exponent tensor in [0, 62]."""
+        if k.lo < 0 or k.hi > 62:
+            raise RangeError(f"{hint}: exponent [{k.lo}, {k.hi}] outside [0, 62]")
+        _, pow2 = self._powers_of_two()
+        x = self.gather(pow2, k, hint)
+        return self.assume(x, 1 << k.lo, 1 << k.hi, "2**k over k's interval")
+
     def isqrt(self, n: Tensor, hint: str, iterations: int = 6) -> Tensor:
         """floor(sqrt(n)) for 1 <= n < 2**62 by Newton's method from above.
 
@@ -502,14 +531,10 @@ class GraphBuilder:
         """
         if n.lo < 1 or n.hi >= 2**62:
             raise RangeError(f"{hint}: isqrt argument [{n.lo}, {n.hi}] outside [1, 2**62)")
-        pow2_minus_1 = self.const("c.pow2m1", (np.int64(1) << np.arange(62, dtype=np.int64)) - 1)
-        pow2 = self.const("c.pow2", np.int64(1) << np.arange(63, dtype=np.int64))
-        above = self.greater(n, pow2_minus_1, f"{hint}.above")  # n > 2**i - 1  <=>  n >= 2**i
-        bitlen = self.reduce_sum(self.cast(above, np.int64, f"{hint}.above.i64"), 62,
-                                 f"{hint}.bitlen")
+        bitlen = self.bit_length(n, hint)
         half = self.div(self.add(bitlen, self.scalar(1), f"{hint}.bitlen1"), self.scalar(2),
                         f"{hint}.halfbits")
-        x = self.gather(pow2, half, f"{hint}.x0")
+        x = self.power_of_two(half, f"{hint}.x0")
         x = self.assume(x, 1, x.hi, "2**k with k >= 1")
         two = self.scalar(2)
         for i in range(iterations):

@@ -53,11 +53,19 @@ LINEAR_INPUT_BITS = (8, 16)  # uint8 linear inputs, or 16-bit ones as two uint8 
 
 
 def residual_bits(hidden_size: int) -> int:
-    """Bits of the saturating residual: RMSNorm's sum of squares must stay within 2**53.
+    """Bits of a residual whose RMSNorm sum of squares stays within 2**53.
 
-    (ONNX Runtime's ReduceSum accumulates in double: exact only up to 2**53.)
+    (ONNX Runtime's ReduceSum accumulates in double: exact only up to 2**53.) A finer residual
+    (`IntegerQwen2.residual_bits`) squares its values with the bits past these dropped.
     """
     return (53 - int(np.ceil(np.log2(hidden_size)))) // 2
+
+
+#: The residual of a model with 16-bit linear inputs: 28 bits, so that with 8x headroom over
+#: the calibrated range it keeps 2**25 levels below a real LM's largest (attention-sink)
+#: activation, and ordinary tokens keep their precision (docs/models.md, "Residual stream").
+#: r + delta stays within int32 (|r| <= 2**28, |delta| <= 2**27).
+FINE_RESIDUAL_BITS = 28
 
 
 @dataclass(frozen=True)
@@ -75,7 +83,10 @@ class Requant:
 
 @dataclass(frozen=True)
 class Norm:
-    """RMSNorm to uint8: q = clip(round(r * G / isqrt(mean(r^2) + eps_q) / 2**shift) + 128)."""
+    """RMSNorm to uint8: q = clip(round(r * G / isqrt(mean(r^2) + eps_q) / 2**shift) + 128).
+
+    On a residual finer than `residual_bits` allows, each row's sum of squares is taken over
+    its top bits (`_Qwen2Builder.row_top_bits`)."""
 
     G: np.ndarray  # (H,) int64, gamma / output scale * 2**shift
     shift: int
@@ -135,10 +146,12 @@ class IntegerQwen2:
     # 2**15) as two uint8 planes in one MatMulInteger, whose Linear.bias is then in units of
     # the exact sum S and whose Linear.out requantises floor((S + bias + 128) / 256).
     linear_input_bits: int = 8
+    # The residual saturates at +-2**residual_bits; None: residual_bits(hidden_size).
+    residual_bits: int | None = None
 
     @property
     def res_clip(self) -> int:
-        return 1 << residual_bits(self.hidden_size)
+        return 1 << (self.residual_bits or residual_bits(self.hidden_size))
 
 
 def argmax_chunk(vocab_size: int) -> int:
@@ -182,10 +195,15 @@ class _Qwen2Builder:
         g, h = self.g, self.m.hidden_size
         zp, top = (PLANE_ZERO_POINT, PLANE_TOP) if self.wide else (128, 255)
         r64 = g.cast(r, np.int64, f"{name}.r")  # (T, H)
-        sq = g.square(r64, f"{name}.sq")  # (T, H)
+        c, unit = r64, None
+        if r64.magnitude > 1 << residual_bits(h):  # else r^2 sums exactly as it is
+            c, unit = self.row_top_bits(r64, name)  # (T, H) in units of unit (T, 1)
+        sq = g.square(c, f"{name}.sq")  # (T, H)
         ss = g.reduce_sum(sq, h, f"{name}.ss")  # (T, 1)
         ms = g.add(g.div(ss, g.scalar(h), f"{name}.mean"), g.scalar(p.eps_q), f"{name}.ms")
-        rms = g.isqrt(ms, f"{name}.rms")  # (T, 1) residual units
+        rms = g.isqrt(ms, f"{name}.rms")  # (T, 1) units of c
+        if unit is not None:  # back to residual units
+            rms = g.mul(rms, unit, f"{name}.rms.scaled")
         # One rounding division per element, by a per-row divisor: with den = rms * 2**shift,
         # floor((num + (zp + 0.5) * den) / den) = round(num / den) + zp wherever the dividend
         # is non-negative; where it is negative the Clip gives 0 as floor would. (shift >= 1,
@@ -198,6 +216,27 @@ class _Qwen2Builder:
         if self.wide:  # (2T, H) u8 planes of y in [0, 2**16)
             return Planes(g.planes(y, 0, name), self.rows if rows is None else rows)
         return g.cast(y, np.uint8, name)  # (T, H) u8
+
+    def row_top_bits(self, r64: Tensor, name: str) -> tuple[Tensor, Tensor]:
+        """(c, 2**k): each row of r truncated to c = trunc(r / 2**k), with k the fewest bits
+        that bring the row's largest |r| below 2**residual_bits(H), so the sum of squares of
+        c is exact in ONNX Runtime's double-accumulating ReduceSum.
+
+        A row that fits keeps k = 0, every bit: an ordinary token's residual is far below
+        2**residual_bits(H) units. A row past it (an attention-sink token's) has an rms of at
+        least 2**(B-1) / sqrt(H) units, so dropping k bits moves its rms by a relative
+        2**(1-B) or less."""
+        g, b = self.g, residual_bits(self.m.hidden_size)
+        top = g.reduce_max(g.square(r64, f"{name}.r2"), f"{name}.r2max")  # (T, 1) max r^2
+        bitlen = g.bit_length(top, f"{name}.r2max")  # max r^2 < 2**bitlen
+        # k = ceil((bitlen - 2B) / 2), at least 0: then (r / 2**k)^2 < 2**(2B).
+        excess = g.clip(g.sub(bitlen, g.scalar(2 * b - 1), f"{name}.excess"), 0, 62,
+                        f"{name}.excess.pos")
+        k = g.div(excess, g.scalar(2), f"{name}.k")
+        unit = g.power_of_two(k, f"{name}.unit")  # (T, 1)
+        c = g.div(r64, unit, f"{name}.top")
+        bound = (1 << b) - 1
+        return g.assume(c, -bound, bound, "the row's largest |r| / 2**k is below 2**B"), unit
 
     def linear(self, x: Tensor | Planes, p: Linear, name: str) -> Tensor:
         """MatMulInteger plus bias, in int32 accumulator units (not yet requantised); for

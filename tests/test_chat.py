@@ -208,8 +208,6 @@ def test_chat_tokens_are_the_template_on_the_models_tokenizer(tmp_path):
         chat_tokens(model, conversation("hello"))
 
 
-@pytest.mark.xfail(strict=True, reason="models/converter.py does not call "
-                   "chat.write_chat_template yet (issue 18, item 4: one line to add there)")
 def test_the_converter_keeps_the_checkpoints_template_in_the_model(tmp_path, random_checkpoint):
     checkpoint = tmp_path / "checkpoint"
     shutil.copytree(random_checkpoint, checkpoint)

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from optinfer.models import quant
-from optinfer.models.graph_builder import GraphBuilder, RangeError
+from optinfer.models.graph_builder import GraphBuilder, RangeError, Tensor
 from optinfer.models.runtime import session_options
 from tests.profiles import examples
 
@@ -268,3 +268,84 @@ def test_rmsnorm_rounds_once_per_element(rows, gains, shift, eps_q, wide):
     if wide:
         got = got[:len(rows)].astype(np.int64) * 256 + got[len(rows):]
     assert got.tolist() == want
+
+
+def _norm_builder(hidden: int, wide: bool):
+    from types import SimpleNamespace
+
+    from optinfer.models.qwen2_graph import _Qwen2Builder
+
+    builder = _Qwen2Builder.__new__(_Qwen2Builder)  # the norm needs only the graph and width
+    builder.g, builder.m = GraphBuilder("norm"), SimpleNamespace(hidden_size=hidden)
+    builder.wide = wide
+    builder.rows = builder.g.input("rows", np.int64, [1], 0, 64)
+    return builder
+
+
+@settings(max_examples=examples(40), deadline=None)
+@given(
+    rows=st.lists(st.lists(st.one_of(st.integers(-(2**28), 2**28), st.integers(-300, 300)),
+                           min_size=8, max_size=8), min_size=1, max_size=6),
+    gains=st.lists(st.integers(-(2**20), 2**20), min_size=8, max_size=8),
+    shift=st.integers(1, 15),
+    eps_q=st.integers(1, 1000),
+)
+def test_rmsnorm_of_a_fine_residual_squares_each_rows_top_bits(rows, gains, shift, eps_q):
+    """A residual past 2**residual_bits(H) (here 2**25 for H = 8): each row's sum of squares
+    is taken over r / 2**k, k the fewest bits that bring its largest |r| below 2**25, so a row
+    of small values keeps every bit and a large row's rms keeps 24 bits of precision."""
+    from optinfer.models.qwen2_graph import Norm, residual_bits
+
+    b = residual_bits(8)
+    builder = _norm_builder(8, wide=True)
+    r = builder.g.input("r", np.int32, ["T", 8], -(2**28), 2**28)
+    out = builder.rmsnorm(r, Norm(G=np.asarray(gains, np.int64), shift=shift, eps_q=eps_q), "n")
+    builder.g.output(out.stack)
+    lo, hi = builder.g.bounds["n.rms.scaled"]
+    builder.g.output(Tensor("n.rms.scaled", np.dtype(np.int64), lo, hi))
+    got, rms_got = run(builder.g, {"r": np.asarray(rows, np.int32),
+                                   "rows": np.array([len(rows)], np.int64)})
+    zp, top = 2**15, 2**16 - 1
+    want, want_rms = [], []
+    for row in rows:
+        k = max(0, -(-(max(v * v for v in row).bit_length() - 2 * b) // 2))
+        top_bits = [int(v / 2**k) for v in row]  # truncated toward zero, as ONNX Div
+        assert max(abs(c) for c in top_bits) < 2**b
+        rms = math.isqrt(sum(c * c for c in top_bits) // 8 + eps_q) << k
+        if k:  # the rms of a large row is within 2**-(b-3) of the exact one
+            exact = math.sqrt(sum(v * v for v in row) / 8)
+            assert abs(rms - exact) <= exact * 2.0 ** -(b - 3)
+        want_rms.append([rms])
+        den = rms << shift
+        want.append([min(max((2 * v * gain + (2 * zp + 1) * den) // (2 * den), 0), top)
+                     for v, gain in zip(row, gains, strict=True)])
+    assert rms_got.tolist() == want_rms
+    got = got[:len(rows)].astype(np.int64) * 256 + got[len(rows):]
+    assert got.tolist() == want
+
+
+def test_a_residual_that_squares_exactly_keeps_the_plain_norm():
+    from optinfer.models.qwen2_graph import Norm, residual_bits
+
+    builder = _norm_builder(8, wide=False)
+    r = builder.g.input("r", np.int32, ["T", 8], -(2 ** residual_bits(8)), 2 ** residual_bits(8))
+    builder.rmsnorm(r, Norm(G=np.ones(8, np.int64), shift=4, eps_q=1), "n")
+    assert "n.top" not in builder.g.bounds and "n.unit" not in builder.g.bounds
+
+
+def test_bit_length_power_of_two_and_a_clip_outside_its_interval():
+    g = GraphBuilder("bits")
+    n = g.input("n", np.int64, ["N", 1], 0, 2**62 - 1)  # one value per row, as in RMSNorm
+    g.output(g.bit_length(n, "len"))
+    k = g.input("k", np.int64, ["N"], 0, 62)
+    g.output(g.power_of_two(k, "pow"))
+    values = [0, 1, 2, 3, 4, 255, 256, 2**40, 2**62 - 1]
+    exponents = [0, 1, 5, 31, 32, 62, 3, 2, 61]
+    got_len, got_pow = run(g, {"n": np.asarray(values, np.int64).reshape(-1, 1),
+                               "k": np.asarray(exponents, np.int64)})
+    assert got_len.ravel().tolist() == [v.bit_length() for v in values]
+    assert got_pow.tolist() == [2**e for e in exponents]
+    below = g.input("below", np.int64, ["N"], -50, -10)
+    assert (lambda t: (t.lo, t.hi))(g.clip(below, 0, 62, "c")) == (0, 0)
+    with pytest.raises(RangeError):
+        g.power_of_two(below, "p")

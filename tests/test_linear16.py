@@ -21,6 +21,7 @@ from optinfer.errors import UserError
 from optinfer.models import opset, reference
 from optinfer.models.converter import convert, quantize
 from optinfer.models.graph_builder import GraphBuilder, RangeError, Tensor
+from optinfer.models.qwen2_graph import FINE_RESIDUAL_BITS
 from optinfer.models.runtime import IntegerModel, session_options
 from optinfer.prover.one_step import CommittedModel, OneStepProver, TraceCommitment, WrongClaim
 
@@ -146,6 +147,7 @@ def wide_trace(wide_model):
 def test_the_16_bit_graph_is_an_integer_graph_with_bounded_fan_in(wide_model, random_model):
     m, narrow = wide_model.manifest, json.loads((random_model / "manifest.json").read_text())
     assert m["linear_input_bits"] == 16 and "linear_input_bits" not in narrow
+    assert m["residual_bits"] == FINE_RESIDUAL_BITS and "residual_bits" not in narrow
     assert m["float_tensors"] == 0 and 0 < m["max_fan_in_bytes"] <= 32 * 1024
     # The planes share one MatMulInteger per linear layer: as many as with 8 bits.
     assert m["ops"]["MatMulInteger"] == narrow["ops"]["MatMulInteger"] == 9 * 2 + 1
@@ -159,6 +161,28 @@ def test_the_16_bit_graph_is_an_integer_graph_with_bounded_fan_in(wide_model, ra
     for planes in ("L0.attn_norm", "L0.attn.out.planes", "L0.mlp.act.planes", "final_norm"):
         assert names[planes] == "Concat" and names[f"{planes}.lo"] == "Cast"
     assert "L0.attn.out.u8" not in names and "L0.mlp.act.u8" not in names
+
+
+def test_the_fine_residual_squares_each_rows_top_bits(wide_model, wide_trace):
+    """Rows of the 28-bit residual past RMSNorm's exact sum of squares drop the fewest bits
+    that bring them back: every row's top bits stay below 2**B and use at least B - 1 of them
+    when a bit was dropped (tests/test_fixed_point.py checks the arithmetic row by row)."""
+    from optinfer.models.qwen2_graph import residual_bits
+
+    _, _, outputs = wide_trace
+    names = [n.output[0] for n in wide_model.verify_graph().graph.node]
+    b = residual_bits(wide_model.manifest["config"]["hidden_size"])
+    shifted = 0
+    for name in names:
+        if not name.endswith("_norm.unit"):
+            continue
+        units = outputs[names.index(name)]  # (T, 1)
+        top = np.abs(outputs[names.index(name.replace(".unit", ".top"))]).max(axis=1)
+        assert set(np.unique(units).tolist()) <= {2**k for k in range(FINE_RESIDUAL_BITS + 1)}
+        assert (top < 2**b).all(), name
+        assert (top[units[:, 0] > 1] >= 2 ** (b - 2)).all(), name
+        shifted += int((units > 1).sum())
+    assert shifted > 0
 
 
 def test_numpy_reference_equals_onnxruntime_on_every_node(wide_model, wide_trace):
@@ -206,7 +230,11 @@ def _added_nodes(names: list[str]) -> list[str]:
     or changes (the producers of the planes)."""
     markers = (".hi", ".lo", ".planes", ".acc", ".lo.biased", ".lo.shift", ".sum",
                ".out.u16", "final.length.1d")
-    return [n for n in names if any(m in n for m in markers)
+    # The fine residual's norms square each row's top bits (`_Qwen2Builder.row_top_bits`).
+    top_bits = {f"{norm}.{part}" for norm in ("L1.attn_norm", "L1.mlp_norm", "final_norm")
+                for part in ("r2", "r2max", "r2max.above", "r2max.above.i64", "r2max.bitlen",
+                             "excess", "excess.pos", "k", "unit", "top", "sq", "rms.scaled")}
+    return [n for n in names if any(m in n for m in markers) or n in top_bits
             or n in {"L0.attn_norm", "L1.mlp_norm", "final_norm", "L0.attn_norm.clip",
                      "final_norm.offset", "L0.mlp.act.shift", "L0.mlp.act.clip"}]
 
@@ -226,7 +254,8 @@ def test_one_step_recomputes_every_added_node_and_convicts_a_changed_element(wid
             witness = prover.witness(k, index)
             assert prover.check(witness) == int(tensor.ravel()[index]), (name, index)
             ops.add(witness.node.op_type)
-    assert {"MatMulInteger", "Slice", "Concat", "Cast", "Div", "Add", "Sub"} <= ops
+    assert {"MatMulInteger", "Slice", "Concat", "Cast", "Div", "Add", "Sub", "ReduceMax",
+            "Greater", "ReduceSum", "Clip", "Gather", "Mul"} <= ops
     for name in ("L0.attn.q.acc.planes", "L0.attn.q.acc.lo", "L1.mlp.down.acc",
                  "L0.mlp.act.planes.hi", "L0.attn.out.planes", "lm_head.acc.hi"):
         k = names.index(name) + 1
