@@ -27,7 +27,7 @@ from optinfer.models import quant
 from optinfer.models.chat import write_chat_template
 from optinfer.models.checkpoint import TOKENIZER_FILE, Qwen2Spec, WeightReader, read_spec
 from optinfer.models.float_reference import CalibrationStats, FloatReference
-from optinfer.models.graph_builder import PLANE_BASE, PLANE_ZERO_POINT
+from optinfer.models.graph_builder import PLANE_BASE, PLANE_ZERO_POINT, SIGNED_PLANE_HALF
 from optinfer.models.qwen2_graph import (
     EXP_FRAC_BITS,
     EXP_LEN,
@@ -40,6 +40,7 @@ from optinfer.models.qwen2_graph import (
     QK_FIX_CLIP,
     ROPE_FRAC_BITS,
     UP_CLIP,
+    WIDE_PROB_MAX,
     IntegerQwen2,
     Layer,
     Linear,
@@ -234,10 +235,12 @@ class _Quantizer:
         p = f"L{i}."
         s_attn_in = self.input_scale(p + "attn_in")
         s_q = quant.activation_scale(a(p + "q_rot"))  # uint8
-        s_k = a(p + "k_rot") / 63  # int8, 7 bits
+        # Keys: int8, 7 bits; with 16-bit linear inputs 13 bits (two int8 planes).
+        key_levels = SIGNED_PLANE_HALF if self.wide else 64
+        s_k = a(p + "k_rot") / (key_levels - 1)
         s_v = a(p + "v") / 63
         e_q = _rope_extra_bits(s_q, a(p + "q"), 256)
-        e_k = _rope_extra_bits(s_k, a(p + "k"), 128)
+        e_k = _rope_extra_bits(s_k, a(p + "k"), 2 * key_levels)
         s_attn_out = self.input_scale(p + "attn_out")
         s_mlp_in = self.input_scale(p + "mlp_in")
         s_act = self.input_scale(p + "act")
@@ -248,7 +251,12 @@ class _Quantizer:
         d = min(max(d, 1), ACT16_DIVISOR_MAX if self.wide else ACT_DIVISOR_MAX)
         s_up = s_act / gate_unit / d
         half_res = self.res_clip // 2
-        score_bound = 2 * spec.head_dim * 128 * 64 + MASK_PENALTY
+        score_bound = 2 * spec.head_dim * 128 * key_levels + MASK_PENALTY
+        prob_max = WIDE_PROB_MAX if self.wide else PROB_MAX
+        # |P . V|: a row of probabilities sums to at most prob_max + S/2 (qwen2_graph.wide_pv);
+        # the 8-bit graph keeps its looser bound (and its model root).
+        pv_bound = ((WIDE_PROB_MAX + self.max_context // 2) * 64 if self.wide
+                    else self.max_context * 255 * 64)
         return Layer(
             attn_norm=self.norm(weights["input_norm"], s_attn_in),
             q=self.linear(weights["q_w"], weights["q_b"], s_attn_in, s_q / 2**e_q, QK_FIX_CLIP),
@@ -258,7 +266,7 @@ class _Quantizer:
             k_rot=_rounding_shift(ROPE_FRAC_BITS + e_k),
             scores=_requant_int32(s_q * s_k / math.sqrt(spec.head_dim) * 2**EXP_FRAC_BITS,
                                   score_bound, 0, EXP_LEN - 1),
-            attn_out=_requant_int32(s_v / PROB_MAX / s_attn_out, self.max_context * 255 * 64,
+            attn_out=_requant_int32(s_v / prob_max / s_attn_out, pv_bound,
                                     -self.in_levels - 1, self.in_levels),
             o=self.linear(weights["o_w"], None, s_attn_out, self.s_res, half_res),
             mlp_norm=self.norm(weights["post_norm"], s_mlp_in),

@@ -41,6 +41,8 @@ ACT_ZERO_POINT = 128  # MatMulInteger's zero point for uint8 activations (and pl
 PLANE_BASE = 256  # a 16-bit activation u = x + 2**15 is 256 * hi + lo
 PLANE_ZERO_POINT = 1 << 15  # the 16-bit activation's zero point
 PLANE_TOP = (1 << 16) - 1
+SIGNED_PLANE_BASE = 64  # a 13-bit B operand v is 64 * hi + lo, hi in [-64, 63], lo in [0, 63]
+SIGNED_PLANE_HALF = 1 << 12  # v in [-2**12, 2**12)
 COLUMN_SOURCES_KEY = "optinfer.column_sources"  # model metadata: MatMulInteger -> B columns
 
 
@@ -416,6 +418,26 @@ class GraphBuilder:
         low = self._node("Cast", [u], f"{hint}.lo", np.uint8, low_lo, low_hi,
                          to=_ONNX_TYPE[np.dtype(np.uint8)])  # wraps: the low byte
         return self.concat([high, low], axis, hint)
+
+    def signed_planes(self, v: Tensor, axis: int, hint: str) -> Tensor:
+        """A 13-bit signed value v in [-2**12, 2**12) as two int8 planes of a MatMulInteger B
+        operand, stacked along `axis` (length 1 there), high first: hi = floor(v / 64) in
+        [-64, 63] and lo = v mod 64 in [0, 63], so v = 64 * hi + lo and each plane keeps to
+        the 7 bits that rule out pair saturation (`matmul_integer`).
+
+        With u = v + 2**12 >= 0, floor is Div's truncation: hi = u // 64 - 64,
+        lo = u - 64 * (u // 64).
+        """
+        if v.lo < -SIGNED_PLANE_HALF or v.hi >= SIGNED_PLANE_HALF:
+            raise RangeError(f"{hint}: [{v.lo}, {v.hi}] is not a 13-bit signed value")
+        u = self.add(v, self.scalar(SIGNED_PLANE_HALF, v.dtype), f"{hint}.u")
+        top = self.div(u, self.scalar(SIGNED_PLANE_BASE, v.dtype), f"{hint}.u.hi")  # [0, 127]
+        high = self.sub(top, self.scalar(SIGNED_PLANE_BASE, v.dtype), f"{hint}.hi.value")
+        low = self.sub(u, self.mul(top, self.scalar(SIGNED_PLANE_BASE, v.dtype),
+                                   f"{hint}.u.hi.scaled"), f"{hint}.lo.value")
+        low = self.assume(low, 0, SIGNED_PLANE_BASE - 1, "u mod 64")
+        return self.concat([self.cast(high, np.int8, f"{hint}.hi"),
+                            self.cast(low, np.int8, f"{hint}.lo")], axis, hint)
 
     def matmul_integer_planes(self, a: Tensor, rows: Tensor, b: Tensor, bias, hint: str
                               ) -> Tensor:

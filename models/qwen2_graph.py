@@ -33,8 +33,11 @@ import numpy as np
 
 from optinfer.models.graph_builder import (
     INT64_MAX,
+    PLANE_BASE,
     PLANE_TOP,
     PLANE_ZERO_POINT,
+    SIGNED_PLANE_BASE,
+    SIGNED_PLANE_HALF,
     GraphBuilder,
     Tensor,
 )
@@ -48,6 +51,9 @@ QK_FIX_CLIP = 1 << 15  # q and k before RoPE: |x| * 2**ROPE_FRAC_BITS * 2 fits i
 ROPE_FRAC_BITS = 14
 MASK_PENALTY = 1 << 24  # subtracted from masked scores before the row max
 PROB_MAX = 255  # attention probabilities: uint8, scale 1/255
+#: With 16-bit linear inputs: probabilities of scale 1/16383 as two uint8 planes; e * max plus
+#: half the row sum (at most 2**16 * 8192 / 2) stays within int32.
+WIDE_PROB_MAX = (1 << 14) - 1
 ARGMAX_CHUNK_BYTES = 16 * 1024  # bounded fan-in for the vocabulary argmax
 LINEAR_INPUT_BITS = (8, 16)  # uint8 linear inputs, or 16-bit ones as two uint8 planes
 
@@ -296,24 +302,36 @@ class _Qwen2Builder:
         k = self.rope(k, kv, ctx["cos"], ctx["sin"], f"{name}.k")
         q = self.requant_int32(q, p.q_rot, -128, 127, f"{name}.q.u8", 128,
                                np.uint8)  # (T, n, hd) u8
-        k = self.requant_int32(k, p.k_rot, -64, 63, f"{name}.k.q", 0, np.int8)  # (T, kv, hd)
+        if self.wide:  # 13-bit keys, in int32 until they are split into planes below
+            half = SIGNED_PLANE_HALF
+            k = self.requant_int32(k, p.k_rot, -half, half - 1, f"{name}.k.q13")  # (T, kv, hd)
+        else:
+            k = self.requant_int32(k, p.k_rot, -64, 63, f"{name}.k.q", 0,
+                                   np.int8)  # (T, kv, hd)
         q = g.reshape(q, [0, kv, grp, hd], f"{name}.q.groups")  # (T, kv, grp, hd)
         q = g.transpose(q, [1, 2, 0, 3], f"{name}.q.bhtd")  # (kv, grp, T, hd)
         k = g.transpose(k, [1, 2, 0], f"{name}.k.bdt")  # (kv, hd, T)
-        k = g.reshape(k, [kv, 1, hd, -1], f"{name}.k.cache")  # (kv, 1, hd, T) int8
+        if self.wide:  # two int8 planes along axis 1 (GraphBuilder.signed_planes)
+            k = g.reshape(k, [kv, 1, hd, -1], f"{name}.k.heads")  # (kv, 1, hd, T) int32
+            k = g.signed_planes(k, 1, f"{name}.k.cache")  # (kv, 2, hd, T) int8
+        else:
+            k = g.reshape(k, [kv, 1, hd, -1], f"{name}.k.cache")  # (kv, 1, hd, T) int8
         v = g.reshape(v, [0, kv, hd], f"{name}.v.heads")  # (T, kv, hd)
         v = g.transpose(v, [1, 0, 2], f"{name}.v.btd")  # (kv, T, hd)
         v = g.reshape(v, [kv, 1, -1, hd], f"{name}.v.cache")  # (kv, 1, T, hd) int8
         if self.mode == "decode":
-            k = g.concat([ctx["past_k"][i], k], 3, f"{name}.k.present")  # (kv, 1, hd, S)
+            k = g.concat([ctx["past_k"][i], k], 3, f"{name}.k.present")  # (kv, 1|2, hd, S)
             v = g.concat([ctx["past_v"][i], v], 2, f"{name}.v.present")  # (kv, 1, S, hd)
         s_max = m.max_context
         k_cols = v_cols = None
         if self.mode == "verify":  # proof-only: B operands' columns as contiguous rows
-            k_cols = g.swap_last_axes(k, 4, f"{name}.k.columns")  # (kv, 1, S, hd)
+            k_cols = g.swap_last_axes(k, 4, f"{name}.k.columns")  # (kv, 1|2, S, hd)
             v_cols = g.swap_last_axes(v, 4, f"{name}.v.columns")  # (kv, 1, hd, S)
-        scores = g.matmul_integer(q, k, 128, hd, f"{name}.scores",
-                                  columns=k_cols)  # (kv, grp, T, S) int32
+        if self.wide:
+            scores = self.wide_scores(q, k, k_cols, name)  # (kv, grp, T, S) int32
+        else:
+            scores = g.matmul_integer(q, k, 128, hd, f"{name}.scores",
+                                      columns=k_cols)  # (kv, grp, T, S) int32
         masked = g.sub(scores, ctx["mask_penalty"], f"{name}.masked")
         row_max = g.reduce_max(masked, f"{name}.rowmax")  # (kv, grp, T, 1)
         diff = g.sub(row_max, masked, f"{name}.diff")  # >= 0 on unmasked keys
@@ -324,12 +342,17 @@ class _Qwen2Builder:
         total = g.reduce_sum(e, s_max, f"{name}.expsum")  # (kv, grp, T, 1), >= 2**16
         total = g.assume(total, 1 << EXP_OUT_BITS, total.hi,
                          "the row max is unmasked (a query sees itself) and has exp index 0")
-        num = g.add(g.mul(e, g.scalar(PROB_MAX, np.int32), f"{name}.pnum"),
+        prob_max = WIDE_PROB_MAX if self.wide else PROB_MAX
+        num = g.add(g.mul(e, g.scalar(prob_max, np.int32), f"{name}.pnum"),
                     g.div(total, g.scalar(2, np.int32), f"{name}.phalf"), f"{name}.pround")
-        prob = g.assume(g.div(num, total, f"{name}.pdiv"), 0, PROB_MAX,
-                        "each exp term is at most the row sum, so e*255/sum + 1/2 < 256")
-        prob = g.cast(prob, np.uint8, f"{name}.prob")
-        att = g.matmul_integer(prob, v, 0, s_max, f"{name}.pv", columns=v_cols)  # (kv,grp,T,hd)
+        prob = g.assume(g.div(num, total, f"{name}.pdiv"), 0, prob_max,
+                        "each exp term is at most the row sum, so e*max/sum + 1/2 < max + 1")
+        if self.wide:
+            att = self.wide_pv(prob, v, v_cols, name)  # (kv, grp, T, hd)
+        else:
+            prob = g.cast(prob, np.uint8, f"{name}.prob")
+            att = g.matmul_integer(prob, v, 0, s_max, f"{name}.pv",
+                                   columns=v_cols)  # (kv, grp, T, hd)
         if self.wide:
             zp = PLANE_ZERO_POINT
             att = self.requant_int32(att, p.attn_out, -zp, zp - 1, f"{name}.out.u16", zp,
@@ -344,6 +367,40 @@ class _Qwen2Builder:
             att = Planes(att, self.rows)
         delta = self.to_residual(self.linear(att, p.o, f"{name}.o"), p.o, f"{name}.o.res")
         return delta, k, v
+
+    def wide_scores(self, q: Tensor, k: Tensor, k_cols: Tensor | None, name: str) -> Tensor:
+        """q . k for uint8 q (kv, grp, T, hd) and 13-bit keys as planes (kv, 2, hd, S): one
+        MatMulInteger with the query groups folded into the rows, so that the planes' axis
+        is the batch axis the product broadcasts q over, then 64 * hi + lo."""
+        g, m = self.g, self.m
+        kv, grp, hd = m.num_kv_heads, m.num_heads // m.num_kv_heads, m.head_dim
+        rows = g.reshape(q, [kv, 1, -1, hd], f"{name}.q.rows")  # (kv, 1, grp*T, hd)
+        both = g.matmul_integer(rows, k, 128, hd, f"{name}.scores.planes",
+                                columns=k_cols)  # (kv, 2, grp*T, S)
+        hi = g.slice(both, g.ints([0]), 1, 1, f"{name}.scores.hi")
+        lo = g.slice(both, g.ints([1]), 2, 1, f"{name}.scores.lo")
+        exact = g.add(g.mul(hi, g.scalar(SIGNED_PLANE_BASE, np.int32), f"{name}.scores.hi64"),
+                      lo, f"{name}.scores.sum")  # (kv, 1, grp*T, S)
+        return g.reshape(exact, [0, grp, -1, 0], f"{name}.scores")  # (kv, grp, T, S)
+
+    def wide_pv(self, prob: Tensor, v: Tensor, v_cols: Tensor | None, name: str) -> Tensor:
+        """P . V for probabilities in [0, WIDE_PROB_MAX] (kv, grp, T, S) int32: two uint8
+        planes stacked along the rows, one MatMulInteger, 256 * hi + lo."""
+        g, s_max = self.g, self.m.max_context
+        planes = g.planes(prob, 2, f"{name}.prob")  # (kv, grp, 2T, S) u8
+        both = g.matmul_integer(planes, v, 0, s_max, f"{name}.pv.planes",
+                                columns=v_cols)  # (kv, grp, 2T, hd)
+        # A row of probabilities sums to at most max + S/2 (each rounds e * max / sum), so
+        # either plane's row does too, and |V| <= 64.
+        bound = (WIDE_PROB_MAX + s_max // 2) * 64
+        why = "a row of probabilities sums to at most WIDE_PROB_MAX + S/2 and |V| <= 64"
+        hi = g.assume(g.slice(both, g.ints([0]), self.rows, 2, f"{name}.pv.hi"),
+                      -bound // PLANE_BASE, bound // PLANE_BASE, why)
+        lo = g.assume(g.slice(both, self.rows, INT64_MAX, 2, f"{name}.pv.lo"), -bound, bound,
+                      why)
+        exact = g.add(g.mul(hi, g.scalar(PLANE_BASE, np.int32), f"{name}.pv.hi256"), lo,
+                      f"{name}.pv")
+        return g.assume(exact, -bound, bound, why)
 
     def mlp(self, i: int, x: Tensor) -> Tensor:
         """silu(gate) * up in int32: a SiLU table indexed by the requantised gate itself."""
@@ -387,7 +444,8 @@ class _Qwen2Builder:
             tokens = g.input("tokens", np.int64, ["T"], 0, vmax)
             positions = g.input("positions", np.int64, ["T"], 0, cmax - 1)
             kv, hd = m.num_kv_heads, m.head_dim
-            ctx["past_k"] = [g.input(f"past_k.{i}", np.int8, [kv, 1, hd, "P"], -64, 63)
+            key_planes = 2 if self.wide else 1
+            ctx["past_k"] = [g.input(f"past_k.{i}", np.int8, [kv, key_planes, hd, "P"], -64, 63)
                              for i in range(len(m.layers))]
             ctx["past_v"] = [g.input(f"past_v.{i}", np.int8, [kv, 1, "P", hd], -64, 63)
                              for i in range(len(m.layers))]

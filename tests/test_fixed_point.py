@@ -349,3 +349,18 @@ def test_bit_length_power_of_two_and_a_clip_outside_its_interval():
     assert (lambda t: (t.lo, t.hi))(g.clip(below, 0, 62, "c")) == (0, 0)
     with pytest.raises(RangeError):
         g.power_of_two(below, "p")
+
+
+def test_signed_planes_are_the_two_7_bit_halves_of_a_13_bit_value():
+    g = GraphBuilder("signed planes")
+    v = g.input("v", np.int32, ["N", 1], -(2**12), 2**12 - 1)
+    planes = g.signed_planes(v, 1, "p")
+    assert planes.dtype == np.int8 and (planes.lo, planes.hi) == (-64, 63)
+    g.output(planes)
+    values = np.arange(-(2**12), 2**12, dtype=np.int32).reshape(-1, 1)
+    (got,) = run(g, {"v": values})
+    hi, lo = got[:, 0].astype(np.int64), got[:, 1].astype(np.int64)
+    assert (64 * hi + lo == values[:, 0]).all()
+    assert hi.min() == -64 and hi.max() == 63 and lo.min() == 0 and lo.max() == 63
+    with pytest.raises(RangeError):
+        g.signed_planes(g.input("w", np.int32, ["N", 1], 0, 2**12), 1, "q")

@@ -155,6 +155,9 @@ def test_the_16_bit_graph_is_an_integer_graph_with_bounded_fan_in(wide_model, ra
         proto = onnx.load(str(wide_model.dir / graph), load_external_data=False)
         assert opset.check_supported(proto) == []
     names = {n.name: n.op_type for n in wide_model.verify_graph().graph.node}
+    # Keys of 13 bits and probabilities of 14 as planes: one MatMulInteger each, as with 8.
+    assert names["L0.attn.scores.planes"] == names["L0.attn.pv.planes"] == "MatMulInteger"
+    assert names["L0.attn.k.cache"] == names["L0.attn.prob"] == "Concat"
     for linear in ("L0.attn.q", "L0.attn.o", "L1.mlp.gate", "L1.mlp.down", "lm_head"):
         assert names[f"{linear}.acc.planes"] == "MatMulInteger"
         assert names[f"{linear}.acc.hi"] == names[f"{linear}.acc.lo"] == "Slice"
@@ -229,7 +232,10 @@ def _added_nodes(names: list[str]) -> list[str]:
     """The nodes the 16-bit option adds (planes, their product, its split and recombination)
     or changes (the producers of the planes)."""
     markers = (".hi", ".lo", ".planes", ".acc", ".lo.biased", ".lo.shift", ".sum",
-               ".out.u16", "final.length.1d")
+               ".out.u16", "final.length.1d",
+               # 13-bit keys and 14-bit probabilities as planes (wide_scores, wide_pv)
+               ".k.q13", ".k.heads", ".k.cache", ".q.rows", ".scores", ".prob", ".pdiv",
+               ".pnum", ".pv")
     # The fine residual's norms square each row's top bits (`_Qwen2Builder.row_top_bits`).
     top_bits = {f"{norm}.{part}" for norm in ("L1.attn_norm", "L1.mlp_norm", "final_norm")
                 for part in ("r2", "r2max", "r2max.above", "r2max.above.i64", "r2max.bitlen",
@@ -257,7 +263,9 @@ def test_one_step_recomputes_every_added_node_and_convicts_a_changed_element(wid
     assert {"MatMulInteger", "Slice", "Concat", "Cast", "Div", "Add", "Sub", "ReduceMax",
             "Greater", "ReduceSum", "Clip", "Gather", "Mul"} <= ops
     for name in ("L0.attn.q.acc.planes", "L0.attn.q.acc.lo", "L1.mlp.down.acc",
-                 "L0.mlp.act.planes.hi", "L0.attn.out.planes", "lm_head.acc.hi"):
+                 "L0.mlp.act.planes.hi", "L0.attn.out.planes", "lm_head.acc.hi",
+                 "L0.attn.k.cache", "L1.attn.scores.planes", "L1.attn.scores",
+                 "L0.attn.prob", "L1.attn.pv.planes", "L0.attn.pv"):
         k = names.index(name) + 1
         lie = outputs[k - 1].copy()
         index = rng.randrange(lie.size)
