@@ -666,7 +666,8 @@ def test_providerWrong_sixteenBitPlanesNodes_honestFalseLyingTrue(verifier, rand
     """A random checkpoint converted with 16-bit linear inputs: one node of each kind the
     option adds (the planes' Div and Casts, their Concat, the MatMulInteger over both planes,
     the Slices with a dynamic end and start, the recombination's Adds and Div, the lm_head's
-    row count) decides on chain as the reference does, honest and lying, at its first, last
+    row count; the 28-bit residual's norm; the key and probability planes, the keys' on a
+    batch axis the queries broadcast over) decides on chain as the reference does, honest and lying, at its first, last
     and a random element."""
     from optinfer.models.converter import convert
 
@@ -681,7 +682,16 @@ def test_providerWrong_sixteenBitPlanesNodes_honestFalseLyingTrue(verifier, rand
                  "L0.attn.out.planes", "L0.mlp.act.planes.lo", "L0.attn.q.acc.planes",
                  "L0.mlp.down.acc.hi", "L0.mlp.down.acc.lo", "L0.mlp.down.acc.lo.biased",
                  "L0.mlp.down.acc.lo.shift", "L0.mlp.down.acc.sum", "L0.attn.k.acc",
-                 "final.length.1d", "lm_head.acc"):
+                 "final.length.1d", "lm_head.acc",
+                 # the fine residual's norm: each row's top bits
+                 "L1.attn_norm.r2max", "L1.attn_norm.r2max.bitlen", "L1.attn_norm.excess.pos",
+                 "L1.attn_norm.k", "L1.attn_norm.unit", "L1.attn_norm.top",
+                 "L1.attn_norm.rms.scaled",
+                 # 13-bit keys and 14-bit probabilities as planes
+                 "L0.attn.k.cache.u.hi", "L0.attn.k.cache.hi", "L0.attn.k.cache.lo.value",
+                 "L0.attn.k.cache", "L1.attn.scores.planes", "L1.attn.scores.hi",
+                 "L1.attn.scores.sum", "L1.attn.scores", "L0.attn.prob", "L0.attn.pv.planes",
+                 "L0.attn.pv.lo", "L0.attn.pv"):
         k = names.index(name) + 1
         for index in sample_elements(outputs[k - 1].size, rng, most=3):
             witness = prover.witness(k, index)
