@@ -667,8 +667,8 @@ def test_providerWrong_sixteenBitPlanesNodes_honestFalseLyingTrue(verifier, rand
     option adds (the planes' Div and Casts, their Concat, the MatMulInteger over both planes,
     the Slices with a dynamic end and start, the recombination's Adds and Div, the lm_head's
     row count; the 28-bit residual's norm; the key and probability planes, the keys' on a
-    batch axis the queries broadcast over) decides on chain as the reference does, honest and lying, at its first, last
-    and a random element."""
+    batch axis the queries broadcast over) decides on chain as the reference does, honest and
+    lying, at its first, last and a random element."""
     from optinfer.models.converter import convert
 
     convert(random_checkpoint, tmp_path / "int16", max_context=32, linear_input_bits=16)
