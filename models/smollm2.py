@@ -6,9 +6,9 @@ so the integer model is written once into a cache directory (`$OPTINFER_CACHE_DI
 `~/.cache/optinfer`, where `bench inference` keeps its models too) and reused while it is
 complete and was converted the way this module converts it: from the same GGUF and calibration
 file, with 16-bit linear inputs, for this optinfer's op-set version and onnxruntime, and with
-every file matching the hash its manifest records. A model converted by an older converter that
-still passes those checks is reused as it is (it is a sound model, only not the newest
-conversion); delete the directory to convert again. Processes asking at once wait for one
+every file matching the hash its manifest records, and by this converter's code (a fingerprint
+of its modules' source, kept beside the directory): a model an older converter wrote is
+converted again. Processes asking at once wait for one
 conversion (a lock file beside the directory).
 """
 
@@ -98,6 +98,9 @@ def why_not_reusable(model_dir: Path, source: Path) -> str | None:
     for what, (found, expected) in wanted.items():
         if found != expected:
             return f"its {what} is {found!r}, not {expected!r}"
+    recorded = _fingerprint_path(model_dir)
+    if not recorded.is_file() or recorded.read_text().strip() != converter_fingerprint():
+        return "it was written by another version of the converter"
     for name, digest in files.items():
         path = model_dir / name
         if not path.is_file():
@@ -145,6 +148,31 @@ def _convert_into(source: Path, target: Path, progress) -> None:
         if target.exists():
             os.replace(target, Path(tmp) / "stale")  # removed with the temporary directory
         os.replace(fresh, target)
+        _fingerprint_path(target).write_text(converter_fingerprint() + "\n")
+
+
+#: The modules whose code decides what a conversion writes.
+_CONVERTER_MODULES = ("converter", "qwen2_graph", "quant", "graph_builder", "gguf_import",
+                      "float_reference", "checkpoint", "manifest", "chat", "opset")
+
+
+def converter_fingerprint() -> str:
+    """SHA-256 over the source of the converter's modules: a cached model written by other
+    code (an older optinfer, a changed quantisation) is converted again rather than served
+    as if it were today's."""
+    import importlib
+
+    digest = hashlib.sha256()
+    for name in _CONVERTER_MODULES:
+        module = importlib.import_module(f"optinfer.models.{name}")
+        digest.update(name.encode() + b"\0" + Path(module.__file__).read_bytes())
+    return digest.hexdigest()
+
+
+def _fingerprint_path(model_dir: Path) -> Path:
+    """Beside the model directory, not in it: the directory is exactly what the converter
+    wrote (its manifest lists every file)."""
+    return model_dir.parent / f".{model_dir.name}.converter"
 
 
 @contextmanager

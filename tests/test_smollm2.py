@@ -173,6 +173,15 @@ def test_the_converted_model_is_integer_only_and_reusable(smollm2_cache, smollm2
     changed.mkdir()
     for path in smollm2_model.iterdir():
         (changed / path.name).symlink_to(path)
+    fingerprint = smollm2_model.parent / f".{smollm2_model.name}.converter"
+    sidecar = tmp_path / ".changed.converter"
+    assert why_not_reusable(changed, smollm2_path()) == (
+        "it was written by another version of the converter")  # no fingerprint beside it
+    sidecar.write_text("0" * 64 + "\n")
+    assert why_not_reusable(changed, smollm2_path()) == (
+        "it was written by another version of the converter")
+    sidecar.write_text(fingerprint.read_text())
+    assert why_not_reusable(changed, smollm2_path()) is None
     (changed / "tokenizer.json").unlink()
     (changed / "tokenizer.json").write_text((smollm2_model / "tokenizer.json").read_text()
                                             + "\n")
