@@ -54,7 +54,10 @@ PROB_MAX = 255  # attention probabilities: uint8, scale 1/255
 #: With 16-bit linear inputs: probabilities of scale 1/16383 as two uint8 planes; e * max plus
 #: half the row sum (at most 2**16 * 8192 / 2) stays within int32.
 WIDE_PROB_MAX = (1 << 14) - 1
-ARGMAX_CHUNK_BYTES = 16 * 1024  # bounded fan-in for the vocabulary argmax
+#: The vocabulary argmax's chunks: at most 2,560 int32, so that the one-step of a chunk's
+#: ReduceMax or ArgMax stays under 1.5M gas (about 540 gas an element: 1.29M at R1's 2,374,
+#: 2.05M at SmolLM2's 4,096 under the 16 KiB bound this replaced; docs/performance.md).
+ARGMAX_CHUNK_BYTES = 10 * 1024
 LINEAR_INPUT_BITS = (8, 16)  # uint8 linear inputs, or 16-bit ones as two uint8 planes
 
 

@@ -20,6 +20,7 @@ from onnx import TensorProto, helper
 
 from optinfer.models import opset
 from optinfer.models.manifest import node_description
+from optinfer.models.qwen2_graph import argmax_chunk
 from optinfer.models.runtime import IntegerModel
 from optinfer.models.tiny_r1 import INTEGER_DIR, held_out_problems
 from optinfer.prover.commitments import ProofError, RangeProof, dtype_code
@@ -172,7 +173,7 @@ def test_the_argmax_tree_recomputes_node_by_node(argmax_tree_model):
     within = prover.witness(_node_k(names, "argmax.within"), 0)
     assert within.node.op_type == "GatherElements"
     local = prover.witness(_node_k(names, "argmax.local"), 1)
-    assert [r.opening.count for r in local.ranges] == [4096]  # one chunk row
+    assert [r.opening.count for r in local.ranges] == [argmax_chunk(8192)]  # one chunk row
 
 
 # ----------------------------------------------------------------------------- rejections
