@@ -161,7 +161,8 @@ def graph_statistics(model: onnx.ModelProto, max_len: int,
     }
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file, as the manifest's `files` records it (hex)."""
     h = hashlib.sha256()
     with path.open("rb") as f:
         while chunk := f.read(1 << 24):
@@ -213,6 +214,6 @@ def build_manifest(spec, max_context: int, verify: onnx.ModelProto, builder, out
         "bounds": {name: [lo, hi] for name, (lo, hi) in builder.bounds.items()},
         "calibration": {**calibration, "max_abs": {k: float(v) for k, v in
                                                    sorted(stats.max_abs.items())}},
-        "files": {name: _file_sha256(out_dir / name) for name in files
+        "files": {name: file_sha256(out_dir / name) for name in files
                   if (out_dir / name).is_file()},
     }

@@ -79,6 +79,7 @@ def why_not_reusable(model_dir: Path, source: Path) -> str | None:
     import onnxruntime as ort
 
     from optinfer.models import opset
+    from optinfer.models.manifest import file_sha256
 
     manifest_path = model_dir / "manifest.json"
     if not manifest_path.is_file():
@@ -105,7 +106,7 @@ def why_not_reusable(model_dir: Path, source: Path) -> str | None:
         path = model_dir / name
         if not path.is_file():
             return f"{name} is missing"
-        if _sha256(path) != digest:
+        if file_sha256(path) != digest:
             return f"{name} does not match its manifest's hash"
     return None
 
@@ -190,14 +191,6 @@ def _exclusive(lock_path: Path, tell) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 __all__ = [
