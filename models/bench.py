@@ -268,13 +268,13 @@ def measure(checkpoint: Path, integer: Path, float_path: Path, tokens: int, prom
 def bench_inference(layers: int = 28, tokens: int = 256, prompt_len: int = 32, threads: int = 2,
                     workdir: Path | None = None, log=print, linear_input_bits: int = 8) -> dict:
     from optinfer.errors import UserError
+    from optinfer.models.converter import check_linear_input_bits
 
     if prompt_len + tokens > BENCH_CONTEXT:
         raise UserError(f"prompt + tokens must be at most {BENCH_CONTEXT}")
     if not 1 <= layers <= 28:
         raise UserError("--layers must be in 1..28")
-    if linear_input_bits not in (8, 16):
-        raise UserError(f"--linear-input-bits must be 8 or 16, got {linear_input_bits}")
+    check_linear_input_bits(linear_input_bits)  # before minutes of writing a checkpoint
     workdir = workdir or Path.home() / ".cache" / "optinfer" / f"r1-distill-1.5b-{layers}l"
     checkpoint, integer, float_path = prepare(Path(workdir), layers, log, linear_input_bits)
     result = measure(checkpoint, integer, float_path, tokens, prompt_len, threads, log)

@@ -156,6 +156,13 @@ ACT_DIVISOR_MAX = 1 << 23  # 255 * d + d / 2 must fit int32
 ACT16_DIVISOR_MAX = (1 << 15) - 1  # with 16-bit inputs, 65535 * d + d / 2 must fit int32
 
 
+def check_linear_input_bits(linear_input_bits: int) -> None:
+    """UserError unless the linear layers' inputs are 8 or 16 bits wide."""
+    if linear_input_bits not in LINEAR_INPUT_BITS:
+        raise UserError("linear input bits (--linear-input-bits) must be 8 or 16, got "
+                        f"{linear_input_bits}")
+
+
 def model_residual_bits(hidden_size: int, linear_input_bits: int) -> int:
     """The residual's saturation bits: FINE_RESIDUAL_BITS for a model with 16-bit linear
     inputs; with 8-bit ones what RMSNorm squares exactly (the graph as it always was)."""
@@ -173,8 +180,7 @@ class _Quantizer:
 
     def __init__(self, spec: Qwen2Spec, stats: CalibrationStats, max_context: int,
                  linear_input_bits: int = 8):
-        if linear_input_bits not in LINEAR_INPUT_BITS:
-            raise UserError(f"linear input bits must be 8 or 16, got {linear_input_bits}")
+        check_linear_input_bits(linear_input_bits)
         self.spec, self.stats, self.max_context = spec, stats, max_context
         self.wide = linear_input_bits == 16
         # Levels of a linear input: uint8 (zero point 128) or 16-bit (zero point 2**15).
@@ -404,8 +410,7 @@ def convert(checkpoint_dir: Path, out_dir: Path, calibration: Path | None = None
     """Convert a Qwen2ForCausalLM checkpoint directory or a Llama/Qwen2 GGUF file; returns the
     manifest. `linear_input_bits` 16 makes the linear layers' inputs 16-bit (two uint8 planes
     in one MatMulInteger, docs/models.md); 8, the default, is the graph as it always was."""
-    if linear_input_bits not in LINEAR_INPUT_BITS:
-        raise UserError(f"linear input bits must be 8 or 16, got {linear_input_bits}")
+    check_linear_input_bits(linear_input_bits)
     with tempfile.TemporaryDirectory(prefix="optinfer-convert-") as scratch:
         return _convert(Path(checkpoint_dir), Path(out_dir), calibration, max_context, progress,
                         Path(scratch), linear_input_bits)

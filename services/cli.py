@@ -187,10 +187,9 @@ LinearInputBits = Annotated[int, typer.Option(
 def _convert_and_report(source: Path, out_dir: Path, calibration: Path | None,
                         max_context: int | None, as_json: bool,
                         linear_input_bits: int = 8) -> None:
-    from optinfer.models.converter import convert
+    from optinfer.models.converter import check_linear_input_bits, convert
 
-    if linear_input_bits not in (8, 16):
-        raise UserError(f"--linear-input-bits must be 8 or 16, got {linear_input_bits}")
+    check_linear_input_bits(linear_input_bits)  # before the progress bar appears
     with progress_bar("converting") as progress:
         manifest = convert(source, out_dir, calibration, max_context, progress,
                            linear_input_bits)
