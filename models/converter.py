@@ -48,6 +48,7 @@ from optinfer.models.qwen2_graph import (
     Requant,
     build_graph,
     residual_bits,
+    wide_pv_bound,
 )
 
 DEFAULT_MAX_CONTEXT = 4096
@@ -163,6 +164,20 @@ def check_linear_input_bits(linear_input_bits: int) -> None:
                         f"{linear_input_bits}")
 
 
+def linear_input_scale(calibrated_max: float, wide: bool) -> float:
+    """Scale of a linear layer's input: uint8 (zero point 128), or with 16-bit inputs (`wide`)
+    16-bit (zero point 2**15), from its calibrated max |x|."""
+    return quant.activation_scale(max(float(calibrated_max), 1e-6),
+                                  quant.ACT16_MAX if wide else quant.ACT_MAX)
+
+
+def accumulator_input_units(wide: bool) -> int:
+    """Input units in one unit of a linear layer's accumulator: 1, or with 16-bit inputs 256
+    (the planes' product is kept as floor((S + bias + 128) / 256),
+    `GraphBuilder.matmul_integer_planes`)."""
+    return PLANE_BASE if wide else 1
+
+
 def model_residual_bits(hidden_size: int, linear_input_bits: int) -> int:
     """The residual's saturation bits: FINE_RESIDUAL_BITS for a model with 16-bit linear
     inputs; with 8-bit ones what RMSNorm squares exactly (the graph as it always was)."""
@@ -199,7 +214,7 @@ class _Quantizer:
 
     def input_scale(self, name: str) -> float:
         """Scale of a linear layer's input whose calibration point is `name`."""
-        return quant.activation_scale(self._amax(name), self.in_levels)
+        return linear_input_scale(self._amax(name), self.wide)
 
     def norm(self, gamma: np.ndarray, out_scale: float) -> Norm:
         gain = np.asarray(gamma, np.float64) / out_scale
@@ -226,8 +241,7 @@ class _Quantizer:
             bias = np.rint(ql.bias / acc_scale).astype(np.int64)
             bias_bound = int(np.abs(bias).max())
             x_bound += bias_bound // PLANE_BASE + 1 if self.wide else bias_bound
-        if self.wide:
-            acc_scale = acc_scale * PLANE_BASE
+        acc_scale = acc_scale * accumulator_input_units(self.wide)
         out = _requant_int32(acc_scale / out_scale, x_bound, -out_bound, out_bound)
         return Linear(weight=ql.weight, bias=bias, out=out)
 
@@ -259,9 +273,8 @@ class _Quantizer:
         half_res = self.res_clip // 2
         score_bound = 2 * spec.head_dim * 128 * key_levels + MASK_PENALTY
         prob_max = WIDE_PROB_MAX if self.wide else PROB_MAX
-        # |P . V|: a row of probabilities sums to at most prob_max + S/2 (qwen2_graph.wide_pv);
-        # the 8-bit graph keeps its looser bound (and its model root).
-        pv_bound = ((WIDE_PROB_MAX + self.max_context // 2) * 64 if self.wide
+        # |P . V|; the 8-bit graph keeps its looser bound (and its model root).
+        pv_bound = (wide_pv_bound(self.max_context) if self.wide
                     else self.max_context * 255 * 64)
         return Layer(
             attn_norm=self.norm(weights["input_norm"], s_attn_in),

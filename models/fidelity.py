@@ -104,9 +104,12 @@ class Dequantization:
 def dequantization(integer: IntegerModel, lm_head: np.ndarray) -> Dequantization:
     """The scales of `integer`'s residual and logits, from its manifest and the float lm_head
     it was converted from; refuses a float lm_head whose multipliers are not the graph's."""
-    from optinfer.models import quant
-    from optinfer.models.converter import lm_head_quantization, residual_scale
-    from optinfer.models.graph_builder import PLANE_BASE
+    from optinfer.models.converter import (
+        accumulator_input_units,
+        linear_input_scale,
+        lm_head_quantization,
+        residual_scale,
+    )
     from optinfer.models.qwen2_graph import residual_bits
 
     ql, big_m, m_bits = lm_head_quantization(lm_head)
@@ -114,11 +117,8 @@ def dequantization(integer: IntegerModel, lm_head: np.ndarray) -> Dequantization
         raise UserError(f"the float checkpoint's lm_head is not the one {integer.dir} was "
                         "converted from (its logit multipliers differ)")
     max_abs = integer.manifest["calibration"]["max_abs"]
-    if integer.manifest.get("linear_input_bits", 8) == 16:  # acc = round(S / 256), S 16-bit
-        s_final = quant.activation_scale(max(float(max_abs["final_in"]), 1e-6),
-                                         quant.ACT16_MAX) * PLANE_BASE
-    else:
-        s_final = quant.activation_scale(max(float(max_abs["final_in"]), 1e-6))
+    wide = integer.manifest.get("linear_input_bits", 8) == 16
+    s_final = linear_input_scale(max_abs["final_in"], wide) * accumulator_input_units(wide)
     res_bits = integer.manifest.get("residual_bits",
                                     residual_bits(integer.manifest["config"]["hidden_size"]))
     return Dequantization(residual=residual_scale(max_abs["residual"], res_bits),

@@ -61,6 +61,12 @@ ARGMAX_CHUNK_BYTES = 10 * 1024
 LINEAR_INPUT_BITS = (8, 16)  # uint8 linear inputs, or 16-bit ones as two uint8 planes
 
 
+def wide_pv_bound(max_context: int) -> int:
+    """|P . V| with 14-bit probabilities: a row of them sums to at most WIDE_PROB_MAX + S/2
+    (each rounds e * max / sum), so either plane's row does too, and |V| <= 64."""
+    return (WIDE_PROB_MAX + max_context // 2) * 64
+
+
 def residual_bits(hidden_size: int) -> int:
     """Bits of a residual whose RMSNorm sum of squares stays within 2**53.
 
@@ -393,9 +399,7 @@ class _Qwen2Builder:
         planes = g.planes(prob, 2, f"{name}.prob")  # (kv, grp, 2T, S) u8
         both = g.matmul_integer(planes, v, 0, s_max, f"{name}.pv.planes",
                                 columns=v_cols)  # (kv, grp, 2T, hd)
-        # A row of probabilities sums to at most max + S/2 (each rounds e * max / sum), so
-        # either plane's row does too, and |V| <= 64.
-        bound = (WIDE_PROB_MAX + s_max // 2) * 64
+        bound = wide_pv_bound(s_max)
         why = "a row of probabilities sums to at most WIDE_PROB_MAX + S/2 and |V| <= 64"
         hi = g.assume(g.slice(both, g.ints([0]), self.rows, 2, f"{name}.pv.hi"),
                       -bound // PLANE_BASE, bound // PLANE_BASE, why)
