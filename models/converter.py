@@ -164,11 +164,15 @@ def check_linear_input_bits(linear_input_bits: int) -> None:
                         f"{linear_input_bits}")
 
 
+def linear_input_levels(wide: bool) -> int:
+    """The largest |x| of a linear layer's input in its units: uint8 (zero point 128), or
+    with 16-bit inputs (`wide`) 16-bit (zero point 2**15)."""
+    return quant.ACT16_MAX if wide else quant.ACT_MAX
+
+
 def linear_input_scale(calibrated_max: float, wide: bool) -> float:
-    """Scale of a linear layer's input: uint8 (zero point 128), or with 16-bit inputs (`wide`)
-    16-bit (zero point 2**15), from its calibrated max |x|."""
-    return quant.activation_scale(max(float(calibrated_max), 1e-6),
-                                  quant.ACT16_MAX if wide else quant.ACT_MAX)
+    """Scale of a linear layer's input, from its calibrated max |x|."""
+    return quant.activation_scale(max(float(calibrated_max), 1e-6), linear_input_levels(wide))
 
 
 def accumulator_input_units(wide: bool) -> int:
@@ -198,8 +202,7 @@ class _Quantizer:
         check_linear_input_bits(linear_input_bits)
         self.spec, self.stats, self.max_context = spec, stats, max_context
         self.wide = linear_input_bits == 16
-        # Levels of a linear input: uint8 (zero point 128) or 16-bit (zero point 2**15).
-        self.in_levels = quant.ACT16_MAX if self.wide else quant.ACT_MAX
+        self.in_levels = linear_input_levels(self.wide)
         self.res_bits = model_residual_bits(spec.hidden_size, linear_input_bits)
         self.res_clip = 1 << self.res_bits
         self.s_res = residual_scale(self._amax("residual"), self.res_bits)
