@@ -32,7 +32,10 @@ from optinfer.models.qwen2_graph import (
     EXP_FRAC_BITS,
     EXP_LEN,
     EXP_OUT_BITS,
+    FINE_ACT_ZERO_POINT,
+    FINE_LOGIT_BITS,
     FINE_RESIDUAL_BITS,
+    FINE_WEIGHT_BITS,
     GATE_HALF_RANGE,
     LINEAR_INPUT_BITS,
     MASK_PENALTY,
@@ -40,6 +43,7 @@ from optinfer.models.qwen2_graph import (
     QK_FIX_CLIP,
     ROPE_FRAC_BITS,
     UP_CLIP,
+    WEIGHT_BITS,
     WIDE_PROB_MAX,
     IntegerQwen2,
     Layer,
@@ -47,6 +51,7 @@ from optinfer.models.qwen2_graph import (
     Norm,
     Requant,
     build_graph,
+    fine_query_half,
     residual_bits,
     wide_pv_bound,
 )
@@ -164,6 +169,14 @@ def check_linear_input_bits(linear_input_bits: int) -> None:
                         f"{linear_input_bits}")
 
 
+def check_weight_bits(weight_bits: int, linear_input_bits: int) -> None:
+    """UserError unless the weights are 7 bits, or 13 (the fine graph) with 16-bit inputs."""
+    if weight_bits not in WEIGHT_BITS:
+        raise UserError(f"weight bits (--weight-bits) must be 7 or 13, got {weight_bits}")
+    if weight_bits == FINE_WEIGHT_BITS and linear_input_bits != 16:
+        raise UserError("13-bit weights need 16-bit linear inputs (--linear-input-bits 16)")
+
+
 def linear_input_levels(wide: bool) -> int:
     """The largest |x| of a linear layer's input in its units: uint8 (zero point 128), or
     with 16-bit inputs (`wide`) 16-bit (zero point 2**15)."""
@@ -175,11 +188,11 @@ def linear_input_scale(calibrated_max: float, wide: bool) -> float:
     return quant.activation_scale(max(float(calibrated_max), 1e-6), linear_input_levels(wide))
 
 
-def accumulator_input_units(wide: bool) -> int:
+def accumulator_input_units(wide: bool, fine: bool = False) -> int:
     """Input units in one unit of a linear layer's accumulator: 1, or with 16-bit inputs 256
     (the planes' product is kept as floor((S + bias + 128) / 256),
-    `GraphBuilder.matmul_integer_planes`)."""
-    return PLANE_BASE if wide else 1
+    `GraphBuilder.matmul_integer_planes`); 1 again in the fine graph, which keeps S exactly."""
+    return PLANE_BASE if wide and not fine else 1
 
 
 def model_residual_bits(hidden_size: int, linear_input_bits: int) -> int:
@@ -198,10 +211,13 @@ class _Quantizer:
     """Turns float weights and calibrated ranges into the constants of IntegerQwen2."""
 
     def __init__(self, spec: Qwen2Spec, stats: CalibrationStats, max_context: int,
-                 linear_input_bits: int = 8):
+                 linear_input_bits: int = 8, weight_bits: int = 7):
         check_linear_input_bits(linear_input_bits)
+        check_weight_bits(weight_bits, linear_input_bits)
         self.spec, self.stats, self.max_context = spec, stats, max_context
         self.wide = linear_input_bits == 16
+        self.fine = weight_bits == FINE_WEIGHT_BITS
+        self.weight_bits = weight_bits
         self.in_levels = linear_input_levels(self.wide)
         self.res_bits = model_residual_bits(spec.hidden_size, linear_input_bits)
         self.res_clip = 1 << self.res_bits
@@ -228,13 +244,19 @@ class _Quantizer:
         eps_q = max(1, round(self.spec.rms_norm_eps / self.s_res**2))
         return Norm(G=big_g, shift=shift, eps_q=eps_q)
 
-    def linear(self, w, b, in_scale: float, out_scale: float, out_bound: int) -> Linear:
+    def linear(self, w, b, in_scale: float, out_scale: float, out_bound: int,
+               in_levels: int | None = None) -> Linear:
         """Quantised weights, bias in accumulator units, and the requantisation to out_scale
         within [-out_bound, out_bound] (in int32 where the multiplier keeps enough bits).
 
         With 16-bit inputs the bias is in units of the exact sum S (in_scale * weight scale)
         and the requantised accumulator is floor((S + bias + 128) / 256)
-        (`GraphBuilder.matmul_integer_planes`), 256 units of S each."""
+        (`GraphBuilder.matmul_integer_planes`), 256 units of S each. In the fine graph the
+        requantisation (int64) starts from S + bias itself; `in_levels` is the input's
+        largest |x| in its units (default: a 16-bit input's)."""
+        if self.fine:
+            return self.fine_linear(w, b, in_scale, out_scale, out_bound,
+                                    in_levels or self.in_levels)
         ql = quant.quantize_linear(w, b)
         acc_scale = in_scale * ql.scale  # real value of one accumulator unit, per channel
         k = ql.weight.shape[0]
@@ -248,6 +270,19 @@ class _Quantizer:
         out = _requant_int32(acc_scale / out_scale, x_bound, -out_bound, out_bound)
         return Linear(weight=ql.weight, bias=bias, out=out)
 
+    def fine_linear(self, w, b, in_scale: float, out_scale: float, out_bound: int,
+                    in_levels: int) -> Linear:
+        """13-bit weights; S + bias bounded by (in_levels + 1) * max column sum |W| + |bias|
+        (`GraphBuilder.matmul_integer_wide`), requantised in int64."""
+        ql = quant.quantize_linear(w, b, FINE_WEIGHT_BITS)
+        acc_scale = in_scale * ql.scale  # real value of one unit of S, per channel
+        bias = None if ql.bias is None else np.rint(ql.bias / acc_scale).astype(np.int64)
+        x_bound = (in_levels + 1) * int(np.abs(ql.weight.astype(np.int64)).sum(axis=0).max())
+        if bias is not None:
+            x_bound += int(np.abs(bias).max())
+        return Linear(weight=ql.weight, bias=bias,
+                      out=_requant(acc_scale / out_scale, x_bound, out_bound))
+
     def gate_frac_bits(self) -> int:
         amax = max(self._amax(f"L{i}.gate") for i in range(self.spec.num_layers))
         gate_range = min(max(2 ** math.ceil(math.log2(2 * amax)), GATE_RANGE_MIN), GATE_RANGE_MAX)
@@ -257,33 +292,49 @@ class _Quantizer:
         spec, a = self.spec, self._amax
         p = f"L{i}."
         s_attn_in = self.input_scale(p + "attn_in")
-        s_q = quant.activation_scale(a(p + "q_rot"))  # uint8
-        # Keys: int8, 7 bits; with 16-bit linear inputs 13 bits (two int8 planes).
+        # Queries: uint8; in the fine graph in [-h, h) (fine_query_half), two planes.
+        q_half = fine_query_half(spec.head_dim) if self.fine else 128
+        s_q = quant.activation_scale(a(p + "q_rot"), q_half - 1)
+        # Keys: int8, 7 bits; with 16-bit linear inputs 13 bits (two int8 planes); values
+        # likewise in the fine graph.
         key_levels = SIGNED_PLANE_HALF if self.wide else 64
+        value_levels = SIGNED_PLANE_HALF if self.fine else 64
         s_k = a(p + "k_rot") / (key_levels - 1)
-        s_v = a(p + "v") / 63
-        e_q = _rope_extra_bits(s_q, a(p + "q"), 256)
+        s_v = a(p + "v") / (value_levels - 1)
+        e_q = _rope_extra_bits(s_q, a(p + "q"), 2 * q_half)
         e_k = _rope_extra_bits(s_k, a(p + "k"), 2 * key_levels)
         s_attn_out = self.input_scale(p + "attn_out")
         s_mlp_in = self.input_scale(p + "mlp_in")
-        s_act = self.input_scale(p + "act")
-        # act = silu * up is requantised by one integer divisor d: up's scale follows from it,
-        # as large as keeps 2x the calibrated up within UP_CLIP.
         gate_unit = 2.0**-self.gate_bits
-        d = math.floor(s_act / gate_unit * UP_CLIP / (2 * a(p + "up")))
-        d = min(max(d, 1), ACT16_DIVISOR_MAX if self.wide else ACT_DIVISOR_MAX)
-        s_up = s_act / gate_unit / d
+        act_levels = None
+        if self.fine:
+            # act = silu * up (up's scale keeps 2x its calibrated max within UP_CLIP), then
+            # requantised to 24 bits, three planes.
+            act_levels = FINE_ACT_ZERO_POINT - 1
+            s_act = quant.activation_scale(a(p + "act"), act_levels)
+            s_up = 2 * a(p + "up") / UP_CLIP
+            d = 1
+            act = _requant_int32(gate_unit * s_up / s_act, GATE_HALF_RANGE * UP_CLIP,
+                                 -FINE_ACT_ZERO_POINT, FINE_ACT_ZERO_POINT - 1)
+        else:
+            s_act = self.input_scale(p + "act")
+            # act = silu * up is requantised by one integer divisor d: up's scale follows from
+            # it, as large as keeps 2x the calibrated up within UP_CLIP.
+            d = math.floor(s_act / gate_unit * UP_CLIP / (2 * a(p + "up")))
+            d = min(max(d, 1), ACT16_DIVISOR_MAX if self.wide else ACT_DIVISOR_MAX)
+            s_up = s_act / gate_unit / d
+            act = None
         half_res = self.res_clip // 2
-        score_bound = 2 * spec.head_dim * 128 * key_levels + MASK_PENALTY
+        score_bound = 2 * spec.head_dim * q_half * key_levels + MASK_PENALTY
         prob_max = WIDE_PROB_MAX if self.wide else PROB_MAX
         # |P . V|; the 8-bit graph keeps its looser bound (and its model root).
         pv_bound = (wide_pv_bound(self.max_context) if self.wide
-                    else self.max_context * 255 * 64)
+                    else self.max_context * 255 * 64) * (value_levels // 64)
         return Layer(
             attn_norm=self.norm(weights["input_norm"], s_attn_in),
             q=self.linear(weights["q_w"], weights["q_b"], s_attn_in, s_q / 2**e_q, QK_FIX_CLIP),
             k=self.linear(weights["k_w"], weights["k_b"], s_attn_in, s_k / 2**e_k, QK_FIX_CLIP),
-            v=self.linear(weights["v_w"], weights["v_b"], s_attn_in, s_v, 64),
+            v=self.linear(weights["v_w"], weights["v_b"], s_attn_in, s_v, value_levels),
             q_rot=_rounding_shift(ROPE_FRAC_BITS + e_q),
             k_rot=_rounding_shift(ROPE_FRAC_BITS + e_k),
             scores=_requant_int32(s_q * s_k / math.sqrt(spec.head_dim) * 2**EXP_FRAC_BITS,
@@ -295,7 +346,8 @@ class _Quantizer:
             gate=self.linear(weights["gate_w"], None, s_mlp_in, gate_unit, GATE_HALF_RANGE),
             up=self.linear(weights["up_w"], None, s_mlp_in, s_up, UP_CLIP),
             act_divisor=d,
-            down=self.linear(weights["down_w"], None, s_act, self.s_res, half_res),
+            down=self.linear(weights["down_w"], None, s_act, self.s_res, half_res, act_levels),
+            act=act,
         )
 
     def embedding(self, table: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
@@ -314,29 +366,49 @@ class _Quantizer:
         proves the same bound).
         """
         s_final = self.input_scale("final_in")
-        ql, big_m, _ = lm_head_quantization(lm_head)
+        ql, big_m, m_bits = lm_head_quantization(lm_head, self.weight_bits)
+        # 7-bit weights: the logits are acc * M exactly, no shift.
+        shift = fine_logit_shift(ql, m_bits) if self.fine else 0
         return self.norm(final_gamma, s_final), Linear(weight=ql.weight, bias=None,
-                                                       out=Requant(M=big_m, shift=0))
+                                                       out=Requant(M=big_m, shift=shift))
 
 
-def lm_head_quantization(lm_head: np.ndarray) -> tuple[quant.QuantizedLinear, np.ndarray, int]:
-    """The lm_head's int8 weights, its per-channel logit multipliers M (int32) and their bits.
+def _lm_head_bound(ql: quant.QuantizedLinear, fine: bool) -> int:
+    """|acc| of the lm_head: 128 (uint8) or 2**15 (the fine graph's 16-bit input, exact S)
+    times the largest absolute column sum of its weights."""
+    levels = PLANE_ZERO_POINT if fine else 128
+    return levels * int(np.abs(ql.weight.astype(np.int64)).sum(axis=0).max())
+
+
+def fine_logit_shift(ql: quant.QuantizedLinear, m_bits: int) -> int:
+    """The fine graph's logits are round(S * M / 2**shift): the shift that keeps them within
+    2**FINE_LOGIT_BITS."""
+    return max(quant.bits(_lm_head_bound(ql, True)) + m_bits - FINE_LOGIT_BITS, 1)
+
+
+def lm_head_quantization(lm_head: np.ndarray, weight_bits: int = 7
+                         ) -> tuple[quant.QuantizedLinear, np.ndarray, int]:
+    """The lm_head's weights, its per-channel logit multipliers M and their bits.
 
     M_c = round(scale_c / max(scale) * 2**m_bits), so one real logit is
-    acc_c * s_final * scale_c ~= (acc_c * M_c) * s_final * max(scale) / 2**m_bits: the graph's
-    int32 logits times one common scale (which `fidelity` uses to read them as real logits).
+    acc_c * s_final * scale_c ~= (acc_c * M_c) * s_final * max(scale) / 2**m_bits. With 7-bit
+    weights acc_c * M_c itself is the graph's int32 logit; in the fine graph (13-bit weights,
+    M with 24 bits) the logit is round(S_c * M_c / 2**shift), shift from `_Quantizer.head`
+    (`fidelity` reads either as real logits with one common scale).
     """
-    ql = quant.quantize_linear(lm_head)
-    acc_bound = 128 * int(np.abs(ql.weight.astype(np.int64)).sum(axis=0).max())
-    m_bits = 31 - quant.bits(acc_bound)
-    big_m = np.maximum(np.rint(ql.scale / ql.scale.max() * 2.0**m_bits), 1).astype(np.int32)
+    fine = weight_bits == FINE_WEIGHT_BITS
+    ql = quant.quantize_linear(lm_head, bits=weight_bits)
+    m_bits = 24 if fine else 31 - quant.bits(_lm_head_bound(ql, False))
+    dtype = np.int64 if fine else np.int32
+    big_m = np.maximum(np.rint(ql.scale / ql.scale.max() * 2.0**m_bits), 1).astype(dtype)
     return ql, big_m, m_bits
 
 
 def quantize(spec: Qwen2Spec, reader: WeightReader, stats: CalibrationStats, max_context: int,
-             progress: Progress | None = None, linear_input_bits: int = 8) -> IntegerQwen2:
+             progress: Progress | None = None, linear_input_bits: int = 8,
+             weight_bits: int = 7) -> IntegerQwen2:
     """The integer constants of the model, one layer at a time (float weights are freed)."""
-    qz = _Quantizer(spec, stats, max_context, linear_input_bits)
+    qz = _Quantizer(spec, stats, max_context, linear_input_bits, weight_bits)
     embed, embed_m, embed_shift = qz.embedding(reader.embed_tokens())
     layers = []
     for i in range(spec.num_layers):
@@ -356,6 +428,7 @@ def quantize(spec: Qwen2Spec, reader: WeightReader, stats: CalibrationStats, max
         silu_table=quant.silu_table(qz.gate_bits, GATE_HALF_RANGE),
         rope_cos=cos, rope_sin=sin, linear_input_bits=linear_input_bits,
         residual_bits=None if qz.res_bits == residual_bits(spec.hidden_size) else qz.res_bits,
+        weight_bits=weight_bits,
     )
 
 
@@ -422,19 +495,21 @@ def open_checkpoint(path: Path, scratch: Path) -> FloatCheckpoint:
 
 def convert(checkpoint_dir: Path, out_dir: Path, calibration: Path | None = None,
             max_context: int | None = None, progress: Progress | None = None,
-            linear_input_bits: int = 8) -> dict:
+            linear_input_bits: int = 8, weight_bits: int = 7) -> dict:
     """Convert a Qwen2ForCausalLM checkpoint directory or a Llama/Qwen2 GGUF file; returns the
     manifest. `linear_input_bits` 16 makes the linear layers' inputs 16-bit (two uint8 planes
-    in one MatMulInteger, docs/models.md); 8, the default, is the graph as it always was."""
+    in one MatMulInteger, docs/models.md); 8, the default, is the graph as it always was.
+    `weight_bits` 13 (with 16-bit inputs) makes the fine graph (`qwen2_graph.WEIGHT_BITS`)."""
     check_linear_input_bits(linear_input_bits)
+    check_weight_bits(weight_bits, linear_input_bits)
     with tempfile.TemporaryDirectory(prefix="optinfer-convert-") as scratch:
         return _convert(Path(checkpoint_dir), Path(out_dir), calibration, max_context, progress,
-                        Path(scratch), linear_input_bits)
+                        Path(scratch), linear_input_bits, weight_bits)
 
 
 def _convert(checkpoint_dir: Path, out_dir: Path, calibration: Path | None,
              max_context: int | None, progress: Progress | None, scratch: Path,
-             linear_input_bits: int = 8) -> dict:
+             linear_input_bits: int = 8, weight_bits: int = 7) -> dict:
     from optinfer.models.manifest import build_manifest
 
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -462,7 +537,7 @@ def _convert(checkpoint_dir: Path, out_dir: Path, calibration: Path | None,
                       progress and (lambda f, msg: progress(0.3 * f, msg)))
     qmodel = quantize(spec, reader, stats, max_context,
                       progress and (lambda f, msg: progress(0.3 + 0.4 * f, msg)),
-                      linear_input_bits)
+                      linear_input_bits, weight_bits)
     if progress:
         progress(0.75, "building graphs")
     verify_builder, decode_builder = build_graph(qmodel, "verify"), build_graph(qmodel, "decode")
@@ -486,6 +561,8 @@ def _convert(checkpoint_dir: Path, out_dir: Path, calibration: Path | None,
             manifest["linear_input_bits"] = linear_input_bits
         if qmodel.residual_bits is not None:  # absent: residual_bits(hidden_size)
             manifest["residual_bits"] = qmodel.residual_bits
+        if weight_bits != 7:  # absent: 7
+            manifest["weight_bits"] = weight_bits
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         _make_readable(staging)
         if out_dir.exists():

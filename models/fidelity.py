@@ -106,24 +106,31 @@ def dequantization(integer: IntegerModel, lm_head: np.ndarray) -> Dequantization
     it was converted from; refuses a float lm_head whose multipliers are not the graph's."""
     from optinfer.models.converter import (
         accumulator_input_units,
+        fine_logit_shift,
         linear_input_scale,
         lm_head_quantization,
         residual_scale,
     )
-    from optinfer.models.qwen2_graph import residual_bits
+    from optinfer.models.qwen2_graph import FINE_WEIGHT_BITS, residual_bits
 
-    ql, big_m, m_bits = lm_head_quantization(lm_head)
-    if not np.array_equal(_constant(integer, "lm_head.M"), big_m):
+    weight_bits = integer.manifest.get("weight_bits", 7)
+    fine = weight_bits == FINE_WEIGHT_BITS
+    ql, big_m, m_bits = lm_head_quantization(lm_head, weight_bits)
+    multipliers = _constant(integer, "logits.M" if fine else "lm_head.M")
+    if not np.array_equal(multipliers, big_m):
         raise UserError(f"the float checkpoint's lm_head is not the one {integer.dir} was "
                         "converted from (its logit multipliers differ)")
+    # The fine graph's logits are round(S * M / 2**shift): 2**shift units of S * M each.
+    shift = fine_logit_shift(ql, m_bits) if fine else 0
     max_abs = integer.manifest["calibration"]["max_abs"]
     wide = integer.manifest.get("linear_input_bits", 8) == 16
-    s_final = linear_input_scale(max_abs["final_in"], wide) * accumulator_input_units(wide)
+    s_final = (linear_input_scale(max_abs["final_in"], wide)
+               * accumulator_input_units(wide, fine))
     res_bits = integer.manifest.get("residual_bits",
                                     residual_bits(integer.manifest["config"]["hidden_size"]))
     return Dequantization(residual=residual_scale(max_abs["residual"], res_bits),
                           res_clip=1 << res_bits,
-                          logits=s_final * float(ql.scale.max()) / 2.0**m_bits)
+                          logits=s_final * float(ql.scale.max()) * 2.0**(shift - m_bits))
 
 
 def _constant(integer: IntegerModel, name: str) -> np.ndarray:

@@ -72,6 +72,14 @@ def _as_int32(values: np.ndarray, hint: str) -> np.ndarray:
     return values.astype(np.int32)
 
 
+def split_signed_planes(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """13-bit signed integers v in [-2**12, 2**12) as two int8 planes, v = 64 * hi + lo with
+    hi = floor(v / 64) in [-64, 63] and lo = v mod 64 in [0, 63] (`signed_planes` computes
+    the same inside a graph)."""
+    hi, lo = np.divmod(np.asarray(v, np.int64), SIGNED_PLANE_BASE)
+    return hi.astype(np.int8), lo.astype(np.int8)
+
+
 def _trunc_div(a: int, b: int) -> int:
     q = abs(a) // abs(b)
     return q if (a >= 0) == (b > 0) else -q
@@ -401,23 +409,37 @@ class GraphBuilder:
 
     # --------------------------------------------------- 16-bit activations as planes
 
-    def planes(self, u: Tensor, axis: int, hint: str) -> Tensor:
-        """A 16-bit activation as two uint8 planes stacked along `axis`, high bytes first.
+    def planes(self, u: Tensor, axis: int, hint: str, count: int = 2) -> Tensor:
+        """An activation of 8 * count bits as `count` uint8 planes stacked along `axis`, the
+        most significant first.
 
-        `u` is the activation x offset by its zero point, u = x + 2**15 in [0, 2**16) (int32
-        or int64): hi = u // 256 (Div on a non-negative value, where truncation is floor) and
-        lo = u mod 256 (Cast to uint8, which keeps the low byte), so u = 256 * hi + lo and,
-        with MatMulInteger's zero point 128 on both planes,
-        x = 256 * (hi - 128) + (lo - 128) + 128.
+        `u` is the activation x offset by its zero point, u = x + zp in [0, 256**count) (int32
+        or int64). The lowest plane is Cast to uint8, which keeps the low byte; each higher one
+        is u // 256**j (Div on a non-negative value, where truncation is floor), Cast likewise,
+        and the top one needs no wrap. For two planes, u = 256 * hi + lo and, with
+        MatMulInteger's zero point 128 on both, x = 256 * (hi - 128) + (lo - 128) + 128 when
+        zp = 2**15.
         """
-        if u.lo < 0 or u.hi > PLANE_TOP:
-            raise RangeError(f"{hint}: [{u.lo}, {u.hi}] is not a 16-bit activation in [0, 2**16)")
-        high = self.div(u, self.scalar(PLANE_BASE, u.dtype), f"{hint}.hi.value")
-        high = self.cast(high, np.uint8, f"{hint}.hi")
-        low_lo, low_hi = (u.lo, u.hi) if u.hi < PLANE_BASE else (0, PLANE_BASE - 1)
-        low = self._node("Cast", [u], f"{hint}.lo", np.uint8, low_lo, low_hi,
-                         to=_ONNX_TYPE[np.dtype(np.uint8)])  # wraps: the low byte
-        return self.concat([high, low], axis, hint)
+        top = PLANE_BASE**count - 1
+        if u.lo < 0 or u.hi > top:
+            raise RangeError(f"{hint}: [{u.lo}, {u.hi}] is not a {8 * count}-bit activation "
+                             f"in [0, 2**{8 * count})")
+        names = {2: ["hi", "lo"], 3: ["hi", "mid", "lo"]}.get(count)
+        if names is None:
+            raise ValueError(f"{hint}: 2 or 3 planes, not {count}")
+        out = []
+        for j, part in enumerate(names):
+            weight = PLANE_BASE ** (count - 1 - j)
+            if j == 0:  # the top byte: u // 256**(count-1) is already in [0, 255]
+                high = self.div(u, self.scalar(weight, u.dtype), f"{hint}.{part}.value")
+                out.append(self.cast(high, np.uint8, f"{hint}.{part}"))
+                continue
+            v = u if weight == 1 else self.div(u, self.scalar(weight, u.dtype),
+                                               f"{hint}.{part}.value")
+            lo, hi = (v.lo, v.hi) if v.hi < PLANE_BASE else (0, PLANE_BASE - 1)
+            out.append(self._node("Cast", [v], f"{hint}.{part}", np.uint8, lo, hi,
+                                  to=_ONNX_TYPE[np.dtype(np.uint8)]))  # wraps: the low byte
+        return self.concat(out, axis, hint)
 
     def signed_planes(self, v: Tensor, axis: int, hint: str) -> Tensor:
         """A 13-bit signed value v in [-2**12, 2**12) as two int8 planes of a MatMulInteger B
@@ -498,6 +520,53 @@ class GraphBuilder:
         hi = int(((s_hi + bias + PLANE_BASE // 2) // PLANE_BASE).max())
         return self.assume(acc, lo, hi, "the planes' rounded accumulator is "
                            "floor((S + bias + 128) / 256), S a sum of 16-bit x times B")
+
+    def matmul_integer_wide(self, a: Tensor, count: int, weights: np.ndarray, bias,
+                            zero_point: int, hint: str) -> Tensor:
+        """S + bias exactly, in int64, with S[i, j] = sum_k x[i, k] * W[k, j] for an activation
+        x of `count` uint8 planes stacked along the rows (`planes`; `a` is (count * R, K),
+        x = u - zero_point) and 13-bit weights W (K, N) in
+        [-2**12, 2**12), given as integers and split into two 7-bit planes here.
+
+        One MatMulInteger (zero point 128) multiplies every activation plane by both weight
+        planes side by side, B = [W_hi | W_lo] (K, 2N) with W = 64 * W_hi + W_lo
+        (`split_signed_planes`), so each of the count * 2 partial products keeps to int32 and
+        to 7-bit B operands. In int64, then:
+
+            Z_p = 64 * Y[p, :, :N] + Y[p, :, N:] = sum_k (plane_p - 128) * W,
+            S = sum_p 256**(count-1-p) * Z_p + (128 * sum_p 256**p - zero_point) * colsum(W).
+        """
+        w = np.asarray(weights, np.int64)
+        if w.ndim != 2 or w.min() < -SIGNED_PLANE_HALF or w.max() >= SIGNED_PLANE_HALF:
+            raise RangeError(f"{hint}: wide weights must be a 13-bit signed matrix")
+        k, n = w.shape
+        hi, lo = split_signed_planes(w)
+        b = self.const(f"{hint}.W", np.concatenate([hi, lo], axis=1))  # (K, 2N) int8
+        y = self.matmul_integer(a, b, ACT_ZERO_POINT, k, f"{hint}.planes")  # (count*R, 2N)
+        y = self.cast(self.reshape(y, [count, -1, 2 * n], f"{hint}.by_plane"), np.int64,
+                      f"{hint}.i64")  # (count, R, 2N)
+        z = self.add(self.mul(self.slice(y, self.ints([0]), n, 2, f"{hint}.whi"),
+                              self.scalar(SIGNED_PLANE_BASE), f"{hint}.whi.scaled"),
+                     self.slice(y, self.ints([n]), 2 * n, 2, f"{hint}.wlo"),
+                     f"{hint}.z")  # (count, R, N): sum_k (plane - 128) * W
+        total = None
+        for p in range(count):
+            zp_ = self.slice(z, self.ints([p]), p + 1, 0, f"{hint}.z{p}")
+            if p < count - 1:
+                zp_ = self.mul(zp_, self.scalar(PLANE_BASE ** (count - 1 - p)),
+                               f"{hint}.z{p}.scaled")
+            total = zp_ if total is None else self.add(total, zp_, f"{hint}.sum{p}")
+        colsum = w.sum(axis=0)
+        offset = ACT_ZERO_POINT * sum(PLANE_BASE**p for p in range(count)) - zero_point
+        bias = np.zeros(n, np.int64) if bias is None else np.asarray(bias, np.int64)
+        s = self.add(self.reshape(total, [-1, n], f"{hint}.rows"),
+                     self.const(f"{hint}.C", offset * colsum + bias), f"{hint}.exact")
+        # The exact range per column, for x in [-zero_point, 256**count - 1 - zero_point].
+        x_lo, x_hi = -zero_point, PLANE_BASE**count - 1 - zero_point
+        pos, neg = np.clip(w, 0, None).sum(axis=0), np.clip(-w, 0, None).sum(axis=0)
+        s_lo = int((x_lo * pos - x_hi * neg + bias).min())
+        s_hi = int((x_hi * pos - x_lo * neg + bias).max())
+        return self.assume(s, s_lo, s_hi, "S + bias, S a sum of the planes' x times 13-bit W")
 
     def lookup(self, table: Tensor, index: Tensor, hint: str) -> Tensor:
         """table[index] for a 1-D constant table, elementwise over an index tensor of any shape.

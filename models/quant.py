@@ -55,7 +55,7 @@ def quantize_rows(w: np.ndarray, qmax: int, qmin: int) -> tuple[np.ndarray, np.n
     Works through the rows in chunks, so a 151936 x 1536 matrix needs no full-size float64 copy.
     """
     w = np.asarray(w)
-    q = np.empty(w.shape, np.int8)
+    q = np.empty(w.shape, np.int8 if qmax <= 127 and qmin >= -128 else np.int16)
     scale = np.empty(w.shape[0], np.float64)
     for start in range(0, w.shape[0], ROWS_PER_CHUNK):
         rows = np.asarray(w[start:start + ROWS_PER_CHUNK], dtype=np.float64)
@@ -66,9 +66,12 @@ def quantize_rows(w: np.ndarray, qmax: int, qmin: int) -> tuple[np.ndarray, np.n
     return q, scale
 
 
-def quantize_linear(w: np.ndarray, b: np.ndarray | None = None) -> QuantizedLinear:
-    """Per-output-channel symmetric 7-bit quantisation of a torch-layout (out, in) weight."""
-    q, scale = quantize_rows(w, WEIGHT_MAX, WEIGHT_MIN)
+def quantize_linear(w: np.ndarray, b: np.ndarray | None = None, bits: int = 7
+                    ) -> QuantizedLinear:
+    """Per-output-channel symmetric quantisation of a torch-layout (out, in) weight: 7 bits
+    (int8 in [-64, 63]), or 13 (int16 in [-2**12, 2**12), the fine graph's two planes)."""
+    half = 1 << (bits - 1)
+    q, scale = quantize_rows(w, half - 1, -half)
     bias = None if b is None else np.asarray(b, dtype=np.float64)
     return QuantizedLinear(weight=np.ascontiguousarray(q.T), scale=scale, bias=bias)
 

@@ -59,12 +59,34 @@ WIDE_PROB_MAX = (1 << 14) - 1
 #: 2.05M at SmolLM2's 4,096 under the 16 KiB bound this replaced; docs/performance.md).
 ARGMAX_CHUNK_BYTES = 10 * 1024
 LINEAR_INPUT_BITS = (8, 16)  # uint8 linear inputs, or 16-bit ones as two uint8 planes
+#: Weights of 7 bits (int8 in [-64, 63], one MatMulInteger operand), or, with 16-bit linear
+#: inputs, 13 bits: the fine graph, where weights are two 7-bit planes
+#: (`GraphBuilder.matmul_integer_wide`) and the other points that a real LM showed to need
+#: more bits follow: values 13-bit like keys, queries 12-bit (`fine_query_half`), and the
+#: down projection's input 24-bit (three planes); docs/models.md, "The fine graph".
+WEIGHT_BITS = (7, 13)
+FINE_WEIGHT_BITS = 13
+FINE_ACT_PLANES = 3  # the down projection's input: 24 bits
+FINE_ACT_ZERO_POINT = 1 << 23
+#: Fine queries are planes whose zero points (128 each) make up the whole offset:
+#: q = 256 * (hi - 128) + (lo - 128), so the scores need no correction term for them.
+FINE_QUERY_ZERO_POINT = 128 * (PLANE_BASE + 1)
+#: The fine graph's logits: round(S * M_c / 2**shift) within +-2**FINE_LOGIT_BITS (int32).
+FINE_LOGIT_BITS = 30
 
 
 def wide_pv_bound(max_context: int) -> int:
     """|P . V| with 14-bit probabilities: a row of them sums to at most WIDE_PROB_MAX + S/2
     (each rounds e * max / sum), so either plane's row does too, and |V| <= 64."""
     return (WIDE_PROB_MAX + max_context // 2) * 64
+
+
+def fine_query_half(head_dim: int) -> int:
+    """A fine graph's queries lie in [-h, h): the largest power of two h for which a score,
+    at most head_dim * h * 2**12 against 13-bit keys, and a row's max minus a masked score
+    (twice that plus MASK_PENALTY) stay within int32. 2048 (12 bits) at head_dim 64."""
+    room = (2**31 - 1 - MASK_PENALTY) // (2 * head_dim * SIGNED_PLANE_HALF)
+    return 1 << (room.bit_length() - 1)
 
 
 def residual_bits(hidden_size: int) -> int:
@@ -131,8 +153,10 @@ class Layer:
     mlp_norm: Norm
     gate: Linear  # -> gate fixed point 2**-gate_frac_bits, offset by GATE_HALF_RANGE (int32)
     up: Linear  # -> up fixed point, |up| <= UP_CLIP (int32)
-    act_divisor: int  # silu(gate) * up / act_divisor -> uint8
+    act_divisor: int  # silu(gate) * up / act_divisor -> uint8 (1 in a fine graph)
     down: Linear  # -> residual units
+    # A fine graph's silu(gate) * up -> 24 bits, offset by FINE_ACT_ZERO_POINT.
+    act: Requant | None = None
 
 
 @dataclass(frozen=True)
@@ -163,6 +187,14 @@ class IntegerQwen2:
     linear_input_bits: int = 8
     # The residual saturates at +-2**residual_bits; None: residual_bits(hidden_size).
     residual_bits: int | None = None
+    # 7, or 13 for the fine graph (16-bit linear inputs only; see WEIGHT_BITS): every
+    # Linear.weight is then int16 in [-2**12, 2**12), its bias in units of the exact sum S,
+    # and its requantisation (int64) starts from S; lm_head.out rounds S * M to int32 logits.
+    weight_bits: int = 7
+
+    @property
+    def fine(self) -> bool:
+        return self.weight_bits == FINE_WEIGHT_BITS
 
     @property
     def res_clip(self) -> int:
@@ -182,11 +214,14 @@ def argmax_chunk(vocab_size: int) -> int:
 
 @dataclass(frozen=True)
 class Planes:
-    """A 16-bit linear input: its two uint8 planes stacked along the rows, (2R, K), and R as a
-    1-element int64 tensor (`GraphBuilder.planes`)."""
+    """A 16-bit (or 24-bit) linear input: its uint8 planes stacked along the rows,
+    (count * R, K), R as a 1-element int64 tensor (`GraphBuilder.planes`), and the zero point
+    the planes' value u is offset by (x = u - zero_point)."""
 
     stack: Tensor
     rows: Tensor
+    count: int = 2
+    zero_point: int = PLANE_ZERO_POINT
 
 
 class _Qwen2Builder:
@@ -195,10 +230,13 @@ class _Qwen2Builder:
     def __init__(self, m: IntegerQwen2, mode: str):
         if m.linear_input_bits not in LINEAR_INPUT_BITS:
             raise ValueError(f"linear inputs of {m.linear_input_bits} bits: 8 or 16")
+        if m.weight_bits not in WEIGHT_BITS or (m.fine and m.linear_input_bits != 16):
+            raise ValueError(f"weights of {m.weight_bits} bits: 7, or 13 with 16-bit inputs")
         self.m, self.mode = m, mode
         self.g = GraphBuilder(f"optinfer-qwen2-{mode}")
         self.res_clip = m.res_clip
         self.wide = m.linear_input_bits == 16
+        self.fine = m.fine
         self.rows: Tensor | None = None  # the layers' row count, a 1-element int64 tensor
 
     # ---------------------------------------------------------------- pieces
@@ -256,8 +294,12 @@ class _Qwen2Builder:
     def linear(self, x: Tensor | Planes, p: Linear, name: str) -> Tensor:
         """MatMulInteger plus bias, in int32 accumulator units (not yet requantised); for
         Planes, the 16-bit sum plus bias divided by 256 and rounded
-        (`GraphBuilder.matmul_integer_planes`)."""
+        (`GraphBuilder.matmul_integer_planes`); in a fine graph the exact sum plus bias, int64
+        (`GraphBuilder.matmul_integer_wide`)."""
         g = self.g
+        if self.fine:
+            return g.matmul_integer_wide(x.stack, x.count, p.weight, p.bias, x.zero_point,
+                                         f"{name}.acc")
         if isinstance(x, Planes):
             return g.matmul_integer_planes(x.stack, x.rows, g.const(f"{name}.W", p.weight),
                                            p.bias, f"{name}.acc")
@@ -305,12 +347,22 @@ class _Qwen2Builder:
                                f"{name}.q.fix")  # (T, n*hd) int32
         k = self.requant_int32(self.linear(x, p.k, f"{name}.k"), p.k.out, -fix, fix,
                                f"{name}.k.fix")  # (T, kv*hd) int32
-        v = self.requant_int32(self.linear(x, p.v, f"{name}.v"), p.v.out, -64, 63,
-                               f"{name}.v.q", 0, np.int8)  # (T, kv*hd) int8
+        if self.fine:  # 13-bit values, in int32 until they are split into planes below
+            half = SIGNED_PLANE_HALF
+            v = self.requant_int32(self.linear(x, p.v, f"{name}.v"), p.v.out, -half, half - 1,
+                                   f"{name}.v.q13")  # (T, kv*hd) int32
+        else:
+            v = self.requant_int32(self.linear(x, p.v, f"{name}.v"), p.v.out, -64, 63,
+                                   f"{name}.v.q", 0, np.int8)  # (T, kv*hd) int8
         q = self.rope(q, n, ctx["cos"], ctx["sin"], f"{name}.q")  # int32, |q| < 2**30
         k = self.rope(k, kv, ctx["cos"], ctx["sin"], f"{name}.k")
-        q = self.requant_int32(q, p.q_rot, -128, 127, f"{name}.q.u8", 128,
-                               np.uint8)  # (T, n, hd) u8
+        if self.fine:  # (T, n, hd) int32: q + FINE_QUERY_ZERO_POINT, planes below
+            qh = fine_query_half(m.head_dim)
+            q = self.requant_int32(q, p.q_rot, -qh, qh - 1, f"{name}.q.q12",
+                                   FINE_QUERY_ZERO_POINT, np.int32)
+        else:
+            q = self.requant_int32(q, p.q_rot, -128, 127, f"{name}.q.u8", 128,
+                                   np.uint8)  # (T, n, hd) u8
         if self.wide:  # 13-bit keys, in int32 until they are split into planes below
             half = SIGNED_PLANE_HALF
             k = self.requant_int32(k, p.k_rot, -half, half - 1, f"{name}.k.q13")  # (T, kv, hd)
@@ -327,16 +379,22 @@ class _Qwen2Builder:
             k = g.reshape(k, [kv, 1, hd, -1], f"{name}.k.cache")  # (kv, 1, hd, T) int8
         v = g.reshape(v, [0, kv, hd], f"{name}.v.heads")  # (T, kv, hd)
         v = g.transpose(v, [1, 0, 2], f"{name}.v.btd")  # (kv, T, hd)
-        v = g.reshape(v, [kv, 1, -1, hd], f"{name}.v.cache")  # (kv, 1, T, hd) int8
+        if self.fine:  # two int8 planes along axis 1, like the keys
+            v = g.reshape(v, [kv, 1, -1, hd], f"{name}.v.heads")  # (kv, 1, T, hd) int32
+            v = g.signed_planes(v, 1, f"{name}.v.cache")  # (kv, 2, T, hd) int8
+        else:
+            v = g.reshape(v, [kv, 1, -1, hd], f"{name}.v.cache")  # (kv, 1, T, hd) int8
         if self.mode == "decode":
             k = g.concat([ctx["past_k"][i], k], 3, f"{name}.k.present")  # (kv, 1|2, hd, S)
-            v = g.concat([ctx["past_v"][i], v], 2, f"{name}.v.present")  # (kv, 1, S, hd)
+            v = g.concat([ctx["past_v"][i], v], 2, f"{name}.v.present")  # (kv, 1|2, S, hd)
         s_max = m.max_context
         k_cols = v_cols = None
         if self.mode == "verify":  # proof-only: B operands' columns as contiguous rows
             k_cols = g.swap_last_axes(k, 4, f"{name}.k.columns")  # (kv, 1|2, S, hd)
-            v_cols = g.swap_last_axes(v, 4, f"{name}.v.columns")  # (kv, 1, hd, S)
-        if self.wide:
+            v_cols = g.swap_last_axes(v, 4, f"{name}.v.columns")  # (kv, 1|2, hd, S)
+        if self.fine:
+            scores = self.fine_scores(q, k, k_cols, name)  # (kv, grp, T, S) int32
+        elif self.wide:
             scores = self.wide_scores(q, k, k_cols, name)  # (kv, grp, T, S) int32
         else:
             scores = g.matmul_integer(q, k, 128, hd, f"{name}.scores",
@@ -356,7 +414,9 @@ class _Qwen2Builder:
                     g.div(total, g.scalar(2, np.int32), f"{name}.phalf"), f"{name}.pround")
         prob = g.assume(g.div(num, total, f"{name}.pdiv"), 0, prob_max,
                         "each exp term is at most the row sum, so e*max/sum + 1/2 < max + 1")
-        if self.wide:
+        if self.fine:
+            att = self.fine_pv(prob, v, v_cols, name)  # (kv, grp, T, hd)
+        elif self.wide:
             att = self.wide_pv(prob, v, v_cols, name)  # (kv, grp, T, hd)
         else:
             prob = g.cast(prob, np.uint8, f"{name}.prob")
@@ -409,6 +469,65 @@ class _Qwen2Builder:
                       f"{name}.pv")
         return g.assume(exact, -bound, bound, why)
 
+    def fine_scores(self, q: Tensor, k: Tensor, k_cols: Tensor | None, name: str) -> Tensor:
+        """q . k for fine queries (kv, grp, T, hd), int32 offset by FINE_QUERY_ZERO_POINT, and
+        13-bit keys as planes (kv, 2, hd, S): the queries' two uint8 planes stacked along the
+        rows (groups folded in), one MatMulInteger broadcasting them over the keys' planes,
+        then 64 * key hi + key lo and 256 * query hi + query lo."""
+        g, m = self.g, self.m
+        kv, grp, hd = m.num_kv_heads, m.num_heads // m.num_kv_heads, m.head_dim
+        rows = g.reshape(q, [kv, 1, -1, hd], f"{name}.q.rows")  # (kv, 1, grp*T, hd)
+        planes = g.planes(rows, 2, f"{name}.q.planes")  # (kv, 1, 2*grp*T, hd) u8
+        both = g.matmul_integer(planes, k, 128, hd, f"{name}.scores.planes",
+                                columns=k_cols)  # (kv, 2, 2*grp*T, S)
+        k_hi = g.slice(both, g.ints([0]), 1, 1, f"{name}.scores.khi")
+        k_lo = g.slice(both, g.ints([1]), 2, 1, f"{name}.scores.klo")
+        by_q = g.add(g.mul(k_hi, g.scalar(SIGNED_PLANE_BASE, np.int32), f"{name}.scores.khi64"),
+                     k_lo, f"{name}.scores.k")  # (kv, 1, 2*grp*T, S): sum (plane - 128) k
+        group_rows = g.mul(self.rows, g.ints([grp]), f"{name}.q.group_rows")
+        bound = hd * fine_query_half(hd) * SIGNED_PLANE_HALF
+        why = "a fine query's planes make up q in [-h, h), and |k| <= 2**12"
+        q_hi = g.assume(g.slice(by_q, g.ints([0]), group_rows, 2, f"{name}.scores.qhi"),
+                        -bound // PLANE_BASE, bound // PLANE_BASE, why)
+        q_lo = g.slice(by_q, group_rows, INT64_MAX, 2, f"{name}.scores.qlo")
+        exact = g.add(g.mul(q_hi, g.scalar(PLANE_BASE, np.int32), f"{name}.scores.qhi256"),
+                      q_lo, f"{name}.scores.sum")  # (kv, 1, grp*T, S)
+        exact = g.assume(exact, -bound, bound, why)
+        return g.reshape(exact, [0, grp, -1, 0], f"{name}.scores")  # (kv, grp, T, S)
+
+    def fine_pv(self, prob: Tensor, v: Tensor, v_cols: Tensor | None, name: str) -> Tensor:
+        """P . V for probabilities in [0, WIDE_PROB_MAX] (kv, grp, T, S) int32 and 13-bit
+        values as planes (kv, 2, S, hd): the probabilities' two uint8 planes stacked along the
+        rows (groups folded in), one MatMulInteger broadcasting them over the values' planes,
+        then 64 * value hi + value lo and 256 * prob hi + prob lo."""
+        g, m, s_max = self.g, self.m, self.m.max_context
+        kv, grp, hd = m.num_kv_heads, m.num_heads // m.num_kv_heads, m.head_dim
+        planes = g.planes(prob, 2, f"{name}.prob")  # (kv, grp, 2T, S) u8
+        rows = g.reshape(planes, [kv, 1, -1, 0], f"{name}.prob.rows")  # (kv, 1, grp*2T, S)
+        both = g.matmul_integer(rows, v, 0, s_max, f"{name}.pv.planes",
+                                columns=v_cols)  # (kv, 2, grp*2T, hd)
+        # Either probability plane's row sums to at most WIDE_PROB_MAX + S/2 (each is at
+        # most the probability), and a value plane is at most 64 in magnitude.
+        plane = wide_pv_bound(s_max)
+        why_plane = "a probability plane's row sums to at most WIDE_PROB_MAX + S/2, |V plane| <= 64"
+        v_hi = g.assume(g.slice(both, g.ints([0]), 1, 1, f"{name}.pv.vhi"), -plane, plane,
+                        why_plane)
+        v_lo = g.assume(g.slice(both, g.ints([1]), 2, 1, f"{name}.pv.vlo"), -plane, plane,
+                        why_plane)
+        bound = wide_pv_bound(s_max) * SIGNED_PLANE_BASE
+        why = ("a row of probabilities sums to at most WIDE_PROB_MAX + S/2 and "
+               "|V| <= 2**12")
+        by_p = g.assume(g.add(g.mul(v_hi, g.scalar(SIGNED_PLANE_BASE, np.int32),
+                                    f"{name}.pv.vhi64"), v_lo, f"{name}.pv.v"),
+                        -bound, bound, why)  # (kv, 1, grp*2T, hd)
+        by_p = g.reshape(by_p, [kv, grp, -1, hd], f"{name}.pv.groups")  # (kv, grp, 2T, hd)
+        hi = g.assume(g.slice(by_p, g.ints([0]), self.rows, 2, f"{name}.pv.hi"),
+                      -bound // PLANE_BASE, bound // PLANE_BASE, why)
+        lo = g.slice(by_p, self.rows, INT64_MAX, 2, f"{name}.pv.lo")
+        exact = g.add(g.mul(hi, g.scalar(PLANE_BASE, np.int32), f"{name}.pv.hi256"), lo,
+                      f"{name}.pv")
+        return g.assume(exact, -bound, bound, why)
+
     def mlp(self, i: int, x: Tensor) -> Tensor:
         """silu(gate) * up in int32: a SiLU table indexed by the requantised gate itself."""
         g, m, p = self.g, self.m, self.m.layers[i]
@@ -421,6 +540,13 @@ class _Qwen2Builder:
                                 -UP_CLIP, UP_CLIP, f"{name}.up.fix")  # (T, I)
         silu = g.lookup(g.const("c.silu", m.silu_table), gate, f"{name}.silu")  # (T, I)
         act = g.mul(silu, up, f"{name}.act")  # (T, I), |act| < 2**31
+        if self.fine:  # 24 bits as three planes
+            zp = FINE_ACT_ZERO_POINT
+            act = self.requant_int32(act, p.act, -zp, zp - 1, f"{name}.act.q24", zp)
+            act = Planes(g.planes(act, 0, f"{name}.act.planes", FINE_ACT_PLANES), self.rows,
+                         FINE_ACT_PLANES, zp)  # (3T, I) u8
+            return self.to_residual(self.linear(act, p.down, f"{name}.down"), p.down,
+                                    f"{name}.down.res")
         d = p.act_divisor
         zp = PLANE_ZERO_POINT if self.wide else 128
         act = g.clip(act, -zp * d, (zp - 1) * d, f"{name}.act.clip")
@@ -452,10 +578,11 @@ class _Qwen2Builder:
             positions = g.input("positions", np.int64, ["T"], 0, cmax - 1)
             kv, hd = m.num_kv_heads, m.head_dim
             key_planes = 2 if self.wide else 1
+            value_planes = 2 if self.fine else 1
             ctx["past_k"] = [g.input(f"past_k.{i}", np.int8, [kv, key_planes, hd, "P"], -64, 63)
                              for i in range(len(m.layers))]
-            ctx["past_v"] = [g.input(f"past_v.{i}", np.int8, [kv, 1, "P", hd], -64, 63)
-                             for i in range(len(m.layers))]
+            ctx["past_v"] = [g.input(f"past_v.{i}", np.int8, [kv, value_planes, "P", hd], -64,
+                                     63) for i in range(len(m.layers))]
             new_1d = self.rows = g.shape(tokens, cmax, "length.1d")
             start = g.sub(new_1d, g.ints([1]), "last")
             # Keys are the cache (positions 0..P-1) followed by the new tokens.
@@ -496,12 +623,23 @@ class _Qwen2Builder:
         x = self.rmsnorm(r, m.final_norm, "final_norm", final_rows)
         # Logits only need the right order: acc * M_c (M_c proportional to the channel's weight
         # scale) is exact in int32 and needs no rounding shift over the whole vocabulary.
+        if self.fine:  # the exact sum (int64), rounded to int32 logits per channel
+            acc = self.linear(x, m.lm_head, "lm_head")
+            out = m.lm_head.out
+            bound = 1 << FINE_LOGIT_BITS
+            logits = g.rescale(acc, out.M, out.shift, -bound, bound, "logits", np.int32)
+            return self.finish(logits, presents)
         if self.wide:  # (L, V) int32, the rounded 16-bit sum (same range as 8 bits')
             acc = self.linear(x, m.lm_head, "lm_head")
         else:
             acc = g.matmul_integer(x, g.const("lm_head.W", m.lm_head.weight), 128,
                                    m.lm_head.weight.shape[0], "lm_head.acc")  # (L, V) int32
         logits = g.mul(acc, g.const("lm_head.M", m.lm_head.out.M), "logits")  # (L, V) int32
+        return self.finish(logits, presents)
+
+    def finish(self, logits: Tensor, presents: list) -> GraphBuilder:
+        """The next tokens from the logits, and in decode mode the present K/V as outputs."""
+        g = self.g
         tokens_out = self.argmax_tree(logits)
         g.output(tokens_out, ["L"])
         if self.mode == "decode":

@@ -176,12 +176,13 @@ class IntegerModel:
         self.check_length(len(prompt) + max_tokens - 1, "prompt plus max tokens")
         sess = self.session("decode")
         kv, hd = self.num_kv_heads, self.head_dim
-        # The key cache's planes: 1, or 2 for 13-bit keys (16-bit linear inputs).
-        key_planes = next(i.shape[1] for i in sess.get_inputs() if i.name == "past_k.0")
+        # The caches' planes: 1, or 2 for 13-bit keys (16-bit linear inputs) and values (the
+        # fine graph).
+        planes = {i.name: i.shape[1] for i in sess.get_inputs() if i.name.startswith("past_")}
         past = {}
         for i in range(self.num_layers):
-            past[f"past_k.{i}"] = np.zeros((kv, key_planes, hd, 0), np.int8)
-            past[f"past_v.{i}"] = np.zeros((kv, 1, 0, hd), np.int8)
+            past[f"past_k.{i}"] = np.zeros((kv, planes["past_k.0"], hd, 0), np.int8)
+            past[f"past_v.{i}"] = np.zeros((kv, planes["past_v.0"], 0, hd), np.int8)
         out_names = [o.name for o in sess.get_outputs()]
         feed_tokens, position, output = list(prompt), 0, []
         while True:
