@@ -156,12 +156,14 @@ def copy_bandwidth(size_bytes: int = 1 << 29, repeats: int = 5) -> float:
     return 2 * size_bytes / best
 
 
-def weight_bytes_per_token(config: dict) -> int:
-    """int8 weight bytes one decode step reads: every linear, the lm_head, one embedding row."""
+def weight_bytes_per_token(config: dict, weight_bits: int = 7) -> int:
+    """int8 weight bytes one decode step reads: every linear, the lm_head (two int8 planes
+    each with 13-bit weights), one embedding row."""
     h, i = config["hidden_size"], config["intermediate_size"]
     q, kv = config["num_heads"] * config["head_dim"], config["num_kv_heads"] * config["head_dim"]
     per_layer = h * q + 2 * h * kv + q * h + 3 * h * i
-    return config["num_layers"] * per_layer + config["vocab_size"] * h + h
+    planes = 2 if weight_bits == 13 else 1
+    return planes * (config["num_layers"] * per_layer + config["vocab_size"] * h) + h
 
 
 def _run_worker(kind: str, *args) -> dict:
@@ -172,23 +174,27 @@ def _run_worker(kind: str, *args) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def prepare(workdir: Path, layers: int, log, linear_input_bits: int = 8
+def prepare(workdir: Path, layers: int, log, linear_input_bits: int = 8, weight_bits: int = 7
             ) -> tuple[Path, Path, Path]:
     """Random R1-Distill-1.5B-shape checkpoint, its integer model and float32 twin (cached).
 
-    The integer model with 16-bit linear inputs is workdir/integer-16 (8 bits: integer)."""
+    The integer model with 16-bit linear inputs is workdir/integer-16 (8 bits: integer; the
+    fine graph, 13-bit weights: integer-16-w13)."""
     from optinfer.models.checkpoint import write_random_checkpoint
     from optinfer.models.converter import convert
 
     checkpoint = workdir / "checkpoint"
     integer = workdir / ("integer" if linear_input_bits == 8 else f"integer-{linear_input_bits}")
+    if weight_bits != 7:
+        integer = integer.with_name(f"{integer.name}-w{weight_bits}")
     if not (checkpoint / "config.json").is_file():
         log(f"writing a random R1-Distill-1.5B-shape checkpoint ({layers} layers) to {workdir}")
         write_random_checkpoint(checkpoint, preset="r1-distill-1.5b", num_layers=layers)
     if not (integer / "manifest.json").is_file():
-        log(f"converting to the integer model ({linear_input_bits}-bit linear inputs)")
+        log(f"converting to the integer model ({linear_input_bits}-bit linear inputs, "
+            f"{weight_bits}-bit weights)")
         convert(checkpoint, integer, max_context=BENCH_CONTEXT,
-                linear_input_bits=linear_input_bits)
+                linear_input_bits=linear_input_bits, weight_bits=weight_bits)
     return checkpoint, integer, float_twin(workdir, log)
 
 
@@ -233,11 +239,14 @@ def measure(checkpoint: Path, integer: Path, float_path: Path, tokens: int, prom
     log(f"float32 torch (transformers): {float_tokens} tokens")
     torch_fp32 = _run_worker("torch", checkpoint, threads, prompt_len, float_tokens)
     bandwidth = copy_bandwidth()
-    per_token = weight_bytes_per_token(config)
+    per_token = weight_bytes_per_token(
+        config, json.loads((integer / "manifest.json").read_text()).get("weight_bits", 7))
     bound = bandwidth / per_token
     return {
         "linear_input_bits": json.loads((integer / "manifest.json").read_text()).get(
             "linear_input_bits", 8),
+        "weight_bits": json.loads((integer / "manifest.json").read_text()).get(
+            "weight_bits", 7),
         "threads": threads, "prompt_tokens": prompt_len,
         "generated_tokens": len(rounds[0][0]["output"]),
         "decode_tokens_per_s": decode,
@@ -266,17 +275,20 @@ def measure(checkpoint: Path, integer: Path, float_path: Path, tokens: int, prom
 
 
 def bench_inference(layers: int = 28, tokens: int = 256, prompt_len: int = 32, threads: int = 2,
-                    workdir: Path | None = None, log=print, linear_input_bits: int = 8) -> dict:
+                    workdir: Path | None = None, log=print, linear_input_bits: int = 8,
+                    weight_bits: int = 7) -> dict:
     from optinfer.errors import UserError
-    from optinfer.models.converter import check_linear_input_bits
+    from optinfer.models.converter import check_linear_input_bits, check_weight_bits
 
     if prompt_len + tokens > BENCH_CONTEXT:
         raise UserError(f"prompt + tokens must be at most {BENCH_CONTEXT}")
     if not 1 <= layers <= 28:
         raise UserError("--layers must be in 1..28")
     check_linear_input_bits(linear_input_bits)  # before minutes of writing a checkpoint
+    check_weight_bits(weight_bits, linear_input_bits)
     workdir = workdir or Path.home() / ".cache" / "optinfer" / f"r1-distill-1.5b-{layers}l"
-    checkpoint, integer, float_path = prepare(Path(workdir), layers, log, linear_input_bits)
+    checkpoint, integer, float_path = prepare(Path(workdir), layers, log, linear_input_bits,
+                                              weight_bits)
     result = measure(checkpoint, integer, float_path, tokens, prompt_len, threads, log)
     return {"model": f"R1-Distill-Qwen-1.5B shape, random weights, {layers} layers", **result}
 

