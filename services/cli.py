@@ -267,15 +267,18 @@ def model_inspect(
     model_dir: Annotated[Path, typer.Argument(help="Converted model directory.")],
     as_json: AsJson = False,
 ) -> None:
-    """Model id, model root, op counts, float tensors and fan-in of a converted model."""
+    """Model id, model root, op counts, float tensors, fan-in and widths of a converted model."""
     from optinfer.contracts.registry import ModelSpec
 
     m = load_model(model_dir)
     keys = ("model_root", "ops", "float_tensors", "max_fan_in_bytes", "nodes", "max_context",
             "opset_version")
     model_id = ModelSpec.from_manifest(m.dir / "manifest.json").model_id
-    emit({"model_id": "0x" + model_id.hex(), **{k: m.manifest[k] for k in keys}}, as_json,
-         lambda d: out.print_json(data=d))
+    # Absent from a manifest: the 8-bit graph's widths.
+    widths = {"linear_input_bits": m.manifest.get("linear_input_bits", 8),
+              "weight_bits": m.manifest.get("weight_bits", 7)}
+    emit({"model_id": "0x" + model_id.hex(), **{k: m.manifest[k] for k in keys}, **widths},
+         as_json, lambda d: out.print_json(data=d))
 
 
 @model_app.command("fetch")

@@ -74,6 +74,7 @@ def test_inspect_reports_the_manifest_figures(random_model):
     assert info["float_tensors"] == 0
     assert info["nodes"] == sum(info["ops"].values())
     assert 0 < info["max_fan_in_bytes"] <= 32 * 1024
+    assert (info["linear_input_bits"], info["weight_bits"]) == (8, 7)  # the default graph
 
 
 @pytest.mark.parametrize("args, message", [

@@ -251,3 +251,18 @@ def test_weight_widths_are_checked(random_checkpoint, tmp_path):
     with pytest.raises(UserError, match="16-bit linear inputs"):
         convert(random_checkpoint, tmp_path / "y", weight_bits=13)
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_the_command_takes_the_option_and_inspect_reports_it(random_checkpoint, tmp_path):
+    from tests.test_cli import cli, cli_json
+
+    out = tmp_path / "fine"
+    cli_json("model", "convert", random_checkpoint, "-o", out, "--max-context", 32,
+             "--linear-input-bits", 16, "--weight-bits", 13)
+    info = cli_json("model", "inspect", out)
+    assert (info["linear_input_bits"], info["weight_bits"]) == (16, 13)
+    for args, message in ((("--weight-bits", 13), "16-bit linear inputs"),
+                          (("--linear-input-bits", 16, "--weight-bits", 9), "7 or 13")):
+        bad = cli("model", "convert", random_checkpoint, "-o", tmp_path / "bad", *args)
+        assert bad.returncode == 2 and message in bad.stderr, bad.stderr
+        assert "Traceback" not in bad.stderr and not (tmp_path / "bad").exists()

@@ -38,19 +38,18 @@ pytestmark = pytest.mark.xdist_group("smollm2")
 
 OPTINFER = str(Path(sys.executable).parent / "optinfer")
 
-# Fidelity floors on FIDELITY_TEXT and FIDELITY_PROMPTS below. Issue 18's targets:
-# teacher-forced top-1 agreement >= 0.97, perplexity ratio (integer / float) <= 1.05, greedy
-# 16-token continuations identical on >= 60% of prompts. Measured 2026-12-07 on the 2-core AMD
-# EPYC (the 16-bit conversion of 9,177 nodes, bff0685): agreement 0.885 (321 positions), perplexity
-# ratio 1.013 (float perplexity 27.0), greedy 2 of 6 identical, mean common prefix 7.2 tokens,
-# position agreement 0.55 (on models/data/smollm2-eval.txt the same model gives 0.927 and
-# 1.052). The floors leave today's figures a margin, for another CPU's float calibration and
-# for the converter changes still landing under the issue, and sit below the targets while the
-# issue is open: raise them as the model gets closer.
-MIN_AGREEMENT = 0.85
-MAX_PERPLEXITY_RATIO = 1.08
-MIN_GREEDY_IDENTICAL = 1 / 6
-MIN_GREEDY_POSITION_AGREEMENT = 0.40
+# Fidelity floors: issue 18's targets, checked on FIDELITY_TEXT below and on the greedy
+# continuations of FIDELITY_PROMPTS below together with the shipped prompts
+# (models/data/smollm2-prompts.txt; 28 prompts, none in the calibration): teacher-forced top-1
+# agreement >= 0.97, perplexity ratio (integer / float) <= 1.05, greedy 16-token continuations
+# identical on >= 60% of prompts. Measured 2026-12-07 on the 2-core AMD EPYC (the fine graph,
+# 11,358 nodes): agreement 0.984 (321 positions), perplexity ratio 1.006 (float perplexity
+# 27.0), greedy identical 7 of these 12 and 11 of the shipped 16, 18 of 28 (0.64), position
+# agreement 0.73 here. The greedy figure is the tightest: one prompt is 3.6 points of it.
+MIN_AGREEMENT = 0.97
+MAX_PERPLEXITY_RATIO = 1.05
+MIN_GREEDY_IDENTICAL = 0.60
+MIN_GREEDY_POSITION_AGREEMENT = 0.60
 GREEDY_TOKENS = 16  # as the issue counts them
 
 # Ordinary English and code written for this test: not in the calibration
@@ -90,6 +89,12 @@ def add(a, b):
 The library opens at
 Every morning before school, the children
 The recipe calls for two cups of
+On rainy days we like to
+The train to the coast leaves at
+class Stack:
+The tallest mountain in the world is
+Before you plant tomatoes, make sure
+Our teacher told us that the moon
 """
 QUESTION = "What is the capital of France?"
 
@@ -198,7 +203,7 @@ def test_fidelity_to_the_float_model_meets_the_floors(smollm2_model, tmp_path):
 
     text, prompts = tmp_path / "text.txt", tmp_path / "prompts.txt"
     text.write_text(FIDELITY_TEXT)
-    prompts.write_text(FIDELITY_PROMPTS)
+    prompts.write_text(FIDELITY_PROMPTS + SMOLLM2_PROMPTS.read_text())
     with one_torch_thread():
         result = measure_text_fidelity(smollm2_path(), smollm2_model, text, prompts,
                                        new_tokens=GREEDY_TOKENS, threads=1)
@@ -208,7 +213,8 @@ def test_fidelity_to_the_float_model_meets_the_floors(smollm2_model, tmp_path):
     assert result["teacher_forced_agreement"] >= MIN_AGREEMENT
     assert result["perplexity_ratio"] <= MAX_PERPLEXITY_RATIO
     greedy = result["greedy"]
-    assert greedy["prompts"] == len(FIDELITY_PROMPTS.splitlines())
+    assert greedy["prompts"] == len(FIDELITY_PROMPTS.splitlines()) + len(
+        SMOLLM2_PROMPTS.read_text().splitlines())
     assert greedy["identical"] / greedy["prompts"] >= MIN_GREEDY_IDENTICAL
     assert greedy["position_agreement"] >= MIN_GREEDY_POSITION_AGREEMENT
 
