@@ -55,6 +55,7 @@ from optinfer.models.qwen2_graph import (
     fine_score_bound,
     residual_bits,
     wide_pv_bound,
+    wide_score_bound,
 )
 
 DEFAULT_MAX_CONTEXT = 4096
@@ -326,9 +327,13 @@ class _Quantizer:
             s_up = s_act / gate_unit / d
             act = None
         half_res = self.res_clip // 2
-        # A row's max minus a score: in the fine graph at most 2B + 1 (fine_score_bound).
-        score_bound = (2 * fine_score_bound(spec.head_dim) + 1 if self.fine
-                       else 2 * spec.head_dim * q_half * key_levels + MASK_PENALTY)
+        # A row's max minus a score: with 13-bit keys at most 2B + 1 (the masked scores'
+        # floor, `_Qwen2Builder.score_bound`).
+        if self.wide:
+            bound = (fine_score_bound if self.fine else wide_score_bound)(spec.head_dim)
+            score_bound = 2 * bound + 1
+        else:
+            score_bound = 2 * spec.head_dim * q_half * key_levels + MASK_PENALTY
         prob_max = WIDE_PROB_MAX if self.wide else PROB_MAX
         # |P . V|; the 8-bit graph keeps its looser bound (and its model root).
         pv_bound = (wide_pv_bound(self.max_context) if self.wide

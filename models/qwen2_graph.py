@@ -94,6 +94,12 @@ def fine_score_bound(head_dim: int) -> int:
     return head_dim * fine_query_half(head_dim) * SIGNED_PLANE_HALF
 
 
+def wide_score_bound(head_dim: int) -> int:
+    """B, the largest |q . k| of the 16-bit graph: uint8 queries (|q - 128| <= 128) against
+    13-bit keys, head_dim * 128 * 2**12."""
+    return head_dim * 128 * SIGNED_PLANE_HALF
+
+
 def residual_bits(hidden_size: int) -> int:
     """Bits of a residual whose RMSNorm sum of squares stays within 2**53.
 
@@ -405,8 +411,8 @@ class _Qwen2Builder:
             scores = g.matmul_integer(q, k, 128, hd, f"{name}.scores",
                                       columns=k_cols)  # (kv, grp, T, S) int32
         masked = g.sub(scores, ctx["mask_penalty"], f"{name}.masked")
-        if self.fine:  # every masked score to -B - 1, below every visible one
-            masked = g.maximum(masked, g.scalar(-fine_score_bound(hd) - 1, np.int32),
+        if self.wide:  # every masked score to -B - 1, below every visible one
+            masked = g.maximum(masked, g.scalar(-self.score_bound() - 1, np.int32),
                                f"{name}.masked.floor")
         row_max = g.reduce_max(masked, f"{name}.rowmax")  # (kv, grp, T, 1)
         diff = g.sub(row_max, masked, f"{name}.diff")  # >= 0 on unmasked keys
@@ -444,6 +450,11 @@ class _Qwen2Builder:
             att = Planes(att, self.rows)
         delta = self.to_residual(self.linear(att, p.o, f"{name}.o"), p.o, f"{name}.o.res")
         return delta, k, v
+
+    def score_bound(self) -> int:
+        """B, the largest |q . k| of a graph with 13-bit keys (16-bit or fine)."""
+        hd = self.m.head_dim
+        return fine_score_bound(hd) if self.fine else wide_score_bound(hd)
 
     def wide_scores(self, q: Tensor, k: Tensor, k_cols: Tensor | None, name: str) -> Tensor:
         """q . k for uint8 q (kv, grp, T, hd) and 13-bit keys as planes (kv, 2, hd, S): one
@@ -603,10 +614,10 @@ class _Qwen2Builder:
         hidden = g.greater(g.reshape(key_positions, [1, -1], "kpos"),
                            g.reshape(positions, [-1, 1], "qpos"), "mask")  # (T, S) bool
         hidden = g.cast(hidden, np.int32, "mask.i32")
-        # Masked scores fall below every visible one: by MASK_PENALTY (enough for scores of
-        # 8-bit queries), or in the fine graph by 2B + 1 and then no further than -B - 1, so
-        # that a row's max minus a masked score stays within int32.
-        penalty = 2 * fine_score_bound(m.head_dim) + 1 if self.fine else MASK_PENALTY
+        # Masked scores fall below every visible one: by MASK_PENALTY (enough for the 8-bit
+        # graph's scores, at most hd * 128 * 64), or with 13-bit keys by 2B + 1 and then no
+        # further than -B - 1, so that a row's max minus a masked score stays within int32.
+        penalty = 2 * self.score_bound() + 1 if self.wide else MASK_PENALTY
         ctx["mask_penalty"] = g.mul(hidden, g.scalar(penalty, np.int32), "mask.penalty")
         ctx["mask_index"] = g.mul(hidden, g.scalar(EXP_LEN - 1, np.int32), "mask.index")
         ctx["exp"] = g.const("c.exp", m.exp_table)

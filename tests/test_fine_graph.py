@@ -18,7 +18,7 @@ import onnx
 import pytest
 
 from optinfer.errors import UserError
-from optinfer.models import opset, reference
+from optinfer.models import opset
 from optinfer.models.converter import convert
 from optinfer.models.graph_builder import GraphBuilder, RangeError, split_signed_planes
 from optinfer.models.qwen2_graph import FINE_ACT_ZERO_POINT, FINE_QUERY_ZERO_POINT
@@ -26,7 +26,7 @@ from optinfer.models.runtime import IntegerModel
 from optinfer.prover.one_step import CommittedModel, OneStepProver, TraceCommitment, WrongClaim
 
 from .conftest import TINY_CONTEXT
-from .test_linear16 import _run
+from .test_linear16 import _run, check_kv_cache, check_long_runs, check_reference_on_every_node
 
 PROMPT = [3, 17, 42, 5, 8, 60, 2]
 
@@ -145,43 +145,15 @@ def test_the_fine_graph_is_an_integer_graph_with_bounded_fan_in(fine_model, rand
 
 
 def test_numpy_reference_equals_onnxruntime_on_every_node(fine_model, fine_trace):
-    _, sequence, outputs = fine_trace
-    values = reference.run_graph(onnx.load(str(fine_model.dir / "model.onnx")),
-                                 {"sequence": sequence}, keep_all=True)
-    names = [n.output[0] for n in fine_model.verify_graph().graph.node]
-    bounds = fine_model.manifest["bounds"]
-    for name, got in zip(names, outputs, strict=True):
-        assert values[name].dtype == got.dtype and np.array_equal(values[name], got), name
-        if got.size:
-            assert bounds[name][0] <= int(got.min()) and int(got.max()) <= bounds[name][1], name
+    check_reference_on_every_node(fine_model, fine_trace)
 
 
 def test_static_bounds_hold_on_long_sequences_and_threads_agree(fine_model):
-    names = [n.output[0] for n in fine_model.verify_graph().graph.node]
-    bounds = fine_model.manifest["bounds"]
-    rng = np.random.default_rng(6)
-    prompt = rng.integers(0, fine_model.vocab_size, size=TINY_CONTEXT // 2).tolist()
-    output = rng.integers(0, fine_model.vocab_size, size=TINY_CONTEXT // 2 + 1).tolist()
-    _, outputs = fine_model.trace(prompt, output)
-    _, again = IntegerModel(fine_model.dir, threads=2).trace(prompt, output)
-    for name, tensor, other in zip(names, outputs, again, strict=True):
-        assert tensor.tobytes() == other.tobytes(), name
-        if tensor.size:
-            assert bounds[name][0] <= int(tensor.min()) and int(tensor.max()) <= bounds[name][1]
+    check_long_runs(fine_model, 6)
 
 
 def test_kv_cache_decoding_equals_one_pass_and_lies_fail(fine_model, fine_trace):
-    tokens = fine_trace[0]
-    assert fine_model.verify(PROMPT, tokens).valid
-    for i in (0, len(tokens) // 2, len(tokens) - 1):
-        forged = list(tokens)
-        forged[i] = (forged[i] + 1) % fine_model.vocab_size
-        assert fine_model.verify(PROMPT, forged).first_mismatch == i
-    rng = np.random.default_rng(4)
-    for length in (1, 2, 5, 17, 40):
-        prompt = rng.integers(0, fine_model.vocab_size, size=length).tolist()
-        generated = fine_model.generate(prompt, 12)
-        assert fine_model.predict(prompt, generated).tolist() == generated
+    check_kv_cache(fine_model, fine_trace[0], 4)
 
 
 #: One node of each kind the fine graph adds: the weight planes' product, its int64

@@ -188,44 +188,61 @@ def test_the_fine_residual_squares_each_rows_top_bits(wide_model, wide_trace):
     assert shifted > 0
 
 
-def test_numpy_reference_equals_onnxruntime_on_every_node(wide_model, wide_trace):
-    _, sequence, outputs = wide_trace
-    values = reference.run_graph(onnx.load(str(wide_model.dir / "model.onnx")),
+def check_reference_on_every_node(model: IntegerModel, trace) -> None:
+    """The numpy reference reproduces ONNX Runtime's every node output of `trace` (tokens,
+    sequence, outputs), each inside its manifest bounds."""
+    _, sequence, outputs = trace
+    values = reference.run_graph(onnx.load(str(model.dir / "model.onnx")),
                                  {"sequence": sequence}, keep_all=True)
-    names = [n.output[0] for n in wide_model.verify_graph().graph.node]
-    bounds = wide_model.manifest["bounds"]
+    names = [n.output[0] for n in model.verify_graph().graph.node]
+    bounds = model.manifest["bounds"]
     for name, got in zip(names, outputs, strict=True):
         assert values[name].dtype == got.dtype and np.array_equal(values[name], got), name
         if got.size:
             assert bounds[name][0] <= int(got.min()) and int(got.max()) <= bounds[name][1], name
 
 
-def test_static_bounds_hold_on_long_sequences_and_threads_agree(wide_model):
-    names = [n.output[0] for n in wide_model.verify_graph().graph.node]
-    bounds = wide_model.manifest["bounds"]
-    rng = np.random.default_rng(5)
-    prompt = rng.integers(0, wide_model.vocab_size, size=TINY_CONTEXT // 2).tolist()
-    output = rng.integers(0, wide_model.vocab_size, size=TINY_CONTEXT // 2 + 1).tolist()
-    _, outputs = wide_model.trace(prompt, output)
-    _, again = IntegerModel(wide_model.dir, threads=2).trace(prompt, output)
+def check_long_runs(model: IntegerModel, seed: int) -> None:
+    """Random half-context prompt and output: every node inside its static bounds, and the
+    same bytes with 1 and 2 threads."""
+    names = [n.output[0] for n in model.verify_graph().graph.node]
+    bounds = model.manifest["bounds"]
+    rng = np.random.default_rng(seed)
+    prompt = rng.integers(0, model.vocab_size, size=TINY_CONTEXT // 2).tolist()
+    output = rng.integers(0, model.vocab_size, size=TINY_CONTEXT // 2 + 1).tolist()
+    _, outputs = model.trace(prompt, output)
+    _, again = IntegerModel(model.dir, threads=2).trace(prompt, output)
     for name, tensor, other in zip(names, outputs, again, strict=True):
         assert tensor.tobytes() == other.tobytes(), name
         if tensor.size:
             assert bounds[name][0] <= int(tensor.min()) and int(tensor.max()) <= bounds[name][1]
 
 
-def test_kv_cache_decoding_equals_one_pass_and_lies_fail(wide_model, wide_trace):
-    tokens = wide_trace[0]
-    assert wide_model.verify(PROMPT, tokens).valid
+def check_kv_cache(model: IntegerModel, tokens: list[int], seed: int) -> None:
+    """`tokens` (generated after PROMPT) verify, a changed token fails at its index, and
+    decoding with the KV cache predicts what one pass predicts for several prompt lengths."""
+    assert model.verify(PROMPT, tokens).valid
     for i in (0, len(tokens) // 2, len(tokens) - 1):
         forged = list(tokens)
-        forged[i] = (forged[i] + 1) % wide_model.vocab_size
-        assert wide_model.verify(PROMPT, forged).first_mismatch == i
-    rng = np.random.default_rng(3)
+        forged[i] = (forged[i] + 1) % model.vocab_size
+        assert model.verify(PROMPT, forged).first_mismatch == i
+    rng = np.random.default_rng(seed)
     for length in (1, 2, 5, 17, 40):
-        prompt = rng.integers(0, wide_model.vocab_size, size=length).tolist()
-        generated = wide_model.generate(prompt, 12)
-        assert wide_model.predict(prompt, generated).tolist() == generated
+        prompt = rng.integers(0, model.vocab_size, size=length).tolist()
+        generated = model.generate(prompt, 12)
+        assert model.predict(prompt, generated).tolist() == generated
+
+
+def test_numpy_reference_equals_onnxruntime_on_every_node(wide_model, wide_trace):
+    check_reference_on_every_node(wide_model, wide_trace)
+
+
+def test_static_bounds_hold_on_long_sequences_and_threads_agree(wide_model):
+    check_long_runs(wide_model, 5)
+
+
+def test_kv_cache_decoding_equals_one_pass_and_lies_fail(wide_model, wide_trace):
+    check_kv_cache(wide_model, wide_trace[0], 3)
 
 
 def _added_nodes(names: list[str]) -> list[str]:

@@ -672,13 +672,8 @@ def test_providerWrong_sixteenBitPlanesNodes_honestFalseLyingTrue(verifier, rand
     from optinfer.models.converter import convert
 
     convert(random_checkpoint, tmp_path / "int16", max_context=32, linear_input_bits=16)
-    model = IntegerModel(tmp_path / "int16")
-    output = model.generate([5, 9, 40], 3, stop_at_eos=False)
-    sequence, outputs = model.trace([5, 9, 40], output)
-    prover = OneStepProver(CommittedModel(model), TraceCommitment(sequence, outputs))
-    names = [node.name for node in model.verify_graph().graph.node]
-    rng = random.Random(16)
-    for name in ("L0.attn_norm.hi.value", "L0.attn_norm.hi", "L0.attn_norm.lo", "L0.attn_norm",
+    assert_nodes_decide_on_chain_as_the_reference(verifier, IntegerModel(tmp_path / "int16"), (
+                 "L0.attn_norm.hi.value", "L0.attn_norm.hi", "L0.attn_norm.lo", "L0.attn_norm",
                  "L0.attn.out.planes", "L0.mlp.act.planes.lo", "L0.attn.q.acc.planes",
                  "L0.mlp.down.acc.hi", "L0.mlp.down.acc.lo", "L0.mlp.down.acc.lo.biased",
                  "L0.mlp.down.acc.lo.shift", "L0.mlp.down.acc.sum", "L0.attn.k.acc",
@@ -691,8 +686,23 @@ def test_providerWrong_sixteenBitPlanesNodes_honestFalseLyingTrue(verifier, rand
                  "L0.attn.k.cache.u.hi", "L0.attn.k.cache.hi", "L0.attn.k.cache.lo.value",
                  "L0.attn.k.cache", "L1.attn.scores.planes", "L1.attn.scores.hi",
                  "L1.attn.scores.sum", "L1.attn.scores", "L0.attn.prob", "L0.attn.pv.planes",
-                 "L0.attn.pv.lo", "L0.attn.pv"):
-        k = names.index(name) + 1
+                 "L0.attn.pv.lo", "L0.attn.pv",
+                 # masked scores floored below every visible one
+                 "mask.penalty", "L0.attn.masked.floor"), 16)
+
+
+def assert_nodes_decide_on_chain_as_the_reference(verifier, model: IntegerModel, names,
+                                                  seed: int) -> None:
+    """For each named node of a short trace of `model`: at its first, last and a random
+    element, the honest witness and a witness of the changed element decide on chain as the
+    reference does (False, then True)."""
+    output = model.generate([5, 9, 40], 3, stop_at_eos=False)
+    sequence, outputs = model.trace([5, 9, 40], output)
+    prover = OneStepProver(CommittedModel(model), TraceCommitment(sequence, outputs))
+    nodes = [node.name for node in model.verify_graph().graph.node]
+    rng = random.Random(seed)
+    for name in names:
+        k = nodes.index(name) + 1
         for index in sample_elements(outputs[k - 1].size, rng, most=3):
             witness = prover.witness(k, index)
             assert reference_verdict(prover, witness) is False, (name, index)
@@ -719,19 +729,6 @@ def test_providerWrong_fineGraphNodes_honestFalseLyingTrue(verifier, random_chec
 
     convert(random_checkpoint, tmp_path / "fine", max_context=32, linear_input_bits=16,
             weight_bits=13)
-    model = IntegerModel(tmp_path / "fine")
-    output = model.generate([5, 9, 40], 3, stop_at_eos=False)
-    sequence, outputs = model.trace([5, 9, 40], output)
-    prover = OneStepProver(CommittedModel(model), TraceCommitment(sequence, outputs))
-    names = [node.name for node in model.verify_graph().graph.node]
-    rng = random.Random(13)
-    for name in (*FINE_NODES, "L0.attn.masked.floor", "mask.penalty"):
-        k = names.index(name) + 1
-        for index in sample_elements(outputs[k - 1].size, rng, most=3):
-            witness = prover.witness(k, index)
-            assert reference_verdict(prover, witness) is False, (name, index)
-            assert chain_verdict(verifier, prover, witness) is False, (name, index)
-            provider = prover.trace.with_output(k, with_flipped(outputs[k - 1], index))
-            lying = prover.witness(k, index, provider=provider)
-            assert reference_verdict(prover, lying, provider) is True, (name, index)
-            assert chain_verdict(verifier, prover, lying, provider) is True, (name, index)
+    assert_nodes_decide_on_chain_as_the_reference(
+        verifier, IntegerModel(tmp_path / "fine"),
+        (*FINE_NODES, "L0.attn.masked.floor", "mask.penalty"), 13)
