@@ -531,7 +531,7 @@ class GraphBuilder:
         One MatMulInteger (zero point 128) multiplies every activation plane by both weight
         planes side by side, B = [W_hi | W_lo] (K, 2N) with W = 64 * W_hi + W_lo
         (`split_signed_planes`), so each of the count * 2 partial products keeps to int32 and
-        to 7-bit B operands. In int64, then:
+        to 7-bit B operands. Then (Z in int32 where it fits, the rest in int64):
 
             Z_p = 64 * Y[p, :, :N] + Y[p, :, N:] = sum_k (plane_p - 128) * W,
             S = sum_p 256**(count-1-p) * Z_p + (128 * sum_p 256**p - zero_point) * colsum(W).
@@ -543,12 +543,18 @@ class GraphBuilder:
         hi, lo = split_signed_planes(w)
         b = self.const(f"{hint}.W", np.concatenate([hi, lo], axis=1))  # (K, 2N) int8
         y = self.matmul_integer(a, b, ACT_ZERO_POINT, k, f"{hint}.planes")  # (count*R, 2N)
-        y = self.cast(self.reshape(y, [count, -1, 2 * n], f"{hint}.by_plane"), np.int64,
-                      f"{hint}.i64")  # (count, R, 2N)
+        y = self.reshape(y, [count, -1, 2 * n], f"{hint}.by_plane")  # (count, R, 2N)
+        # Z_p = 64 hi + lo stays in int32 up to K of about 4,000 (|Y| <= 128 * 64 * K): the
+        # weight planes are recombined there, and only Z, half of Y, is widened to int64.
+        wide_first = (SIGNED_PLANE_BASE + 1) * y.magnitude >= 2**31
+        if wide_first:
+            y = self.cast(y, np.int64, f"{hint}.i64")
         z = self.add(self.mul(self.slice(y, self.ints([0]), n, 2, f"{hint}.whi"),
-                              self.scalar(SIGNED_PLANE_BASE), f"{hint}.whi.scaled"),
+                              self.scalar(SIGNED_PLANE_BASE, y.dtype), f"{hint}.whi.scaled"),
                      self.slice(y, self.ints([n]), 2 * n, 2, f"{hint}.wlo"),
                      f"{hint}.z")  # (count, R, N): sum_k (plane - 128) * W
+        if not wide_first:
+            z = self.cast(z, np.int64, f"{hint}.i64")
         total = None
         for p in range(count):
             zp_ = self.slice(z, self.ints([p]), p + 1, 0, f"{hint}.z{p}")
