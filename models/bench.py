@@ -212,7 +212,8 @@ def float_twin(workdir: Path, log) -> Path:
 def measure(checkpoint: Path, integer: Path, float_path: Path, tokens: int, prompt_len: int,
             threads: int, log) -> dict:
     """Run the three workers and the bandwidth probe; the benchmark's JSON document."""
-    config = json.loads((integer / "manifest.json").read_text())["config"]
+    manifest = json.loads((integer / "manifest.json").read_text())
+    config = manifest["config"]
     # Rounds of generation followed at once by the verification of its tokens, each in a
     # fresh process: a shared machine's speed drifts over minutes, and a ratio of two figures
     # measured back to back, taken as the median over rounds, is what survives that drift.
@@ -239,14 +240,12 @@ def measure(checkpoint: Path, integer: Path, float_path: Path, tokens: int, prom
     log(f"float32 torch (transformers): {float_tokens} tokens")
     torch_fp32 = _run_worker("torch", checkpoint, threads, prompt_len, float_tokens)
     bandwidth = copy_bandwidth()
-    per_token = weight_bytes_per_token(
-        config, json.loads((integer / "manifest.json").read_text()).get("weight_bits", 7))
+    weight_bits = manifest.get("weight_bits", 7)
+    per_token = weight_bytes_per_token(config, weight_bits)
     bound = bandwidth / per_token
     return {
-        "linear_input_bits": json.loads((integer / "manifest.json").read_text()).get(
-            "linear_input_bits", 8),
-        "weight_bits": json.loads((integer / "manifest.json").read_text()).get(
-            "weight_bits", 7),
+        "linear_input_bits": manifest.get("linear_input_bits", 8),
+        "weight_bits": weight_bits,
         "threads": threads, "prompt_tokens": prompt_len,
         "generated_tokens": len(rounds[0][0]["output"]),
         "decode_tokens_per_s": decode,

@@ -52,10 +52,9 @@ from optinfer.models.qwen2_graph import (
     Requant,
     build_graph,
     fine_query_half,
-    fine_score_bound,
+    key_planes_score_bound,
     residual_bits,
     wide_pv_bound,
-    wide_score_bound,
 )
 
 DEFAULT_MAX_CONTEXT = 4096
@@ -328,10 +327,9 @@ class _Quantizer:
             act = None
         half_res = self.res_clip // 2
         # A row's max minus a score: with 13-bit keys at most 2B + 1 (the masked scores'
-        # floor, `_Qwen2Builder.score_bound`).
+        # floor, `key_planes_score_bound`).
         if self.wide:
-            bound = (fine_score_bound if self.fine else wide_score_bound)(spec.head_dim)
-            score_bound = 2 * bound + 1
+            score_bound = 2 * key_planes_score_bound(spec.head_dim, self.fine) + 1
         else:
             score_bound = 2 * spec.head_dim * q_half * key_levels + MASK_PENALTY
         prob_max = WIDE_PROB_MAX if self.wide else PROB_MAX

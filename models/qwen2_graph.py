@@ -84,20 +84,18 @@ def wide_pv_bound(max_context: int) -> int:
 def fine_query_half(head_dim: int) -> int:
     """A fine graph's queries lie in [-h, h): the largest power of two h for which a score,
     |s| <= B = head_dim * h * 2**12 against 13-bit keys, minus the fine mask penalty 2B + 1
-    stays within int32 (`fine_score_bound`). 2048 (12 bits) at head_dim 64."""
+    stays within int32 (`key_planes_score_bound`). 2048 (12 bits) at head_dim 64."""
     room = (2**31 - 2) // (3 * head_dim * SIGNED_PLANE_HALF)
     return 1 << (room.bit_length() - 1)
 
 
-def fine_score_bound(head_dim: int) -> int:
-    """B, the largest |q . k| of a fine graph: head_dim * h * 2**12."""
-    return head_dim * fine_query_half(head_dim) * SIGNED_PLANE_HALF
-
-
-def wide_score_bound(head_dim: int) -> int:
-    """B, the largest |q . k| of the 16-bit graph: uint8 queries (|q - 128| <= 128) against
-    13-bit keys, head_dim * 128 * 2**12."""
-    return head_dim * 128 * SIGNED_PLANE_HALF
+def key_planes_score_bound(head_dim: int, fine: bool) -> int:
+    """B, the largest |q . k| of a graph with 13-bit keys: head_dim * h * 2**12, with h 128 for
+    the 16-bit graph's uint8 queries (|q - 128| <= 128) and `fine_query_half` for the fine
+    graph's. The causal mask subtracts 2B + 1 and floors at -B - 1, so a row's max minus a
+    score is at most 2B + 1."""
+    q_half = fine_query_half(head_dim) if fine else 128
+    return head_dim * q_half * SIGNED_PLANE_HALF
 
 
 def residual_bits(hidden_size: int) -> int:
@@ -412,7 +410,8 @@ class _Qwen2Builder:
                                       columns=k_cols)  # (kv, grp, T, S) int32
         masked = g.sub(scores, ctx["mask_penalty"], f"{name}.masked")
         if self.wide:  # every masked score to -B - 1, below every visible one
-            masked = g.maximum(masked, g.scalar(-self.score_bound() - 1, np.int32),
+            bound = key_planes_score_bound(hd, self.fine)
+            masked = g.maximum(masked, g.scalar(-bound - 1, np.int32),
                                f"{name}.masked.floor")
         row_max = g.reduce_max(masked, f"{name}.rowmax")  # (kv, grp, T, 1)
         diff = g.sub(row_max, masked, f"{name}.diff")  # >= 0 on unmasked keys
@@ -450,11 +449,6 @@ class _Qwen2Builder:
             att = Planes(att, self.rows)
         delta = self.to_residual(self.linear(att, p.o, f"{name}.o"), p.o, f"{name}.o.res")
         return delta, k, v
-
-    def score_bound(self) -> int:
-        """B, the largest |q . k| of a graph with 13-bit keys (16-bit or fine)."""
-        hd = self.m.head_dim
-        return fine_score_bound(hd) if self.fine else wide_score_bound(hd)
 
     def wide_scores(self, q: Tensor, k: Tensor, k_cols: Tensor | None, name: str) -> Tensor:
         """q . k for uint8 q (kv, grp, T, hd) and 13-bit keys as planes (kv, 2, hd, S): one
@@ -504,7 +498,7 @@ class _Qwen2Builder:
         by_q = g.add(g.mul(k_hi, g.scalar(SIGNED_PLANE_BASE, np.int32), f"{name}.scores.khi64"),
                      k_lo, f"{name}.scores.k")  # (kv, 1, 2*grp*T, S): sum (plane - 128) k
         group_rows = g.mul(self.rows, g.ints([grp]), f"{name}.q.group_rows")
-        bound = fine_score_bound(hd)
+        bound = key_planes_score_bound(hd, fine=True)
         why = "a fine query's planes make up q in [-h, h), and |k| <= 2**12"
         q_hi = g.assume(g.slice(by_q, g.ints([0]), group_rows, 2, f"{name}.scores.qhi"),
                         -bound // PLANE_BASE, bound // PLANE_BASE, why)
@@ -617,7 +611,8 @@ class _Qwen2Builder:
         # Masked scores fall below every visible one: by MASK_PENALTY (enough for the 8-bit
         # graph's scores, at most hd * 128 * 64), or with 13-bit keys by 2B + 1 and then no
         # further than -B - 1, so that a row's max minus a masked score stays within int32.
-        penalty = 2 * self.score_bound() + 1 if self.wide else MASK_PENALTY
+        penalty = (2 * key_planes_score_bound(m.head_dim, self.fine) + 1 if self.wide
+                   else MASK_PENALTY)
         ctx["mask_penalty"] = g.mul(hidden, g.scalar(penalty, np.int32), "mask.penalty")
         ctx["mask_index"] = g.mul(hidden, g.scalar(EXP_LEN - 1, np.int32), "mask.index")
         ctx["exp"] = g.const("c.exp", m.exp_table)
