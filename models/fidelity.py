@@ -116,7 +116,7 @@ def dequantization(integer: IntegerModel, lm_head: np.ndarray) -> Dequantization
     weight_bits = integer.manifest.get("weight_bits", 7)
     fine = weight_bits == FINE_WEIGHT_BITS
     ql, big_m, m_bits = lm_head_quantization(lm_head, weight_bits)
-    multipliers = _constant(integer, "logits.M" if fine else "lm_head.M")
+    multipliers = _logit_multipliers(integer, fine)
     if not np.array_equal(multipliers, big_m):
         raise UserError(f"the float checkpoint's lm_head is not the one {integer.dir} was "
                         "converted from (its logit multipliers differ)")
@@ -131,6 +131,18 @@ def dequantization(integer: IntegerModel, lm_head: np.ndarray) -> Dequantization
     return Dequantization(residual=residual_scale(max_abs["residual"], res_bits),
                           res_clip=1 << res_bits,
                           logits=s_final * float(ql.scale.max()) * 2.0**(shift - m_bits))
+
+
+def _logit_multipliers(integer: IntegerModel, fine: bool) -> np.ndarray:
+    """Every vocabulary channel's M_c: one constant, or in the fine graph one for each block
+    of the vocabulary (`qwen2_graph.FINE_LOGIT_BLOCK`), joined in the vocabulary's order."""
+    if not fine:
+        return _constant(integer, "lm_head.M")
+    names = {t.name for t in integer.verify_graph().graph.initializer}
+    blocks = []
+    while f"logits.b{len(blocks)}.M" in names:
+        blocks.append(_constant(integer, f"logits.b{len(blocks)}.M"))
+    return np.concatenate(blocks) if blocks else _constant(integer, "logits.M")
 
 
 def _constant(integer: IntegerModel, name: str) -> np.ndarray:

@@ -18,7 +18,7 @@ import onnx
 import pytest
 
 from optinfer.errors import UserError
-from optinfer.models import opset
+from optinfer.models import opset, qwen2_graph
 from optinfer.models.converter import convert
 from optinfer.models.graph_builder import GraphBuilder, RangeError, split_signed_planes
 from optinfer.models.qwen2_graph import FINE_ACT_ZERO_POINT, FINE_QUERY_ZERO_POINT
@@ -107,12 +107,22 @@ def test_wide_weights_outside_13_bits_and_a_fourth_plane_are_refused():
 # ------------------------------------------------------------------------ converted model
 
 
+#: The random checkpoint's 96-entry vocabulary in logit blocks of 40, 40 and 16 columns, so
+#: that the blocked lm_head (`FINE_LOGIT_BLOCK`, 8,192 in a real model) is what these tests
+#: check.
+TEST_LOGIT_BLOCK = 40
+
+
+def convert_fine(checkpoint, out, max_context: int = TINY_CONTEXT) -> IntegerModel:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(qwen2_graph, "FINE_LOGIT_BLOCK", TEST_LOGIT_BLOCK)
+        convert(checkpoint, out, max_context=max_context, linear_input_bits=16, weight_bits=13)
+    return IntegerModel(out)
+
+
 @pytest.fixture(scope="module")
 def fine_model(random_checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp("fine") / "model"
-    convert(random_checkpoint, out, max_context=TINY_CONTEXT, linear_input_bits=16,
-            weight_bits=13)
-    return IntegerModel(out)
+    return convert_fine(random_checkpoint, tmp_path_factory.mktemp("fine") / "model")
 
 
 @pytest.fixture(scope="module")
@@ -127,15 +137,21 @@ def test_the_fine_graph_is_an_integer_graph_with_bounded_fan_in(fine_model, rand
     assert m["weight_bits"] == 13 and m["linear_input_bits"] == 16
     assert "weight_bits" not in narrow
     assert m["float_tensors"] == 0 and 0 < m["max_fan_in_bytes"] <= 32 * 1024
-    # Both weight planes and every activation plane share one MatMulInteger per layer.
-    assert m["ops"]["MatMulInteger"] == narrow["ops"]["MatMulInteger"]
+    # Both weight planes and every activation plane share one MatMulInteger per linear layer
+    # (the lm_head: per block of the vocabulary, three here).
+    assert m["ops"]["MatMulInteger"] == narrow["ops"]["MatMulInteger"] + 2
     for graph in ("model.onnx", "decode.onnx"):
         proto = onnx.load(str(fine_model.dir / graph), load_external_data=False)
         assert opset.check_supported(proto) == []
     names = {n.name: n.op_type for n in fine_model.verify_graph().graph.node}
-    for linear in ("L0.attn.q", "L0.attn.o", "L1.mlp.gate", "L1.mlp.down", "lm_head"):
+    for linear in ("L0.attn.q", "L0.attn.o", "L1.mlp.gate", "L1.mlp.down", "lm_head.b0",
+                   "lm_head.b2"):
         assert names[f"{linear}.acc.planes"] == "MatMulInteger"
         assert names[f"{linear}.acc.exact"] == "Add"
+    # The logits in three vocabulary blocks.
+    assert names["logits"] == "Concat" and "lm_head.b3.acc.planes" not in names
+    logits = next(n for n in fine_model.verify_graph().graph.node if n.name == "logits")
+    assert list(logits.input) == ["logits.b0", "logits.b1", "logits.b2"]
     assert names["L0.mlp.act.planes.mid"] == "Cast"  # three planes into the down projection
     assert names["L0.attn.v.cache"] == names["L0.attn.q.planes"] == "Concat"
     decode = onnx.load(str(fine_model.dir / "decode.onnx"), load_external_data=False)
@@ -170,7 +186,8 @@ FINE_NODES = (
     "L0.attn.pv.vhi", "L0.attn.pv.v", "L0.attn.pv.groups", "L0.attn.pv.hi", "L0.attn.pv",
     "L0.mlp.act.q24", "L0.mlp.act.planes.mid.value", "L0.mlp.act.planes.mid",
     "L0.mlp.act.planes", "L0.mlp.down.acc.z1.scaled", "L0.mlp.down.acc.sum2",
-    "L0.mlp.down.acc.exact", "lm_head.acc.exact", "logits.mul", "logits",
+    "L0.mlp.down.acc.exact", "lm_head.b0.acc.exact", "lm_head.b2.acc.planes", "logits.b1.mul",
+    "logits.b2", "logits",
 )
 
 
@@ -215,6 +232,21 @@ def test_the_fine_graph_brings_the_logits_closer_to_float(random_checkpoint, tmp
         errors[model.manifest.get("weight_bits", 7)] = float(
             np.sqrt(((logits - expected) ** 2).mean() / (expected**2).mean()))
     assert errors[13] < errors[7] / 2, errors
+
+
+def test_logits_in_blocks_equal_the_logits_of_one_block(random_checkpoint, tmp_path,
+                                                        fine_model):
+    from optinfer.models.fidelity import _probe_session
+
+    convert(random_checkpoint, tmp_path / "one", max_context=TINY_CONTEXT, linear_input_bits=16,
+            weight_bits=13)
+    one_block = IntegerModel(tmp_path / "one")
+    assert "lm_head.b0.acc.planes" not in {n.name for n in one_block.verify_graph().graph.node}
+    feed = {"sequence": np.asarray([1, 5, 17, 42, 8, 60, 2, 33, 90, 11, 4, 71], np.int64)}
+    blocked, single = (_probe_session(m, ["logits"]).run(["logits"], feed)[0]
+                       for m in (fine_model, one_block))
+    assert blocked.shape == (11, 96) and blocked.dtype == np.int32
+    assert np.array_equal(blocked, single)
 
 
 def test_weight_widths_are_checked(random_checkpoint, tmp_path):

@@ -49,7 +49,7 @@ from optinfer.prover.one_step import (
 )
 from tests.profiles import examples
 
-#: The one-step budget at the R1-Distill-1.5B shape (DESIGN.md: worst op MatMulInteger, K 8960).
+#: The one-step budget at the R1-Distill-1.5B shape (issue 17's per-op cap; docs/performance.md).
 GAS_TARGET = 1_500_000
 
 
@@ -722,13 +722,11 @@ def test_providerWrong_fineGraphNodes_honestFalseLyingTrue(verifier, random_chec
                                                            tmp_path):
     """A random checkpoint converted as the fine graph: one node of each kind it adds (the
     weight planes' product and its int64 recombination, the value and query planes, the masked
-    scores' floor, the 24-bit input's three planes, the logits' rounding) decides on chain as
-    the reference does, honest and lying, at its first, last and a random element."""
-    from optinfer.models.converter import convert
-    from tests.test_fine_graph import FINE_NODES
+    scores' floor, the 24-bit input's three planes, the logits' rounding and their blocks'
+    Concat) decides on chain as the reference does, honest and lying, at its first, last and a
+    random element."""
+    from tests.test_fine_graph import FINE_NODES, convert_fine
 
-    convert(random_checkpoint, tmp_path / "fine", max_context=32, linear_input_bits=16,
-            weight_bits=13)
     assert_nodes_decide_on_chain_as_the_reference(
-        verifier, IntegerModel(tmp_path / "fine"),
+        verifier, convert_fine(random_checkpoint, tmp_path / "fine", max_context=32),
         (*FINE_NODES, "L0.attn.masked.floor", "mask.penalty"), 13)
