@@ -1,6 +1,8 @@
 # One image for every optinfer service (chain, deploy job, provider, API, watchtower workers).
-# The same two installs as the README's set-up: Python packages (torch pinned to the CPU
-# build first) and the project-local Node tools (solc-js, anvil) from the committed lock file.
+# The project-local Node tools (solc-js, anvil) from the committed lock file, and optinfer
+# installed as a plain package without the `convert` extra: every service here runs the
+# integer model and none needs torch or transformers (converting a model is done beside it,
+# with `pip install torch==2.13.0 'optinfer[convert]'`).
 FROM python:3.11-slim
 
 RUN apt-get update \
@@ -12,7 +14,9 @@ COPY contracts/toolchain/package.json contracts/toolchain/package-lock.json .too
 RUN cd .tools && npm ci --no-audit --no-fund --loglevel=error
 
 COPY . .
-RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
-    && pip install --no-cache-dir -e .
+RUN pip install --no-cache-dir .
+
+# The installed package finds anvil and solc-js here, not beside its own files.
+ENV OPTINFER_TOOLS_DIR=/app/.tools
 
 ENV OPTINFER_STATE_DIR=/var/lib/optinfer

@@ -207,10 +207,6 @@ class InferenceCoordinator(BoundContract):
 
     # -- set-up --------------------------------------------------------------------------
 
-    def set_dispute_game_call(self, game: str, sender: str) -> None:
-        """Dry-run ``setDisputeGame(game)`` as `sender` (the deployer, once)."""
-        self._call(self.contract.functions.setDisputeGame(game), sender)
-
     def set_dispute_game_send(self, game: str, signer: LocalAccount) -> TxReceipt:
         """Set the dispute game (deployer only, once; a contract whose ``coordinator()`` is
         this one). Outputs can be committed only once it is set."""
@@ -218,25 +214,13 @@ class InferenceCoordinator(BoundContract):
 
     # -- providers -----------------------------------------------------------------------
 
-    def register_provider_call(self, stake: int, sender: str) -> None:
-        """Dry-run ``registerProvider()`` with `stake` wei as `sender`."""
-        self._call(self.contract.functions.registerProvider(), sender, stake)
-
     def register_provider_send(self, stake: int, signer: LocalAccount) -> TxReceipt:
         """Register `signer` as a provider staking `stake` wei (>= minimum stake)."""
         return self._send(self.contract.functions.registerProvider(), signer, stake)
 
-    def add_stake_call(self, amount: int, sender: str) -> None:
-        """Dry-run ``addStake()`` with `amount` wei as `sender`."""
-        self._call(self.contract.functions.addStake(), sender, amount)
-
     def add_stake_send(self, amount: int, signer: LocalAccount) -> TxReceipt:
         """Add `amount` wei to registered provider `signer`'s stake."""
         return self._send(self.contract.functions.addStake(), signer, amount)
-
-    def remove_stake_call(self, amount: int, sender: str) -> None:
-        """Dry-run ``removeStake(amount)`` as `sender`."""
-        self._call(self.contract.functions.removeStake(amount), sender)
 
     def remove_stake_send(self, amount: int, signer: LocalAccount) -> TxReceipt:
         """Move `amount` wei of `signer`'s free stake to its withdrawable balance."""
@@ -252,19 +236,11 @@ class InferenceCoordinator(BoundContract):
         """Post `spec` paying `fee` wei; the new id is in ``events(receipt, "RequestPosted")``."""
         return self._send(self.contract.functions.postRequest(*spec.as_args()), signer, fee)
 
-    def commit_output_call(self, request_id: int, output: list[int], sender: str) -> None:
-        """Dry-run ``commitOutput(request_id, output)`` as `sender`."""
-        self._call(self.contract.functions.commitOutput(request_id, list(output)), sender)
-
     def commit_output_send(
         self, request_id: int, output: list[int], signer: LocalAccount
     ) -> TxReceipt:
         """Commit `output` for `request_id` as provider `signer` (locks stake per claim)."""
         return self._send(self.contract.functions.commitOutput(request_id, list(output)), signer)
-
-    def finalize_call(self, request_id: int, sender: str) -> None:
-        """Dry-run ``finalize(request_id)`` as `sender`."""
-        self._call(self.contract.functions.finalize(request_id), sender)
 
     def finalize_send(self, request_id: int, signer: LocalAccount) -> TxReceipt:
         """Finalize the claim on `request_id` (anyone, after the challenge window).
@@ -273,10 +249,6 @@ class InferenceCoordinator(BoundContract):
         the transaction succeeds, and finalize reverts unless the callback gets its full limit.
         """
         return self._send(self.contract.functions.finalize(request_id), signer)
-
-    def refund_call(self, request_id: int, sender: str) -> None:
-        """Dry-run ``refund(request_id)`` as `sender`."""
-        self._call(self.contract.functions.refund(request_id), sender)
 
     def refund_send(self, request_id: int, signer: LocalAccount) -> TxReceipt:
         """Credit the fee of unanswered `request_id` back to its consumer (after the deadline)."""
@@ -303,10 +275,6 @@ class InferenceCoordinator(BoundContract):
         settles the reserve first if needed)."""
         return self._send(self.contract.functions.claimReserveShare(
             request_id, Web3.to_checksum_address(challenger)), signer)
-
-    def withdraw_call(self, sender: str) -> None:
-        """Dry-run ``withdraw()`` as `sender`."""
-        self._call(self.contract.functions.withdraw(), sender)
 
     def withdraw_send(self, signer: LocalAccount) -> TxReceipt:
         """Send `signer` its whole credited balance."""
@@ -402,12 +370,6 @@ class QuestionAsker(BoundContract):
             Web3.to_checksum_address(spec.named_provider),
             spec.commit_deadline,
         )
-
-    def ask_call(self, spec: RequestSpec, fee: int, sender: str) -> int:
-        """Dry-run ``ask`` as `sender` paying `fee`: the request id it would get. The callback
-        is always this contract (`spec.callback` is ignored)."""
-        tx = {"from": Web3.to_checksum_address(sender), "value": fee}
-        return reverts_decoded(self.artifact, lambda: self._ask_function(spec).call(tx))
 
     def ask_send(self, spec: RequestSpec, fee: int, signer: LocalAccount) -> TxReceipt:
         """Ask `spec.prompt` (owner only) paying `fee`; the callback is this contract."""

@@ -292,7 +292,7 @@ def bench_inference(layers: int = 28, tokens: int = 256, prompt_len: int = 32, t
     return {"model": f"R1-Distill-Qwen-1.5B shape, random weights, {layers} layers", **result}
 
 
-# The instruction sets that decide MatMulInteger's speed (DESIGN.md section 1): results from
+# The instruction sets that decide MatMulInteger's speed (docs/performance.md): results from
 # machines that differ in them are not comparable.
 INTEGER_ISA_FLAGS = ("avx2", "avx512_vnni", "avx_vnni", "amx_int8")
 

@@ -3,7 +3,7 @@
 Every tensor the builder hands out carries its dtype and a static interval [lo, hi] that holds
 for every input the graph accepts (sequence lengths up to the model's max context). Each op
 propagates the intervals of its inputs; an interval that leaves its dtype is a build error. That
-is the static range analysis of DESIGN.md section 1: constants bound the weights, clips bound the
+is the static range analysis (docs/models.md): constants bound the weights, clips bound the
 activations, so the bounds are tight enough to be useful and cheap to compute.
 
 Every node has exactly one output, so node k of the graph is leaf k of the state tree.

@@ -20,7 +20,9 @@ digit count of the longer operand; a final carry shows as the answer's leading 1
 
 Public entry points: `make_problem`, `held_out_problems`, `answer_from_completion` (data);
 `build_tokenizer` (tokenizer); `tiny_config` (model shape); `train_tiny` (training, writes the
-checkpoint); `evaluate` and `float_generate_fn` (scoring any greedy generator).
+checkpoint); `evaluate` and `float_generate_fn` (scoring any greedy generator). torch and
+transformers are imported by the functions that train or run the float model, so the task, the
+tokenizer and the committed model's paths serve nodes installed without them.
 """
 
 from __future__ import annotations
@@ -33,13 +35,15 @@ import re
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from optinfer.errors import UserError
+
+if TYPE_CHECKING:  # training and the float model only: nodes import this module without them
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
 TINY_R1_DIR = Path(__file__).resolve().parent / "tiny-r1"
 FLOAT_DIR = TINY_R1_DIR / "float"  # the committed float checkpoint
@@ -224,6 +228,8 @@ def tiny_config() -> Qwen2Config:
     GQA with 4 query heads sharing 2 KV heads of dim 32, hidden 128, 4 layers, SwiGLU width 512,
     untied embeddings, q/k/v biases (Qwen2 always has them), RoPE theta 10000, RMSNorm eps 1e-6.
     """
+    from transformers import Qwen2Config
+
     return Qwen2Config(
         vocab_size=len(VOCABULARY),
         hidden_size=128,
@@ -246,6 +252,9 @@ def tiny_config() -> Qwen2Config:
 
 def _save_checkpoint(model: Qwen2ForCausalLM, tokenizer: Tokenizer, out_dir: Path) -> None:
     """Write `model` as a Hugging Face checkpoint dir with bf16 safetensors and the tokenizer."""
+    import torch
+    from transformers import Qwen2ForCausalLM
+
     out_dir.mkdir(parents=True, exist_ok=True)
     # Copy so that the caller's fp32 model is not rounded in place.
     bf16_model = Qwen2ForCausalLM(model.config).to(torch.bfloat16)
@@ -295,6 +304,8 @@ def _training_batch(
     prediction made at position t-1 is scored. Right padding needs no attention mask: under the
     causal mask, real tokens never attend to the pads that follow them.
     """
+    import torch
+
     rows, masks = [], []
     for _ in range(batch_size):
         problem = make_problem(rng)
@@ -315,6 +326,8 @@ def _completion_loss(
     model: Qwen2ForCausalLM, ids: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
     """Mean cross-entropy of the next-token predictions, over completion tokens only."""
+    import torch
+
     logits = model(input_ids=ids).logits  # (B, T, V) fp32
     per_token = torch.nn.functional.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
@@ -360,6 +373,9 @@ def train_tiny(
     "final_loss": mean loss of the last 50 steps, "train_seconds": training loop wall time,
     "eval": evaluate()'s dict, "parameters": parameter count}.
     """
+    import torch
+    from transformers import Qwen2ForCausalLM
+
     torch.set_num_threads(2)
     torch.manual_seed(seed)
     rng = random.Random(f"train/{seed}")
@@ -482,6 +498,9 @@ def float_generate_fn(checkpoint_dir: Path) -> GenerateFn:
     without a KV cache, as the integer model's teacher-forced verification does; at tiny-r1's
     length (at most 42 tokens) that costs little. Ties in argmax go to the lowest id.
     """
+    import torch
+    from transformers import Qwen2ForCausalLM
+
     model = Qwen2ForCausalLM.from_pretrained(checkpoint_dir, dtype=torch.float32)
     model.eval()
 
@@ -514,13 +533,3 @@ def write_calibration_file(path: Path, samples: int = CALIBRATION_SAMPLES, seed:
         problem = make_problem(rng)
         lines.append(problem.prompt + problem.completion + EOS_TOKEN)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
-def convert_tiny(float_dir: Path = FLOAT_DIR, out_dir: Path = INTEGER_DIR,
-                 calibration: Path = CALIBRATION_FILE, progress=None) -> dict:
-    """Convert a tiny-r1 checkpoint with its calibration file (written if missing)."""
-    from optinfer.models.converter import convert
-
-    if not calibration.is_file():
-        write_calibration_file(calibration)
-    return convert(float_dir, out_dir, calibration, progress=progress)

@@ -1,5 +1,5 @@
 """The dispute game as pure functions: the executable spec of DisputeGame.sol and of both
-players' decisions (docs/protocol.md, "Dispute game"; DESIGN.md section 3).
+players' decisions (docs/protocol.md, "Dispute game").
 
 One game is one provider defending a claim against one challenger; several games on one claim
 are independent instances of this state machine.

@@ -534,7 +534,7 @@ class TxSender:
         except TransactionNotFound:
             return False
 
-    def wait(self, tx_hash: bytes, artifact: Artifact | None = None) -> TxReceipt:
+    def wait(self, tx_hash: bytes) -> TxReceipt:
         """The receipt of `tx_hash` once mined (as web3 formats it); TxFailed when it failed,
         TxDropped when the node no longer has it (the next nonce is then taken from the
         chain again), web3's TimeExhausted when it is not mined within `receipt_timeout`."""
@@ -565,7 +565,7 @@ class TxSender:
 
     def send(self, tx: TxParams, artifact: Artifact | None = None) -> TxReceipt:
         """:meth:`submit` then :meth:`wait`."""
-        return self.wait(self.submit(tx, artifact), artifact)
+        return self.wait(self.submit(tx, artifact))
 
     def transact(self, function: ContractFunction, *, value: int = 0,
                  artifact: Artifact | None = None) -> TxReceipt:

@@ -1,7 +1,8 @@
 """The `optinfer` command line.
 
-Every command turns a `UserError` into one clear line on stderr and a non-zero exit; anything
-else is a bug and keeps its traceback. Progress goes to stderr, results (and `--json`) to stdout.
+Every command turns a `UserError` (or a missing `convert` extra) into one clear line on stderr
+and a non-zero exit; anything else is a bug and keeps its traceback. Progress goes to stderr,
+results (and `--json`) to stdout.
 """
 
 from __future__ import annotations
@@ -566,6 +567,10 @@ def log_to_stderr() -> None:
 # Commands defined in modules of their own attach themselves to the apps above on import.
 from optinfer.services import cli_api, cli_chain, cli_challenger, cli_provider  # noqa: E402, F401
 
+#: The packages of the `convert` extra (pyproject.toml): converting, training and float
+#: references need them; the nodes do not, so an installation may lack them.
+CONVERT_EXTRA_MODULES = frozenset({"torch", "transformers", "safetensors", "gguf"})
+
 
 def main() -> None:
     import click
@@ -576,6 +581,14 @@ def main() -> None:
         code = app(standalone_mode=False)
     except UserError as error:
         err.print(f"[red]error:[/red] {error}", markup=True, highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except ModuleNotFoundError as error:
+        if (error.name or "").split(".")[0] not in CONVERT_EXTRA_MODULES:
+            raise
+        err.print(f"[red]error:[/red] this command needs {error.name}, one of the conversion "
+                  "tools this installation lacks (providers, watchtowers and the API run "
+                  "without them); install them with pip install torch==2.13.0 "
+                  "'optinfer\\[convert]'", markup=True, highlight=False, soft_wrap=True)
         sys.exit(2)
     except click.exceptions.Abort:
         err.print("aborted")

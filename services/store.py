@@ -199,10 +199,6 @@ class Store:
             raise UserError(f"unsupported database {parsed.get_backend_name()!r}: "
                             "use sqlite:///PATH or postgresql+psycopg://...")
 
-    @property
-    def is_postgres(self) -> bool:
-        return self.engine.dialect.name == "postgresql"
-
     def migrate(self, revision: str = "head") -> None:
         """Bring the schema to `revision` (``alembic upgrade``) through this store's engine."""
         from alembic import command
