@@ -113,7 +113,7 @@ def bench_watchtower(claims: int = 200, prompts: int = len(PROMPTS),
         settings = load_settings(rpc_url=chain.url, deployments=deployments_file,
                                  database_url=f"sqlite:///{Path(tmp) / 'watchtower.db'}",
                                  state_dir=Path(tmp), model_dir=model_dir)
-        watchtower = Watchtower(settings)
+        watchtower = Watchtower.start(settings)
         log("scanning and verifying...")
         started = time.perf_counter()
         scanned = watchtower.scan()

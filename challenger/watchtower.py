@@ -141,10 +141,12 @@ class Watchtower:
 
     def __init__(self, settings, *, w3: Web3 | None = None, store: Store | None = None,
                  model: LocalModel | None = None, worker: str | None = None):
+        """A watchtower on a database already at this optinfer's schema (each Celery child
+        builds one; `start` migrates first, once, for the process that owns the database)."""
         self.settings = settings
         self.w3, self.deployments = Deployments.on_chain(settings, w3)
         self.store = store or Store(settings.database)
-        self.store.migrate()
+        self.store.require_current()
         self.coordinator = InferenceCoordinator(
             self.w3, self.deployments.address("InferenceCoordinator"))
         self.registry = ModelRegistry(self.w3, self.deployments.address("ModelRegistry"))
@@ -167,6 +169,14 @@ class Watchtower:
         self._registered: set[bytes] = set()
         self._traces: dict[int, ModelTrace] = {}
         self._traces_lock = threading.Lock()
+
+    @classmethod
+    def start(cls, settings, *, store: Store | None = None, **kwargs) -> Watchtower:
+        """Migrate the database to this optinfer's schema (``optinfer db upgrade``; under a
+        lock on Postgres), then the watchtower: what ``challenger run`` and the demo do."""
+        store = store or Store(settings.database)
+        store.migrate()
+        return cls(settings, store=store, **kwargs)
 
     @property
     def worker(self) -> str:

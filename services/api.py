@@ -219,11 +219,7 @@ class ApiNode:
         self.settings = settings
         self.store = Store(settings.database)
         # The API may start before the node that fills the store: the tables must exist.
-        try:
-            self.store.migrate()
-        except sa.exc.OperationalError as err:
-            raise UserError(f"the database {self.store.url.render_as_string()} is "
-                            f"unreachable: {str(err.orig).strip().splitlines()[0]}") from None
+        self.store.migrate()
         self.model = IntegerModel(settings.model_path)
         self.manifest_bytes = (self.model.dir / "manifest.json").read_bytes()
         self.model_id = "0x" + ModelSpec.from_manifest_bytes(

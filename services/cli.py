@@ -565,7 +565,13 @@ def log_to_stderr() -> None:
 
 
 # Commands defined in modules of their own attach themselves to the apps above on import.
-from optinfer.services import cli_api, cli_chain, cli_challenger, cli_provider  # noqa: E402, F401
+from optinfer.services import (  # noqa: E402, F401
+    cli_api,
+    cli_chain,
+    cli_challenger,
+    cli_db,
+    cli_provider,
+)
 
 #: The packages of the `convert` extra (pyproject.toml): converting, training and float
 #: references need them; the nodes do not, so an installation may lack them.

@@ -63,7 +63,7 @@ def challenger_run(
     celery = configure(settings)
     if settings.broker_url is None:
         log_to_stderr()
-    watchtower = Watchtower(settings)  # a bad deployment or model stops here, in one line
+    watchtower = Watchtower.start(settings)  # a bad deployment or model stops here, in one line
     tasks.use_watchtower(watchtower)
     if settings.metrics_port is not None:
         metrics.serve(settings.metrics_port)

@@ -156,7 +156,7 @@ class Demo:
         watchtower_settings = self.settings("watchtower")
         celery_app.configure(watchtower_settings)
         assert celery_app.is_eager()
-        self.watchtower = Watchtower(watchtower_settings)
+        self.watchtower = Watchtower.start(watchtower_settings)
         tasks.use_watchtower(self.watchtower)
         self.scan = tasks.scan
         self.coordinator = InferenceCoordinator(

@@ -199,11 +199,20 @@ class Store:
             raise UserError(f"unsupported database {parsed.get_backend_name()!r}: "
                             "use sqlite:///PATH or postgresql+psycopg://...")
 
+    @contextmanager
+    def _reachable(self) -> Iterator[None]:
+        """A database that cannot be reached is the operator's to fix: one clear line."""
+        try:
+            yield
+        except sa.exc.OperationalError as err:
+            raise UserError(f"the database {self.url.render_as_string()} is unreachable: "
+                            f"{str(err.orig).strip().splitlines()[0]}") from None
+
     def migrate(self, revision: str = "head") -> None:
         """Bring the schema to `revision` (``alembic upgrade``) through this store's engine."""
         from alembic import command
 
-        with self.engine.begin() as conn:
+        with self._reachable(), self.engine.begin() as conn:
             if conn.dialect.name == "postgresql":
                 # Workers starting together on a fresh database would both create the tables
                 # (and one fail): the lock lasts until this transaction commits.
@@ -215,8 +224,28 @@ class Store:
         """The schema's Alembic revision (None before the first migration)."""
         from alembic.runtime.migration import MigrationContext
 
-        with self.engine.connect() as conn:
+        with self._reachable(), self.engine.connect() as conn:
             return MigrationContext.configure(conn).get_current_revision()
+
+    @staticmethod
+    def head_revision() -> str:
+        """The newest revision this optinfer's migrations define."""
+        from alembic.config import Config
+        from alembic.script import ScriptDirectory
+
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS_DIR))
+        return ScriptDirectory.from_config(config).get_current_head()
+
+    def require_current(self) -> None:
+        """Refuse a schema other than this optinfer's: a process that did not migrate (a Celery
+        child, say) must not write to tables that `optinfer db upgrade` has not yet made."""
+        current = self.current_revision()
+        head = self.head_revision()
+        if current != head:
+            raise UserError(f"the database {self.url.render_as_string()} is at schema "
+                            f"revision {current or 'none (empty)'}, this optinfer needs {head}: "
+                            "run `optinfer db upgrade`")
 
     def _alembic_config(self, conn: Connection):
         from alembic.config import Config

@@ -91,9 +91,15 @@ def test_wiring_dependencies_database_and_shared_files():
     postgres = SERVICES["postgres"]["environment"]
     expected_url = (f"postgresql+psycopg://{postgres['POSTGRES_USER']}:"
                     f"{postgres['POSTGRES_PASSWORD']}@postgres:5432/{postgres['POSTGRES_DB']}")
-    for name in ("provider", "api", "challenger", "beat"):
+    for name in ("provider", "api", "challenger", "beat", "migrate"):
         env = OURS[name]["environment"]
         assert env["OPTINFER_DATABASE_URL"] == expected_url, name
+    # The schema is upgraded once, by its own job, before the nodes that share the database.
+    assert OURS["migrate"]["command"] == ["optinfer", "db", "upgrade"]
+    assert OURS["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    for name in ("provider", "api", "challenger"):
+        depends = OURS[name]["depends_on"]
+        assert depends["migrate"]["condition"] == "service_completed_successfully", name
         assert env["OPTINFER_RPC_URL"] == "http://anvil:8545"
     deployments = OURS["deploy"]["environment"]["OPTINFER_DEPLOYMENTS"]
     for name in ("provider", "api", "challenger", "beat"):

@@ -301,7 +301,11 @@ class Workers:
 
     def celery(self, env: dict[str, str], name: str, *, beat: bool = True,
                concurrency: int = 2) -> subprocess.Popen:
-        """`celery -A optinfer.challenger.app worker` (threads pool, embedded beat)."""
+        """`celery -A optinfer.challenger.app worker` (threads pool, embedded beat), after
+        `optinfer db upgrade` as the compose file's migrate job runs it: a worker's tasks
+        build their watchtower on the schema as they find it."""
+        subprocess.run([str(VENV_BIN / "optinfer"), "db", "upgrade"], env=env, cwd=REPO,
+                       check=True, capture_output=True, timeout=120)
         args = [str(VENV_BIN / "celery"), "-A", "optinfer.challenger.app", "worker",
                 "--pool", "threads", "--concurrency", str(concurrency), "--loglevel", "INFO",
                 "-n", f"{name}-{uuid.uuid4().hex[:6]}@%h",

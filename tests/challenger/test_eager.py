@@ -13,6 +13,7 @@ from optinfer.challenger.app import configure
 from optinfer.challenger.policy import Verdict
 from optinfer.challenger.watchtower import Watchtower
 from optinfer.contracts.bindings import ContractRevert
+from optinfer.errors import UserError
 from optinfer.prover.game import Phase, Role
 from optinfer.services import store as st
 from optinfer.services.settings import load_settings
@@ -39,11 +40,24 @@ def watchtower(stack: Stack, tmp_path: Path):
                              poll_interval=0.05, game_lease=5)
     assert settings.broker_url is None
     configure(settings)
-    instance = Watchtower(settings)
+    instance = Watchtower.start(settings)
     tasks.use_watchtower(instance)
     yield instance
     tasks.use_watchtower(None)
     instance.close()
+
+
+def test_a_worker_child_refuses_a_database_not_yet_upgraded(stack: Stack, tmp_path: Path):
+    """A Celery child builds its watchtower without migrating (`tasks.watchtower`): on an empty
+    database it stops with the command that creates the schema; `Watchtower.start`, what
+    `challenger run` does once, migrates first."""
+    settings = load_settings(rpc_url=stack.w3.provider.endpoint_uri,
+                             deployments=stack.deployments_file,
+                             database_url=f"sqlite:///{tmp_path / 'fresh.db'}")
+    with pytest.raises(UserError, match="run `optinfer db upgrade`"):
+        Watchtower(settings)
+    Watchtower.start(settings).close()
+    Watchtower(settings).close()  # the schema is now there
 
 
 def play_out(stack: Stack, game_id: int, trace, *, silent: bool = False, max_ticks=200):

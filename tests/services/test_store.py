@@ -10,6 +10,7 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
+from optinfer.errors import UserError
 from optinfer.prover.game import Phase, Role
 from optinfer.services import store as st
 from optinfer.services.store import (
@@ -58,6 +59,30 @@ def test_migrations_create_exactly_the_declared_schema(store: Store):
         assert compare_metadata(context, st.metadata) == []
         assert set(sa.inspect(conn).get_table_names()) >= {
             "requests", "claims", "games", "moves", "chain_cursors", "alembic_version"}
+
+
+def test_a_store_not_yet_upgraded_is_refused_until_migrated(database_url: str):
+    """What a process that uses the database without owning it checks (a Celery child's
+    watchtower): an empty schema is refused with the command that creates it."""
+    store = Store(database_url)
+    try:
+        with pytest.raises(UserError, match=r"revision none \(empty\), this optinfer needs "
+                           + Store.head_revision() + r": run `optinfer db upgrade`"):
+            store.require_current()
+        store.migrate()
+        store.require_current()
+        assert store.current_revision() == Store.head_revision()
+    finally:
+        store.dispose()
+
+
+def test_an_unreachable_database_is_one_clear_error():
+    store = Store("postgresql+psycopg://nobody:secret@127.0.0.1:9/none?connect_timeout=2")
+    for check in (store.migrate, store.require_current):
+        with pytest.raises(UserError, match=r"the database .*127\.0\.0\.1:9/none.* is "
+                           r"unreachable") as caught:
+            check()
+        assert "secret" not in str(caught.value)
 
 
 def test_migrate_twice_is_a_no_op(store: Store):
