@@ -10,6 +10,8 @@ import contextlib
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
+from optinfer.services.statuses import GameStatus
+
 CLAIMS_SEEN = Counter("optinfer_watchtower_claims_seen",
                       "Claims (OutputCommitted events) this process recorded first.")
 CLAIMS_VERIFIED = Counter("optinfer_watchtower_claims_verified",
@@ -41,11 +43,11 @@ def serve(port: int) -> None:
         _served.add(port)
 
 
-def set_disputes(counts: dict[str, int], bond: int) -> None:
+def set_disputes(counts: dict[GameStatus, int], bond: int) -> None:
     """The dispute gauges from the database's game counts and the bond per game."""
-    for status in ("open", "won", "lost"):
-        DISPUTES.labels(status=status).set(counts.get(status, 0))
-    BOND_AT_RISK.set(counts.get("open", 0) * bond)
+    for status in GameStatus:
+        DISPUTES.labels(status=status.value).set(counts.get(status, 0))
+    BOND_AT_RISK.set(counts.get(GameStatus.OPEN, 0) * bond)
 
 
 def set_clocks(game_id: int, seconds: dict[str, float] | None) -> None:

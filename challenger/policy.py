@@ -12,6 +12,7 @@ import hashlib
 from dataclasses import dataclass
 
 from optinfer.prover import game as spec
+from optinfer.services.statuses import GameStatus
 
 
 class Verdict(enum.Enum):
@@ -111,11 +112,11 @@ def move_position(state: spec.GameState, action: spec.Action) -> int:
     return 2 * state.rounds + (1 if second else 0)
 
 
-def outcome(state: spec.GameState) -> str | None:
+def outcome(state: spec.GameState) -> GameStatus | None:
     """``won`` or ``lost`` (for the challenger) once the game is resolved, else None."""
     if state.phase is not spec.Phase.RESOLVED:
         return None
-    return "won" if state.winner is spec.Role.CHALLENGER else "lost"
+    return GameStatus.WON if state.winner is spec.Role.CHALLENGER else GameStatus.LOST
 
 
 def next_check(state: spec.GameState, now: float, poll_interval: float) -> float:

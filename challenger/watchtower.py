@@ -53,6 +53,7 @@ from optinfer.services.chain import (
     request_record,
 )
 from optinfer.services.deployments import Deployments
+from optinfer.services.statuses import ChallengeStatus, GameStatus
 from optinfer.services.store import GameRecord, MoveRecord, Store
 
 log = logging.getLogger("optinfer.watchtower")
@@ -217,7 +218,7 @@ class Watchtower:
 
     def _games_to_resume(self, now: float, every_open_game: bool) -> list[tuple[int, str | None]]:
         with self.store.transaction() as conn:
-            games = st.games_with_status(conn, Role.CHALLENGER, "open")
+            games = st.games_with_status(conn, Role.CHALLENGER, GameStatus.OPEN)
         if every_open_game:
             return [(game.game_id, None) for game in games]
         resumed = []
@@ -331,9 +332,9 @@ class Watchtower:
             fresh = st.get_challenge(conn, request_id, self.address) is None
             row = st.take_challenge(conn, request_id, self.address, self.worker,
                                     lease_seconds=self.lease)
-        if row is None or row.status == "failed":
+        if row is None or row.status is ChallengeStatus.FAILED:
             return None
-        if row.status == "opened":
+        if row.status is ChallengeStatus.OPENED:
             return None  # its game has its own chain of play tasks
         # Cheap, and also right when the database is not the only record (restored, say).
         opened = self._opened_on_chain(request_id, claim.block_number, row.tx_hash)
@@ -353,10 +354,11 @@ class Watchtower:
         token = uuid.uuid4().hex
         now = time.time()
         with self.store.transaction() as conn:
-            if st.finish_challenge(conn, request_id, self.address, "opened", game_id=game_id):
+            if st.finish_challenge(conn, request_id, self.address, ChallengeStatus.OPENED,
+                                    game_id=game_id):
                 st.create_game(conn, GameRecord(
                     game_id=game_id, player=Role.CHALLENGER, request_id=request_id,
-                    phase=spec.Phase.AWAIT_ROOT, k=None, rounds=0, status="open",
+                    phase=spec.Phase.AWAIT_ROOT, k=None, rounds=0, status=GameStatus.OPEN,
                     state={"token": token, "opened_block": block, "next_play": now}))
             else:
                 return None
@@ -389,7 +391,8 @@ class Watchtower:
 
     def _fail_challenge(self, request_id: int, note: str) -> None:
         with self.store.transaction() as conn:
-            st.finish_challenge(conn, request_id, self.address, "failed", note=note)
+            st.finish_challenge(conn, request_id, self.address, ChallengeStatus.FAILED,
+                                note=note)
         log.error("claim %d: no challenge: %s", request_id, note)
 
     def _opened_on_chain(self, request_id: int, from_block: int, tx_hash: str | None
@@ -427,7 +430,7 @@ class Watchtower:
         eager loop's); a call whose token is no longer the game's stops its chain."""
         with self.store.transaction() as conn:
             current = st.get_game(conn, game_id, Role.CHALLENGER)
-        if current is not None and current.status == "open":
+        if current is not None and current.status is GameStatus.OPEN:
             # Before the lease: a large model's trace may take longer than the lease lasts.
             self._trace(current)
         with self.store.transaction() as conn:
@@ -437,7 +440,7 @@ class Watchtower:
                 current = st.get_game(conn, game_id, Role.CHALLENGER)
         if record is None:
             # Held by another worker, or over: keep this chain only if it is still the game's.
-            alive = (current is not None and current.status == "open"
+            alive = (current is not None and current.status is GameStatus.OPEN
                      and (token is None or current.state.get("token") == token))
             return PlayResult(again=alive and token is not None,
                               countdown=self.settings.poll_interval)
@@ -466,7 +469,7 @@ class Watchtower:
             if not actions or not self._move(game_id, state, actions[0]):
                 break
         countdown = policy.next_check(state, now, self.settings.poll_interval)
-        self._save(record, state, "open", now, next_play=time.time() + countdown)
+        self._save(record, state, GameStatus.OPEN, now, next_play=time.time() + countdown)
         return PlayResult(again=True, countdown=countdown)
 
     def _move(self, game_id: int, state: spec.GameState, action: spec.Action) -> bool:
@@ -550,7 +553,7 @@ class Watchtower:
                 self._traces[record.game_id] = trace
             return trace
 
-    def _save(self, record: GameRecord, state: spec.GameState, status: str, now: float,
+    def _save(self, record: GameRecord, state: spec.GameState, status: GameStatus, now: float,
               next_play: float | None = None) -> None:
         saved = {**record.state}
         if next_play is not None:
@@ -560,13 +563,13 @@ class Watchtower:
                            k=state.k if state.phase not in (spec.Phase.AWAIT_ROOT,
                                                             spec.Phase.BISECTION) else None,
                            rounds=state.rounds, status=status, state=saved)
-        if status == "open":
+        if status is GameStatus.OPEN:
             metrics.set_clocks(record.game_id, policy.clocks(state, now))
             return
         metrics.set_clocks(record.game_id, None)
         with self._traces_lock:
             self._traces.pop(record.game_id, None)
-        if status == "won":
+        if status is GameStatus.WON:
             log.info("game %d: WON (%s) on claim %d; bond back and slash share credited to %s",
                      record.game_id, state.reason or "resolved", record.request_id, self.address)
         else:

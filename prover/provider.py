@@ -79,6 +79,7 @@ from optinfer.services.chain import (
     request_record,
 )
 from optinfer.services.deployments import Deployments
+from optinfer.services.statuses import ClaimStatus, GameStatus, RequestStatus
 from optinfer.services.store import RequestRecord, Store
 
 log = logging.getLogger("optinfer.provider")
@@ -421,10 +422,10 @@ class ProviderNode:
         game_id, request_id = args["gameId"], args["requestId"]
         record = st.GameRecord(
             game_id=game_id, player=Role.PROVIDER, request_id=request_id,
-            phase=Phase.AWAIT_ROOT, k=None, rounds=0, status="open",
+            phase=Phase.AWAIT_ROOT, k=None, rounds=0, status=GameStatus.OPEN,
             state={"opened_block": event.block_number, "challenger": args["challenger"]})
         if st.create_game(conn, record):
-            st.set_claim_status(conn, request_id, "disputed", expected="committed")
+            st.set_claim_status(conn, request_id, ClaimStatus.DISPUTED)
             log.info("game %d: %s disputes request %d; defending", game_id, args["challenger"],
                      request_id)
 
@@ -438,7 +439,7 @@ class ProviderNode:
         waits for the receipt and records the claim. The committer never waits for a block,
         so on a chain that mines every few seconds the commits of many answers share one."""
         with self.store.transaction() as conn:
-            unfinished = st.requests_with_status(conn, "committing", limit=1_000_000)
+            unfinished = st.requests_with_status(conn, RequestStatus.COMMITTING, limit=1_000_000)
         sent: list[Future] = []
         with ThreadPoolExecutor(1, thread_name_prefix="confirm") as confirmer, \
                 ThreadPoolExecutor(1, thread_name_prefix="commit") as committer:
@@ -472,7 +473,7 @@ class ProviderNode:
                 if not isinstance(answer.error, UserError):
                     raise answer.error
                 self._skip(request.request_id, f"the model refuses it: {answer.error}",
-                           expected="open")
+                           expected=RequestStatus.OPEN)
                 continue
             output = claimed_output(answer.output, self.lie, self.model.vocab_size,
                                     self.model.eos_ids)
@@ -481,13 +482,14 @@ class ProviderNode:
 
     def _open_requests(self, after: int) -> list[RequestRecord]:
         with self.store.transaction() as conn:
-            return st.requests_with_status(conn, "open", limit=SERVE_BATCH, after=after)
+            return st.requests_with_status(conn, RequestStatus.OPEN, limit=SERVE_BATCH,
+                                          after=after)
 
     def _will_serve(self, request: RequestRecord, chain_time: int) -> bool:
         """Serve `request`? A request this node will not serve is marked skipped here."""
         reason = serve_decision(request, self.served_model, self.address, chain_time)
         if reason is not None:
-            self._skip(request.request_id, reason, expected="open")
+            self._skip(request.request_id, reason, expected=RequestStatus.OPEN)
         return reason is None
 
     def _generations(self, jobs: list[tuple[list[int], int]]) -> Iterator[Answer]:
@@ -529,8 +531,7 @@ class ProviderNode:
             elif err.name == "RequestNotOpen":
                 self._settle(request_id, self.coordinator.get_request(request_id))
             else:
-                self._skip(request_id, f"the commit reverts with {err.name or err}",
-                           expected=("open", "committing"))
+                self._skip(request_id, f"the commit reverts with {err.name or err}")
             return None
         _crash_point("after-commit")
         return confirmer.submit(self._confirm_commit, prepared, tx_hash, started)
@@ -567,8 +568,7 @@ class ProviderNode:
         for it, which failed or was never sent (a restart must not wait for it): the next
         serving pass estimates the commit again, without generating the answer again."""
         with self.store.transaction() as conn:
-            if not st.set_request_status(conn, prepared.request_id, "committing",
-                                         expected=("open", "committing"),
+            if not st.set_request_status(conn, prepared.request_id, RequestStatus.COMMITTING,
                                          output=prepared.output):
                 return  # settled meanwhile: nothing to retry
             st.forget_commit_tx(conn, prepared.request_id)
@@ -580,8 +580,7 @@ class ProviderNode:
         transaction's hash (a restart that finds it pending waits for it). A crash before it
         loses only a generation, redone on restart."""
         with self.store.transaction() as conn:
-            if not st.set_request_status(conn, prepared.request_id, "committing",
-                                         expected=("open", "committing"),
+            if not st.set_request_status(conn, prepared.request_id, RequestStatus.COMMITTING,
                                          output=prepared.output,
                                          commit_tx="0x" + bytes(tx_hash).hex()):
                 raise _AlreadySettled(prepared.request_id)  # settled meanwhile: send nothing
@@ -614,18 +613,20 @@ class ProviderNode:
         who = "another provider" if onchain.provider not in (ZERO_ADDRESS, self.address) \
             else "nobody"
         self._skip(request_id, f"it is {onchain.status.name.lower()} on chain (answered by "
-                   f"{who})", expected=("open", "committing"))
+                   f"{who})")
 
     def _record_claim(self, event: ChainEvent) -> None:
         claim = claim_record(event)
         with self.store.transaction() as conn:
             st.record_claim(conn, claim)
-            st.set_request_status(conn, claim.request_id, "committed",
-                                  expected=("open", "committing"), output=claim.output)
+            st.set_request_status(conn, claim.request_id, RequestStatus.COMMITTED,
+                                  output=claim.output)
 
-    def _skip(self, request_id: int, reason: str, expected) -> None:
+    def _skip(self, request_id: int, reason: str,
+              expected: RequestStatus | None = None) -> None:
         with self.store.transaction() as conn:
-            st.set_request_status(conn, request_id, "skipped", expected=expected, note=reason)
+            st.set_request_status(conn, request_id, RequestStatus.SKIPPED, expected=expected,
+                                  note=reason)
         log.info("skipped request %d: %s", request_id, reason)
 
     def _chain_time(self, max_age: float = 0.0) -> int:
@@ -652,7 +653,7 @@ class ProviderNode:
     def defend(self) -> None:
         """One turn in every open game of this provider."""
         with self.store.transaction() as conn:
-            games = st.games_with_status(conn, Role.PROVIDER, "open")
+            games = st.games_with_status(conn, Role.PROVIDER, GameStatus.OPEN)
         # Every game's move is sent before any is waited for: a provider in many games at
         # once (a griefer's way to run its clocks down) moves in all of them each block.
         sent: list[_SentMove] = []
@@ -688,7 +689,7 @@ class ProviderNode:
         now = self._chain_time()
         with self.store.transaction() as conn:
             st.update_game(conn, game_id, Role.PROVIDER, self.worker, phase=state.phase,
-                           k=_disputed_node(state), rounds=state.rounds, status="open",
+                           k=_disputed_node(state), rounds=state.rounds, status=GameStatus.OPEN,
                            state=_game_summary(record, state, now))
         trace = _LazyTrace(lambda: self._trace(record.request_id))
         sent = []
@@ -808,12 +809,12 @@ class ProviderNode:
         with self.store.transaction() as conn:
             st.update_game(conn, record.game_id, Role.PROVIDER, self.worker, phase=state.phase,
                            k=_disputed_node(state), rounds=state.rounds,
-                           status="won" if won else "lost",
+                           status=GameStatus.WON if won else GameStatus.LOST,
                            state=_game_summary(record, state, None))
             st.release_game(conn, record.game_id, Role.PROVIDER, self.worker)
             if not won:
-                st.set_claim_status(conn, record.request_id, "slashed")
-                st.set_request_status(conn, record.request_id, "rejected")
+                st.set_claim_status(conn, record.request_id, ClaimStatus.SLASHED)
+                st.set_request_status(conn, record.request_id, RequestStatus.REJECTED)
         log.info("game %d on request %d: %s (%s) after %d rounds", record.game_id,
                  record.request_id, "won" if won else "LOST", state.reason, state.rounds)
 
@@ -823,7 +824,7 @@ class ProviderNode:
         """Finalize every claim of this node whose challenge window has closed and that no
         dispute holds up; record rejected and refunded ones."""
         with self.store.transaction() as conn:
-            committed = st.requests_with_status(conn, "committed", limit=1_000_000)
+            committed = st.requests_with_status(conn, RequestStatus.COMMITTED, limit=1_000_000)
             due = [(request, st.get_claim(conn, request.request_id)) for request in committed]
         if not due:
             return
@@ -855,14 +856,14 @@ class ProviderNode:
             self._record_outcome(request_id, self.coordinator.get_request(request_id))
 
     def _record_outcome(self, request_id: int, onchain) -> None:
-        outcome = {Status.FINALIZED: ("finalized", "finalized"),
-                   Status.REJECTED: ("rejected", "slashed")}.get(onchain.status)
+        outcome = {Status.FINALIZED: (RequestStatus.FINALIZED, ClaimStatus.FINALIZED),
+                   Status.REJECTED: (RequestStatus.REJECTED, ClaimStatus.SLASHED)
+                   }.get(onchain.status)
         if outcome is None:
             return
         request_status, claim_status = outcome
         with self.store.transaction() as conn:
-            changed = st.set_request_status(conn, request_id, request_status,
-                                            expected="committed")
+            changed = st.set_request_status(conn, request_id, request_status)
             st.set_claim_status(conn, request_id, claim_status)
         if changed and onchain.status is Status.FINALIZED:
             callback = ("no callback" if onchain.callback == ZERO_ADDRESS else

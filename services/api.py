@@ -41,6 +41,7 @@ from optinfer.services.chain import RetryPolicy, TxFailed, TxSender, connect, co
 from optinfer.services.deployments import Deployments
 from optinfer.services.metrics import ChainView, NodeMetrics
 from optinfer.services.settings import Settings
+from optinfer.services.statuses import ClaimStatus, GameStatus, RequestStatus
 from optinfer.services.store import Store, claims, games, moves, requests
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,6 @@ HEALTH_TIMEOUT_S = 5.0
 # A wei amount as decimal digits: JSON numbers lose precision above 2**53 in most clients.
 WEI = r"^[0-9]{1,78}$"
 MODEL_ID = r"^0x[0-9a-fA-F]{64}$"
-STATUS = r"^[a-z_]{1,16}$"
 
 
 # ----------------------------------------------------------------------------- schemas
@@ -86,7 +86,7 @@ class ClaimView(BaseModel):
     challenge_deadline: int
     block_number: int
     tx_hash: str
-    status: str
+    status: ClaimStatus
     verdict: str | None
 
 
@@ -104,9 +104,9 @@ class RequestView(BaseModel):
     commit_deadline: int
     block_number: int
     tx_hash: str
-    status: str = Field(description="The node's view: open, committing (answer written, "
-                        "commit sent), committed, finalized, refunded, rejected, or skipped "
-                        "(`note` says why).")
+    status: RequestStatus = Field(description="The node's view: open, committing (answer "
+                                  "written, commit sent), committed, finalized, rejected, or "
+                                  "skipped (`note` says why).")
     note: str | None
     claim: ClaimView | None
     games: list[int] = Field(description="Ids of the dispute games on this request.")
@@ -132,7 +132,7 @@ class GameRoleView(BaseModel):
     phase: str
     k: int | None = Field(description="The disputed node once bisection found it.")
     rounds: int
-    status: str = Field(description="open, won or lost.")
+    status: GameStatus
     moves: list[MoveView]
 
 
@@ -404,8 +404,8 @@ def request_view(node: ApiNode, row, game_ids: list[int]) -> RequestView:
 @requests_router.get("", response_model=RequestPage)
 def list_requests(
     node: NodeDep,
-    status: Annotated[str | None, Query(pattern=STATUS, description="Only requests in this "
-                                        "status (open, committed, finalized, ...).")] = None,
+    status: Annotated[RequestStatus | None, Query(description="Only requests in this "
+                                                  "status.")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 100,
     after: Annotated[int, Query(ge=-1, le=MAX_ID, description="Only ids above this one.")] = -1,
 ) -> RequestPage:

@@ -12,8 +12,10 @@ write its rows and move the chain cursor past the events it handled in one commi
         upsert_request(conn, request)
         set_cursor(conn, "coordinator", block)
 
-Statuses are guarded updates (``UPDATE ... WHERE status = :expected``) that report whether a
-row changed, so two workers never both act on one transition.
+Statuses are the enums of ``services/statuses.py``; every status write is an update guarded by
+that module's transitions (``UPDATE ... WHERE status IN`` the new status's predecessors) that
+reports whether a row changed, so two workers never both act on one transition and nothing
+moves a record backwards.
 """
 
 from __future__ import annotations
@@ -31,6 +33,13 @@ from sqlalchemy.engine.url import make_url
 
 from optinfer.errors import UserError
 from optinfer.prover.game import Phase, Role
+from optinfer.services.statuses import (
+    ChallengeStatus,
+    ClaimStatus,
+    GameStatus,
+    RequestStatus,
+    check_transition_guard,
+)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -77,9 +86,7 @@ requests = sa.Table(
     sa.Column("commit_deadline", sa.BigInteger, nullable=False),
     sa.Column("block_number", sa.BigInteger, nullable=False),
     sa.Column("tx_hash", sa.String(66), nullable=False),
-    # The node's view: open -> committed -> finalized | refunded | rejected; or skipped
-    # (this node will not serve it, `note` says why). A provider passes through committing
-    # (its `output` written, the commit not yet seen on chain) on the way to committed.
+    # The node's view, a RequestStatus (services/statuses.py has the transitions).
     sa.Column("status", sa.String(16), nullable=False),
     sa.Column("note", sa.Text, nullable=True),
     sa.Column("output", sa.JSON, nullable=True),  # the answer this node commits (revision 0002)
@@ -99,7 +106,7 @@ claims = sa.Table(
     sa.Column("challenge_deadline", sa.BigInteger, nullable=False),
     sa.Column("block_number", sa.BigInteger, nullable=False),
     sa.Column("tx_hash", sa.String(66), nullable=False),
-    # committed -> disputed -> finalized | slashed; the watchtower adds its verdict.
+    # A ClaimStatus; the watchtower adds its verdict.
     sa.Column("status", sa.String(16), nullable=False),
     sa.Column("verdict", sa.String(16), nullable=True),
     # Why the watchtower judged so, and when it last queued the verification (revision 0003).
@@ -121,7 +128,7 @@ games = sa.Table(
     sa.Column("phase", sa.String(16), nullable=False),
     sa.Column("k", sa.Integer, nullable=True),
     sa.Column("rounds", sa.Integer, nullable=False),
-    sa.Column("status", sa.String(16), nullable=False),  # open | won | lost
+    sa.Column("status", sa.String(16), nullable=False),  # a GameStatus
     # The local decision state (prover.game.GameState, serialized by its user) as JSON.
     sa.Column("state", sa.JSON, nullable=False),
     # A worker's lease on the row: only the holder acts on the game until it expires, so a
@@ -158,7 +165,7 @@ challenges = sa.Table(
     # finds what was about to happen instead of sending a second bond (revision 0003).
     sa.Column("request_id", sa.BigInteger, primary_key=True, autoincrement=False),
     sa.Column("challenger", sa.String(42), primary_key=True),
-    sa.Column("status", sa.String(16), nullable=False),  # sending | opened | failed
+    sa.Column("status", sa.String(16), nullable=False),  # a ChallengeStatus
     sa.Column("tx_hash", sa.String(66), nullable=True),
     sa.Column("game_id", sa.BigInteger, nullable=True),
     sa.Column("note", sa.Text, nullable=True),
@@ -355,7 +362,7 @@ class RequestRecord:
     commit_deadline: int
     block_number: int
     tx_hash: str
-    status: str = "open"
+    status: RequestStatus = RequestStatus.OPEN
     note: str | None = None
     output: list[int] | None = None
     commit_tx: str | None = None  # 0x-prefixed
@@ -382,7 +389,7 @@ def get_request(conn: Connection, request_id: int) -> RequestRecord | None:
     return None if row is None else _record(RequestRecord, row)
 
 
-def requests_with_status(conn: Connection, status: str, limit: int = 100,
+def requests_with_status(conn: Connection, status: RequestStatus, limit: int = 100,
                          after: int = -1) -> list[RequestRecord]:
     """Requests in `status` with an id above `after`, oldest first."""
     rows = conn.execute(
@@ -393,14 +400,15 @@ def requests_with_status(conn: Connection, status: str, limit: int = 100,
 
 
 def set_request_status(
-    conn: Connection, request_id: int, status: str, *, expected: str | Sequence[str] | None = None,
-    note: str | None = None, output: list[int] | None = None, commit_tx: str | None = None,
+    conn: Connection, request_id: int, status: RequestStatus, *,
+    expected: RequestStatus | Sequence[RequestStatus] | None = None, note: str | None = None,
+    output: list[int] | None = None, commit_tx: str | None = None,
 ) -> bool:
-    """Move request `request_id` to `status` if it is in `expected` (any status when None),
-    setting `note`, `output` and `commit_tx` when given; True when a row changed."""
-    return _guarded_update(conn, requests, requests.c.request_id == request_id,
-                           requests.c.status, expected, status=status, note=note, output=output,
-                           commit_tx=commit_tx)
+    """Move request `request_id` to `status` if it is in one of the statuses that may become
+    it (or in `expected`, a narrower choice), setting `note`, `output` and `commit_tx` when
+    given; True when a row changed."""
+    return _guarded_update(conn, requests, requests.c.request_id == request_id, status,
+                           expected, note=note, output=output, commit_tx=commit_tx)
 
 
 def forget_commit_tx(conn: Connection, request_id: int) -> None:
@@ -423,7 +431,7 @@ class ClaimRecord:
     challenge_deadline: int
     block_number: int
     tx_hash: str
-    status: str = "committed"
+    status: ClaimStatus = ClaimStatus.COMMITTED
     verdict: str | None = None
     verdict_note: str | None = None
 
@@ -445,15 +453,13 @@ def get_claim(conn: Connection, request_id: int) -> ClaimRecord | None:
 
 
 def set_claim_status(
-    conn: Connection, request_id: int, status: str, *, expected: str | Sequence[str] | None = None,
-    verdict: str | None = None,
+    conn: Connection, request_id: int, status: ClaimStatus, *,
+    expected: ClaimStatus | Sequence[ClaimStatus] | None = None, verdict: str | None = None,
 ) -> bool:
-    """Move the claim on `request_id` to `status` if it is in `expected`; True on change."""
-    changes: dict[str, Any] = {"status": status}
-    if verdict is not None:
-        changes["verdict"] = verdict
-    return _guarded_update(conn, claims, claims.c.request_id == request_id, claims.c.status,
-                           expected, **changes)
+    """Move the claim on `request_id` to `status` from a status that may become it (or from
+    `expected`, a narrower choice); True on change."""
+    return _guarded_update(conn, claims, claims.c.request_id == request_id, status, expected,
+                           verdict=verdict)
 
 
 def set_claim_verdict(conn: Connection, request_id: int, verdict: str, note: str) -> bool:
@@ -497,7 +503,7 @@ class ChallengeRecord:
 
     request_id: int
     challenger: str
-    status: str
+    status: ChallengeStatus
     tx_hash: str | None = None
     game_id: int | None = None
     note: str | None = None
@@ -517,11 +523,11 @@ def take_challenge(
     """
     now = time.time() if now is None else now
     conn.execute(_insert(conn, challenges).values(
-        request_id=request_id, challenger=challenger, status="sending",
+        request_id=request_id, challenger=challenger, status=ChallengeStatus.SENDING,
     ).on_conflict_do_nothing(index_elements=[challenges.c.request_id, challenges.c.challenger]))
     key = (challenges.c.request_id == request_id) & (challenges.c.challenger == challenger)
     free = (
-        (challenges.c.status == "sending")
+        (challenges.c.status == ChallengeStatus.SENDING)
         & (challenges.c.lease_owner.is_(None) | (challenges.c.lease_expires <= now)
            | (challenges.c.lease_owner == worker))
     )
@@ -530,7 +536,7 @@ def take_challenge(
         .values(lease_owner=worker, lease_expires=now + lease_seconds)
     ).rowcount
     record = get_challenge(conn, request_id, challenger)
-    if changed == 1 or (record is not None and record.status != "sending"):
+    if changed == 1 or (record is not None and record.status != ChallengeStatus.SENDING):
         return record
     return None
 
@@ -549,23 +555,23 @@ def set_challenge_tx(conn: Connection, request_id: int, challenger: str, worker:
     return conn.execute(
         sa.update(challenges)
         .where(challenges.c.request_id == request_id, challenges.c.challenger == challenger,
-               challenges.c.lease_owner == worker, challenges.c.status == "sending")
+               challenges.c.lease_owner == worker,
+               challenges.c.status == ChallengeStatus.SENDING)
         .values(tx_hash=tx_hash)
     ).rowcount == 1
 
 
 def finish_challenge(
-    conn: Connection, request_id: int, challenger: str, status: str, *,
+    conn: Connection, request_id: int, challenger: str, status: ChallengeStatus, *,
     game_id: int | None = None, note: str | None = None,
 ) -> bool:
     """Move a `sending` challenge to `opened` (with its game) or `failed` (with why) and drop
     its lease; True when it was still sending."""
-    if status not in ("opened", "failed"):
-        raise ValueError(f"a challenge ends opened or failed, not {status!r}")
+    allowed = check_transition_guard(status, None)
     return conn.execute(
         sa.update(challenges)
         .where(challenges.c.request_id == request_id, challenges.c.challenger == challenger,
-               challenges.c.status == "sending")
+               challenges.c.status.in_(allowed))
         .values(status=status, game_id=game_id, note=note, lease_owner=None,
                 lease_expires=None)
     ).rowcount == 1
@@ -577,7 +583,7 @@ def claims_to_challenge(conn: Connection, challenger: str, now: float) -> list[i
     while sending), oldest first."""
     mine = (challenges.c.request_id == claims.c.request_id) & (
         challenges.c.challenger == challenger)
-    live = (challenges.c.status != "sending") | (
+    live = (challenges.c.status != ChallengeStatus.SENDING) | (
         challenges.c.lease_owner.is_not(None) & (challenges.c.lease_expires > now))
     rows = conn.execute(
         sa.select(claims.c.request_id)
@@ -601,7 +607,7 @@ class GameRecord:
     phase: Phase
     k: int | None
     rounds: int
-    status: str  # open | won | lost
+    status: GameStatus
     state: dict[str, Any]
     lease_owner: str | None = None
     lease_expires: float | None = None
@@ -639,7 +645,7 @@ def claim_game(
     now = time.time() if now is None else now
     key = (games.c.game_id == game_id) & (games.c.player == player.value)
     free = (
-        (games.c.status == "open")
+        (games.c.status == GameStatus.OPEN)
         & (games.c.lease_owner.is_(None) | (games.c.lease_expires <= now)
            | (games.c.lease_owner == worker))
     )
@@ -663,7 +669,7 @@ def claim_next_game(
     """Lease the oldest open game of `player` that nobody holds; None when there is none."""
     now = time.time() if now is None else now
     free = (
-        (games.c.player == player.value) & (games.c.status == "open")
+        (games.c.player == player.value) & (games.c.status == GameStatus.OPEN)
         & (games.c.lease_owner.is_(None) | (games.c.lease_expires <= now))
     )
     query = sa.select(games.c.game_id).where(free).order_by(games.c.game_id)
@@ -688,18 +694,20 @@ def release_game(conn: Connection, game_id: int, player: Role, worker: str) -> b
 
 def update_game(
     conn: Connection, game_id: int, player: Role, worker: str, *, phase: Phase, k: int | None,
-    rounds: int, status: str, state: dict[str, Any],
+    rounds: int, status: GameStatus, state: dict[str, Any],
 ) -> bool:
-    """Save the game's progress; only the lease holder `worker` may (True when it did)."""
+    """Save the game's progress; only the lease holder `worker` may, and only while the game
+    is open (True when it did)."""
     return conn.execute(
         sa.update(games)
         .where(games.c.game_id == game_id, games.c.player == player.value,
-               games.c.lease_owner == worker)
+               games.c.lease_owner == worker,
+               games.c.status.in_(check_transition_guard(status, None)))
         .values(phase=phase.value, k=k, rounds=rounds, status=status, state=state)
     ).rowcount == 1
 
 
-def games_with_status(conn: Connection, player: Role, status: str) -> list[GameRecord]:
+def games_with_status(conn: Connection, player: Role, status: GameStatus) -> list[GameRecord]:
     """The games `player` plays that are in `status`, oldest first."""
     rows = conn.execute(
         sa.select(games).where(games.c.player == player.value, games.c.status == status)
@@ -714,7 +722,7 @@ def game_status_counts(conn: Connection, player: Role) -> dict[str, int]:
         sa.select(games.c.status, sa.func.count()).where(games.c.player == player.value)
         .group_by(games.c.status)
     )
-    return {status: count for status, count in rows}
+    return {GameStatus(status): count for status, count in rows}
 
 
 def _game(row) -> GameRecord:
@@ -722,6 +730,7 @@ def _game(row) -> GameRecord:
     values.pop("created_at")
     values["player"] = Role(values["player"])
     values["phase"] = Phase(values["phase"])
+    values["status"] = GameStatus(values["status"])
     return GameRecord(**values)
 
 
@@ -798,8 +807,16 @@ def _fields(record) -> dict[str, Any]:
     return {field: getattr(record, field) for field in record.__dataclass_fields__}
 
 
+#: Each record's status enum, for reading rows back.
+_STATUS_OF = {RequestRecord: RequestStatus, ClaimRecord: ClaimStatus,
+              ChallengeRecord: ChallengeStatus, GameRecord: GameStatus}
+
+
 def _record(cls, row):
-    return cls(**{field: row[field] for field in cls.__dataclass_fields__})
+    values = {field: row[field] for field in cls.__dataclass_fields__}
+    if "status" in values:
+        values["status"] = _STATUS_OF[cls](values["status"])
+    return cls(**values)
 
 
 def _inserted(conn: Connection, statement) -> bool:
@@ -807,13 +824,11 @@ def _inserted(conn: Connection, statement) -> bool:
     return conn.execute(statement).first() is not None
 
 
-def _guarded_update(
-    conn: Connection, table: sa.Table, key, status_column, expected: str | Sequence[str] | None,
-    **changes: Any,
-) -> bool:
-    condition = key
-    if expected is not None:
-        allowed = [expected] if isinstance(expected, str) else list(expected)
-        condition = condition & status_column.in_(allowed)
+def _guarded_update(conn: Connection, table: sa.Table, key, status, expected, **changes: Any
+                    ) -> bool:
+    """Set `status` (and the other `changes` not None) on the row at `key` if its status is
+    one that may become `status` (`statuses.TRANSITIONS`), or one of `expected`."""
+    condition = key & table.c.status.in_(check_transition_guard(status, expected))
     changes = {name: value for name, value in changes.items() if value is not None}
-    return conn.execute(sa.update(table).where(condition).values(**changes)).rowcount == 1
+    return conn.execute(sa.update(table).where(condition).values(status=status, **changes)
+                        ).rowcount == 1

@@ -13,6 +13,7 @@ from optinfer.contracts.coordinator import InferenceCoordinator
 from optinfer.services.chain import EventCursor, claim_record, request_record
 from optinfer.services.deployments import Deployments
 from optinfer.services.settings import Settings, load_settings
+from optinfer.services.statuses import RequestStatus
 from optinfer.services.store import Store, record_claim, set_request_status, upsert_request
 from tests.services import conftest as service_fixtures
 
@@ -84,9 +85,9 @@ def sync_store(store: Store, coordinator: InferenceCoordinator, start_block: int
             upsert_request(conn, request_record(event))
         elif event.name == "OutputCommitted":
             record_claim(conn, claim_record(event))
-            set_request_status(conn, event.args["requestId"], "committed", expected="open")
+            set_request_status(conn, event.args["requestId"], RequestStatus.COMMITTED)
         elif event.name == "Finalized":
-            set_request_status(conn, event.args["requestId"], "finalized")
+            set_request_status(conn, event.args["requestId"], RequestStatus.FINALIZED)
 
     cursor = EventCursor(coordinator.w3, store, "coordinator", [coordinator.contract],
                          events=["RequestPosted", "OutputCommitted", "Finalized"],

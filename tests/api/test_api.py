@@ -20,6 +20,7 @@ from optinfer.prover.game import Phase, Role
 from optinfer.services import consumer
 from optinfer.services.chain import TxSender
 from optinfer.services.deployments import DEMO_COORDINATOR_PARAMS
+from optinfer.services.statuses import GameStatus
 from optinfer.services.store import GameRecord, MoveRecord, create_game, record_move
 from tests.chat_models import THINK, tiny_r1_with_chat_template
 
@@ -136,8 +137,10 @@ def test_requests_list_filters_and_pages(client, two_requests):
         first, second]
     committed = client.get("/v1/requests", params={"status": "committed"}).json()
     assert [r["request_id"] for r in committed["requests"]] == [first]
-    assert client.get("/v1/requests", params={"status": "refunded"}).json() == {
+    assert client.get("/v1/requests", params={"status": "finalized"}).json() == {
         "requests": [], "next_after": None}
+    unknown = client.get("/v1/requests", params={"status": "refunded"})  # not a node status
+    assert unknown.status_code == 422 and "'skipped'" in unknown.text
     page = client.get("/v1/requests", params={"limit": 1}).json()
     assert [r["request_id"] for r in page["requests"]] == [first]
     assert page["next_after"] == first
@@ -171,7 +174,7 @@ def test_game_with_its_moves_as_each_role_plays_it(client, two_requests):
         for role in (Role.PROVIDER, Role.CHALLENGER):
             create_game(conn, GameRecord(game_id=7, player=role, request_id=first,
                                          phase=Phase.BISECTION, k=None, rounds=2,
-                                         status="open", state={}))
+                                         status=GameStatus.OPEN, state={}))
         record_move(conn, MoveRecord(7, Role.PROVIDER, 0, Role.PROVIDER, "PostRoot",
                                      {"root": "0x" + "11" * 32}, "0x" + "aa" * 32, 40))
         record_move(conn, MoveRecord(7, Role.PROVIDER, 1, Role.PROVIDER, "PostMid",

@@ -33,6 +33,7 @@ from optinfer.prover.provider import (
 from optinfer.services import store as st
 from optinfer.services.chain import TxSender
 from optinfer.services.settings import load_settings
+from optinfer.services.statuses import RequestStatus
 from optinfer.services.store import RequestRecord, Store
 
 from .conftest import FEE, MAX_TOKENS, PROMPT_TEXT, optinfer
@@ -523,8 +524,8 @@ def test_an_answer_to_retry_whose_request_was_settled_meanwhile_is_left_alone(
     node = _node(protocol, sqlite_url, model)
     node.watch()
     with node.store.transaction() as conn:
-        assert st.set_request_status(conn, settled, "skipped", expected="open", note="elsewhere")
-        assert st.set_request_status(conn, open_one, "committing", expected="open",
+        assert st.set_request_status(conn, settled, RequestStatus.SKIPPED, note="elsewhere")
+        assert st.set_request_status(conn, open_one, RequestStatus.COMMITTING,
                                      output=[5], commit_tx="0x" + "ab" * 32)
     with caplog.at_level(logging.WARNING, logger="optinfer.provider"):
         node._retry_later(Prepared(settled, [1, 2], time.perf_counter()), RuntimeError("x"))

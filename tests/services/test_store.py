@@ -13,6 +13,7 @@ from alembic.runtime.migration import MigrationContext
 from optinfer.errors import UserError
 from optinfer.prover.game import Phase, Role
 from optinfer.services import store as st
+from optinfer.services.statuses import ClaimStatus, GameStatus, RequestStatus
 from optinfer.services.store import (
     ClaimRecord,
     GameRecord,
@@ -39,7 +40,8 @@ def a_request(request_id: int, **changes) -> RequestRecord:
 
 def a_game(game_id: int, player: Role = Role.PROVIDER, **changes) -> GameRecord:
     values = dict(game_id=game_id, player=player, request_id=1, phase=Phase.AWAIT_ROOT, k=None,
-                  rounds=0, status="open", state={"lo": 0, "hi": 42, "roots": ["0x00"]})
+                  rounds=0, status=GameStatus.OPEN,
+                  state={"lo": 0, "hi": 42, "roots": ["0x00"]})
     values.update(changes)
     return GameRecord(**values)
 
@@ -173,7 +175,7 @@ def test_lock_cursor_creates_it_at_the_initial_block(store: Store):
 def test_request_upsert_keeps_local_status(store: Store):
     with store.transaction() as conn:
         assert st.upsert_request(conn, a_request(1)) is True
-        assert st.set_request_status(conn, 1, "skipped", expected="open", note="prompt too long")
+        assert st.set_request_status(conn, 1, RequestStatus.SKIPPED, note="prompt too long")
         assert st.upsert_request(conn, a_request(1, block_number=11)) is False
         stored = st.get_request(conn, 1)
     assert stored.status == "skipped" and stored.note == "prompt too long"
@@ -186,9 +188,55 @@ def test_guarded_status_moves_once(store: Store):
     with store.transaction() as conn:
         st.upsert_request(conn, a_request(1))
         st.upsert_request(conn, a_request(2))
-        assert st.set_request_status(conn, 1, "committed", expected="open")
-        assert not st.set_request_status(conn, 1, "committed", expected="open")
-        assert [r.request_id for r in st.requests_with_status(conn, "open")] == [2]
+        assert st.set_request_status(conn, 1, RequestStatus.COMMITTED, expected=RequestStatus.OPEN)
+        assert not st.set_request_status(conn, 1, RequestStatus.COMMITTED,
+                                         expected=RequestStatus.OPEN)
+        assert [r.request_id for r in st.requests_with_status(conn, RequestStatus.OPEN)] == [2]
+
+
+def test_no_status_write_moves_a_record_backwards(store: Store):
+    """Every write is guarded by services/statuses.py: a finalized request or a slashed claim
+    stays so whoever writes late (a restart, a second worker, an old event), a guard wider
+    than the table is a caller's bug, and records read back carry their enums."""
+    claim = ClaimRecord(request_id=1, provider=PROVIDER, output=[5], challenge_deadline=9,
+                        block_number=12, tx_hash="0x" + "ef" * 32)
+    with store.transaction() as conn:
+        st.upsert_request(conn, a_request(1))
+        st.record_claim(conn, claim)
+        assert not st.set_request_status(conn, 1, RequestStatus.FINALIZED)  # open: not yet
+        assert st.set_request_status(conn, 1, RequestStatus.COMMITTING, output=[5])
+        assert st.set_request_status(conn, 1, RequestStatus.COMMITTED)
+        assert st.set_request_status(conn, 1, RequestStatus.FINALIZED)
+        for late in (RequestStatus.COMMITTING, RequestStatus.COMMITTED, RequestStatus.SKIPPED,
+                     RequestStatus.REJECTED):
+            assert not st.set_request_status(conn, 1, late, note="late")
+        assert st.set_claim_status(conn, 1, ClaimStatus.SLASHED)
+        assert not st.set_claim_status(conn, 1, ClaimStatus.FINALIZED)
+        assert not st.set_claim_status(conn, 1, ClaimStatus.DISPUTED)
+        with pytest.raises(ValueError, match="finalized may not become committed"):
+            st.set_request_status(conn, 1, RequestStatus.COMMITTED,
+                                  expected=(RequestStatus.OPEN, RequestStatus.FINALIZED))
+        request, stored = st.get_request(conn, 1), st.get_claim(conn, 1)
+    assert request.status is RequestStatus.FINALIZED and request.note is None
+    assert stored.status is ClaimStatus.SLASHED
+
+
+def test_every_status_has_its_transitions_and_terminals_end():
+    from optinfer.services.statuses import TRANSITIONS, ChallengeStatus, predecessors, successors
+
+    assert set(TRANSITIONS) == {RequestStatus, ClaimStatus, GameStatus, ChallengeStatus}
+    for kind, table in TRANSITIONS.items():
+        assert set(table) == set(kind)
+        for status in kind:
+            assert all(type(after) is kind for after in successors(status)), status
+    assert predecessors(RequestStatus.COMMITTED) == (RequestStatus.OPEN,
+                                                     RequestStatus.COMMITTING)
+    assert predecessors(GameStatus.WON) == (GameStatus.OPEN,)
+    assert predecessors(ChallengeStatus.SENDING) == ()  # only ever inserted
+    for terminal in (RequestStatus.FINALIZED, RequestStatus.REJECTED, RequestStatus.SKIPPED,
+                     ClaimStatus.FINALIZED, ClaimStatus.SLASHED, GameStatus.WON,
+                     GameStatus.LOST, ChallengeStatus.OPENED, ChallengeStatus.FAILED):
+        assert successors(terminal) == frozenset()
 
 
 def test_claim_is_recorded_once(store: Store):
@@ -197,7 +245,7 @@ def test_claim_is_recorded_once(store: Store):
     with store.transaction() as conn:
         assert st.record_claim(conn, claim) is True
         assert st.record_claim(conn, claim) is False
-        assert st.set_claim_status(conn, 1, "disputed", expected="committed", verdict="invalid")
+        assert st.set_claim_status(conn, 1, ClaimStatus.DISPUTED, verdict="invalid")
         assert st.get_claim(conn, 1).verdict == "invalid"
 
 
@@ -264,9 +312,9 @@ def test_lease_holder_alone_updates_the_game(store: Store):
         assert st.claim_game(conn, 3, Role.PROVIDER, "w1", lease_seconds=60, now=1030)
         assert st.claim_game(conn, 3, Role.PROVIDER, "w2", lease_seconds=60, now=1091)
         assert not st.update_game(conn, 3, Role.PROVIDER, "w1", phase=Phase.BISECTION, k=None,
-                                  rounds=1, status="open", state={})
+                                  rounds=1, status=GameStatus.OPEN, state={})
         assert st.update_game(conn, 3, Role.PROVIDER, "w2", phase=Phase.BISECTION, k=None,
-                              rounds=1, status="open", state={"lo": 0})
+                              rounds=1, status=GameStatus.OPEN, state={"lo": 0})
         assert st.release_game(conn, 3, Role.PROVIDER, "w2")
         game = st.get_game(conn, 3, Role.PROVIDER)
     assert (game.phase, game.rounds, game.state, game.lease_owner) == (
@@ -275,7 +323,7 @@ def test_lease_holder_alone_updates_the_game(store: Store):
 
 def test_finished_game_cannot_be_claimed(store: Store):
     with store.transaction() as conn:
-        st.create_game(conn, a_game(4, status="won"))
+        st.create_game(conn, a_game(4, status=GameStatus.WON))
         assert st.claim_game(conn, 4, Role.PROVIDER, "w1", lease_seconds=60) is None
 
 
