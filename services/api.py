@@ -37,12 +37,13 @@ from optinfer.contracts.registry import ModelSpec
 from optinfer.errors import UserError
 from optinfer.models.runtime import IntegerModel
 from optinfer.services import consumer
+from optinfer.services import store as st
 from optinfer.services.chain import RetryPolicy, TxFailed, TxSender, connect, connect_settings
 from optinfer.services.deployments import Deployments
 from optinfer.services.metrics import ChainView, NodeMetrics
 from optinfer.services.settings import Settings
 from optinfer.services.statuses import ClaimStatus, GameStatus, RequestStatus
-from optinfer.services.store import Store, claims, games, moves, requests
+from optinfer.services.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -366,39 +367,32 @@ def get_model_file(model_id: ModelIdPath, name: str, node: NodeDep) -> FileRespo
 requests_router = APIRouter(prefix="/v1/requests", tags=["requests"])
 
 
-def request_views(node: ApiNode, conn: sa.Connection, where, limit: int) -> list[RequestView]:
-    rows = conn.execute(
-        sa.select(requests, *[c.label(f"claim_{c.name}") for c in claims.c])
-        .outerjoin(claims, claims.c.request_id == requests.c.request_id)
-        .where(where).order_by(requests.c.request_id).limit(limit)
-    ).mappings().all()
-    ids = [row["request_id"] for row in rows]
-    game_ids: dict[int, list[int]] = {}
-    if ids:
-        for request_id, game_id in conn.execute(
-                sa.select(games.c.request_id, games.c.game_id).distinct()
-                .where(games.c.request_id.in_(ids)).order_by(games.c.game_id)):
-            game_ids.setdefault(request_id, []).append(game_id)
-    return [request_view(node, row, game_ids.get(row["request_id"], [])) for row in rows]
-
-
-def request_view(node: ApiNode, row, game_ids: list[int]) -> RequestView:
-    claim = None
-    if row["claim_request_id"] is not None:
-        claim = ClaimView(
-            provider=row["claim_provider"], output=row["claim_output"],
-            output_text=node.decode(row["model_id"], row["claim_output"]),
-            challenge_deadline=row["claim_challenge_deadline"],
-            block_number=row["claim_block_number"], tx_hash=row["claim_tx_hash"],
-            status=row["claim_status"], verdict=row["claim_verdict"])
+def request_view(node: ApiNode, request: st.RequestRecord, claim: st.ClaimRecord | None,
+                 game_ids: list[int]) -> RequestView:
+    claim_view = None
+    if claim is not None:
+        claim_view = ClaimView(
+            provider=claim.provider, output=claim.output,
+            output_text=node.decode(request.model_id, claim.output),
+            challenge_deadline=claim.challenge_deadline, block_number=claim.block_number,
+            tx_hash=claim.tx_hash, status=claim.status, verdict=claim.verdict)
     return RequestView(
-        request_id=row["request_id"], consumer=row["consumer"], model_id=row["model_id"],
-        prompt=row["prompt"], prompt_text=node.decode(row["model_id"], row["prompt"]),
-        max_tokens=row["max_tokens"], fee=str(row["fee"]), callback=row["callback"],
-        callback_gas_limit=row["callback_gas_limit"], named_provider=row["named_provider"],
-        commit_deadline=row["commit_deadline"], block_number=row["block_number"],
-        tx_hash=row["tx_hash"], status=row["status"], note=row["note"], claim=claim,
+        request_id=request.request_id, consumer=request.consumer, model_id=request.model_id,
+        prompt=request.prompt, prompt_text=node.decode(request.model_id, request.prompt),
+        max_tokens=request.max_tokens, fee=str(request.fee), callback=request.callback,
+        callback_gas_limit=request.callback_gas_limit, named_provider=request.named_provider,
+        commit_deadline=request.commit_deadline, block_number=request.block_number,
+        tx_hash=request.tx_hash, status=request.status, note=request.note, claim=claim_view,
         games=game_ids)
+
+
+def request_views(node: ApiNode, *, status: RequestStatus | None = None, after: int = -1,
+                  limit: int = 100) -> list[RequestView]:
+    with node.store.transaction() as conn:
+        page = st.requests_page(conn, status=status, after=after, limit=limit)
+        game_ids = st.game_ids_by_request(conn, [request.request_id for request, _ in page])
+    return [request_view(node, request, claim, game_ids.get(request.request_id, []))
+            for request, claim in page]
 
 
 @requests_router.get("", response_model=RequestPage)
@@ -410,11 +404,7 @@ def list_requests(
     after: Annotated[int, Query(ge=-1, le=MAX_ID, description="Only ids above this one.")] = -1,
 ) -> RequestPage:
     """Requests the node has seen, by id."""
-    where = requests.c.request_id > after
-    if status is not None:
-        where = where & (requests.c.status == status)
-    with node.store.transaction() as conn:
-        page = request_views(node, conn, where, limit)
+    page = request_views(node, status=status, after=after, limit=limit)
     last = page[-1].request_id if len(page) == limit else None
     return RequestPage(requests=page, next_after=last)
 
@@ -423,9 +413,8 @@ def list_requests(
 def get_request(request_id: Annotated[int, Path(ge=0, le=MAX_ID)], node: NodeDep
                 ) -> RequestView:
     """One request with its claim and the ids of its games."""
-    with node.store.transaction() as conn:
-        found = request_views(node, conn, requests.c.request_id == request_id, 1)
-    if not found:
+    found = request_views(node, after=request_id - 1, limit=1)  # the first id from it on
+    if not found or found[0].request_id != request_id:
         raise HTTPException(404, f"request {request_id} is not known to this node")
     return found[0]
 
@@ -485,23 +474,19 @@ games_router = APIRouter(prefix="/v1/games", tags=["games"])
 def get_game(game_id: Annotated[int, Path(ge=0, le=MAX_ID)], node: NodeDep) -> GameView:
     """A dispute game as this node plays it (as provider, challenger or both), move by move."""
     with node.store.transaction() as conn:
-        rows = conn.execute(
-            sa.select(games).where(games.c.game_id == game_id).order_by(games.c.player)
-        ).mappings().all()
-        recorded = conn.execute(
-            sa.select(moves).where(moves.c.game_id == game_id)
-            .order_by(moves.c.player, moves.c.seq)
-        ).mappings().all()
-    if not rows:
+        records = st.game_records(conn, game_id)
+        recorded = {record.player: st.game_moves(conn, game_id, record.player)
+                    for record in records}
+    if not records:
         raise HTTPException(404, f"game {game_id} is not known to this node")
     roles = [GameRoleView(
-        role=row["player"], phase=row["phase"], k=row["k"], rounds=row["rounds"],
-        status=row["status"],
-        moves=[MoveView(seq=m["seq"], actor=m["actor"], kind=m["kind"], payload=m["payload"],
-                        tx_hash=m["tx_hash"], block_number=m["block_number"])
-               for m in recorded if m["player"] == row["player"]])
-        for row in rows]
-    return GameView(game_id=game_id, request_id=rows[0]["request_id"], roles=roles)
+        role=record.player.value, phase=record.phase.value, k=record.k, rounds=record.rounds,
+        status=record.status,
+        moves=[MoveView(seq=m.seq, actor=m.actor.value, kind=m.kind, payload=m.payload,
+                        tx_hash=m.tx_hash, block_number=m.block_number)
+               for m in recorded[record.player]])
+        for record in records]
+    return GameView(game_id=game_id, request_id=records[0].request_id, roles=roles)
 
 
 # ------------------------------------------------------------------------- operations

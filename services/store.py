@@ -411,6 +411,28 @@ def set_request_status(
                            expected, note=note, output=output, commit_tx=commit_tx)
 
 
+def requests_page(conn: Connection, *, status: RequestStatus | None = None, after: int = -1,
+                  limit: int = 100) -> list[tuple[RequestRecord, ClaimRecord | None]]:
+    """Requests with an id above `after` (in `status`, when given), oldest first, each with
+    its claim if it has one: what the HTTP API lists."""
+    where = requests.c.request_id > after
+    if status is not None:
+        where = where & (requests.c.status == status)
+    rows = conn.execute(
+        sa.select(requests, *[c.label(f"claim_{c.name}") for c in claims.c])
+        .outerjoin(claims, claims.c.request_id == requests.c.request_id)
+        .where(where).order_by(requests.c.request_id).limit(limit)
+    ).mappings().all()
+    page = []
+    for row in rows:
+        claim = None
+        if row["claim_request_id"] is not None:
+            claim = _record(ClaimRecord, {name: row[f"claim_{name}"]
+                                          for name in ClaimRecord.__dataclass_fields__})
+        page.append((_record(RequestRecord, row), claim))
+    return page
+
+
 def forget_commit_tx(conn: Connection, request_id: int) -> None:
     """Drop the commit transaction recorded for `request_id` (one that failed on chain, so
     that a restart does not wait for it again)."""
@@ -723,6 +745,25 @@ def game_status_counts(conn: Connection, player: Role) -> dict[str, int]:
         .group_by(games.c.status)
     )
     return {GameStatus(status): count for status, count in rows}
+
+
+def game_records(conn: Connection, game_id: int) -> list[GameRecord]:
+    """The game as each role this node plays in it sees it, by role name (challenger first)."""
+    rows = conn.execute(
+        sa.select(games).where(games.c.game_id == game_id).order_by(games.c.player)
+    ).mappings()
+    return [_game(row) for row in rows]
+
+
+def game_ids_by_request(conn: Connection, request_ids: Sequence[int]) -> dict[int, list[int]]:
+    """The ids of the games on each of `request_ids` (only those with games), ascending."""
+    found: dict[int, list[int]] = {}
+    if request_ids:
+        for request_id, game_id in conn.execute(
+                sa.select(games.c.request_id, games.c.game_id).distinct()
+                .where(games.c.request_id.in_(list(request_ids))).order_by(games.c.game_id)):
+            found.setdefault(request_id, []).append(game_id)
+    return found
 
 
 def _game(row) -> GameRecord:
