@@ -1,8 +1,9 @@
 """The watchtower's Celery app: ``celery -A optinfer.challenger.app worker`` runs it.
 
-Configured from the settings (``load_settings``: OPTINFER_* and the config file) when this
-module is imported, and again by :func:`configure` for a command or test that built its own
-settings. With a broker (``broker_url``, Redis in production) tasks go through the queue
+Configured by :func:`configure` with a command's or test's own settings, or else from
+``load_settings()`` (OPTINFER_* and the config file) when Celery first reads its
+configuration, as ``celery -A optinfer.challenger.app worker|beat`` does: importing this module
+reads no settings. With a broker (``broker_url``, Redis in production) tasks go through the queue
 ``celery_queue`` and beat sends ``scan`` every ``poll_interval`` seconds; without one, Celery
 runs in eager mode (``task_always_eager``): each task runs inline where it is sent, which is
 how the embedded demo runs everything in one process (see ``tasks.run_eager``).
@@ -22,7 +23,16 @@ from celery.beat import PersistentScheduler
 
 from optinfer.services.settings import Settings, load_settings
 
-app = Celery("optinfer.challenger", include=["optinfer.challenger.tasks"])
+
+class _App(Celery):
+    def on_configure(self) -> None:
+        """Celery calls this when it first reads its configuration: the settings of the
+        environment, unless `configure` was given others before."""
+        if _settings is None:
+            configure(load_settings())
+
+
+app = _App("optinfer.challenger", include=["optinfer.challenger.tasks"])
 
 _settings: Settings | None = None
 
@@ -73,6 +83,3 @@ def settings() -> Settings:
 
 def is_eager() -> bool:
     return bool(app.conf.task_always_eager)
-
-
-configure(load_settings())

@@ -1,0 +1,49 @@
+"""The watchtower's Celery app is configured by a function, not by its import: importing it
+reads no settings; Celery's first read of its configuration loads them (what `celery -A
+optinfer.challenger.app worker|beat` relies on), and `configure` given other settings first
+wins."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+PROBE = """
+import optinfer.challenger.app as module
+print("imported")
+print(module.app.conf.broker_url, module.is_eager(), module.app.conf.task_default_queue)
+"""
+
+
+def _probe(**env: str) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("OPTINFER_")}
+    return subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
+                          timeout=120, env={**clean, **env})
+
+
+def test_importing_the_app_reads_no_settings_and_its_first_use_does():
+    broken = _probe(OPTINFER_CONFIG="/nonexistent/optinfer.toml")
+    assert broken.stdout.splitlines() == ["imported"]  # the import itself succeeded
+    assert "config file /nonexistent/optinfer.toml" in broken.stderr
+    queued = _probe(OPTINFER_BROKER_URL="redis://127.0.0.1:6379/3",
+                    OPTINFER_CELERY_QUEUE="from-env")
+    assert queued.returncode == 0, queued.stderr
+    assert queued.stdout.splitlines()[1] == "redis://127.0.0.1:6379/3 False from-env"
+    eager = _probe()
+    assert eager.stdout.splitlines()[1].startswith("memory:// True")
+
+
+def test_configure_before_the_first_read_wins():
+    script = """
+from optinfer.challenger import app as module
+from optinfer.services.settings import load_settings
+module.configure(load_settings(celery_queue="mine", broker_url="redis://127.0.0.1:6379/4"))
+conf = module.app.conf
+print(conf.task_default_queue, conf.broker_url, module.settings().celery_queue)
+"""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("OPTINFER_")}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, env={**clean, "OPTINFER_CELERY_QUEUE": "from-env"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["mine", "redis://127.0.0.1:6379/4", "mine"]
