@@ -298,7 +298,7 @@ class Watchtower:
             if trace.refusal is not None:
                 return policy.judge(False, f"{problem}; {trace.refusal.reason}", True)
             predicted = trace.tensor(trace.node_count)
-        verdict = model.verdict(output, predicted, max_tokens)
+        verdict = model.check_output(output, predicted, max_tokens)
         convictable = bool(np.any(predicted != np.asarray(output, np.int64)))
         return policy.judge(verdict.valid, verdict.reason, convictable)
 

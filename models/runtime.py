@@ -24,7 +24,7 @@ PINNED_ONNXRUNTIME = "1.32.0"
 
 
 @dataclass(frozen=True)
-class Verdict:
+class OutputCheck:
     """Outcome of teacher-forced verification of a claimed output."""
 
     valid: bool
@@ -222,27 +222,28 @@ class IntegerModel:
         return self.session("verify").run(["next_tokens"], {"sequence": sequence})[0]
 
     def verify(self, prompt: list[int], output: list[int],
-               max_tokens: int | None = None) -> Verdict:
+               max_tokens: int | None = None) -> OutputCheck:
         """Is `output` exactly what greedy decoding of `prompt` produces?"""
-        return self.verdict(output, self.predict(prompt, output), max_tokens)
+        return self.check_output(output, self.predict(prompt, output), max_tokens)
 
-    def verdict(self, output: list[int], predicted: np.ndarray,
-                max_tokens: int | None = None) -> Verdict:
+    def check_output(self, output: list[int], predicted: np.ndarray,
+                max_tokens: int | None = None) -> OutputCheck:
         """`verify`'s judgement of `output` from the model's teacher-forced `predicted`."""
         wrong = np.flatnonzero(predicted != np.asarray(output, np.int64))
         if wrong.size:
             i = int(wrong[0])
-            return Verdict(False, i, f"token {i} is {output[i]}, the model gives {predicted[i]}")
+            return OutputCheck(False, i,
+                               f"token {i} is {output[i]}, the model gives {predicted[i]}")
         # Greedy decoding stops at the first EOS: an EOS before the end makes the claim invalid.
         early_eos = [i for i, t in enumerate(output[:-1]) if t in self.eos_ids]
         if early_eos:
-            return Verdict(False, early_eos[0] + 1, "output continues after EOS")
+            return OutputCheck(False, early_eos[0] + 1, "output continues after EOS")
         if max_tokens is not None:
             if len(output) > max_tokens:
-                return Verdict(False, max_tokens, f"output longer than max tokens {max_tokens}")
+                return OutputCheck(False, max_tokens, f"output longer than max tokens {max_tokens}")
             if output[-1] not in self.eos_ids and len(output) < max_tokens:
-                return Verdict(False, None, "output stops before EOS and before max tokens")
-        return Verdict(True, None, "ok")
+                return OutputCheck(False, None, "output stops before EOS and before max tokens")
+        return OutputCheck(True, None, "ok")
 
     def state_root(self, prompt: list[int], output: list[int]) -> tuple[int, bytes]:
         """Node count N and state root S_N of the verification trace (docs/protocol.md)."""

@@ -158,9 +158,9 @@ def bench_provider(requests: int = 200, max_tokens: int = 32, model_dir: Path | 
     }
 
 
-class Phase(NamedTuple):
-    """One phase of one side: its wall time, and the generation process's time on a CPU and
-    runnable but off one (None where the kernel does not report them)."""
+class SideTimes(NamedTuple):
+    """One timed stretch of one side's work: its wall time, and the generation process's time
+    on a CPU and runnable but off one (None where the kernel does not report them)."""
 
     wall_s: float
     on_cpu_s: float | None
@@ -172,7 +172,7 @@ class _PhaseTimes:
 
     def __init__(self, generator: GenerationProcess):
         self.generator = generator
-        self.phases: list[Phase] = []
+        self.phases: list[SideTimes] = []
 
     @contextmanager
     def timed(self) -> Iterator[None]:
@@ -180,9 +180,9 @@ class _PhaseTimes:
         yield
         wall, after = time.perf_counter() - started, self.generator.scheduler_times()
         if before is None or after is None:
-            self.phases.append(Phase(wall, None, None))
+            self.phases.append(SideTimes(wall, None, None))
         else:
-            self.phases.append(Phase(wall, after.on_cpu_s - before.on_cpu_s,
+            self.phases.append(SideTimes(wall, after.on_cpu_s - before.on_cpu_s,
                                      after.waiting_for_cpu_s - before.waiting_for_cpu_s))
 
     def total(self, field: str) -> float | None:
@@ -191,7 +191,7 @@ class _PhaseTimes:
 
     def report(self) -> dict:
         return {field: None if (value := self.total(field)) is None else round(value, 4)
-                for field in Phase._fields}
+                for field in SideTimes._fields}
 
 
 def overhead_off_cpu(alone: _PhaseTimes, serving: _PhaseTimes) -> float | None:

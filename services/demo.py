@@ -83,8 +83,8 @@ class DemoModel:
 
 
 @dataclass
-class Phase:
-    """A phase's name and wall time."""
+class TimedStep:
+    """One step of the demo (deploy, honest flow, ...): its name and wall time."""
 
     name: str
     seconds: float = 0.0
@@ -369,11 +369,11 @@ def run_demo(console: Console | None = None, question: str | None = None,
         question = SMOLLM2_QUESTION if served.chat else TINY_R1_QUESTION
     say = console.print if console else (lambda *a, **k: None)
     started = time.perf_counter()
-    phases: list[Phase] = []
+    phases: list[TimedStep] = []
 
     def phase(name: str):
         say(f"[bold cyan]▶ {name}[/bold cyan]")
-        record = Phase(name)
+        record = TimedStep(name)
         phases.append(record)
         return record
 
