@@ -680,9 +680,8 @@ class ProviderNode:
     def _play(self, record: st.GameRecord) -> list[_SentMove]:
         """This node's move in the game of `record`, sent (not waited for), if it has one."""
         game_id = record.game_id
-        state = self._read_game(record)
-        if state is None:
-            return []
+        # One read, pinned to one block by the binding (DisputeGame.state).
+        state = self.game.state(game_id, record.state.get("opened_block", 0)).state
         if state.phase is Phase.RESOLVED:
             self._finish(record, state)
             return []
@@ -698,18 +697,6 @@ class ProviderNode:
             if move is not None:
                 sent.append(move)
         return sent
-
-    def _read_game(self, record: st.GameRecord, attempts: int = 3) -> spec.GameState | None:
-        """The game as of one block. The binding reads the game and its events in several
-        calls; a block mined between them (the challenger's move landing) can give a state
-        that never existed, so a read that straddles two blocks is done again. None when
-        every attempt did (the next poll tries again)."""
-        for _ in range(attempts):
-            block = self.w3.eth.block_number
-            state = self.game.state(record.game_id, record.state.get("opened_block", 0)).state
-            if self.w3.eth.block_number == block:
-                return state
-        return None
 
     def _trace(self, request_id: int) -> ModelTrace:
         """The trace this node defends `request_id` with: computed once per dispute."""
