@@ -16,6 +16,7 @@ from enum import IntEnum
 from typing import Any
 
 from eth_account.signers.local import LocalAccount
+from hexbytes import HexBytes
 from web3 import Web3
 from web3.contract.contract import ContractFunction
 from web3.types import TxReceipt
@@ -59,6 +60,13 @@ _PHASES = {
 }
 _ROLES = {OnChainRole.PROVIDER: spec.Role.PROVIDER, OnChainRole.CHALLENGER: spec.Role.CHALLENGER}
 
+
+#: The events a game's state is rebuilt from (`DisputeGame.state`).
+GAME_EVENTS = ("GameOpened", "RootPosted", "MidPosted", "MidAnswered", "ChildrenRevealed",
+               "ChildPicked", "ChunkRevealed", "ElementNamed", "GameEnded")
+#: The widest block range one game read asks ``eth_getLogs`` for (hosted RPC endpoints cap
+#: it, commonly at 2,000-10,000 blocks; the event cursors' `max_block_range` default too).
+LOG_BLOCK_RANGE = 2000
 
 @dataclass(frozen=True)
 class GameParams:
@@ -181,10 +189,7 @@ class DisputeGame(BoundContract):
         raw = reverts_decoded(self.artifact, lambda: self.contract.functions.getGame(
             game_id).call(block_identifier=block))
         game = dict(zip(_GAME_FIELDS, raw, strict=True))
-        events = {name: self._game_logs(name, game_id, from_block, block)
-                  for name in ("GameOpened", "RootPosted", "MidPosted", "MidAnswered",
-                               "ChildrenRevealed", "ChildPicked", "ChunkRevealed",
-                               "ElementNamed", "GameEnded")}
+        events = self._game_events(game_id, from_block, block)
         opened = events["GameOpened"][0]
         phase = _PHASES[OnChainPhase(game["phase"])]
         # Pending S_mid / children / element are read from the events, not the phase: a game
@@ -234,11 +239,25 @@ class DisputeGame(BoundContract):
                            Web3.to_checksum_address(game["challenger"]),
                            bytes(game["nodesRoot"]), bytes(game["constantsRoot"]), state)
 
-    def _game_logs(self, name: str, game_id: int, from_block: int, to_block: int) -> list[dict]:
-        event = getattr(self.contract.events, name)
-        logs = event.get_logs(argument_filters={"gameId": game_id}, from_block=from_block,
-                              to_block=to_block)
-        return [dict(log["args"]) for log in logs]
+    def _game_events(self, game_id: int, from_block: int, to_block: int
+                     ) -> dict[str, list[dict]]:
+        """The arguments of every event of game `game_id` in [from_block, to_block], by event
+        name, in chain order: one ``eth_getLogs`` for all of `GAME_EVENTS` (each has the game
+        id as its first indexed argument) per `LOG_BLOCK_RANGE` blocks, since hosted RPC
+        endpoints refuse wider ranges (it was nine unbounded queries a read)."""
+        events = {name: getattr(self.contract.events, name) for name in GAME_EVENTS}
+        by_topic = {bytes(HexBytes(event.topic)): event for event in events.values()}
+        game_topic = "0x" + game_id.to_bytes(32, "big").hex()
+        found: dict[str, list[dict]] = {name: [] for name in GAME_EVENTS}
+        for first in range(from_block, to_block + 1, LOG_BLOCK_RANGE):
+            logs = self.w3.eth.get_logs({
+                "address": self.address, "fromBlock": first,
+                "toBlock": min(first + LOG_BLOCK_RANGE - 1, to_block),
+                "topics": [["0x" + topic.hex() for topic in by_topic], game_topic]})
+            for log in logs:
+                event = by_topic[bytes(log["topics"][0])]
+                found[event.event_name].append(dict(event().process_log(log)["args"]))
+        return found
 
     def balance_of(self, account: str) -> int:
         """Wei of bonds credited to `account`."""

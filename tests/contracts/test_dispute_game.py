@@ -80,6 +80,43 @@ def test_the_contract_and_the_spec_agree_move_by_move(stack):
     assert moves > 2 * 9  # ten bisection rounds over 898 nodes, then descent and chunk
 
 
+def test_a_game_is_read_in_one_log_query_per_bounded_block_range(stack, monkeypatch):
+    """`DisputeGame.state` reads every event of a game with one eth_getLogs per
+    LOG_BLOCK_RANGE blocks (hosted endpoints refuse unbounded ranges): a game opened more than
+    one range ago reads in two queries, and a read one block at a time gives the same state."""
+    from optinfer.contracts import dispute_game
+
+    liar, claimed = _lie_at_last_token(stack.honest, stack.output)
+    request_id = stack.claim(claimed)
+    opened_at = stack.w3.eth.block_number
+    game_id = stack.challenge(request_id, stack.accounts[4])
+    players = {Role.PROVIDER: (liar, stack.provider),
+               Role.CHALLENGER: (stack.honest, stack.accounts[4])}
+    state = stack.game.state(game_id, opened_at).state
+    for _ in range(4):  # the root, then bisection moves
+        trace, signer = players[state.to_move]
+        (action,) = spec.decide(state, trace, state.to_move, chain_now(stack.w3))
+        stack.game.submit(game_id, action, signer, state)
+        state = stack.game.state(game_id, opened_at).state
+    queries = []
+    real_get_logs = stack.w3.eth.get_logs
+    monkeypatch.setattr(stack.w3.eth, "get_logs",
+                        lambda params: queries.append(params) or real_get_logs(params))
+    assert stack.game.state(game_id, opened_at).state == state
+    assert len(queries) == 1 and len(queries[0]["topics"][0]) == len(dispute_game.GAME_EVENTS)
+    with monkeypatch.context() as one_block:  # every block its own query: the same state
+        one_block.setattr(dispute_game, "LOG_BLOCK_RANGE", 1)
+        queries.clear()
+        assert stack.game.state(game_id, opened_at).state == state
+        assert len(queries) == stack.w3.eth.block_number - opened_at + 1
+    # Past one range: the same state, read in two bounded queries.
+    stack.w3.provider.make_request("anvil_mine", [hex(dispute_game.LOG_BLOCK_RANGE), "0x0"])
+    queries.clear()
+    assert stack.game.state(game_id, opened_at).state == state
+    assert len(queries) == 2
+    assert all(q["toBlock"] - q["fromBlock"] < dispute_game.LOG_BLOCK_RANGE for q in queries)
+
+
 # ----------------------------------------------------------------------------- rules
 
 
