@@ -68,6 +68,7 @@ GAME_EVENTS = ("GameOpened", "RootPosted", "MidPosted", "MidAnswered", "Children
 #: it, commonly at 2,000-10,000 blocks; the event cursors' `max_block_range` default too).
 LOG_BLOCK_RANGE = 2000
 
+
 @dataclass(frozen=True)
 class GameParams:
     """The game's constructor parameters besides the coordinator and verifier."""

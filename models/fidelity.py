@@ -138,23 +138,28 @@ def _logit_multipliers(integer: IntegerModel, fine: bool) -> np.ndarray:
     of the vocabulary (`qwen2_graph.FINE_LOGIT_BLOCK`), joined in the vocabulary's order."""
     if not fine:
         return _constant(integer, "lm_head.M")
-    names = {t.name for t in integer.verify_graph().graph.initializer}
+    initializers = {t.name: t for t in integer.verify_graph().graph.initializer}
     blocks = []
-    while f"logits.b{len(blocks)}.M" in names:
-        blocks.append(_constant(integer, f"logits.b{len(blocks)}.M"))
-    return np.concatenate(blocks) if blocks else _constant(integer, "logits.M")
+    while f"logits.b{len(blocks)}.M" in initializers:
+        blocks.append(_constant(integer, f"logits.b{len(blocks)}.M", initializers))
+    return (np.concatenate(blocks) if blocks
+            else _constant(integer, "logits.M", initializers))
 
 
-def _constant(integer: IntegerModel, name: str) -> np.ndarray:
-    """One constant of the verify graph, read from the constants file if it lives there."""
+def _constant(integer: IntegerModel, name: str, initializers: dict | None = None
+              ) -> np.ndarray:
+    """One constant of the verify graph (`initializers`: its initializers by name, when the
+    caller read them already), read from the constants file if it lives there."""
     from onnx import external_data_helper, numpy_helper
 
-    for tensor in integer.verify_graph().graph.initializer:
-        if tensor.name == name:
-            if external_data_helper.uses_external_data(tensor):
-                external_data_helper.load_external_data_for_tensor(tensor, str(integer.dir))
-            return numpy_helper.to_array(tensor)
-    raise UserError(f"{integer.dir}: the verify graph has no constant {name}")
+    if initializers is None:
+        initializers = {t.name: t for t in integer.verify_graph().graph.initializer}
+    tensor = initializers.get(name)
+    if tensor is None:
+        raise UserError(f"{integer.dir}: the verify graph has no constant {name}")
+    if external_data_helper.uses_external_data(tensor):
+        external_data_helper.load_external_data_for_tensor(tensor, str(integer.dir))
+    return numpy_helper.to_array(tensor)
 
 
 def _probe_session(integer: IntegerModel, names: list[str]) -> ort.InferenceSession:

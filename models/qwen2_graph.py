@@ -27,7 +27,7 @@ Representations (real value = integer * scale):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -663,19 +663,19 @@ class _Qwen2Builder:
         at once."""
         g, p = self.g, self.m.lm_head
         bound = 1 << FINE_LOGIT_BITS
-        vocab = p.weight.shape[1]
-        if vocab <= FINE_LOGIT_BLOCK:
-            acc = self.linear(x, p, "lm_head")
-            return g.rescale(acc, p.out.M, p.out.shift, -bound, bound, "logits", np.int32)
-        blocks = []
-        for b, start in enumerate(range(0, vocab, FINE_LOGIT_BLOCK)):
+        starts = range(0, p.weight.shape[1], FINE_LOGIT_BLOCK)
+        logits = []
+        for b, start in enumerate(starts):
             cols = slice(start, start + FINE_LOGIT_BLOCK)
-            bias = None if p.bias is None else p.bias[cols]
-            acc = g.matmul_integer_wide(x.stack, x.count, p.weight[:, cols], bias, x.zero_point,
-                                        f"lm_head.b{b}.acc")
-            blocks.append(g.rescale(acc, p.out.M[cols], p.out.shift, -bound, bound,
-                                    f"logits.b{b}", np.int32))
-        return g.concat(blocks, 1, "logits")
+            block = replace(p, weight=p.weight[:, cols],
+                            bias=None if p.bias is None else p.bias[cols],
+                            out=replace(p.out, M=p.out.M[cols]))
+            head, name = (("lm_head", "logits") if len(starts) == 1
+                          else (f"lm_head.b{b}", f"logits.b{b}"))
+            acc = self.linear(x, block, head)
+            logits.append(g.rescale(acc, block.out.M, block.out.shift, -bound, bound, name,
+                                    np.int32))
+        return logits[0] if len(logits) == 1 else g.concat(logits, 1, "logits")
 
     def finish(self, logits: Tensor, presents: list) -> GraphBuilder:
         """The next tokens from the logits, and in decode mode the present K/V as outputs."""

@@ -225,7 +225,7 @@ class Store:
                 # (and one fail): the lock lasts until this transaction commits.
                 conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"),
                              {"key": MIGRATION_LOCK_KEY})
-            command.upgrade(self._alembic_config(conn), revision)
+            command.upgrade(_alembic_config(conn), revision)
 
     def current_revision(self) -> str | None:
         """The schema's Alembic revision (None before the first migration)."""
@@ -237,12 +237,9 @@ class Store:
     @staticmethod
     def head_revision() -> str:
         """The newest revision this optinfer's migrations define."""
-        from alembic.config import Config
         from alembic.script import ScriptDirectory
 
-        config = Config()
-        config.set_main_option("script_location", str(MIGRATIONS_DIR))
-        return ScriptDirectory.from_config(config).get_current_head()
+        return ScriptDirectory.from_config(_alembic_config()).get_current_head()
 
     def require_current(self) -> None:
         """Refuse a schema other than this optinfer's: a process that did not migrate (a Celery
@@ -254,15 +251,6 @@ class Store:
                             f"revision {current or 'none (empty)'}, this optinfer needs {head}: "
                             "run `optinfer db upgrade`")
 
-    def _alembic_config(self, conn: Connection):
-        from alembic.config import Config
-
-        config = Config()
-        config.set_main_option("script_location", str(MIGRATIONS_DIR))
-        # env.py runs on this connection: SQLite pragmas and Postgres search_path included.
-        config.attributes["connection"] = conn
-        return config
-
     @contextmanager
     def transaction(self) -> Iterator[Connection]:
         """A connection inside one transaction: committed on exit, rolled back on error."""
@@ -271,6 +259,18 @@ class Store:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def _alembic_config(conn: Connection | None = None):
+    """Alembic's configuration for the shipped migrations; with `conn`, env.py runs on that
+    connection (SQLite pragmas and Postgres search_path included)."""
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    if conn is not None:
+        config.attributes["connection"] = conn
+    return config
 
 
 def _sqlite_engine(url: sa.URL, echo: bool) -> Engine:
@@ -848,9 +848,9 @@ def _fields(record) -> dict[str, Any]:
     return {field: getattr(record, field) for field in record.__dataclass_fields__}
 
 
-#: Each record's status enum, for reading rows back.
+#: Each record's status enum, for reading rows back (`_game` reads games).
 _STATUS_OF = {RequestRecord: RequestStatus, ClaimRecord: ClaimStatus,
-              ChallengeRecord: ChallengeStatus, GameRecord: GameStatus}
+              ChallengeRecord: ChallengeStatus}
 
 
 def _record(cls, row):

@@ -1,6 +1,6 @@
 """Alembic environment: migrations run on the connection `Store.migrate` hands over.
 
-There is no alembic.ini: ``Store.migrate()`` (and ``Store._alembic_config`` for the alembic
+There is no alembic.ini: ``Store.migrate()`` (and ``store._alembic_config`` for the alembic
 command line in development) builds the configuration in code, so the migrations run the same
 from a checkout and from an installed package.
 """
