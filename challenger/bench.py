@@ -21,8 +21,8 @@ from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
 from optinfer.contracts.coordinator import InferenceCoordinator, RequestSpec
+from optinfer.contracts.sender import TxSender
 from optinfer.models.bench import cpu_name
-from optinfer.services.chain import TxSender
 
 ETHER = 10**18
 FEE = ETHER // 100
@@ -55,18 +55,14 @@ def commit_claims(w3: Web3, coordinator: InferenceCoordinator, model_id: bytes,
         prompt, _ = answers[index % len(answers)]
         spec = RequestSpec(model_id=model_id, prompt=list(prompt), max_tokens=MAX_TOKENS,
                            commit_deadline=deadline)
-        function = coordinator.contract.functions.postRequest(*spec.as_args())
-        posted.append(asker.submit({"to": coordinator.address, "value": FEE, **fixed,
-                                    "data": function._encode_transaction_data()},
+        posted.append(asker.submit({**coordinator.post_request_tx(spec, FEE), **fixed},
                                    coordinator.artifact))
     ids = [coordinator.events(asker.wait(tx), "RequestPosted")[0]["requestId"] for tx in posted]
     committed = []
     for index, request_id in enumerate(ids):
         _, output = answers[index % len(answers)]
-        function = coordinator.contract.functions.commitOutput(request_id, list(output))
-        committed.append(answerer.submit({"to": coordinator.address, **fixed,
-                                          "data": function._encode_transaction_data()},
-                                         coordinator.artifact))
+        committed.append(answerer.submit({**coordinator.commit_output_tx(request_id, output),
+                                          **fixed}, coordinator.artifact))
     for tx in committed:
         answerer.wait(tx)
     return ids

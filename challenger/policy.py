@@ -12,7 +12,6 @@ import hashlib
 from dataclasses import dataclass
 
 from optinfer.prover import game as spec
-from optinfer.services.statuses import GameStatus
 
 
 class Verdict(enum.Enum):
@@ -101,22 +100,6 @@ def window_open(challenge_deadline: int, now: float) -> bool:
 
 
 # ------------------------------------------------------------------------------------ games
-
-
-def move_position(state: spec.GameState, action: spec.Action) -> int:
-    """The position of the challenger's `action` in the game, the same for every worker that
-    reads the same state: two per provider move (``state.rounds`` counts those), the second
-    for the one-step (which follows the element on the same round) or a timeout claim (which
-    follows the challenger's own answer to that round)."""
-    second = isinstance(action, spec.OneStep | spec.Timeout)
-    return 2 * state.rounds + (1 if second else 0)
-
-
-def outcome(state: spec.GameState) -> GameStatus | None:
-    """``won`` or ``lost`` (for the challenger) once the game is resolved, else None."""
-    if state.phase is not spec.Phase.RESOLVED:
-        return None
-    return GameStatus.WON if state.winner is spec.Role.CHALLENGER else GameStatus.LOST
 
 
 def next_check(state: spec.GameState, now: float, poll_interval: float) -> float:

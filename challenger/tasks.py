@@ -26,6 +26,17 @@ SCAN = "optinfer.challenger.scan"
 VERIFY = "optinfer.challenger.verify"
 PLAY = "optinfer.challenger.play"
 
+# Time limits, in seconds (soft, hard). Celery enforces them in a prefork worker: the soft
+# limit raises SoftTimeLimitExceeded inside the task (a game's lease is released on the way
+# out), the hard one ends the child. The task is lost either way and the next scan finds its
+# work again (a claim without a verdict, a challenge left `sending`, a stopped game). The
+# thread pool of `challenger run` cannot interrupt a thread: there each step bounds itself
+# (a transaction is waited for `receipt_timeout` seconds at most, a play task makes at most
+# MOVES_PER_TURN moves) and only the model's own work, a verification or a trace, runs on.
+SCAN_LIMITS = (120, 180)  # chain reads and database writes only
+VERIFY_LIMITS = (1800, 1860)  # a teacher-forced pass of the largest model, then a challenge
+PLAY_LIMITS = (900, 960)  # a trace, then up to MOVES_PER_TURN moves of 120 s each at most
+
 _watchtower: Watchtower | None = None
 _lock = threading.Lock()
 
@@ -46,7 +57,7 @@ def use_watchtower(instance: Watchtower | None) -> None:
         _watchtower = instance
 
 
-@app.task(name=SCAN)
+@app.task(name=SCAN, soft_time_limit=SCAN_LIMITS[0], time_limit=SCAN_LIMITS[1])
 def scan() -> int:
     """Scan the chain and send the work due; the number of new claims."""
     result = watchtower().scan(every_open_game=is_eager())
@@ -57,7 +68,8 @@ def scan() -> int:
     return result.new_claims
 
 
-@app.task(name=VERIFY)
+@app.task(name=VERIFY, soft_time_limit=VERIFY_LIMITS[0],
+          time_limit=VERIFY_LIMITS[1])
 def verify(request_id: int) -> str | None:
     """Judge the claim on `request_id`; challenge it when false. Its verdict."""
     result = watchtower().verify(request_id)
@@ -66,7 +78,7 @@ def verify(request_id: int) -> str | None:
     return result.verdict.value if result.verdict else None
 
 
-@app.task(name=PLAY)
+@app.task(name=PLAY, soft_time_limit=PLAY_LIMITS[0], time_limit=PLAY_LIMITS[1])
 def play(game_id: int, token: str | None = None) -> str | None:
     """One turn of game `game_id`; again after the countdown while the chain is the game's."""
     result = watchtower().play(game_id, token)

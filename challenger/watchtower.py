@@ -11,9 +11,9 @@ Every step is safe to run twice, on any worker, after any crash:
 * a challenge is a row (`sending`, leased to one worker) before its transaction, and the
   worker that takes over a stale row looks for the game on chain (``GameOpened`` for this
   request and this challenger) and for the transaction it recorded before sending another;
-* a game is leased to one worker at a time; each move is recorded at its position (unique)
-  before it is sent, and a recorded move whose transaction the node knows is waited for,
-  never sent again.
+* a game is leased to one worker at a time, and its turns are the provider's too
+  (``services.responder``): each move journaled at its position before it is sent, a
+  journaled move whose transaction the node knows waited for, never sent again.
 """
 
 from __future__ import annotations
@@ -40,21 +40,17 @@ from optinfer.contracts.bindings import ContractRevert
 from optinfer.contracts.coordinator import InferenceCoordinator
 from optinfer.contracts.dispute_game import DisputeGame
 from optinfer.contracts.registry import ModelRegistry, ModelSpec
+from optinfer.contracts.sender import TxFailed, TxSender
 from optinfer.errors import UserError
 from optinfer.prover import claims
 from optinfer.prover import game as spec
 from optinfer.prover.game import ModelTrace, Role
 from optinfer.services import store as st
-from optinfer.services.chain import (
-    EventCursor,
-    TxFailed,
-    TxSender,
-    claim_record,
-    request_record,
-)
+from optinfer.services.chain import EventCursor, claim_record, request_record
 from optinfer.services.deployments import Deployments
+from optinfer.services.responder import GameResponder, Turn, describe
 from optinfer.services.statuses import ChallengeStatus, GameStatus
-from optinfer.services.store import GameRecord, MoveRecord, Store
+from optinfer.services.store import GameRecord, Store
 
 log = logging.getLogger("optinfer.watchtower")
 
@@ -168,8 +164,9 @@ class Watchtower:
             confirmations=settings.confirmations, max_block_range=settings.max_block_range,
         )
         self._registered: set[bytes] = set()
-        self._traces: dict[int, ModelTrace] = {}
-        self._traces_lock = threading.Lock()
+        self.responder = GameResponder(
+            w3=self.w3, store=self.store, game=self.game, sender=self.sender,
+            role=Role.CHALLENGER, trace_of=self._trace_of, log=log)
 
     @classmethod
     def start(cls, settings, *, store: Store | None = None, **kwargs) -> Watchtower:
@@ -369,13 +366,11 @@ class Watchtower:
     def _send_challenge(self, request: st.RequestRecord, claim: st.ClaimRecord
                         ) -> tuple[int, int] | None:
         request_id = request.request_id
-        now = self._chain_time()
+        now = self.responder.chain_time()
         if not policy.window_open(claim.challenge_deadline, now):
             self._fail_challenge(request_id, "the challenge window closed before the challenge")
             return None
-        function = self.game.contract.functions.challenge(request_id, list(request.prompt))
-        tx = {"to": self.game.address, "data": function._encode_transaction_data(),
-              "value": self.bond}
+        tx = self.game.challenge_tx(request_id, list(request.prompt), bond=self.bond)
         try:
             tx_hash = self.sender.submit(tx, self.game.artifact)
         except ContractRevert as err:
@@ -432,7 +427,7 @@ class Watchtower:
             current = st.get_game(conn, game_id, Role.CHALLENGER)
         if current is not None and current.status is GameStatus.OPEN:
             # Before the lease: a large model's trace may take longer than the lease lasts.
-            self._trace(current)
+            self.responder.trace(current)
         with self.store.transaction() as conn:
             record = st.claim_game(conn, game_id, Role.CHALLENGER, self.worker,
                                    lease_seconds=self.lease)
@@ -455,155 +450,45 @@ class Watchtower:
                 st.release_game(conn, game_id, Role.CHALLENGER, self.worker)
 
     def _play_turn(self, record: GameRecord) -> PlayResult:
-        game_id = record.game_id
-        opened_block = record.state.get("opened_block", self.deployments.block_number)
-        self._reconcile(game_id)
+        """Up to `MOVES_PER_TURN` turns of the responder, each move waited for, then the
+        time of the next look."""
         for _ in range(MOVES_PER_TURN):
-            state = self.game.state(game_id, opened_block).state
-            now = self._chain_time()
-            result = policy.outcome(state)
-            if result is not None:
-                self._save(record, state, result, now)
-                return PlayResult(again=False, outcome=result)
-            actions = spec.decide(state, self._trace(record), Role.CHALLENGER, now)
-            if not actions or not self._move(game_id, state, actions[0]):
+            turn = self.responder.turn(record, self.worker)
+            if turn.outcome is not None:
+                self._resolved(record, turn)
+                return PlayResult(again=False, outcome=turn.outcome)
+            if turn.sent is None:
                 break
-        countdown = policy.next_check(state, now, self.settings.poll_interval)
-        self._save(record, state, GameStatus.OPEN, now, next_play=time.time() + countdown)
+            try:
+                self.responder.confirm(turn.sent)
+            except TxFailed as err:
+                log.warning("game %d: %s failed on chain: %s", record.game_id,
+                            describe(turn.sent.action), err)
+                break
+            metrics.MOVES_SENT.labels(kind=type(turn.sent.action).__name__).inc()
+        countdown = policy.next_check(turn.state, turn.now, self.settings.poll_interval)
+        self.responder.save(record, turn.state, self.worker, turn.now,
+                            next_play=time.time() + countdown)
+        metrics.set_clocks(record.game_id, policy.clocks(turn.state, turn.now))
         return PlayResult(again=True, countdown=countdown)
 
-    def _move(self, game_id: int, state: spec.GameState, action: spec.Action) -> bool:
-        """Record `action` at its position and send it (or wait for the transaction a
-        previous holder of the game sent for it); True when it was mined."""
-        seq = policy.move_position(state, action)
-        kind = type(action).__name__
+    def _trace_of(self, record: GameRecord) -> ModelTrace:
+        """The honest trace of the claim the game disputes."""
         with self.store.transaction() as conn:
-            st.record_move(conn, MoveRecord(game_id, Role.CHALLENGER, seq, Role.CHALLENGER,
-                                            kind, _payload(action)))
-            recorded = next(m for m in st.game_moves(conn, game_id, Role.CHALLENGER)
-                            if m.seq == seq)
-        if recorded.tx_hash is not None and self._mined_or_pending(recorded.tx_hash):
-            log.info("game %d: %s at position %d was already sent (%s)", game_id, kind, seq,
-                     recorded.tx_hash)
-            self._reconcile(game_id)
-            return True
-        function = self.game.move_function(game_id, action, state)
-        tx = {"to": self.game.address, "data": function._encode_transaction_data()}
-        try:
-            tx_hash = self.sender.submit(tx, self.game.artifact)
-        except ContractRevert as err:
-            # The game moved on since it was read (the provider moved, or a clock ran out).
-            log.info("game %d: %s at position %d not accepted (%s); reading again", game_id,
-                     kind, seq, err.name)
-            return False
-        hex_hash = "0x" + bytes(tx_hash).hex()
-        with self.store.transaction() as conn:
-            st.set_move_transaction(conn, game_id, Role.CHALLENGER, seq, hex_hash)
-        try:
-            receipt = self.sender.wait(tx_hash)
-        except TxFailed as err:
-            log.warning("game %d: %s at position %d failed on chain: %s", game_id, kind, seq,
-                        err)
-            return False
-        with self.store.transaction() as conn:
-            st.set_move_transaction(conn, game_id, Role.CHALLENGER, seq, hex_hash,
-                                    receipt["blockNumber"])
-        metrics.MOVES_SENT.labels(kind=kind).inc()
-        log.info("game %d: sent %s at position %d (tx %s)", game_id, _describe(action), seq,
-                 hex_hash)
-        return True
+            request = st.get_request(conn, record.request_id)
+            claim = st.get_claim(conn, record.request_id)
+        return self.model.trace(list(request.prompt), list(claim.output))
 
-    def _reconcile(self, game_id: int) -> None:
-        """Fill in the blocks of moves whose transaction was sent by a worker that died
-        before it saw the receipt."""
-        with self.store.transaction() as conn:
-            unconfirmed = [m for m in st.game_moves(conn, game_id, Role.CHALLENGER)
-                           if m.tx_hash is not None and m.block_number is None]
-        for move in unconfirmed:
-            try:
-                receipt = self.w3.eth.get_transaction_receipt(HexBytes(move.tx_hash))
-            except TransactionNotFound:
-                continue
-            with self.store.transaction() as conn:
-                st.set_move_transaction(conn, game_id, Role.CHALLENGER, move.seq, move.tx_hash,
-                                        receipt["blockNumber"])
-
-    def _mined_or_pending(self, tx_hash: str) -> bool:
-        """Whether the node knows `tx_hash` and it has not failed (waits for it if pending)."""
-        try:
-            self.w3.eth.get_transaction(HexBytes(tx_hash))
-        except TransactionNotFound:
-            return False
-        try:
-            self.sender.wait(HexBytes(tx_hash))
-        except TxFailed:
-            return False
-        return True
-
-    def _trace(self, record: GameRecord) -> ModelTrace:
-        """The game's trace, computed once per process (it is deterministic: a restarted
-        worker computes the same one)."""
-        with self._traces_lock:
-            trace = self._traces.get(record.game_id)
-            if trace is None:
-                with self.store.transaction() as conn:
-                    request = st.get_request(conn, record.request_id)
-                    claim = st.get_claim(conn, record.request_id)
-                trace = self.model.trace(list(request.prompt), list(claim.output))
-                self._traces[record.game_id] = trace
-            return trace
-
-    def _save(self, record: GameRecord, state: spec.GameState, status: GameStatus, now: float,
-              next_play: float | None = None) -> None:
-        saved = {**record.state}
-        if next_play is not None:
-            saved["next_play"] = next_play
-        with self.store.transaction() as conn:
-            st.update_game(conn, record.game_id, Role.CHALLENGER, self.worker, phase=state.phase,
-                           k=state.k if state.phase not in (spec.Phase.AWAIT_ROOT,
-                                                            spec.Phase.BISECTION) else None,
-                           rounds=state.rounds, status=status, state=saved)
-        if status is GameStatus.OPEN:
-            metrics.set_clocks(record.game_id, policy.clocks(state, now))
-            return
+    def _resolved(self, record: GameRecord, turn: Turn) -> None:
         metrics.set_clocks(record.game_id, None)
-        with self._traces_lock:
-            self._traces.pop(record.game_id, None)
-        if status is GameStatus.WON:
-            log.info("game %d: WON (%s) on claim %d; bond back and slash share credited to %s",
-                     record.game_id, state.reason or "resolved", record.request_id, self.address)
+        if turn.outcome is GameStatus.WON:
+            log.info("game %d: bond back and slash share credited to %s", record.game_id,
+                     self.address)
         else:
-            log.error("game %d: LOST (%s) on claim %d; the bond of %d wei is gone",
-                      record.game_id, state.reason or "resolved", record.request_id, self.bond)
-
-    # -- helpers ---------------------------------------------------------------------------
-
-    def _chain_time(self) -> int:
-        return self.w3.eth.get_block("latest")["timestamp"]
+            log.error("game %d: the bond of %d wei is gone", record.game_id, self.bond)
 
     def close(self) -> None:
         self.store.dispose()
-
-
-def _payload(action: spec.Action) -> dict:
-    """A small JSON record of the move (the one-step witness is too large to keep)."""
-    if isinstance(action, spec.OneStep):
-        return {"k": action.witness.k, "element": action.witness.out_index}
-    payload = {}
-    for name, value in vars(action).items():
-        if isinstance(value, bytes):
-            payload[name] = "0x" + value.hex()
-        elif isinstance(value, tuple):
-            payload[name] = len(value)  # paths and children: their count is enough to read
-        else:
-            payload[name] = value
-    return payload
-
-
-def _describe(action: spec.Action) -> str:
-    payload = _payload(action)
-    inner = ", ".join(f"{k}={v}" for k, v in payload.items() if not str(v).startswith("0x"))
-    return f"{type(action).__name__}({inner})"
 
 
 def _ids(ids: list[int]) -> str:

@@ -1,10 +1,15 @@
-"""Generic web3.py plumbing for the project's contracts: deploy, dry-run, send, decode reverts.
+"""Generic web3.py plumbing for the project's contracts: build transactions, dry-run, decode
+reverts.
 
-Contract-specific bindings (``registry.py``, ...) come in pairs per write: ``<write>_call`` runs
-it as an ``eth_call`` (no state change, returns the function's result or raises the revert)
-and ``<write>_send`` signs it with a local key, sends it and waits for the receipt. Reverts
-surface as :class:`ContractRevert` carrying the custom error's name and arguments, decoded with
-the contract's ABI.
+A binding builds transactions and sends none itself: ``BoundContract.tx`` (and the named
+``<write>_tx`` builders of the contract-specific bindings, ``registry.py``, ...) returns the
+unsigned transaction (to, data, value) that :class:`optinfer.contracts.sender.TxSender`, the
+one sender, signs, sends and waits for. Besides the builder, a write comes as a pair:
+``<write>_call`` runs it as an ``eth_call`` (no state change, returns the function's result or
+raises the revert) and ``<write>_send(..., signer)`` hands the builder's transaction to a fresh
+``TxSender`` for `signer` and returns the receipt. Reverts surface as :class:`ContractRevert`
+carrying the custom error's name and arguments, decoded with the contract's ABI; a
+transaction mined but failed as the sender's ``TxFailed``.
 """
 
 from __future__ import annotations
@@ -21,16 +26,12 @@ from eth_utils.abi import get_abi_input_types
 from hexbytes import HexBytes
 from web3 import Web3
 from web3.contract import Contract
-from web3.contract.contract import ContractFunction
 from web3.exceptions import ContractLogicError
 from web3.types import TxParams, TxReceipt
 
 from optinfer.contracts.artifacts import Artifact, load_artifact, project_error_selectors
 
 T = TypeVar("T")
-
-GAS_MARGIN = 20_000
-"""Gas added (on top of 25%) to every estimate before sending."""
 
 TX_GAS_LIMIT_CAP = 2**24
 """The most gas one transaction may ask for (EIP-7825, Ethereum L1 since Osaka; anvil's
@@ -98,53 +99,6 @@ def contract_at(w3: Web3, name: str, address: str) -> Contract:
     return w3.eth.contract(address=Web3.to_checksum_address(address), abi=load_artifact(name).abi)
 
 
-def send_transaction(w3: Web3, tx: TxParams, signer: LocalAccount) -> TxReceipt:
-    """Fill nonce and chain id, sign with `signer`'s key, send, and wait for the receipt.
-
-    Raises ContractRevert (undecoded) when the transaction is mined but failed.
-    """
-    tx = dict(tx)
-    tx.setdefault("nonce", w3.eth.get_transaction_count(signer.address, "pending"))
-    tx.setdefault("chainId", w3.eth.chain_id)
-    signed = signer.sign_transaction(tx)
-    receipt = w3.eth.wait_for_transaction_receipt(
-        w3.eth.send_raw_transaction(signed.raw_transaction), timeout=120
-    )
-    if receipt["status"] != 1:
-        tx_hash = receipt["transactionHash"].hex()
-        raise ContractRevert(None, (), b"", f"transaction {tx_hash} failed")
-    return receipt
-
-
-def send_function(
-    w3: Web3, artifact: Artifact, function: ContractFunction, signer: LocalAccount,
-    value: int = 0,
-) -> TxReceipt:
-    """Send a contract function call (with `value` wei) as a signed transaction and wait.
-
-    Gas is estimated first, so a call that would revert raises the decoded ContractRevert
-    before anything is sent.
-    """
-    params = {"from": signer.address, "value": value}
-    tx = reverts_decoded(artifact, lambda: function.build_transaction(params))
-    # An estimate is the gas used after refunds, and the block the transaction lands in may
-    # differ from the one it was estimated on: leave a margin (unused gas is not charged).
-    tx["gas"] = padded_gas(tx["gas"], tx["gas"] * 5 // 4 + GAS_MARGIN)
-    return send_transaction(w3, tx, signer)
-
-
-def deploy(w3: Web3, name: str, signer: LocalAccount, *constructor_args: Any) -> ChecksumAddress:
-    """Deploy the committed artifact `name` from `signer`; return the new contract's address."""
-    artifact = load_artifact(name)
-    factory = w3.eth.contract(abi=artifact.abi, bytecode=artifact.bytecode)
-    tx = reverts_decoded(
-        artifact,
-        lambda: factory.constructor(*constructor_args).build_transaction({"from": signer.address}),
-    )
-    receipt = send_transaction(w3, tx, signer)
-    return Web3.to_checksum_address(receipt["contractAddress"])
-
-
 class BoundContract:
     """A deployed contract bound by name: subclasses set NAME to their artifact's name."""
 
@@ -168,6 +122,19 @@ class BoundContract:
                                         get_abi_input_types(entry))
         selector, types = self._encoders[function]
         return selector + abi_encode(types, args)
+
+    def tx(self, function: str, *args: Any, value: int = 0) -> TxParams:
+        """The unsigned transaction calling `function(*args)` with `value` wei: to, data
+        (:meth:`calldata`, so the arguments must be ABI-ready) and value, for a
+        ``TxSender`` to estimate, sign and send."""
+        return {"to": self.address, "data": self.calldata(function, *args), "value": value}
+
+    def _send(self, tx: TxParams, signer: LocalAccount) -> TxReceipt:
+        """Send `tx` (a builder's) from `signer` and wait for it: the ``<write>_send``
+        conveniences. A fresh sender per call takes the pending nonce from the chain."""
+        from optinfer.contracts.sender import TxSender  # it imports this module
+
+        return TxSender(self.w3, signer).send(tx, self.artifact)
 
     def events(self, receipt: TxReceipt, event: str) -> list[dict[str, Any]]:
         """The arguments of every `event` this contract emitted in `receipt`, in log order."""

@@ -15,7 +15,8 @@ from typing import Any
 from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
-from optinfer.contracts.bindings import BoundContract, deploy, reverts_decoded
+from optinfer.contracts.bindings import BoundContract, reverts_decoded
+from optinfer.contracts.sender import TxSender
 from optinfer.prover.commitments import DTypeLike, RangeProof, dtype_code
 
 CONTRACT_NAME = "CommitmentsHarness"
@@ -37,7 +38,7 @@ class CommitmentsHarness(BoundContract):
     @classmethod
     def deploy(cls, w3: Web3, signer: LocalAccount) -> CommitmentsHarness:
         """Deploy a fresh harness from `signer` and bind to it."""
-        return cls(w3, deploy(w3, CONTRACT_NAME, signer))
+        return cls(w3, TxSender(w3, signer).deploy(CONTRACT_NAME))
 
     def _call(self, function_name: str, *args: Any) -> Any:
         function = getattr(self.contract.functions, function_name)(*args)

@@ -1,9 +1,11 @@
 """Python binding of ``InferenceCoordinator.sol`` and the example ``QuestionAsker.sol``.
 
-Every write comes as a pair (see ``bindings.py``): ``<write>_call`` dry-runs it with
-``eth_call`` as a given sender (no state change; returns the function's result or raises the
-decoded ContractRevert) and ``<write>_send`` signs, sends and waits for the receipt. Events are
-decoded from receipts with :meth:`InferenceCoordinator.events`.
+Every write the nodes send has a builder (see ``bindings.py``): ``<write>_tx`` returns the
+unsigned transaction for a ``TxSender`` (``contracts/sender.py``). Besides it a write comes as
+a pair: ``<write>_call`` dry-runs it with ``eth_call`` as a given sender (no state change;
+returns the function's result or raises the decoded ContractRevert) and ``<write>_send``
+sends the builder's transaction through a fresh ``TxSender`` and waits for the receipt. Events
+are decoded from receipts with :meth:`InferenceCoordinator.events`.
 
 Token lists are plain ``list[int]`` (uint32 ids). A request keeps :func:`token_hash` of its
 prompt on chain; a claim keeps its packed output (:func:`pack_tokens`) as the code of a data
@@ -21,14 +23,10 @@ from eth_typing import ChecksumAddress
 from eth_utils import keccak
 from web3 import Web3
 from web3.contract.contract import ContractFunction
-from web3.types import TxReceipt
+from web3.types import TxParams, TxReceipt
 
-from optinfer.contracts.bindings import (
-    BoundContract,
-    deploy,
-    reverts_decoded,
-    send_function,
-)
+from optinfer.contracts.bindings import BoundContract, reverts_decoded
+from optinfer.contracts.sender import TxSender
 
 CONTRACT_NAME = "InferenceCoordinator"
 CONSUMER_CONTRACT_NAME = "QuestionAsker"
@@ -194,37 +192,43 @@ class InferenceCoordinator(BoundContract):
         cls, w3: Web3, signer: LocalAccount, registry_address: str, params: CoordinatorParams
     ) -> InferenceCoordinator:
         """Deploy a coordinator on the registry at `registry_address` from `signer`."""
-        return cls(w3, deploy(w3, CONTRACT_NAME, signer, *params.as_args(registry_address)))
+        return cls(w3, TxSender(w3, signer).deploy(CONTRACT_NAME,
+                                                   *params.as_args(registry_address)))
 
-    # -- generic call / send -----------------------------------------------------------
+    # -- generic call --------------------------------------------------------------------
 
     def _call(self, function: ContractFunction, sender: str, value: int = 0) -> Any:
         tx = {"from": Web3.to_checksum_address(sender), "value": value}
         return reverts_decoded(self.artifact, lambda: function.call(tx))
 
-    def _send(self, function: ContractFunction, signer: LocalAccount, value: int = 0) -> TxReceipt:
-        return send_function(self.w3, self.artifact, function, signer, value)
-
     # -- set-up --------------------------------------------------------------------------
+
+    def set_dispute_game_tx(self, game: str) -> TxParams:
+        """The transaction setting the dispute game to `game`."""
+        return self.tx("setDisputeGame", Web3.to_checksum_address(game))
 
     def set_dispute_game_send(self, game: str, signer: LocalAccount) -> TxReceipt:
         """Set the dispute game (deployer only, once; a contract whose ``coordinator()`` is
         this one). Outputs can be committed only once it is set."""
-        return self._send(self.contract.functions.setDisputeGame(game), signer)
+        return self._send(self.set_dispute_game_tx(game), signer)
 
     # -- providers -----------------------------------------------------------------------
 
+    def register_provider_tx(self, stake: int) -> TxParams:
+        """The transaction registering its sender as a provider staking `stake` wei."""
+        return self.tx("registerProvider", value=stake)
+
     def register_provider_send(self, stake: int, signer: LocalAccount) -> TxReceipt:
         """Register `signer` as a provider staking `stake` wei (>= minimum stake)."""
-        return self._send(self.contract.functions.registerProvider(), signer, stake)
+        return self._send(self.register_provider_tx(stake), signer)
 
     def add_stake_send(self, amount: int, signer: LocalAccount) -> TxReceipt:
         """Add `amount` wei to registered provider `signer`'s stake."""
-        return self._send(self.contract.functions.addStake(), signer, amount)
+        return self._send(self.tx("addStake", value=amount), signer)
 
     def remove_stake_send(self, amount: int, signer: LocalAccount) -> TxReceipt:
         """Move `amount` wei of `signer`'s free stake to its withdrawable balance."""
-        return self._send(self.contract.functions.removeStake(amount), signer)
+        return self._send(self.tx("removeStake", amount), signer)
 
     # -- requests ------------------------------------------------------------------------
 
@@ -232,15 +236,27 @@ class InferenceCoordinator(BoundContract):
         """Dry-run ``postRequest`` as `sender` paying `fee`: the id it would get."""
         return self._call(self.contract.functions.postRequest(*spec.as_args()), sender, fee)
 
+    def post_request_tx(self, spec: RequestSpec, fee: int) -> TxParams:
+        """The transaction posting `spec` and paying `fee` wei."""
+        return self.tx("postRequest", *spec.as_args(), value=fee)
+
     def post_request_send(self, spec: RequestSpec, fee: int, signer: LocalAccount) -> TxReceipt:
         """Post `spec` paying `fee` wei; the new id is in ``events(receipt, "RequestPosted")``."""
-        return self._send(self.contract.functions.postRequest(*spec.as_args()), signer, fee)
+        return self._send(self.post_request_tx(spec, fee), signer)
+
+    def commit_output_tx(self, request_id: int, output: list[int]) -> TxParams:
+        """The transaction committing `output` for `request_id`."""
+        return self.tx("commitOutput", request_id, list(output))
 
     def commit_output_send(
         self, request_id: int, output: list[int], signer: LocalAccount
     ) -> TxReceipt:
         """Commit `output` for `request_id` as provider `signer` (locks stake per claim)."""
-        return self._send(self.contract.functions.commitOutput(request_id, list(output)), signer)
+        return self._send(self.commit_output_tx(request_id, output), signer)
+
+    def finalize_tx(self, request_id: int) -> TxParams:
+        """The transaction finalizing the claim on `request_id`."""
+        return self.tx("finalize", request_id)
 
     def finalize_send(self, request_id: int, signer: LocalAccount) -> TxReceipt:
         """Finalize the claim on `request_id` (anyone, after the challenge window).
@@ -248,20 +264,24 @@ class InferenceCoordinator(BoundContract):
         The gas estimate covers the callback: ``eth_estimateGas`` finds the least gas for which
         the transaction succeeds, and finalize reverts unless the callback gets its full limit.
         """
-        return self._send(self.contract.functions.finalize(request_id), signer)
+        return self._send(self.finalize_tx(request_id), signer)
 
     def refund_send(self, request_id: int, signer: LocalAccount) -> TxReceipt:
         """Credit the fee of unanswered `request_id` back to its consumer (after the deadline)."""
-        return self._send(self.contract.functions.refund(request_id), signer)
+        return self._send(self.tx("refund", request_id), signer)
 
     def settle_reserve_call(self, request_id: int, sender: str) -> None:
         """Dry-run ``settleReserve(request_id)`` as `sender`."""
         self._call(self.contract.functions.settleReserve(request_id), sender)
 
+    def settle_reserve_tx(self, request_id: int) -> TxParams:
+        """The transaction settling rejected `request_id`'s reserve."""
+        return self.tx("settleReserve", request_id)
+
     def settle_reserve_send(self, request_id: int, signer: LocalAccount) -> TxReceipt:
         """Settle rejected `request_id`'s reserve (anyone, once its window has closed and no game
         on it is open): what no winner is owed goes back to the provider's free stake."""
-        return self._send(self.contract.functions.settleReserve(request_id), signer)
+        return self._send(self.settle_reserve_tx(request_id), signer)
 
     def claim_reserve_share_call(self, request_id: int, challenger: str, sender: str) -> int:
         """Dry-run ``claimReserveShare(request_id, challenger)`` as `sender`: the wei it would
@@ -269,16 +289,23 @@ class InferenceCoordinator(BoundContract):
         return self._call(self.contract.functions.claimReserveShare(
             request_id, Web3.to_checksum_address(challenger)), sender)
 
+    def claim_reserve_share_tx(self, request_id: int, challenger: str) -> TxParams:
+        """The transaction crediting `challenger` its share of `request_id`'s reserve."""
+        return self.tx("claimReserveShare", request_id, Web3.to_checksum_address(challenger))
+
     def claim_reserve_share_send(self, request_id: int, challenger: str,
                                  signer: LocalAccount) -> TxReceipt:
         """Credit `challenger` its share of rejected `request_id`'s reserve (anyone may send it;
         settles the reserve first if needed)."""
-        return self._send(self.contract.functions.claimReserveShare(
-            request_id, Web3.to_checksum_address(challenger)), signer)
+        return self._send(self.claim_reserve_share_tx(request_id, challenger), signer)
+
+    def withdraw_tx(self) -> TxParams:
+        """The transaction sending its sender its whole credited balance."""
+        return self.tx("withdraw")
 
     def withdraw_send(self, signer: LocalAccount) -> TxReceipt:
         """Send `signer` its whole credited balance."""
-        return self._send(self.contract.functions.withdraw(), signer)
+        return self._send(self.withdraw_tx(), signer)
 
     # -- views ---------------------------------------------------------------------------
 
@@ -359,27 +386,22 @@ class QuestionAsker(BoundContract):
     @classmethod
     def deploy(cls, w3: Web3, signer: LocalAccount, coordinator_address: str) -> QuestionAsker:
         """Deploy an asker owned by `signer` that uses the coordinator at `coordinator_address`."""
-        return cls(w3, deploy(w3, CONSUMER_CONTRACT_NAME, signer, coordinator_address))
+        return cls(w3, TxSender(w3, signer).deploy(CONSUMER_CONTRACT_NAME,
+                                                   coordinator_address))
 
-    def _ask_function(self, spec: RequestSpec) -> ContractFunction:
-        return self.contract.functions.ask(
-            spec.model_id,
-            list(spec.prompt),
-            spec.max_tokens,
-            spec.callback_gas_limit,
-            Web3.to_checksum_address(spec.named_provider),
-            spec.commit_deadline,
-        )
+    def ask_tx(self, spec: RequestSpec, fee: int) -> TxParams:
+        """The transaction asking `spec.prompt` and paying `fee` wei."""
+        return self.tx("ask", spec.model_id, list(spec.prompt), spec.max_tokens,
+                       spec.callback_gas_limit, Web3.to_checksum_address(spec.named_provider),
+                       spec.commit_deadline, value=fee)
 
     def ask_send(self, spec: RequestSpec, fee: int, signer: LocalAccount) -> TxReceipt:
         """Ask `spec.prompt` (owner only) paying `fee`; the callback is this contract."""
-        return send_function(self.w3, self.artifact, self._ask_function(spec), signer, fee)
+        return self._send(self.ask_tx(spec, fee), signer)
 
     def collect_refunds_send(self, signer: LocalAccount) -> TxReceipt:
         """Withdraw the asker's refunds from the coordinator to its owner (owner only)."""
-        return send_function(
-            self.w3, self.artifact, self.contract.functions.collectRefunds(), signer
-        )
+        return self._send(self.tx("collectRefunds"), signer)
 
     def answer(self, request_id: int) -> list[int]:
         """The stored answer tokens of `request_id` (empty until delivered)."""

@@ -4,9 +4,10 @@ reference's ``prover.game.GameState``.
 The contract is the on-chain twin of ``prover.game.apply``. This binding closes the loop for the
 players: :meth:`DisputeGame.state` rebuilds the exact ``GameState`` the pure spec uses (from
 ``getGame`` and the game's events: the revealed children and chunk live only in events and
-calldata), so a player's decision is ``prover.game.decide(state, trace, role, now)`` on it, and
-:meth:`DisputeGame.submit` sends the resulting ``Action``. A move the contract rejects raises
-the decoded ``ContractRevert`` and changes nothing.
+calldata), so a player's decision is ``prover.game.decide(state, trace, role, now)`` on it,
+:meth:`DisputeGame.move_tx` builds the transaction of the resulting ``Action`` for a
+``TxSender`` and :meth:`DisputeGame.submit` sends it. A move the contract rejects raises the
+decoded ``ContractRevert`` and changes nothing.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from eth_account.signers.local import LocalAccount
 from hexbytes import HexBytes
 from web3 import Web3
 from web3.contract.contract import ContractFunction
-from web3.types import TxReceipt
+from web3.types import TxParams, TxReceipt
 
-from optinfer.contracts.bindings import BoundContract, deploy, reverts_decoded, send_function
+from optinfer.contracts.bindings import BoundContract, reverts_decoded
+from optinfer.contracts.sender import TxSender
 from optinfer.prover import commitments
 from optinfer.prover import game as spec
 
@@ -101,65 +103,82 @@ class DisputeGame(BoundContract):
                verifier_address: str, params: GameParams = GameParams()) -> DisputeGame:
         """Deploy a game over the coordinator and one-step verifier at those addresses. The
         coordinator's deployer must then ``setDisputeGame`` to it."""
-        return cls(w3, deploy(w3, CONTRACT_NAME, signer,
-                              Web3.to_checksum_address(coordinator_address),
-                              Web3.to_checksum_address(verifier_address),
-                              params.clock_seconds, params.fan_out_bits,
-                              params.challenger_bond))
+        return cls(w3, TxSender(w3, signer).deploy(
+            CONTRACT_NAME, Web3.to_checksum_address(coordinator_address),
+            Web3.to_checksum_address(verifier_address), params.clock_seconds,
+            params.fan_out_bits, params.challenger_bond))
 
     # -- opening ------------------------------------------------------------------------
+
+    def challenge_tx(self, request_id: int, prompt: list[int],
+                     bond: int | None = None) -> TxParams:
+        """The transaction opening a game against the claim on `request_id` (whose prompt is
+        `prompt`), paying `bond` wei (default: the game's ``challengerBond``, read now)."""
+        bond = self.parameter("challengerBond") if bond is None else bond
+        return self.tx("challenge", request_id, list(prompt), value=bond)
 
     def challenge_send(self, request_id: int, prompt: list[int], signer: LocalAccount) -> int:
         """Open a game against the claim on `request_id` with the bond; returns its id. The
         game opens the registered model's own roots."""
-        function = self.contract.functions.challenge(request_id, list(prompt))
-        receipt = send_function(self.w3, self.artifact, function, signer,
-                                value=self.parameter("challengerBond"))
+        receipt = self._send(self.challenge_tx(request_id, prompt), signer)
         return self.events(receipt, "GameOpened")[0]["gameId"]
 
     # -- moves --------------------------------------------------------------------------
 
-    def move_function(self, game_id: int, action: spec.Action,
-                      state: spec.GameState | None = None) -> ContractFunction:
-        """The contract call that makes `action` in game `game_id`. PickChild re-sends the
-        revealed children, which the caller's `state` (or a fresh read) supplies."""
-        functions = self.contract.functions
+    def move_args(self, game_id: int, action: spec.Action,
+                  state: spec.GameState | None = None) -> tuple[str, tuple]:
+        """The contract function that makes `action` in game `game_id` and its arguments
+        (ABI-ready). PickChild re-sends the revealed children, which the caller's `state` (or a
+        fresh read) supplies."""
         match action:
             case spec.PostRoot(state_root=root, path=path):
-                return functions.postRoot(game_id, root, list(path))
+                return "postRoot", (game_id, bytes(root), [bytes(p) for p in path])
             case spec.PostMid(mid=mid, state_root=root):
-                return functions.postMid(game_id, mid, root)
+                return "postMid", (game_id, mid, bytes(root))
             case spec.Agree(mid=mid):
-                return functions.agree(game_id, mid)
+                return "agree", (game_id, mid)
             case spec.Disagree(mid=mid):
-                return functions.disagree(game_id, mid)
+                return "disagree", (game_id, mid)
             case spec.RevealLeaf():
-                return functions.revealLeaf(game_id, action.k, action.tensor_root, action.dtype,
-                                            list(action.shape), action.data_root,
-                                            list(action.path))
+                return "revealLeaf", (game_id, action.k, bytes(action.tensor_root),
+                                      action.dtype, [int(d) for d in action.shape],
+                                      bytes(action.data_root), [bytes(p) for p in action.path])
             case spec.RevealChildren(children=children):
-                return functions.revealChildren(game_id, list(children))
+                return "revealChildren", (game_id, [bytes(c) for c in children])
             case spec.PickChild(position=position):
                 children = (state or self.state(game_id).state).children
-                return functions.pickChild(game_id, position, list(children or ()))
+                return "pickChild", (game_id, position, [bytes(c) for c in children or ()])
             case spec.RevealChunk(chunk=chunk):
-                return functions.revealChunk(game_id, bytes(chunk))
+                return "revealChunk", (game_id, bytes(chunk))
             case spec.NameElement(index=index):
-                return functions.nameElement(game_id, index)
+                return "nameElement", (game_id, index)
             case spec.OneStep(witness=witness):
                 from optinfer.contracts.one_step_binding import encode_witness
 
-                return functions.oneStep(game_id, encode_witness(witness))
+                return "oneStep", (game_id, encode_witness(witness))
             case spec.Timeout():
-                return functions.timeout(game_id)
+                return "timeout", (game_id,)
         raise TypeError(f"not a move of the dispute game: {action!r}")
+
+    def move_tx(self, game_id: int, action: spec.Action,
+                state: spec.GameState | None = None) -> TxParams:
+        """The transaction that makes `action` in game `game_id` (see :meth:`move_args`), for a
+        ``TxSender``: ``sender.submit(game.move_tx(...), game.artifact)``."""
+        name, args = self.move_args(game_id, action, state)
+        return self.tx(name, *args)
+
+    def move_function(self, game_id: int, action: spec.Action,
+                      state: spec.GameState | None = None) -> ContractFunction:
+        """:meth:`move_args` as a web3 contract function (for callers not yet on
+        :meth:`move_tx`)."""
+        name, args = self.move_args(game_id, action, state)
+        return getattr(self.contract.functions, name)(*args)
 
     def submit(self, game_id: int, action: spec.Action, signer: LocalAccount,
                state: spec.GameState | None = None) -> TxReceipt:
         """Send `action` in game `game_id` as `signer` (gas estimated first: a move the
         contract rejects raises the decoded ContractRevert and nothing is sent)."""
-        return send_function(self.w3, self.artifact, self.move_function(game_id, action, state),
-                             signer)
+        return self._send(self.move_tx(game_id, action, state), signer)
 
     def play_turn(self, game_id: int, trace: spec.Trace, role: spec.Role,
                   signer: LocalAccount, from_block: int = 0) -> list[spec.Action]:
@@ -173,9 +192,13 @@ class DisputeGame(BoundContract):
             self.submit(game_id, action, signer, game)
         return actions
 
+    def withdraw_tx(self) -> TxParams:
+        """The transaction sending its sender the bonds credited to it."""
+        return self.tx("withdraw")
+
     def withdraw_send(self, signer: LocalAccount) -> TxReceipt:
         """Send `signer` the bonds credited to it."""
-        return send_function(self.w3, self.artifact, self.contract.functions.withdraw(), signer)
+        return self._send(self.withdraw_tx(), signer)
 
     # -- reading ------------------------------------------------------------------------
 

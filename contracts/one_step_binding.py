@@ -21,7 +21,8 @@ from eth_utils import keccak
 from web3 import Web3
 
 from optinfer.contracts.artifacts import load_artifact
-from optinfer.contracts.bindings import BoundContract, deploy, reverts_decoded, send_transaction
+from optinfer.contracts.bindings import BoundContract, reverts_decoded
+from optinfer.contracts.sender import TxSender
 from optinfer.prover.commitments import RangeProof
 from optinfer.prover.one_step import COLUMNS, OneStepProver, OpenedRange, OpenedTensor, Witness
 
@@ -92,14 +93,17 @@ class OneStepVerifier(BoundContract):
     @classmethod
     def deploy(cls, w3: Web3, signer: LocalAccount) -> OneStepVerifier:
         """Deploy the OneStepShapes library and a OneStepVerifier linked to it."""
-        library = deploy(w3, SHAPES_LIBRARY[1], signer)
+        return cls.deploy_from(TxSender(w3, signer))
+
+    @classmethod
+    def deploy_from(cls, sender: TxSender) -> OneStepVerifier:
+        """:meth:`deploy` from `sender` (whose nonce count then covers both transactions)."""
+        library = sender.deploy(SHAPES_LIBRARY[1])
         artifact = load_artifact(CONTRACT_NAME)
         bytecode = _link(artifact.bytecode, *SHAPES_LIBRARY, library)
-        factory = w3.eth.contract(abi=artifact.abi, bytecode=bytecode)
-        tx = reverts_decoded(
-            artifact, lambda: factory.constructor().build_transaction({"from": signer.address}))
-        receipt = send_transaction(w3, tx, signer)
-        return cls(w3, receipt["contractAddress"])
+        factory = sender.w3.eth.contract(abi=artifact.abi, bytecode=bytecode)
+        receipt = sender.send({"data": factory.constructor().data_in_transaction}, artifact)
+        return cls(sender.w3, receipt["contractAddress"])
 
     def _function(self, ctx: tuple, witness: Witness | tuple) -> Any:
         encoded = encode_witness(witness) if isinstance(witness, Witness) else witness

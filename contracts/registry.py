@@ -17,9 +17,10 @@ from pathlib import Path
 from eth_account.signers.local import LocalAccount
 from eth_typing import ChecksumAddress
 from web3 import Web3
-from web3.types import TxReceipt
+from web3.types import TxParams, TxReceipt
 
-from optinfer.contracts.bindings import BoundContract, deploy, reverts_decoded, send_function
+from optinfer.contracts.bindings import BoundContract, reverts_decoded
+from optinfer.contracts.sender import TxSender
 from optinfer.errors import UserError
 from optinfer.prover import commitments
 from optinfer.prover.commitments import ProofError
@@ -184,7 +185,7 @@ class ModelRegistry(BoundContract):
     @classmethod
     def deploy(cls, w3: Web3, signer: LocalAccount) -> ModelRegistry:
         """Deploy a fresh registry from `signer` and bind to it."""
-        return cls(w3, deploy(w3, CONTRACT_NAME, signer))
+        return cls(w3, TxSender(w3, signer).deploy(CONTRACT_NAME))
 
     # -- register ------------------------------------------------------------------------
 
@@ -193,10 +194,13 @@ class ModelRegistry(BoundContract):
         function = self.contract.functions.register(*spec.as_args())
         return bytes(reverts_decoded(self.artifact, lambda: function.call({"from": sender})))
 
+    def register_tx(self, spec: ModelSpec) -> TxParams:
+        """The transaction registering `spec`."""
+        return self.tx("register", *spec.as_args())
+
     def register_send(self, spec: ModelSpec, signer: LocalAccount) -> TxReceipt:
         """Register `spec` in a transaction signed by `signer`; the receipt, or ContractRevert."""
-        function = self.contract.functions.register(*spec.as_args())
-        return send_function(self.w3, self.artifact, function, signer)
+        return self._send(self.register_tx(spec), signer)
 
     # -- views ---------------------------------------------------------------------------
 

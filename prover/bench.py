@@ -239,15 +239,14 @@ def _post(coordinator: InferenceCoordinator, consumer, model_id: bytes,
           prompts: list[list[int]], max_tokens: int) -> None:
     """Post a request per prompt: all sent, then all waited for (on a chain with block times,
     one block takes them)."""
-    from optinfer.services.chain import TxSender
+    from optinfer.contracts.sender import TxSender
 
     deadline = coordinator.w3.eth.get_block("latest")["timestamp"] + 3600
     fee = 10**15
     sender = TxSender(coordinator.w3, consumer)
-    sent = [sender.submit({"to": coordinator.address, "value": fee,
-                           "data": coordinator.calldata("postRequest", *RequestSpec(
-                               model_id=model_id, prompt=prompt, max_tokens=max_tokens,
-                               commit_deadline=deadline).as_args())})
+    sent = [sender.submit(coordinator.post_request_tx(RequestSpec(
+                model_id=model_id, prompt=prompt, max_tokens=max_tokens,
+                commit_deadline=deadline), fee), coordinator.artifact)
             for prompt in prompts]
     for tx_hash in sent:
         sender.wait(tx_hash)

@@ -179,6 +179,11 @@ class GameState:
         return self.hi
 
     @property
+    def disputed_node(self) -> int | None:
+        """k once the bisection has narrowed the dispute to one node, else None."""
+        return self.k if self.hi == self.lo + 1 else None
+
+    @property
     def mid(self) -> int:
         """The midpoint rule: the provider must post ``S_{(lo + hi) // 2}``."""
         return (self.lo + self.hi) // 2
@@ -299,6 +304,18 @@ class Timeout:
 
 Action = (PostRoot | PostMid | Agree | Disagree | RevealLeaf | RevealChildren | PickChild
           | RevealChunk | NameElement | OneStep | Timeout)
+
+
+
+def move_position(state: GameState, action: Action) -> int:
+    """Where `action`, made on `state`, stands among its player's moves: the same for every
+    worker that reads the same state, so a player's journal keeps one row per move however
+    often it is retried. Two positions per round (``state.rounds`` counts provider moves): the
+    second for a one-step (which follows the element on the same round) or a timeout claim
+    (which may follow the player's own move on the same round)."""
+    second = isinstance(action, OneStep | Timeout)
+    return 2 * state.rounds + (1 if second else 0)
+
 
 Verifier = Callable[[GameState, object], bool]
 """The one-step: ``verifier(state, witness)`` returns True when the provider's element is wrong

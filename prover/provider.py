@@ -18,12 +18,11 @@ the chain, plays the games and finalizes claims, so a long generation never make
   before the commit is sent, and finished after a restart by asking the chain first
   (``getRequest``): committed by us -> recorded; still open -> the recorded transaction
   waited for if the node has it (pending), else committed again with the same output.
-  Moves are recorded before they are sent, and a recorded move is sent again only if the
-  chain state still asks for exactly that move and its transaction is not known.
-* Defending: every poll reads each open game from the chain and asks ``prover.game.decide``;
-  the moves of all games are sent, then waited for together.
-  The trace (``ModelTrace.from_model``) is computed the first time a game needs a provider
-  move, once per disputed claim, never on the honest path; after a restart it is recomputed.
+* Defending: every poll takes a turn in each open game (``services.responder.GameResponder``,
+  the watchtower's too: read, ``prover.game.decide``, journal, send); the moves of all games
+  are sent, then waited for together. The trace is computed the first time a game needs a
+  provider move, once per disputed claim, never on the honest path; after a restart it is
+  recomputed.
 * Finalizing: a claim past its challenge window with no open dispute is finalized by the
   node itself (the fee is credited on finalization; all finalizes due are sent, then waited
   for together); `withdraw` collects fees and bonds.
@@ -35,7 +34,6 @@ disputes.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import signal
@@ -51,12 +49,12 @@ import numpy as np
 from eth_account.signers.local import LocalAccount
 from hexbytes import HexBytes
 from web3 import Web3
-from web3.exceptions import TransactionNotFound
 
 from optinfer.contracts.bindings import ContractRevert
 from optinfer.contracts.coordinator import ZERO_ADDRESS, InferenceCoordinator, Status
 from optinfer.contracts.dispute_game import DisputeGame
 from optinfer.contracts.registry import ModelRegistry, ModelSpec
+from optinfer.contracts.sender import TxFailed, TxSender
 from optinfer.errors import UserError
 from optinfer.models.generation import (
     Answer,
@@ -73,12 +71,11 @@ from optinfer.services.chain import (
     ChainEvent,
     EventCursor,
     RpcUnavailable,
-    TxFailed,
-    TxSender,
     claim_record,
     request_record,
 )
 from optinfer.services.deployments import Deployments
+from optinfer.services.responder import GameResponder, SentMove
 from optinfer.services.statuses import ClaimStatus, GameStatus, RequestStatus
 from optinfer.services.store import RequestRecord, Store
 
@@ -152,31 +149,6 @@ def claimed_output(output: list[int], lie: str, vocab_size: int,
     raise ValueError(f"lie must be one of {LIE_MODES}, got {lie!r}")
 
 
-def action_payload(action: spec.Action) -> dict[str, Any]:
-    """A move as JSON for the moves table (bytes as 0x-hex, tuples as lists)."""
-    def plain(value: Any) -> Any:
-        if isinstance(value, bytes):
-            return "0x" + value.hex()
-        if isinstance(value, tuple | list):
-            return [plain(item) for item in value]
-        return value
-
-    return {field.name: plain(getattr(action, field.name))
-            for field in dataclasses.fields(action)}
-
-
-def describe(action: spec.Action) -> str:
-    """One short name for a log line: ``PostMid(mid=449)``."""
-    match action:
-        case spec.PostMid(mid=mid) | spec.Agree(mid=mid) | spec.Disagree(mid=mid):
-            return f"{type(action).__name__}(mid={mid})"
-        case spec.RevealLeaf(k=k):
-            return f"RevealLeaf(k={k})"
-        case spec.RevealChildren(children=children):
-            return f"RevealChildren({len(children)})"
-    return type(action).__name__
-
-
 # ---------------------------------------------------------------------------- the node
 
 
@@ -206,33 +178,6 @@ class Prepared:
     generate_s: float = 0.0
     resumed: bool = False  # found in `committing` at start: the chain may have it already
     commit_tx: str | None = None  # the commit sent before a restart, if it got that far
-
-
-@dataclass(frozen=True)
-class _SentMove:
-    """A move whose transaction is sent and recorded, its block not yet."""
-
-    game_id: int
-    seq: int
-    tx_hash: str
-    action: spec.Action
-
-
-def _move_rejected(game_id: int, err: Exception) -> None:
-    # The game moved under us (the estimate reverted, or the move was mined after the
-    # opponent's): the next poll reads it again.
-    log.warning("game %d: move rejected (%s); reading the game again next poll", game_id, err)
-
-
-class _LazyTrace:
-    """A `prover.game.Trace` computed on first use: `decide` touches the trace only when the
-    provider has to move, so a game that only waits for the challenger computes nothing."""
-
-    def __init__(self, compute: Callable[[], ModelTrace]):
-        self._compute = compute
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._compute(), name)
 
 
 def _crash_point(point: str) -> None:
@@ -280,10 +225,12 @@ class ProviderNode:
         # The lease holder's name is the key: a restarted node takes its games back at once.
         self.worker = f"provider:{self.address}"
         self.lease_seconds = max(60.0, 10 * poll_interval)
-        self._traces: dict[int, ModelTrace] = {}
         self._moves_sent = 0
         self._fee_cache: tuple[dict[str, int] | None, float] = (None, 0.0)
-        self._time_cache: tuple[int | None, float] = (None, 0.0)
+        self.responder = GameResponder(
+            w3=w3, store=store, game=self.game, sender=self.sender, role=Role.PROVIDER,
+            trace_of=self._trace, log=log, before_send=self._before_move,
+            on_resolved=self._on_game_resolved)
         self.new_requests = threading.Event()
 
     # -- start-up -------------------------------------------------------------------------
@@ -332,9 +279,7 @@ class ProviderNode:
             self.spec.check_registrable()
         except UserError as err:
             raise UserError(f"model {self.model.dir} cannot be registered: {err}") from None
-        receipt = self.sender.transact(
-            self.registry.contract.functions.register(*self.spec.as_args()),
-            artifact=self.registry.artifact)
+        receipt = self.sender.send(self.registry.register_tx(self.spec), self.registry.artifact)
         log.info("registered model %s in tx %s", self.served_model.model_id,
                  receipt["transactionHash"].to_0x_hex())
 
@@ -352,8 +297,8 @@ class ProviderNode:
         if amount < minimum:
             raise UserError(f"--stake {amount} is below the coordinator's minimum stake "
                             f"{minimum} wei")
-        receipt = self.sender.transact(functions.registerProvider(), value=amount,
-                                       artifact=self.coordinator.artifact)
+        receipt = self.sender.send(self.coordinator.register_provider_tx(amount),
+                                   self.coordinator.artifact)
         log.info("registered provider %s with stake %d wei in tx %s", self.address, amount,
                  receipt["transactionHash"].to_0x_hex())
 
@@ -465,7 +410,7 @@ class ProviderNode:
         not serve, or whose prompt the model refuses, is skipped with the reason."""
         # Asked once per poll interval: a request deadline judged a little early costs nothing
         # (the commit's estimate reverts); a clock in a game is not cached.
-        chain_time = self._chain_time(max_age=self.poll_interval)
+        chain_time = self.responder.chain_time(max_age=self.poll_interval)
         serving = [request for request in batch if self._will_serve(request, chain_time)]
         answers = self._generations([(r.prompt, r.max_tokens) for r in serving])
         for request, answer in zip(serving, answers, strict=True):
@@ -518,9 +463,8 @@ class ProviderNode:
             if tx_hash is None:
                 # The gas estimate reverts (nothing sent) when the request is no longer open.
                 tx_hash = self.sender.submit(
-                    {"to": self.coordinator.address, **self._fees(),
-                     "data": self.coordinator.calldata("commitOutput", request_id,
-                                                       prepared.output)},
+                    {**self.coordinator.commit_output_tx(request_id, prepared.output),
+                     **self._fees()},
                     self.coordinator.artifact,
                     on_signed=lambda signed: self._record_committing(prepared, signed))
         except _AlreadySettled:
@@ -629,89 +573,47 @@ class ProviderNode:
                                   note=reason)
         log.info("skipped request %d: %s", request_id, reason)
 
-    def _chain_time(self, max_age: float = 0.0) -> int:
-        """The latest block's timestamp, asked of the node again once the last answer is
-        `max_age` seconds old."""
-        timestamp, asked_at = self._time_cache
-        if timestamp is None or time.monotonic() - asked_at >= max_age:
-            timestamp = self.w3.eth.get_block("latest")["timestamp"]
-            self._time_cache = (timestamp, time.monotonic())
-        return timestamp
-
     def _fees(self) -> dict[str, int]:
         """TxSender's fee rule (room for the base fee to double), asked of the node once per
         poll interval rather than per commit: the base fee moves at most 12.5% a block, and
         two round trips per commit are a visible share of a small model's generation."""
         fees, asked_at = self._fee_cache
         if fees is None or time.monotonic() - asked_at > self.poll_interval:
-            fees = self.sender._fees()
+            fees = self.sender.fees()
             self._fee_cache = (fees, time.monotonic())
         return fees
 
     # -- defending ------------------------------------------------------------------------
 
     def defend(self) -> None:
-        """One turn in every open game of this provider."""
+        """One turn in every open game of this provider (``GameResponder.turn``)."""
         with self.store.transaction() as conn:
             games = st.games_with_status(conn, Role.PROVIDER, GameStatus.OPEN)
         # Every game's move is sent before any is waited for: a provider in many games at
         # once (a griefer's way to run its clocks down) moves in all of them each block.
-        sent: list[_SentMove] = []
+        sent: list[SentMove] = []
         for record in games:
             with self.store.transaction() as conn:
                 leased = st.claim_game(conn, record.game_id, Role.PROVIDER, self.worker,
                                        lease_seconds=self.lease_seconds)
-            if leased is None:
-                continue
-            try:
-                sent += self._play(leased)
-            except ContractRevert as err:
-                _move_rejected(record.game_id, err)
+            if leased is not None and (turn := self.responder.turn(leased, self.worker)).sent:
+                sent.append(turn.sent)
         for move in sent:
             try:
-                self._confirm_move(move)
+                self.responder.confirm(move)
             except TxFailed as err:
-                _move_rejected(move.game_id, err)
-        open_requests = {record.request_id for record in games}
-        for request_id in list(self._traces):
-            if request_id not in open_requests:
-                del self._traces[request_id]
+                log.warning("game %d: move failed (%s); reading the game again next poll",
+                            move.game_id, err)
 
-    def _play(self, record: st.GameRecord) -> list[_SentMove]:
-        """This node's move in the game of `record`, sent (not waited for), if it has one."""
-        game_id = record.game_id
-        # One read, pinned to one block by the binding (DisputeGame.state).
-        state = self.game.state(game_id, record.state.get("opened_block", 0)).state
-        if state.phase is Phase.RESOLVED:
-            self._finish(record, state)
-            return []
-        now = self._chain_time()
-        with self.store.transaction() as conn:
-            st.update_game(conn, game_id, Role.PROVIDER, self.worker, phase=state.phase,
-                           k=_disputed_node(state), rounds=state.rounds, status=GameStatus.OPEN,
-                           state=_game_summary(record, state, now))
-        trace = _LazyTrace(lambda: self._trace(record.request_id))
-        sent = []
-        for action in spec.decide(state, trace, Role.PROVIDER, now):  # one move at most
-            move = self._send_move(record, state, action)
-            if move is not None:
-                sent.append(move)
-        return sent
-
-    def _trace(self, request_id: int) -> ModelTrace:
-        """The trace this node defends `request_id` with: computed once per dispute."""
-        if request_id not in self._traces:
-            started = time.perf_counter()
-            prompt = self._prompt(request_id)
-            output = self.coordinator.get_output(request_id)
-            trace = ModelTrace.from_model(self.model, prompt, output)
-            if self.lie != "off":
-                # What a lying provider commits to: its trace ends in the claimed tokens.
-                trace = trace.with_output(trace.node_count, np.asarray(output, np.int64))
-            self._traces[request_id] = trace
-            log.info("request %d: trace of %d nodes computed in %.1f s", request_id,
-                     trace.node_count, time.perf_counter() - started)
-        return self._traces[request_id]
+    def _trace(self, record: st.GameRecord) -> ModelTrace:
+        """The trace this node defends `record`'s request with: its model's, or with ``lie``
+        the one that ends in the claimed tokens."""
+        prompt = self._prompt(record.request_id)
+        output = self.coordinator.get_output(record.request_id)
+        trace = ModelTrace.from_model(self.model, prompt, output)
+        if self.lie != "off":
+            trace = trace.with_output(trace.node_count, np.asarray(output, np.int64))
+        return trace
 
     def _prompt(self, request_id: int) -> list[int]:
         with self.store.transaction() as conn:
@@ -724,86 +626,16 @@ class ProviderNode:
             raise RuntimeError(f"request {request_id} has no RequestPosted event")
         return list(logs[0]["args"]["prompt"])
 
-    def _send_move(self, record: st.GameRecord, state: spec.GameState,
-                   action: spec.Action) -> _SentMove | None:
-        """Record `action`, then send it; None when it was sent before. A move recorded before
-        a restart and asked for again by the chain state is the same move: it keeps its row,
-        and it is sent again only when its transaction never made it."""
-        game_id = record.game_id
-        kind, payload = type(action).__name__, action_payload(action)
-        with self.store.transaction() as conn:
-            moves = st.game_moves(conn, game_id, Role.PROVIDER)
-            last = moves[-1] if moves else None
-            seq = last.seq + 1 if last is not None else 0
-            if last is not None and last.block_number is None \
-                    and (last.kind, last.payload) == (kind, payload):
-                # This very move was recorded before a restart: send it only if its
-                # transaction never made it.
-                seq = last.seq
-                if last.tx_hash is not None and self._landed(conn, record, seq, last.tx_hash):
-                    return None
-            else:
-                if last is not None and last.block_number is None \
-                        and st.forget_unsent_move(conn, game_id, Role.PROVIDER, last.seq):
-                    seq = last.seq  # the chain asks for another move than the one never sent
-                st.record_move(conn, st.MoveRecord(game_id, Role.PROVIDER, seq, Role.PROVIDER,
-                                                   kind, payload))
+    def _before_move(self) -> None:
         self._moves_sent += 1
         _crash_point(f"before-move-{self._moves_sent}")
-        function = self.game.move_function(game_id, action, state)
-        try:
-            tx_hash = self.sender.submit({"to": function.address,
-                                          "data": function._encode_transaction_data()},
-                                         self.game.artifact)
-        except ContractRevert:
-            with self.store.transaction() as conn:
-                st.forget_unsent_move(conn, game_id, Role.PROVIDER, seq)
-            raise
-        hex_hash = "0x" + bytes(tx_hash).hex()
-        with self.store.transaction() as conn:
-            st.set_move_transaction(conn, game_id, Role.PROVIDER, seq, hex_hash)
-        return _SentMove(game_id, seq, hex_hash, action)
 
-    def _confirm_move(self, move: _SentMove) -> None:
-        """Wait for `move` to be mined and record its block."""
-        receipt = self.sender.wait(HexBytes(move.tx_hash))
-        with self.store.transaction() as conn:
-            st.set_move_transaction(conn, move.game_id, Role.PROVIDER, move.seq, move.tx_hash,
-                                    receipt["blockNumber"])
-        log.info("game %d: %s in tx %s", move.game_id, describe(move.action), move.tx_hash)
-
-    def _landed(self, conn, record: st.GameRecord, seq: int, tx_hash: str) -> bool:
-        """Whether the recorded transaction of move `seq` is mined (recorded now) or pending;
-        False when it failed or the node never had it (then it is sent again)."""
-        try:
-            receipt = self.w3.eth.get_transaction_receipt(HexBytes(tx_hash))
-        except TransactionNotFound:
-            try:
-                self.w3.eth.get_transaction(HexBytes(tx_hash))
-            except TransactionNotFound:
-                return False
-            log.info("game %d: move %d is pending in tx %s; waiting", record.game_id, seq,
-                     tx_hash)
-            return True
-        if receipt["status"] != 1:
-            return False
-        st.set_move_transaction(conn, record.game_id, Role.PROVIDER, seq, tx_hash,
-                                receipt["blockNumber"])
-        return True
-
-    def _finish(self, record: st.GameRecord, state: spec.GameState) -> None:
-        won = state.winner is Role.PROVIDER
-        with self.store.transaction() as conn:
-            st.update_game(conn, record.game_id, Role.PROVIDER, self.worker, phase=state.phase,
-                           k=_disputed_node(state), rounds=state.rounds,
-                           status=GameStatus.WON if won else GameStatus.LOST,
-                           state=_game_summary(record, state, None))
-            st.release_game(conn, record.game_id, Role.PROVIDER, self.worker)
-            if not won:
-                st.set_claim_status(conn, record.request_id, ClaimStatus.SLASHED)
-                st.set_request_status(conn, record.request_id, RequestStatus.REJECTED)
-        log.info("game %d on request %d: %s (%s) after %d rounds", record.game_id,
-                 record.request_id, "won" if won else "LOST", state.reason, state.rounds)
+    @staticmethod
+    def _on_game_resolved(conn, record: st.GameRecord, state: spec.GameState,
+                          status: GameStatus) -> None:
+        if status is GameStatus.LOST:
+            st.set_claim_status(conn, record.request_id, ClaimStatus.SLASHED)
+            st.set_request_status(conn, record.request_id, RequestStatus.REJECTED)
 
     # -- finalizing -----------------------------------------------------------------------
 
@@ -815,7 +647,7 @@ class ProviderNode:
             due = [(request, st.get_claim(conn, request.request_id)) for request in committed]
         if not due:
             return
-        now = self._chain_time()
+        now = self.responder.chain_time()
         sent: list[tuple[int, HexBytes]] = []
         for request, claim in due:
             if claim is None or claim.provider != self.address or now < claim.challenge_deadline:
@@ -826,8 +658,7 @@ class ProviderNode:
                 continue
             try:
                 sent.append((request.request_id, self.sender.submit(
-                    {"to": self.coordinator.address, **self._fees(),
-                     "data": self.coordinator.calldata("finalize", request.request_id)},
+                    {**self.coordinator.finalize_tx(request.request_id), **self._fees()},
                     self.coordinator.artifact)))
             except ContractRevert as err:
                 log.warning("request %d: finalize reverts (%s); retrying later",
@@ -884,16 +715,15 @@ def collect_reserves(w3: Web3, deployments: Deployments, account: LocalAccount,
         if coordinator.shortfall_of(request_id, account.address) and _succeeds(
                 coordinator.claim_reserve_share_call, request_id, account.address,
                 account.address):
-            sender.transact(coordinator.contract.functions.claimReserveShare(
-                request_id, account.address), artifact=coordinator.artifact)
+            sender.send(coordinator.claim_reserve_share_tx(request_id, account.address),
+                        coordinator.artifact)
             done["claimed"].append(request_id)
     slashed = events.Slashed.get_logs(argument_filters={"provider": account.address},
                                       from_block=deployments.block_number)
     for request_id in sorted({e["args"]["requestId"] for e in slashed}):
         if not coordinator.reserve(request_id).settled and _succeeds(
                 coordinator.settle_reserve_call, request_id, account.address):
-            sender.transact(coordinator.contract.functions.settleReserve(request_id),
-                            artifact=coordinator.artifact)
+            sender.send(coordinator.settle_reserve_tx(request_id), coordinator.artifact)
             done["settled"].append(request_id)
     for kind, ids in done.items():
         if ids:
@@ -922,8 +752,7 @@ def withdraw(w3: Web3, deployments: Deployments, account: LocalAccount) -> dict[
         contract = binding(w3, deployments.address(name))
         amount = contract.balance_of(account.address)
         if amount:
-            receipt = sender.transact(contract.contract.functions.withdraw(),
-                                      artifact=contract.artifact)
+            receipt = sender.send(contract.withdraw_tx(), contract.artifact)
             log.info("withdrew %d wei from the %s in tx %s", amount, name,
                      receipt["transactionHash"].to_0x_hex())
         withdrawn[name] = amount
@@ -939,23 +768,6 @@ def _chain_event(event) -> ChainEvent:
                       args=dict(event["args"]), block_number=event["blockNumber"],
                       log_index=event["logIndex"],
                       tx_hash="0x" + bytes(event["transactionHash"]).hex())
-
-
-def _disputed_node(state: spec.GameState) -> int | None:
-    """k once the bisection has narrowed the dispute to one node, else None."""
-    return state.k if state.hi == state.lo + 1 else None
-
-
-def _game_summary(record: st.GameRecord, state: spec.GameState,
-                  now: float | None) -> dict[str, Any]:
-    """What the games row keeps of the chain's state (the chain stays the authority)."""
-    summary = {**record.state, "lo": state.lo, "hi": state.hi,
-               "to_move": state.to_move.value if state.to_move else None,
-               "winner": state.winner.value if state.winner else None, "reason": state.reason}
-    if now is not None:
-        summary["provider_seconds_left"] = state.clock.remaining(Role.PROVIDER, now)
-        summary["challenger_seconds_left"] = state.clock.remaining(Role.CHALLENGER, now)
-    return summary
 
 
 @contextmanager

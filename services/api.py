@@ -34,11 +34,12 @@ from web3.exceptions import Web3RPCError
 from optinfer.contracts.bindings import ContractRevert
 from optinfer.contracts.coordinator import InferenceCoordinator
 from optinfer.contracts.registry import ModelSpec
+from optinfer.contracts.sender import TxFailed, TxSender
 from optinfer.errors import UserError
 from optinfer.models.runtime import IntegerModel
 from optinfer.services import consumer
 from optinfer.services import store as st
-from optinfer.services.chain import RetryPolicy, TxFailed, TxSender, connect, connect_settings
+from optinfer.services.chain import RetryPolicy, connect, connect_settings
 from optinfer.services.deployments import Deployments
 from optinfer.services.metrics import ChainView, NodeMetrics
 from optinfer.services.settings import Settings
@@ -120,10 +121,13 @@ class RequestPage(BaseModel):
 
 
 class MoveView(BaseModel):
-    seq: int
+    seq: int = Field(description="The move's position among its player's moves: two per "
+                     "round, the second for a one-step or a timeout claim.")
     actor: str
     kind: str
-    payload: dict[str, Any]
+    payload: dict[str, Any] = Field(description="The move's scalars, roots and shape; its "
+                                    "paths and children lists by their length; a one-step "
+                                    "by its node and element.")
     tx_hash: str | None
     block_number: int | None
 

@@ -77,9 +77,9 @@ def request(
     committed before its deadline).
     """
     from optinfer.contracts.coordinator import InferenceCoordinator
+    from optinfer.contracts.sender import TxSender
     from optinfer.models.runtime import IntegerModel
     from optinfer.services import consumer
-    from optinfer.services.chain import TxSender
     from optinfer.services.deployments import Deployments
 
     settings = load_settings(config=config, rpc_url=rpc_url, model_dir=model)

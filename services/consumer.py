@@ -20,10 +20,10 @@ from web3.exceptions import BlockNotFound, Web3RPCError
 
 from optinfer.contracts.coordinator import InferenceCoordinator, RequestSpec, Result, Status
 from optinfer.contracts.registry import ModelSpec
+from optinfer.contracts.sender import TxSender
 from optinfer.errors import UserError
 from optinfer.models.chat import chat_tokens
 from optinfer.models.runtime import IntegerModel
-from optinfer.services.chain import TxSender
 
 # `postRequest` keeps the fee in a uint96 (docs/protocol.md): larger values cannot be posted.
 MAX_FEE = 2**96 - 1
@@ -120,8 +120,7 @@ def post_request(
     now = next_block_time(coordinator.w3)
     spec = RequestSpec(model_id=model_id(model), prompt=prompt, max_tokens=max_tokens,
                        commit_deadline=now + commit_seconds)
-    function = coordinator.contract.functions.postRequest(*spec.as_args())
-    receipt = sender.transact(function, value=fee, artifact=coordinator.artifact)
+    receipt = sender.send(coordinator.post_request_tx(spec, fee), coordinator.artifact)
     (event,) = coordinator.events(receipt, "RequestPosted")
     return PostedRequest(
         request_id=event["requestId"],

@@ -29,8 +29,9 @@ from web3 import Web3
 
 from optinfer.contracts.artifacts import artifact_names
 from optinfer.contracts.coordinator import CoordinatorParams, InferenceCoordinator
+from optinfer.contracts.sender import TxSender
 from optinfer.errors import UserError
-from optinfer.services.chain import TxSender, connect_settings
+from optinfer.services.chain import connect_settings
 
 ETHER = 10**18
 
@@ -150,9 +151,7 @@ def _one_step_verifier(sender, signer, deployed, params):
     # Its bytecode links a library: the binding knows how.
     from optinfer.contracts.one_step_binding import OneStepVerifier
 
-    address = OneStepVerifier.deploy(sender.w3, signer).address
-    sender.resync()  # the binding sent with the same key
-    return address
+    return OneStepVerifier.deploy_from(sender).address
 
 
 def _dispute_game(sender, signer, deployed, params):
@@ -171,8 +170,7 @@ def _dispute_game(sender, signer, deployed, params):
 
 def _wire_game(sender, signer, deployed, params):
     coordinator = InferenceCoordinator(sender.w3, deployed["InferenceCoordinator"])
-    sender.transact(coordinator.contract.functions.setDisputeGame(deployed["DisputeGame"]),
-                    artifact=coordinator.artifact)
+    sender.send(coordinator.set_dispute_game_tx(deployed["DisputeGame"]), coordinator.artifact)
     return None
 
 

@@ -147,7 +147,7 @@ moves = sa.Table(
     _id_column("id", primary_key=True, autoincrement=True),
     sa.Column("game_id", sa.BigInteger, nullable=False),
     sa.Column("player", sa.String(16), nullable=False),
-    sa.Column("seq", sa.Integer, nullable=False),  # the move's position in the game, from 0
+    sa.Column("seq", sa.Integer, nullable=False),  # its position: prover.game.move_position
     sa.Column("actor", sa.String(16), nullable=False),  # provider | challenger
     sa.Column("kind", sa.String(32), nullable=False),  # prover.game action name: "PostMid"
     sa.Column("payload", sa.JSON, nullable=False),
@@ -801,6 +801,25 @@ def record_move(conn: Connection, record: MoveRecord) -> bool:
     return _inserted(conn, statement.on_conflict_do_nothing(
         index_elements=[moves.c.game_id, moves.c.player, moves.c.seq]
     ).returning(moves.c.id))
+
+
+def journal_move(conn: Connection, record: MoveRecord) -> MoveRecord:
+    """Journal `record` at its position before it is sent; the row as it stands now. A row
+    there for another move (one that never landed: the chain asks for this one at its
+    position) is rewritten, without a transaction; the same move keeps its row and its
+    transaction, for the caller to wait for or send again."""
+    record_move(conn, record)
+    (recorded,) = [m for m in game_moves(conn, record.game_id, record.player)
+                   if m.seq == record.seq]
+    if (recorded.kind, recorded.payload) == (record.kind, record.payload):
+        return recorded
+    conn.execute(
+        sa.update(moves)
+        .where(moves.c.game_id == record.game_id, moves.c.player == record.player.value,
+               moves.c.seq == record.seq)
+        .values(actor=record.actor.value, kind=record.kind, payload=record.payload,
+                tx_hash=None, block_number=None))
+    return record
 
 
 def set_move_transaction(

@@ -41,6 +41,7 @@ from optinfer.prover.game import (
     decide,
     descent_rounds,
     max_rounds,
+    move_position,
     one_step_verifier,
     open_game,
 )
@@ -89,11 +90,16 @@ def play(setup: GameSetup, policies: dict[Role, Policy], verifier, honest_role: 
     """Run a game to the end. The party to move asks its policy for moves and the contract
     applies the first legal one; a party with no legal move stalls, time jumps past its
     deadline and the opponent sends `Timeout`. A role in ``stall`` waits that fraction of its
-    remaining clock before each move. Invariants are checked after every move."""
+    remaining clock before each move. Invariants are checked after every move, and at the end
+    that each player's moves stand at increasing positions (``move_position``: the nodes'
+    journals hold one row per position)."""
     now = 0.0
     state = open_game(setup, now)
+    positions: dict[Role, list[int]] = {Role.PROVIDER: [], Role.CHALLENGER: []}
     for _ in range(500):
         if state.phase is Phase.RESOLVED:
+            for made in positions.values():
+                assert made == sorted(set(made)), made
             return state
         mover = state.to_move
         now += STEP_SECONDS + (stall or {}).get(mover, 0.0) * state.clock.remaining(mover, now)
@@ -101,6 +107,7 @@ def play(setup: GameSetup, policies: dict[Role, Policy], verifier, honest_role: 
         for action in policies[mover](state, now):
             try:
                 state = apply(state, action, mover, now, verifier)
+                positions[mover].append(move_position(before, action))
                 break
             except IllegalMove:
                 assert state is before  # a reverted move changes nothing
@@ -109,6 +116,7 @@ def play(setup: GameSetup, policies: dict[Role, Policy], verifier, honest_role: 
             claims = decide(state, honest, mover.opponent, now)
             assert claims == [Timeout()] or mover is honest_role
             state = apply(state, Timeout(), mover.opponent, now, verifier)
+            positions[mover.opponent].append(move_position(before, Timeout()))
         check_invariants(state, honest, honest_role, round_bound)
     raise AssertionError("the game did not end")
 

@@ -14,11 +14,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from optinfer.contracts.coordinator import Status, token_hash
 from optinfer.contracts.registry import ModelRegistry, ModelSpec
+from optinfer.contracts.sender import TxSender
 from optinfer.models.chat import CHAT_TEMPLATE_FILE
 from optinfer.models.runtime import IntegerModel
 from optinfer.prover.game import Phase, Role
 from optinfer.services import consumer
-from optinfer.services.chain import TxSender
 from optinfer.services.deployments import DEMO_COORDINATOR_PARAMS
 from optinfer.services.statuses import GameStatus
 from optinfer.services.store import GameRecord, MoveRecord, create_game, record_move

@@ -19,9 +19,9 @@ import pytest
 
 from optinfer.contracts.coordinator import InferenceCoordinator, Status, token_hash
 from optinfer.contracts.registry import ModelRegistry, ModelSpec
+from optinfer.contracts.sender import TxSender
 from optinfer.models.runtime import IntegerModel
 from optinfer.services import consumer
-from optinfer.services.chain import TxSender
 from optinfer.services.deployments import DEMO_COORDINATOR_PARAMS
 from optinfer.services.model_fetch import fetch_model
 from tests.chat_models import THINK, tiny_r1_with_chat_template

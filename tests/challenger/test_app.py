@@ -5,6 +5,7 @@ wins."""
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
@@ -47,3 +48,21 @@ print(conf.task_default_queue, conf.broker_url, module.settings().celery_queue)
                           timeout=120, env={**clean, "OPTINFER_CELERY_QUEUE": "from-env"})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["mine", "redis://127.0.0.1:6379/4", "mine"]
+
+
+def test_every_task_has_a_soft_and_a_hard_time_limit():
+    """A prefork worker ends a task that hangs (a node that never answers, say): every task
+    of the app declares both limits, the hard one after the soft one, which leaves the task
+    time to release what it holds."""
+    from optinfer.challenger import tasks
+    from optinfer.challenger.app import app
+    from optinfer.challenger.watchtower import MOVES_PER_TURN
+    from optinfer.contracts.sender import TxSender
+
+    ours = {name: task for name, task in app.tasks.items() if name.startswith("optinfer.")}
+    assert set(ours) == {tasks.SCAN, tasks.VERIFY, tasks.PLAY}
+    for name, task in ours.items():
+        assert 0 < task.soft_time_limit < task.time_limit, name
+    # A play task's moves alone may take MOVES_PER_TURN receipt waits: the limit leaves them.
+    receipt_wait = inspect.signature(TxSender).parameters["receipt_timeout"].default
+    assert tasks.PLAY_LIMITS[0] > MOVES_PER_TURN * receipt_wait

@@ -13,7 +13,6 @@ from optinfer.challenger import policy
 from optinfer.challenger.policy import HeldModel, Verdict
 from optinfer.contracts.registry import ModelSpec
 from optinfer.prover import commitments
-from optinfer.prover import game as spec
 from optinfer.prover.game import Clock, GameSetup, GameState, Phase, Role
 
 NODES, CONSTANTS = b"\x01" * 32, b"\x02" * 32
@@ -95,22 +94,6 @@ def a_state(phase: Phase, rounds: int, **changes) -> GameState:
                      rounds=rounds, **changes)
 
 
-def test_move_positions_are_unique_through_a_game():
-    """The challenger's moves in one game (bisection answers, a descent pick, the element and
-    its one-step, a timeout claim) never share a position."""
-    witness = type("W", (), {"k": 5, "out_index": 3})()
-    positions = [
-        policy.move_position(a_state(Phase.AWAIT_ROOT, 0), spec.Timeout()),
-        policy.move_position(a_state(Phase.BISECTION, 2, mid_root=b"x"), spec.Agree(449)),
-        policy.move_position(a_state(Phase.BISECTION, 3, mid_root=b"x"), spec.Disagree(673)),
-        policy.move_position(a_state(Phase.BISECTION, 3), spec.Timeout()),
-        policy.move_position(a_state(Phase.DESCENT, 6, children=(b"",)), spec.PickChild(1)),
-        policy.move_position(a_state(Phase.ONE_STEP, 8), spec.NameElement(4)),
-        policy.move_position(a_state(Phase.ONE_STEP, 8, element=4), spec.OneStep(witness)),
-    ]
-    assert len(set(positions)) == len(positions)
-
-
 @pytest.mark.parametrize("to_move, left, expected", [
     (Role.CHALLENGER, 50.0, 2.0),  # our move: at the poll interval
     (Role.PROVIDER, 50.0, 2.0),  # the provider has time: at the poll interval
@@ -122,13 +105,6 @@ def test_the_next_look_comes_no_later_than_the_providers_clock(to_move, left, ex
     state = dataclasses.replace(state, clock=Clock(left + 10, 100.0, to_move, 10.0))
     assert state.to_move is to_move
     assert policy.next_check(state, 20.0, 2.0) == expected
-
-
-def test_outcome_is_for_the_challenger():
-    resolved = a_state(Phase.RESOLVED, 9, winner=Role.CHALLENGER)
-    assert policy.outcome(resolved) == "won"
-    assert policy.outcome(dataclasses.replace(resolved, winner=Role.PROVIDER)) == "lost"
-    assert policy.outcome(a_state(Phase.BISECTION, 3)) is None
 
 
 def test_the_challenge_window():

@@ -16,14 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from web3 import Web3
 
-from optinfer.contracts.bindings import (
-    ContractRevert,
-    contract_at,
-    deploy,
-    reverts_decoded,
-    send_function,
-    send_transaction,
-)
+from optinfer.contracts.bindings import ContractRevert, contract_at, reverts_decoded
 from optinfer.contracts.coordinator import (
     MAX_CALLBACK_GAS_LIMIT,
     TX_GAS_CAP,
@@ -37,6 +30,7 @@ from optinfer.contracts.coordinator import (
     token_hash,
 )
 from optinfer.contracts.registry import ModelRegistry, ModelSpec
+from optinfer.contracts.sender import TxSender
 from tests.profiles import examples
 
 TINY_R1 = Path(__file__).resolve().parents[2] / "models" / "tiny-r1" / "integer"
@@ -53,6 +47,11 @@ FEE = ETHER // 100
 CALLBACK_GAS = 200_000
 PROMPT = [1, 6, 7, 15, 8, 9, 16]  # "12+34=" in tiny-r1's tokenizer (checked below)
 EOS = 2  # tiny-r1's one end-of-sequence token (its manifest's config)
+
+
+def deploy(w3: Web3, name: str, signer, *constructor_args) -> str:
+    """Deploy the committed artifact `name` (a mock or example contract) from `signer`."""
+    return TxSender(w3, signer).deploy(name, *constructor_args)
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -518,9 +517,9 @@ def test_finalize_tooLittleGasForTheCallback_reverts(chain, coordinator, provide
 def test_questionAsker_onlyCoordinatorDelivers_onlyOwnerAsks(chain, coordinator, tiny_r1_spec):
     w3 = coordinator.w3
     asker = QuestionAsker.deploy(w3, chain.accounts[2], coordinator.address)
-    forged = asker.contract.functions.onInferenceResult(1, asker.address, [4, 6])
+    forged = asker.tx("onInferenceResult", 1, asker.address, [4, 6])
     with pytest.raises(ContractRevert) as caught:
-        send_function(w3, asker.artifact, forged, chain.accounts[3])
+        TxSender(w3, chain.accounts[3]).send(forged, asker.artifact)
     assert caught.value.name == "NotCoordinator"
     assert not asker.answered(1)
     spec = spec_for(w3, tiny_r1_spec.model_id)
@@ -580,13 +579,13 @@ def test_setDisputeGame_secondTimeOrNotDeployer_reverts(chain, coordinator, game
 def test_disputeHooks_calledByOtherThanGame_revert(chain, coordinator, provider, tiny_r1_spec):
     request_id = committed_request(coordinator, chain, provider, tiny_r1_spec)
     outsider = chain.accounts[4]
-    for function in (
-        coordinator.contract.functions.openDispute(request_id),
-        coordinator.contract.functions.lockChallengeReward(request_id),
-        coordinator.contract.functions.resolveDispute(request_id, False, outsider.address, 0),
+    for tx in (
+        coordinator.tx("openDispute", request_id),
+        coordinator.tx("lockChallengeReward", request_id),
+        coordinator.tx("resolveDispute", request_id, False, outsider.address, 0),
     ):
         err = expect_revert(
-            lambda f=function: send_function(coordinator.w3, coordinator.artifact, f, outsider),
+            lambda t=tx: TxSender(coordinator.w3, outsider).send(t, coordinator.artifact),
             "NotDisputeGame(address)",
         )
         assert err.args_decoded == (outsider.address.lower(),)
@@ -595,8 +594,8 @@ def test_disputeHooks_calledByOtherThanGame_revert(chain, coordinator, provider,
 
 def _game_send(coordinator, game, function_name: str, *args, signer=None):
     """Call the mock game (which forwards to the coordinator), decoding the coordinator's errors."""
-    function = getattr(game.functions, function_name)(*args)
-    return send_function(coordinator.w3, coordinator.artifact, function, signer)
+    tx = {"to": game.address, "data": game.encode_abi(function_name, args)}
+    return TxSender(coordinator.w3, signer).send(tx, coordinator.artifact)
 
 
 def test_finalize_openDispute_blocksUntilProviderWins(chain, coordinator, game, provider,
@@ -999,9 +998,8 @@ def test_max_callback_gas_limit_bounded_point8(chain, isolated, registry_address
     coordinator.commit_output_send(request_id, [5] * longest, chain.accounts[1])
     advance(isolated, PARAMS.challenge_window)
     finalizer = chain.accounts[5]
-    finalize = coordinator.contract.functions.finalize(request_id).build_transaction(
-        {"from": finalizer.address, "gas": TX_GAS_CAP})
-    receipt = send_transaction(isolated, finalize, finalizer)
+    finalize = {**coordinator.finalize_tx(request_id), "gas": TX_GAS_CAP}
+    receipt = TxSender(isolated, finalizer).send(finalize, coordinator.artifact)
     (finalized,) = coordinator.events(receipt, "Finalized")
     assert finalized["callbackSucceeded"] is False  # the burner used its whole limit
     used = receipt["gasUsed"]

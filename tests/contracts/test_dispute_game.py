@@ -13,6 +13,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+from hexbytes import HexBytes
 
 from optinfer.contracts.bindings import ContractRevert
 from optinfer.contracts.coordinator import (
@@ -21,6 +22,7 @@ from optinfer.contracts.coordinator import (
     Status,
 )
 from optinfer.contracts.dispute_game import DisputeGame
+from optinfer.contracts.sender import TxSender
 from optinfer.prover import commitments
 from optinfer.prover import game as spec
 from optinfer.prover.game import ModelTrace, Phase, Role
@@ -54,7 +56,8 @@ def _lie_at_last_token(honest: ModelTrace, output: list[int]) -> tuple[ModelTrac
 def test_the_contract_and_the_spec_agree_move_by_move(stack):
     """A lying provider against an honest challenger up to the one-step: after every move the
     state read back from the chain is exactly what `prover.game.apply` computes from the
-    previous one."""
+    previous one. Each move's transaction (`DisputeGame.move_tx`, encoded by eth_abi alone)
+    carries web3's encoding of the same call, the one-step's too."""
     liar, claimed = _lie_at_last_token(stack.honest, stack.output)
     request_id = stack.claim(claimed)
     game_id = stack.challenge(request_id, stack.accounts[4])
@@ -69,6 +72,7 @@ def test_the_contract_and_the_spec_agree_move_by_move(stack):
         role = state.to_move
         trace, signer = players[role]
         (action,) = spec.decide(state, trace, role, chain_now(stack.w3))
+        _assert_encoded_as_web3_does(stack.game, game_id, action, state)
         receipt = stack.game.submit(game_id, action, signer, state)
         mined_at = stack.w3.eth.get_block(receipt["blockNumber"])["timestamp"]
         expected = spec.apply(state, action, role, mined_at)
@@ -78,6 +82,18 @@ def test_the_contract_and_the_spec_agree_move_by_move(stack):
     assert state.k == stack.honest.node_count  # the lie is in the last node only
     assert state.rounds <= spec.max_rounds(stack.honest.node_count, 1 << 20)
     assert moves > 2 * 9  # ten bisection rounds over 898 nodes, then descent and chunk
+    (one_step,) = spec.decide(state, stack.honest, state.to_move, chain_now(stack.w3))
+    assert isinstance(one_step, spec.OneStep)
+    _assert_encoded_as_web3_does(stack.game, game_id, one_step, state)
+    _assert_encoded_as_web3_does(stack.game, game_id, spec.Timeout(), state)
+
+
+def _assert_encoded_as_web3_does(game: DisputeGame, game_id: int, action: spec.Action,
+                                 state: spec.GameState) -> None:
+    tx = game.move_tx(game_id, action, state)
+    name, args = game.move_args(game_id, action, state)
+    assert tx == {"to": game.address, "value": 0,
+                  "data": bytes(HexBytes(game.contract.encode_abi(name, args)))}, action
 
 
 def test_a_game_is_read_in_one_log_query_per_bounded_block_range(stack, monkeypatch):
@@ -153,11 +169,9 @@ def test_a_challenge_needs_the_bond_and_the_prompt_and_opens_the_registered_root
     with pytest.raises(ContractRevert) as raised:
         game.challenge_send(request_id, PROMPT[:-1], challenger)
     assert raised.value.name == "PromptMismatch"
-    function = game.contract.functions.challenge(request_id, PROMPT)
-    from optinfer.contracts.bindings import send_function
-
     with pytest.raises(ContractRevert) as raised:
-        send_function(stack.w3, game.artifact, function, challenger, value=1)
+        TxSender(stack.w3, challenger).send(game.challenge_tx(request_id, PROMPT, bond=1),
+                                            game.artifact)
     assert raised.value.name == "WrongBond"
     # The game opens the roots the registry computed the model id from; nobody names them.
     opened = game.state(stack.challenge(request_id, challenger))

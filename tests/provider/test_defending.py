@@ -15,6 +15,7 @@ from optinfer.contracts.coordinator import Status
 from optinfer.prover import game as spec
 from optinfer.prover.game import ModelTrace, Phase, Role
 from optinfer.services import store as st
+from optinfer.services.responder import move_summary
 from optinfer.services.store import Store
 from tests.lies import changed
 
@@ -95,7 +96,8 @@ def test_a_dishonest_challenger_loses_to_the_node_even_across_a_kill_9_mid_game(
         game = st.get_game(conn, game_id, Role.PROVIDER)
     store.dispose()
     assert (game.status, game.k) == ("won", k)
-    assert [move.seq for move in moves] == list(range(len(moves)))
+    # One row per position (prover.game.move_position): a provider move every round.
+    assert [move.seq for move in moves] == [2 * i for i in range(len(moves))]
     assert all(move.block_number is not None for move in moves), moves
     assert moves[0].kind == "PostRoot" and moves[-1].kind == "RevealChunk"
     # Every recorded move went out in exactly one transaction: none sent twice.
@@ -190,7 +192,7 @@ def test_the_node_claims_the_timeout_of_a_silent_challenger_then_finalizes(regis
     assert protocol.coordinator.get_request(request_id).status is Status.FINALIZED
     nodes = sum(model.manifest["ops"].values())
     assert caplog.text.count(f"trace of {nodes} nodes computed") == 1
-    assert f"game {game_id}: Timeout in tx" in caplog.text
+    assert f"game {game_id}: Timeout() at position 5 in tx" in caplog.text
     assert f"game {game_id} on request {request_id}: won (timeout)" in caplog.text
     with node.store.transaction() as conn:
         assert [m.kind for m in st.game_moves(conn, game_id, Role.PROVIDER)] == [
@@ -223,3 +225,67 @@ def test_in_several_games_the_node_moves_in_all_of_them_each_block(registered, s
     for game_id in games:
         assert protocol.game.state(game_id).state.rounds == 1  # the root, posted on chain
     node.store.dispose()
+
+
+def test_the_journal_waits_for_a_pending_move_resends_a_lost_one_and_rewrites_a_stale_one(
+        registered, sqlite_url, model):
+    """The responder's journal on chain: a row left at the root's position for another move
+    that never landed is rewritten and the root sent; a restarted node finds that root
+    pending and waits for it (nothing sent twice); a row whose transaction the node never had
+    is sent again."""
+    from .test_serving import _blocks_on_demand, _in_process_node, _node
+
+    protocol, w3 = registered, registered.w3
+    provider = protocol.provider.address
+    prompt = model.encode(PROMPT_TEXT)
+    request_id = protocol.post(prompt, max_tokens=8)
+    node = _in_process_node(protocol, sqlite_url, model, stake=None)
+    assert [s.request_id for s in node.serve_pending()] == [request_id]
+    game_id = protocol.game.challenge_send(request_id, prompt, protocol.accounts[4])
+    node.watch()
+
+    def leased(holder):
+        with holder.store.transaction() as conn:
+            return st.claim_game(conn, game_id, Role.PROVIDER, holder.worker, lease_seconds=60)
+
+    def journal():
+        with node.store.transaction() as conn:
+            return st.game_moves(conn, game_id, Role.PROVIDER)
+
+    with node.store.transaction() as conn:
+        st.record_move(conn, st.MoveRecord(game_id, Role.PROVIDER, 0, Role.PROVIDER, "Timeout",
+                                           {}, "0x" + "ab" * 32))
+    with _blocks_on_demand(w3):
+        root = node.responder.turn(leased(node), node.worker).sent
+        assert isinstance(root.action, spec.PostRoot) and root.seq == 0
+        (row,) = journal()
+        assert (row.kind, row.tx_hash, row.block_number) == (
+            "PostRoot", root.tx_hash.to_0x_hex(), None)
+        sent = w3.eth.get_transaction_count(provider, "pending")
+        restarted = _node(protocol, sqlite_url, model)
+        again = restarted.responder.turn(leased(restarted), restarted.worker).sent
+        assert (again.seq, again.tx_hash) == (0, root.tx_hash)
+        assert w3.eth.get_transaction_count(provider, "pending") == sent
+        w3.provider.make_request("evm_mine", [])
+    block = restarted.responder.confirm(again)
+    assert journal()[0].block_number == block
+
+    record = leased(restarted)
+    state = protocol.game.state(game_id).state
+    (mid,) = spec.decide(state, restarted.responder.trace(record), Role.PROVIDER,
+                         protocol.now())
+    lost = "0x" + "cd" * 32  # signed, noted, never broadcast: the node does not know it
+    with node.store.transaction() as conn:
+        st.journal_move(conn, st.MoveRecord(game_id, Role.PROVIDER, 2, Role.PROVIDER,
+                                            "PostMid", move_summary(mid)))
+        st.set_move_transaction(conn, game_id, Role.PROVIDER, 2, lost)
+    nonce = w3.eth.get_transaction_count(provider)
+    resent = restarted.responder.turn(record, restarted.worker).sent
+    assert resent.seq == 2 and resent.tx_hash.to_0x_hex() != lost
+    restarted.responder.confirm(resent)
+    assert w3.eth.get_transaction_count(provider) == nonce + 1
+    assert [(m.seq, m.kind, m.tx_hash) for m in journal()] == [
+        (0, "PostRoot", root.tx_hash.to_0x_hex()), (2, "PostMid", resent.tx_hash.to_0x_hex())]
+    assert protocol.game.state(game_id).state.mid_root == mid.state_root
+    for holder in (node, restarted):
+        holder.store.dispose()

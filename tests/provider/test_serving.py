@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import re
@@ -20,18 +19,16 @@ import pytest
 
 from optinfer.contracts.coordinator import ZERO_ADDRESS, QuestionAsker, RequestSpec, Status
 from optinfer.contracts.registry import MAX_ONE_STEP_FAN_IN_BYTES
+from optinfer.contracts.sender import TxSender
 from optinfer.errors import UserError
-from optinfer.prover import game as spec
 from optinfer.prover.provider import (
     Prepared,
     ProviderNode,
     ServedModel,
-    action_payload,
     claimed_output,
     serve_decision,
 )
 from optinfer.services import store as st
-from optinfer.services.chain import TxSender
 from optinfer.services.settings import load_settings
 from optinfer.services.statuses import RequestStatus
 from optinfer.services.store import RequestRecord, Store
@@ -84,15 +81,6 @@ def test_the_lie_changes_only_the_last_answer_token_and_only_when_asked():
     assert claimed_output([5, 9, 17], "last-token", 18, eos) == [5, 9, 0]  # max tokens, no EOS
     with pytest.raises(ValueError):
         claimed_output([1], "first-token", 18)
-
-
-def test_a_move_is_recorded_as_plain_json():
-    move = spec.RevealLeaf(k=3, tensor_root=b"\x01" * 32, dtype=7, shape=(1, 2),
-                           data_root=b"\x02" * 32, path=(b"\x03" * 32,))
-    payload = action_payload(move)
-    assert json.loads(json.dumps(payload)) == payload
-    assert payload == {"k": 3, "tensor_root": "0x" + "01" * 32, "dtype": 7, "shape": [1, 2],
-                       "data_root": "0x" + "02" * 32, "path": ["0x" + "03" * 32]}
 
 
 # ----------------------------------------------------------------------- in-process node

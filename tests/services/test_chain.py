@@ -1,10 +1,12 @@
 """The chain client on a real anvil: events delivered exactly once across restarts and
-crashes with confirmations, nonces and gas of the transaction sender, and retries against
-nodes that refuse, drop or never answer."""
+crashes with confirmations, nonces and gas of the transaction sender (``contracts/sender.py``,
+which the bindings' sends go through too), and retries against nodes that refuse, drop or
+never answer."""
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import socket
 import ssl
@@ -14,21 +16,20 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from hexbytes import HexBytes
 from web3 import Web3
 
-from optinfer.contracts.bindings import ContractRevert, send_transaction
+from optinfer.contracts.bindings import ContractRevert, padded_gas
 from optinfer.contracts.coordinator import InferenceCoordinator, RequestSpec
+from optinfer.contracts.sender import GAS_MARGIN, TxDropped, TxFailed, TxSender, sign_dynamic_fee
 from optinfer.errors import UserError
 from optinfer.services import store as st
 from optinfer.services.chain import (
     EventCursor,
     RetryPolicy,
     RpcUnavailable,
-    TxDropped,
-    TxSender,
     connect,
     request_record,
-    sign_dynamic_fee,
 )
 from optinfer.services.store import Store
 from tests.services.conftest import tiny_r1_spec
@@ -230,9 +231,8 @@ def test_stale_nonce_is_resynchronised_from_the_chain(chain, w3):
     account = chain.accounts[3]
     sender = TxSender(w3, account)
     sender.send({"to": chain.accounts[4].address, "value": 1})
-    # The same key sends behind the sender's back: its local count is now stale.
-    send_transaction(w3, {"to": chain.accounts[4].address, "value": 1, "gas": 21_000,
-                          "maxFeePerGas": 10**10, "maxPriorityFeePerGas": 1}, account)
+    # Another sender of the same key sends behind its back: its local count is now stale.
+    TxSender(w3, account).send({"to": chain.accounts[4].address, "value": 1})
     stale = sender.next_nonce
     receipt = sender.send({"to": chain.accounts[4].address, "value": 3})
     assert receipt["status"] == 1
@@ -245,10 +245,40 @@ def test_a_revert_is_decoded_and_sends_nothing(chain, w3, deployment):
     sender = TxSender(w3, chain.accounts[1])
     before = w3.eth.get_transaction_count(sender.address)
     with pytest.raises(ContractRevert) as raised:
-        sender.transact(coordinator.contract.functions.commitOutput(999, [1, 2]),
-                        artifact=coordinator.artifact)
+        sender.send(coordinator.commit_output_tx(999, [1, 2]), coordinator.artifact)
     assert raised.value.name is not None  # a named custom error of the coordinator
     assert w3.eth.get_transaction_count(sender.address) == before
+
+
+def test_a_bindings_send_goes_through_the_one_sender(chain, w3, deployment, monkeypatch):
+    """A binding builds the transaction (its calldata, encoded by eth_abi alone, is web3's
+    encoding of the same call) and its `<write>_send` hands it to TxSender: the gas limit is
+    the one rule on the node's estimate, and a transaction mined but failed raises TxFailed."""
+    coordinator = InferenceCoordinator(w3, deployment.address("InferenceCoordinator"))
+    web3_encoding = coordinator.contract.encode_abi  # web3's, with its argument checks
+    assert coordinator.tx("finalize", 7) == {
+        "to": coordinator.address, "value": 0,
+        "data": bytes(HexBytes(web3_encoding("finalize", [7])))}
+    consumer = chain.accounts[2]
+    spec = RequestSpec(model_id=tiny_r1_spec().model_id, prompt=[1, 6, 7], max_tokens=8,
+                       commit_deadline=w3.eth.get_block("latest")["timestamp"] + 3600)
+    tx = coordinator.post_request_tx(spec, FEE)
+    assert tx == {"to": coordinator.address, "value": FEE,
+                  "data": bytes(HexBytes(web3_encoding("postRequest", spec.as_args())))}
+    sent = []
+    real_send = TxSender.send
+    monkeypatch.setattr(TxSender, "send", lambda self, tx, artifact=None: sent.append(
+        (self.address, tx, artifact)) or real_send(self, tx, artifact))
+    estimate = w3.eth.estimate_gas({**tx, "from": consumer.address})
+    receipt = coordinator.post_request_send(spec, FEE, consumer)
+    assert sent == [(consumer.address, tx, coordinator.artifact)]
+    mined = w3.eth.get_transaction(receipt["transactionHash"])
+    assert mined["gas"] == padded_gas(estimate, math.ceil(estimate * GAS_MARGIN))
+    assert (mined["to"], mined["value"], bytes(mined["input"])) == (tx["to"], FEE, tx["data"])
+    # An estimate too low for the call: the transaction is mined, runs out of gas and fails.
+    monkeypatch.setattr(TxSender, "_estimate", lambda self, tx, artifact: 21_100)
+    with pytest.raises(TxFailed, match="failed in block"):
+        coordinator.withdraw_send(consumer)
 
 
 def test_lost_answer_to_a_send_does_not_send_twice(chain, w3):

@@ -293,6 +293,23 @@ def test_only_a_move_without_a_transaction_can_be_forgotten(store: Store):
         assert [m.kind for m in st.game_moves(conn, 7, Role.PROVIDER)] == ["PostRoot", "Timeout"]
 
 
+def test_the_journal_keeps_a_retried_move_and_rewrites_one_the_chain_no_longer_asks_for(
+        store: Store):
+    """``journal_move``: the same move at its position keeps its row and transaction (to be
+    waited for, or sent again); another move there (the recorded one never landed) replaces
+    it, without a transaction."""
+    root = MoveRecord(7, Role.PROVIDER, 0, Role.PROVIDER, "PostRoot", {"path": 3})
+    with store.transaction() as conn:
+        assert st.journal_move(conn, root) == root
+        st.set_move_transaction(conn, 7, Role.PROVIDER, 0, "0x" + "aa" * 32)
+        again = st.journal_move(conn, root)
+        assert (again.kind, again.tx_hash) == ("PostRoot", "0x" + "aa" * 32)
+        timeout = MoveRecord(7, Role.PROVIDER, 0, Role.PROVIDER, "Timeout", {})
+        assert st.journal_move(conn, timeout) == timeout
+        (row,) = st.game_moves(conn, 7, Role.PROVIDER)
+    assert (row.kind, row.payload, row.tx_hash, row.block_number) == ("Timeout", {}, None, None)
+
+
 def test_move_uniqueness_is_the_database_constraint(store: Store):
     # Even a plain INSERT that skips record_move's ON CONFLICT is refused.
     values = dict(game_id=7, player="provider", seq=0, actor="provider", kind="PostRoot",
