@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from optinfer.errors import UserError
-from optinfer.services.cli import (
+from optinfer.services.cli_app import (
     AsJson,
     ChatFormat,
     ConfigFile,

@@ -16,7 +16,7 @@ import psutil
 import typer
 
 from optinfer.errors import UserError
-from optinfer.services.cli import AsJson, ConfigFile, RpcUrl, app, contracts_app, emit, err, out
+from optinfer.services.cli_app import AsJson, ConfigFile, RpcUrl, app, contracts_app, emit, err, out
 from optinfer.services.settings import DEV_ACCOUNT_INDEX, load_settings
 
 chain_app = typer.Typer(no_args_is_help=True, help="A local development chain (anvil).")

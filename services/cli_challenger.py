@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 from optinfer.errors import UserError
-from optinfer.services.cli import (
+from optinfer.services.cli_app import (
     AsJson,
     ConfigFile,
     RpcUrl,

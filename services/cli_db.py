@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import typer
 
-from optinfer.services.cli import AsJson, ConfigFile, app, emit, out
+from optinfer.services.cli_app import AsJson, ConfigFile, app, emit, out
 from optinfer.services.settings import load_settings
 
 db_app = typer.Typer(no_args_is_help=True, help="The node database's schema.")

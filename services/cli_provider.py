@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from optinfer.errors import UserError
-from optinfer.services.cli import (
+from optinfer.services.cli_app import (
     GENERATION_CPUS_HELP,
     AsJson,
     ConfigFile,
@@ -50,7 +50,7 @@ def provider_run(
     config: ConfigFile = None,
 ) -> None:
     """Serve requests, commit answers and defend disputes until Ctrl-C (or SIGTERM)."""
-    from optinfer.prover.provider import ProviderNode, stop_on_signals
+    from optinfer.services.provider import ProviderNode, stop_on_signals
 
     log_to_stderr()
     settings = load_settings(config=config, rpc_url=rpc_url, provider_lie=lie,
@@ -79,8 +79,8 @@ def provider_withdraw(
 def withdraw_as(role: str, rpc_url: str | None, config: Path | None, as_json: bool) -> None:
     """Withdraw everything the coordinator and the game credited to `role`'s key (`provider`
     or `challenger`) and print what came from where."""
-    from optinfer.prover.provider import withdraw
     from optinfer.services.deployments import Deployments
+    from optinfer.services.provider import withdraw
 
     log_to_stderr()
     settings = load_settings(config=config, rpc_url=rpc_url)
@@ -113,7 +113,7 @@ def bench_provider(
     as_json: AsJson = True,
 ) -> None:
     """Honest-path overhead on a local anvil: serve-with-commit time / generation time."""
-    from optinfer.prover.bench import bench_provider as run
+    from optinfer.services.provider_bench import bench_provider as run
 
     if requests < 1 or max_tokens < 1 or rounds < 1:
         raise UserError("--requests, --rounds and --max-tokens must be >= 1")

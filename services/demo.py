@@ -147,7 +147,7 @@ class Demo:
         from optinfer.challenger.watchtower import Watchtower
         from optinfer.contracts.coordinator import InferenceCoordinator
         from optinfer.contracts.dispute_game import DisputeGame
-        from optinfer.prover.provider import ProviderNode
+        from optinfer.services.provider import ProviderNode
 
         liar_key = "0x" + bytes(self.chain.accounts[LIAR_ACCOUNT].key).hex()
         self.honest = ProviderNode.start(self.settings("provider"), register=True)

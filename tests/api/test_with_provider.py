@@ -12,8 +12,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from optinfer.contracts.registry import ModelRegistry
 from optinfer.models.runtime import IntegerModel
-from optinfer.prover.provider import ProviderNode
 from optinfer.services.deployments import DEMO_COORDINATOR_PARAMS, deploy_all
+from optinfer.services.provider import ProviderNode
 
 from .conftest import API_KEY, TINY_R1, tiny_r1_spec
 

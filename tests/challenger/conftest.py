@@ -30,8 +30,8 @@ from optinfer.contracts.registry import ModelRegistry, ModelSpec
 from optinfer.models.runtime import IntegerModel
 from optinfer.prover import game as spec
 from optinfer.prover.game import ModelTrace, Phase, Role
-from optinfer.prover.provider import claimed_output
 from optinfer.services.deployments import DEMO_COORDINATOR_PARAMS, DeployParams, deploy_all
+from optinfer.services.provider import claimed_output
 from tests.lies import changed
 from tests.services.conftest import drop_schema, postgres_schema_url
 

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from optinfer.prover.bench import overhead_interval
+from optinfer.services.provider_bench import overhead_interval
 
 from .conftest import optinfer
 

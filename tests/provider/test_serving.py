@@ -21,14 +21,14 @@ from optinfer.contracts.coordinator import ZERO_ADDRESS, QuestionAsker, RequestS
 from optinfer.contracts.registry import MAX_ONE_STEP_FAN_IN_BYTES
 from optinfer.contracts.sender import TxSender
 from optinfer.errors import UserError
-from optinfer.prover.provider import (
+from optinfer.services import store as st
+from optinfer.services.provider import (
     Prepared,
     ProviderNode,
     ServedModel,
     claimed_output,
     serve_decision,
 )
-from optinfer.services import store as st
 from optinfer.services.settings import load_settings
 from optinfer.services.statuses import RequestStatus
 from optinfer.services.store import RequestRecord, Store

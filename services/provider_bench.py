@@ -58,7 +58,7 @@ import numpy as np
 from optinfer.contracts.coordinator import InferenceCoordinator, RequestSpec
 from optinfer.models.bench import cpu_name
 from optinfer.models.generation import GenerationProcess, pin_this_thread, split_cpus
-from optinfer.prover.provider import ProviderNode
+from optinfer.services.provider import ProviderNode
 
 ROUNDS = 2
 
