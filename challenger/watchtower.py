@@ -68,7 +68,7 @@ class LocalModel:
 
     def __init__(self, model_dir: Path, threads: int = 1):
         from optinfer.models.runtime import IntegerModel
-        from optinfer.prover.one_step import CommittedModel
+        from optinfer.prover.one_step_prover import CommittedModel
 
         self.model = IntegerModel(model_dir, threads=threads)
         try:

@@ -24,7 +24,9 @@ from optinfer.contracts.artifacts import load_artifact
 from optinfer.contracts.bindings import BoundContract, reverts_decoded
 from optinfer.contracts.sender import TxSender
 from optinfer.prover.commitments import RangeProof
-from optinfer.prover.one_step import COLUMNS, OneStepProver, OpenedRange, OpenedTensor, Witness
+from optinfer.prover.one_step import OpenedRange, OpenedTensor, Witness
+from optinfer.prover.one_step_element import COLUMNS
+from optinfer.prover.one_step_prover import OneStepProver
 
 CONTRACT_NAME = "OneStepVerifier"
 #: The external library OneStepVerifier's bytecode links, by its fully qualified name.

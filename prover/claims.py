@@ -29,13 +29,13 @@ import numpy as np
 from optinfer.models import opset
 from optinfer.models.manifest import INPUT_LEAF
 from optinfer.prover import commitments
-from optinfer.prover.one_step import (
-    CommittedModel,
+from optinfer.prover.one_step_element import (
     StepNode,
     element_from_inputs,
     output_signature,
     parse_node_description,
 )
+from optinfer.prover.one_step_prover import CommittedModel
 
 
 @dataclass(frozen=True)

@@ -35,14 +35,8 @@ import numpy as np
 from optinfer.prover import commitments
 from optinfer.prover.claims import Refusal, claim_tensors
 from optinfer.prover.commitments import LEAF_BYTES, ProofError, TensorTree
-from optinfer.prover.one_step import (
-    CommittedModel,
-    OneStepProver,
-    TraceCommitment,
-    Witness,
-    WrongClaim,
-    check_witness,
-)
+from optinfer.prover.one_step import Witness, WrongClaim, check_witness
+from optinfer.prover.one_step_prover import CommittedModel, OneStepProver, TraceCommitment
 
 DEFAULT_FAN_OUT_BITS = 4
 """A descent step reveals ``2**4 = 16`` children: 16 hashes of calldata per round, a quarter of
@@ -556,7 +550,7 @@ class Trace(Protocol):
 
 class ModelTrace:
     """A `Trace` over a converted model's verification trace (`IntegerModel.trace`), reusing
-    `prover.one_step`'s `TraceCommitment` (every root once) and `OneStepProver`."""
+    `prover.one_step_prover`'s `TraceCommitment` (every root once) and `OneStepProver`."""
 
     def __init__(self, committed: CommittedModel, commitment: TraceCommitment,
                  refusal: Refusal | None = None) -> None:

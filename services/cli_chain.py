@@ -1,4 +1,5 @@
-"""``optinfer chain up`` and ``optinfer contracts deploy``: a local chain and the contracts on it.
+"""``optinfer chain up``, ``optinfer contracts deploy`` and ``optinfer bench rpc``: a local chain,
+the contracts on it, and what one JSON-RPC call costs the nodes' client.
 
 Registered on the apps of ``services/cli.py`` when that module imports this one.
 """
@@ -16,7 +17,17 @@ import psutil
 import typer
 
 from optinfer.errors import UserError
-from optinfer.services.cli_app import AsJson, ConfigFile, RpcUrl, app, contracts_app, emit, err, out
+from optinfer.services.cli_app import (
+    AsJson,
+    ConfigFile,
+    RpcUrl,
+    app,
+    bench_app,
+    contracts_app,
+    emit,
+    err,
+    out,
+)
 from optinfer.services.settings import DEV_ACCOUNT_INDEX, load_settings
 
 chain_app = typer.Typer(no_args_is_help=True, help="A local development chain (anvil).")
@@ -125,3 +136,18 @@ def contracts_deploy(
     emit({"file": str(path), **deployments.to_json()}, as_json,
          lambda d: out.print(f"wrote {d['file']}: {', '.join(d['contracts'])}",
                              highlight=False, soft_wrap=True))
+
+
+@bench_app.command("rpc")
+def bench_rpc(
+    calls: Annotated[int, typer.Option("--calls", help="Calls of each method a round.")] = 1000,
+    rounds: Annotated[int, typer.Option("--rounds", help="Alternating rounds.")] = 5,
+    as_json: AsJson = True,
+) -> None:
+    """One JSON-RPC call's wall and CPU time: optinfer's client against web3's, on anvil."""
+    from optinfer.services.rpc_bench import bench_rpc as run
+
+    if calls < 1 or rounds < 1:
+        raise UserError("--calls and --rounds must be >= 1")
+    emit(run(calls=calls, rounds=rounds, log=err.print), as_json,
+         lambda d: out.print_json(data=d))

@@ -7,7 +7,7 @@ import numpy as np
 
 from optinfer.prover.claims import claim_sequence
 from optinfer.prover.game import ModelTrace
-from optinfer.prover.one_step import TraceCommitment
+from optinfer.prover.one_step_prover import TraceCommitment
 
 
 def oov_liar(model, honest: ModelTrace, prompt: list[int], output: list[int], *,

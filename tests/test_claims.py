@@ -28,7 +28,8 @@ from optinfer.prover.game import (
     one_step_verifier,
     open_game,
 )
-from optinfer.prover.one_step import CommittedModel, WrongClaim, check_witness
+from optinfer.prover.one_step import WrongClaim, check_witness
+from optinfer.prover.one_step_prover import CommittedModel
 from tests.claim_lies import final_liar, oov_liar
 from tests.profiles import examples
 

@@ -23,7 +23,8 @@ from optinfer.models.converter import convert
 from optinfer.models.graph_builder import GraphBuilder, RangeError, split_signed_planes
 from optinfer.models.qwen2_graph import FINE_ACT_ZERO_POINT, FINE_QUERY_ZERO_POINT
 from optinfer.models.runtime import IntegerModel
-from optinfer.prover.one_step import CommittedModel, OneStepProver, TraceCommitment, WrongClaim
+from optinfer.prover.one_step import WrongClaim
+from optinfer.prover.one_step_prover import CommittedModel, OneStepProver, TraceCommitment
 
 from .conftest import TINY_CONTEXT
 from .test_linear16 import _run, check_kv_cache, check_long_runs, check_reference_on_every_node

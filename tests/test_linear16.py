@@ -23,7 +23,8 @@ from optinfer.models.converter import convert, quantize
 from optinfer.models.graph_builder import GraphBuilder, RangeError, Tensor
 from optinfer.models.qwen2_graph import FINE_RESIDUAL_BITS
 from optinfer.models.runtime import IntegerModel, session_options
-from optinfer.prover.one_step import CommittedModel, OneStepProver, TraceCommitment, WrongClaim
+from optinfer.prover.one_step import WrongClaim
+from optinfer.prover.one_step_prover import CommittedModel, OneStepProver, TraceCommitment
 
 from .conftest import TINY_CONTEXT
 

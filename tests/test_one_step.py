@@ -24,20 +24,22 @@ from optinfer.models.qwen2_graph import argmax_chunk
 from optinfer.models.runtime import IntegerModel
 from optinfer.models.tiny_r1 import INTEGER_DIR, held_out_problems
 from optinfer.prover.commitments import ProofError, RangeProof, dtype_code
-from optinfer.prover.one_step import (
+from optinfer.prover.one_step import WrongClaim
+from optinfer.prover.one_step_element import (
     COLUMNS,
-    CommittedModel,
-    OneStepProver,
     Opening,
     TensorRef,
-    TraceCommitment,
-    WrongClaim,
     element_dependencies,
     element_from_inputs,
     expected_output,
-    one_step_witness,
     parameter_values,
     parse_node_description,
+)
+from optinfer.prover.one_step_prover import (
+    CommittedModel,
+    OneStepProver,
+    TraceCommitment,
+    one_step_witness,
 )
 from tests.profiles import examples
 

@@ -39,14 +39,8 @@ from optinfer.models.tiny_r1 import INTEGER_DIR, held_out_problems
 from optinfer.prover import commitments
 from optinfer.prover.commitments import STATE_DEPTH, ZERO_HASHES, ProofError, TensorTree
 from optinfer.prover.game import ModelTrace
-from optinfer.prover.one_step import (
-    CommittedModel,
-    OneStepProver,
-    TraceCommitment,
-    Witness,
-    WrongClaim,
-    check_witness,
-)
+from optinfer.prover.one_step import Witness, WrongClaim, check_witness
+from optinfer.prover.one_step_prover import CommittedModel, OneStepProver, TraceCommitment
 from tests.profiles import examples
 
 #: The one-step budget at the R1-Distill-1.5B shape (issue 17's per-op cap; docs/performance.md).

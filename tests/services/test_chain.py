@@ -418,3 +418,17 @@ def test_a_url_that_is_not_http_is_refused_with_its_name():
 def test_retry_delays_double_up_to_the_cap():
     policy = RetryPolicy(attempts=6, initial_delay=0.5, max_delay=3)
     assert list(policy.delays()) == [0.5, 1.0, 2.0, 3, 3]
+
+
+def test_the_rpc_benchmark_measures_both_clients_on_every_method():
+    """`optinfer bench rpc`'s machinery on a few calls (no timing asserted): every method is
+    measured for both clients and the ratio is theirs."""
+    from optinfer.services.rpc_bench import METHODS, bench_rpc
+
+    report = bench_rpc(calls=5, rounds=1)
+    assert set(report["methods"]) == {method for method, _ in METHODS}
+    for row in report["methods"].values():
+        for client in ("optinfer", "web3"):
+            assert row[f"{client}_wall_ms"] > 0 and row[f"{client}_cpu_ms"] >= 0
+        if row["optinfer_cpu_ms"]:
+            assert row["web3_over_optinfer_cpu"] == row["web3_cpu_ms"] / row["optinfer_cpu_ms"]

@@ -13,7 +13,7 @@ import {
 
 /// @title NodeDescription
 /// @notice Parses a node description (docs/protocol.md, "Nodes"), as
-///         `optinfer.prover.one_step.parse_node_description` does:
+///         `optinfer.prover.one_step_element.parse_node_description` does:
 ///
 ///             uint16 op_code || uint8 n_inputs || n_inputs x (uint8 kind || uint32 index)
 ///               || uint8 n_attributes || per attribute, codes increasing:

@@ -6,8 +6,8 @@ import {NodeDescription} from "./NodeDescription.sol";
 
 /// @title OneStepShapes
 /// @notice Index arithmetic of the one-step: the dtype and shape a node must output
-///         (`expected_output` in optinfer.prover.one_step), Slice's clamped windows, reduced
-///         axes, C-order ravel/unravel and numpy broadcasting.
+///         (`expected_output` in optinfer.prover.one_step_element), Slice's clamped windows,
+///         reduced axes, C-order ravel/unravel and numpy broadcasting.
 /// @dev    Where the op set refuses the inputs (an OpSemanticsError in the reference, which also
 ///         turns an out-of-range axis into one) the functions return `ok = false` instead of
 ///         reverting: a refusal on the agreed inputs makes the provider lose, it is not a
