@@ -1,11 +1,11 @@
 """``optinfer bench rpc``: what one JSON-RPC call costs the node's client, optinfer's
 :class:`~optinfer.services.chain.RetryingHTTPProvider` against web3's own ``HTTPProvider``
-(with its retries on), on a fresh local anvil.
+(its default configuration, which retries too), on a fresh local anvil.
 
 Why it is measured: the services keep a provider of their own (one kept-alive http.client
-connection a thread, TCP_NODELAY, retries on 429/5xx as well as on dropped connections) where
-web3 7 ships one that retries by itself. It stays only while it pays: a provider's commit
-makes three calls and its CPU is taken beside generation. Each method is called ``calls``
+connection a thread, TCP_NODELAY, retries under the settings' policy) where web3 7 ships one
+that retries by itself. It stays only while it pays: a provider's commit makes three calls
+and its CPU is taken beside generation. Each method is called ``calls``
 times in ``rounds`` alternating rounds; the report gives the median wall and process CPU
 milliseconds a call for each client, and the ratio.
 """
@@ -19,10 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from requests.exceptions import ConnectionError as RequestsConnectionError
-from requests.exceptions import Timeout
 from web3 import HTTPProvider, Web3
-from web3.providers.rpc.utils import ExceptionRetryConfiguration
 
 from optinfer.contracts.localchain import start_anvil
 from optinfer.services.chain import connect
@@ -54,8 +51,7 @@ def bench_rpc(calls: int = 1000, rounds: int = 5,
     with start_anvil() as chain:
         clients = {
             "optinfer": connect(chain.url),
-            "web3": Web3(HTTPProvider(chain.url, exception_retry_configuration=(
-                ExceptionRetryConfiguration(errors=(RequestsConnectionError, Timeout))))),
+            "web3": Web3(HTTPProvider(chain.url)),
         }
         for w3 in clients.values():  # connections open, caches warm
             _per_call(w3, "eth_blockNumber", [], 100)

@@ -33,6 +33,11 @@ class RpcProxy:
                 if fault == "refuse":
                     self.close_connection = True
                     return
+                if fault in ("throttle", "busy"):  # as a hosted endpoint under load answers
+                    self.send_response(429 if fault == "throttle" else 503)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 time.sleep(proxy._delays.get(method, 0.0))
                 request = urllib.request.Request(
                     proxy.upstream, data=body, headers={"Content-Type": "application/json"})
@@ -57,9 +62,10 @@ class RpcProxy:
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
 
     def fail(self, method: str, how: str, times: int = 1) -> None:
-        """The next `times` `method` requests: ``refuse`` (never forwarded) or ``lose``
-        (forwarded, answer dropped)."""
-        assert how in ("refuse", "lose")
+        """The next `times` `method` requests: ``refuse`` (never forwarded), ``lose``
+        (forwarded, answer dropped), ``throttle`` or ``busy`` (never forwarded, answered HTTP
+        429 or 503)."""
+        assert how in ("refuse", "lose", "throttle", "busy")
         with self._lock:
             self._faults.setdefault(method, []).extend([how] * times)
 

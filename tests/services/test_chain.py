@@ -338,6 +338,17 @@ def test_dropped_connections_are_retried_until_the_node_answers(chain):
             w3.eth.chain_id  # noqa: B018
 
 
+def test_throttled_and_busy_answers_are_retried(chain):
+    """HTTP 429 and 503 (a hosted endpoint under load) are retried like a dropped connection,
+    and never reach the node twice."""
+    with RpcProxy(chain.url) as proxy:
+        proxy.fail("eth_chainId", "throttle")
+        proxy.fail("eth_chainId", "busy")
+        w3 = connect(proxy.url, RetryPolicy(attempts=3, initial_delay=0.01))
+        assert w3.eth.chain_id == chain.chain_id
+        assert (proxy.seen["eth_chainId"], proxy.forwarded["eth_chainId"]) == (3, 1)
+
+
 class _ClosingNode(BaseHTTPRequestHandler):
     """Answers eth_blockNumber over HTTP/1.1, then closes the connection without a
     ``Connection: close`` header (as a node does when its keep-alive timeout fires); records the
