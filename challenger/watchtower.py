@@ -46,8 +46,8 @@ from optinfer.prover import claims
 from optinfer.prover import game as spec
 from optinfer.prover.game import ModelTrace, Role
 from optinfer.services import store as st
-from optinfer.services.chain import EventCursor, claim_record, request_record
 from optinfer.services.deployments import Deployments
+from optinfer.services.events import EventCursor, claim_record, request_record
 from optinfer.services.responder import GameResponder, Turn, describe
 from optinfer.services.statuses import ChallengeStatus, GameStatus
 from optinfer.services.store import GameRecord, Store

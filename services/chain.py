@@ -1,15 +1,10 @@
-"""The chain client of the services: a retrying JSON-RPC connection and event polling with a
-cursor kept in the database. (Transactions go through the one sender,
-:class:`optinfer.contracts.sender.TxSender`, which numbers its own nonces.)
+"""The services' connection to the chain: :func:`connect` builds a Web3 whose every JSON-RPC
+request is retried with exponential back-off when the node drops the connection, times out or
+answers 429/5xx, and fails with :class:`RpcUnavailable` after the configured attempts. An
+answer, even an error, is never retried: a revert is final.
 
-* :func:`connect` builds a Web3 whose every JSON-RPC request is retried with exponential
-  back-off when the node drops the connection, times out or answers 429/5xx, and fails with
-  :class:`RpcUnavailable` after the configured attempts. An answer, even an error, is never
-  retried: a revert is final.
-* :class:`EventCursor` hands each confirmed event to a handler exactly once: events up to
-  ``head - confirmations`` are fetched in block ranges, and the handler's writes and the
-  cursor's move past the range commit in one transaction. A crash before the commit replays
-  the range; nothing after it does.
+Events are read by ``services/events.py`` (a cursor kept in the database); transactions go
+through the one sender, :class:`optinfer.contracts.sender.TxSender`.
 """
 
 from __future__ import annotations
@@ -23,20 +18,15 @@ import socket
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from eth_typing import ChecksumAddress
-from eth_utils import event_abi_to_log_topic
-from sqlalchemy.engine import Connection
 from web3 import Web3
-from web3.contract import Contract
 from web3.providers.base import JSONBaseProvider
 from web3.types import RPCEndpoint, RPCResponse
 
 from optinfer.errors import UserError
-from optinfer.services.store import ClaimRecord, RequestRecord, Store, lock_cursor, set_cursor
 
 log = logging.getLogger(__name__)
 
@@ -211,152 +201,3 @@ def connect(url: str, policy: RetryPolicy | None = None, timeout: float = 30.0) 
 def connect_settings(settings) -> Web3:
     """:func:`connect` with the RPC URL, retry policy and timeout of `settings`."""
     return connect(settings.rpc_url, RetryPolicy.from_settings(settings), settings.request_timeout)
-
-
-# ------------------------------------------------------------------------------- events
-
-
-@dataclass(frozen=True)
-class ChainEvent:
-    """One decoded event log."""
-
-    name: str
-    address: ChecksumAddress
-    args: dict[str, Any]
-    block_number: int
-    log_index: int
-    tx_hash: str  # 0x-prefixed
-
-
-Handler = Callable[[Connection, ChainEvent], None]
-
-
-class EventCursor:
-    """Delivers the events of `contracts` (all their events, or those named in `events`) to a
-    handler, each exactly once, in chain order, once `confirmations` blocks cover them.
-
-    The cursor `name` (the last block fully handled) lives in `store`; a new EventCursor on the
-    same store and name resumes after it. Blocks before `start_block` (the deployment block,
-    say) are never read. One range of at most `max_block_range` blocks is one transaction:
-    the handler's writes and the cursor's move commit together or not at all.
-
-    Confirmations are the only defence against reorganisations: an event is delivered once
-    it is `confirmations` deep and never taken back.
-    """
-
-    def __init__(
-        self, w3: Web3, store: Store, name: str, contracts: Sequence[Contract], *,
-        events: Sequence[str] | None = None, start_block: int = 0, confirmations: int = 0,
-        max_block_range: int = 2000,
-    ):
-        if confirmations < 0 or max_block_range < 1 or start_block < 0:
-            raise ValueError("confirmations >= 0, max_block_range >= 1, start_block >= 0")
-        self.w3 = w3
-        self.store = store
-        self.name = name
-        self.start_block = start_block
-        self.confirmations = confirmations
-        self.max_block_range = max_block_range
-        self._decoders: dict[tuple[str, bytes], Any] = {}
-        for contract in contracts:
-            for entry in contract.abi:
-                if entry["type"] != "event" or (events is not None and entry["name"] not in events):
-                    continue
-                topic = bytes(event_abi_to_log_topic(entry))
-                self._decoders[(contract.address, topic)] = getattr(contract.events, entry["name"])
-        if not self._decoders:
-            raise ValueError(f"cursor {name!r}: the contracts have none of the events {events}")
-        self._addresses = sorted({address for address, _ in self._decoders})
-        self._topics = sorted({"0x" + topic.hex() for _, topic in self._decoders})
-
-    def safe_head(self) -> int:
-        """The newest block buried under `confirmations` blocks (-1 when there is none yet)."""
-        return self.w3.eth.block_number - self.confirmations
-
-    def fetch(self, from_block: int, to_block: int) -> list[ChainEvent]:
-        """The watched events in blocks [from_block, to_block], in chain order."""
-        logs = self.w3.eth.get_logs({
-            "fromBlock": from_block, "toBlock": to_block, "address": self._addresses,
-            "topics": [self._topics],
-        })
-        events = []
-        for entry in logs:
-            address = Web3.to_checksum_address(entry["address"])
-            decoder = self._decoders.get((address, bytes(entry["topics"][0])))
-            if decoder is None:
-                continue
-            decoded = decoder().process_log(entry)
-            events.append(ChainEvent(
-                name=decoded["event"], address=address, args=dict(decoded["args"]),
-                block_number=entry["blockNumber"], log_index=entry["logIndex"],
-                tx_hash="0x" + bytes(entry["transactionHash"]).hex(),
-            ))
-        events.sort(key=lambda event: (event.block_number, event.log_index))
-        return events
-
-    def poll(self, handle: Handler) -> int:
-        """Hand every confirmed, not yet handled event to `handle(conn, event)`; return how
-        many were handled. An exception from `handle` rolls back its range and propagates
-        (the range is delivered again on the next poll)."""
-        handled = 0
-        head = self.safe_head()
-        while True:
-            with self.store.transaction() as conn:
-                last = lock_cursor(conn, self.name, self.start_block - 1)
-            first = last + 1
-            if first > head:
-                return handled
-            last_in_range = min(head, first + self.max_block_range - 1)
-            # Fetched outside the transaction: no database lock is held while the node answers.
-            events = self.fetch(first, last_in_range)
-            with self.store.transaction() as conn:
-                # The lock makes another process polling the same cursor wait for this
-                # transaction; if one moved it meanwhile, start over from where it stopped.
-                if lock_cursor(conn, self.name, self.start_block - 1) != last:
-                    continue
-                for event in events:
-                    handle(conn, event)
-                set_cursor(conn, self.name, last_in_range)
-            handled += len(events)
-
-    def run(self, handle: Handler, stop: threading.Event, poll_interval: float) -> None:
-        """Poll every `poll_interval` seconds until `stop` is set. An unreachable node is
-        logged and waited out; a handler's exception ends the loop."""
-        while not stop.is_set():
-            try:
-                self.poll(handle)
-            except RpcUnavailable as err:
-                log.error("cursor %s: %s", self.name, err)
-            stop.wait(poll_interval)
-
-
-def request_record(event: ChainEvent) -> RequestRecord:
-    """The store's record of a ``RequestPosted`` event."""
-    args = event.args
-    return RequestRecord(
-        request_id=args["requestId"],
-        consumer=args["consumer"],
-        model_id="0x" + bytes(args["modelId"]).hex(),
-        prompt=list(args["prompt"]),
-        max_tokens=args["maxTokens"],
-        fee=args["fee"],
-        callback=args["callback"],
-        callback_gas_limit=args["callbackGasLimit"],
-        named_provider=args["namedProvider"],
-        commit_deadline=args["commitDeadline"],
-        block_number=event.block_number,
-        tx_hash=event.tx_hash,
-    )
-
-
-def claim_record(event: ChainEvent) -> ClaimRecord:
-    """The store's record of an ``OutputCommitted`` event."""
-    args = event.args
-    return ClaimRecord(
-        request_id=args["requestId"],
-        provider=args["provider"],
-        output=list(args["output"]),
-        challenge_deadline=args["challengeDeadline"],
-        block_number=event.block_number,
-        tx_hash=event.tx_hash,
-    )

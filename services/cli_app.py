@@ -1,5 +1,6 @@
 """What every `optinfer` command module shares: the Typer apps, the consoles, the common
-options, and the helpers that print results and progress.
+options, the helpers that print results and progress, stop on signals, and withdraw for a
+role.
 
 ``services/cli.py`` holds ``main`` and the model, bench and demo commands; ``cli_*.py`` each add
 one group of commands to these apps. All of them import this module, none of them each other,
@@ -10,7 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
@@ -109,3 +113,34 @@ def log_to_stderr() -> None:
                         format="%(asctime)s %(levelname)s %(message)s")
     for noisy in ("web3", "urllib3", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[threading.Event]:
+    """An event set by SIGINT or SIGTERM (a clean stop between two steps)."""
+    stop = threading.Event()
+    previous = {signum: signal.signal(signum, lambda *_: stop.set())
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def withdraw_as(role: str, rpc_url: str | None, config: Path | None, as_json: bool) -> None:
+    """Withdraw everything the coordinator and the game credited to `role`'s key (`provider`
+    or `challenger`) and print what came from where."""
+    from optinfer.services.deployments import Deployments
+    from optinfer.services.payouts import withdraw
+    from optinfer.services.settings import load_settings
+
+    log_to_stderr()
+    settings = load_settings(config=config, rpc_url=rpc_url)
+    w3, deployments = Deployments.on_chain(settings)
+    account = settings.signer(role, deployments.chain_id)
+    withdrawn = withdraw(w3, deployments, account)
+    emit({role: account.address, "withdrawn_wei": withdrawn}, as_json,
+         lambda d: out.print(", ".join(f"{amount} wei from the {name}"
+                                       for name, amount in d["withdrawn_wei"].items()),
+                             highlight=False, soft_wrap=True))

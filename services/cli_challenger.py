@@ -24,6 +24,7 @@ from optinfer.services.cli_app import (
     emit,
     log_to_stderr,
     out,
+    withdraw_as,
 )
 from optinfer.services.settings import load_settings
 
@@ -93,7 +94,6 @@ def challenger_withdraw(
     as_json: AsJson = False,
 ) -> None:
     """Withdraw the slash shares the coordinator credited and the bonds the game returned."""
-    from optinfer.services.cli_provider import withdraw_as
 
     withdraw_as("challenger", rpc_url, config, as_json)
 

@@ -25,6 +25,8 @@ from optinfer.services.cli_app import (
     emit,
     log_to_stderr,
     out,
+    stop_on_signals,
+    withdraw_as,
 )
 from optinfer.services.settings import load_settings
 
@@ -50,7 +52,7 @@ def provider_run(
     config: ConfigFile = None,
 ) -> None:
     """Serve requests, commit answers and defend disputes until Ctrl-C (or SIGTERM)."""
-    from optinfer.services.provider import ProviderNode, stop_on_signals
+    from optinfer.services.provider import ProviderNode
 
     log_to_stderr()
     settings = load_settings(config=config, rpc_url=rpc_url, provider_lie=lie,
@@ -74,23 +76,6 @@ def provider_withdraw(
 ) -> None:
     """Withdraw the fees credited by the coordinator and the bonds won in disputes."""
     withdraw_as("provider", rpc_url, config, as_json)
-
-
-def withdraw_as(role: str, rpc_url: str | None, config: Path | None, as_json: bool) -> None:
-    """Withdraw everything the coordinator and the game credited to `role`'s key (`provider`
-    or `challenger`) and print what came from where."""
-    from optinfer.services.deployments import Deployments
-    from optinfer.services.provider import withdraw
-
-    log_to_stderr()
-    settings = load_settings(config=config, rpc_url=rpc_url)
-    w3, deployments = Deployments.on_chain(settings)
-    account = settings.signer(role, deployments.chain_id)
-    withdrawn = withdraw(w3, deployments, account)
-    emit({role: account.address, "withdrawn_wei": withdrawn}, as_json,
-         lambda d: out.print(", ".join(f"{amount} wei from the {name}"
-                                       for name, amount in d["withdrawn_wei"].items()),
-                             highlight=False, soft_wrap=True))
 
 
 @bench_app.command("provider")

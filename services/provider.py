@@ -25,7 +25,7 @@ the chain, plays the games and finalizes claims, so a long generation never make
   recomputed.
 * Finalizing: a claim past its challenge window with no open dispute is finalized by the
   node itself (the fee is credited on finalization; all finalizes due are sent, then waited
-  for together); `withdraw` collects fees and bonds.
+  for together); ``services/payouts.py`` collects fees and bonds.
 
 ``lie="last-token"`` is for demonstrations only: the node commits its answer with the last
 token before EOS changed and defends with the matching dishonest trace, and so loses its
@@ -41,7 +41,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,14 +66,15 @@ from optinfer.models.generation import (
 from optinfer.prover import game as spec
 from optinfer.prover.game import ModelTrace, Phase, Role
 from optinfer.services import store as st
-from optinfer.services.chain import (
+from optinfer.services.chain import RpcUnavailable
+from optinfer.services.deployments import Deployments
+from optinfer.services.events import (
     ChainEvent,
     EventCursor,
-    RpcUnavailable,
+    chain_event,
     claim_record,
     request_record,
 )
-from optinfer.services.deployments import Deployments
 from optinfer.services.responder import GameResponder, SentMove
 from optinfer.services.statuses import ClaimStatus, GameStatus, RequestStatus
 from optinfer.services.store import RequestRecord, Store
@@ -499,7 +499,7 @@ class ProviderNode:
             return None
         commit_s = time.perf_counter() - started
         (event,) = self.coordinator.receipt_events(receipt, "OutputCommitted")
-        self._record_claim(_chain_event(event))
+        self._record_claim(chain_event(event))
         served = Served(request_id, len(prepared.output), prepared.generate_s, commit_s,
                         time.perf_counter() - prepared.started, "0x" + bytes(tx_hash).hex())
         log.info("served request %d: %d tokens in %.2f s, committed in tx %s (block %d)",
@@ -549,7 +549,7 @@ class ProviderNode:
                 argument_filters={"requestId": request_id},
                 from_block=self.deployments.block_number)
             if logs:
-                event = _chain_event(logs[0])
+                event = chain_event(logs[0])
                 self._record_claim(event)
                 log.info("request %d: already committed by this node in tx %s; recorded",
                          request_id, event.tx_hash)
@@ -691,93 +691,3 @@ class ProviderNode:
                      callback)
         elif changed:
             log.info("request %d: claim rejected on chain", request_id)
-
-
-# ----------------------------------------------------------------------------- withdraw
-
-
-def collect_reserves(w3: Web3, deployments: Deployments, account: LocalAccount,
-                     sender: TxSender | None = None) -> dict[str, list[int]]:
-    """Settle what rejected claims' reward reserves owe `account`, as far as they can be now
-    (docs/protocol.md, "Challenger rewards"): as a challenger, claim its share of every reserve
-    it won a shortfall from (``ChallengerRewarded`` with a shortfall, still unclaimed); as a
-    provider, settle the reserve of each of its slashed claims, which frees the part no winner
-    is owed. A reserve whose claim's window is still open, or has a game open, is left for a
-    later call. Returns the request ids claimed from and settled."""
-    coordinator = InferenceCoordinator(w3, deployments.address("InferenceCoordinator"))
-    events = coordinator.contract.events
-    sender = sender or TxSender(w3, account)
-    done: dict[str, list[int]] = {"claimed": [], "settled": []}
-    rewarded = events.ChallengerRewarded.get_logs(
-        argument_filters={"challenger": account.address}, from_block=deployments.block_number)
-    for request_id in sorted({e["args"]["requestId"] for e in rewarded
-                              if e["args"]["shortfall"]}):
-        if coordinator.shortfall_of(request_id, account.address) and _succeeds(
-                coordinator.claim_reserve_share_call, request_id, account.address,
-                account.address):
-            sender.send(coordinator.claim_reserve_share_tx(request_id, account.address),
-                        coordinator.artifact)
-            done["claimed"].append(request_id)
-    slashed = events.Slashed.get_logs(argument_filters={"provider": account.address},
-                                      from_block=deployments.block_number)
-    for request_id in sorted({e["args"]["requestId"] for e in slashed}):
-        if not coordinator.reserve(request_id).settled and _succeeds(
-                coordinator.settle_reserve_call, request_id, account.address):
-            sender.send(coordinator.settle_reserve_tx(request_id), coordinator.artifact)
-            done["settled"].append(request_id)
-    for kind, ids in done.items():
-        if ids:
-            log.info("reserves %s: requests %s", kind, ", ".join(map(str, ids)))
-    return done
-
-
-def _succeeds(dry_run: Callable[..., Any], *args: Any) -> bool:
-    """Whether ``dry_run(*args)`` goes through (a ContractRevert says it would not, yet)."""
-    try:
-        dry_run(*args)
-    except ContractRevert:
-        return False
-    return True
-
-
-def withdraw(w3: Web3, deployments: Deployments, account: LocalAccount) -> dict[str, int]:
-    """Send `account` its fees and stake credited by the coordinator and the bonds it won in
-    the dispute game, after collecting what reward reserves owe it (`collect_reserves`); the
-    wei withdrawn from each (0 when there was nothing)."""
-    sender = TxSender(w3, account)
-    collect_reserves(w3, deployments, account, sender)
-    withdrawn = {}
-    for name, binding in (("InferenceCoordinator", InferenceCoordinator),
-                          ("DisputeGame", DisputeGame)):
-        contract = binding(w3, deployments.address(name))
-        amount = contract.balance_of(account.address)
-        if amount:
-            receipt = sender.send(contract.withdraw_tx(), contract.artifact)
-            log.info("withdrew %d wei from the %s in tx %s", amount, name,
-                     receipt["transactionHash"].to_0x_hex())
-        withdrawn[name] = amount
-    return withdrawn
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def _chain_event(event) -> ChainEvent:
-    """A web3 decoded event (from a receipt or get_logs) as the cursor's ChainEvent."""
-    return ChainEvent(name=event["event"], address=Web3.to_checksum_address(event["address"]),
-                      args=dict(event["args"]), block_number=event["blockNumber"],
-                      log_index=event["logIndex"],
-                      tx_hash="0x" + bytes(event["transactionHash"]).hex())
-
-
-@contextmanager
-def stop_on_signals() -> Iterator[threading.Event]:
-    """An event set by SIGINT or SIGTERM (a clean stop between two steps)."""
-    stop = threading.Event()
-    previous = {signum: signal.signal(signum, lambda *_: stop.set())
-                for signum in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)

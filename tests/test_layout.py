@@ -15,7 +15,8 @@ FOLDERS = {"optinfer_root": "optinfer", "models": "optinfer.models",
            "services": "optinfer.services", "challenger": "optinfer.challenger"}
 
 EDGES = {f"optinfer.services.{name}" for name in (
-    "store", "chain", "settings", "statuses", "deployments", "responder", "metrics")}
+    "store", "chain", "events", "settings", "statuses", "deployments", "responder", "payouts",
+    "metrics")}
 """The services the nodes are built on: chain, database, configuration, the shared responder."""
 TOP = ("optinfer.services.cli", "optinfer.services.api", "optinfer.services.demo")
 """Modules that start nodes (the CLI, the API, the demo): nothing below them imports them."""

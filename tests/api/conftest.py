@@ -10,8 +10,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from optinfer.contracts.coordinator import InferenceCoordinator
-from optinfer.services.chain import EventCursor, claim_record, request_record
 from optinfer.services.deployments import Deployments
+from optinfer.services.events import EventCursor, claim_record, request_record
 from optinfer.services.settings import Settings, load_settings
 from optinfer.services.statuses import RequestStatus
 from optinfer.services.store import Store, record_claim, set_request_status, upsert_request

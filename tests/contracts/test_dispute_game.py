@@ -477,7 +477,7 @@ def test_withdraw_collects_reserve_shares_and_settles_the_liars_reserves_point6(
     operator to find: the watchtower's share is claimed and paid out with its bond, and the
     slashed provider's reserve is settled (the part no winner is owed unlocked)."""
     from optinfer.services.deployments import Deployments
-    from optinfer.services.provider import collect_reserves, withdraw
+    from optinfer.services.payouts import collect_reserves, withdraw
 
     deployments = Deployments(chain_id=stack.w3.eth.chain_id, block_number=0, contracts={
         "InferenceCoordinator": stack.coordinator.address, "DisputeGame": stack.game.address})
@@ -507,7 +507,7 @@ def test_a_providers_withdraw_settles_a_reserve_no_winner_is_owed_point6(stack):
     """A lost game whose reward was fully locked leaves the claim's reserve owed to nobody:
     the provider's `collect_reserves` settles it and its stake is unlocked."""
     from optinfer.services.deployments import Deployments
-    from optinfer.services.provider import collect_reserves
+    from optinfer.services.payouts import collect_reserves
 
     deployments = Deployments(chain_id=stack.w3.eth.chain_id, block_number=0, contracts={
         "InferenceCoordinator": stack.coordinator.address, "DisputeGame": stack.game.address})

@@ -24,13 +24,8 @@ from optinfer.contracts.coordinator import InferenceCoordinator, RequestSpec
 from optinfer.contracts.sender import GAS_MARGIN, TxDropped, TxFailed, TxSender, sign_dynamic_fee
 from optinfer.errors import UserError
 from optinfer.services import store as st
-from optinfer.services.chain import (
-    EventCursor,
-    RetryPolicy,
-    RpcUnavailable,
-    connect,
-    request_record,
-)
+from optinfer.services.chain import RetryPolicy, RpcUnavailable, connect
+from optinfer.services.events import EventCursor, request_record
 from optinfer.services.store import Store
 from tests.services.conftest import tiny_r1_spec
 from tests.services.rpc_proxy import RpcProxy
