@@ -392,11 +392,17 @@ def get_request(conn: Connection, request_id: int) -> RequestRecord | None:
 def requests_with_status(conn: Connection, status: RequestStatus, limit: int = 100,
                          after: int = -1) -> list[RequestRecord]:
     """Requests in `status` with an id above `after`, oldest first."""
-    rows = conn.execute(
-        sa.select(requests).where(requests.c.status == status, requests.c.request_id > after)
-        .order_by(requests.c.request_id).limit(limit)
-    ).mappings()
+    rows = conn.execute(_page(sa.select(requests), status, after, limit)).mappings()
     return [_record(RequestRecord, row) for row in rows]
+
+
+def _page(query: sa.Select, status: RequestStatus | None, after: int, limit: int) -> sa.Select:
+    """`query` over the requests narrowed to a page: ids above `after`, in `status` when
+    given, oldest first, `limit` of them."""
+    query = query.where(requests.c.request_id > after)
+    if status is not None:
+        query = query.where(requests.c.status == status)
+    return query.order_by(requests.c.request_id).limit(limit)
 
 
 def set_request_status(
@@ -415,14 +421,9 @@ def requests_page(conn: Connection, *, status: RequestStatus | None = None, afte
                   limit: int = 100) -> list[tuple[RequestRecord, ClaimRecord | None]]:
     """Requests with an id above `after` (in `status`, when given), oldest first, each with
     its claim if it has one: what the HTTP API lists."""
-    where = requests.c.request_id > after
-    if status is not None:
-        where = where & (requests.c.status == status)
-    rows = conn.execute(
-        sa.select(requests, *[c.label(f"claim_{c.name}") for c in claims.c])
+    with_claims = sa.select(requests, *[c.label(f"claim_{c.name}") for c in claims.c]) \
         .outerjoin(claims, claims.c.request_id == requests.c.request_id)
-        .where(where).order_by(requests.c.request_id).limit(limit)
-    ).mappings().all()
+    rows = conn.execute(_page(with_claims, status, after, limit)).mappings().all()
     page = []
     for row in rows:
         claim = None
