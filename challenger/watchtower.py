@@ -162,6 +162,7 @@ class Watchtower:
             events=["RequestPosted", "OutputCommitted"],
             start_block=self.deployments.block_number,
             confirmations=settings.confirmations, max_block_range=settings.max_block_range,
+            on_rewind=self._claims_lost,
         )
         self._registered: set[bytes] = set()
         self.responder = GameResponder(
@@ -203,8 +204,11 @@ class Watchtower:
             log.info("seen %d new claim(s): %s", len(new_claims), _ids(new_claims))
         now = time.time()
         with self.store.transaction() as conn:
+            # Confirmed claims only, whoever wrote the row (a provider sharing this database
+            # records its own claims at once).
             verify = st.claims_awaiting_verdict(
-                conn, queued_before=now - VERIFY_REQUEUE_LEASES * self.lease)
+                conn, queued_before=now - VERIFY_REQUEUE_LEASES * self.lease,
+                confirmed_through=self.cursor.safe_head())
             st.mark_verify_queued(conn, verify, now)
             verify += [r for r in st.claims_to_challenge(conn, self.address, now)
                        if r not in verify]
@@ -370,6 +374,13 @@ class Watchtower:
         if not policy.window_open(claim.challenge_deadline, now):
             self._fail_challenge(request_id, "the challenge window closed before the challenge")
             return None
+        if self.coordinator.get_output(request_id) != list(claim.output):
+            # The claim judged is no longer the chain's (a reorganisation replaced it): the
+            # bond must not go against a claim this trace was not computed for. The cursor
+            # reads the new one, which is judged afresh.
+            log.warning("claim %d: the chain's output differs from the one judged; not "
+                        "challenged", request_id)
+            return None
         tx = self.game.challenge_tx(request_id, list(request.prompt), bond=self.bond)
         try:
             tx_hash = self.sender.submit(tx, self.game.artifact)
@@ -383,6 +394,14 @@ class Watchtower:
         receipt = self.sender.wait(tx_hash)
         event = self.game.events(receipt, "GameOpened")[0]
         return event["gameId"], receipt["blockNumber"]
+
+    def _claims_lost(self, conn, block: int) -> None:
+        """The event cursor's rewind: the claims read from blocks after `block` are gone with
+        their verdicts and challenges (re-read, they are judged afresh)."""
+        lost = st.drop_claims_after(conn, block)
+        if lost:
+            log.warning("claims %s: their blocks after %d left the chain; reading again",
+                        _ids(lost), block)
 
     def _fail_challenge(self, request_id: int, note: str) -> None:
         with self.store.transaction() as conn:

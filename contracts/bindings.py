@@ -162,7 +162,8 @@ class BoundContract:
                     for param in entry["inputs"]}
             found.append({"event": event, "address": self.address, "args": args,
                           "blockNumber": log["blockNumber"], "logIndex": log["logIndex"],
-                          "transactionHash": log["transactionHash"]})
+                          "transactionHash": log["transactionHash"],
+                          "blockHash": log["blockHash"]})
         return found
 
     def _event_abi(self, event: str) -> dict[str, Any]:

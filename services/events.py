@@ -21,9 +21,18 @@ from eth_utils import event_abi_to_log_topic
 from sqlalchemy.engine import Connection
 from web3 import Web3
 from web3.contract import Contract
+from web3.exceptions import BlockNotFound
 
 from optinfer.services.chain import RpcUnavailable
-from optinfer.services.store import ClaimRecord, RequestRecord, Store, lock_cursor, set_cursor
+from optinfer.services.store import (
+    ClaimRecord,
+    RequestRecord,
+    Store,
+    checkpoints,
+    lock_cursor,
+    rewind_cursor,
+    set_cursor,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +48,12 @@ class ChainEvent:
     block_number: int
     log_index: int
     tx_hash: str  # 0x-prefixed
+    block_hash: str | None = None  # 0x-prefixed
 
 
 Handler = Callable[[Connection, ChainEvent], None]
+Rewind = Callable[[Connection, int], None]
+"""Drops what a handler derived from the blocks after the given one (the chain lost them)."""
 
 
 class EventCursor:
@@ -53,14 +65,19 @@ class EventCursor:
     say) are never read. One range of at most `max_block_range` blocks is one transaction:
     the handler's writes and the cursor's move commit together or not at all.
 
-    Confirmations are the only defence against reorganisations: an event is delivered once
-    it is `confirmations` deep and never taken back.
+    Reorganisations: an event is delivered once it is `confirmations` deep, and each range's
+    last block is kept with its hash (a checkpoint, the last ``CHECKPOINTS_KEPT``). A poll
+    first checks that the newest checkpoint is still canonical; when it is not, the chain
+    lost blocks the cursor had read: it goes back to the newest checkpoint that is (its start,
+    when none is), `on_rewind(conn, block)` drops what the handler derived from the later
+    blocks, and they are read again (the handler's upserts take the events that replaced
+    them).
     """
 
     def __init__(
         self, w3: Web3, store: Store, name: str, contracts: Sequence[Contract], *,
         events: Sequence[str] | None = None, start_block: int = 0, confirmations: int = 0,
-        max_block_range: int = 2000,
+        max_block_range: int = 2000, on_rewind: Rewind | None = None,
     ):
         if confirmations < 0 or max_block_range < 1 or start_block < 0:
             raise ValueError("confirmations >= 0, max_block_range >= 1, start_block >= 0")
@@ -70,6 +87,7 @@ class EventCursor:
         self.start_block = start_block
         self.confirmations = confirmations
         self.max_block_range = max_block_range
+        self.on_rewind = on_rewind
         self._decoders: dict[tuple[str, bytes], Any] = {}
         for contract in contracts:
             for entry in contract.abi:
@@ -103,6 +121,7 @@ class EventCursor:
                 name=decoded["event"], address=address, args=dict(decoded["args"]),
                 block_number=entry["blockNumber"], log_index=entry["logIndex"],
                 tx_hash="0x" + bytes(entry["transactionHash"]).hex(),
+                block_hash="0x" + bytes(entry["blockHash"]).hex(),
             ))
         events.sort(key=lambda event: (event.block_number, event.log_index))
         return events
@@ -113,6 +132,7 @@ class EventCursor:
         (the range is delivered again on the next poll)."""
         handled = 0
         head = self.safe_head()
+        self._follow_reorganisation()
         while True:
             with self.store.transaction() as conn:
                 last = lock_cursor(conn, self.name, self.start_block - 1)
@@ -121,6 +141,9 @@ class EventCursor:
                 return handled
             last_in_range = min(head, first + self.max_block_range - 1)
             # Fetched outside the transaction: no database lock is held while the node answers.
+            # The checkpoint's hash before the logs: a reorganisation between the two leaves a
+            # checkpoint that the next poll finds lost, and the range is read again.
+            end_hash = self._block_hash(last_in_range)
             events = self.fetch(first, last_in_range)
             with self.store.transaction() as conn:
                 # The lock makes another process polling the same cursor wait for this
@@ -129,8 +152,32 @@ class EventCursor:
                     continue
                 for event in events:
                     handle(conn, event)
-                set_cursor(conn, self.name, last_in_range)
+                set_cursor(conn, self.name, last_in_range, end_hash)
             handled += len(events)
+
+    def _follow_reorganisation(self) -> None:
+        """Go back to the newest checkpoint still on the canonical chain, if the newest one
+        is not (see the class docstring)."""
+        with self.store.transaction() as conn:
+            kept = checkpoints(conn, self.name)
+        if not kept or self._block_hash(kept[0][0]) == kept[0][1]:
+            return
+        back_to = next((number for number, block_hash in kept[1:]
+                        if self._block_hash(number) == block_hash), self.start_block - 1)
+        log.warning("cursor %s: the chain lost blocks after %d that it had read; reading "
+                    "them again", self.name, back_to)
+        with self.store.transaction() as conn:
+            lock_cursor(conn, self.name, self.start_block - 1)
+            rewind_cursor(conn, self.name, back_to)
+            if self.on_rewind is not None:
+                self.on_rewind(conn, back_to)
+
+    def _block_hash(self, number: int) -> str | None:
+        """The canonical hash of block `number`; None past the head (a shorter chain)."""
+        try:
+            return "0x" + bytes(self.w3.eth.get_block(number)["hash"]).hex()
+        except BlockNotFound:
+            return None
 
     def run(self, handle: Handler, stop: threading.Event, poll_interval: float) -> None:
         """Poll every `poll_interval` seconds until `stop` is set. An unreachable node is
@@ -159,6 +206,7 @@ def request_record(event: ChainEvent) -> RequestRecord:
         commit_deadline=args["commitDeadline"],
         block_number=event.block_number,
         tx_hash=event.tx_hash,
+        block_hash=event.block_hash,
     )
 
 
@@ -172,6 +220,7 @@ def claim_record(event: ChainEvent) -> ClaimRecord:
         challenge_deadline=args["challengeDeadline"],
         block_number=event.block_number,
         tx_hash=event.tx_hash,
+        block_hash=event.block_hash,
     )
 
 
@@ -180,4 +229,6 @@ def chain_event(event) -> ChainEvent:
     return ChainEvent(name=event["event"], address=Web3.to_checksum_address(event["address"]),
                       args=dict(event["args"]), block_number=event["blockNumber"],
                       log_index=event["logIndex"],
-                      tx_hash="0x" + bytes(event["transactionHash"]).hex())
+                      tx_hash="0x" + bytes(event["transactionHash"]).hex(),
+                      block_hash="0x" + bytes(event["blockHash"]).hex()
+                      if event.get("blockHash") is not None else None)

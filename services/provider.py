@@ -652,17 +652,19 @@ class ProviderNode:
         for request, claim in due:
             if claim is None or claim.provider != self.address or now < claim.challenge_deadline:
                 continue
-            onchain = self.coordinator.get_request(request.request_id)
-            if onchain.status is not Status.COMMITTED or onchain.open_disputes != 0:
-                self._record_outcome(request.request_id, onchain)
-                continue
+            # One item's failure (a request the chain no longer has, after a reorganisation)
+            # is logged and retried later; it never holds up the others.
             try:
+                onchain = self.coordinator.get_request(request.request_id)
+                if onchain.status is not Status.COMMITTED or onchain.open_disputes != 0:
+                    self._record_outcome(request.request_id, onchain)
+                    continue
                 sent.append((request.request_id, self.sender.submit(
                     {**self.coordinator.finalize_tx(request.request_id), **self._fees()},
                     self.coordinator.artifact)))
             except ContractRevert as err:
-                log.warning("request %d: finalize reverts (%s); retrying later",
-                            request.request_id, err)
+                log.warning("request %d: not finalized (%s); retrying later",
+                            request.request_id, err.name or err)
         # Every finalize is sent before any is waited for: on a chain with block times one
         # block takes them all, and this loop, which also plays the games, is back soon.
         for request_id, tx_hash in sent:

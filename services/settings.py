@@ -74,8 +74,9 @@ class Settings(BaseSettings):
     confirmations: int = Field(
         0,
         ge=0,
-        description="Blocks an event must be buried under before it is acted on (0 suits "
-        "anvil, which never reorganises; use 12 or more on a public chain).",
+        description="Blocks an event must be buried under before it is acted on, whichever "
+        "node recorded it (0 suits anvil, which never reorganises; use 12 or more on a public "
+        "chain; a deeper reorganisation is still noticed and read again).",
     )
     poll_interval: float = Field(
         1.0, gt=0, description="Seconds between two polls of the chain for new blocks."

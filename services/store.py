@@ -86,6 +86,8 @@ requests = sa.Table(
     sa.Column("commit_deadline", sa.BigInteger, nullable=False),
     sa.Column("block_number", sa.BigInteger, nullable=False),
     sa.Column("tx_hash", sa.String(66), nullable=False),
+    # The hash of the block the event was read from (revision 0005; null on older rows).
+    sa.Column("block_hash", sa.String(66), nullable=True),
     # The node's view, a RequestStatus (services/statuses.py has the transitions).
     sa.Column("status", sa.String(16), nullable=False),
     sa.Column("note", sa.Text, nullable=True),
@@ -106,6 +108,7 @@ claims = sa.Table(
     sa.Column("challenge_deadline", sa.BigInteger, nullable=False),
     sa.Column("block_number", sa.BigInteger, nullable=False),
     sa.Column("tx_hash", sa.String(66), nullable=False),
+    sa.Column("block_hash", sa.String(66), nullable=True),  # as on requests (revision 0005)
     # A ClaimStatus; the watchtower adds its verdict.
     sa.Column("status", sa.String(16), nullable=False),
     sa.Column("verdict", sa.String(16), nullable=True),
@@ -183,6 +186,16 @@ chain_cursors = sa.Table(
     sa.Column("block_number", sa.BigInteger, nullable=False),  # last block fully processed
     sa.Column("updated_at", sa.DateTime(timezone=True), server_default=sa.func.now(),
               onupdate=sa.func.now(), nullable=False),
+)
+
+cursor_checkpoints = sa.Table(
+    "cursor_checkpoints",
+    metadata,
+    # The last blocks each cursor handled, with their hashes (revision 0005): a cursor whose
+    # newest checkpoint is no longer canonical goes back to the newest one that still is.
+    sa.Column("name", sa.String(128), primary_key=True),
+    sa.Column("block_number", sa.BigInteger, primary_key=True),
+    sa.Column("block_hash", sa.String(66), nullable=False),
 )
 
 
@@ -330,12 +343,51 @@ def lock_cursor(conn: Connection, name: str, initial: int) -> int:
     return conn.execute(query).scalar_one()
 
 
-def set_cursor(conn: Connection, name: str, block_number: int) -> None:
-    """Move cursor `name` to `block_number`. Moving it back is a bug (events would be handled
-    twice) and raises ValueError."""
+CHECKPOINTS_KEPT = 64
+"""Checkpoints kept per cursor: a reorganisation deeper than the last 64 polls sends the cursor
+back to its start (everything read again)."""
+
+
+def set_cursor(conn: Connection, name: str, block_number: int,
+               block_hash: str | None = None) -> None:
+    """Move cursor `name` to `block_number` (with that block's hash, a checkpoint). Moving it
+    back here is a bug (events would be handled twice) and raises ValueError: a reorganised
+    chain goes through :func:`rewind_cursor`."""
     current = get_cursor(conn, name)
     if current is not None and block_number < current:
         raise ValueError(f"cursor {name!r} would move back from {current} to {block_number}")
+    _put_cursor(conn, name, block_number)
+    if block_hash is None:
+        return
+    conn.execute(_insert(conn, cursor_checkpoints)
+                 .values(name=name, block_number=block_number, block_hash=block_hash)
+                 .on_conflict_do_update(index_elements=[cursor_checkpoints.c.name,
+                                                        cursor_checkpoints.c.block_number],
+                                        set_={"block_hash": block_hash}))
+    kept = sa.select(cursor_checkpoints.c.block_number).where(
+        cursor_checkpoints.c.name == name).order_by(
+        cursor_checkpoints.c.block_number.desc()).limit(CHECKPOINTS_KEPT)
+    conn.execute(sa.delete(cursor_checkpoints).where(
+        cursor_checkpoints.c.name == name, cursor_checkpoints.c.block_number.not_in(kept)))
+
+
+def rewind_cursor(conn: Connection, name: str, block_number: int) -> None:
+    """Move cursor `name` back to `block_number` (the chain lost the blocks after it), with
+    the checkpoints above it."""
+    _put_cursor(conn, name, block_number)
+    conn.execute(sa.delete(cursor_checkpoints).where(
+        cursor_checkpoints.c.name == name, cursor_checkpoints.c.block_number > block_number))
+
+
+def checkpoints(conn: Connection, name: str) -> list[tuple[int, str]]:
+    """Cursor `name`'s checkpoints, (block number, block hash), newest first."""
+    return [(number, block_hash) for number, block_hash in conn.execute(
+        sa.select(cursor_checkpoints.c.block_number, cursor_checkpoints.c.block_hash)
+        .where(cursor_checkpoints.c.name == name)
+        .order_by(cursor_checkpoints.c.block_number.desc()))]
+
+
+def _put_cursor(conn: Connection, name: str, block_number: int) -> None:
     statement = _insert(conn, chain_cursors).values(name=name, block_number=block_number)
     conn.execute(statement.on_conflict_do_update(
         index_elements=[chain_cursors.c.name],
@@ -366,20 +418,25 @@ class RequestRecord:
     note: str | None = None
     output: list[int] | None = None
     commit_tx: str | None = None  # 0x-prefixed
+    block_hash: str | None = None  # 0x-prefixed; None on rows read before revision 0005
 
 
 def upsert_request(conn: Connection, record: RequestRecord) -> bool:
-    """Store `record`; True when it is new. Seeing a request again refreshes what the chain
-    says about it and keeps the node's own status, note, output and commit transaction."""
+    """Store `record`; True when it is new. Seeing the same request again (its transaction)
+    refreshes what the chain says about it, its block included, and keeps the node's own
+    status, note, output and commit transaction. Another request under the same id (a
+    reorganised chain reused it) replaces the row whole: the node starts on it afresh."""
     values = _fields(record)
-    chain_fields = {k: v for k, v in values.items()
-                    if k not in ("request_id", "status", "note", "output", "commit_tx")}
-    existed = get_request(conn, record.request_id) is not None
+    existing = get_request(conn, record.request_id)
+    same = existing is not None and existing.tx_hash == record.tx_hash
+    replaced = values if not same else {
+        k: v for k, v in values.items()
+        if k not in ("request_id", "status", "note", "output", "commit_tx")}
     statement = _insert(conn, requests).values(**values)
     conn.execute(statement.on_conflict_do_update(
-        index_elements=[requests.c.request_id], set_=chain_fields
+        index_elements=[requests.c.request_id], set_=replaced
     ))
-    return not existed
+    return not same
 
 
 def get_request(conn: Connection, request_id: int) -> RequestRecord | None:
@@ -457,15 +514,41 @@ class ClaimRecord:
     status: ClaimStatus = ClaimStatus.COMMITTED
     verdict: str | None = None
     verdict_note: str | None = None
+    block_hash: str | None = None  # as on RequestRecord
 
 
 def record_claim(conn: Connection, record: ClaimRecord) -> bool:
-    """Store `record` unless the request already has a claim (the coordinator allows one);
-    True when it is new."""
-    statement = _insert(conn, claims).values(**_fields(record))
-    return _inserted(conn, statement.on_conflict_do_nothing(
-        index_elements=[claims.c.request_id]
-    ).returning(claims.c.request_id))
+    """Store `record`; True when it is a new claim. The coordinator allows one claim a request,
+    so a claim is its commit transaction: seen again (re-read, or mined again in another
+    block after a reorganisation), its row keeps its status and verdict and takes the block;
+    another commit under the same request id (the chain lost the first) replaces the row
+    whole, without a verdict, to be judged afresh."""
+    existing = get_claim(conn, record.request_id)
+    if existing is None:
+        return _inserted(conn, _insert(conn, claims).values(**_fields(record))
+                         .on_conflict_do_nothing(index_elements=[claims.c.request_id])
+                         .returning(claims.c.request_id))
+    if existing.tx_hash == record.tx_hash:
+        conn.execute(sa.update(claims).where(claims.c.request_id == record.request_id)
+                     .values(block_number=record.block_number, block_hash=record.block_hash))
+        return False
+    conn.execute(sa.update(claims).where(claims.c.request_id == record.request_id)
+                 .values(**_fields(record), verify_queued_at=None))
+    # A challenge of the lost claim was lost with it (it came later): the new claim gets
+    # its own, and a copy of the old one the node mined again is found by its event.
+    conn.execute(sa.delete(challenges).where(challenges.c.request_id == record.request_id))
+    return True
+
+
+def drop_claims_after(conn: Connection, block_number: int) -> list[int]:
+    """Delete the claims read from blocks after `block_number` (the chain lost them); the
+    request ids."""
+    gone = [request_id for (request_id,) in conn.execute(
+        sa.select(claims.c.request_id).where(claims.c.block_number > block_number))]
+    if gone:
+        conn.execute(sa.delete(claims).where(claims.c.request_id.in_(gone)))
+        conn.execute(sa.delete(challenges).where(challenges.c.request_id.in_(gone)))
+    return gone
 
 
 def get_claim(conn: Connection, request_id: int) -> ClaimRecord | None:
@@ -495,14 +578,18 @@ def set_claim_verdict(conn: Connection, request_id: int, verdict: str, note: str
     ).rowcount == 1
 
 
-def claims_awaiting_verdict(conn: Connection, queued_before: float, limit: int = 1000
+def claims_awaiting_verdict(conn: Connection, queued_before: float,
+                            confirmed_through: int | None = None, limit: int = 1000
                             ) -> list[int]:
     """Claims without a verdict whose verification was never queued, or queued before
-    `queued_before` (its task was lost), oldest first."""
+    `queued_before` (its task was lost), oldest first; only those in blocks up to
+    `confirmed_through` when given (the confirmation depth holds whoever wrote the row)."""
+    where = [claims.c.verdict.is_(None),
+             claims.c.verify_queued_at.is_(None) | (claims.c.verify_queued_at < queued_before)]
+    if confirmed_through is not None:
+        where.append(claims.c.block_number <= confirmed_through)
     rows = conn.execute(
-        sa.select(claims.c.request_id)
-        .where(claims.c.verdict.is_(None),
-               claims.c.verify_queued_at.is_(None) | (claims.c.verify_queued_at < queued_before))
+        sa.select(claims.c.request_id).where(*where)
         .order_by(claims.c.request_id).limit(limit)
     )
     return [request_id for (request_id,) in rows]

@@ -13,6 +13,7 @@ from optinfer.challenger.app import configure
 from optinfer.challenger.policy import Verdict
 from optinfer.challenger.watchtower import Watchtower
 from optinfer.contracts.bindings import ContractRevert
+from optinfer.contracts.coordinator import RequestSpec
 from optinfer.errors import UserError
 from optinfer.prover.game import Phase, Role
 from optinfer.services import store as st
@@ -20,9 +21,11 @@ from optinfer.services.settings import load_settings
 from tests.challenger.conftest import (
     BOND,
     DEMO_COORDINATOR_PARAMS,
+    FEE,
     MAX_TOKENS,
     Stack,
     advance,
+    chain_time,
     honest_answer,
     lie,
 )
@@ -268,3 +271,69 @@ def test_a_challenge_cut_short_by_a_crash_is_finished_once(stack, watchtower, cr
     assert game is not None and game.status == "open"
     tasks.scan.delay()  # and the game goes on: the provider owes S_N, nothing else to do
     assert stack.games_of(request_id) == games
+
+
+def test_issue20_point1_a_lie_put_in_a_verified_claim_s_place_by_a_reorganisation_is_challenged(
+        stack, watchtower, caplog):
+    """The chain reorganises: the block holding an honest commit, already judged valid, is
+    replaced by one where the provider's key commits a false answer to the same request. The
+    watchtower notices that blocks it had read left the chain, reads the new commit, judges it
+    afresh and challenges it; the game convicts the provider."""
+    liar = lie("final")
+    prompt, answer = map(list, honest_answer("12+34="))
+    request_id = stack.post(prompt)
+    fork = stack.w3.provider.make_request("evm_snapshot", [])["result"]
+    stack.coordinator.commit_output_send(request_id, answer, stack.provider)
+    assert tasks.scan.delay().get() == 1
+    assert claim_row(watchtower, request_id).verdict == Verdict.VALID.value
+    lost_height = stack.w3.eth.block_number
+
+    stack.w3.provider.make_request("evm_revert", [fork])
+    stack.coordinator.commit_output_send(request_id, liar.claimed, stack.provider)
+    while stack.w3.eth.block_number <= lost_height:  # the new branch is the longer one
+        stack.w3.provider.make_request("evm_mine", [])
+    with caplog.at_level("WARNING", logger="optinfer.services.events"):
+        tasks.scan.delay()
+    assert "the chain lost blocks" in caplog.text
+    claim = claim_row(watchtower, request_id)
+    assert claim.output == liar.claimed
+    assert claim.verdict == Verdict.INVALID.value, claim.verdict_note
+    (game_id,) = stack.games_of(request_id)
+    state = play_out(stack, game_id, liar.trace)
+    assert (state.winner, state.reason) == (Role.CHALLENGER, "one-step")
+
+
+def test_issue20_point1_a_claim_is_judged_only_once_confirmed_whoever_recorded_it(
+        stack, tmp_path):
+    """A provider sharing the watchtower's database records its claim at once; with
+    `confirmations=3` the watchtower still leaves it unjudged until three blocks cover it."""
+    settings = load_settings(rpc_url=stack.w3.provider.endpoint_uri,
+                             deployments=stack.deployments_file,
+                             database_url=f"sqlite:///{tmp_path / 'shared.db'}",
+                             poll_interval=0.05, game_lease=5, confirmations=3)
+    configure(settings)
+    instance = Watchtower.start(settings)
+    tasks.use_watchtower(instance)
+    try:
+        from optinfer.services.events import chain_event, claim_record, request_record
+
+        prompt, answer = map(list, honest_answer("5+7="))
+        spec_ = RequestSpec(model_id=stack.model_id, prompt=prompt, max_tokens=MAX_TOKENS,
+                            commit_deadline=chain_time(stack.w3) + 3600)
+        posted = stack.coordinator.post_request_send(spec_, FEE, stack.consumer)
+        (request,) = stack.coordinator.receipt_events(posted, "RequestPosted")
+        request_id = request["args"]["requestId"]
+        committed = stack.coordinator.commit_output_send(request_id, answer, stack.provider)
+        (claim,) = stack.coordinator.receipt_events(committed, "OutputCommitted")
+        with instance.store.transaction() as conn:  # as the provider node records them
+            st.upsert_request(conn, request_record(chain_event(request)))
+            st.record_claim(conn, claim_record(chain_event(claim)))
+        tasks.scan.delay()
+        assert claim_row(instance, request_id).verdict is None
+        for _ in range(3):
+            stack.w3.provider.make_request("evm_mine", [])
+        tasks.scan.delay()
+        assert claim_row(instance, request_id).verdict == Verdict.VALID.value
+    finally:
+        tasks.use_watchtower(None)
+        instance.close()

@@ -567,3 +567,28 @@ def test_claims_due_are_finalized_in_one_block_not_one_each(registered, sqlite_u
     with node.store.transaction() as conn:
         assert [st.get_request(conn, i).status for i in ids] == ["finalized"] * 3
     node.store.dispose()
+
+
+def test_issue20_point2_one_orphaned_claim_does_not_hold_up_the_others(registered, sqlite_url,
+                                                                       model, caplog):
+    """A claim row whose request the chain no longer has (a reorganisation took it) makes
+    `getRequest` revert with RequestNotFound: it is logged and left for later, and every
+    other claim due is still finalized."""
+    protocol = registered
+    ids = [protocol.post(model.encode(PROMPT_TEXT), max_tokens=8) for _ in range(2)]
+    node = _in_process_node(protocol, sqlite_url, model, stake=2 * 10**18)
+    assert [s.request_id for s in node.serve_pending()] == ids
+    orphan = 0  # ids run from 1: the coordinator never had it; it comes first in the loop
+    with node.store.transaction() as conn:
+        real = st.get_request(conn, ids[0])
+        st.upsert_request(conn, dataclasses.replace(real, request_id=orphan,
+                                                    tx_hash="0x" + "0f" * 32))
+        st.set_request_status(conn, orphan, RequestStatus.COMMITTED, expected=None)
+        st.record_claim(conn, dataclasses.replace(st.get_claim(conn, ids[0]),
+                                                  request_id=orphan, tx_hash="0x" + "0e" * 32))
+    protocol.advance(protocol.coordinator.parameter("challengeWindow") + 1)
+    with caplog.at_level(logging.WARNING, logger="optinfer.provider"):
+        node.finalize_due()
+    assert f"request {orphan}: not finalized (RequestNotFound)" in caplog.text
+    assert all(protocol.coordinator.get_request(i).status is Status.FINALIZED for i in ids)
+    node.store.dispose()

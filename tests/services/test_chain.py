@@ -140,6 +140,43 @@ def test_small_block_ranges_skip_nothing(chain, w3, deployment, store):
     assert recorder.delivered == ids
 
 
+def test_a_reorganised_chain_sends_the_cursor_back_to_its_newest_canonical_checkpoint(
+        chain, w3, deployment, database_url):
+    """Blocks the cursor read leave the chain and others take their place: the next poll goes
+    back to the newest checkpoint still canonical, hands the rewind to `on_rewind` and reads
+    the replacing blocks; the requests they hold replace the lost ones under the same ids."""
+    coordinator = InferenceCoordinator(w3, deployment.address("InferenceCoordinator"))
+    consumer = chain.accounts[2]
+    store = Store(database_url)
+    store.migrate()
+    recorder, rewinds = Recorder(), []
+    cursor = cursor_on(w3, store, deployment,
+                       on_rewind=lambda conn, block: rewinds.append(block))
+    kept = post_requests(w3, coordinator, consumer, 1)
+    assert cursor.poll(recorder) == 1
+    fork_block = w3.eth.block_number
+    fork = w3.provider.make_request("evm_snapshot", [])["result"]
+    lost = post_requests(w3, coordinator, consumer, 2)
+    assert cursor.poll(recorder) == 2
+    with store.transaction() as conn:
+        lost_tx = st.get_request(conn, lost[0]).tx_hash
+
+    w3.provider.make_request("evm_revert", [fork])
+    replacing = post_requests(w3, coordinator, chain.accounts[3], 3)  # another consumer
+    assert replacing[:2] == lost  # the same ids, other requests
+    assert cursor.poll(recorder) == 3
+    assert rewinds == [fork_block]
+    assert recorder.delivered == kept + lost + replacing
+    with store.transaction() as conn:
+        first = st.get_request(conn, lost[0])
+        assert (first.tx_hash != lost_tx, first.consumer) == (True, chain.accounts[3].address)
+        assert first.block_hash == "0x" + bytes(w3.eth.get_block(first.block_number)["hash"]).hex()
+        assert st.checkpoints(conn, "coordinator")[0] == (
+            w3.eth.block_number, "0x" + bytes(w3.eth.get_block("latest")["hash"]).hex())
+    assert cursor.poll(recorder) == 0 and rewinds == [fork_block]  # nothing lost since
+    store.dispose()
+
+
 def test_two_cursors_on_one_database_share_the_work(chain, w3, deployment, database_url):
     """Two processes polling the same cursor (two engines): each event is handled once."""
     coordinator = InferenceCoordinator(w3, deployment.address("InferenceCoordinator"))

@@ -221,6 +221,34 @@ def test_no_status_write_moves_a_record_backwards(store: Store):
     assert stored.status is ClaimStatus.SLASHED
 
 
+def test_a_claim_is_its_commit_transaction(store: Store):
+    """The same commit seen again, mined in another block after a reorganisation, keeps its
+    verdict and takes the block; another commit under the request id (the chain lost the
+    first) replaces the row without a verdict and drops the lost claim's challenge."""
+    first = ClaimRecord(request_id=1, provider=PROVIDER, output=[5], challenge_deadline=9,
+                        block_number=12, tx_hash="0x" + "ef" * 32, block_hash="0x" + "01" * 32)
+    with store.transaction() as conn:
+        assert st.record_claim(conn, first)
+        st.set_claim_verdict(conn, 1, "invalid", "token 0 is 5, the model gives 6")
+        st.take_challenge(conn, 1, PROVIDER, "w", lease_seconds=60)
+        again = ClaimRecord(**{**first.__dict__, "block_number": 13,
+                               "block_hash": "0x" + "02" * 32})
+        assert not st.record_claim(conn, again)
+        kept = st.get_claim(conn, 1)
+        assert (kept.verdict, kept.block_number, kept.block_hash) == (
+            "invalid", 13, "0x" + "02" * 32)
+        assert st.get_challenge(conn, 1, PROVIDER) is not None
+        other = ClaimRecord(**{**first.__dict__, "output": [6], "tx_hash": "0x" + "aa" * 32})
+        assert st.record_claim(conn, other)
+        replaced = st.get_claim(conn, 1)
+        assert (replaced.output, replaced.verdict, replaced.tx_hash) == (
+            [6], None, "0x" + "aa" * 32)
+        assert st.get_challenge(conn, 1, PROVIDER) is None
+        assert st.claims_awaiting_verdict(conn, queued_before=0, confirmed_through=11) == []
+        assert st.claims_awaiting_verdict(conn, queued_before=0, confirmed_through=12) == [1]
+        assert st.drop_claims_after(conn, 11) == [1] and st.get_claim(conn, 1) is None
+
+
 def test_every_status_has_its_transitions_and_terminals_end():
     from optinfer.services.statuses import TRANSITIONS, ChallengeStatus, predecessors, successors
 
