@@ -224,19 +224,33 @@ class TxSender:
                 raise TimeExhausted(f"transaction {tx_hex} is not in the chain after "
                                     f"{self.receipt_timeout} s")
             polls += 1
-            if polls % DROP_CHECK_POLLS == 0 and not self.known(tx_hash):
-                # With it went every later transaction of ours that it held back, and the
-                # local nonce count is ahead of the chain: what is sent next would wait
+            if polls % DROP_CHECK_POLLS == 0 and (why := self._stranded(tx_hash)):
+                # The local nonce count is ahead of the chain: what is sent next would wait
                 # forever behind the gap.
                 with self._lock:
                     self.resync()
-                raise TxDropped(f"transaction {tx_hex} was dropped by the node, not mined")
+                raise TxDropped(f"transaction {tx_hex} {why}, not mined")
             time.sleep(pause)
             pause = min(2 * pause, self.receipt_poll)
         receipt = AttributeDict.recursive(receipt_formatter(raw))
         if receipt["status"] != 1:
             raise TxFailed(f"transaction {tx_hex} failed in block {receipt['blockNumber']}")
         return receipt
+
+    def _stranded(self, tx_hash: bytes) -> str | None:
+        """Why the pending `tx_hash` can never be mined, or None while it can: the node
+        dropped it (a restart, a cleared pool), or it waits behind a nonce gap because
+        earlier transactions of this key left the chain with a reorganisation (a node counts
+        a key's pending nonces up to the first gap)."""
+        try:
+            tx = self.w3.eth.get_transaction(HexBytes(tx_hash))
+        except TransactionNotFound:
+            return "was dropped by the node"
+        if tx.get("blockNumber") is None \
+                and tx["nonce"] >= self.w3.eth.get_transaction_count(self.address, "pending"):
+            return (f"waits behind a nonce gap (nonce {tx['nonce']}; the chain lost earlier "
+                    "transactions of this key)")
+        return None
 
     def send(self, tx: TxParams, artifact: Artifact | None = None) -> TxReceipt:
         """:meth:`submit` then :meth:`wait`: the receipt of `tx` (a binding's builder's, or

@@ -173,11 +173,7 @@ class EventCursor:
                 self.on_rewind(conn, back_to)
 
     def _block_hash(self, number: int) -> str | None:
-        """The canonical hash of block `number`; None past the head (a shorter chain)."""
-        try:
-            return "0x" + bytes(self.w3.eth.get_block(number)["hash"]).hex()
-        except BlockNotFound:
-            return None
+        return block_hash(self.w3, number)
 
     def run(self, handle: Handler, stop: threading.Event, poll_interval: float) -> None:
         """Poll every `poll_interval` seconds until `stop` is set. An unreachable node is
@@ -188,6 +184,14 @@ class EventCursor:
             except RpcUnavailable as err:
                 log.error("cursor %s: %s", self.name, err)
             stop.wait(poll_interval)
+
+
+def block_hash(w3: Web3, number: int) -> str | None:
+    """The canonical hash of block `number` (0x-hex); None past the head (a shorter chain)."""
+    try:
+        return "0x" + bytes(w3.eth.get_block(number)["hash"]).hex()
+    except BlockNotFound:
+        return None
 
 
 def request_record(event: ChainEvent) -> RequestRecord:

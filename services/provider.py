@@ -71,6 +71,7 @@ from optinfer.services.deployments import Deployments
 from optinfer.services.events import (
     ChainEvent,
     EventCursor,
+    block_hash,
     chain_event,
     claim_record,
     request_record,
@@ -93,6 +94,9 @@ GAMES_CURSOR = "provider.games"
 
 SERVE_BATCH = 64
 """Open requests read from the store at a time by the serving loop."""
+
+RECHECK_BLOCKS = 128
+"""How far back the node checks that its own commits are still on the chain (blocks)."""
 
 # Stake problems free themselves (claims finalize and unlock stake): the commit waits.
 RETRY_LATER = {"InsufficientFreeStake", "StakeBelowMinimum", "ProviderNotRegistered"}
@@ -351,7 +355,48 @@ class ProviderNode:
         were handled."""
         handled = self.requests_cursor.poll(self._on_request)
         handled += self.games_cursor.poll(self._on_game_opened)
+        self.recheck_commits()
         return handled
+
+    def recheck_commits(self) -> list[int]:
+        """Find this node's commits that a reorganisation took off the chain and commit them
+        again; their request ids. The claims of the last `RECHECK_BLOCKS` blocks are checked
+        against the canonical block hashes (one ``eth_getBlockByNumber`` a block holding
+        any): the node recorded them from its own receipts, which no event cursor re-reads."""
+        head = self.w3.eth.block_number
+        with self.store.transaction() as conn:
+            recent = st.recent_claims(conn, self.address, head - RECHECK_BLOCKS)
+        canonical: dict[int, str | None] = {}
+        lost = []
+        for claim in recent:
+            if claim.block_number not in canonical:
+                canonical[claim.block_number] = block_hash(self.w3, claim.block_number)
+            if canonical[claim.block_number] != claim.block_hash:
+                lost.append(claim.request_id)
+        if not lost:
+            return []
+        # Its transactions after the fork went with the lost blocks: count nonces anew.
+        self.sender.resync()
+        for request_id in lost:
+            with self.store.transaction() as conn:
+                st.forget_claim(conn, request_id)
+            try:
+                onchain = self.coordinator.get_request(request_id)
+            except ContractRevert as err:
+                log.warning("request %d: the chain lost its commit and the request (%s)",
+                            request_id, err.name or err)
+                continue
+            if onchain.status is Status.OPEN:
+                with self.store.transaction() as conn:
+                    st.set_request_status(conn, request_id, RequestStatus.COMMITTING,
+                                          expected=RequestStatus.COMMITTED)
+                    st.forget_commit_tx(conn, request_id)
+                log.warning("request %d: the chain lost its commit; committing it again",
+                            request_id)
+                self.new_requests.set()
+            else:
+                self._settle(request_id, onchain)  # mined again elsewhere, or answered by another
+        return lost
 
     def _on_request(self, conn, event: ChainEvent) -> None:
         record = request_record(event)
@@ -513,6 +558,7 @@ class ProviderNode:
         serving pass estimates the commit again, without generating the answer again."""
         with self.store.transaction() as conn:
             if not st.set_request_status(conn, prepared.request_id, RequestStatus.COMMITTING,
+                                         expected=(RequestStatus.OPEN, RequestStatus.COMMITTING),
                                          output=prepared.output):
                 return  # settled meanwhile: nothing to retry
             st.forget_commit_tx(conn, prepared.request_id)
@@ -525,6 +571,7 @@ class ProviderNode:
         loses only a generation, redone on restart."""
         with self.store.transaction() as conn:
             if not st.set_request_status(conn, prepared.request_id, RequestStatus.COMMITTING,
+                                         expected=(RequestStatus.OPEN, RequestStatus.COMMITTING),
                                          output=prepared.output,
                                          commit_tx="0x" + bytes(tx_hash).hex()):
                 raise _AlreadySettled(prepared.request_id)  # settled meanwhile: send nothing

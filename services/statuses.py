@@ -58,7 +58,10 @@ TRANSITIONS: dict[type[StrEnum], dict[StrEnum, frozenset[StrEnum]]] = {
                                        RequestStatus.SKIPPED}),
         RequestStatus.COMMITTING: frozenset({RequestStatus.COMMITTING, RequestStatus.COMMITTED,
                                              RequestStatus.SKIPPED}),
-        RequestStatus.COMMITTED: frozenset({RequestStatus.FINALIZED, RequestStatus.REJECTED}),
+        # Back to committing only when a reorganisation took the commit (the provider's
+        # recheck of its own commits, expected=COMMITTED): its answer is committed again.
+        RequestStatus.COMMITTED: frozenset({RequestStatus.COMMITTING, RequestStatus.FINALIZED,
+                                            RequestStatus.REJECTED}),
         RequestStatus.FINALIZED: frozenset(),
         RequestStatus.REJECTED: frozenset(),
         RequestStatus.SKIPPED: frozenset(),

@@ -540,6 +540,22 @@ def record_claim(conn: Connection, record: ClaimRecord) -> bool:
     return True
 
 
+def recent_claims(conn: Connection, provider: str, after_block: int) -> list[ClaimRecord]:
+    """`provider`'s claims read from blocks after `after_block` with a known block hash,
+    oldest first: those a reorganisation may still take."""
+    rows = conn.execute(
+        sa.select(claims).where(claims.c.provider == provider,
+                                claims.c.block_number > after_block,
+                                claims.c.block_hash.is_not(None))
+        .order_by(claims.c.block_number, claims.c.request_id)).mappings()
+    return [_record(ClaimRecord, row) for row in rows]
+
+
+def forget_claim(conn: Connection, request_id: int) -> None:
+    """Delete the claim on `request_id` (the chain lost it)."""
+    conn.execute(sa.delete(claims).where(claims.c.request_id == request_id))
+
+
 def drop_claims_after(conn: Connection, block_number: int) -> list[int]:
     """Delete the claims read from blocks after `block_number` (the chain lost them); the
     request ids."""

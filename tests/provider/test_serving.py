@@ -22,6 +22,7 @@ from optinfer.contracts.registry import MAX_ONE_STEP_FAN_IN_BYTES
 from optinfer.contracts.sender import TxSender
 from optinfer.errors import UserError
 from optinfer.services import store as st
+from optinfer.services.events import block_hash
 from optinfer.services.provider import (
     Prepared,
     ProviderNode,
@@ -591,4 +592,37 @@ def test_issue20_point2_one_orphaned_claim_does_not_hold_up_the_others(registere
         node.finalize_due()
     assert f"request {orphan}: not finalized (RequestNotFound)" in caplog.text
     assert all(protocol.coordinator.get_request(i).status is Status.FINALIZED for i in ids)
+    node.store.dispose()
+
+
+def test_issue20_point2_a_commit_a_reorganisation_took_is_committed_again(registered, sqlite_url,
+                                                                          model, caplog):
+    """A reorganisation takes the block holding the node's commit (the request itself stays):
+    the node's next poll finds its claim's block gone, counts its nonces anew and commits the
+    same answer again, instead of leaving the row `committed` forever and its next
+    transactions stranded behind the nonce gap; the claim is then finalized."""
+    protocol, w3 = registered, registered.w3
+    request_id = protocol.post(model.encode(PROMPT_TEXT), max_tokens=8)
+    node = _in_process_node(protocol, sqlite_url, model, stake=None)
+    fork = w3.provider.make_request("evm_snapshot", [])["result"]
+    assert [s.request_id for s in node.serve_pending()] == [request_id]
+    answer = protocol.coordinator.get_output(request_id)
+    lost_height = w3.eth.block_number
+    w3.provider.make_request("evm_revert", [fork])
+    while w3.eth.block_number <= lost_height:
+        w3.provider.make_request("evm_mine", [])
+    assert protocol.coordinator.get_request(request_id).status is Status.OPEN
+    with caplog.at_level(logging.WARNING, logger="optinfer.provider"):
+        node.poll_once()
+    assert f"request {request_id}: the chain lost its commit; committing it again" in caplog.text
+    assert protocol.coordinator.get_request(request_id).status is Status.COMMITTED
+    assert protocol.coordinator.get_output(request_id) == answer
+    with node.store.transaction() as conn:
+        claim = st.get_claim(conn, request_id)
+        assert st.get_request(conn, request_id).status is RequestStatus.COMMITTED
+    assert claim.block_hash == block_hash(w3, claim.block_number)  # recorded from the new one
+    assert node.recheck_commits() == []  # the new commit is the chain's
+    protocol.advance(protocol.coordinator.parameter("challengeWindow") + 1)
+    node.finalize_due()
+    assert protocol.coordinator.get_request(request_id).status is Status.FINALIZED
     node.store.dispose()

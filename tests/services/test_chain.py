@@ -259,6 +259,29 @@ def test_transactions_the_node_drops_are_reported_and_their_nonces_used_again(ch
     assert w3.eth.get_transaction(receipt["transactionHash"])["nonce"] == start
 
 
+def test_issue20_point2_a_transaction_stranded_behind_a_nonce_gap_is_reported_and_resent(
+        chain, w3):
+    """A reorganisation takes a mined transfer of the key's: the sender's count is ahead of
+    the chain, and its next transaction waits behind the gap. The wait reports it within a
+    few polls (not after the receipt timeout), the nonce is taken from the chain again, and
+    the transfer sent again is mined."""
+    sender = TxSender(w3, chain.accounts[6], receipt_timeout=120, receipt_poll=0.01)
+    to = chain.accounts[4].address
+    fork = w3.provider.make_request("evm_snapshot", [])["result"]
+    start = w3.eth.get_transaction_count(sender.address)
+    sender.send({"to": to, "value": 1})
+    w3.provider.make_request("evm_revert", [fork])
+    stranded = sender.submit({"to": to, "value": 2})
+    assert sender.next_nonce == start + 2
+    began = time.monotonic()
+    with pytest.raises(TxDropped, match=f"waits behind a nonce gap \\(nonce {start + 1};"):
+        sender.wait(stranded)
+    assert time.monotonic() - began < 10
+    assert sender.next_nonce == start
+    receipt = sender.send({"to": to, "value": 2})
+    assert w3.eth.get_transaction(receipt["transactionHash"])["nonce"] == start
+
+
 def test_stale_nonce_is_resynchronised_from_the_chain(chain, w3):
     account = chain.accounts[3]
     sender = TxSender(w3, account)
