@@ -508,7 +508,7 @@ CONVERT_EXTRA_MODULES = frozenset({"torch", "transformers", "safetensors", "gguf
 
 
 def main() -> None:
-    import click
+    from typer.exceptions import TyperException
 
     try:
         # Without standalone mode, typer *returns* the code of a `typer.Exit` raised by a
@@ -525,14 +525,17 @@ def main() -> None:
                   "without them); install them with pip install torch==2.13.0 "
                   "'optinfer\\[convert]'", markup=True, highlight=False, soft_wrap=True)
         sys.exit(2)
-    except click.exceptions.Abort:
+    except (typer.Abort, KeyboardInterrupt):
         err.print("aborted")
         sys.exit(130)
-    except click.exceptions.Exit as exit_:
+    except typer.Exit as exit_:
         sys.exit(exit_.exit_code)
-    except click.ClickException as error:
+    except TyperException as error:
+        # A usage mistake (an unknown option or command, a bad value): typer's own message
+        # and usage line, no traceback. (typer carries its own copy of click, whose
+        # exceptions these are.)
         error.show()
-        sys.exit(error.exit_code)
+        sys.exit(getattr(error, "exit_code", 2))
     if isinstance(code, int) and code != 0:
         if code == 130:
             err.print("aborted")

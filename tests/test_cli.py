@@ -174,3 +174,51 @@ def test_train_tiny_writes_a_checkpoint_that_converts(tmp_path):
     summary = cli_json("model", "convert", tmp_path / "float", "-o", tmp_path / "int",
                        "--calibration", CALIBRATION_FILE)
     assert summary["float_tensors"] == 0 and summary["nodes"] > 0
+
+
+def _command_paths() -> list[tuple[str, ...]]:
+    """Every leaf command of `optinfer`, as its words."""
+    import typer
+
+    from optinfer.services.cli import app
+
+    paths = []
+
+    def walk(command, path: tuple[str, ...]) -> None:
+        children = getattr(command, "commands", None)
+        if not children:
+            paths.append(path)
+            return
+        for name, child in children.items():
+            walk(child, (*path, name))
+
+    walk(typer.main.get_command(app), ())
+    return sorted(paths)
+
+
+def test_issue20_point12_every_command_answers_a_usage_mistake_without_a_traceback(
+        monkeypatch, capsys):
+    """An unknown option, an unknown subcommand and a value of the wrong type, for every
+    command: typer's usage line and one error line on stderr, exit status 2, no traceback
+    (typer carries its own copy of click, whose exceptions the CLI used to let through)."""
+    from optinfer.services import cli as module
+
+    paths = _command_paths()
+    assert ("provider", "run") in paths and ("bench", "rpc") in paths and len(paths) > 20
+
+    def run(*argv: str) -> tuple[int, str]:
+        monkeypatch.setattr(sys, "argv", ["optinfer", *argv])
+        with pytest.raises(SystemExit) as exited:
+            module.main()
+        return exited.value.code, capsys.readouterr().err
+
+    for path in paths:
+        code, stderr = run(*path, "--no-such-option")
+        assert code == 2, (path, stderr)
+        assert "No such option: --no-such-option" in stderr, (path, stderr)
+        assert "Traceback" not in stderr and "╭" not in stderr, (path, stderr)
+    code, stderr = run("provider", "no-such-command")
+    assert (code, "No such command 'no-such-command'" in stderr) == (2, True)
+    code, stderr = run("generate", "--max-tokens", "many", "--prompt", "1+1=")
+    assert code == 2 and "Invalid value for '--max-tokens'" in stderr
+    assert "Traceback" not in stderr and "╭" not in stderr
