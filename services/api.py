@@ -10,8 +10,10 @@ routes that need the chain answer 503.
 
 Errors are JSON ``{"detail": ...}``: 400 for input the model refuses (a prompt too long, a
 character the tokenizer lacks, chat messages for a model without a chat template), 401/403 for
-a missing/wrong API key, 404 for an unknown id, 422 for input that breaks the schema, 503 when
-the chain or the database does not answer.
+a missing/wrong API key, 404 for an unknown id, 413 for a body over 2 MiB, 422 for input that
+breaks the schema (strict types: no true, "5" or 5.0 for an integer; finite numbers; Unicode
+text) or nests deeper than 16 levels, 503 with ``Retry-After`` when the chain or the database
+does not answer.
 The OpenAPI schema is at ``/openapi.json``.
 """
 
@@ -25,11 +27,12 @@ from typing import Annotated, Any, Literal
 
 import sqlalchemy as sa
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request, Security
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
-from web3.exceptions import Web3RPCError
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from web3.exceptions import TimeExhausted, Web3RPCError
 
 from optinfer.contracts.bindings import ContractRevert
 from optinfer.contracts.coordinator import InferenceCoordinator
@@ -39,6 +42,7 @@ from optinfer.errors import UserError
 from optinfer.models.runtime import IntegerModel
 from optinfer.services import consumer
 from optinfer.services import store as st
+from optinfer.services.api_guard import BodyGuard, restore_recursion_limit
 from optinfer.services.chain import RetryPolicy, connect, connect_settings
 from optinfer.services.deployments import Deployments
 from optinfer.services.metrics import ChainView, NodeMetrics
@@ -147,12 +151,24 @@ class GameView(BaseModel):
     roles: list[GameRoleView]
 
 
+def unicode_text(value: str) -> str:
+    """`value` if it is text a tokenizer can read: JSON's \\u escapes can spell a lone UTF-16
+    surrogate, which is no character and has no UTF-8 form."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"must be Unicode text: a lone surrogate at character {err.start}"
+                         ) from None
+    return value
+
+
 class RequestOptions(BaseModel):
     """What a posted request holds besides its prompt."""
 
     # Unknown keys are refused: with the three prompt forms below, a body holding two (or a
-    # misspelt key) must not be read as one of them.
-    model_config = ConfigDict(extra="forbid")
+    # misspelt key) must not be read as one of them. Strict: an integer is a JSON integer,
+    # never true, "5" or 5.0 (what is posted on chain is what the client wrote).
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     max_tokens: int = Field(ge=1, le=consumer.MAX_TOKENS_ON_CHAIN)
     fee: str = Field(str(consumer.DEFAULT_FEE), pattern=WEI,
@@ -166,6 +182,11 @@ class TextPrompt(RequestOptions):
     prompt: str = Field(min_length=1, max_length=100_000,
                         description="Prompt text, tokenized by the model's tokenizer.")
 
+    @field_validator("prompt")
+    @classmethod
+    def _unicode(cls, value: str) -> str:
+        return unicode_text(value)
+
 
 class TokenPrompt(RequestOptions):
     prompt_tokens: list[Annotated[int, Field(ge=0, lt=2**32)]] = Field(
@@ -173,10 +194,15 @@ class TokenPrompt(RequestOptions):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     role: Literal["system", "user", "assistant"]
     content: str = Field(max_length=100_000)
+
+    @field_validator("content")
+    @classmethod
+    def _unicode(cls, value: str) -> str:
+        return unicode_text(value)
 
 
 class ChatPrompt(RequestOptions):
@@ -305,11 +331,15 @@ def require_api_key(node: NodeDep, given: Annotated[str | None, Security(api_key
         raise HTTPException(403, "wrong X-API-Key")
 
 
+RETRY_AFTER = {"Retry-After": "5"}
+"""Sent with every 503: the chain or the database is expected back; ask again then."""
+
+
 def unavailable(err: Exception) -> HTTPException:
-    return HTTPException(503, f"the chain is unavailable: {err}")
+    return HTTPException(503, f"the chain is unavailable: {err}", headers=RETRY_AFTER)
 
 
-ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 503)}
+ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 403, 404, 413, 503)}
 
 
 def errors(*codes: int) -> dict:
@@ -425,7 +455,7 @@ def get_request(request_id: Annotated[int, Path(ge=0, le=MAX_ID)], node: NodeDep
 
 @requests_router.post(
     "", status_code=201, response_model=PostedRequestView,
-    dependencies=[Depends(require_api_key)], responses=errors(400, 401, 403, 503))
+    dependencies=[Depends(require_api_key)], responses=errors(400, 401, 403, 413, 503))
 def post_request(body: TextPrompt | TokenPrompt | ChatPrompt, node: NodeDep
                  ) -> PostedRequestView:
     """Post a request on chain for the node's model, paid by the node's consumer account.
@@ -458,10 +488,16 @@ def post_request(body: TextPrompt | TokenPrompt | ChatPrompt, node: NodeDep
                             f"{err.args_decoded if err.name else ''}") from None
     except Web3RPCError as err:
         # The node refused the transaction itself: the consumer account cannot pay, say.
-        raise HTTPException(503, f"the chain refused the transaction: {err}") from None
+        raise HTTPException(503, f"the chain refused the transaction: {err}",
+                            headers=RETRY_AFTER) from None
     except TxFailed as err:
         # Mined but reverted although its estimate passed: the chain moved in between.
-        raise HTTPException(503, str(err)) from None
+        raise HTTPException(503, str(err), headers=RETRY_AFTER) from None
+    except TimeExhausted as err:
+        # Sent, not mined within the sender's receipt timeout (the request may still land:
+        # GET /v1/requests lists it once it does).
+        raise HTTPException(503, f"the request was sent but not mined in time: {err}",
+                            headers=RETRY_AFTER) from None
     except UserError as err:
         raise unavailable(err) from None
     log.info("posted request %d for %s: %d prompt tokens, fee %d, tx %s", posted.request_id,
@@ -541,6 +577,18 @@ def create_app(settings: Settings) -> FastAPI:
     @app.exception_handler(sa.exc.OperationalError)
     def _database_down(request: Request, err: sa.exc.OperationalError) -> JSONResponse:
         first = str(err).splitlines()[0][:200]
-        return JSONResponse({"detail": f"the database is unavailable: {first}"}, 503)
+        return JSONResponse({"detail": f"the database is unavailable: {first}"}, 503,
+                            headers=RETRY_AFTER)
 
+    @app.exception_handler(RequestValidationError)
+    def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+        # FastAPI's own 422 body, without the offending input echoed back: an infinite or
+        # NaN number, or a lone surrogate, has no JSON form and made the answer a 500.
+        found = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]}
+                 for e in err.errors()]
+        return JSONResponse({"detail": found}, 422)
+
+    # Before anything parses a body (app.add_middleware wraps the whole app).
+    restore_recursion_limit()
+    app.add_middleware(BodyGuard)
     return app

@@ -420,3 +420,64 @@ def test_openapi_schema_is_served(client):
             "/metrics"} <= set(schema["paths"])
     assert schema["components"]["securitySchemes"]["APIKeyHeader"]["name"] == "X-API-Key"
     assert json.dumps(schema)  # plain JSON
+
+
+# ------------------------------------------------------------------ hostile input (issue 20)
+
+
+def _raw_post(client, body: bytes):
+    return client.post("/v1/requests", content=body, headers={
+        "X-API-Key": API_KEY, "Content-Type": "application/json"})
+
+
+def test_issue20_point9_a_body_nested_100000_deep_is_refused_and_the_api_lives_on(client):
+    """It segfaulted the process: a library the nodes import raises the recursion limit to
+    100,000, and the JSON parser recursed until the C stack overflowed. Refused unparsed."""
+    import sys
+
+    deep = b'{"prompt_tokens": ' + b"[" * 100_000 + b"]" * 100_000 + b', "max_tokens": 8}'
+    assert "nests deeper than 16 levels" in error(_raw_post(client, deep), 422)
+    assert sys.getrecursionlimit() == 1000  # put back by create_app
+    big = b'{"prompt": "' + b"1" * (3 * 1024 * 1024) + b'", "max_tokens": 8}'
+    assert "over 2097152 bytes" in error(_raw_post(client, big), 413)
+    assert client.get("/v1/requests").status_code == 200  # still serving
+    # Brackets inside strings are text, not nesting.
+    quoted = ('{"prompt": "' + "[" * 50 + '", "max_tokens": 0}').encode()
+    assert _raw_post(client, quoted).status_code == 422  # max_tokens, not the depth
+    assert "nests" not in _raw_post(client, quoted).text
+
+
+@pytest.mark.parametrize("body, field", [
+    (b'{"prompt": "\\ud800 1+1=", "max_tokens": 8}', "prompt"),  # a lone surrogate
+    (b'{"prompt": "1+1=", "max_tokens": 1e400}', "max_tokens"),  # infinite
+    (b'{"prompt": "1+1=", "max_tokens": NaN}', "max_tokens"),
+    (b'{"prompt_tokens": [1, true], "max_tokens": 8}', "prompt_tokens"),  # a bool for an int
+    (b'{"prompt": "1+1=", "max_tokens": "5"}', "max_tokens"),  # a string for an int
+    (b'{"prompt": "1+1=", "max_tokens": 5.0}', "max_tokens"),  # a float for an int
+    (b'{"messages": [{"role": "user", "content": "\\udfff"}], "max_tokens": 8}', "content"),
+])
+def test_issue20_points10_11_bad_values_are_422_naming_the_field_never_500(client, body,
+                                                                          field):
+    """These were 500s (an infinite or NaN number or a lone surrogate echoed back, which JSON
+    cannot carry) or were accepted and posted on chain (true as a token id, "5" or 5.0 as an
+    integer)."""
+    response = _raw_post(client, body)
+    detail = error(response, 422)
+    assert any(field in map(str, entry["loc"]) for entry in detail), detail
+    assert all(set(entry) == {"loc", "msg", "type"} for entry in detail)
+
+
+def test_issue20_point10_a_request_not_mined_in_time_is_503_with_retry_after(client, w3):
+    """A chain that stops mining: the posted request's transaction is sent and never mined
+    within the sender's receipt timeout (shortened here to a second). web3's TimeExhausted
+    was a 500."""
+    client.app.state.node.consumer_sender().receipt_timeout = 1.0
+    w3.provider.make_request("evm_setAutomine", [False])
+    try:
+        response = client.post("/v1/requests", json={"prompt": PROMPT, "max_tokens": 8},
+                               headers={"X-API-Key": API_KEY})
+    finally:
+        w3.provider.make_request("evm_setAutomine", [True])
+        w3.provider.make_request("evm_mine", [])
+    assert "not mined in time" in error(response, 503)
+    assert response.headers["Retry-After"] == "5"
