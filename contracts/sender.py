@@ -37,6 +37,7 @@ from web3.types import RPCEndpoint, TxParams, TxReceipt
 
 from optinfer.contracts.artifacts import Artifact, load_artifact
 from optinfer.contracts.bindings import ContractRevert, decode_revert, padded_gas
+from optinfer.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,10 @@ by ``padded_gas`` (a chain enforcing EIP-7825 refuses a larger limit)."""
 
 class TxFailed(Exception):
     """A transaction was mined but failed (status 0)."""
+
+
+class InsufficientFunds(UserError):
+    """The signing account cannot pay a transaction's value and gas: the operator funds it."""
 
 
 class TxDropped(TxFailed):
@@ -195,11 +200,18 @@ class TxSender:
             message = str(err).lower()
             if "already known" in message or "already imported" in message:
                 return True
+            if "insufficient funds" in message:
+                raise self._unfunded(err) from None
             if "nonce too low" in message or "replacement transaction underpriced" in message:
                 # Ours, mined or pending after a retried send whose answer was lost? Then this
                 # is success; anything else means another transaction holds the nonce.
                 return self.known(tx_hash)
             raise
+
+    def _unfunded(self, err: Exception) -> InsufficientFunds:
+        balance = self.w3.eth.get_balance(self.address)
+        return InsufficientFunds(f"the account {self.address} cannot pay for the transaction "
+                                 f"(it holds {balance} wei; the node says: {err}): fund it")
 
     def known(self, tx_hash: bytes) -> bool:
         """Whether the node has transaction `tx_hash`, pending or mined."""
@@ -285,6 +297,8 @@ class TxSender:
         except Web3RPCError as err:
             revert = _revert_of(err)
             if revert is None:
+                if "insufficient funds" in str(err).lower():
+                    raise self._unfunded(err) from None
                 raise
             if artifact is not None:
                 raise decode_revert(artifact, revert) from err

@@ -37,7 +37,7 @@ from web3.exceptions import TimeExhausted, Web3RPCError
 from optinfer.contracts.bindings import ContractRevert
 from optinfer.contracts.coordinator import InferenceCoordinator
 from optinfer.contracts.registry import ModelSpec
-from optinfer.contracts.sender import TxFailed, TxSender
+from optinfer.contracts.sender import InsufficientFunds, TxFailed, TxSender
 from optinfer.errors import UserError
 from optinfer.models.runtime import IntegerModel
 from optinfer.services import consumer
@@ -486,7 +486,7 @@ def post_request(body: TextPrompt | TokenPrompt | ChatPrompt, node: NodeDep
     except ContractRevert as err:
         raise HTTPException(400, f"the coordinator refused the request: {err.name or err}"
                             f"{err.args_decoded if err.name else ''}") from None
-    except Web3RPCError as err:
+    except (Web3RPCError, InsufficientFunds) as err:
         # The node refused the transaction itself: the consumer account cannot pay, say.
         raise HTTPException(503, f"the chain refused the transaction: {err}",
                             headers=RETRY_AFTER) from None

@@ -15,6 +15,7 @@ import logging
 import re
 import select
 import socket
+import ssl
 import threading
 import time
 import urllib.parse
@@ -69,6 +70,14 @@ class RetryPolicy:
             attempt += 1
             try:
                 return action()
+            except ssl.SSLError as err:
+                # Not a passing fault: a TLS handshake with a plain-http node, or with a
+                # certificate nobody here vouches for, fails the same way every time.
+                hint = ("its certificate is not trusted here (SSL_CERT_FILE names a CA file "
+                        "to trust)" if isinstance(err, ssl.SSLCertVerificationError)
+                        else "is the node served over plain http://?")
+                raise RpcUnavailable(f"{what}: TLS failed ({err.reason or err}); {hint}"
+                                     ) from err
             except Exception as err:
                 if not is_transient(err):
                     raise
@@ -127,6 +136,10 @@ class RetryingHTTPProvider(JSONBaseProvider):
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise UserError(f"RPC URL {url!r} is not an http:// or https:// URL")
+        try:
+            parts.port  # noqa: B018 (urllib checks the range when asked)
+        except ValueError as err:
+            raise UserError(f"RPC URL {url!r}: {err}") from None
         self.endpoint_uri = url
         self.policy = policy
         self.timeout = timeout

@@ -1,7 +1,8 @@
 """The `optinfer` command line.
 
 Every command turns a `UserError` (or a missing `convert` extra) into one clear line on stderr
-and a non-zero exit; anything else is a bug and keeps its traceback. Progress goes to stderr,
+and a non-zero exit (`optinfer --debug ...` shows its traceback too); anything else is a bug
+and keeps its traceback. Progress goes to stderr,
 results (and `--json`) to stdout. The apps and options every command module shares are in
 ``cli_app.py``.
 """
@@ -35,6 +36,7 @@ from optinfer.services.cli_app import (
     err,
     load_model,
     model_app,
+    options,
     out,
     progress_bar,
     prompt_ids,
@@ -515,6 +517,8 @@ def main() -> None:
         # command (and 130 for Ctrl-C) instead of exiting: it must become the exit status.
         code = app(standalone_mode=False)
     except UserError as error:
+        if options.debug:
+            raise
         err.print(f"[red]error:[/red] {error}", markup=True, highlight=False, soft_wrap=True)
         sys.exit(2)
     except ModuleNotFoundError as error:

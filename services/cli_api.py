@@ -76,12 +76,20 @@ def request(
     Exits 2 with the reason when the request ends without one (refunded, rejected, or not
     committed before its deadline).
     """
+    from optinfer.contracts.bindings import ContractRevert
     from optinfer.contracts.coordinator import InferenceCoordinator
+    from optinfer.contracts.registry import ModelRegistry
     from optinfer.contracts.sender import TxSender
     from optinfer.models.runtime import IntegerModel
     from optinfer.services import consumer
     from optinfer.services.deployments import Deployments
 
+    if not prompt:
+        raise UserError("--prompt is empty: give the text to ask")
+    if timeout is not None and timeout <= 0:
+        raise UserError(f"--timeout must be > 0 seconds, got {timeout}")
+    if timeout is not None and not wait:
+        raise UserError("--timeout needs --wait: without it the command returns at once")
     settings = load_settings(config=config, rpc_url=rpc_url, model_dir=model)
     integer_model = IntegerModel(settings.model_path)
     tokens = prompt_ids(integer_model, prompt, chat, system)
@@ -92,9 +100,19 @@ def request(
     w3, deployments = Deployments.on_chain(settings)
     coordinator = InferenceCoordinator(w3, deployments.address("InferenceCoordinator"))
     sender = TxSender(w3, settings.signer("consumer", deployments.chain_id))
-    posted = consumer.post_request(
-        coordinator, sender, integer_model, tokens, max_tokens=max_tokens, fee=fee,
-        commit_seconds=commit_seconds)
+    consumer.check_registered(ModelRegistry(w3, deployments.address("ModelRegistry")),
+                              integer_model)
+    balance = w3.eth.get_balance(sender.address)
+    if balance < fee:
+        raise UserError(f"the consumer account {sender.address} holds {balance} wei, less "
+                        f"than the fee of {fee} wei: fund it, or lower --fee")
+    try:
+        posted = consumer.post_request(
+            coordinator, sender, integer_model, tokens, max_tokens=max_tokens, fee=fee,
+            commit_seconds=commit_seconds)
+    except ContractRevert as err:
+        raise UserError(f"the coordinator refuses the request: {err.name or err}"
+                        f"{err.args_decoded if err.name else ''}") from None
     say(f"posted request {posted.request_id}: {len(tokens)} prompt tokens, fee {fee} wei, "
         f"tx {posted.tx_hash}")
     summary = {"request_id": posted.request_id, "tx_hash": posted.tx_hash,

@@ -27,6 +27,21 @@ from optinfer.errors import UserError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="Verifiable LLM inference with optimistic fraud proofs.")
+
+
+class _Options:
+    debug = False  # `optinfer --debug ...`: a user error keeps its traceback too
+
+
+options = _Options()
+
+
+@app.callback()
+def _root(debug: Annotated[bool, typer.Option(
+        "--debug", help="Show the traceback of every error (for a bug report).")] = False,
+          ) -> None:
+    options.debug = debug
+
 model_app = typer.Typer(no_args_is_help=True, help="Convert, inspect, train and demo models.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks (JSON output).")
 app.add_typer(model_app, name="model")

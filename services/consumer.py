@@ -19,7 +19,7 @@ from web3 import Web3
 from web3.exceptions import BlockNotFound, Web3RPCError
 
 from optinfer.contracts.coordinator import InferenceCoordinator, RequestSpec, Result, Status
-from optinfer.contracts.registry import ModelSpec
+from optinfer.contracts.registry import ModelRegistry, ModelSpec
 from optinfer.contracts.sender import TxSender
 from optinfer.errors import UserError
 from optinfer.models.chat import chat_tokens
@@ -108,6 +108,15 @@ def check_request(model: IntegerModel, prompt: list[int], max_tokens: int, fee: 
     if not 0 <= fee <= MAX_FEE:
         raise UserError(f"the fee must be between 0 and 2**96 - 1 wei, got {fee}")
     model.check_length(len(prompt) + max_tokens - 1, "prompt plus max tokens")
+
+
+def check_registered(registry: ModelRegistry, model: IntegerModel) -> None:
+    """UserError unless `model`'s id is registered: ``postRequest`` reverts for an unknown
+    model, and a provider registers its model when it starts with ``--register``."""
+    if not registry.is_registered(model_id(model)):
+        raise UserError(f"model 0x{model_id(model).hex()} ({model.dir}) is not registered in "
+                        f"the ModelRegistry at {registry.address}: a provider serving it "
+                        "registers it (`optinfer provider run --register`)")
 
 
 def post_request(

@@ -100,15 +100,26 @@ class Deployments:
         (`w3` if given), checked to be on the deployment's chain: UserError otherwise."""
         deployments = cls.read(settings.deployments_file)
         w3 = w3 or connect_settings(settings)
-        deployments.check_chain(w3)
+        deployments.check_chain(w3, settings.deployments_file)
         return w3, deployments
 
-    def check_chain(self, w3: Web3) -> None:
-        """UserError when `w3` is on another chain than this deployment."""
+    def check_chain(self, w3: Web3, path: Path | None = None) -> None:
+        """UserError when `w3` is on another chain than this deployment, or when one of its
+        addresses holds no contract there (a chain restarted empty, a file from another
+        deployment): checked before anything is sent, which would otherwise go to an address
+        that takes the value and does nothing."""
         chain_id = w3.eth.chain_id
         if chain_id != self.chain_id:
             raise UserError(f"the deployments file is for chain {self.chain_id} but the RPC "
                             f"node is on chain {chain_id}")
+        empty = sorted(name for name, address in self.contracts.items()
+                       if not w3.eth.get_code(address))
+        if empty:
+            where = f" ({path})" if path is not None else ""
+            raise UserError(
+                f"the deployments file{where} names {', '.join(empty)} at addresses that hold "
+                f"no contract on chain {chain_id}: deploy with `optinfer contracts deploy`, or "
+                "point OPTINFER_DEPLOYMENTS at this chain's file")
 
 
 @dataclass(frozen=True)

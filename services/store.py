@@ -288,7 +288,13 @@ def _alembic_config(conn: Connection | None = None):
 
 def _sqlite_engine(url: sa.URL, echo: bool) -> Engine:
     if url.database and url.database != ":memory:":
-        Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(url.database).expanduser().parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"cannot create the SQLite database's folder {folder}: "
+                            f"{err.strerror}; set OPTINFER_DATABASE_URL or OPTINFER_STATE_DIR "
+                            "to a writable place") from None
     engine = sa.create_engine(url, echo=echo)
 
     @sa.event.listens_for(engine, "connect")

@@ -467,7 +467,8 @@ def test_an_https_node_is_reached_when_its_certificate_is_trusted_and_refused_at
         try:
             # A certificate nobody vouches for is not a transient fault: no retry.
             untrusted = connect(url, RetryPolicy(attempts=3, initial_delay=0.01))
-            with pytest.raises(ssl.SSLCertVerificationError):
+            with pytest.raises(RpcUnavailable, match=r"TLS failed \(CERTIFICATE_VERIFY_FAILED"
+                                                     r"\); its certificate is not trusted"):
                 untrusted.eth.block_number  # noqa: B018
             assert _ClosingNode.seen == []
             monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # as an operator trusts a CA

@@ -137,16 +137,21 @@ def test_bad_settings_stop_the_command_with_one_line(env, variable, tmp_path):
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_deployments_file_round_trip_and_errors(chain, w3, tmp_path):
+def test_deployments_file_round_trip_and_errors(chain, w3, deployment, tmp_path):
     from optinfer.errors import UserError
 
     path = tmp_path / "d" / "deployments.json"
     written = Deployments(chain_id=chain.chain_id, block_number=3,
-                          contracts={"ModelRegistry": chain.accounts[0].address})
+                          contracts={"ModelRegistry": deployment.address("ModelRegistry")})
     written.write(path)
     read = Deployments.read(path)
     assert read == written
     read.check_chain(w3)
+    # An address without code (a chain restarted empty, another deployment's file).
+    with pytest.raises(UserError, match="names ModelRegistry at addresses that hold no "
+                                        "contract on chain 31337"):
+        Deployments(chain_id=chain.chain_id, block_number=3,
+                    contracts={"ModelRegistry": chain.accounts[0].address}).check_chain(w3)
     with pytest.raises(UserError, match="has no DisputeGame.*contracts deploy"):
         read.address("DisputeGame")
     with pytest.raises(UserError, match="for chain 1 but the RPC node is on chain 31337"):
@@ -156,3 +161,52 @@ def test_deployments_file_round_trip_and_errors(chain, w3, tmp_path):
     (tmp_path / "bad.json").write_text('{"chain_id": 1}')
     with pytest.raises(UserError, match="not a deployments file"):
         Deployments.read(tmp_path / "bad.json")
+
+
+def _one_error_line(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and "╭" not in proc.stderr, proc.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+def test_issue20_point12_operator_mistakes_are_one_line_and_nothing_is_sent(chain, w3,
+                                                                            tmp_path):
+    """The mistakes an operator makes, each one line on stderr with what to do, exit status
+    2, no traceback, and checked before anything is signed: the consumer's nonce and balance
+    are what they were (the fee went first, and was lost, to an address without a contract)."""
+    deployed = tmp_path / "deployments.json"
+    assert optinfer("contracts", "deploy", "--rpc-url", chain.url, "--out", deployed,
+                    env={"OPTINFER_STATE_DIR": str(tmp_path)}).returncode == 0
+    elsewhere = tmp_path / "elsewhere.json"
+    data = json.loads(deployed.read_text())
+    data["contracts"]["InferenceCoordinator"] = "0x" + "12" * 20
+    elsewhere.write_text(json.dumps(data))
+    env = {"OPTINFER_RPC_URL": chain.url, "OPTINFER_DEPLOYMENTS": str(deployed),
+           "OPTINFER_STATE_DIR": str(tmp_path / "state"), "OPTINFER_RPC_ATTEMPTS": "2",
+           "OPTINFER_RPC_BACKOFF": "0.01"}
+    consumer = chain.accounts[3].address
+    before = (w3.eth.get_transaction_count(consumer), w3.eth.get_balance(consumer))
+    tls = chain.url.replace("http://", "https://")
+    cases = [
+        (["request", "--prompt", "1+1=", "--rpc-url", tls], {}, ["TLS failed", "http://"]),
+        (["request", "--prompt", "1+1=", "--rpc-url", "http://127.0.0.1:99999"], {},
+         ["Port out of range"]),
+        (["request", "--prompt", ""], {}, ["--prompt is empty"]),
+        (["request", "--prompt", "1+1=", "--wait", "--timeout", "-1"], {},
+         ["--timeout must be > 0"]),
+        (["request", "--prompt", "1+1="], {},  # nobody registered tiny-r1 in this deployment
+         ["is not registered", "optinfer provider run --register"]),
+        (["request", "--prompt", "1+1="], {"OPTINFER_DEPLOYMENTS": str(elsewhere)},
+         ["InferenceCoordinator at addresses that hold no contract", "contracts deploy"]),
+        (["db", "upgrade"], {"OPTINFER_DATABASE_URL": "sqlite:////proc/nope/node.db"},
+         ["cannot create the SQLite database's folder /proc/nope", "writable"]),
+        (["contracts", "deploy", "--out", tmp_path / "never.json"],
+         {"OPTINFER_DEPLOYER_KEY": "0x" + "ab" * 32}, ["cannot pay for the transaction",
+                                                       "holds 0 wei", "fund it"]),
+    ]
+    for args, extra, fragments in cases:
+        _one_error_line(optinfer(*args, env={**env, **extra}), *fragments)
+    assert (w3.eth.get_transaction_count(consumer), w3.eth.get_balance(consumer)) == before
