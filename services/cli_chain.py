@@ -34,6 +34,8 @@ chain_app = typer.Typer(no_args_is_help=True, help="A local development chain (a
 app.add_typer(chain_app, name="chain")
 
 STATE_FILE = "anvil-state.json"
+DEFAULT_BLOCK_TIME = 2
+"""`chain up`'s seconds between blocks on a quiet chain."""
 
 
 @chain_app.command("up")
@@ -47,6 +49,10 @@ def chain_up(
         "(default: <state_dir setting>/chain).")] = None,
     ephemeral: Annotated[bool, typer.Option(
         "--ephemeral", help="Start from an empty chain and keep nothing.")] = False,
+    block_time: Annotated[int, typer.Option(
+        "--block-time", help="Seconds between blocks when no transaction comes (each "
+        "transaction is still mined at once); 0: blocks only for transactions, so the "
+        "chain's clock stands still while nothing is sent.")] = DEFAULT_BLOCK_TIME,
     config: ConfigFile = None,
     as_json: AsJson = False,
 ) -> None:
@@ -55,6 +61,8 @@ def chain_up(
 
     if not 0 <= port <= 65535:
         raise UserError(f"--port must be in 0..65535, got {port}")
+    if block_time < 0:
+        raise UserError(f"--block-time must be >= 0 seconds, got {block_time}")
     state_file = None
     if not ephemeral:
         directory = state_dir or load_settings(config=config).state_dir / "chain"
@@ -68,13 +76,20 @@ def chain_up(
         signal.signal(signum, lambda *_: stop.set())
 
     extra = ("--state", str(state_file)) if state_file else ()
-    with start_anvil(port, extra_args=extra, host=host) as chain:
+    if block_time:
+        # Mixed mining: a block for each transaction at once, and one every `block_time`
+        # seconds besides, so that time passes on a quiet chain and claims reach the end of
+        # their challenge window (with blocks only for transactions, nothing ever finalizes).
+        extra += ("--mixed-mining",)
+    with start_anvil(port, extra_args=extra, host=host,
+                     block_time=block_time or None) as chain:
         roles = {index: role for role, index in DEV_ACCOUNT_INDEX.items()}
         accounts = [{"address": account.address, "private_key": "0x" + bytes(account.key).hex(),
                      "role": roles.get(index)}
                     for index, account in enumerate(chain.accounts)]
         summary = {"rpc_url": chain.url, "chain_id": chain.chain_id,
-                   "state_file": str(state_file) if state_file else None, "accounts": accounts}
+                   "state_file": str(state_file) if state_file else None,
+                   "block_time": block_time or None, "accounts": accounts}
         emit(summary, as_json, _print_chain)
         sys.stdout.flush()  # a supervisor reading the URL must not wait for exit
         anvil = psutil.Process(chain.pid)

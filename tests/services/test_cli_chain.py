@@ -60,6 +60,39 @@ def test_chain_up_answers_and_stops_cleanly_on_sigint(tmp_path):
                 and child.status() != psutil.STATUS_ZOMBIE]
 
 
+def test_issue20_point5_a_quiet_chain_up_chain_keeps_time_moving_and_mines_at_once(tmp_path):
+    """With no traffic, anvil without a block time mined nothing and no time passed: nothing
+    ever finalized and `request --wait` hung. `chain up` now adds a block every 2 seconds,
+    while a transaction is still mined at once; `--block-time 0` keeps the old behaviour."""
+    from optinfer.contracts.localchain import dev_accounts
+    from optinfer.contracts.sender import TxSender
+    from optinfer.services.chain import connect
+
+    up = ChainUp("--ephemeral")
+    try:
+        assert up.summary["block_time"] == 2
+        w3 = connect(up.summary["rpc_url"])
+        first = w3.eth.get_block("latest")
+        time.sleep(4.5)
+        later = w3.eth.get_block("latest")
+        assert later["number"] >= first["number"] + 2
+        assert later["timestamp"] >= first["timestamp"] + 4
+        started = time.monotonic()
+        TxSender(w3, dev_accounts()[5]).send({"to": dev_accounts()[4].address, "value": 1})
+        assert time.monotonic() - started < 1.0  # not held for the next interval block
+    finally:
+        assert up.interrupt() == 0
+    still = ChainUp("--ephemeral", "--block-time", "0")
+    try:
+        assert still.summary["block_time"] is None
+        w3 = connect(still.summary["rpc_url"])
+        number = w3.eth.block_number
+        time.sleep(2.5)
+        assert w3.eth.block_number == number
+    finally:
+        assert still.interrupt() == 0
+
+
 def test_chain_up_keeps_state_across_restarts_and_sigterm_stops_it(tmp_path):
     state = tmp_path / "chain"
     up = ChainUp("--state-dir", str(state))
