@@ -626,3 +626,27 @@ def test_issue20_point2_a_commit_a_reorganisation_took_is_committed_again(regist
     node.finalize_due()
     assert protocol.coordinator.get_request(request_id).status is Status.FINALIZED
     node.store.dispose()
+
+
+def test_issue20_point7_a_fresh_node_does_not_answer_history_again(registered, sqlite_url,
+                                                                   model):
+    """A node started on an empty database reads every past request. One another provider
+    already answered is recorded as such from the chain, not generated again (it generated
+    every past request first, then found each commit refused); the open one is served."""
+    protocol = registered
+    prompt = model.encode(PROMPT_TEXT)
+    other = protocol.accounts[5]
+    protocol.coordinator.register_provider_send(protocol.coordinator.parameter("minimumStake"),
+                                                other)
+    answered, open_ = (protocol.post(prompt, max_tokens=8) for _ in range(2))
+    protocol.coordinator.commit_output_send(answered, model.generate(prompt, 8), other)
+    node = _in_process_node(protocol, sqlite_url, model, stake=None)
+    generated = []
+    real = node._generations
+    node._generations = lambda jobs: (generated.extend(jobs), real(jobs))[1]
+    assert [s.request_id for s in node.serve_pending()] == [open_]
+    assert len(generated) == 1
+    with node.store.transaction() as conn:
+        row = st.get_request(conn, answered)
+    assert row.status is RequestStatus.SKIPPED and "answered by another provider" in row.note
+    node.store.dispose()
