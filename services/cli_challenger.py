@@ -64,6 +64,8 @@ def challenger_run(
     celery = configure(settings)
     if settings.broker_url is None:
         log_to_stderr()
+    else:
+        check_broker(celery, settings.broker_url)
     watchtower = Watchtower.start(settings)  # a bad deployment or model stops here, in one line
     tasks.use_watchtower(watchtower)
     if settings.metrics_port is not None:
@@ -82,9 +84,43 @@ def challenger_run(
     argv = ["worker", "--pool", "threads", "--concurrency", str(concurrency),
             "--loglevel", "INFO", "-n", f"watchtower-{os.getpid()}@%h",
             "--without-gossip", "--without-mingle"]
-    if beat:
-        argv += ["--beat", "--schedule", str(settings.state_dir / "celerybeat-schedule")]
-    celery.worker_main(argv)
+    if not beat:
+        celery.worker_main(argv)
+        return
+    # Beat on a thread of this process, not Celery's `--beat` child process: a worker killed
+    # with -9 left that child sending scans beside the next worker's beat.
+    from celery.beat import EmbeddedService
+
+    settings.state_dir.mkdir(parents=True, exist_ok=True)  # the schedule file's folder
+    scheduler = EmbeddedService(
+        celery, thread=True, schedule_filename=str(settings.state_dir / "celerybeat-schedule"))
+    scheduler.start()
+    try:
+        celery.worker_main(argv)
+    finally:
+        scheduler.stop()
+
+
+BROKER_ATTEMPTS = 5
+"""Connection attempts to the broker before `challenger run` gives up (about 10 s)."""
+
+
+def check_broker(celery, url: str) -> None:
+    """UserError unless the broker at `url` answers within `BROKER_ATTEMPTS` attempts, each
+    logged (Celery itself would retry forever at start-up, without a word)."""
+    from kombu.exceptions import OperationalError
+
+    def retrying(err, interval) -> None:
+        log.warning("broker %s: %s; trying again in %.1f s", url, err, interval)
+
+    try:
+        with celery.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=BROKER_ATTEMPTS - 1, interval_start=0.5,
+                                         interval_step=1.0, interval_max=4.0,
+                                         errback=retrying)
+    except OperationalError as err:
+        raise UserError(f"the broker {url} is unreachable after {BROKER_ATTEMPTS} attempts: "
+                        f"{err}; start it, or fix OPTINFER_BROKER_URL") from None
 
 
 @challenger_app.command("withdraw")

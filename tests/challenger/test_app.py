@@ -66,3 +66,29 @@ def test_every_task_has_a_soft_and_a_hard_time_limit():
     # A play task's moves alone may take MOVES_PER_TURN receipt waits: the limit leaves them.
     receipt_wait = inspect.signature(TxSender).parameters["receipt_timeout"].default
     assert tasks.PLAY_LIMITS[0] > MOVES_PER_TURN * receipt_wait
+
+
+def test_issue20_point8_an_unreachable_broker_is_one_line_after_bounded_logged_retries(
+        tmp_path):
+    """Celery retried a missing broker forever at start-up, without a word; `challenger run`
+    now tries a few times, logging each, and stops with one line naming the broker."""
+    import socket
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed once the probe is: nobody listens there
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("OPTINFER_")}
+    started = time.monotonic()
+    proc = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "optinfer"), "challenger", "run"],
+        capture_output=True, text=True, timeout=120,
+        env={**clean, "OPTINFER_BROKER_URL": f"redis://127.0.0.1:{port}/0",
+             "OPTINFER_STATE_DIR": str(tmp_path)})
+    assert proc.returncode == 2, proc.stderr
+    assert time.monotonic() - started < 60
+    retries = [line for line in proc.stderr.splitlines() if "trying again in" in line]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(retries) == 4 and len(errors) == 1, proc.stderr
+    assert f"the broker redis://127.0.0.1:{port}/0 is unreachable after 5 attempts" in errors[0]
+    assert "Traceback" not in proc.stderr

@@ -8,6 +8,7 @@ import socket
 import sys
 import urllib.request
 
+import psutil
 import pytest
 import sqlalchemy as sa
 from celery import Celery
@@ -158,6 +159,9 @@ def test_a_worker_killed_mid_game_is_replaced_and_the_game_is_won_in_time(
     try:
         defend(stack, game_id, liar.trace, done=lambda: len(database.moves(game_id)) >= 3)
         scraped = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+        # Its beat is a thread of the worker's process (issue 20, point 8): Celery's `--beat`
+        # child outlived a worker killed with -9 and sent scans beside the next one's beat.
+        assert psutil.Process(first.pid).children(recursive=True) == []
         workers.kill(first)
         killed_after = len(database.moves(game_id))
         workers.celery(env, "second")
