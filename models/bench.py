@@ -57,7 +57,7 @@ def generate_worker(model_dir: Path, threads: int, prompt_len: int, tokens: int)
                         on_token=lambda _: stamps.append(time.perf_counter()))
     return {"decode_tokens_per_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
             "generate_s": stamps[-1] - start, "output": output,
-            "peak_rss_bytes": peak_rss_bytes_of_process()}
+            "peak_rss_bytes": peak_rss_bytes_of_process(), "pid": os.getpid()}
 
 
 def verify_worker(model_dir: Path, threads: int, prompt_len: int, output_csv: str) -> dict:
@@ -80,7 +80,7 @@ def verify_worker(model_dir: Path, threads: int, prompt_len: int, output_csv: st
         if predicted.tolist() != output:
             raise RuntimeError("teacher-forced pass disagrees with KV-cache decoding")
     return {"verify_s": statistics.median(verify_runs), "verify_runs_s": verify_runs,
-            "peak_rss_bytes": peak_rss_bytes_of_process()}
+            "peak_rss_bytes": peak_rss_bytes_of_process(), "pid": os.getpid()}
 
 
 def ort_float_worker(float_path: Path, threads: int, prompt_len: int, tokens: int) -> dict:
@@ -109,7 +109,7 @@ def ort_float_worker(float_path: Path, threads: int, prompt_len: int, tokens: in
         position += len(feed)
         feed = [int(out[0][-1])]
     return {"decode_tokens_per_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
-            "peak_rss_bytes": peak_rss_bytes_of_process()}
+            "peak_rss_bytes": peak_rss_bytes_of_process(), "pid": os.getpid()}
 
 
 def torch_worker(checkpoint: Path, threads: int, prompt_len: int, tokens: int) -> dict:
@@ -132,7 +132,7 @@ def torch_worker(checkpoint: Path, threads: int, prompt_len: int, tokens: int) -
     prefill = timed(1)
     total = timed(tokens)
     return {"decode_tokens_per_s": (tokens - 1) / (total - prefill),
-            "peak_rss_bytes": peak_rss_bytes_of_process()}
+            "peak_rss_bytes": peak_rss_bytes_of_process(), "pid": os.getpid()}
 
 
 # ------------------------------------------------------------------ driver
@@ -229,7 +229,8 @@ def measure(checkpoint: Path, integer: Path, float_path: Path, tokens: int, prom
         rounds.append((generated, checked))
     per_round = [{"generate_s": g["generate_s"], "decode_tokens_per_s": g["decode_tokens_per_s"],
                   "verify_s": c["verify_s"], "verify_runs_s": c["verify_runs_s"],
-                  "verify_over_generate": c["verify_s"] / g["generate_s"]}
+                  "verify_over_generate": c["verify_s"] / g["generate_s"],
+                  "processes": {"generate": g["pid"], "verify": c["pid"]}}
                  for g, c in rounds]
     decode = statistics.median(r["decode_tokens_per_s"] for r in per_round)
     generate_rss = max(g["peak_rss_bytes"] for g, _ in rounds)

@@ -32,8 +32,11 @@ def test_workers_measure_every_runtime_and_the_json_has_the_issue_keys(
     assert result["generate_s"] == sorted(r["generate_s"] for r in rounds)[len(rounds) // 2]
     # Each runtime was measured in its own process: the float ones hold more weight bytes.
     assert result["peak_rss_bytes"] != result["torch_fp32_peak_rss_bytes"]
-    # Generation and verification each in their own process, as provider and watchtower are.
-    assert result["generate_peak_rss_bytes"] != result["verify_peak_rss_bytes"]
+    # Generation and verification each in their own process, as provider and watchtower are
+    # (their peaks on this small model may coincide to the page: the processes are told apart
+    # by their ids).
+    pids = [pid for r in rounds for pid in r["processes"].values()]
+    assert len(set(pids)) == len(pids) == 2 * bench.INTEGER_ROUNDS
     assert result["peak_rss_bytes"] == max(result["generate_peak_rss_bytes"],
                                            result["verify_peak_rss_bytes"])
 
