@@ -47,7 +47,7 @@ from optinfer.prover import game as spec
 from optinfer.prover.game import ModelTrace, Role
 from optinfer.services import store as st
 from optinfer.services.deployments import Deployments
-from optinfer.services.events import EventCursor, claim_record, request_record
+from optinfer.services.events import OUTCOMES, EventCursor, follow_outcome, request_record
 from optinfer.services.responder import GameResponder, Turn, describe
 from optinfer.services.statuses import ChallengeStatus, GameStatus
 from optinfer.services.store import GameRecord, Store
@@ -159,7 +159,7 @@ class Watchtower:
         self._sampling_salt = keccak(bytes(self.account.key) + b"optinfer sampling")
         self.cursor = EventCursor(
             self.w3, self.store, CURSOR_NAME, [self.coordinator.contract],
-            events=["RequestPosted", "OutputCommitted"],
+            events=["RequestPosted", *OUTCOMES],
             start_block=self.deployments.block_number,
             confirmations=settings.confirmations, max_block_range=settings.max_block_range,
             on_rewind=self._claims_lost,
@@ -195,7 +195,7 @@ class Watchtower:
         def handle(conn, event) -> None:
             if event.name == "RequestPosted":
                 st.upsert_request(conn, request_record(event))
-            elif st.record_claim(conn, claim_record(event)):
+            elif follow_outcome(conn, event) and event.name == "OutputCommitted":
                 new_claims.append(event.args["requestId"])
 
         self.cursor.poll(handle)

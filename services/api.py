@@ -110,9 +110,10 @@ class RequestView(BaseModel):
     commit_deadline: int
     block_number: int
     tx_hash: str
-    status: RequestStatus = Field(description="The node's view: open, committing (answer "
-                                  "written, commit sent), committed, finalized, rejected, or "
-                                  "skipped (`note` says why).")
+    status: RequestStatus = Field(description="The node's view, following the chain: open, "
+                                  "committing (answer written, commit sent), committed, "
+                                  "finalized, rejected, refunded (nobody answered in time), or "
+                                  "skipped (this node will not serve it, `note` says why).")
     note: str | None
     claim: ClaimView | None
     games: list[int] = Field(description="Ids of the dispute games on this request.")

@@ -24,14 +24,18 @@ from web3.contract import Contract
 from web3.exceptions import BlockNotFound
 
 from optinfer.services.chain import RpcUnavailable
+from optinfer.services.statuses import ClaimStatus, RequestStatus
 from optinfer.services.store import (
     ClaimRecord,
     RequestRecord,
     Store,
     checkpoints,
     lock_cursor,
+    record_claim,
     rewind_cursor,
+    set_claim_status,
     set_cursor,
+    set_request_status,
 )
 
 log = logging.getLogger(__name__)
@@ -236,3 +240,31 @@ def chain_event(event) -> ChainEvent:
                       tx_hash="0x" + bytes(event["transactionHash"]).hex(),
                       block_hash="0x" + bytes(event["blockHash"]).hex()
                       if event.get("blockHash") is not None else None)
+
+
+OUTCOMES = ("OutputCommitted", "Finalized", "Slashed", "Refunded")
+"""The coordinator's events that settle what became of a request: a node's cursor watches them
+so that its database agrees with the chain, whichever node filled it."""
+
+
+def follow_outcome(conn: Connection, event: ChainEvent) -> bool:
+    """Record what `event` (one of `OUTCOMES`) says became of its request: a claim committed
+    (recorded, the request committed), finalized, slashed (the request rejected) or the fee
+    refunded. Each write is guarded by the status table, so a repeated or late event changes
+    nothing; True when this was a new claim."""
+    request_id = event.args["requestId"]
+    if event.name == "OutputCommitted":
+        new = record_claim(conn, claim_record(event))
+        set_request_status(conn, request_id, RequestStatus.COMMITTED)
+        return new
+    if event.name == "Finalized":
+        set_request_status(conn, request_id, RequestStatus.FINALIZED)
+        set_claim_status(conn, request_id, ClaimStatus.FINALIZED)
+    elif event.name == "Slashed":
+        set_request_status(conn, request_id, RequestStatus.REJECTED)
+        set_claim_status(conn, request_id, ClaimStatus.SLASHED)
+    elif event.name == "Refunded":
+        set_request_status(conn, request_id, RequestStatus.REFUNDED)
+    else:
+        raise ValueError(f"{event.name} is not one of {OUTCOMES}")
+    return False

@@ -69,11 +69,13 @@ from optinfer.services import store as st
 from optinfer.services.chain import RpcUnavailable
 from optinfer.services.deployments import Deployments
 from optinfer.services.events import (
+    OUTCOMES,
     ChainEvent,
     EventCursor,
     block_hash,
     chain_event,
     claim_record,
+    follow_outcome,
     request_record,
 )
 from optinfer.services.responder import GameResponder, SentMove
@@ -222,8 +224,10 @@ class ProviderNode:
                                         model.vocab_size)
         cursor_options = dict(start_block=deployments.block_number, confirmations=confirmations,
                               max_block_range=max_block_range)
+        # What became of every request too, so that the node's database agrees with the chain
+        # (another provider's answer, a refund), whoever acted.
         self.requests_cursor = EventCursor(w3, store, REQUESTS_CURSOR, [self.coordinator.contract],
-                                           events=["RequestPosted"], **cursor_options)
+                                           events=["RequestPosted", *OUTCOMES], **cursor_options)
         self.games_cursor = EventCursor(w3, store, GAMES_CURSOR, [self.game.contract],
                                         events=["GameOpened"], **cursor_options)
         # The lease holder's name is the key: a restarted node takes its games back at once.
@@ -400,6 +404,9 @@ class ProviderNode:
         return lost
 
     def _on_request(self, conn, event: ChainEvent) -> None:
+        if event.name != "RequestPosted":
+            follow_outcome(conn, event)
+            return
         record = request_record(event)
         if st.upsert_request(conn, record):
             log.info("request %d: %d prompt tokens, max %d, model %s", record.request_id,

@@ -21,6 +21,7 @@ class RequestStatus(StrEnum):
     FINALIZED = "finalized"  # the claim was finalized: the answer is the verified one
     REJECTED = "rejected"  # the claim lost a dispute
     SKIPPED = "skipped"  # this node will not serve it (`note` says why)
+    REFUNDED = "refunded"  # nobody answered in time: the consumer took its fee back
 
 
 class ClaimStatus(StrEnum):
@@ -55,16 +56,19 @@ class ChallengeStatus(StrEnum):
 TRANSITIONS: dict[type[StrEnum], dict[StrEnum, frozenset[StrEnum]]] = {
     RequestStatus: {
         RequestStatus.OPEN: frozenset({RequestStatus.COMMITTING, RequestStatus.COMMITTED,
-                                       RequestStatus.SKIPPED}),
+                                       RequestStatus.SKIPPED, RequestStatus.REFUNDED}),
         RequestStatus.COMMITTING: frozenset({RequestStatus.COMMITTING, RequestStatus.COMMITTED,
-                                             RequestStatus.SKIPPED}),
+                                             RequestStatus.SKIPPED, RequestStatus.REFUNDED}),
         # Back to committing only when a reorganisation took the commit (the provider's
         # recheck of its own commits, expected=COMMITTED): its answer is committed again.
         RequestStatus.COMMITTED: frozenset({RequestStatus.COMMITTING, RequestStatus.FINALIZED,
                                             RequestStatus.REJECTED}),
         RequestStatus.FINALIZED: frozenset(),
         RequestStatus.REJECTED: frozenset(),
-        RequestStatus.SKIPPED: frozenset(),
+        # What this node will not serve still follows the chain (services/events.py,
+        # follow_outcome): another provider's answer, or the refund.
+        RequestStatus.SKIPPED: frozenset({RequestStatus.COMMITTED, RequestStatus.REFUNDED}),
+        RequestStatus.REFUNDED: frozenset(),
     },
     ClaimStatus: {
         ClaimStatus.COMMITTED: frozenset({ClaimStatus.DISPUTED, ClaimStatus.FINALIZED,

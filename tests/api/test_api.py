@@ -139,8 +139,8 @@ def test_requests_list_filters_and_pages(client, two_requests):
     assert [r["request_id"] for r in committed["requests"]] == [first]
     assert client.get("/v1/requests", params={"status": "finalized"}).json() == {
         "requests": [], "next_after": None}
-    unknown = client.get("/v1/requests", params={"status": "refunded"})  # not a node status
-    assert unknown.status_code == 422 and "'skipped'" in unknown.text
+    unknown = client.get("/v1/requests", params={"status": "answered"})  # not a node status
+    assert unknown.status_code == 422 and "'refunded'" in unknown.text
     page = client.get("/v1/requests", params={"limit": 1}).json()
     assert [r["request_id"] for r in page["requests"]] == [first]
     assert page["next_after"] == first

@@ -337,3 +337,28 @@ def test_issue20_point1_a_claim_is_judged_only_once_confirmed_whoever_recorded_i
     finally:
         tasks.use_watchtower(None)
         instance.close()
+
+
+def test_issue20_point6_a_watchtower_s_database_shows_what_the_chain_says_became_of_requests(
+        stack, watchtower):
+    """A database only the watchtower fills showed a slashed claim's request as `open`: its
+    cursor follows the coordinator's outcomes too, so the rows (and the API reading them) say
+    rejected and slashed, finalized, and refunded, as the chain does."""
+    liar = lie("final")
+    false = stack.claim(liar.prompt, liar.claimed)
+    prompt, answer = map(list, honest_answer("5+7="))
+    honest = stack.claim(prompt, answer)
+    unanswered = stack.post(prompt)
+    tasks.scan.delay()
+    (game_id,) = stack.games_of(false)
+    assert play_out(stack, game_id, liar.trace).winner is Role.CHALLENGER
+    advance(stack.w3, 3601)  # past the challenge window and the commit deadline
+    stack.coordinator.finalize_send(honest, stack.consumer)
+    stack.coordinator.refund_send(unanswered, stack.consumer)
+    tasks.scan.delay()
+    with watchtower.store.transaction() as conn:
+        rows = {request_id: (st.get_request(conn, request_id).status,
+                             getattr(st.get_claim(conn, request_id), "status", None))
+                for request_id in (false, honest, unanswered)}
+    assert rows == {false: ("rejected", "slashed"), honest: ("finalized", "finalized"),
+                    unanswered: ("refunded", None)}

@@ -632,7 +632,9 @@ def test_issue20_point7_a_fresh_node_does_not_answer_history_again(registered, s
                                                                    model):
     """A node started on an empty database reads every past request. One another provider
     already answered is recorded as such from the chain, not generated again (it generated
-    every past request first, then found each commit refused); the open one is served."""
+    every past request first, then found each commit refused); the open one is served. (The
+    node's cursor follows the coordinator's outcomes, and a request posted before the node
+    started is asked of the chain before it is generated.)"""
     protocol = registered
     prompt = model.encode(PROMPT_TEXT)
     other = protocol.accounts[5]
@@ -647,6 +649,7 @@ def test_issue20_point7_a_fresh_node_does_not_answer_history_again(registered, s
     assert [s.request_id for s in node.serve_pending()] == [open_]
     assert len(generated) == 1
     with node.store.transaction() as conn:
-        row = st.get_request(conn, answered)
-    assert row.status is RequestStatus.SKIPPED and "answered by another provider" in row.note
+        row, claim = st.get_request(conn, answered), st.get_claim(conn, answered)
+    # Recorded from the chain's OutputCommitted as the other provider's claim.
+    assert (row.status, claim.provider) == (RequestStatus.COMMITTED, other.address)
     node.store.dispose()

@@ -257,11 +257,15 @@ def test_every_status_has_its_transitions_and_terminals_end():
         assert set(table) == set(kind)
         for status in kind:
             assert all(type(after) is kind for after in successors(status)), status
+    # A skipped request still follows the chain: another provider's answer, a refund.
     assert predecessors(RequestStatus.COMMITTED) == (RequestStatus.OPEN,
-                                                     RequestStatus.COMMITTING)
+                                                     RequestStatus.COMMITTING,
+                                                     RequestStatus.SKIPPED)
+    assert successors(RequestStatus.SKIPPED) == {RequestStatus.COMMITTED,
+                                                 RequestStatus.REFUNDED}
     assert predecessors(GameStatus.WON) == (GameStatus.OPEN,)
     assert predecessors(ChallengeStatus.SENDING) == ()  # only ever inserted
-    for terminal in (RequestStatus.FINALIZED, RequestStatus.REJECTED, RequestStatus.SKIPPED,
+    for terminal in (RequestStatus.FINALIZED, RequestStatus.REJECTED, RequestStatus.REFUNDED,
                      ClaimStatus.FINALIZED, ClaimStatus.SLASHED, GameStatus.WON,
                      GameStatus.LOST, ChallengeStatus.OPENED, ChallengeStatus.FAILED):
         assert successors(terminal) == frozenset()
