@@ -260,9 +260,27 @@ class TxSender:
             return "was dropped by the node"
         if tx.get("blockNumber") is None \
                 and tx["nonce"] >= self.w3.eth.get_transaction_count(self.address, "pending"):
+            self._cancel(tx)
             return (f"waits behind a nonce gap (nonce {tx['nonce']}; the chain lost earlier "
-                    "transactions of this key)")
+                    "transactions of this key) and is cancelled")
         return None
+
+    def _cancel(self, tx) -> None:
+        """Replace stranded transaction `tx` in the node's pool by a transfer of nothing to
+        ourselves at its nonce: once the transactions sent next fill the gap, that no-op is
+        mined in its place, so what the caller was told failed (and may send again) never
+        lands as well. A replacement must raise the fees (by 10% at least on most nodes)."""
+        bumped = {name: tx[name] * 5 // 4 + 1 for name in
+                  ("maxFeePerGas", "maxPriorityFeePerGas", "gasPrice") if tx.get(name)}
+        if "maxFeePerGas" in bumped:
+            bumped.pop("gasPrice", None)
+        raw, _ = self._sign({"to": self.address, "value": 0, "data": b"", "gas": 21_000,
+                             "nonce": tx["nonce"], "chainId": self.w3.eth.chain_id, **bumped})
+        try:
+            self.rpc("eth_sendRawTransaction", "0x" + bytes(raw).hex())
+        except Web3RPCError as err:  # mined meanwhile, or the node keeps the original
+            log.warning("%s: could not cancel stranded transaction at nonce %d: %s",
+                        self.address, tx["nonce"], err)
 
     def send(self, tx: TxParams, artifact: Artifact | None = None) -> TxReceipt:
         """:meth:`submit` then :meth:`wait`: the receipt of `tx` (a binding's builder's, or

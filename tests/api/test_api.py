@@ -481,3 +481,29 @@ def test_issue20_point10_a_request_not_mined_in_time_is_503_with_retry_after(cli
         w3.provider.make_request("evm_mine", [])
     assert "not mined in time" in error(response, 503)
     assert response.headers["Retry-After"] == "5"
+
+
+def test_issue20_point3_posting_after_the_chain_lost_blocks_recovers_without_a_hand(client, w3):
+    """The chain loses the block of a posted request (a node restarted from an older state):
+    the API's count of the consumer's nonces is ahead of the chain, and the next POST waited
+    120 s behind the gap and answered 500 until someone intervened. Now the transaction
+    stranded behind the gap is seen within seconds: 503 with Retry-After, the count taken
+    from the chain again, and the retry is posted."""
+    import time
+
+    body, headers = {"prompt": PROMPT, "max_tokens": 8}, {"X-API-Key": API_KEY}
+    fork = w3.provider.make_request("evm_snapshot", [])["result"]
+    assert client.post("/v1/requests", json=body, headers=headers).status_code == 201
+    w3.provider.make_request("evm_revert", [fork])
+    started = time.monotonic()
+    stranded = client.post("/v1/requests", json=body, headers=headers)
+    assert "nonce gap" in error(stranded, 503)
+    assert stranded.headers["Retry-After"] == "5"
+    assert time.monotonic() - started < 15
+    again = client.post("/v1/requests", json=body, headers=headers)
+    assert again.status_code == 201, again.text
+    # The stranded one was cancelled: the gap filled, it did not land as a second request.
+    w3.provider.make_request("evm_mine", [])
+    coordinator = client.app.state.node.chain().coordinator
+    assert coordinator.parameter("requestCount") == again.json()["request_id"] == 1
+    assert client.post("/v1/requests", json=body, headers=headers).status_code == 201

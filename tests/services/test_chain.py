@@ -18,6 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from hexbytes import HexBytes
 from web3 import Web3
+from web3.exceptions import TransactionNotFound
 
 from optinfer.contracts.bindings import ContractRevert, padded_gas
 from optinfer.contracts.coordinator import InferenceCoordinator, RequestSpec
@@ -280,6 +281,13 @@ def test_issue20_point2_a_transaction_stranded_behind_a_nonce_gap_is_reported_an
     assert sender.next_nonce == start
     receipt = sender.send({"to": to, "value": 2})
     assert w3.eth.get_transaction(receipt["transactionHash"])["nonce"] == start
+    # The stranded transfer was replaced by a no-op at its nonce: with the gap filled, the
+    # no-op is mined there, and the transfer the caller was told had failed never lands.
+    w3.provider.make_request("evm_mine", [])
+    with pytest.raises(TransactionNotFound):
+        w3.eth.get_transaction(stranded)
+    assert w3.eth.get_transaction_count(sender.address) == start + 2
+    assert sender.send({"to": to, "value": 3})["status"] == 1  # the count catches up
 
 
 def test_stale_nonce_is_resynchronised_from_the_chain(chain, w3):
