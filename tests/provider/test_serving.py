@@ -653,3 +653,27 @@ def test_issue20_point7_a_fresh_node_does_not_answer_history_again(registered, s
     # Recorded from the chain's OutputCommitted as the other provider's claim.
     assert (row.status, claim.provider) == (RequestStatus.COMMITTED, other.address)
     node.store.dispose()
+
+
+def test_two_nodes_on_one_key_both_end_with_the_chain_s_account(registered, tmp_path, model):
+    """Two provider nodes share a key (an operator's mistake, issue 20 point 4), each with its
+    own database. One commits a request's answer; the other's commit is refused. Both
+    databases follow the commit (the outcome events), record the claim as their key's, and
+    the fee is finalized once. (The issue saw the loser's row stay `skipped`; this sequence,
+    one node after the other, is a guard, not that race.)"""
+    protocol = registered
+    request_id = protocol.post(model.encode(PROMPT_TEXT), max_tokens=8)
+    first = _in_process_node(protocol, f"sqlite:///{tmp_path / 'first.db'}", model, stake=None)
+    second = _in_process_node(protocol, f"sqlite:///{tmp_path / 'second.db'}", model,
+                              stake=None)
+    assert [s.request_id for s in first.serve_pending()] == [request_id]
+    assert second.serve_pending() == []  # refused: the request is no longer open
+    protocol.advance(protocol.coordinator.parameter("challengeWindow") + 1)
+    for node in (second, first):
+        node.poll_once()
+    assert protocol.coordinator.get_request(request_id).status is Status.FINALIZED
+    for node in (first, second):
+        with node.store.transaction() as conn:
+            row, claim = st.get_request(conn, request_id), st.get_claim(conn, request_id)
+        assert (row.status, claim.provider) == (RequestStatus.FINALIZED, node.address)
+        node.store.dispose()
