@@ -234,7 +234,6 @@ class ProviderNode:
         self.worker = f"provider:{self.address}"
         self.lease_seconds = max(60.0, 10 * poll_interval)
         self._moves_sent = 0
-        self._started_at_block: int | None = None
         self._fee_cache: tuple[dict[str, int] | None, float] = (None, 0.0)
         self.responder = GameResponder(
             w3=w3, store=store, game=self.game, sender=self.sender, role=Role.PROVIDER,
@@ -484,26 +483,13 @@ class ProviderNode:
                                           after=after)
 
     def _will_serve(self, request: RequestRecord, chain_time: int) -> bool:
-        """Serve `request`? A request this node will not serve is marked skipped here. One
-        posted before the node started (history, read on an empty database) is first asked
-        of the chain: answered, refunded or rejected ones are recorded as they are, not
-        generated again (one call, against a generation)."""
+        """Serve `request`? A request this node will not serve is marked skipped here. (One
+        already answered, refunded or rejected is not open here: the requests cursor follows
+        the coordinator's outcomes, history included.)"""
         reason = serve_decision(request, self.served_model, self.address, chain_time)
         if reason is not None:
             self._skip(request.request_id, reason, expected=RequestStatus.OPEN)
-            return False
-        if request.block_number <= self._history_until():
-            onchain = self.coordinator.get_request(request.request_id)
-            if onchain.status is not Status.OPEN:
-                self._settle(request.request_id, onchain)
-                return False
-        return True
-
-    def _history_until(self) -> int:
-        """The chain's head when this node first served: requests up to it are history."""
-        if self._started_at_block is None:
-            self._started_at_block = self.w3.eth.block_number
-        return self._started_at_block
+        return reason is None
 
     def _generations(self, jobs: list[tuple[list[int], int]]) -> Iterator[Answer]:
         if self.generator is not None:

@@ -632,9 +632,8 @@ def test_issue20_point7_a_fresh_node_does_not_answer_history_again(registered, s
                                                                    model):
     """A node started on an empty database reads every past request. One another provider
     already answered is recorded as such from the chain, not generated again (it generated
-    every past request first, then found each commit refused); the open one is served. (The
-    node's cursor follows the coordinator's outcomes, and a request posted before the node
-    started is asked of the chain before it is generated.)"""
+    every past request first, then found each commit refused); the open one is served: the
+    node's cursor follows the coordinator's outcomes, history included."""
     protocol = registered
     prompt = model.encode(PROMPT_TEXT)
     other = protocol.accounts[5]
