@@ -274,8 +274,9 @@ class TxSender:
                   ("maxFeePerGas", "maxPriorityFeePerGas", "gasPrice") if tx.get(name)}
         if "maxFeePerGas" in bumped:
             bumped.pop("gasPrice", None)
+        chain_id = self._chain_id or self.w3.eth.chain_id
         raw, _ = self._sign({"to": self.address, "value": 0, "data": b"", "gas": 21_000,
-                             "nonce": tx["nonce"], "chainId": self.w3.eth.chain_id, **bumped})
+                             "nonce": tx["nonce"], "chainId": chain_id, **bumped})
         try:
             self.rpc("eth_sendRawTransaction", "0x" + bytes(raw).hex())
         except Web3RPCError as err:  # mined meanwhile, or the node keeps the original

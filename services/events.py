@@ -147,7 +147,7 @@ class EventCursor:
             # Fetched outside the transaction: no database lock is held while the node answers.
             # The checkpoint's hash before the logs: a reorganisation between the two leaves a
             # checkpoint that the next poll finds lost, and the range is read again.
-            end_hash = self._block_hash(last_in_range)
+            end_hash = block_hash(self.w3, last_in_range)
             events = self.fetch(first, last_in_range)
             with self.store.transaction() as conn:
                 # The lock makes another process polling the same cursor wait for this
@@ -164,10 +164,10 @@ class EventCursor:
         is not (see the class docstring)."""
         with self.store.transaction() as conn:
             kept = checkpoints(conn, self.name)
-        if not kept or self._block_hash(kept[0][0]) == kept[0][1]:
+        if not kept or block_hash(self.w3, kept[0][0]) == kept[0][1]:
             return
-        back_to = next((number for number, block_hash in kept[1:]
-                        if self._block_hash(number) == block_hash), self.start_block - 1)
+        back_to = next((number for number, kept_hash in kept[1:]
+                        if block_hash(self.w3, number) == kept_hash), self.start_block - 1)
         log.warning("cursor %s: the chain lost blocks after %d that it had read; reading "
                     "them again", self.name, back_to)
         with self.store.transaction() as conn:
@@ -175,9 +175,6 @@ class EventCursor:
             rewind_cursor(conn, self.name, back_to)
             if self.on_rewind is not None:
                 self.on_rewind(conn, back_to)
-
-    def _block_hash(self, number: int) -> str | None:
-        return block_hash(self.w3, number)
 
     def run(self, handle: Handler, stop: threading.Event, poll_interval: float) -> None:
         """Poll every `poll_interval` seconds until `stop` is set. An unreachable node is

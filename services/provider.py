@@ -383,7 +383,7 @@ class ProviderNode:
         self.sender.resync()
         for request_id in lost:
             with self.store.transaction() as conn:
-                st.forget_claim(conn, request_id)
+                st.forget_claims(conn, [request_id])
             try:
                 onchain = self.coordinator.get_request(request_id)
             except ContractRevert as err:

@@ -557,9 +557,12 @@ def recent_claims(conn: Connection, provider: str, after_block: int) -> list[Cla
     return [_record(ClaimRecord, row) for row in rows]
 
 
-def forget_claim(conn: Connection, request_id: int) -> None:
-    """Delete the claim on `request_id` (the chain lost it)."""
-    conn.execute(sa.delete(claims).where(claims.c.request_id == request_id))
+def forget_claims(conn: Connection, request_ids: Sequence[int]) -> None:
+    """Delete the claims on `request_ids`, which the chain lost, with their challenges (sent
+    after them, lost with them)."""
+    if request_ids:
+        conn.execute(sa.delete(claims).where(claims.c.request_id.in_(list(request_ids))))
+        conn.execute(sa.delete(challenges).where(challenges.c.request_id.in_(list(request_ids))))
 
 
 def drop_claims_after(conn: Connection, block_number: int) -> list[int]:
@@ -567,9 +570,7 @@ def drop_claims_after(conn: Connection, block_number: int) -> list[int]:
     request ids."""
     gone = [request_id for (request_id,) in conn.execute(
         sa.select(claims.c.request_id).where(claims.c.block_number > block_number))]
-    if gone:
-        conn.execute(sa.delete(claims).where(claims.c.request_id.in_(gone)))
-        conn.execute(sa.delete(challenges).where(challenges.c.request_id.in_(gone)))
+    forget_claims(conn, gone)
     return gone
 
 
