@@ -62,6 +62,12 @@ class InsufficientFunds(UserError):
     """The signing account cannot pay a transaction's value and gas: the operator funds it."""
 
 
+class KeyInUse(UserError):
+    """Another process sends transactions from this sender's key: a nonce this sender had not
+    used was taken by a transaction it did not sign. A node that owns its key (the provider)
+    stops on it rather than race the other process for every nonce."""
+
+
 class TxDropped(TxFailed):
     """A transaction that was sent is neither mined nor known to the node any more (its pool
     was cleared, or it restarted): nothing of it is on chain, as with a failed one."""
@@ -99,6 +105,10 @@ def _revert_of(err: Web3RPCError) -> bytes | None:
     return bytes(HexBytes(data)) if isinstance(data, str) and data.startswith("0x") else b""
 
 
+SIGNED_NONCES_KEPT = 4096
+"""How many of its latest nonces a sender remembers signing for (a reorganisation deeper
+than this many of its transactions is not told from another signer)."""
+
 DROP_CHECK_POLLS = 10
 """Receipt polls between two checks that the node still has the transaction."""
 
@@ -106,14 +116,18 @@ DROP_CHECK_POLLS = 10
 class TxSender:
     """Signs and sends `account`'s transactions, numbering them locally.
 
-    Thread-safe: concurrent sends get consecutive nonces. The gas limit is the node's estimate
+    Thread-safe: concurrent sends get consecutive nonces. A nonce found taken is skipped (the
+    count is taken from the chain again); with `exclusive`, one taken by a transaction this
+    sender never signed raises :class:`KeyInUse` (another process holds the key: nodes whose
+    key is theirs alone stop on it). The gas limit is the node's estimate
     times `gas_margin` (default :data:`GAS_MARGIN`, the one rule); an estimate that reverts
     raises the decoded :class:`ContractRevert` (with the contract's `artifact`) before anything
     is signed, and is never retried.
     """
 
     def __init__(self, w3: Web3, account: LocalAccount, *, gas_margin: float = GAS_MARGIN,
-                 receipt_timeout: float = 120.0, receipt_poll: float = 0.1):
+                 receipt_timeout: float = 120.0, receipt_poll: float = 0.1,
+                 exclusive: bool = False):
         if gas_margin < 1:
             raise ValueError("gas_margin must be >= 1")
         self.w3 = w3
@@ -126,6 +140,11 @@ class TxSender:
         self._next_nonce: int | None = None
         self._chain_id: int | None = None
         self._key = PrivateKey(bytes(account.key))
+        # With `exclusive`, a nonce taken by a transaction this sender did not sign raises
+        # KeyInUse instead of being skipped. The nonces it signed for (recent ones) tell its
+        # own transactions (a cancel, a send retried after a lost answer) from another's.
+        self.exclusive = exclusive
+        self._signed_nonces: set[int] = set()
 
     @property
     def next_nonce(self) -> int | None:
@@ -162,23 +181,38 @@ class TxSender:
         with self._lock:
             nonce = self._next_nonce if self._next_nonce is not None else self.resync()
             for attempt in range(3):
+                signed_before = nonce in self._signed_nonces
                 raw, tx_hash = self._sign({**tx, "nonce": nonce})
                 if on_signed is not None:
                     on_signed(HexBytes(tx_hash))
                 if self._broadcast(raw, tx_hash):
                     self._next_nonce = nonce + 1
                     return HexBytes(tx_hash)
-                # Our count was stale (another sender used this key, or the node restarted).
+                if self.exclusive and not signed_before:
+                    raise KeyInUse(
+                        f"another process is sending transactions from {self.address}: "
+                        f"nonce {nonce} was taken by a transaction this node did not sign. "
+                        "Run one node per key: stop the other process, or give this node a "
+                        "key of its own")
+                # Our count was stale (another sender used this key, or one of our own
+                # transactions, a cancel, holds the nonce).
                 nonce = self.resync()
                 log.warning("%s: nonce was stale, resynchronised to %d (try %d)",
                             self.address, nonce, attempt + 1)
         raise RuntimeError(f"{self.address}: nonce still rejected after resynchronising")
 
     def _sign(self, tx: dict) -> tuple[bytes, bytes]:
+        self._note_signed(tx["nonce"])
         if "gasPrice" in tx:  # a chain without EIP-1559
             signed = self.account.sign_transaction(tx)
             return bytes(signed.raw_transaction), bytes(signed.hash)
         return sign_dynamic_fee(self._key, tx)
+
+    def _note_signed(self, nonce: int) -> None:
+        self._signed_nonces.add(nonce)
+        if len(self._signed_nonces) > 2 * SIGNED_NONCES_KEPT:
+            floor = max(self._signed_nonces) - SIGNED_NONCES_KEPT
+            self._signed_nonces = {n for n in self._signed_nonces if n > floor}
 
     def rpc(self, method: str, *params: Any) -> Any:
         """One JSON-RPC call through the retrying provider, without web3's formatters: the

@@ -53,7 +53,7 @@ from optinfer.contracts.bindings import ContractRevert
 from optinfer.contracts.coordinator import ZERO_ADDRESS, InferenceCoordinator, Status
 from optinfer.contracts.dispute_game import DisputeGame
 from optinfer.contracts.registry import ModelRegistry, ModelSpec
-from optinfer.contracts.sender import TxFailed, TxSender
+from optinfer.contracts.sender import KeyInUse, TxFailed, TxSender
 from optinfer.errors import UserError
 from optinfer.models.generation import (
     Answer,
@@ -213,7 +213,9 @@ class ProviderNode:
         self.serving_cpus = serving_cpus
         self.account = account
         self.address = account.address
-        self.sender = TxSender(w3, account)
+        # The provider's key is its own: another process sending from it makes this node stop
+        # (KeyInUse) rather than race it for nonces and leave answers uncommitted.
+        self.sender = TxSender(w3, account, exclusive=True)
         self.lie = lie
         self.poll_interval = poll_interval
         self.coordinator = InferenceCoordinator(w3, deployments.address("InferenceCoordinator"))
@@ -323,32 +325,41 @@ class ProviderNode:
     def run(self, stop: threading.Event) -> None:
         """Until `stop` is set: serve on a thread of its own; watch, defend and finalize every
         poll interval here. Errors are logged and the step retried on the next poll: a node
-        that stops over one bad request would leave its games undefended."""
-        serving = threading.Thread(target=self._serve_loop, args=(stop,), name="serve")
+        that stops over one bad request would leave its games undefended. One error stops it:
+        another process sending from its key (KeyInUse, raised here once both threads end)."""
+        fatal: list[KeyInUse] = []
+        serving = threading.Thread(target=self._serve_loop, args=(stop, fatal), name="serve")
         serving.start()
         try:
             while not stop.is_set():
                 for step in (self.watch, self.defend, self.finalize_due):
-                    self._guarded(step)
+                    self._guarded(step, stop, fatal)
                 stop.wait(self.poll_interval)
         finally:
             stop.set()
             self.new_requests.set()
             serving.join()
+        if fatal:
+            raise fatal[0]
 
-    def _serve_loop(self, stop: threading.Event) -> None:
+    def _serve_loop(self, stop: threading.Event, fatal: list[KeyInUse]) -> None:
         pin_this_thread(self.serving_cpus)
         while not stop.is_set():
             self.new_requests.clear()
-            self._guarded(self.serve_pending)
+            self._guarded(self.serve_pending, stop, fatal)
             self.new_requests.wait(self.poll_interval)
 
     @staticmethod
-    def _guarded(step: Callable[[], Any]) -> None:
+    def _guarded(step: Callable[[], Any], stop: threading.Event, fatal: list[KeyInUse]
+                 ) -> None:
         try:
             step()
         except RpcUnavailable as err:
             log.error("%s: %s", step.__name__, err)
+        except KeyInUse as err:
+            log.error("%s: %s; stopping", step.__name__, err)
+            fatal.append(err)
+            stop.set()
         except Exception:
             log.exception("%s failed; retrying on the next poll", step.__name__)
 

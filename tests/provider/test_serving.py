@@ -676,3 +676,35 @@ def test_two_nodes_on_one_key_both_end_with_the_chain_s_account(registered, tmp_
             row, claim = st.get_request(conn, request_id), st.get_claim(conn, request_id)
         assert (row.status, claim.provider) == (RequestStatus.FINALIZED, node.address)
         node.store.dispose()
+
+
+def test_issue20_point4_a_provider_stops_when_another_process_sends_from_its_key(
+        registered, run_provider, sqlite_url, model):
+    """Another process sends from the provider's key (a second node, a wallet): the node's
+    next commit finds its nonce taken by a transaction it did not sign, and the node stops
+    with one line saying so and exits 2 (a usage error), its journal consistent (the request's answer kept in
+    a `committing` row that a restart commits), instead of racing the other process for every
+    nonce. Restarted alone, the node commits that answer."""
+    protocol = registered
+    node = run_provider(protocol, sqlite_url)
+    node.wait_for(r"serving model")
+    first = protocol.post(model.encode(PROMPT_TEXT), max_tokens=8)
+    node.wait_for(rf"served request {first}:")
+
+    # The other process: one transfer from the same key, taking the node's next nonce.
+    TxSender(protocol.w3, protocol.provider).send({"to": protocol.consumer.address, "value": 1})
+    second = protocol.post(model.encode(PROMPT_TEXT), max_tokens=8)
+    assert node.wait_exit(timeout=60) == 2
+    log = node.log()
+    assert (f"error: another process is sending transactions from {protocol.provider.address}"
+            in log), log
+    assert "Run one node per key" in log and "Traceback" not in log
+    assert protocol.coordinator.get_request(second).status is Status.OPEN
+    with Store(sqlite_url).transaction() as conn:
+        row = st.get_request(conn, second)
+    assert row.status == RequestStatus.COMMITTING and row.output
+
+    restarted = run_provider(protocol, sqlite_url)
+    restarted.wait_for(rf"served request {second}:")
+    assert protocol.coordinator.get_output(second) == list(row.output)
+    assert restarted.stop() == 0
