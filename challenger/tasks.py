@@ -17,8 +17,11 @@ from __future__ import annotations
 import logging
 import threading
 
+from sqlalchemy.exc import OperationalError
+
 from optinfer.challenger.app import app, is_eager, settings
 from optinfer.challenger.watchtower import Watchtower
+from optinfer.services.chain import RpcUnavailable
 
 log = logging.getLogger("optinfer.watchtower")
 
@@ -94,6 +97,9 @@ def run_eager(stop: threading.Event) -> None:
     while not stop.is_set():
         try:
             scan.delay()
+        except (RpcUnavailable, OperationalError) as err:  # a node or database away: one line
+            log.error("scan failed (%s); trying again in %.1fs",
+                      str(getattr(err, "orig", None) or err).strip().splitlines()[0], interval)
         except Exception:
             log.exception("scan failed; trying again in %.1fs", interval)
         stop.wait(interval)

@@ -47,8 +47,14 @@ from optinfer.prover import game as spec
 from optinfer.prover.game import ModelTrace, Role
 from optinfer.services import store as st
 from optinfer.services.deployments import Deployments
-from optinfer.services.events import OUTCOMES, EventCursor, follow_outcome, request_record
-from optinfer.services.responder import GameResponder, Turn, describe
+from optinfer.services.events import (
+    OUTCOMES,
+    EventCursor,
+    confirm_outcomes,
+    follow_outcome,
+    request_record,
+)
+from optinfer.services.responder import GameGone, GameResponder, Turn, describe
 from optinfer.services.statuses import ChallengeStatus, GameStatus
 from optinfer.services.store import GameRecord, Store
 
@@ -162,7 +168,7 @@ class Watchtower:
             events=["RequestPosted", *OUTCOMES],
             start_block=self.deployments.block_number,
             confirmations=settings.confirmations, max_block_range=settings.max_block_range,
-            on_rewind=self._claims_lost,
+            on_rewind=self._claims_lost, on_read=confirm_outcomes,
         )
         self._registered: set[bytes] = set()
         self.responder = GameResponder(
@@ -374,7 +380,11 @@ class Watchtower:
         if not policy.window_open(claim.challenge_deadline, now):
             self._fail_challenge(request_id, "the challenge window closed before the challenge")
             return None
-        if self.coordinator.get_output(request_id) != list(claim.output):
+        try:
+            onchain_output = self.coordinator.get_output(request_id)
+        except ContractRevert as err:  # ClaimNotCommitted: a reorganisation took the claim
+            onchain_output = err.name
+        if onchain_output != list(claim.output):
             # The claim judged is no longer the chain's (a reorganisation replaced it): the
             # bond must not go against a claim this trace was not computed for. The cursor
             # reads the new one, which is judged afresh.
@@ -391,17 +401,29 @@ class Watchtower:
             st.set_challenge_tx(conn, request_id, self.address, self.worker,
                                 "0x" + bytes(tx_hash).hex())
         metrics.CHALLENGES_SENT.inc()
-        receipt = self.sender.wait(tx_hash)
+        try:
+            receipt = self.sender.wait(tx_hash)
+        except TxFailed as err:  # dropped (a lost block, a nonce gap) or reverted on chain
+            log.warning("claim %d: challenge %s: %s; the next scan sends it again", request_id,
+                        "0x" + bytes(tx_hash).hex(), err)
+            return None
         event = self.game.events(receipt, "GameOpened")[0]
         return event["gameId"], receipt["blockNumber"]
 
     def _claims_lost(self, conn, block: int) -> None:
-        """The event cursor's rewind: the claims read from blocks after `block` are gone with
-        their verdicts and challenges (re-read, they are judged afresh)."""
-        lost = st.drop_claims_after(conn, block)
+        """The event cursor's rewind: what blocks after `block` said is undone
+        (``store.outcomes_after``: the claims read there are gone with their verdicts and
+        challenges; re-read, they are judged afresh), and so are the games this watchtower
+        opened there: their claims, if they stand, are judged and challenged again."""
+        lost = st.outcomes_after(conn, block)
         if lost:
-            log.warning("claims %s: their blocks after %d left the chain; reading again",
-                        _ids(lost), block)
+            log.warning("requests %s: what blocks after %d said of them left the chain; "
+                        "reading again", _ids(lost), block)
+        games = st.drop_games_after(conn, Role.CHALLENGER, block)
+        st.judge_again(conn, [game.request_id for game in games])
+        for game in games:
+            log.warning("game %d on claim %d: its block left the chain; judging the claim "
+                        "again", game.game_id, game.request_id)
 
     def _fail_challenge(self, request_id: int, note: str) -> None:
         with self.store.transaction() as conn:
@@ -472,7 +494,16 @@ class Watchtower:
         """Up to `MOVES_PER_TURN` turns of the responder, each move waited for, then the
         time of the next look."""
         for _ in range(MOVES_PER_TURN):
-            turn = self.responder.turn(record, self.worker)
+            try:
+                turn = self.responder.turn(record, self.worker)
+            except GameGone as gone:
+                # Its challenge left the chain with it: the claim is judged (and challenged)
+                # again.
+                with self.store.transaction() as conn:
+                    st.drop_game(conn, record.game_id, Role.CHALLENGER)
+                    st.judge_again(conn, [record.request_id])
+                log.warning("%s; judging claim %d again", gone, record.request_id)
+                return PlayResult(again=False)
             if turn.outcome is not None:
                 self._resolved(record, turn)
                 return PlayResult(again=False, outcome=turn.outcome)

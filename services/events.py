@@ -36,6 +36,7 @@ from optinfer.services.store import (
     set_claim_status,
     set_cursor,
     set_request_status,
+    undo_unconfirmed,
 )
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,9 @@ class ChainEvent:
 
 Handler = Callable[[Connection, ChainEvent], None]
 Rewind = Callable[[Connection, int], None]
+Confirm = Callable[[Connection, int, int, list["ChainEvent"]], None]
+"""Checks what a node wrote ahead of the cursor against the range [first, last] just read
+and its events (``confirm_outcomes``)."""
 """Drops what a handler derived from the blocks after the given one (the chain lost them)."""
 
 
@@ -82,6 +86,7 @@ class EventCursor:
         self, w3: Web3, store: Store, name: str, contracts: Sequence[Contract], *,
         events: Sequence[str] | None = None, start_block: int = 0, confirmations: int = 0,
         max_block_range: int = 2000, on_rewind: Rewind | None = None,
+        on_read: Confirm | None = None,
     ):
         if confirmations < 0 or max_block_range < 1 or start_block < 0:
             raise ValueError("confirmations >= 0, max_block_range >= 1, start_block >= 0")
@@ -92,6 +97,7 @@ class EventCursor:
         self.confirmations = confirmations
         self.max_block_range = max_block_range
         self.on_rewind = on_rewind
+        self.on_read = on_read
         self._decoders: dict[tuple[str, bytes], Any] = {}
         for contract in contracts:
             for entry in contract.abi:
@@ -135,8 +141,8 @@ class EventCursor:
         many were handled. An exception from `handle` rolls back its range and propagates
         (the range is delivered again on the next poll)."""
         handled = 0
-        head = self.safe_head()
         self._follow_reorganisation()
+        head = self.safe_head()
         while True:
             with self.store.transaction() as conn:
                 last = lock_cursor(conn, self.name, self.start_block - 1)
@@ -148,6 +154,8 @@ class EventCursor:
             # The checkpoint's hash before the logs: a reorganisation between the two leaves a
             # checkpoint that the next poll finds lost, and the range is read again.
             end_hash = block_hash(self.w3, last_in_range)
+            if end_hash is None:  # the chain got shorter (a restarted node): rewind next poll
+                return handled
             events = self.fetch(first, last_in_range)
             with self.store.transaction() as conn:
                 # The lock makes another process polling the same cursor wait for this
@@ -156,6 +164,8 @@ class EventCursor:
                     continue
                 for event in events:
                     handle(conn, event)
+                if self.on_read is not None:
+                    self.on_read(conn, first, last_in_range, events)
                 set_cursor(conn, self.name, last_in_range, end_hash)
             handled += len(events)
 
@@ -185,6 +195,16 @@ class EventCursor:
             except RpcUnavailable as err:
                 log.error("cursor %s: %s", self.name, err)
             stop.wait(poll_interval)
+
+
+def confirm_outcomes(conn: Connection, first: int, last: int, events: list[ChainEvent]
+                     ) -> list[int]:
+    """The requests cursors' `on_read`: a status or claim a node wrote from its own receipt in
+    a block of [first, last] stands only if the cursor found its event there; the others were
+    in blocks the chain lost (``store.undo_unconfirmed``). The request ids undone."""
+    seen = {(event.args["requestId"], event.block_number) for event in events
+            if event.name in OUTCOMES}
+    return undo_unconfirmed(conn, first, last, seen)
 
 
 def block_hash(w3: Web3, number: int) -> str | None:
@@ -250,18 +270,19 @@ def follow_outcome(conn: Connection, event: ChainEvent) -> bool:
     refunded. Each write is guarded by the status table, so a repeated or late event changes
     nothing; True when this was a new claim."""
     request_id = event.args["requestId"]
+    block = event.block_number
     if event.name == "OutputCommitted":
         new = record_claim(conn, claim_record(event))
-        set_request_status(conn, request_id, RequestStatus.COMMITTED)
+        set_request_status(conn, request_id, RequestStatus.COMMITTED, status_block=block)
         return new
     if event.name == "Finalized":
-        set_request_status(conn, request_id, RequestStatus.FINALIZED)
+        set_request_status(conn, request_id, RequestStatus.FINALIZED, status_block=block)
         set_claim_status(conn, request_id, ClaimStatus.FINALIZED)
     elif event.name == "Slashed":
-        set_request_status(conn, request_id, RequestStatus.REJECTED)
+        set_request_status(conn, request_id, RequestStatus.REJECTED, status_block=block)
         set_claim_status(conn, request_id, ClaimStatus.SLASHED)
     elif event.name == "Refunded":
-        set_request_status(conn, request_id, RequestStatus.REFUNDED)
+        set_request_status(conn, request_id, RequestStatus.REFUNDED, status_block=block)
     else:
         raise ValueError(f"{event.name} is not one of {OUTCOMES}")
     return False

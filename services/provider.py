@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import sqlalchemy as sa
 from eth_account.signers.local import LocalAccount
 from hexbytes import HexBytes
 from web3 import Web3
@@ -75,10 +76,11 @@ from optinfer.services.events import (
     block_hash,
     chain_event,
     claim_record,
+    confirm_outcomes,
     follow_outcome,
     request_record,
 )
-from optinfer.services.responder import GameResponder, SentMove
+from optinfer.services.responder import GameGone, GameResponder, SentMove
 from optinfer.services.statuses import ClaimStatus, GameStatus, RequestStatus
 from optinfer.services.store import RequestRecord, Store
 
@@ -229,9 +231,12 @@ class ProviderNode:
         # What became of every request too, so that the node's database agrees with the chain
         # (another provider's answer, a refund), whoever acted.
         self.requests_cursor = EventCursor(w3, store, REQUESTS_CURSOR, [self.coordinator.contract],
-                                           events=["RequestPosted", *OUTCOMES], **cursor_options)
+                                           events=["RequestPosted", *OUTCOMES],
+                                           on_rewind=self._outcomes_lost,
+                                           on_read=self._outcomes_unconfirmed, **cursor_options)
         self.games_cursor = EventCursor(w3, store, GAMES_CURSOR, [self.game.contract],
-                                        events=["GameOpened"], **cursor_options)
+                                        events=["GameOpened"], on_rewind=self._games_lost,
+                                        **cursor_options)
         # The lease holder's name is the key: a restarted node takes its games back at once.
         self.worker = f"provider:{self.address}"
         self.lease_seconds = max(60.0, 10 * poll_interval)
@@ -356,6 +361,9 @@ class ProviderNode:
             step()
         except RpcUnavailable as err:
             log.error("%s: %s", step.__name__, err)
+        except sa.exc.OperationalError as err:  # the database restarting, say
+            log.error("%s: the database is unavailable (%s); retrying on the next poll",
+                      step.__name__, str(err.orig or err).strip().splitlines()[0])
         except KeyInUse as err:
             log.error("%s: %s; stopping", step.__name__, err)
             fatal.append(err)
@@ -422,6 +430,33 @@ class ProviderNode:
             log.info("request %d: %d prompt tokens, max %d, model %s", record.request_id,
                      len(record.prompt), record.max_tokens, record.model_id)
             self.new_requests.set()
+
+    @staticmethod
+    def _outcomes_lost(conn, block: int) -> None:
+        """The requests cursor's rewind: what the lost blocks said is undone
+        (``store.outcomes_after``); an answer whose commit they held is committed again."""
+        if changed := st.outcomes_after(conn, block):
+            log.warning("requests %s: what blocks after %d said of them left the chain; "
+                        "reading again", ", ".join(map(str, changed)), block)
+
+    @staticmethod
+    def _outcomes_unconfirmed(conn, first: int, last: int, events: list[ChainEvent]) -> None:
+        """The requests cursor's check of what this node wrote from its receipts (commits,
+        finalizations) once it reads their blocks (``events.confirm_outcomes``)."""
+        if undone := confirm_outcomes(conn, first, last, events):
+            log.warning("requests %s: the blocks %d-%d no longer hold what this node recorded "
+                        "from its receipts; reading again", ", ".join(map(str, undone)),
+                        first, last)
+
+    @staticmethod
+    def _games_lost(conn, block: int) -> None:
+        """The games cursor's rewind: games opened after `block` are gone (their ids may be
+        reused by the games that replace them)."""
+        for record in st.drop_games_after(conn, Role.PROVIDER, block):
+            st.set_claim_status(conn, record.request_id, ClaimStatus.COMMITTED,
+                                expected=ClaimStatus.DISPUTED)
+            log.warning("game %d on request %d: its block left the chain", record.game_id,
+                        record.request_id)
 
     def _on_game_opened(self, conn, event: ChainEvent) -> None:
         args = event.args
@@ -631,7 +666,7 @@ class ProviderNode:
         with self.store.transaction() as conn:
             st.record_claim(conn, claim)
             st.set_request_status(conn, claim.request_id, RequestStatus.COMMITTED,
-                                  output=claim.output)
+                                  output=claim.output, status_block=claim.block_number)
 
     def _skip(self, request_id: int, reason: str,
               expected: RequestStatus | None = None) -> None:
@@ -663,7 +698,18 @@ class ProviderNode:
             with self.store.transaction() as conn:
                 leased = st.claim_game(conn, record.game_id, Role.PROVIDER, self.worker,
                                        lease_seconds=self.lease_seconds)
-            if leased is not None and (turn := self.responder.turn(leased, self.worker)).sent:
+            if leased is None:
+                continue
+            try:
+                turn = self.responder.turn(leased, self.worker)
+            except GameGone as gone:
+                with self.store.transaction() as conn:
+                    st.drop_game(conn, leased.game_id, Role.PROVIDER)
+                    st.set_claim_status(conn, leased.request_id, ClaimStatus.COMMITTED,
+                                        expected=ClaimStatus.DISPUTED)
+                log.warning("%s; forgotten", gone)
+                continue
+            if turn.sent:
                 sent.append(turn.sent)
         for move in sent:
             try:
@@ -736,13 +782,14 @@ class ProviderNode:
         # block takes them all, and this loop, which also plays the games, is back soon.
         for request_id, tx_hash in sent:
             try:
-                self.sender.wait(tx_hash)
+                receipt = self.sender.wait(tx_hash)
             except TxFailed as err:
                 log.warning("request %d: finalize failed (%s); retrying later", request_id, err)
                 continue
-            self._record_outcome(request_id, self.coordinator.get_request(request_id))
+            self._record_outcome(request_id, self.coordinator.get_request(request_id),
+                                 receipt["blockNumber"])
 
-    def _record_outcome(self, request_id: int, onchain) -> None:
+    def _record_outcome(self, request_id: int, onchain, block: int | None = None) -> None:
         outcome = {Status.FINALIZED: (RequestStatus.FINALIZED, ClaimStatus.FINALIZED),
                    Status.REJECTED: (RequestStatus.REJECTED, ClaimStatus.SLASHED)
                    }.get(onchain.status)
@@ -750,7 +797,8 @@ class ProviderNode:
             return
         request_status, claim_status = outcome
         with self.store.transaction() as conn:
-            changed = st.set_request_status(conn, request_id, request_status)
+            changed = st.set_request_status(conn, request_id, request_status,
+                                            status_block=block)
             st.set_claim_status(conn, request_id, claim_status)
         if changed and onchain.status is Status.FINALIZED:
             callback = ("no callback" if onchain.callback == ZERO_ADDRESS else

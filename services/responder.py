@@ -32,7 +32,7 @@ from typing import Any
 from hexbytes import HexBytes
 from sqlalchemy.engine import Connection
 from web3 import Web3
-from web3.exceptions import TransactionNotFound
+from web3.exceptions import TransactionNotFound, Web3RPCError
 
 from optinfer.contracts.bindings import ContractRevert
 from optinfer.contracts.dispute_game import DisputeGame
@@ -86,6 +86,11 @@ class SentMove:
     seq: int
     tx_hash: HexBytes
     action: spec.Action
+
+
+class GameGone(Exception):
+    """A game this node recorded is not on the chain: a reorganisation took the block that
+    opened it (the event cursor's rewind drops the row; until then it is waited out)."""
 
 
 @dataclass(frozen=True)
@@ -154,8 +159,19 @@ class GameResponder:
 
     def read(self, record: GameRecord) -> spec.GameState:
         """The game as the chain holds it, read at one block (``DisputeGame.state``: one
-        bounded log query from the block it opened in)."""
-        return self.game.state(record.game_id, record.state.get("opened_block", 0)).state
+        bounded log query from the block it opened in). GameGone when the chain no longer
+        has it."""
+        opened = record.state.get("opened_block", 0)
+        try:
+            return self.game.state(record.game_id, opened).state
+        except ContractRevert as err:
+            if err.name != "GameNotFound":
+                raise
+        except Web3RPCError:
+            if opened <= self.w3.eth.block_number:
+                raise
+        raise GameGone(f"game {record.game_id} (opened in block {opened}) is not on the chain: "
+                       "a reorganisation took it; the rewind of the events forgets it")
 
     def send(self, record: GameRecord, state: spec.GameState, action: spec.Action
              ) -> SentMove | None:

@@ -52,7 +52,9 @@ class ChallengeStatus(StrEnum):
 #: Each kind's statuses and what each may become. A status may be its own successor where
 #: writing it again is meaningful (a retried commit keeps `committing`; every move of a game
 #: keeps it `open`). Keyed by kind first: the enums are strings, so RequestStatus.OPEN equals
-#: GameStatus.OPEN and one flat table would merge them.
+#: GameStatus.OPEN and one flat table would merge them. One writer stands outside the table:
+#: a reorganisation undoes what the lost blocks said (``store.outcomes_after``), finalized
+#: and rejected included, since the chain no longer says it.
 TRANSITIONS: dict[type[StrEnum], dict[StrEnum, frozenset[StrEnum]]] = {
     RequestStatus: {
         RequestStatus.OPEN: frozenset({RequestStatus.COMMITTING, RequestStatus.COMMITTED,
@@ -73,7 +75,10 @@ TRANSITIONS: dict[type[StrEnum], dict[StrEnum, frozenset[StrEnum]]] = {
     ClaimStatus: {
         ClaimStatus.COMMITTED: frozenset({ClaimStatus.DISPUTED, ClaimStatus.FINALIZED,
                                           ClaimStatus.SLASHED}),
-        ClaimStatus.DISPUTED: frozenset({ClaimStatus.FINALIZED, ClaimStatus.SLASHED}),
+        # Back to committed only when a reorganisation took the game (the provider's games
+        # cursor, expected=DISPUTED).
+        ClaimStatus.DISPUTED: frozenset({ClaimStatus.COMMITTED, ClaimStatus.FINALIZED,
+                                         ClaimStatus.SLASHED}),
         ClaimStatus.FINALIZED: frozenset(),
         ClaimStatus.SLASHED: frozenset(),
     },

@@ -20,6 +20,7 @@ moves a record backwards.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -94,6 +95,9 @@ requests = sa.Table(
     sa.Column("output", sa.JSON, nullable=True),  # the answer this node commits (revision 0002)
     # Its commit transaction, recorded before the transaction is sent (revision 0004).
     sa.Column("commit_tx", sa.String(66), nullable=True),
+    # The block of the chain event or receipt that last set `status` (revision 0006; null
+    # when the node set it itself): a reorganisation that takes it takes the status too.
+    sa.Column("status_block", sa.BigInteger, nullable=True),
     sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.func.now(),
               nullable=False),
 )
@@ -202,6 +206,12 @@ cursor_checkpoints = sa.Table(
 # ------------------------------------------------------------------------------- the store
 
 
+log = logging.getLogger(__name__)
+
+CONNECT_ATTEMPTS = 5
+"""Connection attempts before a node's start gives up on its database server (about 8 s)."""
+
+
 class Store:
     """The database at `url`: an engine, its migrations and its transactions."""
 
@@ -228,10 +238,32 @@ class Store:
             raise UserError(f"the database {self.url.render_as_string()} is unreachable: "
                             f"{str(err.orig).strip().splitlines()[0]}") from None
 
+    def wait_reachable(self, attempts: int = CONNECT_ATTEMPTS) -> None:
+        """Connect, trying `attempts` times over about 8 s, each failure logged (a database
+        restarting, or still recovering, refuses connections for a moment); then the one
+        line of :meth:`_reachable`. A SQLite file is tried once: nothing restarts there."""
+        if self.url.get_backend_name() == "sqlite":
+            attempts = 1
+        for attempt in range(1, attempts + 1):
+            try:
+                with self.engine.connect():
+                    return
+            except sa.exc.OperationalError as err:
+                if attempt == attempts:
+                    with self._reachable():
+                        raise
+                delay = 0.5 * 2 ** (attempt - 1)
+                log.warning("the database %s: %s; trying again in %.1f s",
+                            self.url.render_as_string(),
+                            str(err.orig).strip().splitlines()[0], delay)
+                time.sleep(delay)
+
     def migrate(self, revision: str = "head") -> None:
-        """Bring the schema to `revision` (``alembic upgrade``) through this store's engine."""
+        """Bring the schema to `revision` (``alembic upgrade``) through this store's engine,
+        once it answers (:meth:`wait_reachable`)."""
         from alembic import command
 
+        self.wait_reachable()
         with self._reachable(), self.engine.begin() as conn:
             if conn.dialect.name == "postgresql":
                 # Workers starting together on a fresh database would both create the tables
@@ -472,12 +504,76 @@ def set_request_status(
     conn: Connection, request_id: int, status: RequestStatus, *,
     expected: RequestStatus | Sequence[RequestStatus] | None = None, note: str | None = None,
     output: list[int] | None = None, commit_tx: str | None = None,
+    status_block: int | None = None,
 ) -> bool:
     """Move request `request_id` to `status` if it is in one of the statuses that may become
     it (or in `expected`, a narrower choice), setting `note`, `output` and `commit_tx` when
-    given; True when a row changed."""
-    return _guarded_update(conn, requests, requests.c.request_id == request_id, status,
-                           expected, note=note, output=output, commit_tx=commit_tx)
+    given; True when a row changed. `status_block`: the block of the chain event or receipt
+    that says so (kept also when the row already had `status`: a later sighting of the same
+    outcome, in the block that replaced a lost one)."""
+    changed = _guarded_update(conn, requests, requests.c.request_id == request_id, status,
+                              expected, note=note, output=output, commit_tx=commit_tx,
+                              status_block=status_block)
+    if not changed and status_block is not None:
+        conn.execute(sa.update(requests).where(requests.c.request_id == request_id,
+                                               requests.c.status == status)
+                     .values(status_block=status_block))
+    return changed
+
+
+def outcomes_after(conn: Connection, block_number: int) -> list[int]:
+    """Undo what the chain's blocks after `block_number` said (a reorganisation took them):
+    requests posted there are deleted with their claims and challenges, claims committed there
+    too, and a request whose status an event there set goes back to what the older blocks say
+    (``_status_before``). Reading those blocks again sets what replaced them. The request ids
+    whose rows changed."""
+    posted = [request_id for (request_id,) in conn.execute(
+        sa.select(requests.c.request_id).where(requests.c.block_number > block_number))]
+    forget_claims(conn, posted)
+    conn.execute(sa.delete(requests).where(requests.c.request_id.in_(posted)))
+    lost_claims = drop_claims_after(conn, block_number)
+    undone = [request_id for (request_id,) in conn.execute(
+        sa.select(requests.c.request_id).where(requests.c.status_block > block_number))]
+    _status_before(conn, undone)
+    return sorted({*posted, *lost_claims, *undone})
+
+
+def undo_unconfirmed(conn: Connection, first: int, last: int, seen: set[tuple[int, int]]
+                     ) -> list[int]:
+    """Claims and statuses a node wrote from its own receipts in blocks [first, last] with no
+    outcome event of their request in their block (`seen`: (request id, block) of the events
+    an event cursor found there): the chain lost
+    them (a reorganisation before the cursor got there). The claims are deleted, the statuses
+    go back (``_status_before``); the request ids undone."""
+    claims_lost = [request_id for request_id, block in conn.execute(
+        sa.select(claims.c.request_id, claims.c.block_number)
+        .where(claims.c.block_number.between(first, last)))
+        if (request_id, block) not in seen]
+    forget_claims(conn, claims_lost)
+    undone = [request_id for request_id, block in conn.execute(
+        sa.select(requests.c.request_id, requests.c.status_block)
+        .where(requests.c.status_block.between(first, last)))
+        if (request_id, block) not in seen]
+    _status_before(conn, undone)
+    return sorted({*claims_lost, *undone})
+
+
+def _status_before(conn: Connection, request_ids: Sequence[int]) -> None:
+    """Set `request_ids` back to what the chain says without their lost outcome: committed
+    while their claim stands, else committing when this node has an answer to commit again,
+    else open. (Outside the transition table on purpose: the chain no longer says what the
+    status said, finalized and rejected included.)"""
+    for request_id in request_ids:
+        output = conn.execute(sa.select(requests.c.output)
+                              .where(requests.c.request_id == request_id)).scalar()
+        standing = get_claim(conn, request_id) is not None
+        status = (RequestStatus.COMMITTED if standing else
+                  RequestStatus.COMMITTING if output else RequestStatus.OPEN)
+        conn.execute(sa.update(requests).where(requests.c.request_id == request_id)
+                     .values(status=status, status_block=None))
+        if standing:
+            conn.execute(sa.update(claims).where(claims.c.request_id == request_id)
+                         .values(status=ClaimStatus.COMMITTED))
 
 
 def requests_page(conn: Connection, *, status: RequestStatus | None = None, after: int = -1,
@@ -754,6 +850,34 @@ def create_game(conn: Connection, record: GameRecord) -> bool:
     return _inserted(conn, statement.on_conflict_do_nothing(
         index_elements=[games.c.game_id, games.c.player]
     ).returning(games.c.game_id))
+
+
+def drop_games_after(conn: Connection, player: Role, block_number: int) -> list[GameRecord]:
+    """Delete `player`'s games opened in blocks after `block_number` (the chain lost them, and
+    may give their ids to other games), with their journaled moves; the records deleted."""
+    rows = conn.execute(sa.select(games).where(games.c.player == player.value)).mappings()
+    lost = [_game(row) for row in rows
+            if (row["state"] or {}).get("opened_block", 0) > block_number]
+    for record in lost:
+        drop_game(conn, record.game_id, player)
+    return lost
+
+
+def drop_game(conn: Connection, game_id: int, player: Role) -> None:
+    """Delete `player`'s game `game_id` and its journaled moves: the chain does not have it."""
+    conn.execute(sa.delete(moves).where(moves.c.game_id == game_id,
+                                        moves.c.player == player.value))
+    conn.execute(sa.delete(games).where(games.c.game_id == game_id,
+                                        games.c.player == player.value))
+
+
+def judge_again(conn: Connection, request_ids: Sequence[int]) -> None:
+    """Forget the verdicts on `request_ids` and their challenges, whose games the chain lost:
+    the claims (still on chain) are judged, and challenged, afresh."""
+    if request_ids:
+        conn.execute(sa.update(claims).where(claims.c.request_id.in_(list(request_ids)))
+                     .values(verdict=None, verdict_note=None, verify_queued_at=None))
+        conn.execute(sa.delete(challenges).where(challenges.c.request_id.in_(list(request_ids))))
 
 
 def get_game(conn: Connection, game_id: int, player: Role) -> GameRecord | None:

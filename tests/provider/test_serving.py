@@ -682,9 +682,9 @@ def test_issue20_point4_a_provider_stops_when_another_process_sends_from_its_key
         registered, run_provider, sqlite_url, model):
     """Another process sends from the provider's key (a second node, a wallet): the node's
     next commit finds its nonce taken by a transaction it did not sign, and the node stops
-    with one line saying so and exits 2 (a usage error), its journal consistent (the request's answer kept in
-    a `committing` row that a restart commits), instead of racing the other process for every
-    nonce. Restarted alone, the node commits that answer."""
+    with one line saying so and exits 2 (an operator's mistake), its journal consistent (the
+    answer kept in a `committing` row that a restart commits), instead of racing the other
+    process for every nonce. Restarted alone, the node commits that answer."""
     protocol = registered
     node = run_provider(protocol, sqlite_url)
     node.wait_for(r"serving model")
