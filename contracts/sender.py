@@ -136,7 +136,7 @@ class TxSender:
         self.gas_margin = gas_margin
         self.receipt_timeout = receipt_timeout
         self.receipt_poll = receipt_poll
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # resync() takes it too, inside submit()
         self._next_nonce: int | None = None
         self._chain_id: int | None = None
         self._key = PrivateKey(bytes(account.key))
@@ -153,8 +153,9 @@ class TxSender:
 
     def resync(self) -> int:
         """Take the next nonce from the chain (pending transactions included)."""
-        self._next_nonce = self.w3.eth.get_transaction_count(self.address, "pending")
-        return self._next_nonce
+        with self._lock:
+            self._next_nonce = self.w3.eth.get_transaction_count(self.address, "pending")
+            return self._next_nonce
 
     # -- sending ---------------------------------------------------------------------------
 

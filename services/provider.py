@@ -431,22 +431,24 @@ class ProviderNode:
                      len(record.prompt), record.max_tokens, record.model_id)
             self.new_requests.set()
 
-    @staticmethod
-    def _outcomes_lost(conn, block: int) -> None:
+    def _outcomes_lost(self, conn, block: int) -> None:
         """The requests cursor's rewind: what the lost blocks said is undone
-        (``store.outcomes_after``); an answer whose commit they held is committed again."""
+        (``store.outcomes_after``); an answer whose commit they held is committed again, with
+        nonces counted from the chain again (its transactions may have left with them)."""
         if changed := st.outcomes_after(conn, block):
             log.warning("requests %s: what blocks after %d said of them left the chain; "
                         "reading again", ", ".join(map(str, changed)), block)
+            self.sender.resync()
 
-    @staticmethod
-    def _outcomes_unconfirmed(conn, first: int, last: int, events: list[ChainEvent]) -> None:
+    def _outcomes_unconfirmed(self, conn, first: int, last: int, events: list[ChainEvent]
+                              ) -> None:
         """The requests cursor's check of what this node wrote from its receipts (commits,
         finalizations) once it reads their blocks (``events.confirm_outcomes``)."""
         if undone := confirm_outcomes(conn, first, last, events):
             log.warning("requests %s: the blocks %d-%d no longer hold what this node recorded "
                         "from its receipts; reading again", ", ".join(map(str, undone)),
                         first, last)
+            self.sender.resync()
 
     @staticmethod
     def _games_lost(conn, block: int) -> None:

@@ -24,6 +24,7 @@ from optinfer.models.runtime import IntegerModel
 from optinfer.services import consumer
 from optinfer.services.deployments import DEMO_COORDINATOR_PARAMS
 from optinfer.services.model_fetch import fetch_model
+from optinfer.services.store import CONNECT_ATTEMPTS
 from tests.chat_models import THINK, tiny_r1_with_chat_template
 
 from .conftest import API_KEY, ETHER, TINY_R1
@@ -265,9 +266,13 @@ def test_the_documented_commands_are_the_tested_ones():
 
 
 def test_api_command_with_an_unreachable_database_says_so_in_one_line(env):
+    """After its logged attempts: one line, exit status 2."""
     env = {**env, "OPTINFER_DATABASE_URL": "postgresql+psycopg://nobody@127.0.0.1:1/none"}
     done = subprocess.run([OPTINFER, "api", "--port", "0"], env=env, capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 2
-    assert "unreachable" in done.stderr and "127.0.0.1:1" in done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1
+    *tries, last = done.stderr.strip().splitlines()
+    assert "unreachable" in last and "127.0.0.1:1" in last
+    # Each attempt but the last is logged, one line each (a bounded, logged retry).
+    assert len(tries) == CONNECT_ATTEMPTS - 1
+    assert all("trying again" in line for line in tries) and "Traceback" not in done.stderr
