@@ -22,6 +22,7 @@ from sqlalchemy.exc import OperationalError
 from optinfer.challenger.app import app, is_eager, settings
 from optinfer.challenger.watchtower import Watchtower
 from optinfer.services.chain import RpcUnavailable
+from optinfer.services.store import database_error
 
 log = logging.getLogger("optinfer.watchtower")
 
@@ -97,9 +98,11 @@ def run_eager(stop: threading.Event) -> None:
     while not stop.is_set():
         try:
             scan.delay()
-        except (RpcUnavailable, OperationalError) as err:  # a node or database away: one line
-            log.error("scan failed (%s); trying again in %.1fs",
-                      str(getattr(err, "orig", None) or err).strip().splitlines()[0], interval)
+        except RpcUnavailable as err:  # the chain node away: one line
+            log.error("scan failed (%s); trying again in %.1fs", err, interval)
+        except OperationalError as err:  # the database away (restarting, say): one line
+            log.error("scan failed (the database: %s); trying again in %.1fs",
+                      database_error(err), interval)
         except Exception:
             log.exception("scan failed; trying again in %.1fs", interval)
         stop.wait(interval)

@@ -419,11 +419,16 @@ class Watchtower:
         if lost:
             log.warning("requests %s: what blocks after %d said of them left the chain; "
                         "reading again", _ids(lost), block)
-        games = st.drop_games_after(conn, Role.CHALLENGER, block)
-        st.judge_again(conn, [game.request_id for game in games])
-        for game in games:
-            log.warning("game %d on claim %d: its block left the chain; judging the claim "
-                        "again", game.game_id, game.request_id)
+        for game in st.drop_games_after(conn, Role.CHALLENGER, block):
+            self._game_lost(conn, game, f"game {game.game_id}: its block left the chain")
+
+    @staticmethod
+    def _game_lost(conn, game: GameRecord, why: str) -> None:
+        """The chain no longer has `game` (its row and moves are gone, or go here): its
+        challenge left with it, so the claim is judged, and challenged, again."""
+        st.drop_game(conn, game.game_id, Role.CHALLENGER)
+        st.judge_again(conn, [game.request_id])
+        log.warning("%s; judging claim %d again", why, game.request_id)
 
     def _fail_challenge(self, request_id: int, note: str) -> None:
         with self.store.transaction() as conn:
@@ -497,12 +502,8 @@ class Watchtower:
             try:
                 turn = self.responder.turn(record, self.worker)
             except GameGone as gone:
-                # Its challenge left the chain with it: the claim is judged (and challenged)
-                # again.
                 with self.store.transaction() as conn:
-                    st.drop_game(conn, record.game_id, Role.CHALLENGER)
-                    st.judge_again(conn, [record.request_id])
-                log.warning("%s; judging claim %d again", gone, record.request_id)
+                    self._game_lost(conn, record, str(gone))
                 return PlayResult(again=False)
             if turn.outcome is not None:
                 self._resolved(record, turn)

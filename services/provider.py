@@ -73,7 +73,6 @@ from optinfer.services.events import (
     OUTCOMES,
     ChainEvent,
     EventCursor,
-    block_hash,
     chain_event,
     claim_record,
     confirm_outcomes,
@@ -98,9 +97,6 @@ GAMES_CURSOR = "provider.games"
 
 SERVE_BATCH = 64
 """Open requests read from the store at a time by the serving loop."""
-
-RECHECK_BLOCKS = 128
-"""How far back the node checks that its own commits are still on the chain (blocks)."""
 
 # Stake problems free themselves (claims finalize and unlock stake): the commit waits.
 RETRY_LATER = {"InsufficientFreeStake", "StakeBelowMinimum", "ProviderNotRegistered"}
@@ -363,7 +359,7 @@ class ProviderNode:
             log.error("%s: %s", step.__name__, err)
         except sa.exc.OperationalError as err:  # the database restarting, say
             log.error("%s: the database is unavailable (%s); retrying on the next poll",
-                      step.__name__, str(err.orig or err).strip().splitlines()[0])
+                      step.__name__, st.database_error(err))
         except KeyInUse as err:
             log.error("%s: %s; stopping", step.__name__, err)
             fatal.append(err)
@@ -378,48 +374,7 @@ class ProviderNode:
         were handled."""
         handled = self.requests_cursor.poll(self._on_request)
         handled += self.games_cursor.poll(self._on_game_opened)
-        self.recheck_commits()
         return handled
-
-    def recheck_commits(self) -> list[int]:
-        """Find this node's commits that a reorganisation took off the chain and commit them
-        again; their request ids. The claims of the last `RECHECK_BLOCKS` blocks are checked
-        against the canonical block hashes (one ``eth_getBlockByNumber`` a block holding
-        any): the node recorded them from its own receipts, which no event cursor re-reads."""
-        head = self.w3.eth.block_number
-        with self.store.transaction() as conn:
-            recent = st.recent_claims(conn, self.address, head - RECHECK_BLOCKS)
-        canonical: dict[int, str | None] = {}
-        lost = []
-        for claim in recent:
-            if claim.block_number not in canonical:
-                canonical[claim.block_number] = block_hash(self.w3, claim.block_number)
-            if canonical[claim.block_number] != claim.block_hash:
-                lost.append(claim.request_id)
-        if not lost:
-            return []
-        # Its transactions after the fork went with the lost blocks: count nonces anew.
-        self.sender.resync()
-        for request_id in lost:
-            with self.store.transaction() as conn:
-                st.forget_claims(conn, [request_id])
-            try:
-                onchain = self.coordinator.get_request(request_id)
-            except ContractRevert as err:
-                log.warning("request %d: the chain lost its commit and the request (%s)",
-                            request_id, err.name or err)
-                continue
-            if onchain.status is Status.OPEN:
-                with self.store.transaction() as conn:
-                    st.set_request_status(conn, request_id, RequestStatus.COMMITTING,
-                                          expected=RequestStatus.COMMITTED)
-                    st.forget_commit_tx(conn, request_id)
-                log.warning("request %d: the chain lost its commit; committing it again",
-                            request_id)
-                self.new_requests.set()
-            else:
-                self._settle(request_id, onchain)  # mined again elsewhere, or answered by another
-        return lost
 
     def _on_request(self, conn, event: ChainEvent) -> None:
         if event.name != "RequestPosted":
@@ -450,15 +405,21 @@ class ProviderNode:
                         first, last)
             self.sender.resync()
 
-    @staticmethod
-    def _games_lost(conn, block: int) -> None:
+    @classmethod
+    def _games_lost(cls, conn, block: int) -> None:
         """The games cursor's rewind: games opened after `block` are gone (their ids may be
         reused by the games that replace them)."""
         for record in st.drop_games_after(conn, Role.PROVIDER, block):
-            st.set_claim_status(conn, record.request_id, ClaimStatus.COMMITTED,
-                                expected=ClaimStatus.DISPUTED)
-            log.warning("game %d on request %d: its block left the chain", record.game_id,
-                        record.request_id)
+            cls._game_lost(conn, record, f"game {record.game_id}: its block left the chain")
+
+    @staticmethod
+    def _game_lost(conn, game: st.GameRecord, why: str) -> None:
+        """The chain no longer has `game` (its row and moves are gone, or go here): the claim
+        it disputed is undisputed."""
+        st.drop_game(conn, game.game_id, Role.PROVIDER)
+        st.set_claim_status(conn, game.request_id, ClaimStatus.COMMITTED,
+                            expected=ClaimStatus.DISPUTED)
+        log.warning("%s; request %d is no longer disputed by it", why, game.request_id)
 
     def _on_game_opened(self, conn, event: ChainEvent) -> None:
         args = event.args
@@ -706,10 +667,7 @@ class ProviderNode:
                 turn = self.responder.turn(leased, self.worker)
             except GameGone as gone:
                 with self.store.transaction() as conn:
-                    st.drop_game(conn, leased.game_id, Role.PROVIDER)
-                    st.set_claim_status(conn, leased.request_id, ClaimStatus.COMMITTED,
-                                        expected=ClaimStatus.DISPUTED)
-                log.warning("%s; forgotten", gone)
+                    self._game_lost(conn, leased, str(gone))
                 continue
             if turn.sent:
                 sent.append(turn.sent)

@@ -90,7 +90,7 @@ class SentMove:
 
 class GameGone(Exception):
     """A game this node recorded is not on the chain: a reorganisation took the block that
-    opened it (the event cursor's rewind drops the row; until then it is waited out)."""
+    opened it, perhaps before any event cursor read it (the node drops the row)."""
 
 
 @dataclass(frozen=True)
@@ -171,7 +171,7 @@ class GameResponder:
             if opened <= self.w3.eth.block_number:
                 raise
         raise GameGone(f"game {record.game_id} (opened in block {opened}) is not on the chain: "
-                       "a reorganisation took it; the rewind of the events forgets it")
+                       "a reorganisation took it")
 
     def send(self, record: GameRecord, state: spec.GameState, action: spec.Action
              ) -> SentMove | None:

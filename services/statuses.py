@@ -61,10 +61,8 @@ TRANSITIONS: dict[type[StrEnum], dict[StrEnum, frozenset[StrEnum]]] = {
                                        RequestStatus.SKIPPED, RequestStatus.REFUNDED}),
         RequestStatus.COMMITTING: frozenset({RequestStatus.COMMITTING, RequestStatus.COMMITTED,
                                              RequestStatus.SKIPPED, RequestStatus.REFUNDED}),
-        # Back to committing only when a reorganisation took the commit (the provider's
-        # recheck of its own commits, expected=COMMITTED): its answer is committed again.
-        RequestStatus.COMMITTED: frozenset({RequestStatus.COMMITTING, RequestStatus.FINALIZED,
-                                            RequestStatus.REJECTED}),
+        # (A reorganisation that took the commit sets it back, outside the table: below.)
+        RequestStatus.COMMITTED: frozenset({RequestStatus.FINALIZED, RequestStatus.REJECTED}),
         RequestStatus.FINALIZED: frozenset(),
         RequestStatus.REJECTED: frozenset(),
         # What this node will not serve still follows the chain (services/events.py,

@@ -212,6 +212,11 @@ CONNECT_ATTEMPTS = 5
 """Connection attempts before a node's start gives up on its database server (about 8 s)."""
 
 
+def database_error(err: sa.exc.DBAPIError) -> str:
+    """The first line of what the database driver said: enough for a log line."""
+    return str(err.orig or err).strip().splitlines()[0]
+
+
 class Store:
     """The database at `url`: an engine, its migrations and its transactions."""
 
@@ -236,7 +241,7 @@ class Store:
             yield
         except sa.exc.OperationalError as err:
             raise UserError(f"the database {self.url.render_as_string()} is unreachable: "
-                            f"{str(err.orig).strip().splitlines()[0]}") from None
+                            f"{database_error(err)}") from None
 
     def wait_reachable(self, attempts: int = CONNECT_ATTEMPTS) -> None:
         """Connect, trying `attempts` times over about 8 s, each failure logged (a database
@@ -254,8 +259,7 @@ class Store:
                         raise
                 delay = 0.5 * 2 ** (attempt - 1)
                 log.warning("the database %s: %s; trying again in %.1f s",
-                            self.url.render_as_string(),
-                            str(err.orig).strip().splitlines()[0], delay)
+                            self.url.render_as_string(), database_error(err), delay)
                 time.sleep(delay)
 
     def migrate(self, revision: str = "head") -> None:
@@ -542,9 +546,9 @@ def undo_unconfirmed(conn: Connection, first: int, last: int, seen: set[tuple[in
                      ) -> list[int]:
     """Claims and statuses a node wrote from its own receipts in blocks [first, last] with no
     outcome event of their request in their block (`seen`: (request id, block) of the events
-    an event cursor found there): the chain lost
-    them (a reorganisation before the cursor got there). The claims are deleted, the statuses
-    go back (``_status_before``); the request ids undone."""
+    an event cursor found there): the chain lost them (a reorganisation before the cursor got
+    there). The claims are deleted, the statuses go back (``_status_before``); the request ids
+    undone."""
     claims_lost = [request_id for request_id, block in conn.execute(
         sa.select(claims.c.request_id, claims.c.block_number)
         .where(claims.c.block_number.between(first, last)))
@@ -640,17 +644,6 @@ def record_claim(conn: Connection, record: ClaimRecord) -> bool:
     # its own, and a copy of the old one the node mined again is found by its event.
     conn.execute(sa.delete(challenges).where(challenges.c.request_id == record.request_id))
     return True
-
-
-def recent_claims(conn: Connection, provider: str, after_block: int) -> list[ClaimRecord]:
-    """`provider`'s claims read from blocks after `after_block` with a known block hash,
-    oldest first: those a reorganisation may still take."""
-    rows = conn.execute(
-        sa.select(claims).where(claims.c.provider == provider,
-                                claims.c.block_number > after_block,
-                                claims.c.block_hash.is_not(None))
-        .order_by(claims.c.block_number, claims.c.request_id)).mappings()
-    return [_record(ClaimRecord, row) for row in rows]
 
 
 def forget_claims(conn: Connection, request_ids: Sequence[int]) -> None:
