@@ -20,6 +20,7 @@ from eth_account.signers.local import LocalAccount
 from hexbytes import HexBytes
 from web3 import Web3
 from web3.contract.contract import ContractFunction
+from web3.exceptions import Web3RPCError
 from web3.types import TxParams, TxReceipt
 
 from optinfer.contracts.bindings import BoundContract, reverts_decoded
@@ -207,9 +208,21 @@ class DisputeGame(BoundContract):
         """Game `game_id` as the spec's ``GameState`` (the Python ``apply`` would hold after
         the same moves), with its players, as of `block` (default: the latest).
         `from_block`: no earlier than the game's opening (where to start reading its events)."""
+        if block is not None:
+            return self._state_at(game_id, from_block, block)
+        pinned = self.w3.eth.block_number
+        try:
+            return self._state_at(game_id, from_block, pinned)
+        except Web3RPCError:
+            if self.w3.eth.block_number >= pinned:
+                raise
+            # The chain got shorter under the read (a node restarted from an older state):
+            # read it again, at its new head.
+            return self._state_at(game_id, from_block, self.w3.eth.block_number)
+
+    def _state_at(self, game_id: int, from_block: int, block: int) -> OnChainGame:
         # Every read is pinned to one block: a move landing between two reads would otherwise
         # give a state that never existed (storage from after it, events from before).
-        block = self.w3.eth.block_number if block is None else block
         raw = reverts_decoded(self.artifact, lambda: self.contract.functions.getGame(
             game_id).call(block_identifier=block))
         game = dict(zip(_GAME_FIELDS, raw, strict=True))
