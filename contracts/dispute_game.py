@@ -23,7 +23,7 @@ from web3.contract.contract import ContractFunction
 from web3.exceptions import Web3RPCError
 from web3.types import TxParams, TxReceipt
 
-from optinfer.contracts.bindings import BoundContract, reverts_decoded
+from optinfer.contracts.bindings import BoundContract, ContractRevert, reverts_decoded
 from optinfer.contracts.sender import TxSender
 from optinfer.prover import commitments
 from optinfer.prover import game as spec
@@ -227,6 +227,11 @@ class DisputeGame(BoundContract):
             game_id).call(block_identifier=block))
         game = dict(zip(_GAME_FIELDS, raw, strict=True))
         events = self._game_events(game_id, from_block, block)
+        if not events["GameOpened"]:
+            # Another game under this id, opened before `from_block`: the one opened there
+            # left the chain (a reorganisation, and the id was given again).
+            raise ContractRevert("GameNotFound", (game_id,), b"",
+                                 f"game {game_id} was not opened from block {from_block}")
         opened = events["GameOpened"][0]
         phase = _PHASES[OnChainPhase(game["phase"])]
         # Pending S_mid / children / element are read from the events, not the phase: a game

@@ -669,6 +669,11 @@ class ProviderNode:
                 with self.store.transaction() as conn:
                     self._game_lost(conn, leased, str(gone))
                 continue
+            except ContractRevert as err:
+                # A read for this game refused: its claim left the chain under the read (a
+                # reorganisation the next poll sees). One game never holds up the others.
+                log.warning("game %d: %s; reading it again next poll", leased.game_id, err)
+                continue
             if turn.sent:
                 sent.append(turn.sent)
         for move in sent:
