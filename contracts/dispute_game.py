@@ -239,7 +239,8 @@ class DisputeGame(BoundContract):
         mid_pending = len(events["MidPosted"]) > len(events["MidAnswered"])
         revealed = [tuple(bytes(c) for c in e["children"]) for e in events["ChildrenRevealed"]]
         picked = len(events["ChildPicked"])
-        to_move = self.contract.functions.toMove(game_id).call(block_identifier=block)
+        to_move = reverts_decoded(self.artifact, lambda: self.contract.functions.toMove(
+            game_id).call(block_identifier=block))
         running = _ROLES.get(OnChainRole(to_move))
         if running is None:  # resolved: the clock no longer matters, keep the spec's type
             running = spec.Role.PROVIDER
