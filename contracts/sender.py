@@ -151,6 +151,11 @@ class TxSender:
         """The nonce the next transaction will use (None until the first send or resync)."""
         return self._next_nonce
 
+    def forget_nonce(self) -> None:
+        """Take the next nonce from the chain at the next send (not now: no call to the node,
+        no lock, safe inside a database transaction)."""
+        self._next_nonce = None
+
     def resync(self) -> int:
         """Take the next nonce from the chain (pending transactions included)."""
         with self._lock:

@@ -9,6 +9,7 @@ results (and `--json`) to stdout. The apps and options every command module shar
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import signal
 import sys
@@ -512,6 +513,9 @@ CONVERT_EXTRA_MODULES = frozenset({"torch", "transformers", "safetensors", "gguf
 def main() -> None:
     from typer.exceptions import TyperException
 
+    # `kill -USR1 PID` prints every thread's stack to stderr (a node that seems stuck says
+    # where), and the process goes on.
+    faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
     try:
         # Without standalone mode, typer *returns* the code of a `typer.Exit` raised by a
         # command (and 130 for Ctrl-C) instead of exiting: it must become the exit status.

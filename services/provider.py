@@ -393,7 +393,7 @@ class ProviderNode:
         if changed := st.outcomes_after(conn, block):
             log.warning("requests %s: what blocks after %d said of them left the chain; "
                         "reading again", ", ".join(map(str, changed)), block)
-            self.sender.resync()
+            self.sender.forget_nonce()
 
     def _outcomes_unconfirmed(self, conn, first: int, last: int, events: list[ChainEvent]
                               ) -> None:
@@ -403,7 +403,7 @@ class ProviderNode:
             log.warning("requests %s: the blocks %d-%d no longer hold what this node recorded "
                         "from its receipts; reading again", ", ".join(map(str, undone)),
                         first, last)
-            self.sender.resync()
+            self.sender.forget_nonce()
 
     @classmethod
     def _games_lost(cls, conn, block: int) -> None:

@@ -401,7 +401,11 @@ def settle(stack: FaultStack, timeout: float = 240) -> dict[int, Status]:
         if all(status in SETTLED for status in statuses.values()):
             return statuses
         if time.monotonic() > deadline:
-            logs = "\n".join(f"--- {name}\n{node.log()[-3000:]}"
+            for node in stack.nodes.values():  # every thread's stack, into its log
+                if node.running():
+                    node.process.send_signal(signal.SIGUSR1)
+            time.sleep(1.0)
+            logs = "\n".join(f"--- {name}\n{node.log()[-8000:]}"
                              for name, node in stack.nodes.items())
             raise AssertionError(f"not settled after {timeout} s: {statuses}\n{logs}")
         committed = [request_id for request_id, status in statuses.items()
