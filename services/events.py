@@ -21,7 +21,7 @@ from eth_utils import event_abi_to_log_topic
 from sqlalchemy.engine import Connection
 from web3 import Web3
 from web3.contract import Contract
-from web3.exceptions import BlockNotFound
+from web3.exceptions import BlockNotFound, Web3RPCError
 
 from optinfer.services.chain import RpcUnavailable
 from optinfer.services.statuses import ClaimStatus, RequestStatus
@@ -75,7 +75,8 @@ class EventCursor:
 
     Reorganisations: an event is delivered once it is `confirmations` deep, and each range's
     last block is kept with its hash (a checkpoint, the last ``CHECKPOINTS_KEPT``). A poll
-    first checks that the newest checkpoint is still canonical; when it is not, the chain
+    checks that the newest checkpoint is still canonical, first and again after reading each
+    range (before its checkpoint is written); when it is not, the chain
     lost blocks the cursor had read: it goes back to the newest checkpoint that is (its start,
     when none is), `on_rewind(conn, block)` drops what the handler derived from the later
     blocks, and they are read again (the handler's upserts take the events that replaced
@@ -156,10 +157,22 @@ class EventCursor:
             end_hash = block_hash(self.w3, last_in_range)
             if end_hash is None:  # the chain got shorter (a restarted node): rewind next poll
                 return handled
-            events = self.fetch(first, last_in_range)
+            try:
+                events = self.fetch(first, last_in_range)
+            except Web3RPCError:
+                # Refused because the chain got shorter since the hash was read (a
+                # reorganisation in progress): rewind next poll. Any other refusal is raised.
+                if self.w3.eth.block_number < last_in_range:
+                    return handled
+                raise
+            # What the cursor read before this range must still be the chain's: a
+            # reorganisation since the check at the start of the poll would otherwise go
+            # unseen for good (this range and its checkpoint are the new chain's).
+            self._follow_reorganisation()
             with self.store.transaction() as conn:
                 # The lock makes another process polling the same cursor wait for this
-                # transaction; if one moved it meanwhile, start over from where it stopped.
+                # transaction; if one moved it meanwhile (or the check above went back),
+                # start over from where it stopped.
                 if lock_cursor(conn, self.name, self.start_block - 1) != last:
                     continue
                 for event in events:

@@ -64,7 +64,6 @@ from optinfer.models.generation import (
     pin_this_thread,
     split_cpus,
 )
-from optinfer.prover import game as spec
 from optinfer.prover.game import ModelTrace, Phase, Role
 from optinfer.services import store as st
 from optinfer.services.chain import RpcUnavailable
@@ -100,6 +99,12 @@ SERVE_BATCH = 64
 
 # Stake problems free themselves (claims finalize and unlock stake): the commit waits.
 RETRY_LATER = {"InsufficientFreeStake", "StakeBelowMinimum", "ProviderNotRegistered"}
+
+
+# What the chain's settled statuses make of a request and its claim, and the coordinator's
+# event that says so.
+_OUTCOMES = {Status.FINALIZED: (RequestStatus.FINALIZED, ClaimStatus.FINALIZED, "Finalized"),
+             Status.REJECTED: (RequestStatus.REJECTED, ClaimStatus.SLASHED, "Slashed")}
 
 
 # ------------------------------------------------------------------------ pure decisions
@@ -240,8 +245,7 @@ class ProviderNode:
         self._fee_cache: tuple[dict[str, int] | None, float] = (None, 0.0)
         self.responder = GameResponder(
             w3=w3, store=store, game=self.game, sender=self.sender, role=Role.PROVIDER,
-            trace_of=self._trace, log=log, before_send=self._before_move,
-            on_resolved=self._on_game_resolved)
+            trace_of=self._trace, log=log, before_send=self._before_move)
         self.new_requests = threading.Event()
 
     # -- start-up -------------------------------------------------------------------------
@@ -674,6 +678,9 @@ class ProviderNode:
                 # reorganisation the next poll sees). One game never holds up the others.
                 log.warning("game %d: %s; reading it again next poll", leased.game_id, err)
                 continue
+            if turn.outcome is GameStatus.LOST:
+                self._record_outcome(leased.request_id,
+                                     self.coordinator.get_request(leased.request_id))
             if turn.sent:
                 sent.append(turn.sent)
         for move in sent:
@@ -707,13 +714,6 @@ class ProviderNode:
     def _before_move(self) -> None:
         self._moves_sent += 1
         _crash_point(f"before-move-{self._moves_sent}")
-
-    @staticmethod
-    def _on_game_resolved(conn, record: st.GameRecord, state: spec.GameState,
-                          status: GameStatus) -> None:
-        if status is GameStatus.LOST:
-            st.set_claim_status(conn, record.request_id, ClaimStatus.SLASHED)
-            st.set_request_status(conn, record.request_id, RequestStatus.REJECTED)
 
     # -- finalizing -----------------------------------------------------------------------
 
@@ -755,12 +755,22 @@ class ProviderNode:
                                  receipt["blockNumber"])
 
     def _record_outcome(self, request_id: int, onchain, block: int | None = None) -> None:
-        outcome = {Status.FINALIZED: (RequestStatus.FINALIZED, ClaimStatus.FINALIZED),
-                   Status.REJECTED: (RequestStatus.REJECTED, ClaimStatus.SLASHED)
-                   }.get(onchain.status)
+        """Record the outcome `onchain` (the request as the chain has it now) says, with the
+        block that says so: the receipt's `block`, else the block of its event. The block is
+        what lets a reorganisation undo the row (``store.outcomes_after``,
+        ``events.confirm_outcomes``); an outcome whose event the chain does not show (a
+        reorganisation between the two reads) is left for the next poll."""
+        outcome = _OUTCOMES.get(onchain.status)
         if outcome is None:
             return
-        request_status, claim_status = outcome
+        request_status, claim_status, event_name = outcome
+        if block is None:
+            logs = getattr(self.coordinator.contract.events, event_name)().get_logs(
+                argument_filters={"requestId": request_id},
+                from_block=self.deployments.block_number)
+            if not logs:
+                return
+            block = logs[-1]["blockNumber"]
         with self.store.transaction() as conn:
             changed = st.set_request_status(conn, request_id, request_status,
                                             status_block=block)

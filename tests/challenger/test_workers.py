@@ -4,6 +4,7 @@ racing workers, a worker killed with kill -9 mid-game, a burst of honest claims.
 
 from __future__ import annotations
 
+import re
 import socket
 import sys
 import urllib.request
@@ -175,7 +176,12 @@ def test_a_worker_killed_mid_game_is_replaced_and_the_game_is_won_in_time(
     assert f'optinfer_watchtower_bond_at_risk_wei {float(BOND)}' in metrics
     assert 'optinfer_watchtower_claims_verified_total{verdict="invalid"} 1.0' in metrics
     assert f'optinfer_watchtower_clock_seconds{{game="{game_id}",party="provider"}}' in metrics
-    assert "optinfer_watchtower_verification_seconds_count 1.0" in metrics
+    # At least one: a verification slower than VERIFY_REQUEUE_LEASES leases of 3 s (the
+    # first, which loads the model, on a loaded machine) is queued again and may run twice;
+    # the verdict counter above still counts the claim once.
+    verifications = re.search(r"^optinfer_watchtower_verification_seconds_count (\S+)$",
+                              metrics, re.MULTILINE)
+    assert verifications is not None and float(verifications.group(1)) >= 1
     assert state.winner is Role.CHALLENGER and state.reason == "one-step"
     assert state.clock.challenger_seconds > 0
     moves = database.moves(game_id)

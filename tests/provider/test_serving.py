@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import pytest
+import sqlalchemy as sa
 
 from optinfer.contracts.coordinator import ZERO_ADDRESS, QuestionAsker, RequestSpec, Status
 from optinfer.contracts.registry import MAX_ONE_STEP_FAN_IN_BYTES
@@ -631,6 +632,44 @@ def test_issue20_point2_a_commit_a_reorganisation_took_is_committed_again(regist
     protocol.advance(protocol.coordinator.parameter("challengeWindow") + 1)
     node.finalize_due()
     assert protocol.coordinator.get_request(request_id).status is Status.FINALIZED
+    node.store.dispose()
+
+
+def test_issue20_point1_a_finalization_read_from_the_chain_leaves_with_its_block(
+        registered, sqlite_url, model, caplog):
+    """Anyone may finalize a claim: the node finds its claim finalized on chain without a
+    receipt of its own and records it with the Finalized event's block. A reorganisation then
+    takes that block before the node's cursor read it: the node's next poll undoes the row and
+    finalizes the claim itself (a row left `finalized` with no block would never be undone,
+    and the claim would stay committed on chain, its fee never collected)."""
+    protocol, w3 = registered, registered.w3
+    request_id = protocol.post(model.encode(PROMPT_TEXT), max_tokens=8)
+    node = _in_process_node(protocol, sqlite_url, model, stake=None)
+    assert [s.request_id for s in node.serve_pending()] == [request_id]
+    protocol.advance(protocol.coordinator.parameter("challengeWindow") + 1)
+    node.watch()
+    fork = w3.provider.make_request("evm_snapshot", [])["result"]
+    receipt = protocol.coordinator.finalize_send(request_id, protocol.consumer)
+    node.finalize_due()
+    with node.store.transaction() as conn:
+        status, block = conn.execute(
+            sa.select(st.requests.c.status, st.requests.c.status_block)
+            .where(st.requests.c.request_id == request_id)).one()
+    assert (status, block) == (RequestStatus.FINALIZED, receipt["blockNumber"])
+
+    w3.provider.make_request("evm_revert", [fork])
+    while w3.eth.block_number <= receipt["blockNumber"]:
+        w3.provider.make_request("evm_mine", [])
+    assert protocol.coordinator.get_request(request_id).status is Status.COMMITTED
+    with caplog.at_level(logging.WARNING, logger="optinfer.provider"):
+        node.watch()
+    assert f"requests {request_id}: the blocks" in caplog.text, caplog.text
+    with node.store.transaction() as conn:
+        assert st.get_request(conn, request_id).status is RequestStatus.COMMITTED
+    node.finalize_due()
+    assert protocol.coordinator.get_request(request_id).status is Status.FINALIZED
+    with node.store.transaction() as conn:
+        assert st.get_request(conn, request_id).status is RequestStatus.FINALIZED
     node.store.dispose()
 
 

@@ -178,6 +178,74 @@ def test_a_reorganised_chain_sends_the_cursor_back_to_its_newest_canonical_check
     store.dispose()
 
 
+def test_a_chain_that_gets_shorter_between_the_cursors_reads_ends_the_poll_quietly(
+        chain, w3, deployment, database_url):
+    """The chain shrinks after the cursor read its range's last hash and before it asks for
+    the range's logs (a reorganisation under way): the node refuses the range; the poll stops
+    there without raising, and the next one goes back and reads what replaced it."""
+    coordinator = InferenceCoordinator(w3, deployment.address("InferenceCoordinator"))
+    store = Store(database_url)
+    store.migrate()
+    recorder, rewinds = Recorder(), []
+    cursor = cursor_on(w3, store, deployment,
+                       on_rewind=lambda conn, block: rewinds.append(block))
+    kept = post_requests(w3, coordinator, chain.accounts[2], 1)
+    assert cursor.poll(recorder) == 1
+    fork_block = w3.eth.block_number
+    fork = w3.provider.make_request("evm_snapshot", [])["result"]
+    post_requests(w3, coordinator, chain.accounts[2], 2)
+    fetch = cursor.fetch
+
+    def fetch_after_the_chain_shrank(first, last):
+        w3.provider.make_request("evm_revert", [fork])
+        return fetch(first, last)
+
+    cursor.fetch = fetch_after_the_chain_shrank
+    assert w3.eth.block_number > fork_block
+    assert cursor.poll(recorder) == 0
+    cursor.fetch = fetch
+    with store.transaction() as conn:
+        assert st.get_cursor(conn, "coordinator") == fork_block
+    replacing = post_requests(w3, coordinator, chain.accounts[3], 1)
+    assert cursor.poll(recorder) == 1
+    assert recorder.delivered == kept + replacing and rewinds == []
+    store.dispose()
+
+
+def test_a_reorganisation_between_the_cursors_check_and_its_read_is_still_followed(
+        chain, w3, deployment, database_url):
+    """The chain reorganises after a poll checked its newest checkpoint and before it read
+    the next range: that range, read whole from the new chain, must not hide the loss of the
+    blocks read before it. The poll goes back to the fork and reads what replaced them."""
+    coordinator = InferenceCoordinator(w3, deployment.address("InferenceCoordinator"))
+    store = Store(database_url)
+    store.migrate()
+    recorder, rewinds = Recorder(), []
+    cursor = cursor_on(w3, store, deployment,
+                       on_rewind=lambda conn, block: rewinds.append(block))
+    kept = post_requests(w3, coordinator, chain.accounts[2], 1)
+    assert cursor.poll(recorder) == 1
+    fork_block = w3.eth.block_number
+    fork = w3.provider.make_request("evm_snapshot", [])["result"]
+    lost = post_requests(w3, coordinator, chain.accounts[2], 2)
+    assert cursor.poll(recorder) == 2
+    lost_height = w3.eth.block_number
+    safe_head = cursor.safe_head
+    replacing: list[int] = []
+
+    def safe_head_after_a_reorganisation() -> int:
+        w3.provider.make_request("evm_revert", [fork])
+        replacing.extend(post_requests(w3, coordinator, chain.accounts[3], 3))
+        return safe_head()
+
+    cursor.safe_head = safe_head_after_a_reorganisation
+    assert cursor.poll(recorder) == 3
+    assert w3.eth.block_number > lost_height and replacing[:2] == lost
+    assert rewinds == [fork_block]
+    assert recorder.delivered == kept + lost + replacing
+    store.dispose()
+
+
 def test_two_cursors_on_one_database_share_the_work(chain, w3, deployment, database_url):
     """Two processes polling the same cursor (two engines): each event is handled once."""
     coordinator = InferenceCoordinator(w3, deployment.address("InferenceCoordinator"))
