@@ -52,6 +52,7 @@ from optinfer.services.events import (
     EventCursor,
     confirm_outcomes,
     follow_outcome,
+    logs_since,
     request_record,
 )
 from optinfer.services.responder import GameGone, GameResponder, Turn, describe
@@ -450,9 +451,8 @@ class Watchtower:
                 pass  # dropped or reverted: look at the events, then send again
             except Exception as err:  # web3's TimeExhausted: unknown to the node
                 log.warning("challenge transaction %s: %s", tx_hash, err)
-        logs = self.game.contract.events.GameOpened.get_logs(
-            argument_filters={"requestId": request_id, "challenger": self.address},
-            from_block=from_block)
+        logs = logs_since(self.w3, self.game.contract.events.GameOpened, from_block,
+                          requestId=request_id, challenger=self.address)
         if logs:
             return logs[0]["args"]["gameId"], logs[0]["blockNumber"]
         return None

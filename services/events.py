@@ -228,6 +228,19 @@ def block_hash(w3: Web3, number: int) -> str | None:
         return None
 
 
+def logs_since(w3: Web3, event: Any, from_block: int, **argument_filters: Any) -> list:
+    """`event`'s logs (a contract's ``contract.events.Name``) from block `from_block`,
+    filtered by `argument_filters`; none when the chain is shorter than `from_block` now (a
+    reorganisation took the block a node read it from: the node's cursor follows it)."""
+    try:
+        return list(event.get_logs(argument_filters=argument_filters or None,
+                                   from_block=from_block))
+    except Web3RPCError:
+        if w3.eth.block_number < from_block:
+            return []
+        raise
+
+
 def request_record(event: ChainEvent) -> RequestRecord:
     """The store's record of a ``RequestPosted`` event."""
     args = event.args

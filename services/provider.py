@@ -76,6 +76,7 @@ from optinfer.services.events import (
     claim_record,
     confirm_outcomes,
     follow_outcome,
+    logs_since,
     request_record,
 )
 from optinfer.services.responder import GameGone, GameResponder, SentMove
@@ -554,7 +555,12 @@ class ProviderNode:
         try:
             receipt = self.sender.wait(tx_hash)
         except TxFailed as err:
-            onchain = self.coordinator.get_request(request_id)
+            try:
+                onchain = self.coordinator.get_request(request_id)
+            except ContractRevert as gone:  # RequestNotFound: a reorganisation took the post
+                self._retry_later(prepared, f"{err}; the chain has no request {request_id} "
+                                            f"now ({gone.name or gone})")
+                return None
             if onchain.status is Status.OPEN:
                 # The estimate passed against the latest block, but the commits sent ahead of
                 # this one, still pending then, locked the stake it needed; or the state
@@ -574,7 +580,7 @@ class ProviderNode:
                  receipt["blockNumber"])
         return served
 
-    def _retry_later(self, prepared: Prepared, why: Exception) -> None:
+    def _retry_later(self, prepared: Prepared, why: Exception | str) -> None:
         """Keep the answer (a `committing` row) and forget any commit transaction recorded
         for it, which failed or was never sent (a restart must not wait for it): the next
         serving pass estimates the commit again, without generating the answer again."""
@@ -765,9 +771,8 @@ class ProviderNode:
             return
         request_status, claim_status, event_name = outcome
         if block is None:
-            logs = getattr(self.coordinator.contract.events, event_name)().get_logs(
-                argument_filters={"requestId": request_id},
-                from_block=self.deployments.block_number)
+            logs = logs_since(self.w3, getattr(self.coordinator.contract.events, event_name),
+                              self.deployments.block_number, requestId=request_id)
             if not logs:
                 return
             block = logs[-1]["blockNumber"]

@@ -20,7 +20,7 @@ import sqlalchemy as sa
 
 from optinfer.contracts.coordinator import ZERO_ADDRESS, QuestionAsker, RequestSpec, Status
 from optinfer.contracts.registry import MAX_ONE_STEP_FAN_IN_BYTES
-from optinfer.contracts.sender import TxSender
+from optinfer.contracts.sender import TxDropped, TxSender
 from optinfer.errors import UserError
 from optinfer.services import store as st
 from optinfer.services.events import block_hash
@@ -670,6 +670,31 @@ def test_issue20_point1_a_finalization_read_from_the_chain_leaves_with_its_block
     assert protocol.coordinator.get_request(request_id).status is Status.FINALIZED
     with node.store.transaction() as conn:
         assert st.get_request(conn, request_id).status is RequestStatus.FINALIZED
+    node.store.dispose()
+
+
+def test_issue20_point1_a_commit_dropped_with_its_request_is_kept_for_later(
+        registered, sqlite_url, model, caplog):
+    """A reorganisation takes the request's post and the node's commit with it: waiting for
+    the commit reports it dropped, and the chain has no such request to ask about. The node
+    logs it, keeps the answer to commit (the request may come back) and goes on: the serving
+    pass raises nothing."""
+    protocol, w3 = registered, registered.w3
+    fork = w3.provider.make_request("evm_snapshot", [])["result"]
+    request_id = protocol.post(model.encode(PROMPT_TEXT), max_tokens=8)
+    node = _in_process_node(protocol, sqlite_url, model, stake=None)
+
+    def wait_after_a_reorganisation(tx_hash, *args, **kwargs):
+        w3.provider.make_request("evm_revert", [fork])
+        raise TxDropped(f"transaction {tx_hash.hex()} was dropped by the node, not mined")
+
+    node.sender.wait = wait_after_a_reorganisation
+    with caplog.at_level(logging.WARNING, logger="optinfer.provider"):
+        assert node.serve_pending() == []
+    assert f"the chain has no request {request_id} now (RequestNotFound)" in caplog.text
+    with node.store.transaction() as conn:
+        row = st.get_request(conn, request_id)
+    assert (row.status, row.output != []) == (RequestStatus.COMMITTING, True)
     node.store.dispose()
 
 

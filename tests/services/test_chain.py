@@ -26,7 +26,7 @@ from optinfer.contracts.sender import GAS_MARGIN, TxDropped, TxFailed, TxSender,
 from optinfer.errors import UserError
 from optinfer.services import store as st
 from optinfer.services.chain import RetryPolicy, RpcUnavailable, connect
-from optinfer.services.events import EventCursor, request_record
+from optinfer.services.events import EventCursor, logs_since, request_record
 from optinfer.services.store import Store
 from tests.services.conftest import tiny_r1_spec
 from tests.services.rpc_proxy import RpcProxy
@@ -244,6 +244,19 @@ def test_a_reorganisation_between_the_cursors_check_and_its_read_is_still_follow
     assert rewinds == [fork_block]
     assert recorder.delivered == kept + lost + replacing
     store.dispose()
+
+
+def test_logs_since_a_block_the_chain_no_longer_has_are_none(chain, w3, deployment):
+    """A node reads logs from a block it recorded (a claim's, say) after a reorganisation
+    made the chain shorter than that: none, where the node refuses the range."""
+    coordinator = InferenceCoordinator(w3, deployment.address("InferenceCoordinator"))
+    ids = post_requests(w3, coordinator, chain.accounts[2], 2)
+    posted = coordinator.contract.events.RequestPosted
+    assert [e["args"]["requestId"] for e in logs_since(w3, posted, deployment.block_number)
+            ] == ids
+    assert [e["args"]["requestId"] for e in logs_since(w3, posted, deployment.block_number,
+                                                       requestId=ids[1])] == ids[1:]
+    assert logs_since(w3, posted, w3.eth.block_number + 3) == []
 
 
 def test_two_cursors_on_one_database_share_the_work(chain, w3, deployment, database_url):
