@@ -38,6 +38,9 @@ from optinfer.models.runtime import IntegerModel
 from optinfer.models.tiny_r1 import FLOAT_DIR, INTEGER_DIR
 from tests.chat_models import THINK, TINY_CHAT_TEMPLATE, tiny_r1_with_chat_template
 
+# One worker builds the module fixtures once (each tokenizer fixture reads a GGUF file).
+pytestmark = pytest.mark.xdist_group("chat_tokenizers")
+
 CONVERSATIONS = [
     [{"role": "user", "content": "What is 7 times 8?"}],
     [{"role": "system", "content": "You are a careful assistant. Answer briefly."},

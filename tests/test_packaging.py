@@ -17,6 +17,9 @@ import pytest
 
 from optinfer.services.cli import CONVERT_EXTRA_MODULES
 
+# One worker builds the module fixtures once (a wheel and its venvs take about a minute).
+pytestmark = pytest.mark.xdist_group("wheel")
+
 REPO = Path(__file__).resolve().parent.parent
 #: The folders that the `optinfer` namespace maps (pyproject.toml, [tool.setuptools]).
 PACKAGE_FOLDERS = {"optinfer": "optinfer_root", "optinfer.models": "models",
@@ -28,6 +31,7 @@ CONVERSION_ONLY = {"optinfer.models.converter", "optinfer.models.float_reference
 
 IMPORT_EVERY_MODULE = """
 import importlib, json, sys, zipfile
+
 failed = {}
 for name in sorted(zipfile.ZipFile(sys.argv[1]).namelist()):
     if not name.endswith(".py") or "/migrations/" in name:
