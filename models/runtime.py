@@ -19,6 +19,7 @@ import onnxruntime as ort
 
 from optinfer.errors import UserError
 from optinfer.models import opset
+from optinfer.models.batching import batched_decode_graph
 
 PINNED_ONNXRUNTIME = "1.32.0"
 
@@ -97,11 +98,14 @@ class IntegerModel:
     # ------------------------------------------------------------- sessions
 
     def session(self, kind: str) -> ort.InferenceSession:
-        """The "verify", "decode" or "trace" session, created once."""
+        """The "verify", "decode", "decode_batch" (``batching.batched_decode_graph``) or
+        "trace" session, created once."""
         if kind not in self._sessions:
             so = session_options(self.threads)
-            if kind == "trace":
-                model = self.trace_graph()
+            if kind in ("trace", "decode_batch"):
+                model = (self.trace_graph() if kind == "trace" else batched_decode_graph(
+                    onnx.load(str(self.dir / self.manifest["graphs"]["decode"]),
+                              load_external_data=False), self.max_context))
                 so.add_session_config_entry(
                     "session.model_external_initializers_file_folder_path", str(self.dir))
                 source = model.SerializeToString()

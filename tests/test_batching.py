@@ -1,0 +1,124 @@
+"""Continuous batching (issue 21): a sequence's tokens are the same alone and in any batch,
+on every graph variant the converter writes."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from optinfer.errors import UserError
+from optinfer.models import qwen2_graph
+from optinfer.models.batching import DecodeBatch, batched_decode_graph, generate_batched
+from optinfer.models.converter import convert
+from optinfer.models.runtime import IntegerModel
+from optinfer.models.tiny_r1 import INTEGER_DIR
+
+from .conftest import TINY_CONTEXT
+
+pytestmark = pytest.mark.xdist_group("batching")
+
+TINY_R1_PROMPTS = ["12+34=", "5+7=", "23+19=", "40+2=", "99+1=", "7+8=", "63+28=", "1+1="]
+
+
+@pytest.fixture(scope="module", params=["tiny-r1", "random", "linear16", "fine"])
+def model(request, random_checkpoint, random_model, tmp_path_factory) -> IntegerModel:
+    """The committed tiny-r1, and a random checkpoint's 8-bit, 16-bit-input and fine
+    conversions."""
+    if request.param == "tiny-r1":
+        return IntegerModel(INTEGER_DIR)
+    if request.param == "random":
+        return IntegerModel(random_model)
+    out = tmp_path_factory.mktemp(request.param) / "model"
+    with pytest.MonkeyPatch.context() as patch:
+        # A small lm_head block, so that the fine graph's blockwise logits are exercised.
+        patch.setattr(qwen2_graph, "FINE_LOGIT_BLOCK", 64)
+        convert(random_checkpoint, out, max_context=TINY_CONTEXT, linear_input_bits=16,
+                weight_bits=13 if request.param == "fine" else 7)
+    return IntegerModel(out)
+
+
+def prompts_for(model: IntegerModel, count: int, seed: int) -> list[list[int]]:
+    """Prompts of mixed lengths: tiny-r1's own problems, or random tokens."""
+    if model.dir == INTEGER_DIR:
+        return [model.encode(TINY_R1_PROMPTS[i % len(TINY_R1_PROMPTS)]) for i in range(count)]
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, model.vocab_size, int(rng.integers(1, 24))).tolist()
+            for _ in range(count)]
+
+
+def test_a_sequence_is_the_same_alone_and_in_batches_of_every_size(model):
+    """Each job's tokens from batches of 1, 2, 3 and all of them (a job joining whenever
+    another leaves) equal its generation alone, which the committed verify graph accepts."""
+    prompts = prompts_for(model, 7, seed=1)
+    jobs = [(prompt, 12 + 5 * (i % 3)) for i, prompt in enumerate(prompts)]
+    alone = [model.generate(prompt, max_tokens) for prompt, max_tokens in jobs]
+    for max_batch in (1, 2, 3, len(jobs)):
+        assert generate_batched(model, jobs, max_batch) == alone, max_batch
+    for (prompt, max_tokens), output in zip(jobs, alone, strict=True):
+        assert model.verify(prompt, output, max_tokens).valid
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sequences_joining_and_leaving_at_random_steps_change_nobody_s_tokens(model, seed):
+    """A random schedule: sequences of random prompts and lengths join at random steps
+    (several at once, or none), some stop at EOS and some run to their max tokens, and leave
+    as they finish. Every token each one got, step by step, is its token alone."""
+    rng = np.random.default_rng(100 + seed)
+    prompts = prompts_for(model, 10, seed=200 + seed)
+    jobs = []
+    for prompt in prompts:
+        max_tokens = int(rng.integers(1, min(30, model.max_context - len(prompt) + 1) + 1))
+        jobs.append((prompt, max_tokens, bool(rng.integers(0, 2))))
+    batch, waiting, streams, sizes = DecodeBatch(model), list(enumerate(jobs)), {}, []
+    while waiting or len(batch):
+        for _ in range(int(rng.integers(0, 3)) if len(batch) else 1):
+            if waiting:
+                index, (prompt, max_tokens, stop_at_eos) = waiting.pop(0)
+                batch.add(index, prompt, max_tokens, stop_at_eos)
+                streams[index] = []
+        sizes.append(len(batch))
+        for step in batch.step():
+            streams[step.sequence].append(step.token)
+            if step.done:
+                assert batch.take(step.sequence) == streams[step.sequence]
+        # The cache holds the running sequences' tokens so far, nobody else's.
+        assert batch.cached_keys == sum(
+            len(jobs[i][0]) + len(streams[i]) - 1 for i in streams if i in batch)
+    assert max(sizes) >= 3  # the schedule did batch
+    for index, (prompt, max_tokens, stop_at_eos) in enumerate(jobs):
+        assert streams[index] == model.generate(prompt, max_tokens, stop_at_eos=stop_at_eos)
+
+
+def test_the_batch_graph_is_derived_from_the_decode_graph_and_refuses_others():
+    m = IntegerModel(INTEGER_DIR)
+    decode = onnx.load(str(INTEGER_DIR / "decode.onnx"), load_external_data=False)
+    batched = batched_decode_graph(decode, m.max_context)
+    inputs = [i.name for i in batched.graph.input]
+    assert inputs[:2] == ["tokens", "positions"]
+    assert {"sequences", "predict_rows", "past_positions", "past_sequences"} <= set(inputs)
+    assert [o.name for o in batched.graph.output] == [o.name for o in decode.graph.output]
+    # The single-sequence key count is gone with the Range it fed.
+    assert "Range" not in {node.op_type for node in batched.graph.node}
+    verify = m.verify_graph()
+    with pytest.raises(ValueError, match="not a decode graph"):
+        batched_decode_graph(verify, m.max_context)
+
+
+def test_what_a_batch_refuses():
+    m = IntegerModel(INTEGER_DIR)
+    batch = DecodeBatch(m)
+    with pytest.raises(UserError, match="empty"):
+        batch.add(1, [], 4)
+    with pytest.raises(UserError, match="outside the vocabulary"):
+        batch.add(1, [m.vocab_size], 4)
+    with pytest.raises(UserError, match="exceed the model's context"):
+        batch.add(1, [1] * m.max_context, 2)
+    with pytest.raises(UserError, match="max tokens"):
+        batch.add(1, [1, 2], 0)
+    batch.add(1, [1, 2], 3)
+    with pytest.raises(ValueError, match="already running"):
+        batch.add(1, [3], 3)
+    with pytest.raises(UserError, match="batch size"):
+        generate_batched(m, [([1], 1)], 0)
+    assert batch.step()[0].sequence == 1 and len(batch) == 1
