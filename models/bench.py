@@ -180,6 +180,19 @@ def prepare(workdir: Path, layers: int, log, linear_input_bits: int = 8, weight_
 
     The integer model with 16-bit linear inputs is workdir/integer-16 (8 bits: integer; the
     fine graph, 13-bit weights: integer-16-w13)."""
+    integer = integer_model(workdir, layers, log, linear_input_bits, weight_bits)
+    return workdir / "checkpoint", integer, float_twin(workdir, log)
+
+
+def default_workdir(layers: int) -> Path:
+    """Where the R1-shape benchmarks keep their random model of `layers` layers."""
+    return Path.home() / ".cache" / "optinfer" / f"r1-distill-1.5b-{layers}l"
+
+
+def integer_model(workdir: Path, layers: int, log, linear_input_bits: int = 8,
+                  weight_bits: int = 7) -> Path:
+    """The integer model of workdir's random R1-Distill-1.5B-shape checkpoint, both written
+    once (see :func:`prepare` for the directory names)."""
     from optinfer.models.checkpoint import write_random_checkpoint
     from optinfer.models.converter import convert
 
@@ -195,7 +208,7 @@ def prepare(workdir: Path, layers: int, log, linear_input_bits: int = 8, weight_
             f"{weight_bits}-bit weights)")
         convert(checkpoint, integer, max_context=BENCH_CONTEXT,
                 linear_input_bits=linear_input_bits, weight_bits=weight_bits)
-    return checkpoint, integer, float_twin(workdir, log)
+    return integer
 
 
 def float_twin(workdir: Path, log) -> Path:
@@ -286,7 +299,7 @@ def bench_inference(layers: int = 28, tokens: int = 256, prompt_len: int = 32, t
         raise UserError("--layers must be in 1..28")
     check_linear_input_bits(linear_input_bits)  # before minutes of writing a checkpoint
     check_weight_bits(weight_bits, linear_input_bits)
-    workdir = workdir or Path.home() / ".cache" / "optinfer" / f"r1-distill-1.5b-{layers}l"
+    workdir = workdir or default_workdir(layers)
     checkpoint, integer, float_path = prepare(Path(workdir), layers, log, linear_input_bits,
                                               weight_bits)
     result = measure(checkpoint, integer, float_path, tokens, prompt_len, threads, log)

@@ -413,6 +413,36 @@ def bench_inference(
     emit(result, as_json, lambda d: out.print_json(data=d))
 
 
+@bench_app.command("throughput")
+def bench_throughput(
+    model: Annotated[Path | None, typer.Option(
+        "--model", help="A converted model directory (default: the random R1-Distill-1.5B "
+        "shape of `bench inference`, written once).")] = None,
+    concurrency: Annotated[str, typer.Option(
+        "--concurrency", help="Comma-separated concurrency levels.")] = "1,4,8,16",
+    tokens: Annotated[int, typer.Option("--tokens", help="Output tokens per request.")] = 32,
+    layers: Annotated[int, typer.Option(
+        "--layers", help="Layers of the R1-1.5B-shape model (without --model).")] = 28,
+    threads: Threads = 2,
+    as_json: AsJson = True,
+) -> None:
+    """Continuous batching: aggregate decode tokens/s at each concurrency, time to first
+    token, and the batch-invariance check against the single-request path."""
+    from optinfer.models.bench import default_workdir, integer_model
+    from optinfer.models.throughput import bench_throughput as run
+    from optinfer.models.throughput import parse_concurrency
+
+    levels = parse_concurrency(concurrency)
+    if model is None:
+        if not 1 <= layers <= 28:
+            raise UserError("--layers must be in 1..28")
+        model = integer_model(default_workdir(layers), layers, err.print)
+    elif not (model / "manifest.json").is_file():
+        raise UserError(f"{model} is not a converted model (no manifest.json)")
+    result = run(model, levels, tokens, threads, log=err.print)
+    emit(result, as_json, lambda d: out.print_json(data=d))
+
+
 @bench_app.command("dispute")
 def bench_dispute(
     layers: Annotated[int, typer.Option("--layers", help="Layers of the R1-1.5B-shape model "

@@ -3,6 +3,8 @@ on every graph variant the converter writes."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -15,6 +17,7 @@ from optinfer.models.runtime import IntegerModel
 from optinfer.models.tiny_r1 import INTEGER_DIR
 
 from .conftest import TINY_CONTEXT
+from .test_cli import cli
 
 pytestmark = pytest.mark.xdist_group("batching")
 
@@ -122,3 +125,38 @@ def test_what_a_batch_refuses():
     with pytest.raises(UserError, match="batch size"):
         generate_batched(m, [([1], 1)], 0)
     assert batch.step()[0].sequence == 1 and len(batch) == 1
+
+
+def test_bench_throughput_reports_every_level_and_no_mismatch(tmp_path):
+    """`optinfer bench throughput` on tiny-r1: the issue's keys, one figure per level, every
+    batched answer equal to the single-request path's (no speed is asserted here: figures
+    live in docs/performance.md)."""
+    proc = cli("bench", "throughput", "--model", INTEGER_DIR, "--concurrency", "8,1",
+               "--tokens", "6")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["concurrency"] == [1, 8]
+    assert set(result["throughput"]) == set(result["ttft_p50_s"]) == {"1", "8"}
+    assert all(value > 0 for value in result["throughput"].values())
+    assert result["ttft_p50_s"]["8"] <= result["ttft_p95_s"]["8"]
+    assert result["batch_invariance_mismatches"] == 0
+    assert result["speedup_at_8"] > 0 and result["peak_rss_bytes"] > 0
+    assert result["tokens_per_request"] == 6 and result["threads"] == 2
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--concurrency", "0,4"], "--concurrency must list levels of at least 1"),
+    (["--concurrency", "four"], "--concurrency must be comma-separated integers"),
+    (["--tokens", "1"], "--tokens must be at least 2"),
+    (["--tokens", "500"], "leaves no room for a prompt"),
+])
+def test_bench_throughput_refuses_bad_options_in_one_line(args, message):
+    proc = cli("bench", "throughput", "--model", INTEGER_DIR, *args)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_bench_throughput_refuses_a_directory_without_a_model(tmp_path):
+    proc = cli("bench", "throughput", "--model", tmp_path)
+    assert proc.returncode == 2 and "is not a converted model" in proc.stderr
