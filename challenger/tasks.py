@@ -2,9 +2,12 @@
 twice (see ``watchtower.py``); their names are stable (a test pins them), since queued
 messages name them.
 
-* ``scan`` (beat, every poll interval): new claims -> ``verify`` each; half-done work found
-  again (claims without a verdict, challenges left `sending`, stopped games) is sent again.
-* ``verify(request_id)``: judge the claim; a false one is challenged and ``play`` starts.
+* ``scan`` (beat, every poll interval): new claims -> ``verify_many`` for each chunk of up to
+  ``VERIFY_CHUNK``; half-done work found again (claims without a verdict, challenges left
+  `sending`, stopped games) is sent again.
+* ``verify_many(request_ids)``: judge the claims, those the model runs sharing its passes
+  (``Watchtower.verify_many``); a false one is challenged and ``play`` starts.
+  ``verify(request_id)`` is one claim's (messages queued before ``verify_many`` name it).
 * ``play(game_id, token)``: one turn, then ``play`` again after the countdown, until the game
   is resolved. The token names the game's one live chain of play tasks.
 
@@ -28,6 +31,7 @@ log = logging.getLogger("optinfer.watchtower")
 
 SCAN = "optinfer.challenger.scan"
 VERIFY = "optinfer.challenger.verify"
+VERIFY_MANY = "optinfer.challenger.verify_many"
 PLAY = "optinfer.challenger.play"
 
 # Time limits, in seconds (soft, hard). Celery enforces them in a prefork worker: the soft
@@ -39,6 +43,12 @@ PLAY = "optinfer.challenger.play"
 # MOVES_PER_TURN moves) and only the model's own work, a verification or a trace, runs on.
 SCAN_LIMITS = (120, 180)  # chain reads and database writes only
 VERIFY_LIMITS = (1800, 1860)  # a teacher-forced pass of the largest model, then a challenge
+VERIFY_MANY_LIMITS = (3600, 3660)  # the passes of a chunk of claims, then their challenges
+
+VERIFY_CHUNK = 16
+"""Claims one ``verify_many`` task judges: short claims share the model's passes (on tiny-r1,
+2 cores, claims/s grew about <see docs/performance.md> at 16), and a chunk still spreads over
+a deployment's workers."""
 PLAY_LIMITS = (900, 960)  # a trace, then up to MOVES_PER_TURN moves of 120 s each at most
 
 _watchtower: Watchtower | None = None
@@ -65,8 +75,8 @@ def use_watchtower(instance: Watchtower | None) -> None:
 def scan() -> int:
     """Scan the chain and send the work due; the number of new claims."""
     result = watchtower().scan(every_open_game=is_eager())
-    for request_id in result.verify:
-        verify.delay(request_id)
+    for first in range(0, len(result.verify), VERIFY_CHUNK):
+        verify_many.delay(result.verify[first:first + VERIFY_CHUNK])
     for game_id, token in result.play:
         play.delay(game_id, token)
     return result.new_claims
@@ -80,6 +90,17 @@ def verify(request_id: int) -> str | None:
     if result.game is not None and not is_eager():
         play.delay(*result.game)
     return result.verdict.value if result.verdict else None
+
+
+@app.task(name=VERIFY_MANY, soft_time_limit=VERIFY_MANY_LIMITS[0],
+          time_limit=VERIFY_MANY_LIMITS[1])
+def verify_many(request_ids: list[int]) -> list[str | None]:
+    """Judge the claims on `request_ids`, challenging the false ones. Their verdicts."""
+    results = watchtower().verify_many(request_ids)
+    for result in results:
+        if result.game is not None and not is_eager():
+            play.delay(*result.game)
+    return [result.verdict.value if result.verdict else None for result in results]
 
 
 @app.task(name=PLAY, soft_time_limit=PLAY_LIMITS[0], time_limit=PLAY_LIMITS[1])

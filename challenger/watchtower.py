@@ -25,6 +25,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,7 @@ from optinfer.contracts.dispute_game import DisputeGame
 from optinfer.contracts.registry import ModelRegistry, ModelSpec
 from optinfer.contracts.sender import TxFailed, TxSender
 from optinfer.errors import UserError
+from optinfer.models.batching import predict_many
 from optinfer.prover import claims
 from optinfer.prover import game as spec
 from optinfer.prover.game import ModelTrace, Role
@@ -105,6 +107,7 @@ class LocalModel:
         )
         # Sessions are created once here: creating them lazily from two threads would race.
         self.model.session("verify")
+        self.model.session("decode_batch")
         self.model.session("trace")
 
     def trace(self, prompt: list[int], output: list[int]) -> ModelTrace:
@@ -254,27 +257,74 @@ class Watchtower:
 
     def verify(self, request_id: int) -> VerifyResult:
         """Judge the claim on `request_id` (once) and challenge it if it is false."""
+        return self.verify_many([request_id])[0]
+
+    def verify_many(self, request_ids: Sequence[int]) -> list[VerifyResult]:
+        """:meth:`verify` for each of `request_ids`, the claims the model must run sharing
+        its passes (``batching.predict_many``: a few short claims in one teacher-forced pass
+        instead of one each)."""
+        judged: list[tuple[st.RequestRecord, st.ClaimRecord]] = []
+        found: dict[int, tuple[st.RequestRecord, st.ClaimRecord]] = {}
+        results: dict[int, VerifyResult] = {}
         with self.store.transaction() as conn:
-            claim = st.get_claim(conn, request_id)
-            request = st.get_request(conn, request_id)
-        if claim is None or request is None:
-            log.warning("claim %d: not in the database, nothing to verify", request_id)
-            return VerifyResult(request_id, None)
-        verdict = Verdict(claim.verdict) if claim.verdict else None
-        if verdict is None:
-            judgement = self._judge(request, claim)
+            for request_id in request_ids:
+                claim = st.get_claim(conn, request_id)
+                request = st.get_request(conn, request_id)
+                if claim is None or request is None:
+                    log.warning("claim %d: not in the database, nothing to verify", request_id)
+                    results[request_id] = VerifyResult(request_id, None)
+                    continue
+                found[request_id] = (request, claim)
+                if claim.verdict is None:
+                    judged.append((request, claim))
+        for (request, claim), judgement in zip(judged, self._judge_many(judged), strict=True):
+            request_id = request.request_id
             with self.store.transaction() as conn:
                 first = st.set_claim_verdict(conn, request_id, judgement.verdict.value,
                                              judgement.note)
-                verdict = Verdict(st.get_claim(conn, request_id).verdict)
+                found[request_id] = (request, st.get_claim(conn, request_id))
             if first:
                 metrics.CLAIMS_VERIFIED.labels(verdict=judgement.verdict.value).inc()
                 self._report(request_id, claim, judgement)
-        if verdict is not Verdict.INVALID:
-            return VerifyResult(request_id, verdict)
-        return VerifyResult(request_id, verdict, self._challenge(request, claim))
+        for request_id, (request, claim) in found.items():
+            verdict = Verdict(claim.verdict)
+            results[request_id] = VerifyResult(
+                request_id, verdict,
+                self._challenge(request, claim) if verdict is Verdict.INVALID else None)
+        return [results[request_id] for request_id in request_ids]
 
-    def _judge(self, request: st.RequestRecord, claim: st.ClaimRecord) -> policy.Judgement:
+    def _judge_many(self, pairs: list[tuple[st.RequestRecord, st.ClaimRecord]]
+                    ) -> list[policy.Judgement]:
+        """Each claim's judgement: by the policy alone (left out by sampling, a model this
+        watchtower cannot verify), else by the model, in shared passes where it can run the
+        claim's sequence."""
+        model = self.model.model
+        judgements: list[policy.Judgement | None] = []
+        shared: list[tuple[int, np.ndarray]] = []  # (index in pairs, verify-graph input)
+        for index, (request, claim) in enumerate(pairs):
+            judgement = self._judge_by_policy(request)
+            prompt, output = list(request.prompt), list(claim.output)
+            if judgement is None and claims.outside_domain(
+                    prompt, output, model.vocab_size, model.max_context) is None:
+                shared.append((index, claims.claim_sequence(prompt, output)))
+            elif judgement is None:
+                started = time.perf_counter()
+                judgement = self._verify_outside_domain(prompt, output, request.max_tokens)
+                metrics.VERIFICATION_SECONDS.observe(time.perf_counter() - started)
+            judgements.append(judgement)
+        if shared:
+            started = time.perf_counter()
+            predicted = predict_many(model, [sequence for _, sequence in shared])
+            each = (time.perf_counter() - started) / len(shared)
+            for (index, _), tokens in zip(shared, predicted, strict=True):
+                request, claim = pairs[index]
+                judgements[index] = _judge_prediction(model, list(claim.output), tokens,
+                                                      request.max_tokens)
+                metrics.VERIFICATION_SECONDS.observe(each)
+        return judgements
+
+    def _judge_by_policy(self, request: st.RequestRecord) -> policy.Judgement | None:
+        """The judgement of a claim the model need not run, or None."""
         if not policy.sampled(request.request_id, self.settings.sampling_rate,
                               self._sampling_salt):
             return policy.Judgement(Verdict.UNSAMPLED,
@@ -284,31 +334,20 @@ class Watchtower:
         problem = policy.model_problem(model_id, self.model.held, self._is_registered(model_id))
         if problem is not None:
             return policy.Judgement(Verdict.UNVERIFIABLE, problem, False)
-        prompt, output = list(request.prompt), list(claim.output)
-        started = time.perf_counter()
-        try:
-            return self._verify(prompt, output, request.max_tokens)
-        finally:
-            metrics.VERIFICATION_SECONDS.observe(time.perf_counter() - started)
+        return None
 
-    def _verify(self, prompt: list[int], output: list[int], max_tokens: int
-                ) -> policy.Judgement:
-        """One teacher-forced pass where the model runs the claim's sequence; else the
-        reference up to the node the op set refuses (an id outside the vocabulary in the
-        prompt or before the last output token), which no provider's value can pass: the
-        game convicts the claim there, so it is challenged like a wrong token."""
+    def _verify_outside_domain(self, prompt: list[int], output: list[int], max_tokens: int
+                               ) -> policy.Judgement:
+        """A claim the model cannot run (an id outside the vocabulary in the prompt or before
+        the last output token, or past the context): the reference up to the node the op set
+        refuses, which no provider's value can pass: the game convicts the claim there, so it
+        is challenged like a wrong token."""
         model = self.model.model
         problem = claims.outside_domain(prompt, output, model.vocab_size, model.max_context)
-        if problem is None:
-            predicted = model.predict_sequence(claims.claim_sequence(prompt, output))
-        else:
-            trace = self.model.trace(prompt, output)
-            if trace.refusal is not None:
-                return policy.judge(False, f"{problem}; {trace.refusal.reason}", True)
-            predicted = trace.tensor(trace.node_count)
-        verdict = model.check_output(output, predicted, max_tokens)
-        convictable = bool(np.any(predicted != np.asarray(output, np.int64)))
-        return policy.judge(verdict.valid, verdict.reason, convictable)
+        trace = self.model.trace(prompt, output)
+        if trace.refusal is not None:
+            return policy.judge(False, f"{problem}; {trace.refusal.reason}", True)
+        return _judge_prediction(model, output, trace.tensor(trace.node_count), max_tokens)
 
     def _is_registered(self, model_id: bytes) -> bool:
         # A registration never changes once made; an absent one is asked for again.
@@ -544,3 +583,11 @@ class Watchtower:
 
 def _ids(ids: list[int]) -> str:
     return ", ".join(map(str, ids[:10])) + (f" and {len(ids) - 10} more" if len(ids) > 10 else "")
+
+
+def _judge_prediction(model, output: list[int], predicted: np.ndarray, max_tokens: int
+                      ) -> policy.Judgement:
+    """The judgement of `output` from the model's teacher-forced tokens `predicted`."""
+    verdict = model.check_output(output, predicted, max_tokens)
+    convictable = bool(np.any(predicted != np.asarray(output, np.int64)))
+    return policy.judge(verdict.valid, verdict.reason, convictable)

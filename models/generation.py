@@ -7,8 +7,12 @@ tiny-r1, 2 cores: a thread busy a third of the time makes generation 1.5x slower
 work in another process, 1.04x. :class:`GenerationProcess` keeps the model's decode session
 in a child process, so a server's own threads never stand between two tokens.
 
-:meth:`GenerationProcess.stream` keeps the next job queued in the child while the parent
-reads the previous answer, so the child never waits on the parent either.
+The child batches: up to `max_batch` jobs decode together (continuous batching,
+``batching.DecodeBatch``: a job joins between two decode steps and leaves after its last
+token, every answer bit-identical to its generation alone), within a KV-cache budget, and
+:meth:`GenerationProcess.stream_as_done` hands each answer back as soon as it is done. The
+parent keeps one job more than a batch in the child, so the child never waits on the parent
+either.
 
 On a machine with more CPUs than the model's threads, :func:`split_cpus` gives the child CPUs
 of its own and the node's serving threads the others (``generation_cpus``, on by default in
@@ -19,6 +23,7 @@ for a CPU for 0.7-2.4% of its serving time unpinned, 0.07-0.5% pinned (docs/perf
 
 from __future__ import annotations
 
+import collections
 import os
 import pickle
 import signal
@@ -42,15 +47,16 @@ Job = tuple[list[int], int]
 
 @dataclass(frozen=True)
 class Answer:
-    """A job's output tokens and the seconds the model took, or the error it raised (a
-    UserError for a prompt the model refuses)."""
+    """A job's output tokens and the seconds from its start to its last token (beside the
+    other jobs of its batch), or the error it raised (a UserError for a prompt the model
+    refuses)."""
 
     output: list[int]
     seconds: float
     error: Exception | None = None
 
-QUEUED_JOBS = 2
-"""Jobs in the child's pipe at a time: one computing, one waiting."""
+DEFAULT_MAX_BATCH = 8
+"""Sequences the child decodes together (continuous batching, ``batching.DecodeBatch``)."""
 
 
 def generate_in_process(model, jobs: Iterable[Job]) -> Iterator[Answer]:
@@ -163,15 +169,26 @@ class GenerationProcess:
     SIGKILL included (the child stops when its pipe closes)."""
 
     def __init__(self, model_dir: Path | str, threads: int = 1,
-                 cpus: frozenset[int] | None = None):
+                 cpus: frozenset[int] | None = None, max_batch: int = DEFAULT_MAX_BATCH,
+                 kv_budget_bytes: int | None = None):
+        if max_batch < 1:
+            raise UserError(f"the batch size must be at least 1, got {max_batch}")
         self.model_dir = str(model_dir)
         self.threads = threads
         self.cpus = cpus  # the child's, set before it loads the model; None: any
+        self.max_batch = max_batch
+        self.kv_budget_bytes = kv_budget_bytes
         self._lock = threading.Lock()
         self._process: subprocess.Popen | None = None
         self._conn: Connection | None = None
+        self._sent = 0  # jobs sent to this child: the next job's number there
         with self._lock:
             self._start()
+
+    @property
+    def queued_jobs(self) -> int:
+        """Jobs the child holds at a time: a full batch, and one more ready to join."""
+        return self.max_batch + 1
 
     def generate(self, prompt: list[int], max_tokens: int) -> list[int]:
         (answer,) = self.stream([(prompt, max_tokens)])
@@ -181,25 +198,40 @@ class GenerationProcess:
 
     def stream(self, jobs: Iterable[Job]) -> Iterator[Answer]:
         """The answers to `jobs`, in order; GenerationError when the child dies."""
+        done: dict[int, Answer] = {}
+        following = 0
+        for index, answer in self.stream_as_done(jobs):
+            done[index] = answer
+            while following in done:
+                yield done.pop(following)
+                following += 1
+
+    def stream_as_done(self, jobs: Iterable[Job]) -> Iterator[tuple[int, Answer]]:
+        """(index in `jobs`, answer) as each answer is done: up to `max_batch` jobs decode
+        together in the child and the next joins as one leaves, so a short answer comes back
+        before a long one sent earlier. GenerationError when the child dies."""
         with self._lock:
             if self._process is None or self._process.poll() is not None:
                 self._start()
-            queued = 0
+            first = self._sent  # the child numbers jobs in the order it receives them
+            in_flight = 0
             try:
                 for job in jobs:
                     self._send(job)
-                    queued += 1
-                    if queued == QUEUED_JOBS:
-                        queued -= 1
-                        yield self._receive()
-                while queued:
-                    queued -= 1
-                    yield self._receive()
+                    in_flight += 1
+                    if in_flight == self.queued_jobs:
+                        in_flight -= 1
+                        number, answer = self._receive()
+                        yield number - first, answer
+                while in_flight:
+                    in_flight -= 1
+                    number, answer = self._receive()
+                    yield number - first, answer
             finally:
                 # An abandoned stream leaves answers in the pipe: read them, or the next
                 # stream would take them for its own.
                 try:
-                    for _ in range(queued):
+                    for _ in range(in_flight):
                         self._receive()
                 except GenerationError:
                     pass  # nothing left to read
@@ -237,10 +269,12 @@ class GenerationProcess:
         # sessions can deadlock, and multiprocessing's spawn would import the parent's
         # __main__ again (a script without a main guard would start itself over).
         parent_end, child_end = socket.socketpair()
+        self._sent = 0
         with child_end:
             self._process = subprocess.Popen(
                 [sys.executable, "-m", __name__, str(child_end.fileno()), self.model_dir,
-                 str(self.threads), format_cpu_list(self.cpus) if self.cpus else "any"],
+                 str(self.threads), format_cpu_list(self.cpus) if self.cpus else "any",
+                 str(self.max_batch), str(self.kv_budget_bytes or 0)],
                 pass_fds=[child_end.fileno()], stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL)  # the parent's stdout may be its JSON result
         self._conn = Connection(parent_end.detach())
@@ -269,9 +303,11 @@ class GenerationProcess:
             self._conn.send((list(job[0]), int(job[1])))
         except OSError as err:
             raise self._died() from err
+        self._sent += 1
 
-    def _receive(self) -> Answer:
-        return self._read()[1]
+    def _receive(self) -> tuple[int, Answer]:
+        _kind, number, answer = self._read()
+        return number, answer
 
     def _read(self):
         try:
@@ -286,30 +322,63 @@ class GenerationProcess:
 
 
 def _serve(conn: Connection, model_dir: str, threads: int,
-           cpus: frozenset[int] | None = None) -> None:
+           cpus: frozenset[int] | None = None, max_batch: int = 1,
+           kv_budget_bytes: int = 0) -> None:
     """The child: load the model, then answer jobs until the parent closes the pipe."""
     # Ctrl-C goes to the whole process group; the parent decides when this process ends.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from optinfer.models.batching import DecodeBatch
     from optinfer.models.runtime import IntegerModel
 
     try:
         pin_this_thread(cpus)  # before ONNX Runtime starts its threads, which inherit it
         model = IntegerModel(model_dir, threads=threads)
-        model.session("decode")
+        batch = DecodeBatch(model)
     except Exception as err:  # noqa: BLE001 - the parent raises it
         conn.send(("error", err))
         return
     conn.send(("ready", None))
+    try:
+        _decode_jobs(conn, batch, max_batch, kv_budget_bytes)
+    except (EOFError, OSError):
+        return  # the parent closed the pipe, or is gone
+
+
+def _decode_jobs(conn: Connection, batch, max_batch: int, kv_budget_bytes: int) -> None:
+    """Continuous batching: jobs join the batch as they arrive while it has room (at most
+    `max_batch` sequences, and their caches at full length within `kv_budget_bytes` when it
+    is set: past the budget a job waits, though a job alone always runs); each step gives
+    every running job a token; a finished job's answer goes back at once, numbered in the
+    order the jobs arrived."""
+    waiting: collections.deque[tuple[int, Job]] = collections.deque()
+    reserved: dict[int, int] = {}  # each running job's keys at its full length
+    started: dict[int, float] = {}
+    received = 0
     while True:
-        try:
-            prompt, max_tokens = conn.recv()
-        except (EOFError, OSError):
-            return
-        (answer,) = generate_in_process(model, [(prompt, max_tokens)])
-        try:
-            conn.send(("answer", _picklable(answer)))
-        except OSError:  # the parent is gone
-            return
+        while conn.poll(0 if (len(batch) or waiting) else None):
+            waiting.append((received, conn.recv()))
+            received += 1
+        while waiting and len(batch) < max_batch:
+            number, (prompt, max_tokens) = waiting[0]
+            keys = len(prompt) + max_tokens
+            if kv_budget_bytes and len(batch) and (
+                    (sum(reserved.values()) + keys) * batch.key_bytes() > kv_budget_bytes):
+                break  # it waits for room (first come, first served)
+            waiting.popleft()
+            started[number] = time.perf_counter()
+            try:
+                batch.add(number, prompt, max_tokens)
+            except Exception as err:  # noqa: BLE001 - the parent decides (UserError: skip)
+                conn.send(("answer", number, _picklable(
+                    Answer([], time.perf_counter() - started.pop(number), err))))
+                continue
+            reserved[number] = keys
+        for step in batch.step():
+            if step.done:
+                reserved.pop(step.sequence)
+                answer = Answer(batch.take(step.sequence),
+                                time.perf_counter() - started.pop(step.sequence))
+                conn.send(("answer", step.sequence, answer))
 
 
 def _picklable(answer: Answer) -> Answer:
@@ -329,4 +398,5 @@ if __name__ == "__main__":
     from optinfer.models.generation import _serve as serve
 
     serve(Connection(int(sys.argv[1])), sys.argv[2], int(sys.argv[3]),
-          None if sys.argv[4] == "any" else parse_cpu_list(sys.argv[4]))
+          None if sys.argv[4] == "any" else parse_cpu_list(sys.argv[4]), int(sys.argv[5]),
+          int(sys.argv[6]))

@@ -140,6 +140,9 @@ def bench_watchtower(
     claims: Annotated[int, typer.Option("--claims", help="Honest claims in the burst.")] = 200,
     prompts: Annotated[int, typer.Option(
         "--prompts", help="Distinct prompts the requests cycle through (1..8).")] = 8,
+    batch: Annotated[int, typer.Option(
+        "--batch", help="Claims verified together, as one verify_many task does (1: one "
+        "at a time).")] = 16,
     as_json: AsJson = True,
 ) -> None:
     """Verification throughput of one watchtower process on tiny-r1 (local anvil)."""
@@ -148,5 +151,8 @@ def bench_watchtower(
 
     if claims < 1 or not 1 <= prompts <= len(PROMPTS):
         raise UserError(f"--claims must be >= 1 and --prompts in 1..{len(PROMPTS)}")
-    result = run(claims=claims, prompts=prompts, log=lambda line: print(line, file=sys.stderr))
+    if batch < 1:
+        raise UserError(f"--batch must be at least 1, got {batch}")
+    result = run(claims=claims, prompts=prompts, batch=batch,
+                 log=lambda line: print(line, file=sys.stderr))
     emit(result, as_json, lambda d: out.print_json(data=d))

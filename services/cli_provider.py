@@ -48,6 +48,9 @@ def provider_run(
         "their disputes (default: the provider_lie setting, off).")] = None,
     threads: Threads = 1,
     generation_cpus: GenerationCpus = None,
+    max_batch: Annotated[int | None, typer.Option(
+        "--max-batch", help="Requests decoded together (default: the max_batch setting, 8; "
+        "1: one at a time).")] = None,
     rpc_url: RpcUrl = None,
     config: ConfigFile = None,
 ) -> None:
@@ -56,7 +59,7 @@ def provider_run(
 
     log_to_stderr()
     settings = load_settings(config=config, rpc_url=rpc_url, provider_lie=lie,
-                             generation_cpus=generation_cpus)
+                             generation_cpus=generation_cpus, max_batch=max_batch)
     if stake is not None and stake <= 0:
         raise UserError("--stake must be a positive number of wei")
     node = ProviderNode.start(settings, register=register, stake=stake, threads=threads)

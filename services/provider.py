@@ -267,8 +267,11 @@ class ProviderNode:
         node = cls(w3=w3, store=store, deployments=deployments, model=model, account=account,
                    lie=lie or settings.provider_lie, poll_interval=settings.poll_interval,
                    confirmations=settings.confirmations, max_block_range=settings.max_block_range,
-                   generator=GenerationProcess(model.dir, threads=threads,
-                                               cpus=cpus and cpus.generation),
+                   generator=GenerationProcess(
+                       model.dir, threads=threads, cpus=cpus and cpus.generation,
+                       max_batch=settings.max_batch,
+                       kv_budget_bytes=(None if settings.kv_cache_budget_mb is None else
+                                        int(settings.kv_cache_budget_mb * 2**20))),
                    serving_cpus=cpus and cpus.node)
         node.ensure_model_registered(register)
         node.ensure_provider_registered(stake)
@@ -478,8 +481,10 @@ class ProviderNode:
         # (the commit's estimate reverts); a clock in a game is not cached.
         chain_time = self.responder.chain_time(max_age=self.poll_interval)
         serving = [request for request in batch if self._will_serve(request, chain_time)]
-        answers = self._generations([(r.prompt, r.max_tokens) for r in serving])
-        for request, answer in zip(serving, answers, strict=True):
+        # As each answer is done: in the generation process the requests decode in batches,
+        # and a short answer is committed before a long one that began earlier.
+        for index, answer in self._generations([(r.prompt, r.max_tokens) for r in serving]):
+            request = serving[index]
             if answer.error is not None:
                 if not isinstance(answer.error, UserError):
                     raise answer.error
@@ -505,10 +510,11 @@ class ProviderNode:
             self._skip(request.request_id, reason, expected=RequestStatus.OPEN)
         return reason is None
 
-    def _generations(self, jobs: list[tuple[list[int], int]]) -> Iterator[Answer]:
+    def _generations(self, jobs: list[tuple[list[int], int]]
+                     ) -> Iterator[tuple[int, Answer]]:
         if self.generator is not None:
-            return self.generator.stream(jobs)
-        return generate_in_process(self.model, jobs)
+            return self.generator.stream_as_done(jobs)
+        return enumerate(generate_in_process(self.model, jobs))
 
     def close(self) -> None:
         """End the generation process, if the node has one."""

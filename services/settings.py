@@ -121,6 +121,17 @@ class Settings(BaseSettings):
         "the others: auto (the last --threads CPUs, when there are more), none (no pinning), "
         "or a list such as 3, 2-3 or 1,3.",
     )
+    max_batch: int = Field(
+        8, ge=1, le=1024,
+        description="Requests the provider's generation process decodes together (continuous "
+        "batching: one joins as another finishes); 1 decodes them one at a time.",
+    )
+    kv_cache_budget_mb: float | None = Field(
+        None, gt=0,
+        description="MiB of KV cache the provider's batch may hold, each request counted at "
+        "its full length (prompt plus max tokens): past it a request waits for room, though a "
+        "request alone always runs (unset: max_batch is the only limit).",
+    )
     provider_lie: Literal["off", "last-token"] = Field(
         "off",
         description="Demonstrations only: last-token makes the provider node commit its "

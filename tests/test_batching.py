@@ -10,8 +10,13 @@ import onnx
 import pytest
 
 from optinfer.errors import UserError
-from optinfer.models import qwen2_graph
-from optinfer.models.batching import DecodeBatch, batched_decode_graph, generate_batched
+from optinfer.models import batching, qwen2_graph
+from optinfer.models.batching import (
+    DecodeBatch,
+    batched_decode_graph,
+    generate_batched,
+    predict_many,
+)
 from optinfer.models.converter import convert
 from optinfer.models.runtime import IntegerModel
 from optinfer.models.tiny_r1 import INTEGER_DIR
@@ -91,6 +96,27 @@ def test_sequences_joining_and_leaving_at_random_steps_change_nobody_s_tokens(mo
     assert max(sizes) >= 3  # the schedule did batch
     for index, (prompt, max_tokens, stop_at_eos) in enumerate(jobs):
         assert streams[index] == model.generate(prompt, max_tokens, stop_at_eos=stop_at_eos)
+
+
+def test_claims_verified_in_one_shared_pass_get_the_verify_graph_s_predictions(model):
+    """`predict_many` with shared passes: each claim's teacher-forced tokens, true or false
+    (random outputs), equal the committed verify graph's for that claim alone; a pass small
+    enough to split is split, with the same result."""
+    rng = np.random.default_rng(5)
+    sequences = []
+    for prompt in prompts_for(model, 9, seed=6):
+        honest = model.generate(prompt, 10)
+        forged = rng.integers(0, model.vocab_size, int(rng.integers(1, 12))).tolist()
+        for output in (honest, forged):
+            sequences.append(model.sequence(prompt, output))
+    alone = [model.predict_sequence(sequence) for sequence in sequences]
+    for shared in predict_many(model, sequences, shared=True), predict_many(
+            model, sequences, shared=False):
+        assert [p.tolist() for p in shared] == [p.tolist() for p in alone]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(batching, "MAX_PASS_SCORES", 1)  # every claim a pass of its own
+        assert [p.tolist() for p in predict_many(model, sequences, shared=True)] == [
+            p.tolist() for p in alone]
 
 
 def test_the_batch_graph_is_derived_from_the_decode_graph_and_refuses_others():

@@ -45,6 +45,34 @@ def test_a_stream_answers_in_order_exactly_as_the_model_in_process(model, genera
     assert [a.output for a in generate_in_process(model, jobs)] == [a.output for a in answers]
 
 
+def test_answers_come_back_as_they_are_done_a_short_one_before_a_long_one(model, generator):
+    """Jobs decode together in the child (issue 21): a two-token answer sent after a long
+    one is done, and handed back, first; each is what the model gives it alone."""
+    long, short = (model.encode(PROMPTS[0]), 40), (model.encode(PROMPTS[2]), 2)
+    done = list(generator.stream_as_done([long, short]))
+    assert [index for index, _ in done] == [1, 0]
+    assert [answer.output for _, answer in done] == [model.generate(*short),
+                                                     model.generate(*long)]
+    assert generator.max_batch == 8 and generator.queued_jobs == 9
+
+
+@pytest.mark.parametrize("limits", [{"max_batch": 1}, {"kv_budget_bytes": 1}])
+def test_past_the_batch_size_or_the_cache_budget_a_job_waits_its_turn(model, limits):
+    """Admission control: with a batch of one, or a KV-cache budget too small for two
+    sequences (a job alone always runs), the short job waits for the long one to finish."""
+    long, short = (model.encode(PROMPTS[0]), 40), (model.encode(PROMPTS[2]), 2)
+    with GenerationProcess(INTEGER_DIR, **limits) as limited:
+        done = list(limited.stream_as_done([long, short]))
+    assert [index for index, _ in done] == [0, 1]
+    assert [answer.output for _, answer in done] == [model.generate(*long),
+                                                     model.generate(*short)]
+
+
+def test_a_batch_of_no_sequence_is_refused():
+    with pytest.raises(UserError, match="batch size must be at least 1"):
+        GenerationProcess(INTEGER_DIR, max_batch=0)
+
+
 def test_a_refused_prompt_is_its_answer_s_error_and_the_stream_goes_on(model, generator):
     good = model.encode(PROMPTS[0])
     answers = list(generator.stream([(good, 8), ([model.vocab_size], 8), (good, 0), (good, 8)]))

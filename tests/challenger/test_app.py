@@ -60,7 +60,7 @@ def test_every_task_has_a_soft_and_a_hard_time_limit():
     from optinfer.contracts.sender import TxSender
 
     ours = {name: task for name, task in app.tasks.items() if name.startswith("optinfer.")}
-    assert set(ours) == {tasks.SCAN, tasks.VERIFY, tasks.PLAY}
+    assert set(ours) == {tasks.SCAN, tasks.VERIFY, tasks.VERIFY_MANY, tasks.PLAY}
     for name, task in ours.items():
         assert 0 < task.soft_time_limit < task.time_limit, name
     # A play task's moves alone may take MOVES_PER_TURN receipt waits: the limit leaves them.

@@ -92,8 +92,9 @@ def claim_row(watchtower: Watchtower, request_id: int) -> st.ClaimRecord:
 
 def test_task_names_are_stable():
     # Queued messages name their task: renaming one strands every message in flight.
-    assert {tasks.scan.name, tasks.verify.name, tasks.play.name} == {
-        "optinfer.challenger.scan", "optinfer.challenger.verify", "optinfer.challenger.play"}
+    assert {tasks.scan.name, tasks.verify.name, tasks.verify_many.name, tasks.play.name} == {
+        "optinfer.challenger.scan", "optinfer.challenger.verify",
+        "optinfer.challenger.verify_many", "optinfer.challenger.play"}
 
 
 def test_honest_claims_are_verified_and_never_challenged(stack, watchtower):

@@ -278,6 +278,27 @@ def test_a_request_is_served_committed_finalized_and_called_back(protocol, postg
     store.dispose()
 
 
+def test_issue21_requests_decode_together_and_each_commits_as_it_finishes(
+        registered, sqlite_url, run_provider, model):
+    """`provider run --max-batch 4` with a long request posted first and short ones after
+    it: they decode together, the short answers are committed before the long one, and every
+    answer on chain is the model's alone."""
+    protocol = registered
+    long_prompt, short_prompt = model.encode("12+34="), model.encode("7+8=")
+    long_id = protocol.post(long_prompt, max_tokens=MAX_TOKENS)
+    short_ids = [protocol.post(short_prompt, max_tokens=2) for _ in range(3)]
+    node = run_provider(protocol, sqlite_url, "--max-batch", "4", "--stake", str(2 * 10**18))
+    for request_id in (long_id, *short_ids):
+        node.wait_for(rf"served request {request_id}: ")
+    log = node.log()
+    assert all(log.index(f"served request {i}: ") < log.index(f"served request {long_id}: ")
+               for i in short_ids)
+    assert protocol.coordinator.get_output(long_id) == model.generate(long_prompt, MAX_TOKENS)
+    assert all(protocol.coordinator.get_output(i) == model.generate(short_prompt, 2)
+               for i in short_ids)
+    assert node.stop() == 0
+
+
 @pytest.mark.parametrize("crash_at", ["before-commit", "after-commit"])
 def test_kill_9_around_the_commit_then_restart_serves_the_request_exactly_once(
         registered, sqlite_url, run_provider, model, crash_at):
