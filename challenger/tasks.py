@@ -46,9 +46,9 @@ VERIFY_LIMITS = (1800, 1860)  # a teacher-forced pass of the largest model, then
 VERIFY_MANY_LIMITS = (3600, 3660)  # the passes of a chunk of claims, then their challenges
 
 VERIFY_CHUNK = 16
-"""Claims one ``verify_many`` task judges: short claims share the model's passes (on tiny-r1,
-2 cores, claims/s grew about <see docs/performance.md> at 16), and a chunk still spreads over
-a deployment's workers."""
+"""Claims one ``verify_many`` task judges: on a wide model they share the model's passes
+(``batching.predict_many``; docs/performance.md), and a chunk still spreads over a
+deployment's workers."""
 PLAY_LIMITS = (900, 960)  # a trace, then up to MOVES_PER_TURN moves of 120 s each at most
 
 _watchtower: Watchtower | None = None
