@@ -178,11 +178,9 @@ def test_a_reorganised_chain_sends_the_cursor_back_to_its_newest_canonical_check
     store.dispose()
 
 
-def test_a_chain_that_gets_shorter_between_the_cursors_reads_ends_the_poll_quietly(
-        chain, w3, deployment, database_url):
-    """The chain shrinks after the cursor read its range's last hash and before it asks for
-    the range's logs (a reorganisation under way): the node refuses the range; the poll stops
-    there without raising, and the next one goes back and reads what replaced it."""
+def cursor_at_a_fork(chain, w3, deployment, database_url) -> tuple:
+    """(coordinator, store, cursor, recorder, rewinds, kept, fork block, fork): a cursor that
+    has read one posted request (`kept`), and a snapshot of the chain there to revert to."""
     coordinator = InferenceCoordinator(w3, deployment.address("InferenceCoordinator"))
     store = Store(database_url)
     store.migrate()
@@ -193,6 +191,16 @@ def test_a_chain_that_gets_shorter_between_the_cursors_reads_ends_the_poll_quiet
     assert cursor.poll(recorder) == 1
     fork_block = w3.eth.block_number
     fork = w3.provider.make_request("evm_snapshot", [])["result"]
+    return coordinator, store, cursor, recorder, rewinds, kept, fork_block, fork
+
+
+def test_a_chain_that_gets_shorter_between_the_cursors_reads_ends_the_poll_quietly(
+        chain, w3, deployment, database_url):
+    """The chain shrinks after the cursor read its range's last hash and before it asks for
+    the range's logs (a reorganisation under way): the node refuses the range; the poll stops
+    there without raising, and the next one goes back and reads what replaced it."""
+    coordinator, store, cursor, recorder, rewinds, kept, fork_block, fork = cursor_at_a_fork(
+        chain, w3, deployment, database_url)
     post_requests(w3, coordinator, chain.accounts[2], 2)
     fetch = cursor.fetch
 
@@ -217,16 +225,8 @@ def test_a_reorganisation_between_the_cursors_check_and_its_read_is_still_follow
     """The chain reorganises after a poll checked its newest checkpoint and before it read
     the next range: that range, read whole from the new chain, must not hide the loss of the
     blocks read before it. The poll goes back to the fork and reads what replaced them."""
-    coordinator = InferenceCoordinator(w3, deployment.address("InferenceCoordinator"))
-    store = Store(database_url)
-    store.migrate()
-    recorder, rewinds = Recorder(), []
-    cursor = cursor_on(w3, store, deployment,
-                       on_rewind=lambda conn, block: rewinds.append(block))
-    kept = post_requests(w3, coordinator, chain.accounts[2], 1)
-    assert cursor.poll(recorder) == 1
-    fork_block = w3.eth.block_number
-    fork = w3.provider.make_request("evm_snapshot", [])["result"]
+    coordinator, store, cursor, recorder, rewinds, kept, fork_block, fork = cursor_at_a_fork(
+        chain, w3, deployment, database_url)
     lost = post_requests(w3, coordinator, chain.accounts[2], 2)
     assert cursor.poll(recorder) == 2
     lost_height = w3.eth.block_number
