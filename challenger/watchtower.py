@@ -277,15 +277,18 @@ class Watchtower:
                 found[request_id] = (request, claim)
                 if claim.verdict is None:
                     judged.append((request, claim))
-        for (request, claim), judgement in zip(judged, self._judge_many(judged), strict=True):
-            request_id = request.request_id
-            with self.store.transaction() as conn:
-                first = st.set_claim_verdict(conn, request_id, judgement.verdict.value,
-                                             judgement.note)
+        judgements = self._judge_many(judged)
+        firsts = []
+        with self.store.transaction() as conn:  # the chunk's verdicts, one commit
+            for (request, _claim), judgement in zip(judged, judgements, strict=True):
+                request_id = request.request_id
+                firsts.append(st.set_claim_verdict(conn, request_id, judgement.verdict.value,
+                                                   judgement.note))
                 found[request_id] = (request, st.get_claim(conn, request_id))
+        for (request, claim), judgement, first in zip(judged, judgements, firsts, strict=True):
             if first:
                 metrics.CLAIMS_VERIFIED.labels(verdict=judgement.verdict.value).inc()
-                self._report(request_id, claim, judgement)
+                self._report(request.request_id, claim, judgement)
         for request_id, (request, claim) in found.items():
             verdict = Verdict(claim.verdict)
             results[request_id] = VerifyResult(

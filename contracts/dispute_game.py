@@ -12,6 +12,7 @@ decoded ``ContractRevert`` and changes nothing.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
@@ -70,6 +71,10 @@ GAME_EVENTS = ("GameOpened", "RootPosted", "MidPosted", "MidAnswered", "Children
 #: The widest block range one game read asks ``eth_getLogs`` for (hosted RPC endpoints cap
 #: it, commonly at 2,000-10,000 blocks; the event cursors' `max_block_range` default too).
 LOG_BLOCK_RANGE = 2000
+
+
+LOG_LAG_READS = 5
+"""Reads of a game whose storage and logs disagree before :meth:`DisputeGame.state` gives up."""
 
 
 @dataclass(frozen=True)
@@ -208,6 +213,18 @@ class DisputeGame(BoundContract):
         """Game `game_id` as the spec's ``GameState`` (the Python ``apply`` would hold after
         the same moves), with its players, as of `block` (default: the latest).
         `from_block`: no earlier than the game's opening (where to start reading its events)."""
+        for attempt in range(LOG_LAG_READS):
+            read = self._state_pinned(game_id, from_block, block)
+            # Storage says resolved, the block's logs lack the GameEnded that resolved it:
+            # anvil answered eth_getLogs for a block it had just mined before its logs were
+            # in (seen once in CI). The logs follow within moments: read them again.
+            if read.state.phase is not spec.Phase.RESOLVED or read.state.reason:
+                return read
+            time.sleep(0.05 * (attempt + 1))
+        raise RuntimeError(f"game {game_id} is resolved in storage but its GameEnded event "
+                           f"is not in the node's logs after {LOG_LAG_READS} reads")
+
+    def _state_pinned(self, game_id: int, from_block: int, block: int | None) -> OnChainGame:
         if block is not None:
             return self._state_at(game_id, from_block, block)
         pinned = self.w3.eth.block_number

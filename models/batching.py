@@ -255,41 +255,42 @@ MAX_PASS_SCORES = 1 << 24
 """Attention scores (rows x keys x heads) one :func:`predict_many` pass may hold: every layer
 holds a few int32 tensors of that size at once, tens of MB."""
 
-SHARED_PASS_MIN_HIDDEN = 1024
-"""Models at least this wide share verification passes. A shared pass reads the weights once
-for every claim in it but computes each row's scores against every claim's keys (hidden, then
-masked): it pays where the linear layers dominate. Measured 2026-12-07 (AMD EPYC Zen 4, 2
-threads, 8 claims of 16-48 tokens): R1-Distill-1.5B shape (hidden 1536) 0.152 s a claim
-shared against 0.201 alone; tiny-r1 (hidden 128, 16 claims) 1.63 ms against 1.40."""
-
-
-def predict_many(model, sequences: list[np.ndarray], shared: bool | None = None
+def predict_many(model, sequences: list[np.ndarray], rows_per_pass: int | None = None
                  ) -> list[np.ndarray]:
-    """The teacher-forced predictions of several claims at once, one pass of the batch graph
-    for as many as :data:`MAX_PASS_SCORES` lets share it (a long one alone), where sharing
-    pays (`shared` None: :data:`SHARED_PASS_MIN_HIDDEN`), else a pass each: each sequence is
-    the verify graph's input ``[P] ++ prompt ++ output[:-1]`` (``IntegerModel.sequence``),
-    each result what ``IntegerModel.predict_sequence`` gives for it, row for row (rows are
-    independent; a claim's rows see only its own keys)."""
-    config = model.manifest["config"]
-    if not (config["hidden_size"] >= SHARED_PASS_MIN_HIDDEN if shared is None else shared):
-        return [model.predict_sequence(np.asarray(s, np.int64)) for s in sequences]
-    session = model.session("decode_batch")
-    heads = int(config["num_heads"])
+    """The teacher-forced predictions of several claims, a few claims a pass of the batch
+    graph: each sequence is the verify graph's input ``[P] ++ prompt ++ output[:-1]``
+    (``IntegerModel.sequence``), each result what ``IntegerModel.predict_sequence`` gives for
+    it, row for row (rows are independent; a claim's rows see only its own keys).
+
+    A pass takes claims while their rows stay within `rows_per_pass` (default: the model's
+    hidden size; a longer claim goes alone) and :data:`MAX_PASS_SCORES`. A shared pass runs
+    the graph's thousands of nodes once for all its claims, but computes each row's scores
+    against every claim's keys (hidden, then masked): per row the linear layers cost about
+    hidden^2 and the masked scores rows x hidden, so rows up to the hidden size keep the
+    waste below the linear work. Measured 2026-12-07 (AMD EPYC Zen 4, docs/performance.md):
+    on tiny-r1 (hidden 128) claims of 25 rows took about 1.75 ms each in passes of 4-6 and
+    2.3 ms alone, 3.4 ms in one pass of 32; at R1-Distill-1.5B shape 8 claims of 16-48
+    tokens took 0.152 s each in one pass, 0.201 s alone."""
+    rows_per_pass = model.manifest["config"]["hidden_size"] if rows_per_pass is None \
+        else rows_per_pass
+    heads = int(model.manifest["config"]["num_heads"])
     results: list[np.ndarray] = []
     group: list[np.ndarray] = []
     for sequence in sequences:
         rows = sum(len(s) - 1 for s in group) + len(sequence) - 1
-        if group and rows * rows * heads > MAX_PASS_SCORES:
-            results += _predict_pass(model, session, group)
+        if group and (rows > rows_per_pass or rows * rows * heads > MAX_PASS_SCORES):
+            results += _predict_pass(model, group)
             group = []
         group.append(np.asarray(sequence, np.int64))
     if group:
-        results += _predict_pass(model, session, group)
+        results += _predict_pass(model, group)
     return results
 
 
-def _predict_pass(model, session, sequences: list[np.ndarray]) -> list[np.ndarray]:
+def _predict_pass(model, sequences: list[np.ndarray]) -> list[np.ndarray]:
+    if len(sequences) == 1:  # the committed graph itself
+        return [model.predict_sequence(sequences[0])]
+    session = model.session("decode_batch")
     tokens, positions, slots, predict, counts = [], [], [], [], []
     first = 0  # the sequence's first row
     for slot, sequence in enumerate(sequences):

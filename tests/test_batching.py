@@ -99,9 +99,8 @@ def test_sequences_joining_and_leaving_at_random_steps_change_nobody_s_tokens(mo
 
 
 def test_claims_verified_in_one_shared_pass_get_the_verify_graph_s_predictions(model):
-    """`predict_many` with shared passes: each claim's teacher-forced tokens, true or false
-    (random outputs), equal the committed verify graph's for that claim alone; a pass small
-    enough to split is split, with the same result."""
+    """`predict_many`: each claim's teacher-forced tokens, true or false (random outputs),
+    equal the committed verify graph's for that claim alone, whatever the claims share."""
     rng = np.random.default_rng(5)
     sequences = []
     for prompt in prompts_for(model, 9, seed=6):
@@ -110,12 +109,13 @@ def test_claims_verified_in_one_shared_pass_get_the_verify_graph_s_predictions(m
         for output in (honest, forged):
             sequences.append(model.sequence(prompt, output))
     alone = [model.predict_sequence(sequence) for sequence in sequences]
-    for shared in predict_many(model, sequences, shared=True), predict_many(
-            model, sequences, shared=False):
-        assert [p.tolist() for p in shared] == [p.tolist() for p in alone]
+    # Every claim in one pass, passes of the default size, and a pass each.
+    for rows_per_pass in (10_000, None, 1):
+        shared = predict_many(model, sequences, rows_per_pass)
+        assert [p.tolist() for p in shared] == [p.tolist() for p in alone], rows_per_pass
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(batching, "MAX_PASS_SCORES", 1)  # every claim a pass of its own
-        assert [p.tolist() for p in predict_many(model, sequences, shared=True)] == [
+        patch.setattr(batching, "MAX_PASS_SCORES", 1)  # the memory bound splits them too
+        assert [p.tolist() for p in predict_many(model, sequences, 10_000)] == [
             p.tolist() for p in alone]
 
 
