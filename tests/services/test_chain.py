@@ -16,6 +16,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from eth_utils import event_abi_to_log_topic
 from hexbytes import HexBytes
 from web3 import Web3
 from web3.exceptions import TransactionNotFound
@@ -26,7 +27,7 @@ from optinfer.contracts.sender import GAS_MARGIN, TxDropped, TxFailed, TxSender,
 from optinfer.errors import UserError
 from optinfer.services import store as st
 from optinfer.services.chain import RetryPolicy, RpcUnavailable, connect
-from optinfer.services.events import EventCursor, logs_since, request_record
+from optinfer.services.events import EventCursor, EventDecoder, logs_since, request_record
 from optinfer.services.store import Store
 from tests.services.conftest import tiny_r1_spec
 from tests.services.rpc_proxy import RpcProxy
@@ -257,6 +258,29 @@ def test_logs_since_a_block_the_chain_no_longer_has_are_none(chain, w3, deployme
     assert [e["args"]["requestId"] for e in logs_since(w3, posted, deployment.block_number,
                                                        requestId=ids[1])] == ids[1:]
     assert logs_since(w3, posted, w3.eth.block_number + 3) == []
+
+
+def test_the_cursor_s_decoder_gives_what_web3_s_process_log_gives(chain, w3, deployment):
+    """`EventDecoder` (eth_abi directly, for speed) against web3's own decoding, on every
+    log the coordinator emitted: posts (indexed uint, address and bytes32; a uint32 array,
+    addresses, ints in the data) and a provider's registration."""
+    coordinator = InferenceCoordinator(w3, deployment.address("InferenceCoordinator"))
+    post_requests(w3, coordinator, chain.accounts[2], 2)
+    coordinator.register_provider_send(coordinator.parameter("minimumStake"), chain.accounts[5])
+    by_topic = {bytes(event_abi_to_log_topic(entry)): entry for entry in coordinator.contract.abi
+                if entry["type"] == "event"}
+    logs = w3.eth.get_logs({"fromBlock": deployment.block_number, "toBlock": "latest",
+                            "address": coordinator.address})
+    names = set()
+    for log in logs:
+        abi = by_topic[bytes(log["topics"][0])]
+        expected = dict(getattr(coordinator.contract.events, abi["name"])().process_log(log)[
+            "args"])
+        decoded = EventDecoder(abi).args(log)
+        assert decoded == expected and list(decoded) == list(expected), abi["name"]
+        assert [type(v) for v in decoded.values()] == [type(v) for v in expected.values()]
+        names.add(abi["name"])
+    assert {"RequestPosted", "ProviderRegistered"} <= names
 
 
 def test_two_cursors_on_one_database_share_the_work(chain, w3, deployment, database_url):
