@@ -26,7 +26,7 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -280,11 +280,15 @@ class Watchtower:
         judgements = self._judge_many(judged)
         firsts = []
         with self.store.transaction() as conn:  # the chunk's verdicts, one commit
-            for (request, _claim), judgement in zip(judged, judgements, strict=True):
+            for (request, claim), judgement in zip(judged, judgements, strict=True):
                 request_id = request.request_id
-                firsts.append(st.set_claim_verdict(conn, request_id, judgement.verdict.value,
-                                                   judgement.note))
-                found[request_id] = (request, st.get_claim(conn, request_id))
+                first = st.set_claim_verdict(conn, request_id, judgement.verdict.value,
+                                             judgement.note)
+                firsts.append(first)
+                # Another worker's verdict came first: the row holds it, read it back.
+                found[request_id] = (request, replace(
+                    claim, verdict=judgement.verdict.value, verdict_note=judgement.note) if first
+                    else st.get_claim(conn, request_id))
         for (request, claim), judgement, first in zip(judged, judgements, firsts, strict=True):
             if first:
                 metrics.CLAIMS_VERIFIED.labels(verdict=judgement.verdict.value).inc()

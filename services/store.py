@@ -20,6 +20,7 @@ moves a record backwards.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -355,9 +356,11 @@ def _sqlite_engine(url: sa.URL, echo: bool) -> Engine:
     return engine
 
 
-def _insert(conn: Connection, table: sa.Table):
-    """The dialect's INSERT, which has ``on_conflict_do_*``."""
-    if conn.dialect.name == "postgresql":
+def _insert(conn: Connection | str, table: sa.Table):
+    """The dialect's INSERT (of `conn`, or the dialect named), which has
+    ``on_conflict_do_*``."""
+    dialect = conn if isinstance(conn, str) else conn.dialect.name
+    if dialect == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
     else:
         from sqlalchemy.dialects.sqlite import insert
@@ -469,16 +472,26 @@ def upsert_request(conn: Connection, record: RequestRecord) -> bool:
     status, note, output and commit transaction. Another request under the same id (a
     reorganised chain reused it) replaces the row whole: the node starts on it afresh."""
     values = _fields(record)
-    existing = get_request(conn, record.request_id)
-    same = existing is not None and existing.tx_hash == record.tx_hash
-    replaced = values if not same else {
-        k: v for k, v in values.items()
-        if k not in ("request_id", "status", "note", "output", "commit_tx")}
-    statement = _insert(conn, requests).values(**values)
-    conn.execute(statement.on_conflict_do_update(
-        index_elements=[requests.c.request_id], set_=replaced
-    ))
+    same = conn.execute(sa.select(requests.c.tx_hash).where(
+        requests.c.request_id == record.request_id)).scalar() == record.tx_hash
+    conn.execute(_request_upsert(conn.dialect.name, keep_node_fields=same), values)
     return not same
+
+
+#: What a node writes of a request itself: a sighting of the same request keeps them.
+_NODE_FIELDS = ("request_id", "status", "note", "output", "commit_tx")
+
+
+@functools.cache
+def _request_upsert(dialect: str, keep_node_fields: bool):
+    """`upsert_request`'s statement, built once per dialect and choice (its values are bound
+    at execution: building a statement per event was most of a scan's database time)."""
+    statement = _insert(dialect, requests)
+    fields = [name for name in RequestRecord.__dataclass_fields__
+              if not (keep_node_fields and name in _NODE_FIELDS)]
+    return statement.on_conflict_do_update(
+        index_elements=[requests.c.request_id],
+        set_={name: statement.excluded[name] for name in fields})
 
 
 def get_request(conn: Connection, request_id: int) -> RequestRecord | None:
@@ -629,11 +642,11 @@ def record_claim(conn: Connection, record: ClaimRecord) -> bool:
     block after a reorganisation), its row keeps its status and verdict and takes the block;
     another commit under the same request id (the chain lost the first) replaces the row
     whole, without a verdict, to be judged afresh."""
-    existing = get_claim(conn, record.request_id)
+    existing = conn.execute(sa.select(claims.c.tx_hash).where(
+        claims.c.request_id == record.request_id)).one_or_none()
     if existing is None:
-        return _inserted(conn, _insert(conn, claims).values(**_fields(record))
-                         .on_conflict_do_nothing(index_elements=[claims.c.request_id])
-                         .returning(claims.c.request_id))
+        return conn.execute(_claim_insert(conn.dialect.name), _fields(record)).first() \
+            is not None
     if existing.tx_hash == record.tx_hash:
         conn.execute(sa.update(claims).where(claims.c.request_id == record.request_id)
                      .values(block_number=record.block_number, block_hash=record.block_hash))
@@ -644,6 +657,14 @@ def record_claim(conn: Connection, record: ClaimRecord) -> bool:
     # its own, and a copy of the old one the node mined again is found by its event.
     conn.execute(sa.delete(challenges).where(challenges.c.request_id == record.request_id))
     return True
+
+
+@functools.cache
+def _claim_insert(dialect: str):
+    """`record_claim`'s INSERT, built once per dialect (values bound at execution). RETURNING,
+    not rowcount: psycopg reports -1 for an INSERT ... ON CONFLICT DO NOTHING."""
+    return _insert(dialect, claims).on_conflict_do_nothing(
+        index_elements=[claims.c.request_id]).returning(claims.c.request_id)
 
 
 def forget_claims(conn: Connection, request_ids: Sequence[int]) -> None:
