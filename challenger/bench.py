@@ -70,7 +70,8 @@ def commit_claims(w3: Web3, coordinator: InferenceCoordinator, model_id: bytes,
 
 
 def bench_watchtower(claims: int = 200, prompts: int = len(PROMPTS), batch: int = 16,
-                     log: Callable[[str], None] = lambda _: None) -> dict:
+                     log: Callable[[str], None] = lambda _: None,
+                     model_dir: Path | None = None) -> dict:
     from optinfer.challenger.watchtower import Watchtower
     from optinfer.contracts.localchain import start_anvil
     from optinfer.contracts.registry import ModelRegistry, ModelSpec
@@ -83,7 +84,8 @@ def bench_watchtower(claims: int = 200, prompts: int = len(PROMPTS), batch: int 
 
     if claims < 1 or not 1 <= prompts <= len(PROMPTS) or batch < 1:
         raise ValueError(f"claims >= 1, prompts in 1..{len(PROMPTS)}, batch >= 1")
-    model_dir = load_settings().model_path  # the committed tiny-r1 unless configured
+    # The committed tiny-r1 unless configured or given.
+    model_dir = Path(model_dir) if model_dir is not None else load_settings().model_path
     with tempfile.TemporaryDirectory(prefix="optinfer-bench-") as tmp, start_anvil() as chain:
         w3 = connect(chain.url)
         deployer, provider, consumer = chain.accounts[0], chain.accounts[1], chain.accounts[3]

@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import threading
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -143,9 +144,12 @@ def bench_watchtower(
     batch: Annotated[int, typer.Option(
         "--batch", help="Claims verified together, as one verify_many task does (1: one "
         "at a time).")] = 16,
+    model: Annotated[Path | None, typer.Option(
+        "--model", help="A converted model directory with a tokenizer (default: the "
+        "committed tiny-r1).")] = None,
     as_json: AsJson = True,
 ) -> None:
-    """Verification throughput of one watchtower process on tiny-r1 (local anvil)."""
+    """Verification throughput of one watchtower process (local anvil)."""
     from optinfer.challenger.bench import PROMPTS
     from optinfer.challenger.bench import bench_watchtower as run
 
@@ -153,6 +157,8 @@ def bench_watchtower(
         raise UserError(f"--claims must be >= 1 and --prompts in 1..{len(PROMPTS)}")
     if batch < 1:
         raise UserError(f"--batch must be at least 1, got {batch}")
-    result = run(claims=claims, prompts=prompts, batch=batch,
+    if model is not None and not (model / "manifest.json").is_file():
+        raise UserError(f"{model} is not a converted model (no manifest.json)")
+    result = run(claims=claims, prompts=prompts, batch=batch, model_dir=model,
                  log=lambda line: print(line, file=sys.stderr))
     emit(result, as_json, lambda d: out.print_json(data=d))
