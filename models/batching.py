@@ -255,24 +255,24 @@ MAX_PASS_SCORES = 1 << 24
 """Attention scores (rows x keys x heads) one :func:`predict_many` pass may hold: every layer
 holds a few int32 tensors of that size at once, tens of MB."""
 
-def predict_many(model, sequences: list[np.ndarray], rows_per_pass: int | None = None
+ROWS_PER_PASS = 192
+"""Rows (claim tokens) one shared verification pass takes at most (a longer claim goes alone).
+A shared pass runs the graph's nodes once and reads the weights once for all its claims, but
+scores every row against every claim's keys (hidden, then masked), a waste that grows with
+the square of its rows. Measured 2026-12-07 (AMD EPYC Zen 4, one thread; docs/performance.md),
+time a claim: tiny-r1, claims of about 25 rows, 2.3 ms alone, 1.75 ms in passes of 100-200
+rows, 3.4 ms in one of 800; R1-Distill-1.5B shape, claims of 46 rows, 0.525 s alone, 0.467 s
+in passes of 2, 0.454 s of 4, 0.483 s of 8, 0.575 s of 16."""
+
+
+def predict_many(model, sequences: list[np.ndarray], rows_per_pass: int = ROWS_PER_PASS
                  ) -> list[np.ndarray]:
     """The teacher-forced predictions of several claims, a few claims a pass of the batch
     graph: each sequence is the verify graph's input ``[P] ++ prompt ++ output[:-1]``
     (``IntegerModel.sequence``), each result what ``IntegerModel.predict_sequence`` gives for
-    it, row for row (rows are independent; a claim's rows see only its own keys).
-
-    A pass takes claims while their rows stay within `rows_per_pass` (default: the model's
-    hidden size; a longer claim goes alone) and :data:`MAX_PASS_SCORES`. A shared pass runs
-    the graph's thousands of nodes once for all its claims, but computes each row's scores
-    against every claim's keys (hidden, then masked): per row the linear layers cost about
-    hidden^2 and the masked scores rows x hidden, so rows up to the hidden size keep the
-    waste below the linear work. Measured 2026-12-07 (AMD EPYC Zen 4, docs/performance.md):
-    on tiny-r1 (hidden 128) claims of 25 rows took about 1.75 ms each in passes of 4-6 and
-    2.3 ms alone, 3.4 ms in one pass of 32; at R1-Distill-1.5B shape 8 claims of 16-48
-    tokens took 0.152 s each in one pass, 0.201 s alone."""
-    rows_per_pass = model.manifest["config"]["hidden_size"] if rows_per_pass is None \
-        else rows_per_pass
+    it, row for row (rows are independent; a claim's rows see only its own keys). A pass
+    takes claims while their rows stay within `rows_per_pass` (:data:`ROWS_PER_PASS`) and
+    :data:`MAX_PASS_SCORES`; a claim alone runs the committed verify graph itself."""
     heads = int(model.manifest["config"]["num_heads"])
     results: list[np.ndarray] = []
     group: list[np.ndarray] = []

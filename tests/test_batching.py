@@ -110,7 +110,7 @@ def test_claims_verified_in_one_shared_pass_get_the_verify_graph_s_predictions(m
             sequences.append(model.sequence(prompt, output))
     alone = [model.predict_sequence(sequence) for sequence in sequences]
     # Every claim in one pass, passes of the default size, and a pass each.
-    for rows_per_pass in (10_000, None, 1):
+    for rows_per_pass in (10_000, batching.ROWS_PER_PASS, 1):
         shared = predict_many(model, sequences, rows_per_pass)
         assert [p.tolist() for p in shared] == [p.tolist() for p in alone], rows_per_pass
     with pytest.MonkeyPatch.context() as patch:
