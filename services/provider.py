@@ -691,8 +691,12 @@ class ProviderNode:
                 log.warning("game %d: %s; reading it again next poll", leased.game_id, err)
                 continue
             if turn.outcome is GameStatus.LOST:
-                self._record_outcome(leased.request_id,
-                                     self.coordinator.get_request(leased.request_id))
+                try:
+                    self._record_outcome(leased.request_id,
+                                         self.coordinator.get_request(leased.request_id))
+                except ContractRevert as err:  # the request left the chain under the read
+                    log.warning("game %d: lost, its request unreadable now (%s); the requests "
+                                "cursor records what the chain says", leased.game_id, err)
             if turn.sent:
                 sent.append(turn.sent)
         for move in sent:
