@@ -76,6 +76,9 @@ def challenger_run(
     print(f"watchtower {watchtower.address} on {settings.rpc_url}, model "
           f"0x{watchtower.model.held.model_id.hex()}, {mode}", file=sys.stderr, flush=True)
     if settings.broker_url is None:
+        # Every poll is a scan task run inline, and Celery logged "Task ... succeeded" for
+        # each at INFO: a line every poll interval saying nothing. Failures still log.
+        logging.getLogger("celery.app.trace").setLevel(logging.WARNING)
         stop = threading.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: stop.set())

@@ -221,6 +221,7 @@ def test_challenger_run_without_a_broker_catches_a_silent_liar_and_withdraw_pays
     assert f"claim {honest} by {stack.provider.address}: valid" in output
     assert f"claim {false} by {stack.provider.address}: FALSE" in output
     assert f"game {game_id} on request {false}: won (timeout)" in output
+    assert "succeeded in" not in output  # no line per poll (Celery's task trace)
     assert stack.games_of(honest) == []
     state = stack.game.state(game_id).state
     assert (state.winner, state.reason) == (Role.CHALLENGER, "timeout")
