@@ -158,10 +158,7 @@ class DecodeBatch:
 
     def key_bytes(self) -> int:
         """Bytes of K/V cache one key takes (every layer's K and V)."""
-        return sum(int(np.prod(cache.shape)) // cache.shape[_key_axis(name)] if
-                   cache.shape[_key_axis(name)] else
-                   int(np.prod([d for axis, d in enumerate(cache.shape)
-                                if axis != _key_axis(name)]))
+        return sum(int(np.prod(np.delete(cache.shape, _key_axis(name))))
                    for name, cache in self._past.items())
 
     def add(self, sequence: int, prompt: list[int], max_tokens: int,

@@ -19,7 +19,7 @@ import onnxruntime as ort
 
 from optinfer.errors import UserError
 from optinfer.models import opset
-from optinfer.models.batching import batched_decode_graph
+from optinfer.models.batching import batched_decode_graph, empty_cache
 
 PINNED_ONNXRUNTIME = "1.32.0"
 
@@ -179,14 +179,7 @@ class IntegerModel:
             raise UserError(f"max tokens must be >= 1, got {max_tokens}")
         self.check_length(len(prompt) + max_tokens - 1, "prompt plus max tokens")
         sess = self.session("decode")
-        kv, hd = self.num_kv_heads, self.head_dim
-        # The caches' planes: 1, or 2 for 13-bit keys (16-bit linear inputs) and values (the
-        # fine graph).
-        planes = {i.name: i.shape[1] for i in sess.get_inputs() if i.name.startswith("past_")}
-        past = {}
-        for i in range(self.num_layers):
-            past[f"past_k.{i}"] = np.zeros((kv, planes["past_k.0"], hd, 0), np.int8)
-            past[f"past_v.{i}"] = np.zeros((kv, planes["past_v.0"], 0, hd), np.int8)
+        past = empty_cache(self, sess)
         out_names = [o.name for o in sess.get_outputs()]
         feed_tokens, position, output = list(prompt), 0, []
         while True:

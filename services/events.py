@@ -158,14 +158,12 @@ class EventCursor:
             end_hash = block_hash(self.w3, last_in_range)
             if end_hash is None:  # the chain got shorter (a restarted node): rewind next poll
                 return handled
-            try:
-                events = self.fetch(first, last_in_range)
-            except Web3RPCError:
-                # Refused because the chain got shorter since the hash was read (a
-                # reorganisation in progress): rewind next poll. Any other refusal is raised.
-                if self.w3.eth.block_number < last_in_range:
-                    return handled
-                raise
+            # None: the chain got shorter since the hash was read (a reorganisation in
+            # progress): rewind next poll.
+            events = unless_shorter(self.w3, last_in_range,
+                                    functools.partial(self.fetch, first, last_in_range))
+            if events is None:
+                return handled
             # What the cursor read before this range must still be the chain's: a
             # reorganisation since the check at the start of the poll would otherwise go
             # unseen for good (this range and its checkpoint are the new chain's).
@@ -270,17 +268,25 @@ def block_hash(w3: Web3, number: int) -> str | None:
         return None
 
 
+def unless_shorter(w3: Web3, block: int, read: Callable[[], Any]) -> Any:
+    """`read()`, or None when the node refused it because its chain is now shorter than
+    `block` (a reorganisation, or a node restarted from an older state); any other refusal
+    is raised."""
+    try:
+        return read()
+    except Web3RPCError:
+        if w3.eth.block_number < block:
+            return None
+        raise
+
+
 def logs_since(w3: Web3, event: Any, from_block: int, **argument_filters: Any) -> list:
     """`event`'s logs (a contract's ``contract.events.Name``) from block `from_block`,
     filtered by `argument_filters`; none when the chain is shorter than `from_block` now (a
     reorganisation took the block a node read it from: the node's cursor follows it)."""
-    try:
-        return list(event.get_logs(argument_filters=argument_filters or None,
-                                   from_block=from_block))
-    except Web3RPCError:
-        if w3.eth.block_number < from_block:
-            return []
-        raise
+    logs = unless_shorter(w3, from_block, lambda: list(event.get_logs(
+        argument_filters=argument_filters or None, from_block=from_block)))
+    return [] if logs is None else logs
 
 
 def request_record(event: ChainEvent) -> RequestRecord:

@@ -645,8 +645,7 @@ def record_claim(conn: Connection, record: ClaimRecord) -> bool:
     existing = conn.execute(sa.select(claims.c.tx_hash).where(
         claims.c.request_id == record.request_id)).one_or_none()
     if existing is None:
-        return conn.execute(_claim_insert(conn.dialect.name), _fields(record)).first() \
-            is not None
+        return _inserted(conn, _claim_insert(conn.dialect.name), _fields(record))
     if existing.tx_hash == record.tx_hash:
         conn.execute(sa.update(claims).where(claims.c.request_id == record.request_id)
                      .values(block_number=record.block_number, block_hash=record.block_hash))
@@ -661,8 +660,7 @@ def record_claim(conn: Connection, record: ClaimRecord) -> bool:
 
 @functools.cache
 def _claim_insert(dialect: str):
-    """`record_claim`'s INSERT, built once per dialect (values bound at execution). RETURNING,
-    not rowcount: psycopg reports -1 for an INSERT ... ON CONFLICT DO NOTHING."""
+    """`record_claim`'s INSERT, built once per dialect (values bound at execution)."""
     return _insert(dialect, claims).on_conflict_do_nothing(
         index_elements=[claims.c.request_id]).returning(claims.c.request_id)
 
@@ -1128,9 +1126,9 @@ def _record(cls, row):
     return cls(**values)
 
 
-def _inserted(conn: Connection, statement) -> bool:
+def _inserted(conn: Connection, statement, values: dict[str, Any] | None = None) -> bool:
     # RETURNING, not rowcount: psycopg reports -1 for an INSERT ... ON CONFLICT DO NOTHING.
-    return conn.execute(statement).first() is not None
+    return conn.execute(statement, values).first() is not None
 
 
 def _guarded_update(conn: Connection, table: sa.Table, key, status, expected, **changes: Any
