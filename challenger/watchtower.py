@@ -105,8 +105,8 @@ class LocalModel:
             max_context=self.model.max_context,
             eos_token_ids=tuple(self.model.eos_ids),
         )
-        # Sessions are created once here: creating them lazily from two threads would race.
-        self.model.session("verify")
+        # The two sessions a watchtower runs (predictions and traces), made at start-up
+        # rather than on its first claim.
         self.model.session("decode_batch")
         self.model.session("trace")
 

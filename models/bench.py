@@ -61,7 +61,9 @@ def generate_worker(model_dir: Path, threads: int, prompt_len: int, tokens: int)
 
 
 def verify_worker(model_dir: Path, threads: int, prompt_len: int, output_csv: str) -> dict:
-    """What a watchtower does: the verify session only, over the generated tokens."""
+    """What a watchtower does: one teacher-forced pass over the generated tokens, on the
+    batch session (``batching.predict_many``) only."""
+    from optinfer.models.batching import predict_many
     from optinfer.models.runtime import IntegerModel
 
     m = IntegerModel(model_dir, threads=threads)
@@ -69,13 +71,14 @@ def verify_worker(model_dir: Path, threads: int, prompt_len: int, output_csv: st
     output = [int(t) for t in output_csv.split(",")]
     # One unmeasured pass of the full length loads the session and grows its arena to the
     # pass's size, as generation's first two tokens load and warm the decode session.
-    m.predict(prompt, output)
+    sequence = m.sequence(prompt, output)
+    predict_many(m, [sequence])
     # The median of several passes: one pass takes about a second where generation takes
     # tens, so a single pass is at the mercy of a shared machine's passing load.
     verify_runs = []
     for _ in range(VERIFY_RUNS):
         start = time.perf_counter()
-        predicted = m.predict(prompt, output)
+        (predicted,) = predict_many(m, [sequence])
         verify_runs.append(time.perf_counter() - start)
         if predicted.tolist() != output:
             raise RuntimeError("teacher-forced pass disagrees with KV-cache decoding")

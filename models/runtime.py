@@ -9,6 +9,7 @@ depend on the thread count or the CPU.
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -94,26 +95,35 @@ class IntegerModel:
         self.num_kv_heads: int = config["num_kv_heads"]
         self.head_dim: int = config["head_dim"]
         self._sessions: dict[str, ort.InferenceSession] = {}
+        # Two threads asking for a session not yet made would each build one (seconds and a
+        # copy of the weights each at R1 shape); the lock makes the second wait for the first.
+        self._sessions_lock = threading.Lock()
 
     # ------------------------------------------------------------- sessions
 
     def session(self, kind: str) -> ort.InferenceSession:
         """The "verify", "decode", "decode_batch" (``batching.batched_decode_graph``) or
-        "trace" session, created once."""
-        if kind not in self._sessions:
-            so = session_options(self.threads)
-            if kind in ("trace", "decode_batch"):
-                model = (self.trace_graph() if kind == "trace" else batched_decode_graph(
-                    onnx.load(str(self.dir / self.manifest["graphs"]["decode"]),
-                              load_external_data=False), self.max_context))
-                so.add_session_config_entry(
-                    "session.model_external_initializers_file_folder_path", str(self.dir))
-                source = model.SerializeToString()
-            else:
-                source = str(self.dir / self.manifest["graphs"][kind])
-            self._sessions[kind] = ort.InferenceSession(source, so,
-                                                        providers=["CPUExecutionProvider"])
-        return self._sessions[kind]
+        "trace" session, created once, whichever thread asks first."""
+        session = self._sessions.get(kind)
+        if session is None:
+            with self._sessions_lock:
+                session = self._sessions.get(kind)
+                if session is None:
+                    session = self._sessions[kind] = self._new_session(kind)
+        return session
+
+    def _new_session(self, kind: str) -> ort.InferenceSession:
+        so = session_options(self.threads)
+        if kind in ("trace", "decode_batch"):
+            model = (self.trace_graph() if kind == "trace" else batched_decode_graph(
+                onnx.load(str(self.dir / self.manifest["graphs"]["decode"]),
+                          load_external_data=False), self.max_context))
+            so.add_session_config_entry(
+                "session.model_external_initializers_file_folder_path", str(self.dir))
+            source = model.SerializeToString()
+        else:
+            source = str(self.dir / self.manifest["graphs"][kind])
+        return ort.InferenceSession(source, so, providers=["CPUExecutionProvider"])
 
     def verify_graph(self) -> onnx.ModelProto:
         """The committed graph's structure (its large constants stay in the constants file)."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
+import time
 
 import numpy as np
 import onnx
@@ -248,3 +250,27 @@ def test_rope_fixed_point_makes_the_requantisation_after_rope_a_shift(ratio, lev
     assert 2 * amax / (out_scale / 2**e) <= QK_FIX_CLIP
     capped = (levels + 1) * 2 ** (ROPE_FRAC_BITS + e + 1) >= 2**31
     assert capped or 2 * amax / (out_scale / 2 ** (e + 1)) > QK_FIX_CLIP
+
+
+def test_a_session_asked_for_by_two_threads_at_once_is_made_once(random_model, monkeypatch):
+    """`IntegerModel.session` is safe to call from several threads (a watchtower's verifier
+    and game threads): a session not yet made is built once, and both get it."""
+    m = IntegerModel(random_model)
+    built = []
+    make = IntegerModel._new_session
+
+    def slow_make(self, kind):  # a window wide enough for every thread to come in unlocked
+        built.append(kind)
+        time.sleep(0.2)
+        return make(self, kind)
+
+    monkeypatch.setattr(IntegerModel, "_new_session", slow_make)
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(m.session("decode")))
+               for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert built == ["decode"]
+    assert len(got) == 4 and all(session is got[0] for session in got)

@@ -100,11 +100,16 @@ def test_task_names_are_stable():
 def test_honest_claims_are_verified_and_never_challenged(stack, watchtower):
     ids = [stack.claim(*map(list, honest_answer(text))) for text in ("12+34=", "5+7=")]
     assert tasks.scan.delay().get() == 2
-    for request_id in ids:
+    alone = stack.claim(*map(list, honest_answer("40+2=")))
+    assert tasks.scan.delay().get() == 1  # a claim verified alone
+    for request_id in [*ids, alone]:
         claim = claim_row(watchtower, request_id)
         assert claim.verdict == Verdict.VALID.value, claim.verdict_note
         assert stack.games_of(request_id) == []
     assert tasks.scan.delay().get() == 0  # nothing new, nothing verified twice
+    # Predictions, shared or alone, run on the batch session: the watchtower holds two
+    # copies of the weights (predictions, traces), not three.
+    assert set(watchtower.model.model._sessions) == {"decode_batch", "trace"}
 
 
 @pytest.mark.parametrize("kind", ["final", "node", "silent"])
