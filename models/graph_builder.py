@@ -216,6 +216,24 @@ class GraphBuilder:
         corners = [x.lo * y.lo, x.lo * y.hi, x.hi * y.lo, x.hi * y.hi]
         return self._node("Mul", [x, y], hint, x.dtype, min(corners), max(corners))
 
+    def wrapping(self, op: str, x: Tensor, y: Tensor, hint: str) -> Tensor:
+        """Add or Mul (int64) that may wrap, on purpose: a hash's mixing step. The op set
+        defines the wrap (two's complement, docs/opset.md); the result may be any int64."""
+        if op not in ("Add", "Mul") or x.dtype != np.int64 or y.dtype != np.int64:
+            raise TypeError(f"{hint}: wrapping Add or Mul of int64 only, got {op} of "
+                            f"{x.dtype} and {y.dtype}")
+        return self._node(op, [x, y], hint, np.int64, *_LIMITS[np.dtype(np.int64)])
+
+    def remainder(self, x: Tensor, m: Tensor, hint: str) -> Tensor:
+        """x mod m for x >= 0 and m >= 1, as x - (x / m) * m (truncation is floor here)."""
+        if x.lo < 0:
+            raise RangeError(f"{hint}: remainder of [{x.lo}, {x.hi}], which may be negative")
+        q = self.div(x, m, f"{hint}.q")
+        # q * m <= x, which interval arithmetic (q.hi * m.hi) cannot see.
+        floor = self._node("Mul", [q, m], f"{hint}.floor", x.dtype, 0, x.hi)
+        r = self.sub(x, floor, hint)
+        return self.assume(r, 0, m.hi - 1, "a remainder is below its divisor")
+
     def square(self, x: Tensor, hint: str) -> Tensor:
         """x * x, whose interval (unlike a general product's) is non-negative."""
         lo = 0 if x.lo <= 0 <= x.hi else min(x.lo * x.lo, x.hi * x.hi)

@@ -420,7 +420,9 @@ def bench_throughput(
         "shape of `bench inference`, written once).")] = None,
     concurrency: Annotated[str, typer.Option(
         "--concurrency", help="Comma-separated concurrency levels.")] = "1,4,8,16",
-    tokens: Annotated[int, typer.Option("--tokens", help="Output tokens per request.")] = 32,
+    tokens: Annotated[int, typer.Option("--tokens", help=(
+        "Output tokens per request (R1 answers run to hundreds or thousands; shorter answers "
+        "are mostly prefill)."))] = 128,
     layers: Annotated[int, typer.Option(
         "--layers", help="Layers of the R1-1.5B-shape model (without --model).")] = 28,
     threads: Threads = 2,

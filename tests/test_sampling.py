@@ -1,0 +1,203 @@
+"""The integer sampler (`optinfer.models.sampling`, issue 22): ONNX Runtime equals the numpy
+reference, temperature 0 is the argmax, and the empirical token frequencies over many seeds
+match the float model's tempered, top-p-truncated softmax of the same logits."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from optinfer.errors import UserError
+from optinfer.models import manifest, opset, reference, sampling
+from optinfer.models.qwen2_graph import ARGMAX_CHUNK_BYTES, argmax_chunk
+from optinfer.models.runtime import session_options
+from optinfer.models.sampling import Sampling
+
+VOCAB = 4096  # two chunks of 2,048
+SCALE = 1e-3  # real logit = integer * SCALE
+LOGIT_BOUND = 1 << 24
+SIGNIFICANCE = 1e-3  # a chi-square test fails below this p-value
+
+
+@pytest.fixture(scope="module")
+def sampler() -> onnx.ModelProto:
+    return sampling.sampler_model(VOCAB, argmax_chunk(VOCAB),
+                                  sampling.IndexScale.for_logits(SCALE), -LOGIT_BOUND,
+                                  LOGIT_BOUND)
+
+
+@pytest.fixture(scope="module")
+def session(sampler):
+    return _session(sampler, 2)
+
+
+def _session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
+    return ort.InferenceSession(model.SerializeToString(), session_options(threads),
+                                providers=["CPUExecutionProvider"])
+
+
+def _logits(seed: int, lead: float = 4.0) -> np.ndarray:
+    """One row of LM-like logits: twenty candidates `lead` nats above a normal crowd. At
+    temperature 0.6 and top-p 0.95 the nucleus holds about 500 tokens, the largest 40%."""
+    rng = np.random.default_rng(seed)
+    real = rng.normal(0, 1.0, VOCAB)
+    real[rng.choice(VOCAB, 20, replace=False)] += lead
+    return np.rint(real / SCALE).astype(np.int32)
+
+
+def _feeds(logits: np.ndarray, temperature: float, top_p: float, seeds, positions) -> dict:
+    rows = len(seeds)
+    column = lambda values: np.asarray(values, np.int64).reshape(rows, 1)  # noqa: E731
+    return {"logits": np.broadcast_to(logits, (rows, VOCAB)).copy(),
+            "temperature": column([round(temperature * 1000)] * rows),
+            "top_p": column([round(top_p * 1000)] * rows),
+            "seed": column(seeds), "positions": column(positions)}
+
+
+def _float_distribution(logits: np.ndarray, temperature: float, top_p: float) -> np.ndarray:
+    """softmax(logit / T) over the smallest most-probable set reaching top_p, renormalised
+    (the float reference of what the sampler draws from)."""
+    tempered = logits.astype(np.float64) * SCALE / temperature
+    q = np.exp(tempered - tempered.max())
+    q /= q.sum()
+    order = np.argsort(-q, kind="stable")
+    keep = int(np.searchsorted(np.cumsum(q[order]), top_p - 1e-12)) + 1
+    kept = np.zeros(VOCAB, bool)
+    kept[order[:keep]] = True
+    q = np.where(kept, q, 0.0)
+    return q / q.sum()
+
+
+def _chi_square_p_value(counts: np.ndarray, expected: np.ndarray) -> float:
+    """Pearson's test of `counts` against `expected`, tokens expected under 5 times pooled;
+    the p-value by the Wilson-Hilferty approximation of the chi-square distribution."""
+    big = expected >= 5
+    observed = np.append(counts[big], counts[~big].sum())
+    wanted = np.append(expected[big], expected[~big].sum())
+    if wanted[-1] < 5:
+        observed, wanted = observed[:-1], wanted[:-1]
+    dof = len(observed) - 1
+    if dof < 1:
+        return 1.0
+    chi2 = float(((observed - wanted) ** 2 / wanted).sum())
+    z = ((chi2 / dof) ** (1 / 3) - (1 - 2 / (9 * dof))) / math.sqrt(2 / (9 * dof))
+    return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+def _outside_the_nucleus(logits: np.ndarray, tokens: np.ndarray, temperature: float,
+                         expected: np.ndarray) -> int:
+    """Draws below the float nucleus's last token by more than the sampler's resolution
+    (the exp table's 1/256 nat, twice: the table index and the row max both round)."""
+    tempered = logits.astype(np.float64) * SCALE / temperature
+    floor = tempered[expected > 0].min() - 2 / (1 << sampling.EXP_FRAC_BITS)
+    return int((tempered[tokens] < floor).sum())
+
+
+@pytest.mark.parametrize(("temperature", "top_p"), [(0.6, 0.95), (1.0, 1.0), (1.5, 0.9)])
+def test_token_frequencies_over_seeds_match_the_float_tempered_top_p_softmax(
+        session, temperature, top_p):
+    logits = _logits(1)
+    rows = 6000
+    seeds = np.random.default_rng(2).integers(0, sampling.SEED_LIMIT, rows)
+    (tokens,) = session.run(None, _feeds(logits, temperature, top_p, seeds, [7] * rows))
+    expected = _float_distribution(logits, temperature, top_p)
+    counts = np.bincount(tokens, minlength=VOCAB)
+    assert _outside_the_nucleus(logits, tokens, temperature, expected) == 0
+    p_value = _chi_square_p_value(counts, expected * rows)
+    assert p_value > SIGNIFICANCE, (temperature, top_p, p_value)
+    if (temperature, top_p) == (0.6, 0.95):  # the test tells a near miss apart
+        for near in (_float_distribution(logits, 0.65, 0.95),
+                     _float_distribution(logits, 0.6, 0.9)):
+            assert _chi_square_p_value(counts, near * rows) < SIGNIFICANCE
+
+
+def test_one_seed_over_positions_draws_from_the_same_distribution(session):
+    """The position keys the draw: one seed over many positions samples like many seeds."""
+    logits = _logits(3)
+    rows = 6000
+    (tokens,) = session.run(None, _feeds(logits, 0.8, 0.95, [12345] * rows, range(rows)))
+    expected = _float_distribution(logits, 0.8, 0.95)
+    p_value = _chi_square_p_value(np.bincount(tokens, minlength=VOCAB), expected * rows)
+    assert p_value > SIGNIFICANCE, p_value
+
+
+def test_temperature_zero_is_the_first_argmax_and_a_low_temperature_approaches_it(session):
+    rng = np.random.default_rng(4)
+    rows = 64
+    logits = np.rint(rng.normal(0, 2.5, (rows, VOCAB)) / SCALE).astype(np.int32)
+    logits[:8, 100] = logits[:8, 200] = logits[:8].max() + 5  # ties go to the first index
+    feeds = {"logits": logits, "temperature": np.zeros((rows, 1), np.int64),
+             "top_p": np.full((rows, 1), 950), "seed": rng.integers(0, 2**63, (rows, 1)),
+             "positions": np.arange(rows).reshape(rows, 1)}
+    (greedy,) = session.run(None, feeds)
+    assert greedy.tolist() == logits.argmax(axis=1).tolist()
+    assert set(greedy[:8].tolist()) == {100}
+    # At the lowest temperature a lead of one nat is e**-20 to one: the argmax every time.
+    lead = logits.copy()
+    lead[np.arange(rows), greedy] = np.sort(logits, axis=1)[:, -2] + round(1 / SCALE)
+    feeds.update(logits=lead, temperature=np.full((rows, 1), sampling.MIN_TEMPERATURE))
+    (cold,) = session.run(None, feeds)
+    assert cold.tolist() == greedy.tolist()
+
+
+def test_a_draw_is_fixed_by_its_seed_and_position_on_any_thread_count(sampler, session):
+    logits = _logits(5, lead=1.0)  # a flat row: draws spread over many tokens
+    seeds = np.random.default_rng(6).integers(0, sampling.SEED_LIMIT, 200)
+    feeds = _feeds(logits, 1.0, 1.0, seeds, range(200))
+    (first,) = session.run(None, feeds)
+    (again,) = _session(sampler, 1).run(None, feeds)
+    assert first.tolist() == again.tolist()
+    assert len(set(first.tolist())) > 100  # the seeds and positions do move the draw
+    moved = _feeds(logits, 1.0, 1.0, seeds + 1, range(200))
+    assert (session.run(None, moved)[0] != first).mean() > 0.9
+
+
+def test_the_numpy_reference_computes_the_same_tokens(sampler, session):
+    """Every op is the op set's: the reference (and so the one-step verifier's semantics)
+    gives ONNX Runtime's tokens, at every temperature and top-p, including the edges."""
+    rng = np.random.default_rng(7)
+    rows = 12
+    logits = np.rint(rng.normal(0, 3, (rows, VOCAB)) / SCALE).astype(np.int32)
+    logits[0] = LOGIT_BOUND  # a flat row
+    logits[1, :] = -LOGIT_BOUND
+    logits[1, VOCAB - 1] = LOGIT_BOUND  # a certain last token
+    feeds = {"logits": logits,
+             "temperature": np.array([0, 50, 600, 2000] * 3).reshape(rows, 1),
+             "top_p": np.array([1, 500, 950, 1000] * 3).reshape(rows, 1),
+             "seed": rng.integers(0, sampling.SEED_LIMIT, (rows, 1)),
+             "positions": rng.integers(0, 1 << 20, (rows, 1))}
+    (tokens,) = session.run(None, feeds)
+    assert reference.run_graph(sampler, feeds)["tokens"].tolist() == tokens.tolist()
+    assert tokens[1] == VOCAB - 1
+
+
+def test_the_sampler_stays_in_the_op_set_and_opens_no_more_than_the_argmax(sampler):
+    stats = manifest.graph_statistics(sampler, 4, {})
+    assert stats["op_set_violations"] == [] and stats["float_tensors"] == 0
+    shapes = manifest._static_shapes(sampler, 4)
+    constants = {init.name: onnx.numpy_helper.to_array(init)
+                 for init in sampler.graph.initializer}
+    for node in sampler.graph.node:
+        if node.name == "greedy":  # the test graph's own whole-row argmax
+            continue
+        fan_in = opset.OPS[node.op_type].fan_in_bytes(
+            node, [shapes[n][0] for n in node.input],
+            [onnx.helper.tensor_dtype_to_np_dtype(shapes[n][1]) for n in node.input],
+            [constants.get(n) for n in node.input])
+        assert fan_in <= ARGMAX_CHUNK_BYTES, (node.name, fan_in)
+
+
+def test_sampling_parameters_are_checked():
+    assert Sampling.from_floats(0.6, 0.95, 7) == Sampling(600, 950, 7)
+    assert Sampling().greedy and not Sampling(600).greedy
+    for bad, message in ((dict(temperature=10), "temperature 0.01 is outside"),
+                         (dict(temperature=2001), "temperature 2.001"),
+                         (dict(top_p=0), "top-p 0 is outside"),
+                         (dict(top_p=1001), "top-p 1.001"),
+                         (dict(seed=-1), "seed -1"), (dict(seed=1 << 63), "seed")):
+        with pytest.raises(UserError, match=message):
+            Sampling(**bad)
