@@ -28,11 +28,14 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from optinfer.errors import UserError
+from optinfer.models.qwen2_graph import FINAL_POSITIONS
+from optinfer.models.sampling import Sampling
 
 MAX_SEQUENCE_SLOT = (1 << 16) - 1
 """Sequence slots in a batch run 0..this: slot distance^2 * context stays far inside int64."""
 
-#: The decode graph's tensors the derivation replaces (names ``qwen2_graph`` gives them).
+#: The decode graph's tensors the derivation replaces (names ``qwen2_graph`` gives them;
+#: in a sampling graph, its FINAL_POSITIONS too).
 KEY_POSITIONS, KEY_ORDER, FINAL_ROWS, FINAL_ROW_COUNT = (
     "key_positions", "kpos", "final.rows", "final.length.1d")
 
@@ -82,6 +85,9 @@ def batched_decode_graph(decode: onnx.ModelProto, max_context: int) -> onnx.Mode
                                                  "predict_rows"], [FINAL_ROWS], axis=0)],
         FINAL_ROW_COUNT: [helper.make_node("Shape", ["predict_rows"], [FINAL_ROW_COUNT])],
     }
+    if FINAL_POSITIONS in producers:  # a sampling graph: the rows asked for are its keys
+        replacements[FINAL_POSITIONS] = [helper.make_node(
+            "Gather", ["positions", "predict_rows"], [FINAL_POSITIONS], axis=0)]
     nodes = []
     for node in graph.node:
         replaced = next((replacements[out] for out in node.output if out in replacements), None)
@@ -122,6 +128,7 @@ class _Running:
     max_tokens: int
     stop_at_eos: bool
     output: list[int]
+    draw: Sampling
 
 
 class DecodeBatch:
@@ -162,10 +169,12 @@ class DecodeBatch:
                    for name, cache in self._past.items())
 
     def add(self, sequence: int, prompt: list[int], max_tokens: int,
-            stop_at_eos: bool = True) -> None:
-        """Start `sequence` (any id not running) on `prompt`: its tokens come from the next
-        :meth:`step` on. UserError for a prompt the model cannot take."""
+            stop_at_eos: bool = True, draw: Sampling | None = None) -> None:
+        """Start `sequence` (any id not running) on `prompt`, greedy or drawn by `draw`: its
+        tokens come from the next :meth:`step` on. UserError for a prompt the model cannot
+        take."""
         model = self.model
+        draw = model.check_draw(draw)
         if not prompt:
             raise UserError("the prompt is empty")
         model.check_tokens(prompt, "prompt")
@@ -178,7 +187,8 @@ class DecodeBatch:
         slot = next(s for s in range(len(taken) + 1) if s not in taken)
         if slot > MAX_SEQUENCE_SLOT:
             raise ValueError(f"a batch runs at most {MAX_SEQUENCE_SLOT + 1} sequences")
-        self._running[sequence] = _Running(slot, list(prompt), 0, max_tokens, stop_at_eos, [])
+        self._running[sequence] = _Running(slot, list(prompt), 0, max_tokens, stop_at_eos, [],
+                                           draw)
 
     def step(self) -> list[Step]:
         """One decode step of every running sequence, in the order they joined."""
@@ -199,7 +209,7 @@ class DecodeBatch:
         feeds = {"tokens": np.asarray(tokens, np.int64), "positions": new_positions,
                  "sequences": new_slots, "predict_rows": np.asarray(last_rows, np.int64),
                  "past_positions": self._key_positions, "past_sequences": self._key_slots,
-                 **self._past}
+                 **self.model.draw_feeds([seq.draw for _, seq in running]), **self._past}
         results = self.session.run(self._out_names, feeds)
         for j in range(self.model.num_layers):
             self._past[f"past_k.{j}"] = results[1 + 2 * j]
@@ -265,8 +275,9 @@ in passes of 2, 0.454 s of 4, 0.483 s of 8, 0.575 s of 16."""
 def predict_many(model, sequences: list[np.ndarray], rows_per_pass: int = ROWS_PER_PASS
                  ) -> list[np.ndarray]:
     """The teacher-forced predictions of several claims, a few claims a pass of the batch
-    graph: each sequence is the verify graph's input ``[P] ++ prompt ++ output[:-1]``
-    (``IntegerModel.sequence``), each result what ``IntegerModel.predict_sequence`` gives for
+    graph: each sequence is the verify graph's input ``[P] ++ prompt ++ output[:-1]`` (on a
+    sampling model ``[P, temperature, top_p, seed] ++ ...``; ``IntegerModel.sequence``), each
+    result what ``IntegerModel.predict_sequence`` gives for
     it, row for row (rows are independent; a claim's rows see only its own keys). A pass
     takes claims while their rows stay within `rows_per_pass` (:data:`ROWS_PER_PASS`) and
     :data:`MAX_PASS_SCORES`. A claim alone runs on the batch graph too, so that a watchtower
@@ -274,11 +285,11 @@ def predict_many(model, sequences: list[np.ndarray], rows_per_pass: int = ROWS_P
     1.58 GB at R1-Distill-1.5B shape), and it is no slower there: 0.260 s against the verify
     graph's 0.281 s for claims of 40-60 rows at that shape (median of 12, Intel Xeon with
     AMX, 2 threads, 2026-12-07)."""
-    heads = int(model.manifest["config"]["num_heads"])
+    heads, header = int(model.manifest["config"]["num_heads"]), model.header_length
     results: list[np.ndarray] = []
     group: list[np.ndarray] = []
     for sequence in sequences:
-        rows = sum(len(s) - 1 for s in group) + len(sequence) - 1
+        rows = sum(len(s) - header for s in group) + len(sequence) - header
         if group and (rows > rows_per_pass or rows * rows * heads > MAX_PASS_SCORES):
             results += _predict_pass(model, group)
             group = []
@@ -290,10 +301,14 @@ def predict_many(model, sequences: list[np.ndarray], rows_per_pass: int = ROWS_P
 
 def _predict_pass(model, sequences: list[np.ndarray]) -> list[np.ndarray]:
     session = model.session("decode_batch")
-    tokens, positions, slots, predict, counts = [], [], [], [], []
+    tokens, positions, slots, predict, counts, draws = [], [], [], [], [], []
     first = 0  # the sequence's first row
+    header = model.header_length
     for slot, sequence in enumerate(sequences):
-        prompt_len, body = int(sequence[0]), sequence[1:]
+        prompt_len, body = int(sequence[0]), sequence[header:]
+        if model.samples:  # the claim's parameters, for each of its predicted rows
+            draws.append(np.repeat(sequence[1:header].reshape(1, -1), len(body) - prompt_len + 1,
+                                   axis=0))
         tokens.append(body)
         positions.append(np.arange(len(body), dtype=np.int64))
         slots.append(np.full(len(body), slot, np.int64))
@@ -304,6 +319,10 @@ def _predict_pass(model, sequences: list[np.ndarray]) -> list[np.ndarray]:
              "sequences": np.concatenate(slots), "predict_rows": np.concatenate(predict),
              "past_positions": np.zeros(0, np.int64), "past_sequences": np.zeros(0, np.int64),
              **empty_cache(model, session)}
+    if draws:  # temperature, top-p and seed columns, (rows, 1) each
+        columns = np.concatenate(draws)
+        feeds.update({name: columns[:, [i]] for i, name in enumerate(("temperature", "top_p",
+                                                                       "seed"))})
     (predicted,) = session.run(["next_tokens"], feeds)
     return np.split(predicted, np.cumsum(counts)[:-1])
 
@@ -314,9 +333,10 @@ def _key_axis(cache_name: str) -> int:
 
 
 def generate_batched(model, jobs: list[tuple[list[int], int]], max_batch: int,
-                     stop_at_eos: bool = True) -> list[list[int]]:
-    """Every job's (prompt, max tokens) output, run `max_batch` at a time: a job joins as
-    soon as another leaves (tests and benchmarks)."""
+                     stop_at_eos: bool = True, draws: list[Sampling] | None = None
+                     ) -> list[list[int]]:
+    """Every job's (prompt, max tokens) output, greedy or drawn by its `draws` entry, run
+    `max_batch` at a time: a job joins as soon as another leaves (tests and benchmarks)."""
     if max_batch < 1:
         raise UserError(f"the batch size must be >= 1, got {max_batch}")
     batch = DecodeBatch(model)
@@ -325,7 +345,7 @@ def generate_batched(model, jobs: list[tuple[list[int], int]], max_batch: int,
     while waiting or len(batch):
         while waiting and len(batch) < max_batch:
             index, (prompt, max_tokens) = waiting.pop()
-            batch.add(index, prompt, max_tokens, stop_at_eos)
+            batch.add(index, prompt, max_tokens, stop_at_eos, draws and draws[index])
         for step in batch.step():
             if step.done:
                 outputs[step.sequence] = batch.take(step.sequence)

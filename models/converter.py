@@ -375,6 +375,9 @@ class _Quantizer:
         ql, big_m, m_bits = lm_head_quantization(lm_head, self.weight_bits)
         # 7-bit weights: the logits are acc * M exactly, no shift.
         shift = fine_logit_shift(ql, m_bits) if self.fine else 0
+        # One integer logit in real units (as fidelity.dequantization reads it back).
+        self.logit_scale = (s_final * accumulator_input_units(self.wide, self.fine)
+                            * float(ql.scale.max()) * 2.0**(shift - m_bits))
         return self.norm(final_gamma, s_final), Linear(weight=ql.weight, bias=None,
                                                        out=Requant(M=big_m, shift=shift))
 
@@ -434,7 +437,7 @@ def quantize(spec: Qwen2Spec, reader: WeightReader, stats: CalibrationStats, max
         silu_table=quant.silu_table(qz.gate_bits, GATE_HALF_RANGE),
         rope_cos=cos, rope_sin=sin, linear_input_bits=linear_input_bits,
         residual_bits=None if qz.res_bits == residual_bits(spec.hidden_size) else qz.res_bits,
-        weight_bits=weight_bits,
+        weight_bits=weight_bits, logit_scale=qz.logit_scale,
     )
 
 
@@ -501,21 +504,24 @@ def open_checkpoint(path: Path, scratch: Path) -> FloatCheckpoint:
 
 def convert(checkpoint_dir: Path, out_dir: Path, calibration: Path | None = None,
             max_context: int | None = None, progress: Progress | None = None,
-            linear_input_bits: int = 8, weight_bits: int = 7) -> dict:
+            linear_input_bits: int = 8, weight_bits: int = 7, sampling: bool = False) -> dict:
     """Convert a Qwen2ForCausalLM checkpoint directory or a Llama/Qwen2 GGUF file; returns the
     manifest. `linear_input_bits` 16 makes the linear layers' inputs 16-bit (two uint8 planes
     in one MatMulInteger, docs/models.md); 8, the default, is the graph as it always was.
-    `weight_bits` 13 (with 16-bit inputs) makes the fine graph (`qwen2_graph.WEIGHT_BITS`)."""
+    `weight_bits` 13 (with 16-bit inputs) makes the fine graph (`qwen2_graph.WEIGHT_BITS`).
+    `sampling` draws the next tokens with a temperature, top-p and seed in the graphs
+    (`qwen2_graph.build_graph`; docs/models.md, "Sampling")."""
     check_linear_input_bits(linear_input_bits)
     check_weight_bits(weight_bits, linear_input_bits)
     with tempfile.TemporaryDirectory(prefix="optinfer-convert-") as scratch:
         return _convert(Path(checkpoint_dir), Path(out_dir), calibration, max_context, progress,
-                        Path(scratch), linear_input_bits, weight_bits)
+                        Path(scratch), linear_input_bits, weight_bits, sampling)
 
 
 def _convert(checkpoint_dir: Path, out_dir: Path, calibration: Path | None,
              max_context: int | None, progress: Progress | None, scratch: Path,
-             linear_input_bits: int = 8, weight_bits: int = 7) -> dict:
+             linear_input_bits: int = 8, weight_bits: int = 7,
+             sampling: bool = False) -> dict:
     from optinfer.models.manifest import build_manifest
 
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -546,7 +552,8 @@ def _convert(checkpoint_dir: Path, out_dir: Path, calibration: Path | None,
                       linear_input_bits, weight_bits)
     if progress:
         progress(0.75, "building graphs")
-    verify_builder, decode_builder = build_graph(qmodel, "verify"), build_graph(qmodel, "decode")
+    verify_builder, decode_builder = (build_graph(qmodel, mode, sampling)
+                                      for mode in ("verify", "decode"))
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -569,6 +576,8 @@ def _convert(checkpoint_dir: Path, out_dir: Path, calibration: Path | None,
             manifest["residual_bits"] = qmodel.residual_bits
         if weight_bits != 7:  # absent: 7
             manifest["weight_bits"] = weight_bits
+        if sampling:  # absent: greedy graphs, whose input is [P] ++ tokens
+            manifest["sampling"] = True
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         _make_readable(staging)
         if out_dir.exists():

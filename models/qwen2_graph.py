@@ -31,6 +31,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from optinfer.models import sampling
 from optinfer.models.graph_builder import (
     INT64_MAX,
     PLANE_BASE,
@@ -42,6 +43,10 @@ from optinfer.models.graph_builder import (
     Tensor,
 )
 
+#: A sampling verify graph's input starts [P, temperature, top_p, seed] (`build_graph`).
+SAMPLING_HEADER = 4
+#: The predicted rows' positions in a sampling graph (the batch graph gathers them instead).
+FINAL_POSITIONS = "final.positions"
 EXP_FRAC_BITS = 8  # exp table index resolution: 1/256 nat
 EXP_OUT_BITS = 16  # exp table values: 2**16 = exp(0)
 EXP_LEN = 16 * (1 << EXP_FRAC_BITS) + 1  # exp(-16) rounds to 0 at 2**16; last entry 0 = masked
@@ -206,6 +211,9 @@ class IntegerQwen2:
     # Linear.weight is then int16 in [-2**12, 2**12), its bias in units of the exact sum S,
     # and its requantisation (int64) starts from S; lm_head.out rounds S * M to int32 logits.
     weight_bits: int = 7
+    # One integer logit in real units (the converter's; 0 when unknown). The sampler's
+    # temperature scaling needs it (`sampling.IndexScale`).
+    logit_scale: float = 0.0
 
     @property
     def fine(self) -> bool:
@@ -242,7 +250,7 @@ class Planes:
 class _Qwen2Builder:
     """Lays out the graph of one IntegerQwen2 on a GraphBuilder."""
 
-    def __init__(self, m: IntegerQwen2, mode: str):
+    def __init__(self, m: IntegerQwen2, mode: str, sampling: bool = False):
         if m.linear_input_bits not in LINEAR_INPUT_BITS:
             raise ValueError(f"linear inputs of {m.linear_input_bits} bits: 8 or 16")
         if m.weight_bits not in WEIGHT_BITS or (m.fine and m.linear_input_bits != 16):
@@ -253,6 +261,11 @@ class _Qwen2Builder:
         self.wide = m.linear_input_bits == 16
         self.fine = m.fine
         self.rows: Tensor | None = None  # the layers' row count, a 1-element int64 tensor
+        if sampling and not m.logit_scale > 0:
+            raise ValueError("a sampling graph needs the logits' scale (convert again)")
+        self.sampling = sampling
+        # With sampling: each predicted row's temperature, top-p, seed and position (L, 1).
+        self.draw: dict[str, Tensor] = {}
 
     # ---------------------------------------------------------------- pieces
 
@@ -584,7 +597,19 @@ class _Qwen2Builder:
         g, m = self.g, self.m
         ctx: dict = {}
         vmax, cmax = m.vocab_size - 1, m.max_context
-        if self.mode == "verify":
+        if self.mode == "verify" and self.sampling:
+            # [P, temperature, top-p, seed] ++ tokens: the header may hold any int64.
+            seq = g.input("sequence", np.int64, [f"T+{SAMPLING_HEADER}"], 0, INT64_MAX)
+            start = g.sub(g.slice(seq, g.ints([0]), 1, 0, "prompt_len"), g.ints([1]), "start")
+            for i, name in enumerate(("temperature", "top_p", "seed"), start=1):
+                self.draw[name] = g.reshape(g.slice(seq, g.ints([i]), i + 1, 0, f"{name}.1d"),
+                                            [1, 1], name)
+            tokens = g.slice(seq, g.ints([SAMPLING_HEADER]), INT64_MAX, 0, "tokens")  # (T,)
+            self.rows = g.shape(tokens, cmax, "length.1d")
+            length = g.reshape(self.rows, [], "length")
+            positions = g.range(g.scalar(0), length, "positions")  # (T,)
+            key_positions = positions
+        elif self.mode == "verify":
             seq = g.input("sequence", np.int64, ["T+1"], 0, max(vmax, cmax))
             start = g.sub(g.slice(seq, g.ints([0]), 1, 0, "prompt_len"), g.ints([1]), "start")
             tokens = g.slice(seq, g.ints([1]), INT64_MAX, 0, "tokens")  # (T,)
@@ -610,6 +635,11 @@ class _Qwen2Builder:
                                              g.ints(3, "c.i64.3"), "past.len"), [], "past"),
                           "keys")
             key_positions = g.range(g.scalar(0), total, "key_positions")
+            if self.sampling:
+                for name, lo, hi in (("temperature", 0, sampling.MAX_TEMPERATURE),
+                                     ("top_p", 1, sampling.TOP_P_UNIT),
+                                     ("seed", 0, sampling.SEED_LIMIT - 1)):
+                    self.draw[name] = g.input(name, np.int64, ["L", 1], lo, hi)
         # Causal mask, shared by all layers: key j is hidden from query i when j > pos(i).
         hidden = g.greater(g.reshape(key_positions, [1, -1], "kpos"),
                            g.reshape(positions, [-1, 1], "qpos"), "mask")  # (T, S) bool
@@ -642,6 +672,10 @@ class _Qwen2Builder:
             r = self.add_residual(r, self.mlp(i, x), f"L{i}.mlp.residual")
 
         r = g.slice(r, start, INT64_MAX, 0, "final.rows")  # only the predicted positions
+        if self.sampling:  # the sampler's key: each predicted row's position
+            self.draw["positions"] = g.reshape(
+                g.slice(positions, start, INT64_MAX, 0, FINAL_POSITIONS), [-1, 1],
+                "final.positions.2d")
         # Its row count, for the planes: T - start (T - P + 1 to verify, 1 to decode).
         final_rows = g.sub(self.rows, start, "final.length.1d") if self.wide else None
         x = self.rmsnorm(r, m.final_norm, "final_norm", final_rows)
@@ -680,7 +714,10 @@ class _Qwen2Builder:
     def finish(self, logits: Tensor, presents: list) -> GraphBuilder:
         """The next tokens from the logits, and in decode mode the present K/V as outputs."""
         g = self.g
-        tokens_out = self.argmax_tree(logits)
+        if self.sampling:
+            tokens_out = g.reshape(self.sample(logits), [-1], "next_tokens")
+        else:
+            tokens_out = self.argmax_tree(logits)
         g.output(tokens_out, ["L"])
         if self.mode == "decode":
             for k, v in presents:
@@ -688,12 +725,27 @@ class _Qwen2Builder:
                 g.output(v)
         return g
 
-    def argmax_tree(self, logits: Tensor) -> Tensor:
-        """First index of the max over the vocabulary, as a two-level tree of bounded chunks."""
+    def sample(self, logits: Tensor) -> Tensor:
+        """Each predicted row's token (L, 1): the argmax at temperature 0, else drawn
+        (`sampling.sample_tokens`). Temperature and top-p are clipped to their ranges, so
+        that any header has its tokens (the coordinator admits only values inside them)."""
+        g, m, draw = self.g, self.m, self.draw
+        greedy = g.reshape(self.argmax_tree(logits, "greedy"), [-1, 1], "greedy.2d")
+        temperature = g.clip(draw["temperature"], 0, sampling.MAX_TEMPERATURE,
+                             "temperature.clip")
+        top_p = g.clip(draw["top_p"], 1, sampling.TOP_P_UNIT, "top_p.clip")
+        return sampling.sample_tokens(
+            g, logits, greedy, temperature, top_p, draw["seed"], draw["positions"],
+            m.vocab_size, argmax_chunk(m.vocab_size), sampling.IndexScale.for_logits(
+                m.logit_scale))
+
+    def argmax_tree(self, logits: Tensor, name: str = "next_tokens") -> Tensor:
+        """First index of the max over the vocabulary, as a two-level tree of bounded chunks;
+        (L,), named `name`."""
         g, vocab = self.g, self.m.vocab_size
         c = argmax_chunk(vocab)
         if c == vocab:
-            return g.reshape(g.argmax(logits, vocab, "argmax"), [-1], "next_tokens")
+            return g.reshape(g.argmax(logits, vocab, "argmax"), [-1], name)
         n = vocab // c
         chunks = g.reshape(logits, [-1, n, c], "argmax.chunks")  # (L, n, c)
         local = g.argmax(chunks, c, "argmax.local")  # (L, n, 1) first max within each chunk
@@ -703,11 +755,17 @@ class _Qwen2Builder:
         local = g.reshape(local, [-1, n], "argmax.local.2d")
         within = g.gather_elements(local, chunk, 1, "argmax.within")  # (L, 1)
         base = g.mul(chunk, g.scalar(c), "argmax.base")
-        return g.reshape(g.add(base, within, "argmax.index"), [-1], "next_tokens")
+        return g.reshape(g.add(base, within, "argmax.index"), [-1], name)
 
 
-def build_graph(m: IntegerQwen2, mode: str = "verify") -> GraphBuilder:
-    """Lay out the integer Qwen2 graph; mode is "verify" (committed) or "decode" (KV cache)."""
+def build_graph(m: IntegerQwen2, mode: str = "verify", sampling: bool = False
+                ) -> GraphBuilder:
+    """Lay out the integer Qwen2 graph; mode is "verify" (committed) or "decode" (KV cache).
+
+    With `sampling` the next tokens are drawn (`optinfer.models.sampling`; issue 22, not yet
+    the converter's graphs): the verify graph's input is then ``[P, temperature, top_p, seed]
+    ++ tokens`` (SAMPLING_HEADER leading integers), and the decode graph takes ``temperature``,
+    ``top_p`` and ``seed`` (L, 1) beside its other inputs."""
     if mode not in ("verify", "decode"):
         raise ValueError(f"unknown graph mode {mode!r}")
-    return _Qwen2Builder(m, mode).build()
+    return _Qwen2Builder(m, mode, sampling).build()

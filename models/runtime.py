@@ -21,6 +21,8 @@ import onnxruntime as ort
 from optinfer.errors import UserError
 from optinfer.models import opset
 from optinfer.models.batching import batched_decode_graph, empty_cache
+from optinfer.models.qwen2_graph import SAMPLING_HEADER
+from optinfer.models.sampling import Sampling
 
 PINNED_ONNXRUNTIME = "1.32.0"
 
@@ -177,13 +179,40 @@ class IntegerModel:
         body = tokens[:-1] if tokens and tokens[-1] in self.eos_ids else tokens
         return self.tokenizer.decode(body, skip_special_tokens=False)
 
+    # ------------------------------------------------------------- sampling
+
+    @property
+    def samples(self) -> bool:
+        """Whether the graphs draw tokens (converted with `--sampling`, docs/models.md)."""
+        return bool(self.manifest.get("sampling", False))
+
+    def check_draw(self, draw: Sampling | None) -> Sampling:
+        """`draw` (greedy when None), refused with a UserError where the model cannot."""
+        draw = draw or Sampling()
+        if not draw.greedy and not self.samples:
+            raise UserError(f"{self.dir} decodes greedily only (temperature 0); convert the "
+                            "checkpoint again with --sampling to sample")
+        return draw
+
+    def draw_feeds(self, draws: list[Sampling]) -> dict[str, np.ndarray]:
+        """A sampling graph's temperature, top-p and seed inputs, one row per draw (nothing
+        for a greedy model)."""
+        if not self.samples:
+            return {}
+        return {name: np.asarray([[getattr(d, name)] for d in draws], np.int64).reshape(-1, 1)
+                for name in ("temperature", "top_p", "seed")}
+
+    # ------------------------------------------------------------- generate
+
     def generate(self, prompt: list[int], max_tokens: int, on_token=None,
-                 stop_at_eos: bool = True) -> list[int]:
-        """Greedy decoding with the KV cache; stops after EOS or max_tokens tokens.
+                 stop_at_eos: bool = True, draw: Sampling | None = None) -> list[int]:
+        """Decoding with the KV cache, greedy or drawn by `draw`; stops after EOS or
+        max_tokens tokens.
 
         on_token(token) is called as each token is produced. stop_at_eos=False (benchmarks)
         always produces max_tokens tokens.
         """
+        params = self.draw_feeds([self.check_draw(draw)])
         self.check_tokens(prompt, "prompt")
         if max_tokens < 1:
             raise UserError(f"max tokens must be >= 1, got {max_tokens}")
@@ -195,7 +224,8 @@ class IntegerModel:
         while True:
             n = len(feed_tokens)
             feeds = {"tokens": np.asarray(feed_tokens, np.int64),
-                     "positions": np.arange(position, position + n, dtype=np.int64), **past}
+                     "positions": np.arange(position, position + n, dtype=np.int64),
+                     **params, **past}
             results = sess.run(out_names, feeds)
             token = int(results[0][-1])
             for j in range(self.num_layers):
@@ -209,18 +239,29 @@ class IntegerModel:
             position += n
             feed_tokens = [token]
 
-    def sequence(self, prompt: list[int], output: list[int]) -> np.ndarray:
-        """The verify graph's input: [len(prompt)] ++ prompt ++ output[:-1]."""
+    def sequence(self, prompt: list[int], output: list[int], draw: Sampling | None = None
+                 ) -> np.ndarray:
+        """The verify graph's input: [len(prompt)] ++ prompt ++ output[:-1], or on a sampling
+        model [len(prompt), temperature, top_p, seed] ++ prompt ++ output[:-1]."""
+        draw = self.check_draw(draw)
         self.check_tokens(prompt, "prompt tokens")
         self.check_tokens(output, "output tokens")
         if not prompt or not output:
             raise UserError("prompt and output must each hold at least one token")
         self.check_length(len(prompt) + len(output) - 1, "prompt plus output")
-        return np.asarray([len(prompt), *prompt, *output[:-1]], dtype=np.int64)
+        header = ([len(prompt), draw.temperature, draw.top_p, draw.seed] if self.samples
+                  else [len(prompt)])
+        return np.asarray([*header, *prompt, *output[:-1]], dtype=np.int64)
 
-    def predict(self, prompt: list[int], output: list[int]) -> np.ndarray:
+    @property
+    def header_length(self) -> int:
+        """How many integers of the verify graph's input come before the tokens."""
+        return SAMPLING_HEADER if self.samples else 1
+
+    def predict(self, prompt: list[int], output: list[int], draw: Sampling | None = None
+                ) -> np.ndarray:
         """Teacher-forced predictions for every output position, in one pass."""
-        return self.predict_sequence(self.sequence(prompt, output))
+        return self.predict_sequence(self.sequence(prompt, output, draw))
 
     def predict_sequence(self, sequence: np.ndarray) -> np.ndarray:
         """`predict` on the verify graph's input itself, unchecked: ONNX Runtime fails on a
@@ -228,10 +269,10 @@ class IntegerModel:
         token is not in it, so a claim ending in any id can be run this way."""
         return self.session("verify").run(["next_tokens"], {"sequence": sequence})[0]
 
-    def verify(self, prompt: list[int], output: list[int],
-               max_tokens: int | None = None) -> OutputCheck:
-        """Is `output` exactly what greedy decoding of `prompt` produces?"""
-        return self.check_output(output, self.predict(prompt, output), max_tokens)
+    def verify(self, prompt: list[int], output: list[int], max_tokens: int | None = None,
+               draw: Sampling | None = None) -> OutputCheck:
+        """Is `output` exactly what decoding `prompt` (greedy, or drawn by `draw`) produces?"""
+        return self.check_output(output, self.predict(prompt, output, draw), max_tokens)
 
     def check_output(self, output: list[int], predicted: np.ndarray,
                 max_tokens: int | None = None) -> OutputCheck:

@@ -27,8 +27,11 @@ from optinfer.services.cli_app import (
     ConfigFile,
     ModelDir,
     RpcUrl,
+    Seed,
     SystemMessage,
+    Temperature,
     Threads,
+    TopP,
     app,
     bench_app,
     contracts_app,
@@ -51,11 +54,18 @@ def generate(
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="Most tokens to generate.")] = 64,
     chat: ChatFormat = False,
     system: SystemMessage = None,
+    temperature: Temperature = 0.0,
+    top_p: TopP = 1.0,
+    seed: Seed = 0,
     threads: Threads = 1,
     as_json: AsJson = False,
 ) -> None:
-    """Greedy decoding with the integer model (KV cache)."""
+    """Decoding with the integer model (KV cache): greedy, or sampled with --temperature."""
+    from optinfer.models.sampling import Sampling
+
+    draw = Sampling.from_floats(temperature, top_p, seed)
     m = load_model(model, threads)
+    m.check_draw(draw)  # before the progress bar appears
     prompt_tokens = prompt_ids(m, prompt, chat, system)
     with progress_bar("generating") as progress:
         produced = []
@@ -64,7 +74,7 @@ def generate(
             produced.append(token)
             progress(len(produced) / max_tokens, f"{len(produced)} tokens")
 
-        tokens = m.generate(prompt_tokens, max_tokens, on_token=on_token)
+        tokens = m.generate(prompt_tokens, max_tokens, on_token=on_token, draw=draw)
         progress(1.0, f"{len(tokens)} tokens")
     text = m.decode_text(tokens)
     emit({"prompt_tokens": prompt_tokens, "tokens": tokens, "text": text}, as_json,
@@ -79,15 +89,21 @@ def verify(
     max_tokens: Annotated[int | None, typer.Option(
         "--max-tokens", help="The request's max tokens: the output must end in EOS or reach it."
     )] = None,
+    temperature: Temperature = 0.0,
+    top_p: TopP = 1.0,
+    seed: Seed = 0,
     threads: Threads = 1,
     as_json: AsJson = False,
 ) -> None:
-    """Teacher-forced verification of a claimed output in one pass."""
+    """Teacher-forced verification of a claimed output in one pass (greedy, or drawn with the
+    same --temperature, --top-p and --seed as `generate`)."""
     from optinfer.models.runtime import parse_token_list
+    from optinfer.models.sampling import Sampling
 
+    draw = Sampling.from_floats(temperature, top_p, seed)
     prompt = parse_token_list(prompt_tokens, "--prompt-tokens")
     output = parse_token_list(output_tokens, "--output-tokens")
-    verdict = load_model(model, threads).verify(prompt, output, max_tokens)
+    verdict = load_model(model, threads).verify(prompt, output, max_tokens, draw)
     emit({"valid": verdict.valid, "first_mismatch": verdict.first_mismatch,
           "reason": verdict.reason}, as_json,
          lambda d: out.print("valid" if d["valid"] else f"INVALID: {d['reason']}"))
@@ -131,14 +147,15 @@ WeightBits = Annotated[int, typer.Option(
 
 def _convert_and_report(source: Path, out_dir: Path, calibration: Path | None,
                         max_context: int | None, as_json: bool,
-                        linear_input_bits: int = 8, weight_bits: int = 7) -> None:
+                        linear_input_bits: int = 8, weight_bits: int = 7,
+                        sampling: bool = False) -> None:
     from optinfer.models.converter import check_linear_input_bits, check_weight_bits, convert
 
     check_linear_input_bits(linear_input_bits)  # before the progress bar appears
     check_weight_bits(weight_bits, linear_input_bits)
     with progress_bar("converting") as progress:
         manifest = convert(source, out_dir, calibration, max_context, progress,
-                           linear_input_bits, weight_bits)
+                           linear_input_bits, weight_bits, sampling)
     summary = {k: manifest[k] for k in ("model_root", "nodes", "max_fan_in_bytes",
                                         "float_tensors")}
     emit(summary, as_json, lambda d: out.print(
@@ -154,11 +171,15 @@ def model_convert(
     max_context: MaxContext = None,
     linear_input_bits: LinearInputBits = 8,
     weight_bits: WeightBits = 7,
+    sampling: Annotated[bool, typer.Option(
+        "--sampling", help="Graphs that draw tokens with a temperature, top-p and seed "
+        "(`generate --temperature`; docs/models.md, \"Sampling\"). Not yet servable on "
+        "chain.")] = False,
     as_json: AsJson = False,
 ) -> None:
     """Convert a checkpoint (directory or GGUF file) into an integer-only ONNX model."""
     _convert_and_report(checkpoint_dir, out_dir, calibration, max_context, as_json,
-                        linear_input_bits, weight_bits)
+                        linear_input_bits, weight_bits, sampling)
 
 
 @model_app.command("smollm2")

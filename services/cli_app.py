@@ -54,6 +54,14 @@ err = Console(stderr=True)
 
 ModelDir = Annotated[Path | None, typer.Option("--model", help="Converted model directory "
                                                "(default: the committed tiny-r1).")]
+Temperature = Annotated[float, typer.Option(
+    "--temperature", help="0 (the default) decodes greedily; 0.05-2 draws tokens (a model "
+    "converted with --sampling; docs/models.md, \"Sampling\").")]
+TopP = Annotated[float, typer.Option(
+    "--top-p", help="Draw from the most probable tokens whose probabilities reach this.")]
+Seed = Annotated[int, typer.Option("--seed", help="The draws' seed, 0 .. 2**63 - 1.")]
+
+
 Threads = Annotated[int, typer.Option("--threads", help="ONNX Runtime intra-op threads.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
 GENERATION_CPUS_HELP = ("CPUs of the generation process, the serving threads taking the "

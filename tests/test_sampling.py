@@ -5,6 +5,7 @@ match the float model's tempered, top-p-truncated softmax of the same logits."""
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -13,9 +14,12 @@ import pytest
 
 from optinfer.errors import UserError
 from optinfer.models import manifest, opset, reference, sampling
+from optinfer.models.batching import generate_batched, predict_many
 from optinfer.models.qwen2_graph import ARGMAX_CHUNK_BYTES, argmax_chunk
-from optinfer.models.runtime import session_options
+from optinfer.models.runtime import IntegerModel, session_options
 from optinfer.models.sampling import Sampling
+
+from .conftest import TINY_CONTEXT
 
 VOCAB = 4096  # two chunks of 2,048
 SCALE = 1e-3  # real logit = integer * SCALE
@@ -201,3 +205,181 @@ def test_sampling_parameters_are_checked():
                          (dict(seed=-1), "seed -1"), (dict(seed=1 << 63), "seed")):
         with pytest.raises(UserError, match=message):
             Sampling(**bad)
+
+
+# -- the sampler in the model's graphs (`qwen2_graph.build_graph(..., sampling=True)`) --------
+
+
+@pytest.fixture(scope="module")
+def qwen2(random_checkpoint, tmp_path_factory):
+    """The random checkpoint's integer constants, and its greedy and sampling graphs."""
+    from optinfer.models.converter import (
+        calibrate,
+        default_calibration,
+        open_checkpoint,
+        quantize,
+    )
+    from optinfer.models.float_reference import FloatReference
+    from optinfer.models.qwen2_graph import build_graph
+
+    checkpoint = open_checkpoint(random_checkpoint, tmp_path_factory.mktemp("scratch"))
+    spec, reader = checkpoint.spec, checkpoint.reader
+    stats = calibrate(FloatReference(reader, spec), default_calibration(spec))
+    m = quantize(spec, reader, stats, TINY_CONTEXT)
+    graphs = {(mode, draws): _session(build_graph(m, mode, sampling=draws).model(), 2)
+              for mode in ("verify", "decode") for draws in (False, True)}
+    return m, graphs
+
+
+def _shape(m) -> SimpleNamespace:
+    """What `batching.empty_cache` reads of a model."""
+    return SimpleNamespace(num_layers=len(m.layers), num_kv_heads=m.num_kv_heads,
+                           head_dim=m.head_dim)
+
+
+def _decode(m, session, prompt: list[int], max_tokens: int, draw: Sampling) -> list[int]:
+    """KV-cache decoding on a sampling decode graph (as `IntegerModel.generate`)."""
+    from optinfer.models.batching import empty_cache
+
+    past = empty_cache(_shape(m), session)
+    names = [o.name for o in session.get_outputs()]
+    params = {"temperature": np.array([[draw.temperature]]), "top_p": np.array([[draw.top_p]]),
+              "seed": np.array([[draw.seed]])}
+    feed, position, output = list(prompt), 0, []
+    while len(output) < max_tokens:
+        results = session.run(names, {
+            "tokens": np.asarray(feed, np.int64),
+            "positions": np.arange(position, position + len(feed), dtype=np.int64),
+            **params, **past})
+        for j in range(len(m.layers)):
+            past[f"past_k.{j}"], past[f"past_v.{j}"] = results[1 + 2 * j], results[2 + 2 * j]
+        output.append(int(results[0][-1]))
+        position += len(feed)
+        feed = [output[-1]]
+    return output
+
+
+def _teacher_forced(session, prompt: list[int], output: list[int], draw: Sampling) -> list[int]:
+    sequence = [len(prompt), draw.temperature, draw.top_p, draw.seed, *prompt, *output[:-1]]
+    return session.run(None, {"sequence": np.asarray(sequence, np.int64)})[0].tolist()
+
+
+def test_a_sampled_answer_is_what_the_sampling_verify_graph_recomputes(qwen2):
+    """The provider's KV-cache draws and the watchtower's teacher-forced pass agree token for
+    token, for every seed; other seeds give other answers; temperature 0 is greedy."""
+    m, graphs = qwen2
+    prompt = [3, 17, 42, 5, 8]
+    answers = set()
+    for seed in range(6):
+        draw = Sampling(800, 950, seed * 7919)
+        output = _decode(m, graphs["decode", True], prompt, 16, draw)
+        assert _teacher_forced(graphs["verify", True], prompt, output, draw) == output
+        answers.add(tuple(output))
+        moved = Sampling(800, 950, seed * 7919 + 1)
+        assert _teacher_forced(graphs["verify", True], prompt, output, moved) != output
+    assert len(answers) == 6
+    greedy = _decode(m, graphs["decode", True], prompt, 16, Sampling())
+    plain = [len(prompt), *prompt, *greedy[:-1]]  # the greedy graph's input: [P] ++ tokens
+    assert graphs["verify", False].run(None, {"sequence": np.asarray(plain)})[0].tolist() \
+        == greedy == _teacher_forced(graphs["verify", True], prompt, greedy, Sampling(0, 17, 99))
+
+
+def test_the_batch_graph_of_a_sampling_model_draws_each_row_as_alone(qwen2):
+    """`batched_decode_graph` keys each sequence's draw by its own position and parameters."""
+    from optinfer.models.batching import batched_decode_graph, empty_cache
+    from optinfer.models.qwen2_graph import build_graph
+
+    m, graphs = qwen2
+    batch = _session(batched_decode_graph(build_graph(m, "decode", sampling=True).model(),
+                                          TINY_CONTEXT), 2)
+    prompts = [[3, 17, 42, 5, 8], [9, 1, 4], [7, 7, 2, 30]]
+    draws = [Sampling(800, 950, 11), Sampling(0), Sampling(1500, 900, 12)]
+    alone = [_decode(m, graphs["decode", True], p, 1, d)[0]
+             for p, d in zip(prompts, draws, strict=True)]
+    tokens = [t for p in prompts for t in p]
+    rows = np.cumsum([len(p) for p in prompts]) - 1
+    (together, *_) = batch.run(None, {
+        "tokens": np.asarray(tokens),
+        "sequences": np.repeat(np.arange(3), [len(p) for p in prompts]),
+        "positions": np.concatenate([np.arange(len(p)) for p in prompts]),
+        "predict_rows": rows, "past_positions": np.zeros(0, np.int64),
+        "past_sequences": np.zeros(0, np.int64),
+        "temperature": np.array([[d.temperature] for d in draws]),
+        "top_p": np.array([[d.top_p] for d in draws]), "seed": np.array([[d.seed] for d in draws]),
+        **empty_cache(_shape(m), batch)})
+    assert together.tolist() == alone
+
+
+# -- a model converted with `--sampling`: runtime, batches and the CLI ------------------------
+
+
+@pytest.fixture(scope="module")
+def sampling_model(random_checkpoint, tmp_path_factory) -> IntegerModel:
+    from optinfer.models.converter import convert
+
+    out = tmp_path_factory.mktemp("sampling") / "model"
+    manifest = convert(random_checkpoint, out, max_context=TINY_CONTEXT, sampling=True)
+    assert manifest["sampling"] is True
+    return IntegerModel(out)
+
+
+PROMPT = [4, 8, 15, 16, 23, 42]
+
+
+def test_a_sampling_model_verifies_its_own_draws_and_no_other_seed_s(sampling_model,
+                                                                      random_model):
+    m, greedy_only = sampling_model, IntegerModel(random_model)
+    # Temperature 0 is the greedy model's answer (the same constants, other graphs).
+    assert m.generate(PROMPT, 8) == greedy_only.generate(PROMPT, 8)
+    draws = [Sampling(1000, 1000, seed) for seed in range(5)]
+    outputs = [m.generate(PROMPT, 8, draw=draw) for draw in draws]
+    assert len({tuple(o) for o in outputs}) > 1
+    for output, draw in zip(outputs, draws, strict=True):
+        assert m.verify(PROMPT, output, draw=draw).valid
+    crossed = [m.verify(PROMPT, outputs[0], draw=draw).valid for draw in draws[1:]]
+    assert not all(crossed)  # another seed does not vouch for this answer
+    sequences = [m.sequence(PROMPT, o, d) for o, d in zip(outputs, draws, strict=True)]
+    assert [p.tolist() for p in predict_many(m, sequences)] == outputs
+    with pytest.raises(UserError, match="decodes greedily only"):
+        greedy_only.generate(PROMPT, 8, draw=Sampling(600))
+
+
+def test_draws_in_a_batch_equal_each_alone(sampling_model):
+    m = sampling_model
+    jobs = [(PROMPT[: 2 + i], 6 + i) for i in range(5)]
+    draws = [Sampling(), Sampling(700, 950, 1), Sampling(1500, 900, 2), Sampling(700, 950, 1),
+             Sampling(2000, 1000, 3)]
+    batched = generate_batched(m, jobs, max_batch=3, stop_at_eos=False, draws=draws)
+    alone = [m.generate(p, n, stop_at_eos=False, draw=d)
+             for (p, n), d in zip(jobs, draws, strict=True)]
+    assert batched == alone
+
+
+def test_generate_and_verify_take_the_draw_on_the_command_line(sampling_model):
+    from tests.test_cli import cli_json
+
+    m = sampling_model
+    text = " ".join(f"t{t}" for t in PROMPT)
+    flags = ("--temperature", "1", "--top-p", "0.9", "--seed", "3")
+    made = cli_json("generate", "--model", m.dir, "--prompt", text, "--max-tokens", "8", *flags)
+    assert made["tokens"] == m.generate(PROMPT, 8, draw=Sampling(1000, 900, 3))
+    claim = ("--model", m.dir, "--prompt-tokens", ",".join(map(str, PROMPT)),
+             "--output-tokens", ",".join(map(str, made["tokens"])))
+    assert cli_json("verify", *claim, *flags)["valid"] is True
+    other = next(seed for seed in range(4, 40) if not m.verify(
+        PROMPT, made["tokens"], draw=Sampling(1000, 900, seed)).valid)
+    assert cli_json("verify", *claim, "--temperature", "1", "--top-p", "0.9", "--seed",
+                    str(other))["valid"] is False
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--temperature", "0.6"), "decodes greedily only"),  # tiny-r1, converted greedy
+    (("--temperature", "5"), "temperature 5 is outside"),
+    (("--temperature", "0.6", "--top-p", "0"), "top-p 0 is outside"),
+])
+def test_a_draw_the_model_cannot_make_is_one_line_and_a_nonzero_exit(args, message):
+    from tests.test_cli import cli
+
+    proc = cli("generate", "--prompt", "1+1=", *args)
+    assert proc.returncode == 2 and message in proc.stderr
+    assert "Traceback" not in proc.stderr
