@@ -193,9 +193,9 @@ def default_workdir(layers: int) -> Path:
 
 
 def integer_model(workdir: Path, layers: int, log, linear_input_bits: int = 8,
-                  weight_bits: int = 7) -> Path:
+                  weight_bits: int = 7, sampling: bool = False) -> Path:
     """The integer model of workdir's random R1-Distill-1.5B-shape checkpoint, both written
-    once (see :func:`prepare` for the directory names)."""
+    once (see :func:`prepare` for the directory names; with `sampling`, "-sampling" more)."""
     from optinfer.models.checkpoint import write_random_checkpoint
     from optinfer.models.converter import convert
 
@@ -203,15 +203,62 @@ def integer_model(workdir: Path, layers: int, log, linear_input_bits: int = 8,
     integer = workdir / ("integer" if linear_input_bits == 8 else f"integer-{linear_input_bits}")
     if weight_bits != 7:
         integer = integer.with_name(f"{integer.name}-w{weight_bits}")
+    if sampling:
+        integer = integer.with_name(f"{integer.name}-sampling")
     if not (checkpoint / "config.json").is_file():
         log(f"writing a random R1-Distill-1.5B-shape checkpoint ({layers} layers) to {workdir}")
         write_random_checkpoint(checkpoint, preset="r1-distill-1.5b", num_layers=layers)
     if not (integer / "manifest.json").is_file():
         log(f"converting to the integer model ({linear_input_bits}-bit linear inputs, "
-            f"{weight_bits}-bit weights)")
+            f"{weight_bits}-bit weights{', sampling' if sampling else ''})")
         convert(checkpoint, integer, max_context=BENCH_CONTEXT,
-                linear_input_bits=linear_input_bits, weight_bits=weight_bits)
+                linear_input_bits=linear_input_bits, weight_bits=weight_bits,
+                sampling=sampling)
     return integer
+
+
+def bench_sampling(layers: int = 28, tokens: int = 64, prompt_len: int = 32, threads: int = 2,
+                   rounds: int = 3, workdir: Path | None = None, log=print,
+                   temperature: float = 0.6, top_p: float = 0.95) -> dict:
+    """The sampler's cost in single-stream decoding at R1-Distill-1.5B shape: the greedy
+    model's decode tokens/s against the sampling conversion of the same checkpoint drawing at
+    `temperature` and `top_p`, in alternating rounds (a machine's speed drifts)."""
+    from optinfer.errors import UserError
+    from optinfer.models.runtime import IntegerModel
+    from optinfer.models.sampling import Sampling
+
+    if prompt_len + tokens > BENCH_CONTEXT:
+        raise UserError(f"prompt + tokens must be at most {BENCH_CONTEXT}")
+    if tokens < 2 or rounds < 1:
+        raise UserError("--tokens must be at least 2 and --rounds at least 1")
+    draw = Sampling.from_floats(temperature, top_p, seed=1)
+    workdir = Path(workdir or default_workdir(layers))
+    greedy = IntegerModel(integer_model(workdir, layers, log), threads)
+    drawing = IntegerModel(integer_model(workdir, layers, log, sampling=True), threads)
+    prompt = _prompt(prompt_len, greedy.vocab_size)
+
+    def decode_rate(model, model_draw) -> float:
+        stamps: list[float] = []
+        model.generate(prompt, tokens, stop_at_eos=False, draw=model_draw,
+                       on_token=lambda _: stamps.append(time.perf_counter()))
+        return (len(stamps) - 1) / (stamps[-1] - stamps[0])  # decode steps, prefill left out
+
+    for model, model_draw in ((greedy, None), (drawing, draw)):  # load and warm the sessions
+        model.generate(prompt, 2, stop_at_eos=False, draw=model_draw)
+    runs: dict[str, list[float]] = {"greedy": [], "sampled": []}
+    for i in range(rounds):
+        log(f"round {i + 1}/{rounds}: {tokens} tokens greedy, then sampled")
+        runs["greedy"].append(decode_rate(greedy, None))
+        runs["sampled"].append(decode_rate(drawing, draw))
+    median = {name: statistics.median(rates) for name, rates in runs.items()}
+    return {"benchmark": "sampling", "cpu": cpu_name(), "threads": threads,
+            "date": time.strftime("%Y-%m-%d"), "layers": layers, "tokens": tokens,
+            "prompt_tokens": prompt_len, "temperature": draw.temperature / 1000,
+            "top_p": draw.top_p / 1000, "greedy_tokens_per_s": round(median["greedy"], 3),
+            "sampled_tokens_per_s": round(median["sampled"], 3),
+            "decode_slowdown": round(median["greedy"] / median["sampled"] - 1, 4),
+            "runs": {name: [round(r, 3) for r in rates] for name, rates in runs.items()},
+            "nodes": {"greedy": greedy.manifest["nodes"], "sampled": drawing.manifest["nodes"]}}
 
 
 def float_twin(workdir: Path, log) -> Path:

@@ -434,6 +434,27 @@ def bench_inference(
     emit(result, as_json, lambda d: out.print_json(data=d))
 
 
+@bench_app.command("sampling")
+def bench_sampling(
+    layers: Annotated[int, typer.Option("--layers", help="Layers of the R1-1.5B-shape model.")
+                      ] = 28,
+    tokens: Annotated[int, typer.Option("--tokens", help="Tokens to generate a run.")] = 64,
+    prompt: Annotated[int, typer.Option("--prompt", help="Prompt length in tokens.")] = 32,
+    rounds: Annotated[int, typer.Option("--rounds", help="Greedy/sampled pairs.")] = 3,
+    temperature: Temperature = 0.6,
+    top_p: TopP = 0.95,
+    threads: Threads = 2,
+    as_json: AsJson = True,
+) -> None:
+    """The sampler's cost: single-stream decode tokens/s of the greedy model against its
+    sampling conversion (R1-Distill-1.5B shape, random weights; converted once)."""
+    from optinfer.models.bench import bench_sampling as run
+
+    result = run(layers=layers, tokens=tokens, prompt_len=prompt, threads=threads,
+                 rounds=rounds, log=err.print, temperature=temperature, top_p=top_p)
+    emit(result, as_json, lambda d: out.print_json(data=d))
+
+
 @bench_app.command("throughput")
 def bench_throughput(
     model: Annotated[Path | None, typer.Option(

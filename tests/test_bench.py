@@ -61,3 +61,24 @@ def test_the_cpu_is_named_with_the_instruction_sets_that_decide_integer_speed():
                "processor\t: 1\nmodel name\t: other\n")
     assert bench.cpu_description(cpuinfo) == "AMD EPYC, family 25 model 17, avx2 avx512_vnni"
     assert bench.cpu_description("") == "unknown"
+
+
+def test_the_sampling_benchmark_decodes_both_conversions_of_one_checkpoint(
+        random_checkpoint, tmp_path):
+    import json
+
+    workdir = tmp_path / "bench"
+    shutil.copytree(random_checkpoint, workdir / "checkpoint")
+    config = workdir / "checkpoint" / "config.json"  # room for the benchmarks' context
+    config.write_text(json.dumps({**json.loads(config.read_text()),
+                                  "max_position_embeddings": bench.BENCH_CONTEXT}))
+    result = bench.bench_sampling(tokens=5, prompt_len=4, threads=1, rounds=2, workdir=workdir,
+                                  log=lambda *_: None)
+    assert (workdir / "integer" / "manifest.json").is_file()
+    assert '"sampling": true' in (workdir / "integer-sampling" / "manifest.json").read_text()
+    assert len(result["runs"]["greedy"]) == len(result["runs"]["sampled"]) == 2
+    assert result["greedy_tokens_per_s"] > 0 and result["sampled_tokens_per_s"] > 0
+    assert result["decode_slowdown"] == round(
+        result["greedy_tokens_per_s"] / result["sampled_tokens_per_s"] - 1, 4)
+    assert (result["temperature"], result["top_p"]) == (0.6, 0.95)
+    assert result["nodes"]["sampled"] > result["nodes"]["greedy"]  # the sampler's nodes
