@@ -293,16 +293,18 @@ class IntegerModel:
                 return OutputCheck(False, None, "output stops before EOS and before max tokens")
         return OutputCheck(True, None, "ok")
 
-    def state_root(self, prompt: list[int], output: list[int]) -> tuple[int, bytes]:
+    def state_root(self, prompt: list[int], output: list[int], draw: Sampling | None = None
+                   ) -> tuple[int, bytes]:
         """Node count N and state root S_N of the verification trace (docs/protocol.md)."""
         from optinfer.prover.commitments import state_root, tensor_root
 
-        sequence, outputs = self.trace(prompt, output)
+        sequence, outputs = self.trace(prompt, output, draw)
         return len(outputs), state_root([tensor_root(t) for t in (sequence, *outputs)])
 
-    def trace(self, prompt: list[int], output: list[int]) -> tuple[np.ndarray, list[np.ndarray]]:
+    def trace(self, prompt: list[int], output: list[int], draw: Sampling | None = None
+              ) -> tuple[np.ndarray, list[np.ndarray]]:
         """The verify graph's input and every node output, in node order (nodes 1..N)."""
-        sequence = self.sequence(prompt, output)
+        sequence = self.sequence(prompt, output, draw)
         return sequence, self.trace_sequence(sequence)
 
     def trace_sequence(self, sequence: np.ndarray) -> list[np.ndarray]:

@@ -116,15 +116,20 @@ def trace(
     prompt_tokens: Annotated[str, typer.Option("--prompt-tokens", help="e.g. 1,2,3")],
     output_tokens: Annotated[str, typer.Option("--output-tokens", help="The claimed output.")],
     model: ModelDir = None,
+    temperature: Temperature = 0.0,
+    top_p: TopP = 1.0,
+    seed: Seed = 0,
     threads: Threads = 1,
     as_json: AsJson = False,
 ) -> None:
     """Run the verify graph and commit to every node's output (the dispute trace)."""
     from optinfer.models.runtime import parse_token_list
+    from optinfer.models.sampling import Sampling
 
+    draw = Sampling.from_floats(temperature, top_p, seed)
     prompt = parse_token_list(prompt_tokens, "--prompt-tokens")
     output = parse_token_list(output_tokens, "--output-tokens")
-    nodes, root = load_model(model, threads).state_root(prompt, output)
+    nodes, root = load_model(model, threads).state_root(prompt, output, draw)
     emit({"nodes": nodes, "state_root": "0x" + root.hex()}, as_json,
          lambda d: out.print(f"{d['nodes']} nodes, state root {d['state_root']}"))
 

@@ -370,6 +370,13 @@ def test_generate_and_verify_take_the_draw_on_the_command_line(sampling_model):
         PROMPT, made["tokens"], draw=Sampling(1000, 900, seed)).valid)
     assert cli_json("verify", *claim, "--temperature", "1", "--top-p", "0.9", "--seed",
                     str(other))["valid"] is False
+    # The dispute trace of a sampled claim: the same root on one thread and two, another
+    # root for another seed (the seed is in leaf 0).
+    roots = {threads: cli_json("trace", *claim, *flags, "--threads", threads)["state_root"]
+             for threads in ("1", "2")}
+    assert roots["1"] == roots["2"]
+    assert cli_json("trace", *claim, "--temperature", "1", "--top-p", "0.9", "--seed",
+                    str(other))["state_root"] != roots["1"]
 
 
 @pytest.mark.parametrize("args, message", [
