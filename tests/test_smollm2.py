@@ -250,3 +250,50 @@ def test_the_demo_serves_smollm2_from_the_cache(smollm2_cache):
     assert fraud["claimed_text"] != honest["answer_text"]
     # 9,000-odd nodes: a logarithmic bisection, then the one-step on chain.
     assert fraud["rounds"] >= 14 and fraud["one_step_gas"] > 21_000
+
+
+def test_sampled_first_tokens_follow_the_float_model_s_tempered_top_p_softmax(tmp_path):
+    """Issue 22's statistical check on a real LM: 1,000 draws of the token after "I like to
+    eat" (SmolLM2 converted with --sampling, temperature 0.6, top-p 0.95: a nucleus of about
+    20 tokens) against the float model's tempered, top-p-truncated softmax."""
+    import numpy as np
+
+    from optinfer.models.batching import DecodeBatch
+    from optinfer.models.converter import convert, open_checkpoint
+    from optinfer.models.float_reference import FloatReference
+    from optinfer.models.runtime import IntegerModel
+    from optinfer.models.sampling import Sampling
+    from tests.test_sampling import SIGNIFICANCE, _chi_square_p_value
+
+    out = tmp_path / "smollm2-sampling"
+    convert(smollm2_path(), out, calibration=SMOLLM2_CALIBRATION, linear_input_bits=16,
+            weight_bits=13, sampling=True)
+    m = IntegerModel(out, threads=2)
+    prompt = m.tokenizer.encode("I like to eat").ids
+    (tmp_path / "scratch").mkdir()
+    checkpoint = open_checkpoint(smollm2_path(), tmp_path / "scratch")
+    with one_torch_thread():
+        logits = FloatReference(checkpoint.reader, checkpoint.spec).forward(prompt)[-1]
+
+    def softmax(temperature: float, top_p: float) -> np.ndarray:
+        q = np.exp((logits.astype(np.float64) - logits.max()) / temperature)
+        q /= q.sum()
+        order = np.argsort(-q)
+        keep = order[:int(np.searchsorted(np.cumsum(q[order]), top_p - 1e-12)) + 1]
+        kept = np.zeros_like(q)
+        kept[keep] = q[keep]
+        return kept / kept.sum()
+
+    draws = 1000
+    counts = np.zeros(m.vocab_size, np.int64)
+    for start in range(0, draws, 50):
+        batch = DecodeBatch(m)
+        for i in range(start, start + 50):
+            batch.add(i, prompt, 1, draw=Sampling(600, 950, 1_000_003 * i + 17))
+        for step in batch.step():
+            counts[step.token] += 1
+    expected = softmax(0.6, 0.95)
+    assert 10 <= int((expected > 0).sum()) <= 40  # a nucleus worth testing
+    assert counts[expected == 0].sum() <= draws // 100  # the integer logits' boundary
+    assert _chi_square_p_value(counts, expected * draws) > SIGNIFICANCE
+    assert _chi_square_p_value(counts, softmax(0.9, 0.95) * draws) < SIGNIFICANCE
