@@ -40,7 +40,7 @@ from optinfer.challenger.policy import Verdict
 from optinfer.contracts.bindings import ContractRevert
 from optinfer.contracts.coordinator import InferenceCoordinator
 from optinfer.contracts.dispute_game import DisputeGame
-from optinfer.contracts.registry import ModelRegistry, ModelSpec
+from optinfer.contracts.registry import ModelRegistry, ModelSpec, check_servable
 from optinfer.contracts.sender import TxFailed, TxSender
 from optinfer.errors import UserError
 from optinfer.models.batching import predict_many
@@ -80,6 +80,7 @@ class LocalModel:
         from optinfer.prover.one_step_prover import CommittedModel
 
         self.model = IntegerModel(model_dir, threads=threads)
+        check_servable(self.model.manifest, f"model {model_dir}")
         try:
             self.committed = CommittedModel(self.model)
         except ValueError as err:

@@ -53,6 +53,16 @@ and half of the 128 KiB a geth node relays in one transaction. A node with a lar
 could not be convicted in one transaction."""
 
 
+def check_servable(manifest: dict, what: str) -> None:
+    """UserError for a model the chain cannot judge yet: a sampling model's verify graph
+    takes [P, temperature, top_p, seed] ++ tokens, while the dispute game computes leaf 0 as
+    [P] ++ tokens (docs/protocol.md), so a dispute over its claims could not be played."""
+    if manifest.get("sampling"):
+        raise UserError(f"{what} is a sampling model (converted with --sampling), which the "
+                        "coordinator and the dispute game do not take yet: convert it without "
+                        "--sampling to serve or watch it on chain")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """What ``register`` takes, and the model id it gives. The hashes are 32 bytes each;

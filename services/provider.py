@@ -53,7 +53,7 @@ from web3 import Web3
 from optinfer.contracts.bindings import ContractRevert
 from optinfer.contracts.coordinator import ZERO_ADDRESS, InferenceCoordinator, Status
 from optinfer.contracts.dispute_game import DisputeGame
-from optinfer.contracts.registry import ModelRegistry, ModelSpec
+from optinfer.contracts.registry import ModelRegistry, ModelSpec, check_servable
 from optinfer.contracts.sender import KeyInUse, TxFailed, TxSender
 from optinfer.errors import UserError
 from optinfer.models.generation import (
@@ -263,6 +263,7 @@ class ProviderNode:
         store.migrate()
         w3, deployments = Deployments.on_chain(settings)
         model = IntegerModel(settings.model_path, threads=threads)
+        check_servable(model.manifest, f"model {model.dir}")
         account = settings.signer("provider", deployments.chain_id)
         node = cls(w3=w3, store=store, deployments=deployments, model=model, account=account,
                    lie=lie or settings.provider_lie, poll_interval=settings.poll_interval,

@@ -390,3 +390,20 @@ def test_a_draw_the_model_cannot_make_is_one_line_and_a_nonzero_exit(args, messa
     proc = cli("generate", "--prompt", "1+1=", *args)
     assert proc.returncode == 2 and message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_the_nodes_refuse_a_sampling_model_until_the_chain_takes_its_draws(sampling_model,
+                                                                         random_model):
+    """The dispute game computes leaf 0 as [P] ++ tokens: a sampling model's claims could not
+    be disputed there, so neither a provider nor a watchtower may run one on chain yet."""
+    from optinfer.challenger.watchtower import LocalModel
+    from optinfer.contracts.registry import ModelSpec, check_servable
+
+    with pytest.raises(UserError, match="is a sampling model"):
+        LocalModel(sampling_model.dir)
+    with pytest.raises(UserError, match="convert it without --sampling"):
+        check_servable(sampling_model.manifest, "the model")  # what `provider run` checks
+    check_servable(IntegerModel(random_model).manifest, "the model")
+    # Offline the model is described as any other.
+    assert ModelSpec.from_manifest(sampling_model.dir / "manifest.json").node_count \
+        == sampling_model.manifest["nodes"]
