@@ -736,7 +736,7 @@ class _Qwen2Builder:
         top_p = g.clip(draw["top_p"], 1, sampling.TOP_P_UNIT, "top_p.clip")
         return sampling.sample_tokens(
             g, logits, greedy, temperature, top_p, draw["seed"], draw["positions"],
-            m.vocab_size, argmax_chunk(m.vocab_size), sampling.IndexScale.for_logits(
+            m.vocab_size, sampling.sum_chunk(m.vocab_size), sampling.IndexScale.for_logits(
                 m.logit_scale))
 
     def argmax_tree(self, logits: Tensor, name: str = "next_tokens") -> Tensor:

@@ -18,9 +18,8 @@ over a greedy one. Per row:
 4. **Inverse CDF.** The token where the nucleus's running mass, in vocabulary order, first
    exceeds u: the chunk first (a binary search over chunk sums), then the element in it.
 
-Sums over the vocabulary run over chunks (the vocabulary argmax's, at most 10 KiB of int32,
-`qwen2_graph.argmax_chunk`) and then over the chunk sums, so that no node's one-step opens
-more bytes than the argmax's does.
+Sums over the vocabulary run over chunks of at most 8 KiB of int32 (`sum_chunk`) and then over
+the chunk sums, so that no sampler node's one-step costs more than 1.5M gas.
 """
 
 from __future__ import annotations
@@ -47,6 +46,23 @@ K_MIN_BITS, PRODUCT_BITS = 24, 62
 #: SplitMix64's constants as int64 (two's complement): the golden-ratio step and two mixers.
 GOLDEN, MIX_1, MIX_2 = (c - (1 << 64) for c in (
     0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+
+
+#: The sampler's chunks: at most 2,048 int32, so that the one-step of a chunk's ReduceSum
+#: stays under 1.5M gas (over the argmax's 2,374-element chunks at R1-Distill's vocabulary it
+#: took 1,534,345 gas; docs/performance.md, "Sampling").
+SUM_CHUNK_BYTES = 8 * 1024
+
+
+def sum_chunk(vocab_size: int) -> int:
+    """The largest divisor of the vocabulary whose int32 chunk fits SUM_CHUNK_BYTES."""
+    limit = SUM_CHUNK_BYTES // 4
+    if vocab_size <= limit:
+        return vocab_size
+    best = max(d for d in range(1, limit + 1) if vocab_size % d == 0)
+    if best < 64:
+        raise ValueError(f"vocabulary size {vocab_size} has no divisor usable as a chunk")
+    return best
 
 
 def exp_table() -> np.ndarray:
