@@ -29,7 +29,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from optinfer.errors import UserError
 from optinfer.models.qwen2_graph import FINAL_POSITIONS
-from optinfer.models.sampling import Sampling
+from optinfer.models.sampling import PARAMETERS, Sampling
 
 MAX_SEQUENCE_SLOT = (1 << 16) - 1
 """Sequence slots in a batch run 0..this: slot distance^2 * context stays far inside int64."""
@@ -277,8 +277,8 @@ def predict_many(model, sequences: list[np.ndarray], rows_per_pass: int = ROWS_P
     """The teacher-forced predictions of several claims, a few claims a pass of the batch
     graph: each sequence is the verify graph's input ``[P] ++ prompt ++ output[:-1]`` (on a
     sampling model ``[P, temperature, top_p, seed] ++ ...``; ``IntegerModel.sequence``), each
-    result what ``IntegerModel.predict_sequence`` gives for
-    it, row for row (rows are independent; a claim's rows see only its own keys). A pass
+    result what ``IntegerModel.predict_sequence`` gives for it, row for row (rows are
+    independent; a claim's rows see only its own keys). A pass
     takes claims while their rows stay within `rows_per_pass` (:data:`ROWS_PER_PASS`) and
     :data:`MAX_PASS_SCORES`. A claim alone runs on the batch graph too, so that a watchtower
     holds one session for its predictions, not two (each holds its own copy of the weights:
@@ -321,8 +321,7 @@ def _predict_pass(model, sequences: list[np.ndarray]) -> list[np.ndarray]:
              **empty_cache(model, session)}
     if draws:  # temperature, top-p and seed columns, (rows, 1) each
         columns = np.concatenate(draws)
-        feeds.update({name: columns[:, [i]] for i, name in enumerate(("temperature", "top_p",
-                                                                       "seed"))})
+        feeds.update({name: columns[:, [i]] for i, name in enumerate(PARAMETERS)})
     (predicted,) = session.run(["next_tokens"], feeds)
     return np.split(predicted, np.cumsum(counts)[:-1])
 

@@ -601,7 +601,7 @@ class _Qwen2Builder:
             # [P, temperature, top-p, seed] ++ tokens: the header may hold any int64.
             seq = g.input("sequence", np.int64, [f"T+{SAMPLING_HEADER}"], 0, INT64_MAX)
             start = g.sub(g.slice(seq, g.ints([0]), 1, 0, "prompt_len"), g.ints([1]), "start")
-            for i, name in enumerate(("temperature", "top_p", "seed"), start=1):
+            for i, name in enumerate(sampling.PARAMETERS, start=1):
                 self.draw[name] = g.reshape(g.slice(seq, g.ints([i]), i + 1, 0, f"{name}.1d"),
                                             [1, 1], name)
             tokens = g.slice(seq, g.ints([SAMPLING_HEADER]), INT64_MAX, 0, "tokens")  # (T,)

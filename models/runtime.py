@@ -22,7 +22,7 @@ from optinfer.errors import UserError
 from optinfer.models import opset
 from optinfer.models.batching import batched_decode_graph, empty_cache
 from optinfer.models.qwen2_graph import SAMPLING_HEADER
-from optinfer.models.sampling import Sampling
+from optinfer.models.sampling import PARAMETERS, Sampling
 
 PINNED_ONNXRUNTIME = "1.32.0"
 
@@ -200,7 +200,7 @@ class IntegerModel:
         if not self.samples:
             return {}
         return {name: np.asarray([[getattr(d, name)] for d in draws], np.int64).reshape(-1, 1)
-                for name in ("temperature", "top_p", "seed")}
+                for name in PARAMETERS}
 
     # ------------------------------------------------------------- generate
 

@@ -37,6 +37,9 @@ MIN_TEMPERATURE = 50  # 0.05; below it sampling is greedy in all but name
 MAX_TEMPERATURE = 2000
 TOP_P_UNIT = 1000  # top-p in thousandths: 950 is 0.95, 1000 keeps every token
 SEED_LIMIT = 1 << 63  # seeds are int64 values in [0, 2**63)
+#: A sampling graph's per-row parameters: its decode graph's inputs of these names, and the
+#: verify input's header after the prompt length, in this order.
+PARAMETERS = ("temperature", "top_p", "seed")
 
 EXP_FRAC_BITS = 8  # the exp table's index resolution: 1/256 nat
 EXP_BITS = 19  # e = 2**19 at the row's max: a chunk of 2,560 sums within int32
