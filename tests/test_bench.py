@@ -78,7 +78,8 @@ def test_the_sampling_benchmark_decodes_both_conversions_of_one_checkpoint(
     assert '"sampling": true' in (workdir / "integer-sampling" / "manifest.json").read_text()
     assert len(result["runs"]["greedy"]) == len(result["runs"]["sampled"]) == 2
     assert result["greedy_tokens_per_s"] > 0 and result["sampled_tokens_per_s"] > 0
-    assert result["decode_slowdown"] == round(
-        result["greedy_tokens_per_s"] / result["sampled_tokens_per_s"] - 1, 4)
+    ratios = sorted(g / s for g, s in zip(result["runs"]["greedy"], result["runs"]["sampled"],
+                                          strict=True))  # the rounded runs: close, not equal
+    assert ratios[0] - 1 - 1e-3 <= result["decode_slowdown"] <= ratios[-1] - 1 + 1e-3
     assert (result["temperature"], result["top_p"]) == (0.6, 0.95)
     assert result["nodes"]["sampled"] > result["nodes"]["greedy"]  # the sampler's nodes
