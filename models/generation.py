@@ -36,12 +36,16 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from optinfer.errors import UserError
 
-Job = tuple[list[int], int]
-"""One generation: (prompt tokens, max tokens)."""
+if TYPE_CHECKING:  # the parent need not load the graph code to pass a draw along
+    from optinfer.models.sampling import Sampling
+
+Job = tuple[list[int], int] | tuple[list[int], int, "Sampling | None"]
+"""One generation: (prompt tokens, max tokens), and the draw on a sampling model (greedy when
+absent or None; ``optinfer.models.sampling``)."""
 
 
 
@@ -61,14 +65,19 @@ DEFAULT_MAX_BATCH = 8
 
 def generate_in_process(model, jobs: Iterable[Job]) -> Iterator[Answer]:
     """:meth:`GenerationProcess.stream` for a model of this process."""
-    for prompt, max_tokens in jobs:
+    for prompt, max_tokens, draw in map(_with_draw, jobs):
         started = time.perf_counter()
         try:
-            output = model.generate(prompt, max_tokens)
+            output = model.generate(prompt, max_tokens, draw=draw)
         except Exception as err:  # noqa: BLE001 - the caller decides
             yield Answer([], time.perf_counter() - started, err)
         else:
             yield Answer(output, time.perf_counter() - started)
+
+
+def _with_draw(job: Job) -> tuple[list[int], int, Sampling | None]:
+    prompt, max_tokens, *draw = job
+    return list(prompt), int(max_tokens), draw[0] if draw else None
 
 
 class GenerationError(RuntimeError):
@@ -300,7 +309,7 @@ class GenerationProcess:
 
     def _send(self, job: Job) -> None:
         try:
-            self._conn.send((list(job[0]), int(job[1])))
+            self._conn.send(_with_draw(job))
         except OSError as err:
             raise self._died() from err
         self._sent += 1
@@ -359,7 +368,7 @@ def _decode_jobs(conn: Connection, batch, max_batch: int, kv_budget_bytes: int) 
             waiting.append((received, conn.recv()))
             received += 1
         while waiting and len(batch) < max_batch:
-            number, (prompt, max_tokens) = waiting[0]
+            number, (prompt, max_tokens, draw) = waiting[0]
             keys = len(prompt) + max_tokens
             if kv_budget_bytes and len(batch) and (
                     (sum(reserved.values()) + keys) * batch.key_bytes() > kv_budget_bytes):
@@ -367,7 +376,7 @@ def _decode_jobs(conn: Connection, batch, max_batch: int, kv_budget_bytes: int) 
             waiting.popleft()
             started[number] = time.perf_counter()
             try:
-                batch.add(number, prompt, max_tokens)
+                batch.add(number, prompt, max_tokens, draw=draw)
             except Exception as err:  # noqa: BLE001 - the parent decides (UserError: skip)
                 conn.send(("answer", number, _picklable(
                     Answer([], time.perf_counter() - started.pop(number), err))))

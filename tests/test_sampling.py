@@ -406,3 +406,18 @@ def test_the_nodes_refuse_a_sampling_model_until_the_chain_takes_its_draws(sampl
     # Offline the model is described as any other.
     assert ModelSpec.from_manifest(sampling_model.dir / "manifest.json").node_count \
         == sampling_model.manifest["nodes"]
+
+
+def test_the_generation_process_draws_each_job_with_its_own_parameters(sampling_model):
+    """The provider's path: jobs with their draws, batched in the generation process, answer
+    as each would alone."""
+    from optinfer.models.generation import GenerationProcess
+
+    m = sampling_model
+    jobs = [(PROMPT[:3], 6, Sampling(900, 950, 21)), (PROMPT, 5), (PROMPT[:4], 7, None),
+            (PROMPT[:5], 6, Sampling(1500, 1000, 22))]
+    with GenerationProcess(m.dir, max_batch=3) as process:
+        answers = list(process.stream(jobs))
+    assert [a.error for a in answers] == [None] * 4
+    assert [a.output for a in answers] == [
+        m.generate(p, n, draw=rest[0] if rest else None) for p, n, *rest in jobs]
