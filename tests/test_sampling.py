@@ -421,3 +421,69 @@ def test_the_generation_process_draws_each_job_with_its_own_parameters(sampling_
     assert [a.error for a in answers] == [None] * 4
     assert [a.output for a in answers] == [
         m.generate(p, n, draw=rest[0] if rest else None) for p, n, *rest in jobs]
+
+
+# -- disputes over sampled answers, played on the spec (`prover.game`) ------------------------
+
+
+@pytest.fixture(scope="module")
+def sampled_claim(sampling_model):
+    """A sampled answer, the honest trace of the claim with one token substituted, and the
+    one-step verifier of the model's roots."""
+    from optinfer.prover.game import ModelTrace, TraceCommitment, one_step_verifier
+    from optinfer.prover.one_step_prover import CommittedModel
+
+    m, draw = sampling_model, Sampling(900, 950, 77)
+    output = m.generate(PROMPT, 8, draw=draw, stop_at_eos=False)
+    committed = CommittedModel(m)
+
+    def trace(claimed: list[int]) -> ModelTrace:
+        return ModelTrace(committed, TraceCommitment(*m.trace(PROMPT, claimed, draw)))
+
+    honest = trace(output)
+    verifier = one_step_verifier(committed.nodes_root, committed.constants_root)
+    return m, output, trace, honest, verifier
+
+
+def _dispute(liar, honest, verifier):
+    from optinfer.prover.game import Role, max_rounds
+    from tests.test_game import _honest, _largest_bytes, _setup, play
+
+    bound = max_rounds(honest.node_count, _largest_bytes(honest, liar))
+    return play(_setup(liar, honest), {Role.PROVIDER: _honest(liar, Role.PROVIDER),
+                                       Role.CHALLENGER: _honest(honest, Role.CHALLENGER)},
+                verifier, Role.CHALLENGER, honest, bound)
+
+
+@pytest.mark.parametrize("position", [0, 3, 7])
+def test_a_provider_substituting_a_sampled_token_loses_the_game(sampled_claim, position):
+    """The claim's tokens are leaf 0 (the contract computes it from the claimed output), so
+    the honest challenger traces the claim itself: every node agrees but the last, whose
+    element at the substituted position the one-step recomputes from the agreed sampler."""
+    from optinfer.prover.game import Role
+
+    m, output, trace, _, verifier = sampled_claim
+    claimed = list(output)
+    claimed[position] = (claimed[position] + 1) % m.vocab_size
+    honest = trace(claimed)  # the model's draws given the claimed tokens
+    assert honest.tensor(honest.node_count)[position] != claimed[position]
+    liar = honest.with_output(honest.node_count, np.asarray(claimed, np.int64))
+    state = _dispute(liar, honest, verifier)
+    assert state.winner is Role.CHALLENGER and "one-step" in state.reason
+    assert state.k == honest.node_count
+
+
+def test_a_provider_lying_inside_the_sampler_loses_the_game(sampled_claim):
+    """A lie in the draw's word, the nucleus, the uniform value or the chosen chunk: the
+    bisection lands on that node and its one-step convicts the provider."""
+    from optinfer.prover.game import Role
+    from tests.lies import changed
+
+    m, _, _, honest, verifier = sampled_claim
+    names = [node.output[0] for node in m.verify_graph().graph.node]
+    for name in ("sample.rng", "sample.topp.5.mass", "sample.u", "sample.chunk.through"):
+        k = names.index(name) + 1
+        tensor = honest.tensor(k)
+        state = _dispute(honest.with_output(k, changed(tensor, tensor.size - 1, 1)), honest,
+                         verifier)
+        assert state.winner is Role.CHALLENGER and state.k == k, name
