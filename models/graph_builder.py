@@ -80,6 +80,20 @@ def split_signed_planes(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return hi.astype(np.int8), lo.astype(np.int8)
 
 
+def vocabulary_chunk(vocab_size: int, chunk_bytes: int) -> int:
+    """The largest divisor of the vocabulary whose int32 chunk fits `chunk_bytes`: reductions
+    over the vocabulary run over such chunks, then over the chunk sums or maxima, so that one
+    output element's one-step opens at most a chunk."""
+    limit = chunk_bytes // 4
+    if vocab_size <= limit:
+        return vocab_size
+    best = max(d for d in range(1, limit + 1) if vocab_size % d == 0)
+    if best < 64:
+        raise ValueError(f"vocabulary size {vocab_size} has no divisor usable as a chunk of "
+                         f"at most {chunk_bytes} bytes")
+    return best
+
+
 def _trunc_div(a: int, b: int) -> int:
     q = abs(a) // abs(b)
     return q if (a >= 0) == (b > 0) else -q

@@ -41,6 +41,7 @@ from optinfer.models.graph_builder import (
     SIGNED_PLANE_HALF,
     GraphBuilder,
     Tensor,
+    vocabulary_chunk,
 )
 
 #: A sampling verify graph's input starts [P, temperature, top_p, seed] (`build_graph`).
@@ -226,13 +227,7 @@ class IntegerQwen2:
 
 def argmax_chunk(vocab_size: int) -> int:
     """Largest divisor of the vocabulary whose int32 chunk fits ARGMAX_CHUNK_BYTES."""
-    limit = ARGMAX_CHUNK_BYTES // 4
-    if vocab_size <= limit:
-        return vocab_size
-    best = max(d for d in range(1, limit + 1) if vocab_size % d == 0)
-    if best < 64:
-        raise ValueError(f"vocabulary size {vocab_size} has no divisor usable as an argmax chunk")
-    return best
+    return vocabulary_chunk(vocab_size, ARGMAX_CHUNK_BYTES)
 
 
 @dataclass(frozen=True)

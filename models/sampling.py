@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from optinfer.errors import UserError
-from optinfer.models.graph_builder import GraphBuilder, Tensor
+from optinfer.models.graph_builder import GraphBuilder, Tensor, vocabulary_chunk
 
 TEMPERATURE_UNIT = 1000  # the temperature in thousandths: 600 is 0.6
 MIN_TEMPERATURE = 50  # 0.05; below it sampling is greedy in all but name
@@ -59,13 +59,7 @@ SUM_CHUNK_BYTES = 8 * 1024
 
 def sum_chunk(vocab_size: int) -> int:
     """The largest divisor of the vocabulary whose int32 chunk fits SUM_CHUNK_BYTES."""
-    limit = SUM_CHUNK_BYTES // 4
-    if vocab_size <= limit:
-        return vocab_size
-    best = max(d for d in range(1, limit + 1) if vocab_size % d == 0)
-    if best < 64:
-        raise ValueError(f"vocabulary size {vocab_size} has no divisor usable as a chunk")
-    return best
+    return vocabulary_chunk(vocab_size, SUM_CHUNK_BYTES)
 
 
 def exp_table() -> np.ndarray:
