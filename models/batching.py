@@ -278,9 +278,9 @@ def predict_many(model, sequences: list[np.ndarray], rows_per_pass: int = ROWS_P
     graph: each sequence is the verify graph's input ``[P] ++ prompt ++ output[:-1]`` (on a
     sampling model ``[P, temperature, top_p, seed] ++ ...``; ``IntegerModel.sequence``), each
     result what ``IntegerModel.predict_sequence`` gives for it, row for row (rows are
-    independent; a claim's rows see only its own keys). A pass
-    takes claims while their rows stay within `rows_per_pass` (:data:`ROWS_PER_PASS`) and
-    :data:`MAX_PASS_SCORES`. A claim alone runs on the batch graph too, so that a watchtower
+    independent; a claim's rows see only its own keys). A pass takes claims while their rows
+    stay within `rows_per_pass` (:data:`ROWS_PER_PASS`) and :data:`MAX_PASS_SCORES`. A claim
+    alone runs on the batch graph too, so that a watchtower
     holds one session for its predictions, not two (each holds its own copy of the weights:
     1.58 GB at R1-Distill-1.5B shape), and it is no slower there: 0.260 s against the verify
     graph's 0.281 s for claims of 40-60 rows at that shape (median of 12, Intel Xeon with

@@ -245,7 +245,7 @@ class Planes:
 class _Qwen2Builder:
     """Lays out the graph of one IntegerQwen2 on a GraphBuilder."""
 
-    def __init__(self, m: IntegerQwen2, mode: str, sampling: bool = False):
+    def __init__(self, m: IntegerQwen2, mode: str, samples: bool = False):
         if m.linear_input_bits not in LINEAR_INPUT_BITS:
             raise ValueError(f"linear inputs of {m.linear_input_bits} bits: 8 or 16")
         if m.weight_bits not in WEIGHT_BITS or (m.fine and m.linear_input_bits != 16):
@@ -256,9 +256,9 @@ class _Qwen2Builder:
         self.wide = m.linear_input_bits == 16
         self.fine = m.fine
         self.rows: Tensor | None = None  # the layers' row count, a 1-element int64 tensor
-        if sampling and not m.logit_scale > 0:
+        if samples and not m.logit_scale > 0:
             raise ValueError("a sampling graph needs the logits' scale (convert again)")
-        self.sampling = sampling
+        self.samples = samples  # a sampling graph (`build_graph`)
         # With sampling: each predicted row's temperature, top-p, seed and position (L, 1).
         self.draw: dict[str, Tensor] = {}
 
@@ -592,22 +592,17 @@ class _Qwen2Builder:
         g, m = self.g, self.m
         ctx: dict = {}
         vmax, cmax = m.vocab_size - 1, m.max_context
-        if self.mode == "verify" and self.sampling:
-            # [P, temperature, top-p, seed] ++ tokens: the header may hold any int64.
-            seq = g.input("sequence", np.int64, [f"T+{SAMPLING_HEADER}"], 0, INT64_MAX)
+        if self.mode == "verify":
+            # [P] ++ tokens, or [P, temperature, top-p, seed] ++ tokens, whose header may hold
+            # any int64.
+            header = SAMPLING_HEADER if self.samples else 1
+            seq = g.input("sequence", np.int64, [f"T+{header}"], 0,
+                          INT64_MAX if self.samples else max(vmax, cmax))
             start = g.sub(g.slice(seq, g.ints([0]), 1, 0, "prompt_len"), g.ints([1]), "start")
-            for i, name in enumerate(sampling.PARAMETERS, start=1):
+            for i, name in enumerate(sampling.PARAMETERS[:header - 1], start=1):
                 self.draw[name] = g.reshape(g.slice(seq, g.ints([i]), i + 1, 0, f"{name}.1d"),
                                             [1, 1], name)
-            tokens = g.slice(seq, g.ints([SAMPLING_HEADER]), INT64_MAX, 0, "tokens")  # (T,)
-            self.rows = g.shape(tokens, cmax, "length.1d")
-            length = g.reshape(self.rows, [], "length")
-            positions = g.range(g.scalar(0), length, "positions")  # (T,)
-            key_positions = positions
-        elif self.mode == "verify":
-            seq = g.input("sequence", np.int64, ["T+1"], 0, max(vmax, cmax))
-            start = g.sub(g.slice(seq, g.ints([0]), 1, 0, "prompt_len"), g.ints([1]), "start")
-            tokens = g.slice(seq, g.ints([1]), INT64_MAX, 0, "tokens")  # (T,)
+            tokens = g.slice(seq, g.ints([header]), INT64_MAX, 0, "tokens")  # (T,)
             self.rows = g.shape(tokens, cmax, "length.1d")
             length = g.reshape(self.rows, [], "length")
             positions = g.range(g.scalar(0), length, "positions")  # (T,)
@@ -630,10 +625,8 @@ class _Qwen2Builder:
                                              g.ints(3, "c.i64.3"), "past.len"), [], "past"),
                           "keys")
             key_positions = g.range(g.scalar(0), total, "key_positions")
-            if self.sampling:
-                for name, lo, hi in (("temperature", 0, sampling.MAX_TEMPERATURE),
-                                     ("top_p", 1, sampling.TOP_P_UNIT),
-                                     ("seed", 0, sampling.SEED_LIMIT - 1)):
+            if self.samples:
+                for name, (lo, hi) in sampling.PARAMETER_RANGES.items():
                     self.draw[name] = g.input(name, np.int64, ["L", 1], lo, hi)
         # Causal mask, shared by all layers: key j is hidden from query i when j > pos(i).
         hidden = g.greater(g.reshape(key_positions, [1, -1], "kpos"),
@@ -667,7 +660,7 @@ class _Qwen2Builder:
             r = self.add_residual(r, self.mlp(i, x), f"L{i}.mlp.residual")
 
         r = g.slice(r, start, INT64_MAX, 0, "final.rows")  # only the predicted positions
-        if self.sampling:  # the sampler's key: each predicted row's position
+        if self.samples:  # the sampler's key: each predicted row's position
             self.draw["positions"] = g.reshape(
                 g.slice(positions, start, INT64_MAX, 0, FINAL_POSITIONS), [-1, 1],
                 "final.positions.2d")
@@ -709,7 +702,7 @@ class _Qwen2Builder:
     def finish(self, logits: Tensor, presents: list) -> GraphBuilder:
         """The next tokens from the logits, and in decode mode the present K/V as outputs."""
         g = self.g
-        if self.sampling:
+        if self.samples:
             tokens_out = g.reshape(self.sample(logits), [-1], "next_tokens")
         else:
             tokens_out = self.argmax_tree(logits)
@@ -726,9 +719,8 @@ class _Qwen2Builder:
         that any header has its tokens (the coordinator admits only values inside them)."""
         g, m, draw = self.g, self.m, self.draw
         greedy = g.reshape(self.argmax_tree(logits, "greedy"), [-1, 1], "greedy.2d")
-        temperature = g.clip(draw["temperature"], 0, sampling.MAX_TEMPERATURE,
-                             "temperature.clip")
-        top_p = g.clip(draw["top_p"], 1, sampling.TOP_P_UNIT, "top_p.clip")
+        temperature, top_p = (g.clip(draw[name], *sampling.PARAMETER_RANGES[name],
+                                     f"{name}.clip") for name in ("temperature", "top_p"))
         return sampling.sample_tokens(
             g, logits, greedy, temperature, top_p, draw["seed"], draw["positions"],
             m.vocab_size, sampling.sum_chunk(m.vocab_size), sampling.IndexScale.for_logits(

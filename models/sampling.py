@@ -37,9 +37,12 @@ MIN_TEMPERATURE = 50  # 0.05; below it sampling is greedy in all but name
 MAX_TEMPERATURE = 2000
 TOP_P_UNIT = 1000  # top-p in thousandths: 950 is 0.95, 1000 keeps every token
 SEED_LIMIT = 1 << 63  # seeds are int64 values in [0, 2**63)
-#: A sampling graph's per-row parameters: its decode graph's inputs of these names, and the
-#: verify input's header after the prompt length, in this order.
-PARAMETERS = ("temperature", "top_p", "seed")
+#: A sampling graph's per-row parameters and the values each may take: its decode graph's
+#: inputs of these names, and the verify input's header after the prompt length, in this
+#: order.
+PARAMETER_RANGES = {"temperature": (0, MAX_TEMPERATURE), "top_p": (1, TOP_P_UNIT),
+                    "seed": (0, SEED_LIMIT - 1)}
+PARAMETERS = tuple(PARAMETER_RANGES)
 
 EXP_FRAC_BITS = 8  # the exp table's index resolution: 1/256 nat
 EXP_BITS = 19  # e = 2**19 at the row's max: a chunk of 2,560 sums within int32
@@ -274,9 +277,8 @@ def sampler_model(vocab_size: int, chunk: int, scale: IndexScale, logit_lo: int,
     (L, 1) int64; output ``tokens`` (L,) int64."""
     g = GraphBuilder("sampler")
     logits = g.input("logits", np.int32, ["L", vocab_size], logit_lo, logit_hi)
-    rows = [g.input(name, np.int64, ["L", 1], lo, hi) for name, lo, hi in (
-        ("temperature", 0, MAX_TEMPERATURE), ("top_p", 1, TOP_P_UNIT),
-        ("seed", 0, SEED_LIMIT - 1), ("positions", 0, max_position))]
+    ranges = {**PARAMETER_RANGES, "positions": (0, max_position)}
+    rows = [g.input(name, np.int64, ["L", 1], lo, hi) for name, (lo, hi) in ranges.items()]
     greedy = g.argmax(logits, vocab_size, "greedy")
     tokens = sample_tokens(g, logits, greedy, *rows, vocab_size=vocab_size, chunk=chunk,
                            scale=scale)
