@@ -40,10 +40,11 @@ from optinfer.challenger.policy import Verdict
 from optinfer.contracts.bindings import ContractRevert
 from optinfer.contracts.coordinator import InferenceCoordinator
 from optinfer.contracts.dispute_game import DisputeGame
-from optinfer.contracts.registry import ModelRegistry, ModelSpec, check_servable
+from optinfer.contracts.registry import ModelRegistry, ModelSpec
 from optinfer.contracts.sender import TxFailed, TxSender
 from optinfer.errors import UserError
 from optinfer.models.batching import predict_many
+from optinfer.models.sampling import Sampling
 from optinfer.prover import claims
 from optinfer.prover import game as spec
 from optinfer.prover.game import ModelTrace, Role
@@ -80,7 +81,6 @@ class LocalModel:
         from optinfer.prover.one_step_prover import CommittedModel
 
         self.model = IntegerModel(model_dir, threads=threads)
-        check_servable(self.model.manifest, f"model {model_dir}")
         try:
             self.committed = CommittedModel(self.model)
         except ValueError as err:
@@ -96,6 +96,7 @@ class LocalModel:
             max_context=self.model.max_context,
             node_count=self.committed.node_count,
             eos_token_ids=tuple(self.model.eos_ids),
+            sampling=self.model.samples,
         ).model_id
         self.held = policy.HeldModel(
             model_id=model_id,
@@ -111,11 +112,12 @@ class LocalModel:
         self.model.session("decode_batch")
         self.model.session("trace")
 
-    def trace(self, prompt: list[int], output: list[int]) -> ModelTrace:
-        """The honest trace of the claimed tokens (S_0 is built from the claim itself), for
-        any claim: up to the node the op set refuses where the model cannot run the claim's
-        sequence, an id outside the vocabulary (`prover.claims`)."""
-        return ModelTrace.from_claim(self.model, prompt, output, self.committed)
+    def trace(self, prompt: list[int], output: list[int], draw: Sampling) -> ModelTrace:
+        """The honest trace of the claimed tokens drawn by the request's `draw` (S_0 is built
+        from the claim itself), for any claim: up to the node the op set refuses where the
+        model cannot run the claim's sequence, an id outside the vocabulary
+        (`prover.claims`)."""
+        return ModelTrace.from_claim(self.model, prompt, output, self.committed, draw)
 
 
 @dataclass(frozen=True)
@@ -314,10 +316,11 @@ class Watchtower:
             prompt, output = list(request.prompt), list(claim.output)
             if judgement is None and claims.outside_domain(
                     prompt, output, model.vocab_size, model.max_context) is None:
-                shared.append((index, claims.claim_sequence(prompt, output)))
+                shared.append((index, claims.claim_sequence(
+                    prompt, output, model.leaf_draw(request.draw))))
             elif judgement is None:
                 started = time.perf_counter()
-                judgement = self._verify_outside_domain(prompt, output, request.max_tokens)
+                judgement = self._verify_outside_domain(prompt, output, request)
                 metrics.VERIFICATION_SECONDS.observe(time.perf_counter() - started)
             judgements.append(judgement)
         if shared:
@@ -344,18 +347,19 @@ class Watchtower:
             return policy.Judgement(Verdict.UNVERIFIABLE, problem, False)
         return None
 
-    def _verify_outside_domain(self, prompt: list[int], output: list[int], max_tokens: int
-                               ) -> policy.Judgement:
+    def _verify_outside_domain(self, prompt: list[int], output: list[int],
+                               request: st.RequestRecord) -> policy.Judgement:
         """A claim the model cannot run (an id outside the vocabulary in the prompt or before
         the last output token, or past the context): the reference up to the node the op set
         refuses, which no provider's value can pass: the game convicts the claim there, so it
         is challenged like a wrong token."""
         model = self.model.model
         problem = claims.outside_domain(prompt, output, model.vocab_size, model.max_context)
-        trace = self.model.trace(prompt, output)
+        trace = self.model.trace(prompt, output, request.draw)
         if trace.refusal is not None:
             return policy.judge(False, f"{problem}; {trace.refusal.reason}", True)
-        return _judge_prediction(model, output, trace.tensor(trace.node_count), max_tokens)
+        return _judge_prediction(model, output, trace.tensor(trace.node_count),
+                                 request.max_tokens)
 
     def _is_registered(self, model_id: bytes) -> bool:
         # A registration never changes once made; an absent one is asked for again.
@@ -575,7 +579,7 @@ class Watchtower:
         with self.store.transaction() as conn:
             request = st.get_request(conn, record.request_id)
             claim = st.get_claim(conn, record.request_id)
-        return self.model.trace(list(request.prompt), list(claim.output))
+        return self.model.trace(list(request.prompt), list(claim.output), request.draw)
 
     def _resolved(self, record: GameRecord, turn: Turn) -> None:
         metrics.set_clocks(record.game_id, None)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
+from eth_abi import encode as abi_encode
 from eth_account.signers.local import LocalAccount
 from eth_typing import ChecksumAddress
 from eth_utils import keccak
@@ -27,6 +28,7 @@ from web3.types import TxParams, TxReceipt
 
 from optinfer.contracts.bindings import BoundContract, reverts_decoded
 from optinfer.contracts.sender import TxSender
+from optinfer.models.sampling import Sampling
 
 CONTRACT_NAME = "InferenceCoordinator"
 CONSUMER_CONTRACT_NAME = "QuestionAsker"
@@ -48,6 +50,16 @@ def pack_tokens(tokens: list[int]) -> bytes:
 def token_hash(tokens: list[int]) -> bytes:
     """``keccak256(pack_tokens(tokens))``: what a request's ``promptHash`` holds."""
     return keccak(pack_tokens(tokens))
+
+
+def draw_seed(chain_id: int, coordinator: str, request_id: int, consumer: str,
+              consumer_seed: int) -> int:
+    """The seed of a sampled request's draw (``InferenceCoordinator.drawSeed``): the top 63
+    bits of ``keccak256(abi.encode(chainid, coordinator, requestId, consumer,
+    consumerSeed))``, fixed at posting (docs/protocol.md, "Sampling")."""
+    mixed = keccak(abi_encode(["uint256", "address", "uint256", "address", "uint64"],
+                              [chain_id, coordinator, request_id, consumer, consumer_seed]))
+    return int.from_bytes(mixed, "big") >> 193
 
 
 class Status(IntEnum):
@@ -103,6 +115,9 @@ class RequestSpec:
     callback: str = ZERO_ADDRESS
     callback_gas_limit: int = 0
     named_provider: str = ZERO_ADDRESS
+    #: How to decode; greedy by default. Its seed is the consumer's: the draw's seed is
+    #: derived from it at posting (`draw_seed`).
+    sampling: Sampling = Sampling()
 
     def as_args(self) -> tuple:
         """The arguments of ``postRequest`` in order."""
@@ -114,6 +129,7 @@ class RequestSpec:
             self.callback_gas_limit,
             Web3.to_checksum_address(self.named_provider),
             self.commit_deadline,
+            self.sampling.as_chain(),
         )
 
 
@@ -138,6 +154,14 @@ class Request:
     output: ChecksumAddress
     fee: int
     open_disputes: int
+    temperature: int  # thousandths; 0 greedy, with top_p and seed zero
+    top_p: int
+    seed: int  # the draw's seed, derived at posting
+
+    @property
+    def draw(self) -> Sampling:
+        """How the answer is decoded (greedy is ``Sampling()``)."""
+        return Sampling.from_chain(self.temperature, self.top_p, self.seed)
 
 
 @dataclass(frozen=True)
@@ -168,6 +192,9 @@ _REQUEST_FIELDS = {
     "output": ("output", Web3.to_checksum_address),
     "fee": ("fee", int),
     "openDisputes": ("open_disputes", int),
+    "temperature": ("temperature", int),
+    "topP": ("top_p", int),
+    "seed": ("seed", int),
 }
 
 
@@ -393,7 +420,7 @@ class QuestionAsker(BoundContract):
         """The transaction asking `spec.prompt` and paying `fee` wei."""
         return self.tx("ask", spec.model_id, list(spec.prompt), spec.max_tokens,
                        spec.callback_gas_limit, Web3.to_checksum_address(spec.named_provider),
-                       spec.commit_deadline, value=fee)
+                       spec.commit_deadline, spec.sampling.as_chain(), value=fee)
 
     def ask_send(self, spec: RequestSpec, fee: int, signer: LocalAccount) -> TxReceipt:
         """Ask `spec.prompt` (owner only) paying `fee`; the callback is this contract."""

@@ -53,16 +53,6 @@ and half of the 128 KiB a geth node relays in one transaction. A node with a lar
 could not be convicted in one transaction."""
 
 
-def check_servable(manifest: dict, what: str) -> None:
-    """UserError for a model the chain cannot judge yet: a sampling model's verify graph
-    takes [P, temperature, top_p, seed] ++ tokens, while the dispute game computes leaf 0 as
-    [P] ++ tokens (docs/protocol.md), so a dispute over its claims could not be played."""
-    if manifest.get("sampling"):
-        raise UserError(f"{what} is a sampling model (converted with --sampling), which the "
-                        "coordinator and the dispute game do not take yet: convert it without "
-                        "--sampling to serve or watch it on chain")
-
-
 @dataclass(frozen=True)
 class ModelSpec:
     """What ``register`` takes, and the model id it gives. The hashes are 32 bytes each;
@@ -80,6 +70,7 @@ class ModelSpec:
     max_context: int
     node_count: int
     eos_token_ids: tuple[int, ...] = ()
+    sampling: bool = False  # the graph samples: leaf 0 starts [len(P), temperature, top_p, seed]
     max_fan_in_bytes: int | None = field(default=None, compare=False)
 
     @property
@@ -93,7 +84,7 @@ class ModelSpec:
         """The id the registry gives this spec, which requests name (``ModelRegistry.modelIdOf``,
         ``commitments.model_id``; the manifest URI is not part of it)."""
         return commitments.model_id(self.model_root, self.manifest_hash, self.max_context,
-                                    self.eos_token_ids)
+                                    self.eos_token_ids, self.sampling)
 
     def check_registrable(self) -> None:
         """UserError unless the registry would take this spec and every node of the model could
@@ -134,11 +125,12 @@ class ModelSpec:
                             what: str = "the manifest") -> ModelSpec:
         """The spec of the manifest whose bytes are `raw`.
 
-        The two roots, op-set version, max context, node count, EOS token ids and largest
-        fan-in are the manifest's ``nodes_root``, ``constants_root``, ``opset_version``,
-        ``max_context``, ``nodes``, ``config.eos_token_ids`` and ``max_fan_in_bytes`` (None
-        when absent); the manifest hash is SHA-256 of `raw`. UserError (naming `what`) unless
-        they give the manifest's ``model_root``.
+        The two roots, op-set version, max context, node count, EOS token ids, sampling flag
+        and largest fan-in are the manifest's ``nodes_root``, ``constants_root``,
+        ``opset_version``, ``max_context``, ``nodes``, ``config.eos_token_ids``, ``sampling``
+        (false when absent) and ``max_fan_in_bytes`` (None when absent); the manifest hash is
+        SHA-256 of `raw`. UserError (naming `what`) unless they give the manifest's
+        ``model_root``.
         """
         try:
             manifest = json.loads(raw)
@@ -152,6 +144,7 @@ class ModelSpec:
                 max_context=int(manifest["max_context"]),
                 node_count=int(manifest["nodes"]),
                 eos_token_ids=tuple(int(t) for t in manifest["config"]["eos_token_ids"]),
+                sampling=bool(manifest.get("sampling", False)),
                 max_fan_in_bytes=(None if manifest.get("max_fan_in_bytes") is None
                                   else int(manifest["max_fan_in_bytes"])),
             )
@@ -174,6 +167,7 @@ class ModelSpec:
             self.max_context,
             self.node_count,
             list(self.eos_token_ids),
+            self.sampling,
         )
 
 
@@ -218,7 +212,7 @@ class ModelRegistry(BoundContract):
         """The registered model with id `model_id`; ContractRevert ModelNotRegistered if none."""
         function = self.contract.functions.getModel(model_id)
         (nodes_root, constants_root, manifest_hash, uri, opset, max_context, nodes, registrant,
-         registered_at, eos) = reverts_decoded(self.artifact, function.call)
+         registered_at, eos, sampling) = reverts_decoded(self.artifact, function.call)
         spec = ModelSpec(
             nodes_root=bytes(nodes_root),
             constants_root=bytes(constants_root),
@@ -228,6 +222,7 @@ class ModelRegistry(BoundContract):
             max_context=max_context,
             node_count=nodes,
             eos_token_ids=tuple(eos),
+            sampling=sampling,
         )
         return RegisteredModel(
             model_id=bytes(model_id),

@@ -22,7 +22,7 @@ from optinfer.errors import UserError
 from optinfer.models import opset
 from optinfer.models.batching import batched_decode_graph, empty_cache
 from optinfer.models.qwen2_graph import SAMPLING_HEADER
-from optinfer.models.sampling import PARAMETERS, Sampling
+from optinfer.models.sampling import PARAMETERS, Sampling, verify_header
 
 PINNED_ONNXRUNTIME = "1.32.0"
 
@@ -243,15 +243,20 @@ class IntegerModel:
                  ) -> np.ndarray:
         """The verify graph's input: [len(prompt)] ++ prompt ++ output[:-1], or on a sampling
         model [len(prompt), temperature, top_p, seed] ++ prompt ++ output[:-1]."""
-        draw = self.check_draw(draw)
         self.check_tokens(prompt, "prompt tokens")
         self.check_tokens(output, "output tokens")
         if not prompt or not output:
             raise UserError("prompt and output must each hold at least one token")
         self.check_length(len(prompt) + len(output) - 1, "prompt plus output")
-        header = ([len(prompt), draw.temperature, draw.top_p, draw.seed] if self.samples
-                  else [len(prompt)])
+        header = verify_header(len(prompt), self.leaf_draw(draw))
         return np.asarray([*header, *prompt, *output[:-1]], dtype=np.int64)
+
+    def leaf_draw(self, draw: Sampling | None) -> Sampling | None:
+        """The draw the verify input's header holds (`sampling.verify_header`): `draw`
+        (greedy when None) on a sampling model, None on a greedy-only one (whose draw must
+        be greedy)."""
+        draw = self.check_draw(draw)
+        return draw if self.samples else None
 
     @property
     def header_length(self) -> int:

@@ -101,6 +101,25 @@ class Sampling:
         """From a user's 0.6 and 0.95: thousandths, rounded."""
         return cls(round(temperature * TEMPERATURE_UNIT), round(top_p * TOP_P_UNIT), seed)
 
+    @classmethod
+    def from_chain(cls, temperature: int, top_p: int, seed: int) -> Sampling:
+        """A stored request's draw: temperature 0 is greedy whatever the other two hold, and
+        reads as ``Sampling()`` (docs/protocol.md, "Sampling")."""
+        return cls(temperature, top_p, seed) if temperature else cls()
+
+    def as_chain(self) -> tuple[int, int, int]:
+        """``InferenceCoordinator.Sampling`` (temperature, topP, seed)."""
+        return (self.temperature, self.top_p, self.seed)
+
+
+def verify_header(prompt_length: int, draw: Sampling | None) -> list[int]:
+    """What the verify graph's input holds before the tokens: [len(P)] for a greedy-only
+    model (`draw` None), [len(P), temperature, top_p, seed] for a sampling one (the greedy
+    draw is ``Sampling()``; docs/protocol.md, "The verified computation")."""
+    if draw is None:
+        return [prompt_length]
+    return [prompt_length, *(getattr(draw, name) for name in PARAMETERS)]
+
 
 @dataclass(frozen=True)
 class IndexScale:

@@ -48,6 +48,7 @@ if TYPE_CHECKING:  # training and the float model only: nodes import this module
 TINY_R1_DIR = Path(__file__).resolve().parent / "tiny-r1"
 FLOAT_DIR = TINY_R1_DIR / "float"  # the committed float checkpoint
 INTEGER_DIR = TINY_R1_DIR / "integer"  # its committed integer conversion
+SAMPLING_DIR = TINY_R1_DIR / "integer-sampling"  # its committed conversion with --sampling
 CALIBRATION_FILE = TINY_R1_DIR / "calibration.txt"  # what the conversion was calibrated on
 
 # --------------------------------------------------------------------------------------------

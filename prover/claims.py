@@ -28,6 +28,7 @@ import numpy as np
 
 from optinfer.models import opset
 from optinfer.models.manifest import INPUT_LEAF
+from optinfer.models.sampling import Sampling, verify_header
 from optinfer.prover import commitments
 from optinfer.prover.one_step_element import (
     StepNode,
@@ -50,11 +51,13 @@ class Refusal:
     reason: str
 
 
-def claim_sequence(prompt: Sequence[int], output: Sequence[int]) -> np.ndarray:
-    """The verify graph's input for the claim, as the contract computes leaf 0 (int64)."""
+def claim_sequence(prompt: Sequence[int], output: Sequence[int],
+                   draw: Sampling | None = None) -> np.ndarray:
+    """The verify graph's input for the claim, as the contract computes leaf 0 (int64):
+    ``verify_header(len(P), draw) ++ P ++ O[:-1]``, `draw` None for a greedy-only model."""
     if not prompt or not output:
         raise ValueError("a claim has at least one prompt token and one output token")
-    return np.asarray([len(prompt), *prompt, *output[:-1]], dtype=np.int64)
+    return np.asarray([*verify_header(len(prompt), draw), *prompt, *output[:-1]], dtype=np.int64)
 
 
 def outside_domain(prompt: Sequence[int], output: Sequence[int], vocab_size: int,
@@ -73,12 +76,14 @@ def outside_domain(prompt: Sequence[int], output: Sequence[int], vocab_size: int
 
 
 def claim_tensors(model, committed: CommittedModel, prompt: Sequence[int],
-                  output: Sequence[int]) -> tuple[np.ndarray, list[np.ndarray], Refusal | None]:
-    """The claim's honest trace on `model` (an IntegerModel): leaf 0 and the node outputs, with
-    the refusal that ends it early. Refused: ``T_1 .. T_{k-1}`` from the numpy reference, then
-    a stand-in for ``T_k`` (zeros with the header node k must output: what the challenger
-    compares a provider's header with; its values are never claimed), and the `Refusal`."""
-    sequence = claim_sequence(prompt, output)
+                  output: Sequence[int], draw: Sampling | None = None
+                  ) -> tuple[np.ndarray, list[np.ndarray], Refusal | None]:
+    """The claim's honest trace on `model` (an IntegerModel), decoded by `draw` (greedy when
+    None): leaf 0 and the node outputs, with the refusal that ends it early. Refused:
+    ``T_1 .. T_{k-1}`` from the numpy reference, then a stand-in for ``T_k`` (zeros with the
+    header node k must output: what the challenger compares a provider's header with; its
+    values are never claimed), and the `Refusal`."""
+    sequence = claim_sequence(prompt, output, model.leaf_draw(draw))
     if outside_domain(prompt, output, model.vocab_size, model.max_context) is None:
         return sequence, list(model.trace_sequence(sequence)), None
     return reference_until_refusal(model, committed, sequence)

@@ -284,14 +284,15 @@ def model_root(nodes_root: bytes, constants_root: bytes, opset_version: int,
 
 
 def model_id(root: bytes, manifest_hash: bytes, max_context: int,
-             eos_token_ids: Sequence[int]) -> bytes:
+             eos_token_ids: Sequence[int], sampling: bool = False) -> bytes:
     """A registered model's id, what requests name: ``sha256(model_root || manifest_hash ||
-    uint32 max_context || uint32 len(eos) || uint32 eos_0 || ...)``, big-endian
-    (``ModelRegistry.modelIdOf``; docs/protocol.md, "Model id").
+    uint32 max_context || uint32 len(eos) || uint32 eos_0 || ... || uint8 sampling)``,
+    big-endian (``ModelRegistry.modelIdOf``; docs/protocol.md, "Model id").
 
     `root` is the graph's :func:`model_root` (both roots, op set, node count). The id binds
-    it, the manifest published with it, the context the coordinator admits requests by and
-    the EOS ids it judges answer endings by: everything that decides the model's behaviour.
+    it, the manifest published with it, the context the coordinator admits requests by, the
+    EOS ids it judges answer endings by and whether the graph samples (the layout of a
+    dispute's leaf 0): everything that decides the model's behaviour.
     A registration of the same graph with other values is another model with another id, so
     nobody can occupy a model's id with words of their own. The manifest URI is not in it: it
     says where to fetch, not what runs (every fetched byte is checked against the manifest
@@ -300,8 +301,8 @@ def model_id(root: bytes, manifest_hash: bytes, max_context: int,
     if any(not 0 <= v < 2**32 for v in (max_context, *eos_token_ids)):
         raise ProofError("max_context and the EOS token ids must be uint32")
     return _sha256(_check_hash(root, "model_root") + _check_hash(manifest_hash, "manifest_hash")
-                   + struct.pack(f">II{len(eos_token_ids)}I", max_context, len(eos_token_ids),
-                                 *eos_token_ids))
+                   + struct.pack(f">II{len(eos_token_ids)}IB", max_context, len(eos_token_ids),
+                                 *eos_token_ids, int(bool(sampling))))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from typing import Protocol
 
 import numpy as np
 
+from optinfer.models.sampling import Sampling
 from optinfer.prover import commitments
 from optinfer.prover.claims import Refusal, claim_tensors
 from optinfer.prover.commitments import LEAF_BYTES, ProofError, TensorTree
@@ -560,19 +561,22 @@ class ModelTrace:
         self._prover = OneStepProver(committed, commitment)
 
     @classmethod
-    def from_model(cls, model, prompt: Sequence[int], output: Sequence[int]) -> ModelTrace:
-        """The honest trace of (``prompt``, ``output``) on ``model`` (an IntegerModel)."""
-        sequence, outputs = model.trace(list(prompt), list(output))
+    def from_model(cls, model, prompt: Sequence[int], output: Sequence[int],
+                   draw: Sampling | None = None) -> ModelTrace:
+        """The honest trace of (``prompt``, ``output``) on ``model`` (an IntegerModel),
+        decoded by `draw` (greedy when None)."""
+        sequence, outputs = model.trace(list(prompt), list(output), draw)
         return cls(CommittedModel(model), TraceCommitment(sequence, outputs))
 
     @classmethod
     def from_claim(cls, model, prompt: Sequence[int], output: Sequence[int],
-                   committed: CommittedModel | None = None) -> ModelTrace:
+                   committed: CommittedModel | None = None, draw: Sampling | None = None
+                   ) -> ModelTrace:
         """The honest trace of any claim (``prover.claims``): ``from_model``'s where the
         model runs the claim's sequence, else the trace up to the node the op set refuses,
         with its `Refusal` (an id outside the vocabulary in the prompt or in ``O[:-1]``)."""
         committed = committed or CommittedModel(model)
-        sequence, outputs, refusal = claim_tensors(model, committed, prompt, output)
+        sequence, outputs, refusal = claim_tensors(model, committed, prompt, output, draw)
         return cls(committed, TraceCommitment(sequence, outputs), refusal)
 
     def with_output(self, k: int, tensor: np.ndarray) -> ModelTrace:

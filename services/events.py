@@ -17,7 +17,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from eth_abi import decode as abi_decode
 from eth_typing import ChecksumAddress
 from eth_utils import event_abi_to_log_topic
 from sqlalchemy.engine import Connection
@@ -25,6 +24,7 @@ from web3 import Web3
 from web3.contract import Contract
 from web3.exceptions import BlockNotFound, Web3RPCError
 
+from optinfer.contracts.bindings import EventDecoder
 from optinfer.services.chain import RpcUnavailable
 from optinfer.services.statuses import ClaimStatus, RequestStatus
 from optinfer.services.store import (
@@ -209,47 +209,6 @@ class EventCursor:
             stop.wait(poll_interval)
 
 
-class EventDecoder:
-    """One event's log arguments, decoded with eth_abi directly: web3's ``process_log`` took
-    1.8 ms a log, over half of a watchtower's scan of 200 claims. Gives what it gives
-    (``tests/services/test_chain.py`` compares them): checksum addresses, ints, bytes, and
-    arrays as lists. Every event the coordinator and the game emit indexes only static
-    types, whose topic is their ABI encoding; an event indexing a dynamic one is refused."""
-
-    def __init__(self, abi: dict):
-        self.name: str = abi["name"]
-        inputs = abi["inputs"]
-        self._names = [i["name"] for i in inputs]
-        self._indexed = [(i["name"], i["type"]) for i in inputs if i["indexed"]]
-        self._data = [(i["name"], i["type"]) for i in inputs if not i["indexed"]]
-        self._data_types = [kind for _, kind in self._data]
-        hashed = [kind for _, kind in self._indexed if kind in ("string", "bytes")
-                  or kind.endswith("]") or kind.startswith("tuple")]
-        if hashed or any(kind.startswith("tuple") for kind in self._data_types):
-            raise ValueError(f"event {self.name}: indexed dynamic or tuple arguments "
-                             f"({hashed or 'tuple'}) are not decoded here")
-
-    def args(self, log: Any) -> dict[str, Any]:
-        values = {name: _abi_value(kind, abi_decode([kind], bytes(topic))[0])
-                  for (name, kind), topic in zip(self._indexed, log["topics"][1:], strict=True)}
-        decoded = abi_decode(self._data_types, bytes(log["data"]))
-        values.update((name, _abi_value(kind, value))
-                      for (name, kind), value in zip(self._data, decoded, strict=True))
-        return {name: values[name] for name in self._names}  # in the ABI's order
-
-
-def _abi_value(kind: str, value: Any) -> Any:
-    if kind.endswith("]"):  # an array: a list, as web3 gives it
-        item = kind[:kind.rindex("[")]
-        return [_abi_value(item, element) for element in value]
-    return _checksum(value) if kind == "address" else value
-
-
-@functools.lru_cache(maxsize=4096)
-def _checksum(address: str) -> str:
-    return Web3.to_checksum_address(address)
-
-
 def confirm_outcomes(conn: Connection, first: int, last: int, events: list[ChainEvent]
                      ) -> list[int]:
     """The requests cursors' `on_read`: a status or claim a node wrote from its own receipt in
@@ -306,6 +265,9 @@ def request_record(event: ChainEvent) -> RequestRecord:
         block_number=event.block_number,
         tx_hash=event.tx_hash,
         block_hash=event.block_hash,
+        temperature=args["sampling"]["temperature"],
+        top_p=args["sampling"]["topP"],
+        seed=args["sampling"]["seed"],
     )
 
 

@@ -9,11 +9,11 @@ the chain, plays the games and finalizes claims, so a long generation never make
   ``open``), one over the DisputeGame's ``GameOpened`` records the games against this
   provider.
 * Serving: :func:`serve_decision` (pure) says serve, or skip with a reason; a served request
-  is generated greedily with the KV cache and handed to a second thread, which writes its
-  row (status ``committing``, the output) and sends its commit, while the next generation
-  runs; a third waits for the receipts, so commits sent one after another share a block on
-  a chain that mines every few seconds (the honest path's overhead is the last commit
-  alone).
+  is generated with the KV cache, greedy or drawn as the request says, and handed to a
+  second thread, which writes its row (status ``committing``, the output) and sends its
+  commit, while the next generation runs; a third waits for the receipts, so commits sent
+  one after another share a block on a chain that mines every few seconds (the honest path's
+  overhead is the last commit alone).
 * Crash safety: the ``committing`` row (the output, the signed commit's hash) is written
   before the commit is sent, and finished after a restart by asking the chain first
   (``getRequest``): committed by us -> recorded; still open -> the recorded transaction
@@ -53,12 +53,13 @@ from web3 import Web3
 from optinfer.contracts.bindings import ContractRevert
 from optinfer.contracts.coordinator import ZERO_ADDRESS, InferenceCoordinator, Status
 from optinfer.contracts.dispute_game import DisputeGame
-from optinfer.contracts.registry import ModelRegistry, ModelSpec, check_servable
+from optinfer.contracts.registry import ModelRegistry, ModelSpec
 from optinfer.contracts.sender import KeyInUse, TxFailed, TxSender
 from optinfer.errors import UserError
 from optinfer.models.generation import (
     Answer,
     GenerationProcess,
+    Job,
     format_cpu_list,
     generate_in_process,
     pin_this_thread,
@@ -263,7 +264,6 @@ class ProviderNode:
         store.migrate()
         w3, deployments = Deployments.on_chain(settings)
         model = IntegerModel(settings.model_path, threads=threads)
-        check_servable(model.manifest, f"model {model.dir}")
         account = settings.signer("provider", deployments.chain_id)
         node = cls(w3=w3, store=store, deployments=deployments, model=model, account=account,
                    lie=lie or settings.provider_lie, poll_interval=settings.poll_interval,
@@ -484,7 +484,8 @@ class ProviderNode:
         serving = [request for request in batch if self._will_serve(request, chain_time)]
         # As each answer is done: in the generation process the requests decode in batches,
         # and a short answer is committed before a long one that began earlier.
-        for index, answer in self._generations([(r.prompt, r.max_tokens) for r in serving]):
+        jobs = [(r.prompt, r.max_tokens, r.draw) for r in serving]
+        for index, answer in self._generations(jobs):
             request = serving[index]
             if answer.error is not None:
                 if not isinstance(answer.error, UserError):
@@ -511,8 +512,7 @@ class ProviderNode:
             self._skip(request.request_id, reason, expected=RequestStatus.OPEN)
         return reason is None
 
-    def _generations(self, jobs: list[tuple[list[int], int]]
-                     ) -> Iterator[tuple[int, Answer]]:
+    def _generations(self, jobs: list[Job]) -> Iterator[tuple[int, Answer]]:
         if self.generator is not None:
             return self.generator.stream_as_done(jobs)
         return enumerate(generate_in_process(self.model, jobs))
@@ -708,11 +708,12 @@ class ProviderNode:
                             move.game_id, err)
 
     def _trace(self, record: st.GameRecord) -> ModelTrace:
-        """The trace this node defends `record`'s request with: its model's, or with ``lie``
-        the one that ends in the claimed tokens."""
+        """The trace this node defends `record`'s request with: its model's (drawn as the
+        request says), or with ``lie`` the one that ends in the claimed tokens."""
         prompt = self._prompt(record.request_id)
         output = self.coordinator.get_output(record.request_id)
-        trace = ModelTrace.from_model(self.model, prompt, output)
+        draw = self.coordinator.get_request(record.request_id).draw
+        trace = ModelTrace.from_model(self.model, prompt, output, draw)
         if self.lie != "off":
             trace = trace.with_output(trace.node_count, np.asarray(output, np.int64))
         return trace

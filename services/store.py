@@ -34,6 +34,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.engine.url import make_url
 
 from optinfer.errors import UserError
+from optinfer.models.sampling import Sampling
 from optinfer.prover.game import Phase, Role
 from optinfer.services.statuses import (
     ChallengeStatus,
@@ -99,6 +100,11 @@ requests = sa.Table(
     # The block of the chain event or receipt that last set `status` (revision 0006; null
     # when the node set it itself): a reorganisation that takes it takes the status too.
     sa.Column("status_block", sa.BigInteger, nullable=True),
+    # The draw fixed at posting: temperature and top-p in thousandths and the derived seed,
+    # zero for a greedy request (revision 0007).
+    sa.Column("temperature", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("top_p", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("seed", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.func.now(),
               nullable=False),
 )
@@ -464,6 +470,14 @@ class RequestRecord:
     output: list[int] | None = None
     commit_tx: str | None = None  # 0x-prefixed
     block_hash: str | None = None  # 0x-prefixed; None on rows read before revision 0005
+    temperature: int = 0  # the draw fixed at posting: thousandths, 0 greedy (revision 0007)
+    top_p: int = 0
+    seed: int = 0
+
+    @property
+    def draw(self) -> Sampling:
+        """How the answer is decoded (greedy is ``Sampling()``)."""
+        return Sampling.from_chain(self.temperature, self.top_p, self.seed)
 
 
 def upsert_request(conn: Connection, record: RequestRecord) -> bool:

@@ -5,6 +5,7 @@ match the float model's tempered, top-p-truncated softmax of the same logits."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -391,21 +392,20 @@ def test_a_draw_the_model_cannot_make_is_one_line_and_a_nonzero_exit(args, messa
     assert "Traceback" not in proc.stderr
 
 
-def test_the_nodes_refuse_a_sampling_model_until_the_chain_takes_its_draws(sampling_model,
-                                                                         random_model):
-    """The dispute game computes leaf 0 as [P] ++ tokens: a sampling model's claims could not
-    be disputed there, so neither a provider nor a watchtower may run one on chain yet."""
+def test_a_sampling_model_is_registered_under_its_own_id_which_the_watchtower_holds(
+        sampling_model, random_model):
+    """The model id binds whether the graph samples (the layout of a dispute's leaf 0): the
+    spec read from a sampling manifest says so, and the id the watchtower computes for the
+    model it runs is that spec's."""
     from optinfer.challenger.watchtower import LocalModel
-    from optinfer.contracts.registry import ModelSpec, check_servable
+    from optinfer.contracts.registry import ModelSpec
 
-    with pytest.raises(UserError, match="is a sampling model"):
-        LocalModel(sampling_model.dir)
-    with pytest.raises(UserError, match="convert it without --sampling"):
-        check_servable(sampling_model.manifest, "the model")  # what `provider run` checks
-    check_servable(IntegerModel(random_model).manifest, "the model")
-    # Offline the model is described as any other.
-    assert ModelSpec.from_manifest(sampling_model.dir / "manifest.json").node_count \
-        == sampling_model.manifest["nodes"]
+    sampler = ModelSpec.from_manifest(sampling_model.dir / "manifest.json")
+    greedy = ModelSpec.from_manifest(Path(random_model) / "manifest.json")
+    assert sampler.sampling and not greedy.sampling
+    assert sampler.node_count == sampling_model.manifest["nodes"]
+    assert LocalModel(sampling_model.dir).held.model_id == sampler.model_id
+    assert LocalModel(random_model).held.model_id == greedy.model_id
 
 
 def test_the_generation_process_draws_each_job_with_its_own_parameters(sampling_model):

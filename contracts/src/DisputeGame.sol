@@ -233,7 +233,7 @@ contract DisputeGame is PullPayments {
         // Rule: S_0 is built from the request's own prompt.
         if (coordinator.hashTokens(prompt) != request.promptHash) revert PromptMismatch();
         // The roots the one-step opens against are the registered model's own.
-        (bytes32 nodesRoot, bytes32 constantsRoot, uint32 nodeCount) =
+        (bytes32 nodesRoot, bytes32 constantsRoot, uint32 nodeCount, bool sampling) =
             registry.disputeCommitments(request.modelId);
         // Reverts unless a claim is committed and its window is open.
         coordinator.openDispute(requestId);
@@ -251,7 +251,7 @@ contract DisputeGame is PullPayments {
         game.providerClock = clockSeconds;
         game.challengerClock = clockSeconds;
         game.lastMoveAt = uint64(block.timestamp);
-        game.loRoot = initialState(prompt, output);
+        game.loRoot = initialState(verifyHeader(request, prompt.length, sampling), prompt, output);
         game.nodesRoot = nodesRoot;
         game.constantsRoot = constantsRoot;
         // T_N is kept in hiRoot until S_N replaces it: the root move checks against it.
@@ -480,22 +480,41 @@ contract DisputeGame is PullPayments {
         return (start / size, stop / size);
     }
 
+    /// @notice The verify input's header of `request`'s claim, with `promptLength` prompt
+    ///         tokens: [len(P)] for a greedy-only model; for a sampling model [len(P),
+    ///         temperature, topP, seed], which a greedy request (temperature 0) reads as
+    ///         [len(P), 0, 1000, 0] (docs/protocol.md, "The verified computation").
+    function verifyHeader(
+        InferenceCoordinator.Request memory request,
+        uint256 promptLength,
+        bool sampling
+    ) public pure returns (uint64[] memory header) {
+        header = new uint64[](sampling ? 4 : 1);
+        header[0] = uint64(promptLength);
+        if (!sampling) return header;
+        if (request.temperature == 0) {
+            header[2] = 1000;
+        } else {
+            (header[1], header[2], header[3]) = (request.temperature, request.topP, request.seed);
+        }
+    }
+
     /// @notice S_0: the empty state with leaf 0 set to T_0 = tensor_root(int64 sequence),
-    ///         sequence = [len(prompt)] ++ prompt ++ output[:-1] (docs/protocol.md).
-    function initialState(uint32[] memory prompt, uint32[] memory output)
+    ///         sequence = header ++ prompt ++ output[:-1] (docs/protocol.md), the header from
+    ///         `verifyHeader`.
+    function initialState(uint64[] memory header, uint32[] memory prompt, uint32[] memory output)
         public
         view
         returns (bytes32 node)
     {
         uint256 fedBack = output.length == 0 ? 0 : output.length - 1; // O[:-1]
-        uint256 length = 1 + prompt.length + fedBack;
-        uint256[] memory promptLength = new uint256[](1);
-        promptLength[0] = prompt.length;
+        uint256 tokensAt = header.length;
+        uint256 length = tokensAt + prompt.length + fedBack;
         // Allocated last, so that the final store's spill lands in free memory.
         bytes memory data = new bytes(8 * length);
-        _writeInt64s(data, 0, _words(promptLength), 1);
-        _writeInt64s(data, 1, _words(prompt), prompt.length);
-        _writeInt64s(data, 1 + prompt.length, _words(output), fedBack);
+        _writeHeader(data, header);
+        _writeInt64s(data, tokensAt, _words(prompt), prompt.length);
+        _writeInt64s(data, tokensAt + prompt.length, _words(output), fedBack);
         uint64[] memory shape = new uint64[](1);
         shape[0] = uint64(length);
         node = Commitments.tensorRoot(Commitments.DTYPE_INT64, shape, data);
@@ -606,9 +625,14 @@ contract DisputeGame is PullPayments {
         }
     }
 
-    function _words(uint256[] memory values) internal pure returns (uint256 pointer) {
-        assembly ("memory-safe") {
-            pointer := add(values, 32)
+    /// @dev Write the header's values (full 64-bit words: a seed spans them) as the first
+    ///      little-endian int64 elements of `data`, a byte at a time (four elements at most).
+    function _writeHeader(bytes memory data, uint64[] memory header) internal pure {
+        for (uint256 i = 0; i < header.length; ++i) {
+            uint64 value = header[i];
+            for (uint256 b = 0; b < 8; ++b) {
+                data[8 * i + b] = bytes1(uint8(value >> (8 * b)));
+            }
         }
     }
 

@@ -115,6 +115,18 @@ error ZeroMaxTokens();
 /// @param maxContext     The model's maximum context.
 error ContextExceeded(uint256 sequenceLength, uint256 maxContext);
 
+/// @notice Thrown when a request asks a model that decodes greedily only to sample.
+/// @param modelId The model, registered with `sampling` false.
+error SamplingNotSupported(bytes32 modelId);
+
+/// @notice Thrown when a sampled request's temperature is outside 50-2000 thousandths (0.05-2).
+/// @param temperature The temperature asked for, in thousandths.
+error TemperatureOutOfRange(uint256 temperature);
+
+/// @notice Thrown when a sampled request's top-p is outside 1-1000 thousandths.
+/// @param topP The top-p asked for, in thousandths.
+error TopPOutOfRange(uint256 topP);
+
 /// @notice Thrown when a request's max tokens exceed what one claim can store (24 KiB of code).
 /// @param maxTokens The requested maximum.
 /// @param maximum   The largest output a claim can hold.

@@ -31,6 +31,9 @@ import {
     OutputNotTerminated,
     OutputStoreFailed,
     OutputTooLong,
+    SamplingNotSupported,
+    TemperatureOutOfRange,
+    TopPOutOfRange,
     ProviderAlreadyRegistered,
     ProviderNotRegistered,
     RequestNotFound,
@@ -158,9 +161,22 @@ contract InferenceCoordinator is PullPayments {
         Rejected
     }
 
+    /// @notice How a request's answer is decoded (docs/protocol.md, "Sampling"). Temperature
+    ///         0 is greedy decoding, whatever the other two fields hold; its draw is read as
+    ///         (0, 1000, 0).
+    /// @param temperature Thousandths: 0 (greedy) or 50-2000.
+    /// @param topP        Thousandths, 1-1000: the nucleus's least probability mass.
+    /// @param seed        In `postRequest`, the consumer's seed; in a stored request, the draw's
+    ///                    seed derived from it (`drawSeed`), below 2**63.
+    struct Sampling {
+        uint16 temperature;
+        uint16 topP;
+        uint64 seed;
+    }
+
     /// @notice One request and, once committed, its claim. Packed into seven slots: what
-    ///         `postRequest` writes (0-3 and 5), what `commitOutput` adds (4 and the output in
-    ///         5), and the dispute count in a slot of its own (6), which only disputes write.
+    ///         `postRequest` writes (0-3, 5, and 6 for a sampled request), what `commitOutput`
+    ///         adds (4 and the output in 5), and the dispute count (6), which disputes write.
     /// @param consumer          Who posted it (and receives refunds). Passed to the callback.
     /// @param commitDeadline    Last timestamp at which an output may be committed.
     /// @param status            See `Status`.
@@ -179,6 +195,10 @@ contract InferenceCoordinator is PullPayments {
     /// @param openDisputes      Disputes opened by the game and not yet resolved. A uint64: a
     ///                          griefer opening games to overflow it would need 2**64 challenges
     ///                          (each over 100k gas) inside one window.
+    /// @param temperature       The sampling temperature in thousandths; 0 (greedy) leaves
+    ///                          `topP` and `seed` zero.
+    /// @param topP              Top-p in thousandths.
+    /// @param seed              The draw's seed (`drawSeed`).
     struct Request {
         address consumer;
         uint64 commitDeadline;
@@ -195,6 +215,9 @@ contract InferenceCoordinator is PullPayments {
         address output;
         uint96 fee;
         uint64 openDisputes;
+        uint16 temperature;
+        uint16 topP;
+        uint64 seed;
     }
 
     /// @notice A rejected claim's reward reserve: the `challengerReward` part of its slashed
@@ -244,7 +267,8 @@ contract InferenceCoordinator is PullPayments {
     /// @notice `provider` moved `amount` wei of free stake to its withdrawable balance.
     event StakeRemoved(address indexed provider, uint256 amount, uint256 totalStake);
 
-    /// @notice A request was posted; every field a provider or watchtower needs.
+    /// @notice A request was posted; every field a provider or watchtower needs. `sampling`
+    ///         is as stored: zero for a greedy request, else with the derived seed.
     event RequestPosted(
         uint256 indexed requestId,
         address indexed consumer,
@@ -255,7 +279,8 @@ contract InferenceCoordinator is PullPayments {
         address callback,
         uint32 callbackGasLimit,
         address namedProvider,
-        uint64 commitDeadline
+        uint64 commitDeadline,
+        Sampling sampling
     );
 
     /// @notice `provider` committed `output` for `requestId`; finalizable from `challengeDeadline`.
@@ -317,6 +342,13 @@ contract InferenceCoordinator is PullPayments {
 
     /// @notice Denominator of the slash shares.
     uint256 public constant BPS = 10_000;
+
+    /// @notice Sampling limits, in thousandths (mirrored by `optinfer.models.sampling`): a
+    ///         sampled request's temperature lies in [MIN_TEMPERATURE, MAX_TEMPERATURE] and its
+    ///         top-p in [1, TOP_P_UNIT].
+    uint256 public constant MIN_TEMPERATURE = 50;
+    uint256 public constant MAX_TEMPERATURE = 2000;
+    uint256 public constant TOP_P_UNIT = 1000;
 
     /// @notice Gas `finalize` keeps on top of a callback's limit for the call itself and what
     ///         follows it (cold account access, recording the outcome, the event).
@@ -502,6 +534,10 @@ contract InferenceCoordinator is PullPayments {
     /// @param callbackGasLimit Gas the callback gets (at most `maxCallbackGasLimit`).
     /// @param namedProvider    The only provider allowed to answer; zero for anyone.
     /// @param commitDeadline   Last timestamp for a commitment (after this block's).
+    /// @param sampling         Temperature 0 for greedy decoding (top-p and seed are then
+    ///                         ignored); else temperature 50-2000 and top-p 1-1000 thousandths,
+    ///                         on a model registered as sampling, and the consumer's seed, from
+    ///                         which the draw's seed is derived (`drawSeed`).
     /// @return requestId       The new request's id.
     function postRequest(
         bytes32 modelId,
@@ -510,7 +546,8 @@ contract InferenceCoordinator is PullPayments {
         address callback,
         uint32 callbackGasLimit,
         address namedProvider,
-        uint64 commitDeadline
+        uint64 commitDeadline,
+        Sampling calldata sampling
     ) external payable returns (uint256 requestId) {
         if (prompt.length == 0) revert EmptyPrompt();
         if (maxTokens == 0) revert ZeroMaxTokens();
@@ -522,9 +559,14 @@ contract InferenceCoordinator is PullPayments {
         if (!registry.isRegistered(modelId)) revert ModelNotRegistered(modelId);
         // The verify graph reads [len(P)] ++ P ++ O[:-1]; its T = len(P) + len(O) - 1 tokens
         // must fit the context for the longest allowed output.
-        uint256 maxContext = registry.getModel(modelId).maxContext;
-        uint256 sequenceLength = prompt.length + maxTokens - 1;
-        if (sequenceLength > maxContext) revert ContextExceeded(sequenceLength, maxContext);
+        {
+            ModelRegistry.Model memory model = registry.getModel(modelId);
+            uint256 sequenceLength = prompt.length + maxTokens - 1;
+            if (sequenceLength > model.maxContext) {
+                revert ContextExceeded(sequenceLength, model.maxContext);
+            }
+            _checkSampling(modelId, model.sampling, sampling);
+        }
         if (commitDeadline <= block.timestamp) revert CommitDeadlineNotInFuture(commitDeadline);
         if (callbackGasLimit > maxCallbackGasLimit) {
             revert CallbackGasLimitTooHigh(callbackGasLimit, maxCallbackGasLimit);
@@ -544,19 +586,16 @@ contract InferenceCoordinator is PullPayments {
         if (namedProvider != address(0)) request.provider = namedProvider;
         // uint96 holds 79 billion ETH: every fee that can exist.
         request.fee = uint96(msg.value);
+        Sampling memory draw; // greedy: all zero
+        if (sampling.temperature != 0) {
+            draw = Sampling(
+                sampling.temperature, sampling.topP, drawSeed(requestId, msg.sender, sampling.seed)
+            );
+            (request.temperature, request.topP, request.seed) =
+                (draw.temperature, draw.topP, draw.seed);
+        }
 
-        emit RequestPosted(
-            requestId,
-            msg.sender,
-            modelId,
-            prompt,
-            maxTokens,
-            msg.value,
-            callback,
-            callbackGasLimit,
-            namedProvider,
-            commitDeadline
-        );
+        _emitRequestPosted(requestId, request, prompt, draw);
     }
 
     /// @notice Commit `output` as the answer to open request `requestId`, locking
@@ -828,6 +867,21 @@ contract InferenceCoordinator is PullPayments {
         return uint256(request.committedAt) + challengeWindow;
     }
 
+    /// @notice The seed of request `requestId`'s draw, posted by `consumer` with `consumerSeed`:
+    ///         the top 63 bits of keccak256(abi.encode(chainid, this coordinator, requestId,
+    ///         consumer, consumerSeed)) (docs/protocol.md, "Sampling"). Fixed when the request
+    ///         is posted, from values the provider has no say in; distinct for every request,
+    ///         whatever seeds consumers pick.
+    function drawSeed(uint256 requestId, address consumer, uint64 consumerSeed)
+        public
+        view
+        returns (uint64)
+    {
+        bytes32 mixed =
+            keccak256(abi.encode(block.chainid, address(this), requestId, consumer, consumerSeed));
+        return uint64(uint256(mixed) >> 193);
+    }
+
     /// @notice `keccak256` of the packed tokens (`TokenPacking`): compare with `promptHash`.
     function hashTokens(uint32[] calldata tokens) external pure returns (bytes32) {
         return TokenPacking.hash(tokens);
@@ -895,6 +949,46 @@ contract InferenceCoordinator is PullPayments {
             requestId, providerAddress, challenger, challengerReward, consumerAmount, burned
         );
         emit Refunded(requestId, request.consumer, request.fee + consumerAmount);
+    }
+
+    /// @dev Refuse `sampling` unless it is greedy (temperature 0), or within the limits on a
+    ///      model that samples: only a sampling graph's leaf 0 carries the draw a dispute
+    ///      recomputes the answer from.
+    function _checkSampling(bytes32 modelId, bool modelSamples, Sampling calldata sampling)
+        internal
+        pure
+    {
+        uint256 temperature = sampling.temperature;
+        if (temperature == 0) return;
+        if (!modelSamples) revert SamplingNotSupported(modelId);
+        if (temperature < MIN_TEMPERATURE || temperature > MAX_TEMPERATURE) {
+            revert TemperatureOutOfRange(temperature);
+        }
+        if (sampling.topP == 0 || sampling.topP > TOP_P_UNIT) revert TopPOutOfRange(sampling.topP);
+    }
+
+    /// @dev `RequestPosted` for the request just stored, its fields read back from storage (with
+    ///      the calldata prompt and the stored draw, in `postRequest`'s frame there are more
+    ///      values than the stack can reach).
+    function _emitRequestPosted(
+        uint256 requestId,
+        Request storage request,
+        uint32[] calldata prompt,
+        Sampling memory draw
+    ) internal {
+        emit RequestPosted(
+            requestId,
+            request.consumer,
+            request.modelId,
+            prompt,
+            request.maxTokens,
+            request.fee,
+            request.callback,
+            request.callbackGasLimit,
+            request.provider, // the named provider until a commitment
+            request.commitDeadline,
+            draw
+        );
     }
 
     /// @notice Whether `game` is a contract whose `coordinator()` returns this contract.

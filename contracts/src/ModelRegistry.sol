@@ -18,7 +18,7 @@ import {Commitments} from "./lib/Commitments.sol";
 ///         docs/protocol.md "Model id") hashes everything that decides its behaviour: its
 ///         model root (the commitment of the graph's node descriptions and constants that a
 ///         one-step proof opens against, with the op set and node count), its manifest's hash,
-///         its max context and its EOS ids. Registrations are immutable: nobody, the registrant
+///         its max context, its EOS ids and whether it samples. Registrations are immutable: nobody, the registrant
 ///         included, can change or remove a registered model, so a claim's model cannot move
 ///         under a dispute.
 /// @dev    Anyone may register. Registering costs the registrant gas and grants nothing: the
@@ -43,6 +43,10 @@ contract ModelRegistry {
     /// @param registeredAt Block timestamp of the registration; never zero for a registered model.
     /// @param eosTokenIds  The end-of-sequence token ids (the manifest's config): an answer
     ///                     ends at the first of them, or at the request's max tokens.
+    /// @param sampling     Whether the graph samples (docs/protocol.md, "Sampling"): its verify
+    ///                     input starts with the header [len(P), temperature, topP, seed], and
+    ///                     requests may ask for a temperature. Else the header is [len(P)] and
+    ///                     every answer is greedy.
     struct Model {
         bytes32 nodesRoot;
         bytes32 constantsRoot;
@@ -54,6 +58,7 @@ contract ModelRegistry {
         address registrant;
         uint64 registeredAt;
         uint32[] eosTokenIds;
+        bool sampling;
     }
 
     ////////////////////////////////////////////////////////////////
@@ -71,7 +76,8 @@ contract ModelRegistry {
         string manifestUri,
         uint32 maxContext,
         uint32 nodeCount,
-        uint32[] eosTokenIds
+        uint32[] eosTokenIds,
+        bool sampling
     );
 
     ////////////////////////////////////////////////////////////////
@@ -120,6 +126,8 @@ contract ModelRegistry {
     /// @param nodeCount     Number of graph nodes: 1 .. MAX_NODE_COUNT.
     /// @param eosTokenIds   End-of-sequence token ids, at most MAX_EOS_TOKEN_IDS (none: every
     ///                      answer runs to the request's max tokens).
+    /// @param sampling      Whether the graph samples (its manifest's `sampling`): how a dispute
+    ///                      lays out the verify input, and whether requests may sample.
     /// @return modelId      The id claims use to name the model (`modelIdOf`).
     function register(
         bytes32 nodesRoot,
@@ -129,7 +137,8 @@ contract ModelRegistry {
         string calldata manifestUri,
         uint32 maxContext,
         uint32 nodeCount,
-        uint32[] calldata eosTokenIds
+        uint32[] calldata eosTokenIds,
+        bool sampling
     ) external returns (bytes32 modelId) {
         // The one-step verifier knows one op set; another version's graph could not be judged.
         if (opsetVersion != OPSET_VERSION) {
@@ -152,7 +161,14 @@ contract ModelRegistry {
             revert TooManyEosTokenIds(eosTokenIds.length, MAX_EOS_TOKEN_IDS);
         }
         modelId = modelIdOf(
-            nodesRoot, constantsRoot, opsetVersion, nodeCount, manifestHash, maxContext, eosTokenIds
+            nodesRoot,
+            constantsRoot,
+            opsetVersion,
+            nodeCount,
+            manifestHash,
+            maxContext,
+            eosTokenIds,
+            sampling
         );
         // Registrations are immutable: an id keeps the fields it was computed from for good.
         if (_models[modelId].registeredAt != 0) revert ModelAlreadyRegistered(modelId);
@@ -168,6 +184,7 @@ contract ModelRegistry {
         model.registrant = msg.sender;
         model.registeredAt = uint64(block.timestamp);
         model.eosTokenIds = eosTokenIds;
+        model.sampling = sampling;
         emit ModelRegistered(
             modelId,
             msg.sender,
@@ -178,7 +195,8 @@ contract ModelRegistry {
             manifestUri,
             maxContext,
             nodeCount,
-            eosTokenIds
+            eosTokenIds,
+            sampling
         );
     }
 
@@ -189,7 +207,7 @@ contract ModelRegistry {
     /// @notice The id of the model with these fields (docs/protocol.md, "Model id";
     ///         `optinfer.prover.commitments.model_id`):
     ///         sha256(modelRoot || manifestHash || uint32 maxContext || uint32 eosCount
-    ///         || uint32 eosTokenIds[0] || ...), with modelRoot = `Commitments.modelRoot` of the
+    ///         || uint32 eosTokenIds[0] || ... || uint8 sampling), with modelRoot = `Commitments.modelRoot` of the
     ///         graph's two roots, op set and node count. The manifest URI is left out on
     ///         purpose: it says where to fetch the model, not what the model computes (whatever
     ///         is fetched is checked against the manifest hash and the roots), and with it one
@@ -201,7 +219,8 @@ contract ModelRegistry {
         uint32 nodeCount,
         bytes32 manifestHash,
         uint32 maxContext,
-        uint32[] calldata eosTokenIds
+        uint32[] calldata eosTokenIds,
+        bool sampling
     ) public pure returns (bytes32) {
         bytes memory packed = abi.encodePacked(
             Commitments.modelRoot(nodesRoot, constantsRoot, opsetVersion, nodeCount),
@@ -213,7 +232,7 @@ contract ModelRegistry {
         for (uint256 i = 0; i < eosTokenIds.length; ++i) {
             packed = bytes.concat(packed, bytes4(eosTokenIds[i]));
         }
-        return sha256(packed);
+        return sha256(bytes.concat(packed, sampling ? bytes1(0x01) : bytes1(0x00)));
     }
 
     /// @notice The registered model with id `modelId`; reverts when there is none.
@@ -223,17 +242,17 @@ contract ModelRegistry {
     }
 
     /// @notice What a dispute over an answer of model `modelId` opens against: its graph's two
-    ///         roots and its node count (the bisection's range). The registry computed the
-    ///         model id from these (through the model root), so a game needs no other word for
-    ///         them. Reverts when there is no such model.
+    ///         roots, its node count (the bisection's range) and whether it samples (the layout
+    ///         of leaf 0). The registry computed the model id from these, so a game needs no
+    ///         other word for them. Reverts when there is no such model.
     function disputeCommitments(bytes32 modelId)
         external
         view
-        returns (bytes32 nodesRoot, bytes32 constantsRoot, uint32 nodeCount)
+        returns (bytes32 nodesRoot, bytes32 constantsRoot, uint32 nodeCount, bool sampling)
     {
         Model storage model = _models[modelId];
         if (model.registeredAt == 0) revert ModelNotRegistered(modelId);
-        return (model.nodesRoot, model.constantsRoot, model.nodeCount);
+        return (model.nodesRoot, model.constantsRoot, model.nodeCount, model.sampling);
     }
 
     /// @notice The end-of-sequence token ids of model `modelId`; reverts when there is none.

@@ -180,6 +180,7 @@ def test_finalize_honestTinyR1FlowThroughQuestionAsker_succeeds(
         "callbackGasLimit": CALLBACK_GAS,
         "namedProvider": "0x0000000000000000000000000000000000000000",
         "commitDeadline": spec.commit_deadline,
+        "sampling": {"temperature": 0, "topP": 0, "seed": 0},  # greedy: nothing stored
     }
     request = coordinator.get_request(request_id)
     assert request.status is Status.OPEN

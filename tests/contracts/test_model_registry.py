@@ -68,26 +68,30 @@ def test_register_call_returnsTheModelId_withoutRegistering(registry, chain):
     assert not registry.is_registered(SPEC.model_id)
 
 
-def test_modelId_isTheSpecsHash_inPythonAndOnChainAlike_point5():
-    """The id hashes the model root, the manifest hash, the max context and the EOS ids
-    (count first), all big-endian; ModelRegistry.modelIdOf computes the same bytes."""
+@pytest.mark.parametrize("sampling", [False, True])
+def test_modelId_isTheSpecsHash_inPythonAndOnChainAlike_point5(sampling):
+    """The id hashes the model root, the manifest hash, the max context, the EOS ids
+    (count first), all big-endian, and one byte saying whether the graph samples;
+    ModelRegistry.modelIdOf computes the same bytes."""
+    spec = replace(SPEC, sampling=sampling)
     eos = b"".join(t.to_bytes(4, "big") for t in SPEC.eos_token_ids)
-    assert SPEC.model_id == hashlib.sha256(
+    assert spec.model_id == hashlib.sha256(
         SPEC.model_root + SPEC.manifest_hash + SPEC.max_context.to_bytes(4, "big")
-        + len(SPEC.eos_token_ids).to_bytes(4, "big") + eos).digest()
+        + len(SPEC.eos_token_ids).to_bytes(4, "big") + eos + bytes([sampling])).digest()
     assert SPEC.model_root == hashlib.sha256(
         SPEC.nodes_root + SPEC.constants_root + SPEC.opset_version.to_bytes(4, "big")
         + SPEC.node_count.to_bytes(4, "big")).digest()
-    assert SPEC.model_id == commitments.model_id(SPEC.model_root, SPEC.manifest_hash,
-                                                 SPEC.max_context, SPEC.eos_token_ids)
+    assert spec.model_id == commitments.model_id(SPEC.model_root, SPEC.manifest_hash,
+                                                 SPEC.max_context, SPEC.eos_token_ids, sampling)
 
 
-@pytest.mark.parametrize("eos", [(), (2,), (151_643, 2), tuple(range(2**32 - 8, 2**32))])
-def test_modelIdOf_onChain_equalsModelSpecModelId_point5(registry, eos):
-    spec = replace(SPEC, eos_token_ids=eos)
+@pytest.mark.parametrize("eos,sampling", [((), False), ((2,), True), ((151_643, 2), False),
+                                          (tuple(range(2**32 - 8, 2**32)), True)])
+def test_modelIdOf_onChain_equalsModelSpecModelId_point5(registry, eos, sampling):
+    spec = replace(SPEC, eos_token_ids=eos, sampling=sampling)
     on_chain = registry.contract.functions.modelIdOf(
         spec.nodes_root, spec.constants_root, spec.opset_version, spec.node_count,
-        spec.manifest_hash, spec.max_context, list(spec.eos_token_ids)).call()
+        spec.manifest_hash, spec.max_context, list(spec.eos_token_ids), sampling).call()
     assert bytes(on_chain) == spec.model_id
 
 
@@ -96,6 +100,7 @@ def test_modelIdOf_onChain_equalsModelSpecModelId_point5(registry, eos):
     {"eos_token_ids": (7,)},
     {"max_context": 8},
     {"manifest_hash": hashlib.sha256(b"the squatter's manifest").digest()},
+    {"sampling": True},
 ])
 def test_register_squatter_with_other_eos_gets_another_id_point5(registry, chain, squat):
     """Someone registers a published model's roots first, with other EOS ids, a tiny max
@@ -218,7 +223,12 @@ def test_getModel_unknownId_reverts(registry):
 def test_disputeCommitments_areTheRootsTheIdWasComputedFrom(registry, chain):
     registry.register_send(SPEC, chain.accounts[0])
     view = registry.contract.functions.disputeCommitments(SPEC.model_id)
-    assert view.call() == [SPEC.nodes_root, SPEC.constants_root, SPEC.node_count]
+    assert view.call() == [SPEC.nodes_root, SPEC.constants_root, SPEC.node_count, False]
+    sampler = replace(SPEC, sampling=True)
+    registry.register_send(sampler, chain.accounts[0])
+    assert registry.contract.functions.disputeCommitments(sampler.model_id).call() == [
+        SPEC.nodes_root, SPEC.constants_root, SPEC.node_count, True]
+    assert registry.get_model(sampler.model_id).spec == sampler
     unknown = registry.contract.functions.disputeCommitments(b"\xaa" * 32)
     expect_revert(lambda: reverts_decoded(registry.artifact, unknown.call),
                   "ModelNotRegistered(bytes32)")
@@ -232,7 +242,7 @@ def test_register_emitsModelRegistered_withTheRightArgs(registry, chain):
     (log,) = receipt["logs"]
     assert log["address"] == registry.address
     signature = ("ModelRegistered(bytes32,address,bytes32,bytes32,uint32,bytes32,string,uint32,"
-                 "uint32,uint32[])")
+                 "uint32,uint32[],bool)")
     assert log["topics"][0] == keccak(text=signature)
     assert log["topics"][1] == SPEC.model_id
     assert log["topics"][2] == bytes(12) + bytes.fromhex(sender.address[2:])
@@ -249,6 +259,7 @@ def test_register_emitsModelRegistered_withTheRightArgs(registry, chain):
             "maxContext": SPEC.max_context,
             "nodeCount": SPEC.node_count,
             "eosTokenIds": list(SPEC.eos_token_ids),
+            "sampling": False,
         }
     ]
 

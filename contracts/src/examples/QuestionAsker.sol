@@ -29,8 +29,9 @@ contract QuestionAsker is IInferenceConsumer {
         owner = msg.sender;
     }
 
-    /// @notice Ask `prompt` of model `modelId`, paying `msg.value` as the fee; the answer comes
-    ///         back through `onInferenceResult` with `callbackGasLimit` gas.
+    /// @notice Ask `prompt` of model `modelId`, paying `msg.value` as the fee, decoded as
+    ///         `sampling` says (temperature 0: greedy); the answer comes back through
+    ///         `onInferenceResult` with `callbackGasLimit` gas.
     /// @return requestId The coordinator's request id.
     function ask(
         bytes32 modelId,
@@ -38,11 +39,19 @@ contract QuestionAsker is IInferenceConsumer {
         uint32 maxTokens,
         uint32 callbackGasLimit,
         address namedProvider,
-        uint64 commitDeadline
+        uint64 commitDeadline,
+        InferenceCoordinator.Sampling calldata sampling
     ) external payable returns (uint256 requestId) {
         if (msg.sender != owner) revert NotOwner(msg.sender);
         requestId = coordinator.postRequest{value: msg.value}(
-            modelId, prompt, maxTokens, address(this), callbackGasLimit, namedProvider, commitDeadline
+            modelId,
+            prompt,
+            maxTokens,
+            address(this),
+            callbackGasLimit,
+            namedProvider,
+            commitDeadline,
+            sampling
         );
     }
 
