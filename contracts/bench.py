@@ -11,7 +11,10 @@ EIP-7825's 2**24 gas cap per transaction; the same model registered at the regis
 max context is asked the largest request, committed and challenged
 (`challenge_gas_at_max_request`), and `max_tx_gas` is the most gas any of these transactions
 used. Rounds for the full
-28-layer model follow from its node count (`game.max_rounds`).
+28-layer model follow from its node count (`game.max_rounds`). With `sampling` the model is
+converted with sampling graphs and the request asks for a draw (T 0.6, top-p 0.95):
+`sampler_one_step_gas` is then the one-step of the costliest node of every op type among the
+sampler's nodes (issue 22's bound: 1.5M).
 """
 
 from __future__ import annotations
@@ -35,18 +38,26 @@ FULL_LAYERS = 28
 ETHER = 10**18
 
 
-def prepare_model(workdir: Path, layers: int, log) -> Path:
-    """The converted random R1-shape model under `workdir` (written once)."""
+#: The draw a sampled benchmark request asks for (DeepSeek's guidance for the R1 distills);
+#: the seed is the consumer's.
+BENCH_DRAW = (600, 950, 7)
+SAMPLER_NODES = "sample"  # the prefix of the sampler's node names (`sampling.sample_tokens`)
+
+
+def prepare_model(workdir: Path, layers: int, log, sampling: bool = False) -> Path:
+    """The converted random R1-shape model under `workdir` (written once), with sampling
+    graphs when `sampling`."""
     from optinfer.models.checkpoint import write_random_checkpoint
     from optinfer.models.converter import convert
 
-    checkpoint, integer = workdir / "checkpoint", workdir / "integer"
+    checkpoint = workdir / "checkpoint"
+    integer = workdir / ("integer-sampling" if sampling else "integer")
     if not (checkpoint / "config.json").is_file():
         log(f"writing a random R1-Distill-1.5B-shape checkpoint ({layers} layers) to {workdir}")
         write_random_checkpoint(checkpoint, preset="r1-distill-1.5b", num_layers=layers)
     if not (integer / "manifest.json").is_file():
         log("converting to the integer model")
-        convert(checkpoint, integer, max_context=BENCH_CONTEXT)
+        convert(checkpoint, integer, max_context=BENCH_CONTEXT, sampling=sampling)
     return integer
 
 
@@ -58,14 +69,16 @@ def _full_model_nodes(model, layers: int) -> int:
     return len(names) + (FULL_LAYERS - layers) * per_layer
 
 
-def _worst_nodes(model, trace) -> dict[str, int]:
+def _worst_nodes(model, trace, prefix: str = "") -> dict[str, int]:
     """Per op type, the node whose one-step opens the most input bytes (the largest fan-in):
-    the costliest one-step of that op."""
+    the costliest one-step of that op; among the nodes whose names start with `prefix`."""
     from optinfer.models import opset
 
     graph = model.verify_graph().graph
     worst: dict[str, tuple[int, int]] = {}
     for k, node in enumerate(graph.node, 1):
+        if not node.name.startswith(prefix):
+            continue
         witness = trace.one_step_witness(k, trace.tensor(k).size - 1) \
             if trace.tensor(k).size else None
         if witness is None:
@@ -110,9 +123,10 @@ def largest_request_gas(w3, coordinator, game, model_id: bytes, output_tokens: i
 
 def bench_dispute(layers: int = 2, prompt_len: int = 4, tokens: int = 3,
                   workdir: Path | None = None, model_dir: Path | None = None,
-                  log=print) -> dict:
+                  log=print, sampling: bool = False) -> dict:
     """Run the dispute benchmark; the JSON document (see the module docstring). `model_dir`
-    runs it on an already converted model instead (tiny-r1 in the tests)."""
+    runs it on an already converted model instead (tiny-r1 in the tests); `sampling` asks for
+    a drawn answer (a sampling model's)."""
     if not 1 <= layers <= FULL_LAYERS:
         raise UserError(f"--layers must be in 1..{FULL_LAYERS}")
     if prompt_len < 1 or tokens < 1 or prompt_len + tokens > BENCH_CONTEXT:
@@ -124,37 +138,25 @@ def bench_dispute(layers: int = 2, prompt_len: int = 4, tokens: int = 3,
     from optinfer.contracts.one_step_binding import OneStepVerifier, one_step_gas
     from optinfer.contracts.registry import MAX_CONTEXT_TOKENS, ModelRegistry, ModelSpec
     from optinfer.models.runtime import IntegerModel
+    from optinfer.models.sampling import Sampling
     from optinfer.prover import game as spec
     from optinfer.prover.game import ModelTrace, Role
 
     started = time.perf_counter()
     workdir = Path(workdir or Path.home() / ".cache" / "optinfer"
                    / f"r1-distill-1.5b-{layers}l-ctx{BENCH_CONTEXT}")
-    integer = Path(model_dir) if model_dir else prepare_model(workdir, layers, log)
+    integer = Path(model_dir) if model_dir else prepare_model(
+        workdir, layers, log, sampling)
     model = IntegerModel(integer, threads=1)
+    if sampling and not model.samples:
+        raise UserError(f"{integer} decodes greedily only: --sampling needs a model converted "
+                        "with --sampling")
     layers = model.manifest["config"]["num_layers"]
     rng = np.random.default_rng(0)
     prompt = [int(t) for t in rng.integers(0, model.manifest["config"]["vocab_size"],
                                            prompt_len)]
-    log(f"generating {tokens} tokens after a {prompt_len}-token prompt")
-    output = model.generate(prompt, tokens)
-
     compute = defaultdict(float)
-    t0 = time.perf_counter()
-    honest = ModelTrace.from_model(model, prompt, output)
-    compute["challenger"] += time.perf_counter() - t0
-    # The liar's trace: one element of the widest MatMulInteger wrong, and the last token.
     graph = model.verify_graph().graph
-    lie_at = max((k for k, n in enumerate(graph.node, 1) if n.op_type == "MatMulInteger"),
-                 key=lambda k: honest.one_step_witness(k, 0).byte_size())
-    t0 = time.perf_counter()
-    claimed = list(output)
-    claimed[-1] = (claimed[-1] + 1) % model.manifest["config"]["vocab_size"]
-    lie = honest.tensor(lie_at).copy()
-    lie.reshape(-1)[0] += 1
-    liar = honest.with_output(lie_at, lie).with_output(
-        honest.node_count, np.asarray(claimed, np.int64))
-    compute["provider"] += time.perf_counter() - t0 + compute["challenger"]
 
     log("starting anvil (EIP-7825's 2**24 gas cap per transaction) and deploying")
     with start_anvil(extra_args=("--enable-tx-gas-limit",)) as chain:
@@ -174,9 +176,28 @@ def bench_dispute(layers: int = 2, prompt_len: int = 4, tokens: int = 3,
         coordinator.register_provider_send(4 * ETHER, provider)  # the max-request claims too
         request = RequestSpec(model_id=model_spec.model_id, prompt=prompt,
                               max_tokens=tokens,
-                              commit_deadline=w3.eth.get_block("latest")["timestamp"] + 600)
+                              commit_deadline=w3.eth.get_block("latest")["timestamp"] + 600,
+                              sampling=Sampling(*BENCH_DRAW) if sampling else Sampling())
         receipt = coordinator.post_request_send(request, ETHER // 100, consumer)
         request_id = coordinator.events(receipt, "RequestPosted")[0]["requestId"]
+        draw = coordinator.get_request(request_id).draw  # the seed is the chain's
+
+        log(f"generating {tokens} tokens after a {prompt_len}-token prompt")
+        output = model.generate(prompt, tokens, draw=draw)
+        t0 = time.perf_counter()
+        honest = ModelTrace.from_model(model, prompt, output, draw)
+        compute["challenger"] += time.perf_counter() - t0
+        # The liar's trace: one element of the widest MatMulInteger wrong, and the last token.
+        lie_at = max((k for k, n in enumerate(graph.node, 1) if n.op_type == "MatMulInteger"),
+                     key=lambda k: honest.one_step_witness(k, 0).byte_size())
+        t0 = time.perf_counter()
+        claimed = list(output)
+        claimed[-1] = (claimed[-1] + 1) % model.manifest["config"]["vocab_size"]
+        lie = honest.tensor(lie_at).copy()
+        lie.reshape(-1)[0] += 1
+        liar = honest.with_output(lie_at, lie).with_output(
+            honest.node_count, np.asarray(claimed, np.int64))
+        compute["provider"] += time.perf_counter() - t0 + compute["challenger"]
         commit_gas = coordinator.commit_output_send(request_id, claimed, provider)["gasUsed"]
 
         log("playing the dispute")
@@ -205,6 +226,9 @@ def bench_dispute(layers: int = 2, prompt_len: int = 4, tokens: int = 3,
         worst = _worst_nodes(model, honest)
         one_step = {op: one_step_gas(w3, verifier, committed, honest, k)
                     for op, k in worst.items()}
+        sampler_nodes = _worst_nodes(model, honest, SAMPLER_NODES) if sampling else {}
+        sampler_one_step = {op: one_step_gas(w3, verifier, committed, honest, k)
+                            for op, k in sampler_nodes.items()}
 
         log(f"the largest request: {MAX_CONTEXT_TOKENS} tokens of context")
         widest = dataclasses.replace(model_spec, max_context=MAX_CONTEXT_TOKENS)
@@ -234,6 +258,11 @@ def bench_dispute(layers: int = 2, prompt_len: int = 4, tokens: int = 3,
         "one_step_gas": one_step,
         "one_step_nodes": {op: graph.node[k - 1].name for op, k in worst.items()},
         "max_one_step_gas": max(one_step.values()),
+        "draw": {"temperature": draw.temperature, "top_p": draw.top_p, "seed": draw.seed},
+        **({"sampler_one_step_gas": sampler_one_step,
+            "sampler_one_step_nodes": {op: graph.node[k - 1].name
+                                       for op, k in sampler_nodes.items()},
+            "max_sampler_one_step_gas": max(sampler_one_step.values())} if sampling else {}),
         "max_move_gas": max(m["gas"] for m in moves if m["move"] != "OneStep"),
         "max_bisection_move_gas": max(bisection_moves),
         "commit_gas": receipt_gas["commit"],

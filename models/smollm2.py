@@ -44,14 +44,15 @@ def cache_root() -> Path:
     return Path(configured).expanduser() if configured else DEFAULT_CACHE_ROOT
 
 
-def cached_model_dir(root: Path | None = None) -> Path:
+def cached_model_dir(root: Path | None = None, sampling: bool = False) -> Path:
     """Where the converted SmolLM2 lives under `root` (default `cache_root()`), whether or not
-    it is there yet."""
-    return Path(root or cache_root()) / CACHED_MODEL_NAME
+    it is there yet; with `sampling`, its conversion with sampling graphs."""
+    return Path(root or cache_root()) / (CACHED_MODEL_NAME + ("-sampling" if sampling else ""))
 
 
-def why_not_reusable(model_dir: Path, source: Path) -> str | None:
-    """Why the directory cannot serve as the cached SmolLM2 (None: it can)."""
+def why_not_reusable(model_dir: Path, source: Path, sampling: bool = False) -> str | None:
+    """Why the directory cannot serve as the cached SmolLM2 (None: it can), with sampling
+    graphs or without."""
     import onnxruntime as ort
 
     from optinfer.models import opset
@@ -69,6 +70,7 @@ def why_not_reusable(model_dir: Path, source: Path) -> str | None:
             "calibration": (manifest["calibration"]["source"], SMOLLM2_CALIBRATION.name),
             "linear input bits": (manifest.get("linear_input_bits", 8), LINEAR_INPUT_BITS),
             "weight bits": (manifest.get("weight_bits", 7), WEIGHT_BITS),
+            "sampling": (manifest.get("sampling", False), sampling),
         }
         files = dict(manifest["files"])
     except (ValueError, KeyError, TypeError, AttributeError) as err:
@@ -88,9 +90,10 @@ def why_not_reusable(model_dir: Path, source: Path) -> str | None:
     return None
 
 
-def ensure_converted(progress=None, say=None, root: Path | None = None) -> tuple[Path, bool]:
-    """The cached SmolLM2 integer model under `root` (default `cache_root()`), converted first
-    when it is absent or unusable.
+def ensure_converted(progress=None, say=None, root: Path | None = None,
+                     sampling: bool = False) -> tuple[Path, bool]:
+    """The cached SmolLM2 integer model under `root` (default `cache_root()`), with sampling
+    graphs when `sampling`, converted first when it is absent or unusable.
 
     Returns (directory, converted by this call). `progress(fraction, message)` follows the
     conversion; `say(text)` is told where the model is and why it is converted again.
@@ -99,10 +102,10 @@ def ensure_converted(progress=None, say=None, root: Path | None = None) -> tuple
     """
     tell = say or (lambda text: None)
     source = smollm2_path()  # UserError with the install command without the package
-    target = cached_model_dir(root)
+    target = cached_model_dir(root, sampling)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive(target.parent / f".{CACHED_MODEL_NAME}.lock", tell):
-        problem = why_not_reusable(target, source) if target.exists() else None
+    with _exclusive(target.parent / f".{target.name}.lock", tell):
+        problem = why_not_reusable(target, source, sampling) if target.exists() else None
         if target.exists() and problem is None:
             tell(f"SmolLM2 integer model: {target} (cached; delete it to convert again)")
             return target, False
@@ -110,19 +113,19 @@ def ensure_converted(progress=None, say=None, root: Path | None = None) -> tuple
             tell(f"the cached model in {target} cannot be reused ({problem}): converting again")
         tell(f"converting SmolLM2-135M-Instruct from {source} into {target} (once; half a "
              "minute to two on two cores)")
-        _convert_into(source, target, progress)
+        _convert_into(source, target, progress, sampling)
     return target, True
 
 
-def _convert_into(source: Path, target: Path, progress) -> None:
+def _convert_into(source: Path, target: Path, progress, sampling: bool) -> None:
     from optinfer.models.converter import convert
 
     # Convert beside the cache entry and move it in whole: an interrupted conversion leaves no
     # half-written model where the next run would look.
-    with tempfile.TemporaryDirectory(prefix=f".{CACHED_MODEL_NAME}.", dir=target.parent) as tmp:
+    with tempfile.TemporaryDirectory(prefix=f".{target.name}.", dir=target.parent) as tmp:
         fresh = Path(tmp) / "model"
         convert(source, fresh, SMOLLM2_CALIBRATION, progress=progress,
-                linear_input_bits=LINEAR_INPUT_BITS, weight_bits=WEIGHT_BITS)
+                linear_input_bits=LINEAR_INPUT_BITS, weight_bits=WEIGHT_BITS, sampling=sampling)
         if target.exists():
             os.replace(target, Path(tmp) / "stale")  # removed with the temporary directory
         os.replace(fresh, target)
@@ -131,7 +134,7 @@ def _convert_into(source: Path, target: Path, progress) -> None:
 
 #: The modules whose code decides what a conversion writes.
 _CONVERTER_MODULES = ("converter", "qwen2_graph", "quant", "graph_builder", "gguf_import",
-                      "float_reference", "checkpoint", "manifest", "chat", "opset")
+                      "float_reference", "checkpoint", "manifest", "chat", "opset", "sampling")
 
 
 def converter_fingerprint() -> str:

@@ -40,6 +40,13 @@ from optinfer.contracts.registry import ModelSpec
 from optinfer.contracts.sender import InsufficientFunds, TxFailed, TxSender
 from optinfer.errors import UserError
 from optinfer.models.runtime import IntegerModel
+from optinfer.models.sampling import (
+    MAX_TEMPERATURE,
+    SEED_LIMIT,
+    TEMPERATURE_UNIT,
+    TOP_P_UNIT,
+    Sampling,
+)
 from optinfer.services import consumer
 from optinfer.services import store as st
 from optinfer.services.api_guard import BodyGuard, restore_recursion_limit
@@ -96,6 +103,21 @@ class ClaimView(BaseModel):
     verdict: str | None
 
 
+class DrawView(BaseModel):
+    """How a request's answer is decoded, as the chain stored it (docs/protocol.md,
+    "Sampling")."""
+
+    temperature: float = Field(description="0: greedy decoding.")
+    top_p: float
+    seed: int = Field(description="The draw's seed, which the chain derived from the "
+                      "consumer's seed and the request id when the request was posted.")
+
+    @classmethod
+    def of(cls, draw: Sampling) -> DrawView:
+        return cls(temperature=draw.temperature / TEMPERATURE_UNIT,
+                   top_p=draw.top_p / TOP_P_UNIT, seed=draw.seed)
+
+
 class RequestView(BaseModel):
     request_id: int
     consumer: str
@@ -108,6 +130,7 @@ class RequestView(BaseModel):
     callback_gas_limit: int
     named_provider: str
     commit_deadline: int
+    draw: DrawView
     block_number: int
     tx_hash: str
     status: RequestStatus = Field(description="The node's view, following the chain: open, "
@@ -177,6 +200,17 @@ class RequestOptions(BaseModel):
     commit_seconds: int = Field(consumer.DEFAULT_COMMIT_SECONDS,
                                 ge=consumer.MIN_COMMIT_SECONDS, le=30 * 86400,
                                 description="Seconds a provider has to commit an answer.")
+    temperature: float = Field(0.0, ge=0, le=MAX_TEMPERATURE / TEMPERATURE_UNIT,
+                               description="0 decodes greedily; 0.05-2 draws the answer (a "
+                               "model registered as sampling).")
+    top_p: float = Field(1.0, gt=0, le=1, description="With a temperature: draw from the "
+                         "most probable tokens whose probabilities reach this.")
+    seed: int = Field(0, ge=0, lt=SEED_LIMIT, description="The consumer's seed: the chain "
+                      "derives the draw's seed from it and the request id.")
+
+    def sampling(self) -> Sampling:
+        """The request's `Sampling` (UserError outside the limits)."""
+        return Sampling.from_floats(self.temperature, self.top_p, self.seed)
 
 
 class TextPrompt(RequestOptions):
@@ -224,6 +258,7 @@ class PostedRequestView(BaseModel):
     max_tokens: int
     fee: str
     commit_deadline: int
+    draw: DrawView
 
 
 class Health(BaseModel):
@@ -416,7 +451,8 @@ def request_view(node: ApiNode, request: st.RequestRecord, claim: st.ClaimRecord
         prompt=request.prompt, prompt_text=node.decode(request.model_id, request.prompt),
         max_tokens=request.max_tokens, fee=str(request.fee), callback=request.callback,
         callback_gas_limit=request.callback_gas_limit, named_provider=request.named_provider,
-        commit_deadline=request.commit_deadline, block_number=request.block_number,
+        commit_deadline=request.commit_deadline, draw=DrawView.of(request.draw),
+        block_number=request.block_number,
         tx_hash=request.tx_hash, status=request.status, note=request.note, claim=claim_view,
         games=game_ids)
 
@@ -470,8 +506,9 @@ def post_request(body: TextPrompt | TokenPrompt | ChatPrompt, node: NodeDep
                 node.model, messages=[message.model_dump() for message in body.messages])
         else:
             tokens = consumer.prompt_tokens(node.model, tokens=body.prompt_tokens)
+        sampling = body.sampling()
         consumer.check_request(node.model, tokens, body.max_tokens, int(body.fee),
-                               body.commit_seconds)
+                               body.commit_seconds, sampling)
     except UserError as err:
         raise HTTPException(400, str(err)) from None
     try:
@@ -483,7 +520,7 @@ def post_request(body: TextPrompt | TokenPrompt | ChatPrompt, node: NodeDep
                                 f"cannot pay a fee of {body.fee}")
         posted = consumer.post_request(
             coordinator, sender, node.model, tokens, max_tokens=body.max_tokens,
-            fee=int(body.fee), commit_seconds=body.commit_seconds)
+            fee=int(body.fee), commit_seconds=body.commit_seconds, sampling=sampling)
     except ContractRevert as err:
         raise HTTPException(400, f"the coordinator refused the request: {err.name or err}"
                             f"{err.args_decoded if err.name else ''}") from None
@@ -503,7 +540,8 @@ def post_request(body: TextPrompt | TokenPrompt | ChatPrompt, node: NodeDep
         raise unavailable(err) from None
     log.info("posted request %d for %s: %d prompt tokens, fee %d, tx %s", posted.request_id,
              posted.consumer, len(tokens), posted.fee, posted.tx_hash)
-    return PostedRequestView(**{**posted.__dict__, "fee": str(posted.fee)})
+    return PostedRequestView(**{**posted.__dict__, "fee": str(posted.fee),
+                                "draw": DrawView.of(posted.draw)})
 
 
 # ------------------------------------------------------------------------------ games

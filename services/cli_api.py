@@ -18,6 +18,8 @@ from optinfer.services.cli_app import (
     ModelDir,
     RpcUrl,
     SystemMessage,
+    Temperature,
+    TopP,
     app,
     emit,
     out,
@@ -59,6 +61,11 @@ def request(
     commit_seconds: Annotated[int | None, typer.Option(
         "--commit-seconds", help="Seconds a provider has to commit (default 600, at least 60)."
     )] = None,
+    temperature: Temperature = 0.0,
+    top_p: TopP = 1.0,
+    seed: Annotated[int, typer.Option(
+        "--seed", help="Your seed, 0 .. 2**63 - 1: the chain derives the draw's seed from it "
+        "and the request id when the request is posted.")] = 0,
     wait: Annotated[bool, typer.Option(
         "--wait", help="Follow the request to finality and print the answer.")] = False,
     timeout: Annotated[float | None, typer.Option(
@@ -71,7 +78,8 @@ def request(
     """Post a prompt on chain from the consumer account; --wait prints the verified answer.
 
     With --chat the prompt is posted in the model's chat template (the token ids on chain are
-    the formatted conversation).
+    the formatted conversation). With --temperature the answer is drawn (a model registered
+    as sampling), by a seed the chain fixes when the request is posted.
 
     Exits 2 with the reason when the request ends without one (refunded, rejected, or not
     committed before its deadline).
@@ -81,6 +89,7 @@ def request(
     from optinfer.contracts.registry import ModelRegistry
     from optinfer.contracts.sender import TxSender
     from optinfer.models.runtime import IntegerModel
+    from optinfer.models.sampling import Sampling
     from optinfer.services import consumer
     from optinfer.services.deployments import Deployments
 
@@ -96,7 +105,8 @@ def request(
     fee = consumer.DEFAULT_FEE if fee is None else fee
     if commit_seconds is None:
         commit_seconds = consumer.DEFAULT_COMMIT_SECONDS
-    consumer.check_request(integer_model, tokens, max_tokens, fee, commit_seconds)
+    sampling = Sampling.from_floats(temperature, top_p, seed)
+    consumer.check_request(integer_model, tokens, max_tokens, fee, commit_seconds, sampling)
     w3, deployments = Deployments.on_chain(settings)
     coordinator = InferenceCoordinator(w3, deployments.address("InferenceCoordinator"))
     sender = TxSender(w3, settings.signer("consumer", deployments.chain_id))
@@ -109,14 +119,16 @@ def request(
     try:
         posted = consumer.post_request(
             coordinator, sender, integer_model, tokens, max_tokens=max_tokens, fee=fee,
-            commit_seconds=commit_seconds)
+            commit_seconds=commit_seconds, sampling=sampling)
     except ContractRevert as err:
         raise UserError(f"the coordinator refuses the request: {err.name or err}"
                         f"{err.args_decoded if err.name else ''}") from None
     say(f"posted request {posted.request_id}: {len(tokens)} prompt tokens, fee {fee} wei, "
         f"tx {posted.tx_hash}")
     summary = {"request_id": posted.request_id, "tx_hash": posted.tx_hash,
-               "prompt_tokens": tokens, "status": "open"}
+               "prompt_tokens": tokens, "status": "open",
+               "draw": {"temperature": posted.draw.temperature, "top_p": posted.draw.top_p,
+                        "seed": posted.draw.seed}}
     if not wait:
         emit(summary, as_json, lambda d: out.print(d["request_id"], highlight=False))
         return

@@ -5,7 +5,8 @@ refuse the same prompts with the same messages, before any gas is spent:
 
     model = IntegerModel(settings.model_path)
     tokens = prompt_tokens(model, text="12+34=")
-    posted = post_request(coordinator, sender, model, tokens, max_tokens=12, fee=10**16)
+    posted = post_request(coordinator, sender, model, tokens, max_tokens=12, fee=10**16,
+                          sampling=Sampling.from_floats(0.6, 0.95, seed=7))  # or greedy
     result = wait_for_result(coordinator, posted.request_id, poll_interval=1.0)
 """
 
@@ -24,6 +25,7 @@ from optinfer.contracts.sender import TxSender
 from optinfer.errors import UserError
 from optinfer.models.chat import chat_tokens
 from optinfer.models.runtime import IntegerModel
+from optinfer.models.sampling import Sampling
 
 # `postRequest` keeps the fee in a uint96 (docs/protocol.md): larger values cannot be posted.
 MAX_FEE = 2**96 - 1
@@ -35,6 +37,7 @@ MIN_COMMIT_SECONDS = 60
 # A claim stores its output as contract code (a STOP byte, then 4 bytes a token), which
 # EIP-170 caps at 24576 bytes: TokenPacking.MAX_TOKENS.
 MAX_TOKENS_ON_CHAIN = (24_576 - 1) // 4
+GREEDY = Sampling()
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,9 @@ class PostedRequest:
     max_tokens: int
     fee: int
     commit_deadline: int
+    #: How the answer is drawn, as the chain stored it: greedy is ``Sampling()``; a sampled
+    #: request's seed is the one derived from the consumer's (docs/protocol.md, "Sampling").
+    draw: Sampling = GREEDY
 
 
 class RequestNotServed(UserError):
@@ -94,9 +100,12 @@ def prompt_tokens(model: IntegerModel, text: str | None = None,
 
 
 def check_request(model: IntegerModel, prompt: list[int], max_tokens: int, fee: int,
-                  commit_seconds: int = DEFAULT_COMMIT_SECONDS) -> None:
+                  commit_seconds: int = DEFAULT_COMMIT_SECONDS,
+                  sampling: Sampling = GREEDY) -> None:
     """UserError for what ``postRequest`` would revert on (and its fee type could not hold),
-    so a bad request costs no gas and gets a message in the model's own terms."""
+    so a bad request costs no gas and gets a message in the model's own terms. (`sampling`
+    checked its own limits when it was made.)"""
+    model.check_draw(sampling)
     if commit_seconds < MIN_COMMIT_SECONDS:
         raise UserError(f"the commit deadline must be at least {MIN_COMMIT_SECONDS} s away, "
                         f"got {commit_seconds}")
@@ -122,13 +131,15 @@ def check_registered(registry: ModelRegistry, model: IntegerModel) -> None:
 def post_request(
     coordinator: InferenceCoordinator, sender: TxSender, model: IntegerModel, prompt: list[int],
     *, max_tokens: int, fee: int, commit_seconds: int = DEFAULT_COMMIT_SECONDS,
+    sampling: Sampling = GREEDY,
 ) -> PostedRequest:
-    """Post `prompt` for `model` from `sender`'s account, paying `fee` wei; a provider must
-    commit within `commit_seconds` of the latest block. A revert raises ContractRevert."""
-    check_request(model, prompt, max_tokens, fee, commit_seconds)
+    """Post `prompt` for `model` from `sender`'s account, paying `fee` wei, decoded as
+    `sampling` says (its seed the consumer's); a provider must commit within `commit_seconds`
+    of the latest block. A revert raises ContractRevert."""
+    check_request(model, prompt, max_tokens, fee, commit_seconds, sampling)
     now = next_block_time(coordinator.w3)
     spec = RequestSpec(model_id=model_id(model), prompt=prompt, max_tokens=max_tokens,
-                       commit_deadline=now + commit_seconds)
+                       commit_deadline=now + commit_seconds, sampling=sampling)
     receipt = sender.send(coordinator.post_request_tx(spec, fee), coordinator.artifact)
     (event,) = coordinator.events(receipt, "RequestPosted")
     return PostedRequest(
@@ -141,6 +152,8 @@ def post_request(
         max_tokens=max_tokens,
         fee=fee,
         commit_deadline=spec.commit_deadline,
+        draw=Sampling.from_chain(*(event["sampling"][k] for k in ("temperature", "topP",
+                                                                   "seed"))),
     )
 
 

@@ -15,6 +15,10 @@ in eager mode.
 * Fraud flow: the same consumer asks the lying provider, which commits a changed answer; the
   watchtower's verification fails, it challenges with its bond, and the game is played to the
   one-step on chain; the provider is slashed, the request refunded, the watchtower rewarded.
+* Sampled (``--temperature``): both requests ask for a drawn answer, on the model's sampling
+  conversion (tiny-r1's committed one, or SmolLM2 converted with --sampling); the chain fixes
+  the draw's seed when the request is posted, the honest provider's answer is the model's
+  draw with it, and the lie in one sampled token is caught as above.
 
 Every expected outcome is checked; `ok` is false (and the command exits 1) if one did not
 happen. Gas is read back from the chain's receipts, classified by contract and function.
@@ -37,6 +41,7 @@ from rich.markup import escape
 from rich.table import Table
 from web3 import Web3
 
+from optinfer.models.sampling import Sampling
 from optinfer.prover import commitments
 
 ETHER = 10**18
@@ -58,6 +63,7 @@ CHALLENGE_WINDOW = 3600
 #: settings' development roles; 4 is the lying provider).
 LIAR_ACCOUNT = 4
 MAX_STEPS = 400
+GREEDY = Sampling()
 
 
 @dataclass(frozen=True)
@@ -72,10 +78,11 @@ class DemoModel:
     callback_gas: int
 
     @classmethod
-    def tiny_r1(cls) -> DemoModel:
-        from optinfer.models.tiny_r1 import INTEGER_DIR
+    def tiny_r1(cls, sampling: bool = False) -> DemoModel:
+        from optinfer.models.tiny_r1 import INTEGER_DIR, SAMPLING_DIR
 
-        return cls("tiny-r1", INTEGER_DIR, chat=False, callback_gas=CALLBACK_GAS)
+        return cls("tiny-r1", SAMPLING_DIR if sampling else INTEGER_DIR, chat=False,
+                   callback_gas=CALLBACK_GAS)
 
     @classmethod
     def smollm2(cls, model_dir: Path) -> DemoModel:
@@ -108,8 +115,9 @@ class Demo:
     """One run of the demo against `chain` (a started anvil), state under `workdir`."""
 
     def __init__(self, chain, workdir: Path, say: Callable[[str], None], question: str,
-                 served: DemoModel | None = None):
+                 served: DemoModel | None = None, sampling: Sampling = GREEDY):
         self.chain, self.workdir, self.say, self.question = chain, workdir, say, question
+        self.sampling = sampling  # what both requests ask for (its seed the consumer's)
         self.w3: Web3 = chain.web3()
         self.served = served or DemoModel.tiny_r1()
         self.model_dir = self.served.dir
@@ -183,7 +191,7 @@ class Demo:
                            prompt=self.prompt, max_tokens=MAX_TOKENS,
                            commit_deadline=now + 600,
                            callback_gas_limit=self.served.callback_gas,
-                           named_provider=provider_address)
+                           named_provider=provider_address, sampling=self.sampling)
         receipt = self.asker.ask_send(spec, FEE, self.chain.accounts[3])
         return self.coordinator.events(receipt, "RequestPosted")[0]["requestId"]
 
@@ -210,6 +218,11 @@ class Demo:
         if self.served.chat:
             self.say(f"  (the question as a user message in the model's chat template: "
                      f"{len(self.prompt)} prompt tokens)")
+        draw = self.coordinator.get_request(request_id).draw
+        if not draw.greedy:
+            self.say(f"  sampled: temperature {draw.temperature / 1000:g}, top-p "
+                     f"{draw.top_p / 1000:g}, seed {draw.seed} (fixed by the chain at posting "
+                     f"from the consumer's seed {self.sampling.seed} and the request id)")
         status = lambda: self.coordinator.get_request(request_id).status  # noqa: E731
         self.run_until(lambda: status() is Status.COMMITTED, [self.honest.poll_once],
                        "the honest commitment")
@@ -227,8 +240,12 @@ class Demo:
         text = self.model.decode_text(answer)
         self.say("  finalized; the consumer contract's callback stored: "
                  f"[bold]{escape(text)}[/bold]")
+        drawn = self.model.generate(self.prompt, MAX_TOKENS, draw=draw)
         return {"request_id": request_id, "answer_text": text,
                 "answer": self.answer(text), "verdict": verdict,
+                "draw": {"temperature": draw.temperature, "top_p": draw.top_p,
+                         "seed": draw.seed},
+                "answer_is_the_draw": output == drawn,
                 "finalized": status() is Status.FINALIZED,
                 "callback_delivered": self.asker.answered(request_id) and answer == output,
                 "disputed": self.game.parameter("gameCount") != 0}
@@ -359,9 +376,10 @@ def describe_game(game, game_id: int, descriptions: Callable[[int], str]) -> lis
 
 
 def run_demo(console: Console | None = None, question: str | None = None,
-             served: DemoModel | None = None) -> dict:
+             served: DemoModel | None = None, sampling: Sampling = GREEDY) -> dict:
     """Run both flows on `served` (default tiny-r1) with `question` (default the model's
-    demo question); the result document (`ok` false if any expected outcome failed)."""
+    demo question), both requests decoded as `sampling` says (greedy by default; a sampling
+    model otherwise); the result document (`ok` false if any expected outcome failed)."""
     from optinfer.contracts.localchain import start_anvil
 
     served = served or DemoModel.tiny_r1()
@@ -379,7 +397,7 @@ def run_demo(console: Console | None = None, question: str | None = None,
 
     with tempfile.TemporaryDirectory(prefix="optinfer-demo-") as tmp, \
             start_anvil() as chain, _quiet_logs():
-        demo = Demo(chain, Path(tmp), say, question, served)
+        demo = Demo(chain, Path(tmp), say, question, served, sampling)
         t0 = time.perf_counter()
         record = phase("chain and contracts")
         contracts = demo.deploy()
@@ -415,8 +433,12 @@ def run_demo(console: Console | None = None, question: str | None = None,
         fraud["one_step_gas"] = fraud["gas"].get("oneStep", 0)
         setup_gas = demo.gas_by_phase(demo.start_block + 1, setup_block)
 
+    # A drawn answer is the model's draw, not necessarily the right sum.
+    answer_check = answer_checks(served, question, honest["answer_text"], honest["answer"]) \
+        if sampling.greedy else {"honest answer is the model's draw with the chain's seed":
+                                 honest["answer_is_the_draw"]}
     checks = {
-        **answer_checks(served, question, honest["answer_text"], honest["answer"]),
+        **answer_check,
         "honest claim verified, not disputed": honest["verdict"] == "valid"
         and not honest["disputed"],
         "honest claim finalized, callback delivered": honest["finalized"]
@@ -432,6 +454,8 @@ def run_demo(console: Console | None = None, question: str | None = None,
     result = {
         "ok": all(checks.values()), "checks": checks, "model": served.name,
         "model_dir": str(served.dir), "question": question,
+        "sampling": {"temperature": sampling.temperature, "top_p": sampling.top_p,
+                     "consumer_seed": sampling.seed},
         "honest": honest, "fraud": fraud, "setup_gas": setup_gas,
         "balances": {"before": before, "after": after},
         "phases": {p.name: round(p.seconds, 2) for p in phases},

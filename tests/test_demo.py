@@ -50,6 +50,32 @@ def test_the_demo_shows_the_bisection_and_the_closing_tables():
         assert expected in out, expected
 
 
+def test_the_sampled_demo_finalizes_a_drawn_answer_and_slashes_a_lie_in_a_sampled_token():
+    """Issue 22's demo: both requests ask for T 0.6, top-p 0.95 on tiny-r1's sampling
+    conversion; the chain fixes each draw's seed from the consumer's; the honest answer is the
+    model's draw with it and finalizes; the liar's changed token is caught and slashed."""
+    proc = subprocess.run([OPTINFER, "demo", "--temperature", "0.6", "--top-p", "0.95",
+                           "--seed", "7", "--json"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert result["ok"] and all(result["checks"].values())
+    assert result["model_dir"].endswith("integer-sampling")
+    honest, fraud = result["honest"], result["fraud"]
+    assert honest["draw"]["temperature"] == 600 and honest["draw"]["top_p"] == 950
+    assert honest["draw"]["seed"] not in (0, 7) and honest["draw"]["seed"] < 2**63
+    assert honest["answer_is_the_draw"] and honest["finalized"] and honest["verdict"] == "valid"
+    assert fraud["provider_slashed"] and fraud["winner"] == "challenger"
+
+
+def test_a_temperature_out_of_range_is_one_line_and_exit_2():
+    proc = subprocess.run([OPTINFER, "demo", "--temperature", "3"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "temperature 3 is outside the range" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_a_bad_question_is_one_line_and_exit_2():
     proc = subprocess.run([OPTINFER, "demo", "--question", "hello"], capture_output=True,
                           text=True, timeout=120)

@@ -164,12 +164,39 @@ def test_request_without_wait_prints_the_id(env, coordinator):
     assert coordinator.get_request(before + 1).status == Status.OPEN
 
 
+def test_a_sampled_request_shows_the_draw_the_chain_fixed(env, chain, w3, deployment,
+                                                         coordinator):
+    """`optinfer request --temperature --top-p --seed` on a sampling model: the request is
+    posted with the consumer's seed, and the draw printed is the chain's (its seed derived from
+    the consumer's and the request id)."""
+    from optinfer.contracts.coordinator import draw_seed
+    from optinfer.models.tiny_r1 import SAMPLING_DIR
+
+    ModelRegistry(w3, deployment.address("ModelRegistry")).register_send(
+        ModelSpec.from_manifest(SAMPLING_DIR / "manifest.json"), chain.accounts[0])
+    done = subprocess.run([OPTINFER, "request", "--prompt", PROMPT, "--max-tokens", "4",
+                           "--model", str(SAMPLING_DIR), "--temperature", "0.6", "--top-p",
+                           "0.95", "--seed", "5", "--json"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    request_id = summary["request_id"]
+    seed = draw_seed(w3.eth.chain_id, coordinator.address, request_id,
+                     chain.accounts[3].address, 5)
+    assert summary["draw"] == {"temperature": 600, "top_p": 950, "seed": seed}
+    stored = coordinator.get_request(request_id)
+    assert (stored.temperature, stored.top_p, stored.seed) == (600, 950, seed)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--prompt", "hello"], "cannot encode the prompt"),
     (["--prompt", PROMPT, "--max-tokens", "500"], "exceed the model's context of 128"),
     (["--prompt", PROMPT, "--fee", str(2**96)], "fee must be between 0 and 2**96 - 1"),
     (["--prompt", PROMPT, "--commit-seconds", "0"], "must be at least 60 s away, got 0"),
     (["--prompt", PROMPT, "--chat"], "has no chat template"),
+    (["--prompt", PROMPT, "--temperature", "0.6"], "decodes greedily only (temperature 0)"),
+    (["--prompt", PROMPT, "--temperature", "0.6", "--top-p", "0"], "top-p 0 is outside"),
+    (["--prompt", PROMPT, "--temperature", "0.6", "--seed", "-1"], "seed -1 is outside"),
 ])
 def test_request_refuses_bad_input_in_one_line(env, coordinator, args, message):
     before = coordinator.parameter("requestCount")

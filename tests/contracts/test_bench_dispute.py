@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from optinfer.models.tiny_r1 import INTEGER_DIR
+from optinfer.models.tiny_r1 import INTEGER_DIR, SAMPLING_DIR
 
 OPTINFER = str(Path(sys.executable).parent / "optinfer")
 
@@ -62,6 +62,26 @@ def test_bench_dispute_plays_a_whole_game_and_reports_the_issue_keys():
                                        report["commit_gas_at_max_request"],
                                        report["max_one_step_gas"], report["max_move_gas"])
     assert report["max_tx_gas"] < 2**24 * 3 // 4
+
+
+def test_bench_dispute_on_a_sampled_request_reports_the_sampler_s_one_steps():
+    """Issue 22: `--sampling` asks for a drawn answer (the seed the chain's), plays the game
+    over it to the one-step, and reports the costliest one-step of each sampler op type;
+    every one is far under the 1.5M bound at tiny-r1's vocabulary (R1's figures:
+    docs/performance.md)."""
+    result = cli("bench", "dispute", "--model", SAMPLING_DIR, "--prompt", "5", "--tokens", "4",
+                 "--sampling", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["winner"] == "challenger"
+    assert report["draw"]["temperature"] == 600 and report["draw"]["top_p"] == 950
+    assert report["draw"]["seed"] != 7  # derived by the coordinator from the consumer's
+    sampler = report["sampler_one_step_gas"]
+    assert {"ReduceSum", "GatherElements", "Mul", "Add", "Clip"} <= set(sampler)
+    assert all(name.startswith("sample") for name in report["sampler_one_step_nodes"].values())
+    assert report["max_sampler_one_step_gas"] == max(sampler.values()) < 1_500_000
+    greedy_only = cli("bench", "dispute", "--model", INTEGER_DIR, "--sampling")
+    assert greedy_only.returncode == 2 and "decodes greedily only" in greedy_only.stderr
 
 
 def test_bench_dispute_refuses_a_directory_that_is_not_a_model(tmp_path):
