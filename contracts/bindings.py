@@ -27,6 +27,7 @@ from eth_utils.abi import collapse_if_tuple, get_abi_input_types
 from hexbytes import HexBytes
 from web3 import Web3
 from web3.contract import Contract
+from web3.datastructures import AttributeDict
 from web3.exceptions import ContractLogicError
 from web3.types import TxParams, TxReceipt
 
@@ -163,9 +164,9 @@ class EventDecoder:
     """One event's log arguments, decoded with eth_abi directly: web3's ``process_log`` took
     1.8 ms a log, over half of a watchtower's scan of 200 claims. Gives what web3 gives
     (``tests/services/test_chain.py`` compares them): checksum addresses, ints, bytes, arrays
-    as lists and structs as dicts by component name. Every event the coordinator and the game
-    emit indexes only static types, whose topic is their ABI encoding; an event indexing a
-    dynamic one is refused."""
+    as lists and structs as AttributeDicts by component name. Every event the coordinator and
+    the game emit indexes only static types, whose topic is their ABI encoding; an event
+    indexing a dynamic one is refused."""
 
     def __init__(self, abi: dict):
         self.name: str = abi["name"]
@@ -196,9 +197,9 @@ def _abi_value(param: dict, value: Any) -> Any:
     if kind.endswith("]"):  # an array: a list
         item = {**param, "type": kind[:kind.rindex("[")]}
         return [_abi_value(item, element) for element in value]
-    if kind == "tuple":  # a struct: a dict by component name
-        return {c["name"]: _abi_value(c, v)
-                for c, v in zip(param["components"], value, strict=True)}
+    if kind == "tuple":  # a struct: web3's AttributeDict by component name
+        return AttributeDict({c["name"]: _abi_value(c, v)
+                              for c, v in zip(param["components"], value, strict=True)})
     return _checksum(value) if kind == "address" else value
 
 

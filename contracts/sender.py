@@ -16,6 +16,7 @@ chain to snapshots, under which a kept local count would go stale).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
@@ -165,13 +166,14 @@ class TxSender:
     # -- sending ---------------------------------------------------------------------------
 
     def submit(self, tx: TxParams, artifact: Artifact | None = None,
-               on_signed: Callable[[HexBytes], None] | None = None) -> HexBytes:
+               on_signed: Callable[[HexBytes, int], None] | None = None) -> HexBytes:
         """Estimate, sign and send `tx` (to, data, value; the rest is filled); its hash.
 
-        `on_signed` gets the hash of each signed transaction before it is sent (to record it:
-        an exception there sends nothing). The node is asked through :meth:`rpc`: a commit on
-        a small model takes a few milliseconds of generation, and web3's request formatting
-        cost as much again.
+        `on_signed` gets the hash and the nonce of each signed transaction before it is sent
+        (to record them: an exception there sends nothing; with the nonce a restarted caller
+        can tell a transaction that may still land from one that never will). The node is
+        asked through :meth:`rpc`: a commit on a small model takes a few milliseconds of
+        generation, and web3's request formatting cost as much again.
         """
         tx = dict(tx)
         tx.setdefault("value", 0)
@@ -190,7 +192,7 @@ class TxSender:
                 signed_before = nonce in self._signed_nonces
                 raw, tx_hash = self._sign({**tx, "nonce": nonce})
                 if on_signed is not None:
-                    on_signed(HexBytes(tx_hash))
+                    on_signed(HexBytes(tx_hash), nonce)
                 if self._broadcast(raw, tx_hash):
                     self._next_nonce = nonce + 1
                     return HexBytes(tx_hash)
@@ -288,6 +290,32 @@ class TxSender:
         if receipt["status"] != 1:
             raise TxFailed(f"transaction {tx_hex} failed in block {receipt['blockNumber']}")
         return receipt
+
+    def outcome(self, tx_hash: bytes, nonce: int) -> TxReceipt | None:
+        """What became of a transaction this key signed at `nonce` and recorded before a
+        crash (the caller cannot know whether it was sent): its receipt once mined (TxFailed
+        when it failed), or None once it can never be mined: the node does not have it and
+        the nonce is used by another transaction, by a no-op transfer to ourselves sent here
+        first if need be. Only then may the caller send its like again without risking both
+        landing."""
+        tx_hex = "0x" + bytes(tx_hash).hex()
+        while True:
+            if self.rpc("eth_getTransactionReceipt", tx_hex) is not None or self.known(tx_hash):
+                return self.wait(tx_hash)
+            if self.w3.eth.get_transaction_count(self.address, "latest") > nonce:
+                # The nonce is spent; by this transaction, if it was mined since the first look.
+                if self.rpc("eth_getTransactionReceipt", tx_hex) is not None:
+                    return self.wait(tx_hash)
+                with self._lock:
+                    self.resync()
+                return None
+            raw, filler = self._sign({"to": self.address, "value": 0, "data": b"",
+                                      "gas": 21_000, "nonce": nonce,
+                                      "chainId": self._chain_id or self.w3.eth.chain_id,
+                                      **self.fees()})
+            if self._broadcast(raw, filler):
+                with contextlib.suppress(TxFailed):  # replaced or dropped: look again
+                    self.wait(filler)
 
     def _stranded(self, tx_hash: bytes) -> str | None:
         """Why the pending `tx_hash` can never be mined, or None while it can: the node

@@ -596,6 +596,7 @@ from optinfer.services import (  # noqa: E402, F401
     cli_api,
     cli_chain,
     cli_challenger,
+    cli_dataset,
     cli_db,
     cli_provider,
 )

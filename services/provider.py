@@ -541,7 +541,7 @@ class ProviderNode:
                     {**self.coordinator.commit_output_tx(request_id, prepared.output),
                      **self._fees()},
                     self.coordinator.artifact,
-                    on_signed=lambda signed: self._record_committing(prepared, signed))
+                    on_signed=lambda signed, _nonce: self._record_committing(prepared, signed))
         except _AlreadySettled:
             return None
         except ContractRevert as err:

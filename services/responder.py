@@ -192,7 +192,7 @@ class GameResponder:
         if self._before_send is not None:
             self._before_send()
 
-        def note_hash(tx_hash: HexBytes) -> None:  # before it is broadcast: a crash keeps it
+        def note_hash(tx_hash: HexBytes, _nonce: int) -> None:  # before it is broadcast
             with self.store.transaction() as conn:
                 st.set_move_transaction(conn, game_id, self.role, seq, tx_hash.to_0x_hex())
 

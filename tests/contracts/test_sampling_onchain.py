@@ -259,3 +259,56 @@ def test_an_honest_sampled_answer_wins_its_game_against_a_greedy_minded_challeng
                  {Role.PROVIDER: stack.provider, Role.CHALLENGER: stack.accounts[4]})
     assert state.winner is Role.PROVIDER
     assert stack.coordinator.get_request(request_id).status is Status.COMMITTED
+
+
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_a_substituted_token_anywhere_in_a_sampled_answer_loses_on_chain(stack, where):
+    """The honest draw with one token replaced (the first, a middle one, or the last before
+    the EOS), defended by the trace of that claim whose last node is made to agree with it:
+    the one-step convicts at the last node."""
+    sampling, sampled, _ = _differing_draw(stack)
+    request_id = stack.post(sampling)["requestId"]
+    draw = stack.coordinator.get_request(request_id).draw
+    claimed = list(sampled)
+    end = len(claimed) - (claimed[-1] in stack.model.eos_ids)  # the EOS stays where it is
+    position = {"first": 0, "middle": end // 2, "last": end - 1}[where]
+    while True:  # another token, and not an EOS (commitOutput refuses one before the end)
+        claimed[position] = (claimed[position] + 1) % stack.model.vocab_size
+        if claimed[position] not in stack.model.eos_ids:
+            break
+    stack.coordinator.commit_output_send(request_id, claimed, stack.provider)
+    honest = ModelTrace.from_claim(stack.model, PROMPT, claimed, draw=draw)
+    liar = honest.with_output(honest.node_count, np.asarray(claimed, np.int64))
+    game_id = stack.game.challenge_send(request_id, PROMPT, stack.accounts[4])
+    state = play(stack, game_id,
+                 {Role.PROVIDER: honest_policy(liar, Role.PROVIDER),
+                  Role.CHALLENGER: honest_policy(honest, Role.CHALLENGER)},
+                 {Role.PROVIDER: stack.provider, Role.CHALLENGER: stack.accounts[4]})
+    assert state.winner is Role.CHALLENGER
+    assert stack.coordinator.get_request(request_id).status is Status.REJECTED
+
+
+def test_a_provider_drawing_with_the_consumer_s_seed_instead_of_the_chain_s_loses(stack):
+    """A plausible provider bug, or a provider grinding: it draws with the consumer's seed as
+    posted rather than the seed the coordinator derived, and defends the honest trace of that
+    other draw. Its leaf 0 is not the contract's S_0, so no consistent move is left to it
+    once the bisection reaches the first node; it runs out of time and is slashed."""
+    greedy = stack.model.generate(PROMPT, MAX_TOKENS)
+    wrong = next(s for s in range(64)
+                 if stack.model.generate(PROMPT, MAX_TOKENS,
+                                         draw=dataclasses.replace(HOT, seed=s)) != greedy)
+    sampling = dataclasses.replace(HOT, seed=wrong)
+    request_id = stack.post(sampling)["requestId"]
+    draw = stack.coordinator.get_request(request_id).draw
+    claimed = stack.model.generate(PROMPT, MAX_TOKENS, draw=sampling)  # the consumer's seed
+    assert claimed != stack.model.generate(PROMPT, MAX_TOKENS, draw=draw)
+    stack.coordinator.commit_output_send(request_id, claimed, stack.provider)
+    own = ModelTrace.from_model(stack.model, PROMPT, claimed, sampling)
+    honest = ModelTrace.from_claim(stack.model, PROMPT, claimed, draw=draw)
+    game_id = stack.game.challenge_send(request_id, PROMPT, stack.accounts[4])
+    state = play(stack, game_id,
+                 {Role.PROVIDER: _until_stuck(honest_policy(own, Role.PROVIDER)),
+                  Role.CHALLENGER: honest_policy(honest, Role.CHALLENGER)},
+                 {Role.PROVIDER: stack.provider, Role.CHALLENGER: stack.accounts[4]})
+    assert state.winner is Role.CHALLENGER
+    assert stack.coordinator.get_request(request_id).status is Status.REJECTED
