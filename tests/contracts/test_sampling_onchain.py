@@ -197,6 +197,14 @@ def test_S0_of_a_sampled_claim_is_leaf_zero_of_the_honest_trace_with_its_draw(st
         stack.model, PROMPT, output, other).state_root(0)
 
 
+def _dispute(stack: SamplingStack, request_id: int, provider, challenger):
+    """Account 4 challenges the claim on `request_id`; the game played to its end by the two
+    policies; its final state."""
+    game_id = stack.game.challenge_send(request_id, PROMPT, stack.accounts[4])
+    return play(stack, game_id, {Role.PROVIDER: provider, Role.CHALLENGER: challenger},
+                {Role.PROVIDER: stack.provider, Role.CHALLENGER: stack.accounts[4]})
+
+
 def _differing_draw(stack: SamplingStack) -> tuple[Sampling, list[int], list[int]]:
     """A consumer seed whose draw at T 2 answers otherwise than greedy decoding: the next
     request's draw, its sampled answer and the greedy one."""
@@ -222,11 +230,8 @@ def test_a_provider_answering_greedily_when_asked_to_sample_loses_on_chain(stack
     honest = ModelTrace.from_claim(stack.model, PROMPT, greedy, draw=draw)
     assert [int(t) for t in honest.tensor(honest.node_count)] != greedy
     liar = honest.with_output(honest.node_count, np.asarray(greedy, np.int64))
-    game_id = stack.game.challenge_send(request_id, PROMPT, stack.accounts[4])
-    state = play(stack, game_id,
-                 {Role.PROVIDER: honest_policy(liar, Role.PROVIDER),
-                  Role.CHALLENGER: honest_policy(honest, Role.CHALLENGER)},
-                 {Role.PROVIDER: stack.provider, Role.CHALLENGER: stack.accounts[4]})
+    state = _dispute(stack, request_id, honest_policy(liar, Role.PROVIDER),
+                     honest_policy(honest, Role.CHALLENGER))
     assert state.winner is Role.CHALLENGER and state.k == honest.node_count
     assert stack.coordinator.get_request(request_id).status is Status.REJECTED
 
@@ -252,11 +257,8 @@ def test_an_honest_sampled_answer_wins_its_game_against_a_greedy_minded_challeng
     stack.coordinator.commit_output_send(request_id, sampled, stack.provider)
     honest = ModelTrace.from_model(stack.model, PROMPT, sampled, draw)
     mistaken = ModelTrace.from_model(stack.model, PROMPT, sampled, Sampling())
-    game_id = stack.game.challenge_send(request_id, PROMPT, stack.accounts[4])
-    state = play(stack, game_id,
-                 {Role.PROVIDER: honest_policy(honest, Role.PROVIDER),
-                  Role.CHALLENGER: _until_stuck(honest_policy(mistaken, Role.CHALLENGER))},
-                 {Role.PROVIDER: stack.provider, Role.CHALLENGER: stack.accounts[4]})
+    state = _dispute(stack, request_id, honest_policy(honest, Role.PROVIDER),
+                     _until_stuck(honest_policy(mistaken, Role.CHALLENGER)))
     assert state.winner is Role.PROVIDER
     assert stack.coordinator.get_request(request_id).status is Status.COMMITTED
 
@@ -279,11 +281,8 @@ def test_a_substituted_token_anywhere_in_a_sampled_answer_loses_on_chain(stack, 
     stack.coordinator.commit_output_send(request_id, claimed, stack.provider)
     honest = ModelTrace.from_claim(stack.model, PROMPT, claimed, draw=draw)
     liar = honest.with_output(honest.node_count, np.asarray(claimed, np.int64))
-    game_id = stack.game.challenge_send(request_id, PROMPT, stack.accounts[4])
-    state = play(stack, game_id,
-                 {Role.PROVIDER: honest_policy(liar, Role.PROVIDER),
-                  Role.CHALLENGER: honest_policy(honest, Role.CHALLENGER)},
-                 {Role.PROVIDER: stack.provider, Role.CHALLENGER: stack.accounts[4]})
+    state = _dispute(stack, request_id, honest_policy(liar, Role.PROVIDER),
+                     honest_policy(honest, Role.CHALLENGER))
     assert state.winner is Role.CHALLENGER
     assert stack.coordinator.get_request(request_id).status is Status.REJECTED
 
@@ -305,10 +304,7 @@ def test_a_provider_drawing_with_the_consumer_s_seed_instead_of_the_chain_s_lose
     stack.coordinator.commit_output_send(request_id, claimed, stack.provider)
     own = ModelTrace.from_model(stack.model, PROMPT, claimed, sampling)
     honest = ModelTrace.from_claim(stack.model, PROMPT, claimed, draw=draw)
-    game_id = stack.game.challenge_send(request_id, PROMPT, stack.accounts[4])
-    state = play(stack, game_id,
-                 {Role.PROVIDER: _until_stuck(honest_policy(own, Role.PROVIDER)),
-                  Role.CHALLENGER: honest_policy(honest, Role.CHALLENGER)},
-                 {Role.PROVIDER: stack.provider, Role.CHALLENGER: stack.accounts[4]})
+    state = _dispute(stack, request_id, _until_stuck(honest_policy(own, Role.PROVIDER)),
+                     honest_policy(honest, Role.CHALLENGER))
     assert state.winner is Role.CHALLENGER
     assert stack.coordinator.get_request(request_id).status is Status.REJECTED
