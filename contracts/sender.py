@@ -301,7 +301,8 @@ class TxSender:
         tx_hex = "0x" + bytes(tx_hash).hex()
         while True:
             if self.rpc("eth_getTransactionReceipt", tx_hex) is not None or self.known(tx_hash):
-                return self.wait(tx_hash)
+                with contextlib.suppress(TxDropped):  # gone while waited for: look again
+                    return self.wait(tx_hash)
             if self.w3.eth.get_transaction_count(self.address, "latest") > nonce:
                 # The nonce is spent; by this transaction, if it was mined since the first look.
                 if self.rpc("eth_getTransactionReceipt", tx_hex) is not None:

@@ -338,15 +338,20 @@ class DatasetBuilder:
     def _recover(self) -> None:
         """Settle the posts a stopped build signed but did not see land."""
         for tx_hash, _position, nonce, _ in self.journal.posts("signed"):
-            try:
-                receipt = self.sender.outcome(bytes.fromhex(tx_hash[2:]), nonce)
-            except TxFailed:
-                self.journal.ended(tx_hash, "failed")
-                continue
-            if receipt is None:
-                self.journal.ended(tx_hash, "void")
-            else:
-                self._opened(tx_hash, receipt)
+            self._settle(tx_hash, nonce)
+
+    def _settle(self, tx_hash: str, nonce: int) -> None:
+        """Wait for the post `tx_hash` (signed at `nonce`) to land, or make sure it never
+        will (`TxSender.outcome`): followed, or its prompt free to be posted again."""
+        try:
+            receipt = self.sender.outcome(bytes.fromhex(tx_hash[2:]), nonce)
+        except TxFailed:  # mined, and reverted: no request
+            self.journal.ended(tx_hash, "failed")
+            return
+        if receipt is None:
+            self.journal.ended(tx_hash, "void")
+        else:
+            self._opened(tx_hash, receipt)
 
     def step(self) -> Counts:
         """Post what the concurrency allows, follow every open request once; the counts."""
@@ -361,26 +366,28 @@ class DatasetBuilder:
                 self.journal.give_up(position, f"no answer after {self.options.max_attempts} "
                                      "requests")
                 continue
-            prompt = self.journal.prompt(position)
+            prompt, signed = self.journal.prompt(position), {}
             spec = RequestSpec(
                 model_id=self.model_id, prompt=prompt.tokens, max_tokens=self.options.max_tokens,
                 commit_deadline=consumer.next_block_time(self.view.w3)
                 + self.options.commit_seconds, sampling=self.options.sampling)
             tx = self.view.coordinator.post_request_tx(spec, self.options.fee)
             try:
-                tx_hash = self.sender.submit(
-                    tx, self.view.coordinator.artifact,
-                    on_signed=lambda signed, nonce, at=position: self.journal.record_post(
-                        at, signed.to_0x_hex(), nonce, self.options.fee))
+                self.sender.submit(tx, self.view.coordinator.artifact,
+                                   on_signed=lambda tx_hash, nonce, at=position, into=signed:
+                                   self._signed(into, at, tx_hash.to_0x_hex(), nonce))
             except ContractRevert as err:  # refused before anything was signed
                 self.journal.give_up(position, f"the coordinator refuses it: {err.name or err}")
                 continue
-            try:
-                receipt = self.sender.wait(tx_hash)
-            except TxFailed:
-                self.journal.ended(tx_hash.to_0x_hex(), "failed")
-                continue
-            self._opened(tx_hash.to_0x_hex(), receipt)
+            self._settle(signed["tx_hash"], signed["nonce"])
+
+    def _signed(self, signed: dict, position: int, tx_hash: str, nonce: int) -> None:
+        """Before the post's transaction is sent: into the journal (a retried signing, for a
+        stale nonce, replaces the post it never sent)."""
+        if signed:
+            self.journal.ended(signed["tx_hash"], "void", prompt_state="requested")
+        self.journal.record_post(position, tx_hash, nonce, self.options.fee)
+        signed.update(tx_hash=tx_hash, nonce=nonce)
 
     def _opened(self, tx_hash: str, receipt) -> None:
         (event,) = self.view.coordinator.events(receipt, "RequestPosted")
