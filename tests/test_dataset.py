@@ -232,13 +232,27 @@ def test_bad_prompt_files_are_refused_naming_the_line(world, tmp_path, content, 
         read_prompts(path, world.model)
 
 
+def finalized_in(journal: Path) -> int:
+    """Records in a build's journal, read as another process would (0 before it exists)."""
+    import sqlite3
+
+    if not journal.exists():
+        return 0
+    db = sqlite3.connect(f"file:{journal}?mode=ro", uri=True)
+    try:
+        return db.execute("SELECT COUNT(*) FROM records").fetchone()[0]
+    except sqlite3.OperationalError:  # its tables are not created yet
+        return 0
+    finally:
+        db.close()
+
+
 def test_build_killed_with_sigkill_resumes_and_posts_nothing_twice(world, tmp_path):
     """`optinfer dataset build` as a user runs it, with the honest provider and the
     watchtower at work beside it: killed with SIGKILL once answers are finalizing and more
     are in flight, then run again with the same command. Every prompt was posted exactly once
     (none was answered falsely), and the dataset holds every answer."""
     import signal
-    import sqlite3
     import threading
     import time
 
@@ -274,11 +288,8 @@ def test_build_killed_with_sigkill_resumes_and_posts_nothing_twice(world, tmp_pa
         journal = out / JOURNAL_FILE
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            if journal.exists():
-                with sqlite3.connect(journal) as db:
-                    done = db.execute("SELECT COUNT(*) FROM records").fetchone()[0]
-                if done >= 3:
-                    break
+            if finalized_in(journal) >= 3:
+                break
             assert process.poll() is None, process.communicate()
             time.sleep(0.05)
         process.send_signal(signal.SIGKILL)
