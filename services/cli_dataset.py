@@ -80,7 +80,8 @@ def build(
     """Post every prompt as a request, follow each to finality, write the answers.
 
     Killed and started again with the same options, it goes on where it stopped: no prompt is
-    posted twice, no finalized answer is lost. Exits 1 when some prompt got no answer.
+    posted twice, no finalized answer is lost. Exits 1 when some prompt got no answer, or the
+    build stopped (--timeout, Ctrl-C) before every answer was final.
     """
     from optinfer.contracts.sender import TxSender
     from optinfer.models.runtime import IntegerModel
@@ -126,9 +127,9 @@ def build(
         f"{s['refunded_and_reposted']} unanswered requests posted again; {s['seconds']} s"
         + ("" if s["complete"] else " (incomplete: run the same command again to go on)"),
         highlight=False, soft_wrap=True))
-    if summary["failed"]:
-        for record_id, note in summary["failed"].items():
-            err.print(f"prompt {record_id}: {note}", highlight=False, soft_wrap=True)
+    for record_id, note in summary["failed"].items():
+        err.print(f"prompt {record_id}: {note}", highlight=False, soft_wrap=True)
+    if not summary["complete"]:  # given up on, or stopped before every answer was final
         raise typer.Exit(1)
 
 

@@ -338,3 +338,19 @@ def test_export_writes_what_a_node_saw_finalized_and_it_verifies(world, tmp_path
                              env=env, capture_output=True, text=True, timeout=300)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert "all verified against the chain and recomputed" in checked.stdout
+
+
+def test_a_build_stopped_by_its_timeout_writes_what_it_has_and_exits_1(world, tmp_path):
+    """Nobody serves (the actors are idle here): `--timeout` ends the build with its requests
+    open, the files written with no record, and exit status 1, saying how to go on."""
+    env = {**os.environ, "OPTINFER_RPC_URL": world.chain.url,
+           "OPTINFER_DEPLOYMENTS": str(world.workdir / "deployments.json"),
+           "OPTINFER_STATE_DIR": str(tmp_path / "state"), "OPTINFER_POLL_INTERVAL": "0.1"}
+    out = tmp_path / "dataset"
+    done = subprocess.run([OPTINFER, "dataset", "build", "--prompts",
+                           str(prompts_file(tmp_path, 2, seed=41)), "--out", str(out),
+                           "--timeout", "1", "--fee", str(FEE)], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert "0 of 2 prompts" in done.stdout and "run the same command again" in done.stdout
+    assert read_rows(out) == [] and (out / CARD_FILE).is_file()
