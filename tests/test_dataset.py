@@ -34,7 +34,7 @@ OPTINFER = str(Path(sys.executable).parent / "optinfer")
 MAX_TOKENS = 48
 FEE = 10**15
 
-pytestmark = pytest.mark.xdist_group("demo")
+pytestmark = pytest.mark.xdist_group("dataset")  # one world (chain and actors) per run
 
 
 @pytest.fixture(scope="module")
