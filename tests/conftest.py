@@ -6,12 +6,20 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-from hypothesis import HealthCheck, settings
+# Under xdist two workers share the machine's cores: torch's OpenMP pool, sized to every core
+# in each worker (and in the processes they start), spins against the other's. The float
+# model's tests ran 5x slower beside one another than alone (107 s against 20 s, measured on
+# 2 cores); with one thread each, 17 s side by side. ONNX Runtime's pools are set per session
+# and not touched by this. Set before torch is imported, which the imports below do.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from optinfer.models.checkpoint import write_random_checkpoint
-from optinfer.models.converter import convert
-from tests import profiles
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+from optinfer.models.checkpoint import write_random_checkpoint  # noqa: E402
+from optinfer.models.converter import convert  # noqa: E402
+from tests import profiles  # noqa: E402
 
 # Hypothesis profiles (tests/profiles.py): `ci`, derandomized so that a red run reproduces, and
 # `deep`, many more examples on fresh seeds. Loaded here, before any test module is imported:
