@@ -22,7 +22,7 @@ from optinfer.errors import UserError
 from optinfer.models import opset
 from optinfer.models.batching import batched_decode_graph, empty_cache
 from optinfer.models.qwen2_graph import SAMPLING_HEADER
-from optinfer.models.sampling import PARAMETERS, Sampling, verify_header
+from optinfer.models.sampling import PARAMETERS, Sampling, verify_sequence
 
 PINNED_ONNXRUNTIME = "1.32.0"
 
@@ -248,11 +248,10 @@ class IntegerModel:
         if not prompt or not output:
             raise UserError("prompt and output must each hold at least one token")
         self.check_length(len(prompt) + len(output) - 1, "prompt plus output")
-        header = verify_header(len(prompt), self.leaf_draw(draw))
-        return np.asarray([*header, *prompt, *output[:-1]], dtype=np.int64)
+        return verify_sequence(prompt, output, self.leaf_draw(draw))
 
     def leaf_draw(self, draw: Sampling | None) -> Sampling | None:
-        """The draw the verify input's header holds (`sampling.verify_header`): `draw`
+        """The draw the verify input's header holds (`sampling.verify_sequence`): `draw`
         (greedy when None) on a sampling model, None on a greedy-only one (whose draw must
         be greedy)."""
         draw = self.check_draw(draw)

@@ -25,6 +25,7 @@ the chunk sums, so that no sampler node's one-step costs more than 1.5M gas.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -112,13 +113,14 @@ class Sampling:
         return (self.temperature, self.top_p, self.seed)
 
 
-def verify_header(prompt_length: int, draw: Sampling | None) -> list[int]:
-    """What the verify graph's input holds before the tokens: [len(P)] for a greedy-only
-    model (`draw` None), [len(P), temperature, top_p, seed] for a sampling one (the greedy
-    draw is ``Sampling()``; docs/protocol.md, "The verified computation")."""
-    if draw is None:
-        return [prompt_length]
-    return [prompt_length, *(getattr(draw, name) for name in PARAMETERS)]
+def verify_sequence(prompt: Sequence[int], output: Sequence[int], draw: Sampling | None
+                    ) -> np.ndarray:
+    """The verify graph's input, int64: ``header ++ P ++ O[:-1]`` with the header [len(P)]
+    for a greedy-only model (`draw` None), [len(P), temperature, top_p, seed] for a sampling
+    one (the greedy draw is ``Sampling()``; docs/protocol.md, "The verified computation")."""
+    header = [len(prompt)] if draw is None else [
+        len(prompt), *(getattr(draw, name) for name in PARAMETERS)]
+    return np.asarray([*header, *prompt, *output[:-1]], dtype=np.int64)
 
 
 @dataclass(frozen=True)

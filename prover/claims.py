@@ -28,7 +28,7 @@ import numpy as np
 
 from optinfer.models import opset
 from optinfer.models.manifest import INPUT_LEAF
-from optinfer.models.sampling import Sampling, verify_header
+from optinfer.models.sampling import Sampling, verify_sequence
 from optinfer.prover import commitments
 from optinfer.prover.one_step_element import (
     StepNode,
@@ -54,10 +54,10 @@ class Refusal:
 def claim_sequence(prompt: Sequence[int], output: Sequence[int],
                    draw: Sampling | None = None) -> np.ndarray:
     """The verify graph's input for the claim, as the contract computes leaf 0 (int64):
-    ``verify_header(len(P), draw) ++ P ++ O[:-1]``, `draw` None for a greedy-only model."""
+    ``sampling.verify_sequence``, `draw` None for a greedy-only model."""
     if not prompt or not output:
         raise ValueError("a claim has at least one prompt token and one output token")
-    return np.asarray([*verify_header(len(prompt), draw), *prompt, *output[:-1]], dtype=np.int64)
+    return verify_sequence(prompt, output, draw)
 
 
 def outside_domain(prompt: Sequence[int], output: Sequence[int], vocab_size: int,
