@@ -710,24 +710,24 @@ class ProviderNode:
     def _trace(self, record: st.GameRecord) -> ModelTrace:
         """The trace this node defends `record`'s request with: its model's (drawn as the
         request says), or with ``lie`` the one that ends in the claimed tokens."""
-        prompt = self._prompt(record.request_id)
+        request = self._posted(record.request_id)
         output = self.coordinator.get_output(record.request_id)
-        draw = self.coordinator.get_request(record.request_id).draw
-        trace = ModelTrace.from_model(self.model, prompt, output, draw)
+        trace = ModelTrace.from_model(self.model, list(request.prompt), output, request.draw)
         if self.lie != "off":
             trace = trace.with_output(trace.node_count, np.asarray(output, np.int64))
         return trace
 
-    def _prompt(self, request_id: int) -> list[int]:
+    def _posted(self, request_id: int) -> st.RequestRecord:
+        """The request as posted (its prompt and draw): this node's row, else its event."""
         with self.store.transaction() as conn:
             request = st.get_request(conn, request_id)
         if request is not None:
-            return list(request.prompt)
+            return request
         logs = self.coordinator.contract.events.RequestPosted().get_logs(
             argument_filters={"requestId": request_id}, from_block=self.deployments.block_number)
         if not logs:
             raise RuntimeError(f"request {request_id} has no RequestPosted event")
-        return list(logs[0]["args"]["prompt"])
+        return request_record(chain_event(logs[0]))
 
     def _before_move(self) -> None:
         self._moves_sent += 1
