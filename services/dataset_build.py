@@ -26,7 +26,7 @@ import json
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -220,6 +220,10 @@ class Journal:
         return self.db.execute("SELECT tx_hash, position, nonce, request_id FROM posts "
                                "WHERE state = ? ORDER BY rowid", (state,)).fetchall()
 
+    def prompt_states(self) -> dict[str, int]:
+        """How many prompts are in each state."""
+        return dict(self.db.execute("SELECT state, COUNT(*) FROM prompts GROUP BY state"))
+
     def attempts(self, position: int) -> int:
         return self.db.execute("SELECT COUNT(*) FROM posts WHERE position = ? AND state NOT "
                                "IN ('void', 'failed')", (position,)).fetchone()[0]
@@ -297,7 +301,6 @@ class Counts:
     slashed: int = 0  # answers rejected after a lost dispute (their prompts posted again)
     refunded: int = 0  # requests refunded unanswered (posted again)
     failed: int = 0  # prompts given up
-    notes: list[str] = field(default_factory=list)
 
     @property
     def done(self) -> bool:
@@ -356,8 +359,7 @@ class DatasetBuilder:
     def step(self) -> Counts:
         """Post what the concurrency allows, follow every open request once; the counts."""
         self._post()
-        self._follow()
-        return self.counts()
+        return self.counts(self._follow())
 
     def _post(self) -> None:
         room = self.options.concurrency - len(self.journal.posts("open"))
@@ -393,8 +395,11 @@ class DatasetBuilder:
         (event,) = self.view.coordinator.events(receipt, "RequestPosted")
         self.journal.opened(tx_hash, event["requestId"])
 
-    def _follow(self) -> None:
+    def _follow(self) -> list:
+        """Read every open request once and act on what became of it; the requests still
+        waiting for their answer's finality (open or committed), as read."""
         coordinator = self.view.coordinator
+        waiting = []
         now = None
         for tx_hash, position, _, request_id in self.journal.posts("open"):
             request = coordinator.get_request(request_id)
@@ -409,27 +414,31 @@ class DatasetBuilder:
                 self.journal.ended(tx_hash, "rejected")
             elif request.status is Status.REFUNDED:
                 self.journal.ended(tx_hash, "refunded")
-            elif request.status is Status.OPEN:
-                now = now or consumer.next_block_time(self.view.w3)
-                if now > request.commit_deadline:  # nobody answered: take the fee back
-                    with contextlib.suppress(ContractRevert):
-                        self.sender.send(coordinator.tx("refund", request_id),
-                                         coordinator.artifact)
+            else:
+                waiting.append(request)
+                if request.status is Status.OPEN:
+                    now = now or consumer.next_block_time(self.view.w3)
+                    if now > request.commit_deadline:  # nobody answered: take the fee back
+                        with contextlib.suppress(ContractRevert):
+                            self.sender.send(coordinator.tx("refund", request_id),
+                                             coordinator.artifact)
+        return waiting
 
-    def counts(self) -> Counts:
-        counts = Counts(prompts=len(self.journal.positions("pending"))
-                        + len(self.journal.positions("requested"))
-                        + len(self.journal.positions("done"))
-                        + len(self.journal.positions("failed")))
-        for _, _, _, request_id in self.journal.posts("open"):
-            request = self.view.coordinator.get_request(request_id)
+    def counts(self, waiting: list | None = None) -> Counts:
+        """Where the build stands: `waiting` the open requests as just read (`_follow`), else
+        read from the chain now."""
+        if waiting is None:
+            waiting = [self.view.coordinator.get_request(request_id)
+                       for _, _, _, request_id in self.journal.posts("open")]
+        states = self.journal.prompt_states()
+        counts = Counts(prompts=sum(states.values()), finalized=states.get("done", 0),
+                        failed=states.get("failed", 0))
+        for request in waiting:
             if request.status is Status.OPEN:
                 counts.open += 1
             elif request.status is Status.COMMITTED:
                 counts.committed += 1
                 counts.disputed += request.open_disputes > 0
-        counts.finalized = len(self.journal.positions("done"))
-        counts.failed = len(self.journal.positions("failed"))
         counts.slashed = self.journal.count_posts("rejected")
         counts.refunded = self.journal.count_posts("refunded")
         return counts
